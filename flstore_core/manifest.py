@@ -1,0 +1,164 @@
+"""The job spec (``job.json``) and the round manifest (``manifest.json``) of ARCHITECTURE §2.
+
+A round is visible to queries only once its manifest exists; the manifest records, per client,
+the key, sizes, sha256 of the uncompressed bytes, ``num_examples``, metrics and summaries
+(norm, cosine to the round mean, …) so that ``client``-class workloads never read tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from flstore_core.codec import PRECISIONS, Precision, TensorSpec
+from flstore_core.errors import StoredObjectCorruptError, ValidationError
+from flstore_core.ids import validate_client, validate_job, validate_round
+
+MANIFEST_FORMAT = "flstore-manifest/1"
+JOB_FORMAT = "flstore-job/1"
+
+
+@dataclass
+class JobSpec:
+    """What ``job.json`` declares of a job: its model, storage precision and hyper-parameters."""
+
+    job: str
+    model: str | None = None
+    precision: Precision = "float32"
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        validate_job(self.job)
+        if self.precision not in PRECISIONS:
+            raise ValidationError(
+                f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}"
+            )
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "format": JOB_FORMAT,
+                "job": self.job,
+                "model": self.model,
+                "precision": self.precision,
+                "hyperparameters": self.hyperparameters,
+                "description": self.description,
+            },
+            indent=1,
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> JobSpec:
+        try:
+            obj = json.loads(data)
+            return cls(
+                job=obj["job"],
+                model=obj.get("model"),
+                precision=obj.get("precision", "float32"),
+                hyperparameters=dict(obj.get("hyperparameters") or {}),
+                description=str(obj.get("description", "")),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoredObjectCorruptError(f"job.json is not a valid job spec: {exc}") from exc
+
+
+@dataclass
+class UpdateEntry:
+    """One client's row in a round manifest."""
+
+    client: str
+    key: str
+    sha256: str
+    raw_bytes: int
+    stored_bytes: int
+    num_examples: int
+    metrics: dict[str, Any]
+    summary: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "sha256": self.sha256,
+            "raw_bytes": self.raw_bytes,
+            "stored_bytes": self.stored_bytes,
+            "num_examples": self.num_examples,
+            "metrics": self.metrics,
+            "summary": self.summary,
+        }
+
+    @classmethod
+    def from_json(cls, client: str, obj: dict[str, Any]) -> UpdateEntry:
+        return cls(
+            client=validate_client(client),
+            key=str(obj["key"]),
+            sha256=str(obj["sha256"]),
+            raw_bytes=int(obj["raw_bytes"]),
+            stored_bytes=int(obj["stored_bytes"]),
+            num_examples=int(obj["num_examples"]),
+            metrics=dict(obj.get("metrics") or {}),
+            summary={k: float(v) for k, v in (obj.get("summary") or {}).items()},
+        )
+
+
+@dataclass
+class RoundManifest:
+    """The committed state of a round: its tensors and one :class:`UpdateEntry` per client."""
+
+    job: str
+    round: int
+    precision: Precision
+    tensors: tuple[TensorSpec, ...]
+    updates: dict[str, UpdateEntry]
+
+    @property
+    def clients(self) -> list[str]:
+        """Client ids in the round's canonical (sorted) order: the row order of its matrix."""
+        return sorted(self.updates)
+
+    @property
+    def n_params(self) -> int:
+        return sum(s.numel for s in self.tensors)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(e.stored_bytes for e in self.updates.values())
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(e.raw_bytes for e in self.updates.values())
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "format": MANIFEST_FORMAT,
+                "job": self.job,
+                "round": self.round,
+                "precision": self.precision,
+                "tensors": [s.to_json() for s in self.tensors],
+                "n_params": self.n_params,
+                "clients": self.clients,
+                "bytes": self.stored_bytes,
+                "raw_bytes": self.raw_bytes,
+                "updates": {c: self.updates[c].to_json() for c in self.clients},
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> RoundManifest:
+        try:
+            obj = json.loads(data)
+            if obj.get("format") != MANIFEST_FORMAT:
+                raise ValueError(f"unknown manifest format {obj.get('format')!r}")
+            return cls(
+                job=validate_job(obj["job"]),
+                round=validate_round(obj["round"]),
+                precision=obj["precision"],
+                tensors=tuple(TensorSpec.from_json(t) for t in obj["tensors"]),
+                updates={c: UpdateEntry.from_json(c, e) for c, e in dict(obj["updates"]).items()},
+            )
+        except (ValueError, KeyError, TypeError, ValidationError) as exc:
+            raise StoredObjectCorruptError(f"manifest is not valid: {exc}") from exc

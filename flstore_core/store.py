@@ -1,0 +1,620 @@
+"""The object store: FLStore's durable data plane on S3 (ARCHITECTURE §2).
+
+:class:`ObjectStore` writes and reads the canonical layout with boto3. Writes are ordered so a
+failure never leaves a visible half-round: updates first, the manifest last (a round exists for
+readers only once its manifest does). Rewriting an update with the same content is a no-op in
+effect; changing a committed client's update is refused. Reads verify every object against the
+sha256 in its manifest. Rounds are read with parallel GETs and decoded straight into one
+``(n_clients, n_params)`` float32 matrix (:class:`RoundMatrix`), the form every workload uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import boto3
+import numpy as np
+import numpy.typing as npt
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from flstore_core import layout
+from flstore_core.codec import (
+    DEFAULT_LIMITS,
+    CodecLimits,
+    EncodedUpdate,
+    Precision,
+    TensorSpec,
+    Update,
+    decode_into,
+    decode_update,
+    decompress,
+    encode_update,
+    np_dtype,
+    parse_safetensors,
+    row_sq_norm,
+    slices_of,
+)
+from flstore_core.errors import (
+    ConflictError,
+    CorruptUpdateError,
+    MismatchError,
+    NotFoundError,
+    StoredObjectCorruptError,
+    UnavailableError,
+    ValidationError,
+)
+from flstore_core.ids import validate_client, validate_job, validate_round
+from flstore_core.manifest import JobSpec, RoundManifest, UpdateEntry
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+ENV_ENDPOINT = "FLSTORE_S3_ENDPOINT"
+ENV_BUCKET = "FLSTORE_BUCKET"
+DEFAULT_BUCKET = "flstore"
+
+
+def s3_client(endpoint_url: str | None = None, *, max_pool: int = 32) -> S3Client:
+    """A boto3 S3 client with FLStore's retry settings; endpoint from ``FLSTORE_S3_ENDPOINT``."""
+    endpoint_url = endpoint_url or os.environ.get(ENV_ENDPOINT) or None
+    config = Config(
+        retries={"max_attempts": 5, "mode": "adaptive"},
+        max_pool_connections=max_pool,
+        connect_timeout=5,
+        read_timeout=60,
+        s3={"addressing_style": "path"} if endpoint_url else {},
+    )
+    kwargs: dict[str, Any] = {"config": config}
+    if endpoint_url:
+        kwargs["endpoint_url"] = endpoint_url
+        # a local endpoint (moto) accepts any credentials; never require real ones for it
+        if not os.environ.get("AWS_ACCESS_KEY_ID"):
+            kwargs["aws_access_key_id"] = "local"
+            kwargs["aws_secret_access_key"] = "local"
+        kwargs["region_name"] = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+    client: S3Client = boto3.client("s3", **kwargs)
+    return client
+
+
+@dataclass
+class RoundMatrix:
+    """A committed round as one contiguous float32 matrix, rows in ``clients`` order.
+
+    ``specs`` give each column range's tensor name, source dtype and shape (``slices`` the
+    ranges); ``sq_norms`` are the rows' squared L2 norms, computed while decoding.
+    """
+
+    job: str
+    round: int
+    clients: list[str]
+    matrix: npt.NDArray[np.float32]
+    specs: tuple[TensorSpec, ...]
+    num_examples: npt.NDArray[np.int64]
+    metrics: list[dict[str, Any]]
+    sq_norms: npt.NDArray[np.float64]
+    slices: list[tuple[int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.slices:
+            self.slices = slices_of(self.specs)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.matrix.nbytes)
+
+    def row_of(self, client: str) -> int:
+        try:
+            return self.clients.index(client)
+        except ValueError:
+            raise NotFoundError(
+                f"client {client!r} is not in round {self.round} of job {self.job!r}"
+            ) from None
+
+    def tensors_of(self, vector: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:
+        """Unflatten a row-shaped vector into named tensors with their source dtypes."""
+        out: dict[str, npt.NDArray[Any]] = {}
+        for spec, (a, b) in zip(self.specs, self.slices, strict=True):
+            part = vector[a:b].reshape(spec.shape)
+            if spec.dtype in {"F32", "BF16"}:
+                out[spec.name] = part.astype(np.float32, copy=False)
+            elif spec.dtype == "F64":
+                out[spec.name] = part.astype(np.float64)
+            elif spec.dtype == "F16":
+                out[spec.name] = part.astype(np.float16)
+            else:
+                out[spec.name] = np.rint(part).astype(np_dtype(spec.dtype))
+        return out
+
+
+class ObjectStore:
+    """FLStore's canonical layout on one S3 bucket."""
+
+    def __init__(
+        self,
+        bucket: str | None = None,
+        *,
+        endpoint_url: str | None = None,
+        client: S3Client | None = None,
+        max_workers: int = 8,
+        limits: CodecLimits = DEFAULT_LIMITS,
+    ) -> None:
+        self.bucket = bucket or os.environ.get(ENV_BUCKET) or DEFAULT_BUCKET
+        self.s3: S3Client = client or s3_client(endpoint_url, max_pool=max(32, max_workers * 2))
+        self.max_workers = max_workers
+        self.limits = limits
+        self._specs: dict[str, JobSpec] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        # specs of updates written through this object, so that commit need not read them back
+        self._pending_specs: dict[tuple[str, int, str], tuple[TensorSpec, ...]] = {}
+        self.gets = 0  # counted for cache statistics and tests
+        self.puts = 0
+
+    # ------------------------------------------------------------------ primitives
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.max_workers, thread_name_prefix="s3")
+            return self._pool
+
+    def close(self) -> None:
+        """Release the thread pool (the boto3 client needs no closing)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (local stacks and tests)."""
+        try:
+            self.s3.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self.s3.create_bucket(Bucket=self.bucket)
+
+    def _put(self, key: str, body: bytes, content_type: str = "application/octet-stream") -> None:
+        try:
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+        except ClientError as exc:
+            raise UnavailableError(f"S3 refused PUT {key}: {_code(exc)}") from exc
+        with self._lock:
+            self.puts += 1
+
+    def _get(self, key: str, what: str) -> bytes:
+        try:
+            obj = self.s3.get_object(Bucket=self.bucket, Key=key)
+            data = obj["Body"].read()
+        except ClientError as exc:
+            if _code(exc) in {"NoSuchKey", "404", "NotFound"}:
+                raise NotFoundError(f"{what} not found") from exc
+            raise UnavailableError(f"S3 refused GET {key}: {_code(exc)}") from exc
+        with self._lock:
+            self.gets += 1
+        return data
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self.s3.head_object(Bucket=self.bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if _code(exc) in {"NoSuchKey", "404", "NotFound"}:
+                return False
+            raise UnavailableError(f"S3 refused HEAD {key}: {_code(exc)}") from exc
+
+    def _list(self, prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        paginator = self.s3.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(**kwargs):
+                yield from ({"Key": c["Prefix"]} for c in page.get("CommonPrefixes", []))
+                yield from page.get("Contents", [])  # type: ignore[misc]
+        except ClientError as exc:
+            raise UnavailableError(f"S3 refused LIST {prefix}: {_code(exc)}") from exc
+
+    # ------------------------------------------------------------------ jobs
+
+    def put_job_spec(self, spec: JobSpec) -> JobSpec:
+        """Write ``job.json`` (replacing a previous spec of the job)."""
+        self._put(layout.job_spec_key(spec.job), spec.to_json(), "application/json")
+        with self._lock:
+            self._specs[spec.job] = spec
+        return spec
+
+    def get_job_spec(self, job: str) -> JobSpec:
+        """Read ``job.json``; :class:`NotFoundError` if the job was never declared."""
+        key = layout.job_spec_key(job)
+        with self._lock:
+            cached = self._specs.get(job)
+        if cached is not None:
+            return cached
+        spec = JobSpec.from_json(self._get(key, f"job {job!r}"))
+        with self._lock:
+            self._specs[job] = spec
+        return spec
+
+    def job_exists(self, job: str) -> bool:
+        return self._exists(layout.job_spec_key(job))
+
+    def ensure_job(self, job: str) -> JobSpec:
+        """The job's spec, creating a default one (float32, no model) if it was never declared."""
+        try:
+            return self.get_job_spec(job)
+        except NotFoundError:
+            return self.put_job_spec(JobSpec(job=job))
+
+    def list_jobs(self) -> list[str]:
+        jobs = []
+        for item in self._list("jobs/", delimiter="/"):
+            name = item["Key"][len("jobs/") :].rstrip("/")
+            if name:
+                jobs.append(name)
+        return sorted(jobs)
+
+    # ------------------------------------------------------------------ updates and rounds
+
+    def put_update(
+        self,
+        job: str,
+        round_: int,
+        client: str,
+        update: Update,
+        *,
+        precision: Precision | None = None,
+    ) -> UpdateEntry:
+        """Encode and store one client's update; returns its manifest entry (not yet committed).
+
+        Refused before any write if the round is already committed with other tensors, or with a
+        different update for this client.
+        """
+        validate_job(job)
+        validate_round(round_)
+        validate_client(client)
+        spec = self.ensure_job(job)
+        update.job, update.round, update.client, update.kind = job, round_, client, "update"
+        encoded = encode_update(update, precision or spec.precision)
+        return self.put_encoded(job, round_, client, encoded)
+
+    def put_encoded(
+        self, job: str, round_: int, client: str, encoded: EncodedUpdate
+    ) -> UpdateEntry:
+        """Store an already encoded update (ingestion encodes in its own workers)."""
+        key = layout.update_key(job, round_, client)
+        entry = UpdateEntry(
+            client=client,
+            key=key,
+            sha256=encoded.sha256,
+            raw_bytes=encoded.raw_bytes,
+            stored_bytes=encoded.stored_bytes,
+            num_examples=encoded.num_examples,
+            metrics=encoded.metrics,
+            summary={"norm": encoded.norm},
+        )
+        manifest = self._manifest_or_none(job, round_)
+        if manifest is not None:
+            check_agreement(manifest.tensors, encoded.specs, client)
+            old = manifest.updates.get(client)
+            if old is not None:
+                if old.sha256 == encoded.sha256:
+                    return old
+                raise ConflictError(
+                    f"client {client!r} already has a different update committed in round "
+                    f"{round_} of job {job!r}; committed updates are immutable"
+                )
+        self._put(key, encoded.data)
+        with self._lock:
+            self._pending_specs[(job, round_, client)] = encoded.specs
+        return entry
+
+    def _manifest_or_none(self, job: str, round_: int) -> RoundManifest | None:
+        try:
+            return self.get_manifest(job, round_)
+        except NotFoundError:
+            return None
+
+    def commit_round(
+        self,
+        job: str,
+        round_: int,
+        entries: Iterable[UpdateEntry] | None = None,
+        *,
+        summaries: dict[str, dict[str, float]] | None = None,
+    ) -> RoundManifest:
+        """Make a round visible by writing its manifest, once all its updates are stored.
+
+        Every update object under the round's prefix is included: those described by
+        ``entries`` (what :meth:`put_update` returned) as given, any other (written by another
+        process) read back and verified. Committing again is idempotent, and a late client is
+        added to the manifest (the union). Names, shapes and dtypes must agree across the round;
+        on a mismatch nothing is written and the error names the client and the tensor.
+        """
+        validate_job(job)
+        validate_round(round_)
+        spec = self.get_job_spec(job)
+        existing = self._manifest_or_none(job, round_)
+        given = {e.client: e for e in entries or ()}
+        written_at = {
+            c: item.get("LastModified")
+            for item in self._list(layout.updates_prefix(job, round_))
+            if (c := layout.parse_client_from_update_key(item["Key"])) is not None
+        }
+        stored = set(written_at)
+        missing = sorted(set(given) - stored)
+        if missing:
+            raise NotFoundError(
+                f"round {round_} of job {job!r}: update of client {missing[0]!r} is not stored"
+            )
+        updates: dict[str, UpdateEntry] = dict(existing.updates) if existing else {}
+        specs_of: dict[str, tuple[TensorSpec, ...]] = {}
+        to_read = []
+        for client in sorted(stored):
+            if client in given:
+                updates[client] = given[client]
+                pending = self._pending_specs.get((job, round_, client))
+                if pending is not None:
+                    specs_of[client] = pending
+                else:
+                    to_read.append(client)
+            elif client not in updates:
+                to_read.append(client)
+        described = self._executor().map(lambda c: self._describe(job, round_, c), to_read)
+        for client, (entry, specs) in zip(to_read, described, strict=True):
+            updates[client] = given.get(client, entry)
+            specs_of[client] = specs
+        if not updates:
+            raise NotFoundError(f"round {round_} of job {job!r} has no stored updates to commit")
+        reference = existing.tensors if existing else _majority(specs_of, written_at)
+        for client in sorted(specs_of):
+            check_agreement(reference, specs_of[client], client)
+        for client, extra in (summaries or {}).items():
+            if client in updates:
+                updates[client].summary.update(extra)
+        manifest = RoundManifest(job, round_, spec.precision, tuple(reference), updates)
+        if existing is None or existing.to_json() != manifest.to_json():
+            self._put(layout.manifest_key(job, round_), manifest.to_json(), "application/json")
+        for client in specs_of:
+            self._pending_specs.pop((job, round_, client), None)
+        return manifest
+
+    def _describe(
+        self, job: str, round_: int, client: str
+    ) -> tuple[UpdateEntry, tuple[TensorSpec, ...]]:
+        key = layout.update_key(job, round_, client)
+        data = self._get(key, f"update of client {client!r}")
+        raw = decompress(data, self.limits)
+        try:
+            update = parse_safetensors(raw, self.limits)
+        except CorruptUpdateError as exc:
+            raise CorruptUpdateError(f"client {client!r}: {exc.message}") from exc
+        sq = row_sq_norm(update)
+        entry = UpdateEntry(
+            client=client,
+            key=key,
+            sha256=hashlib.sha256(raw).hexdigest(),
+            raw_bytes=len(raw),
+            stored_bytes=len(data),
+            num_examples=update.num_examples,
+            metrics=update.metrics,
+            summary={"norm": float(np.sqrt(sq))},
+        )
+        # reduced-precision storage widens back to float32, so specs carry the source dtypes
+        return entry, tuple(update.specs())
+
+    def get_manifest(self, job: str, round_: int) -> RoundManifest:
+        """The manifest of a committed round; :class:`NotFoundError` if it is not committed."""
+        data = self._get(
+            layout.manifest_key(job, round_), f"round {round_} of job {job!r} (not committed?)"
+        )
+        return RoundManifest.from_json(data)
+
+    def list_rounds(self, job: str) -> list[int]:
+        """Committed rounds of a job, ascending (rounds without a manifest are invisible)."""
+        prefix = layout.rounds_prefix(job)
+        rounds = set()
+        for item in self._list(prefix):
+            key = item["Key"]
+            if key.endswith("/manifest.json"):
+                r = layout.parse_round_from_key(job, key)
+                if r is not None:
+                    rounds.add(r)
+        return sorted(rounds)
+
+    def get_update(self, job: str, round_: int, client: str) -> Update:
+        """One committed client update, verified against the manifest."""
+        manifest = self.get_manifest(job, round_)
+        entry = manifest.updates.get(validate_client(client))
+        if entry is None:
+            raise NotFoundError(f"client {client!r} is not in round {round_} of job {job!r}")
+        data = self._get(entry.key, f"update of client {client!r}")
+        try:
+            return decode_update(data, expected_sha256=entry.sha256, limits=self.limits)
+        except CorruptUpdateError as exc:
+            raise StoredObjectCorruptError(f"{entry.key}: {exc.message}") from exc
+
+    def read_round(
+        self,
+        job: str,
+        round_: int,
+        clients: Sequence[str] | None = None,
+        *,
+        manifest: RoundManifest | None = None,
+    ) -> RoundMatrix:
+        """A committed round as a :class:`RoundMatrix`, fetched with parallel GETs.
+
+        Each update is decompressed straight into its row; every row is verified against the
+        manifest's checksum and tensor specs.
+        """
+        manifest = manifest or self.get_manifest(job, round_)
+        order = list(manifest.clients if clients is None else clients)
+        for c in order:
+            if c not in manifest.updates:
+                raise NotFoundError(f"client {c!r} is not in round {round_} of job {job!r}")
+        specs = manifest.tensors
+        matrix = np.empty((len(order), manifest.n_params), dtype=np.float32)
+        sq = np.empty(len(order), dtype=np.float64)
+
+        def load(i: int) -> None:
+            entry = manifest.updates[order[i]]
+            data = self._get(entry.key, f"update of client {order[i]!r}")
+            try:
+                row = decode_into(
+                    data,
+                    matrix[i],
+                    specs,
+                    expected_sha256=entry.sha256,
+                    limits=self.limits,
+                    who=f"client {order[i]!r}",
+                )
+            except CorruptUpdateError as exc:
+                raise StoredObjectCorruptError(f"{entry.key}: {exc.message}") from exc
+            sq[i] = row.sq_norm
+
+        list(self._executor().map(load, range(len(order))))
+        return RoundMatrix(
+            job=job,
+            round=round_,
+            clients=order,
+            matrix=matrix,
+            specs=specs,
+            num_examples=np.array(
+                [manifest.updates[c].num_examples for c in order], dtype=np.int64
+            ),
+            metrics=[manifest.updates[c].metrics for c in order],
+            sq_norms=sq,
+        )
+
+    # ------------------------------------------------------------------ models and data
+
+    def put_global(self, job: str, round_: int, update: Update) -> str:
+        """Store the aggregated model after ``round_``; returns its key."""
+        spec = self.ensure_job(job)
+        update.job, update.round, update.client, update.kind = job, round_, None, "global"
+        key = layout.global_key(job, round_)
+        self._put(key, encode_update(update, spec.precision).data)
+        return key
+
+    def get_global(self, job: str, round_: int) -> Update:
+        """The aggregated model after ``round_``."""
+        data = self._get(layout.global_key(job, round_), f"global model of round {round_}")
+        return self._decode_stored(data, layout.global_key(job, round_))
+
+    def put_initial(self, job: str, update: Update) -> str:
+        """Store the job's model before round 0; returns its key."""
+        spec = self.ensure_job(job)
+        update.job, update.round, update.client, update.kind = job, None, None, "initial"
+        key = layout.initial_key(job)
+        self._put(key, encode_update(update, spec.precision).data)
+        return key
+
+    def get_initial(self, job: str) -> Update:
+        data = self._get(layout.initial_key(job), f"initial model of job {job!r}")
+        return self._decode_stored(data, layout.initial_key(job))
+
+    def get_base(self, job: str, round_: int) -> Update | None:
+        """The model a round's clients started from (ARCHITECTURE §2), or ``None`` if unknown."""
+        try:
+            return self.get_global(job, round_ - 1) if round_ > 0 else self.get_initial(job)
+        except NotFoundError:
+            return None
+
+    def put_validation_set(
+        self, job: str, x: npt.NDArray[np.floating[Any]], y: npt.NDArray[np.integer[Any]]
+    ) -> str:
+        """Store the server-side validation set (``x`` float32, ``y`` int64)."""
+        x = np.asarray(x, dtype=np.float32)
+        y = np.asarray(y, dtype=np.int64)
+        if x.ndim < 1 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
+            raise ValidationError(
+                f"validation set needs x of shape (n, ...) and y of shape (n,), got "
+                f"{list(x.shape)} and {list(y.shape)}"
+            )
+        self.ensure_job(job)
+        key = layout.validation_key(job)
+        encoded = encode_update(
+            Update({"x": x, "y": y}, num_examples=len(y), job=job, kind="initial")
+        )
+        self._put(key, encoded.data)
+        return key
+
+    def get_validation_set(self, job: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        data = self._get(layout.validation_key(job), f"validation set of job {job!r}")
+        update = self._decode_stored(data, layout.validation_key(job))
+        if set(update.tensors) != {"x", "y"}:
+            raise StoredObjectCorruptError("validation set must hold exactly 'x' and 'y'")
+        return (
+            np.asarray(update.tensors["x"], dtype=np.float32),
+            np.asarray(update.tensors["y"], dtype=np.int64),
+        )
+
+    def put_result(self, key: str, body: bytes, content_type: str = "application/json") -> str:
+        """Write a result object under a job's ``results/`` prefix."""
+        if "/results/" not in key or not key.startswith("jobs/"):
+            raise ValidationError(f"result key {key!r} is not under a job's results/ prefix")
+        self._put(key, body, content_type)
+        return key
+
+    def get_object(self, key: str) -> bytes:
+        """Raw bytes of any object (results, for instance)."""
+        return self._get(key, f"object {key!r}")
+
+    def _decode_stored(self, data: bytes, key: str) -> Update:
+        try:
+            return decode_update(data, limits=self.limits)
+        except CorruptUpdateError as exc:
+            raise StoredObjectCorruptError(f"{key}: {exc.message}") from exc
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def check_agreement(
+    reference: Sequence[TensorSpec], specs: Sequence[TensorSpec], client: str
+) -> None:
+    """Raise :class:`MismatchError` naming ``client`` and the tensor if the specs disagree."""
+    ref = {s.name: s for s in reference}
+    got = {s.name: s for s in specs}
+    for name, s in ref.items():
+        g = got.get(name)
+        if g is None:
+            raise MismatchError(f"client {client!r}: tensor {name!r} is missing from its update")
+        if g.shape != s.shape:
+            raise MismatchError(
+                f"client {client!r}: tensor {name!r} has shape {list(g.shape)}, the round has "
+                f"{list(s.shape)}"
+            )
+        if g.dtype != s.dtype:
+            raise MismatchError(
+                f"client {client!r}: tensor {name!r} has dtype {g.dtype}, the round has {s.dtype}"
+            )
+    extra = sorted(set(got) - set(ref))
+    if extra:
+        raise MismatchError(f"client {client!r}: tensor {extra[0]!r} is not in the round")
+
+
+def _majority(
+    specs_of: dict[str, tuple[TensorSpec, ...]], written_at: dict[str, Any]
+) -> tuple[TensorSpec, ...]:
+    """The specs most clients agree on; on a tie, those of the earliest written update."""
+    counts: dict[tuple[TensorSpec, ...], int] = {}
+    for specs in specs_of.values():
+        counts[specs] = counts.get(specs, 0) + 1
+    first = sorted(specs_of, key=lambda c: (str(written_at.get(c) or ""), c))
+    rank = {specs_of[c]: i for i, c in reversed(list(enumerate(first)))}
+    return max(counts, key=lambda s: (counts[s], -rank[s]))
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "Unknown"))
+
+
+def _floats(update: Update) -> Iterator[npt.NDArray[Any]]:
+    for a in update.tensors.values():
+        if a.dtype.kind == "f":
+            yield np.asarray(a, dtype=np.float32)

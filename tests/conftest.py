@@ -1,0 +1,42 @@
+"""Shared fixtures: one moto S3 server per test session, a fresh bucket per test."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from flstore_core.codec import Update
+from flstore_core.store import ObjectStore
+from lambdas.local_runtime.s3_server import LocalS3
+
+_buckets = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[LocalS3]:
+    with LocalS3() as server:
+        yield server
+
+
+@pytest.fixture
+def store(s3_server: LocalS3) -> Iterator[ObjectStore]:
+    st = ObjectStore(f"test-{next(_buckets)}", endpoint_url=s3_server.url)
+    st.ensure_bucket()
+    yield st
+    st.close()
+
+
+def small_update(seed: int = 0, *, scale: float = 1.0, **meta: object) -> Update:
+    """A tiny CNN-shaped update with mixed dtypes, deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    tensors = {
+        "conv.weight": (rng.standard_normal((4, 1, 3, 3)) * scale).astype(np.float32),
+        "conv.bias": (rng.standard_normal(4) * scale).astype(np.float32),
+        "bn.num_batches_tracked": np.array(seed, dtype=np.int64),
+        "fc.weight": (rng.standard_normal((10, 16)) * scale).astype(np.float32),
+        "fc.bias": (rng.standard_normal(10) * scale).astype(np.float32),
+    }
+    return Update(tensors, num_examples=10 + seed, metrics={"loss": 0.5 + seed}, **meta)  # type: ignore[arg-type]
