@@ -119,18 +119,7 @@ class RoundMatrix:
 
     def tensors_of(self, vector: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:
         """Unflatten a row-shaped vector into named tensors with their source dtypes."""
-        out: dict[str, npt.NDArray[Any]] = {}
-        for spec, (a, b) in zip(self.specs, self.slices, strict=True):
-            part = vector[a:b].reshape(spec.shape)
-            if spec.dtype in {"F32", "BF16"}:
-                out[spec.name] = part.astype(np.float32, copy=False)
-            elif spec.dtype == "F64":
-                out[spec.name] = part.astype(np.float64)
-            elif spec.dtype == "F16":
-                out[spec.name] = part.astype(np.float16)
-            else:
-                out[spec.name] = np.rint(part).astype(np_dtype(spec.dtype))
-        return out
+        return unflatten(vector, self.specs)
 
 
 class ObjectStore:
@@ -572,6 +561,19 @@ class ObjectStore:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def unflatten(vector: npt.NDArray[Any], specs: Sequence[TensorSpec]) -> dict[str, npt.NDArray[Any]]:
+    """Split a flattened row into named tensors, cast back to their source dtypes."""
+    out: dict[str, npt.NDArray[Any]] = {}
+    for spec, (a, b) in zip(specs, slices_of(specs), strict=True):
+        part = vector[a:b].reshape(spec.shape)
+        dtype = np_dtype(spec.dtype)
+        if dtype.kind == "f":
+            out[spec.name] = part.astype(dtype, copy=False)
+        else:
+            out[spec.name] = np.rint(part).astype(dtype)
+    return out
 
 
 def check_agreement(

@@ -1,0 +1,182 @@
+"""The in-memory shard cache of a cache node, with the class policies of ARCHITECTURE §3.
+
+Built on :class:`cachetools.Cache` (size accounting by bytes, eviction through ``popitem``); the
+policy is one small decision, :meth:`ShardCache.victim`, with named knobs:
+
+* ``meta`` shards are kept always (they are tiny) and evicted only if nothing else is left;
+* ``client`` histories are loaded on demand and go first, least recently used first;
+* ``round`` shards beyond the latest ``hot_rounds`` of their job go next, oldest round first;
+* then ``model`` shards, then the hot rounds themselves, oldest first.
+
+Entries in use by a running request are pinned and never chosen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import cachetools
+
+from flstore_core.placement import ShardKey
+
+
+class Sized(Protocol):
+    @property
+    def nbytes(self) -> int: ...
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+    uncacheable: int = 0  # loaded but larger than the free budget: served, not kept
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class _PolicyCache(cachetools.Cache[ShardKey, Any]):
+    """A cachetools cache whose ``popitem`` asks its owner for the victim."""
+
+    def __init__(self, maxsize: int, owner: ShardCache) -> None:
+        super().__init__(maxsize=maxsize, getsizeof=lambda v: max(int(v.nbytes), 1))
+        self._owner = owner
+
+    def popitem(self) -> tuple[ShardKey, Any]:
+        key = self._owner.victim()
+        if key is None:
+            raise KeyError("nothing evictable: every entry is pinned or protected")
+        value = self.pop(key)
+        self._owner.stats.evictions += 1
+        return key, value
+
+
+class ShardCache:
+    """Shards held in memory under a byte budget."""
+
+    def __init__(self, budget_bytes: int, hot_rounds: int = 2) -> None:
+        if budget_bytes <= 0:
+            raise ValueError("the cache budget must be positive")
+        self.hot_rounds = max(1, hot_rounds)
+        self.stats = CacheStats()
+        self._cache = _PolicyCache(budget_bytes, self)
+        self._pins: dict[ShardKey, int] = {}
+        self._used: dict[ShardKey, int] = {}
+        self._clock = itertools.count()
+        self._lock = threading.RLock()
+        self._loading: dict[ShardKey, threading.Lock] = {}
+
+    # ------------------------------------------------------------------ policy
+
+    def victim(self) -> ShardKey | None:
+        """The entry to evict next, or ``None`` if every entry is pinned."""
+        candidates = [k for k in self._cache if not self._pins.get(k)]
+        if not candidates:
+            return None
+        latest: dict[str, list[int]] = {}
+        for k in self._cache:
+            if k.cls == "round":
+                latest.setdefault(k.job, []).append(k.round)
+        hot = {
+            job: set(sorted(rounds, reverse=True)[: self.hot_rounds])
+            for job, rounds in latest.items()
+        }
+
+        def rank(k: ShardKey) -> tuple[int, int]:
+            used = self._used.get(k, 0)
+            if k.cls == "client":
+                return (0, used)
+            if k.cls == "round":
+                tier = 3 if k.round in hot[k.job] else 1
+                return (tier, k.round)
+            if k.cls == "model":
+                return (2, used)
+            return (4, used)  # meta: only when nothing else is left
+
+        return min(candidates, key=rank)
+
+    # ------------------------------------------------------------------ access
+
+    def get(self, key: ShardKey) -> Any | None:
+        with self._lock:
+            value = self._cache.get(key)
+            if value is not None:
+                self._used[key] = next(self._clock)
+            return value
+
+    def __contains__(self, key: ShardKey) -> bool:
+        with self._lock:
+            return key in self._cache
+
+    def shard_keys(self) -> list[ShardKey]:
+        with self._lock:
+            return list(self._cache)
+
+    @property
+    def bytes_held(self) -> int:
+        return int(self._cache.currsize)
+
+    @property
+    def budget(self) -> int:
+        return int(self._cache.maxsize)
+
+    def put(self, key: ShardKey, value: Sized) -> bool:
+        """Insert ``value``; returns False (and keeps nothing) if it cannot fit."""
+        with self._lock:
+            try:
+                self._cache[key] = value
+            except (ValueError, KeyError):  # too large for the budget, or all else pinned
+                self.stats.uncacheable += 1
+                return False
+            self._used[key] = next(self._clock)
+            return True
+
+    def evict(self, key: ShardKey) -> bool:
+        """Drop ``key`` unless it is pinned; returns whether it was dropped."""
+        with self._lock:
+            if self._pins.get(key) or key not in self._cache:
+                return False
+            del self._cache[key]
+            self._used.pop(key, None)
+            self.stats.evictions += 1
+            return True
+
+    @contextmanager
+    def using(self, key: ShardKey, load: Callable[[], Sized]) -> Iterator[tuple[Any, bool]]:
+        """Yield ``(value, hit)`` pinned for the duration of the block, loading on a miss.
+
+        Concurrent misses of the same key load it once.
+        """
+        with self._lock:
+            self._pins[key] = self._pins.get(key, 0) + 1
+            gate = self._loading.setdefault(key, threading.Lock())
+        try:
+            value = self.get(key)
+            hit = value is not None
+            if value is None:
+                with gate:
+                    value = self.get(key)
+                    hit = value is not None
+                    if value is None:
+                        value = load()
+                        with self._lock:
+                            self.stats.loads += 1
+                        self.put(key, value)
+            with self._lock:
+                if hit:
+                    self.stats.hits += 1
+                else:
+                    self.stats.misses += 1
+            yield value, hit
+        finally:
+            with self._lock:
+                self._pins[key] -= 1
+                if not self._pins[key]:
+                    del self._pins[key]

@@ -1,0 +1,330 @@
+"""Cost per request of FLStore and of the two aggregator baselines (ARCHITECTURE §8).
+
+All prices are published AWS on-demand prices for us-east-1 (US East, N. Virginia), kept in one
+table — the fields of :class:`Prices`, each with its unit, its source page and the month it was
+checked — and overridable by a JSON file (``FLSTORE_PRICES_FILE``) or a dict
+(:func:`load_prices`). Free tiers, Savings Plans and reserved capacity are ignored: the figures
+are what a request costs at list price.
+
+How each system is charged, following the published FLStore evaluation:
+
+- **FLStore** pays per use: every Lambda invocation a request made (billed duration rounded up
+  to 1 ms × configured memory in GB, plus the per-request fee), the API Gateway HTTP API
+  request(s), and the S3 GETs/PUTs of cold misses and stored results
+  (:func:`flstore_request_cost`).
+- **Baselines** run on always-on servers, charged as the request's duration × the servers'
+  hourly price (:func:`server_request_cost`), and, as a second view, the hourly price spread
+  over a stated request rate (:func:`amortised_server_cost`). ``objstore-agg`` is one EC2
+  aggregator plus its S3 GETs (:func:`objstore_agg_cost`); ``cache-agg`` is the aggregator plus
+  one ElastiCache node (:func:`cache_agg_cost`).
+
+Sources (checked 2026-11):
+
+- AWS Lambda pricing: https://aws.amazon.com/lambda/pricing/
+- Amazon API Gateway pricing: https://aws.amazon.com/api-gateway/pricing/
+- Amazon S3 pricing: https://aws.amazon.com/s3/pricing/
+- Amazon EC2 On-Demand pricing: https://aws.amazon.com/ec2/pricing/on-demand/
+- Amazon ElastiCache pricing: https://aws.amazon.com/elasticache/pricing/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from flstore_core.errors import ValidationError
+
+PRICES_FILE_ENV = "FLSTORE_PRICES_FILE"
+PRICES_CHECKED = "2026-11"
+
+LAMBDA_PRICING_URL = "https://aws.amazon.com/lambda/pricing/"
+API_GATEWAY_PRICING_URL = "https://aws.amazon.com/api-gateway/pricing/"
+S3_PRICING_URL = "https://aws.amazon.com/s3/pricing/"
+EC2_PRICING_URL = "https://aws.amazon.com/ec2/pricing/on-demand/"
+ELASTICACHE_PRICING_URL = "https://aws.amazon.com/elasticache/pricing/"
+
+MS_PER_HOUR = 3_600_000.0
+HOURS_PER_MONTH = 30 * 24  # a 30-day month, as the keep-warm estimate states
+MINUTES_PER_MONTH = HOURS_PER_MONTH * 60
+
+Architecture = Literal["x86_64", "arm64"]
+
+
+def _price(value: float, unit: str, source: str, note: str = "") -> Any:
+    """A field of the price table: its default, unit, source page and date checked."""
+    meta = {"unit": unit, "source": source, "checked": PRICES_CHECKED, "note": note}
+    return field(default=value, metadata=meta)
+
+
+def _label(value: str, source: str, note: str = "") -> Any:
+    meta = {"unit": "", "source": source, "checked": PRICES_CHECKED, "note": note}
+    return field(default=value, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Prices:
+    """Published on-demand prices, us-east-1, checked 2026-11 (one field per price).
+
+    Parameters
+    ----------
+    lambda_gb_second_x86 : float, default 0.0000166667
+        Lambda duration, USD per GB-second, x86_64 (first 6 billion GB-s a month).
+    lambda_gb_second_arm : float, default 0.0000133334
+        Lambda duration, USD per GB-second, arm64 (first 7.5 billion GB-s a month).
+    lambda_requests_per_million : float, default 0.20
+        Lambda requests, USD per 1M invocations.
+    api_gateway_http_per_million : float, default 1.00
+        API Gateway HTTP API, USD per 1M requests (first 300M a month; metered in 512 KB
+        increments of request size).
+    s3_get_per_thousand : float, default 0.0004
+        S3 Standard GET/SELECT and all other requests, USD per 1,000.
+    s3_put_per_thousand : float, default 0.005
+        S3 Standard PUT/COPY/POST/LIST, USD per 1,000.
+    ec2_aggregator_hourly : float, default 0.192
+        The baseline aggregator's instance, USD per hour (m5.xlarge, Linux).
+    ec2_aggregator_instance : str, default "m5.xlarge"
+        Its instance type: 4 vCPUs for parallel S3 GETs and zstd decoding, 16 GiB so that a
+        10 × 11.7M-float32 round (468 MB decoded; about 2 GB at peak with the compressed
+        frames, the stacked ``(n, d)`` matrix and workload temporaries) fits several times over.
+    elasticache_node_hourly : float, default 0.206
+        The ``cache-agg`` baseline's cache node, USD per hour (cache.r6g.large, Redis OSS).
+    elasticache_node_type : str, default "cache.r6g.large"
+        Its node type: 13.07 GiB of memory, the smallest current-generation memory-optimised
+        node that holds the W = 2 hot rounds of that workload with room to spare.
+    region : str, default "us-east-1"
+        Region the prices are for (a label; change it with the prices).
+    """
+
+    lambda_gb_second_x86: float = _price(0.0000166667, "USD per GB-s", LAMBDA_PRICING_URL)
+    lambda_gb_second_arm: float = _price(0.0000133334, "USD per GB-s", LAMBDA_PRICING_URL)
+    lambda_requests_per_million: float = _price(0.20, "USD per 1M requests", LAMBDA_PRICING_URL)
+    api_gateway_http_per_million: float = _price(
+        1.00, "USD per 1M requests", API_GATEWAY_PRICING_URL, "HTTP API, first 300M a month"
+    )
+    s3_get_per_thousand: float = _price(0.0004, "USD per 1,000 requests", S3_PRICING_URL)
+    s3_put_per_thousand: float = _price(0.005, "USD per 1,000 requests", S3_PRICING_URL)
+    ec2_aggregator_hourly: float = _price(
+        0.192, "USD per hour", EC2_PRICING_URL, "m5.xlarge, Linux"
+    )
+    ec2_aggregator_instance: str = _label("m5.xlarge", EC2_PRICING_URL)
+    elasticache_node_hourly: float = _price(
+        0.206, "USD per hour", ELASTICACHE_PRICING_URL, "cache.r6g.large, Redis OSS"
+    )
+    elasticache_node_type: str = _label("cache.r6g.large", ELASTICACHE_PRICING_URL)
+    region: str = _label("us-east-1", "")
+
+    def lambda_gb_second(self, architecture: Architecture = "x86_64") -> float:
+        """USD per GB-second of Lambda duration on ``architecture``."""
+        if architecture == "arm64":
+            return self.lambda_gb_second_arm
+        if architecture == "x86_64":
+            return self.lambda_gb_second_x86
+        raise ValidationError(f"unknown Lambda architecture {architecture!r}: x86_64 or arm64")
+
+    def table(self) -> list[dict[str, object]]:
+        """The price table as rows ``{name, value, unit, source, checked, note}``."""
+        return [
+            {"name": f.name, "value": getattr(self, f.name), **f.metadata}
+            for f in dataclasses.fields(self)
+        ]
+
+
+DEFAULT_PRICES = Prices()
+
+
+def _check_override(name: str, value: object) -> object:
+    fields = {f.name: f for f in dataclasses.fields(Prices)}
+    if name not in fields:
+        raise ValidationError(
+            f"unknown price {name!r}: known prices are {', '.join(sorted(fields))}"
+        )
+    if fields[name].type in ("str", str):
+        if not isinstance(value, str) or not value:
+            raise ValidationError(f"price {name!r} must be a non-empty string, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValidationError(f"price {name!r} must be a finite number, got {value!r}")
+    if value < 0:
+        raise ValidationError(f"price {name!r} must be >= 0, got {value!r}")
+    return float(value)
+
+
+def load_prices(
+    overrides: Mapping[str, object] | None = None, path: str | os.PathLike[str] | None = None
+) -> Prices:
+    """The default prices, updated by a JSON file and then by ``overrides``.
+
+    The file is ``path`` if given, else the one named by ``FLSTORE_PRICES_FILE`` if set; it
+    holds a JSON object of field names of :class:`Prices` to values. Unknown names, non-numbers
+    and negative prices raise :class:`ValidationError`.
+    """
+    merged: dict[str, object] = {}
+    file = path if path is not None else os.environ.get(PRICES_FILE_ENV) or None
+    if file is not None:
+        try:
+            with open(file, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            raise ValidationError(f"prices file {os.fspath(file)!r} does not exist") from None
+        except (OSError, ValueError) as exc:
+            raise ValidationError(f"cannot read prices file {os.fspath(file)!r}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValidationError(f"prices file {os.fspath(file)!r} must hold a JSON object")
+        merged.update(data)
+    merged.update(overrides or {})
+    checked = {name: _check_override(name, value) for name, value in merged.items()}
+    return dataclasses.replace(DEFAULT_PRICES, **checked)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One Lambda invocation a request made: the function, its billed duration and memory.
+
+    ``billed_ms`` may be the measured duration; Lambda bills it rounded up to the next 1 ms.
+    """
+
+    function: str
+    billed_ms: float
+    memory_mb: int
+    architecture: Architecture = "x86_64"
+
+    def __post_init__(self) -> None:
+        ms = self.billed_ms
+        if isinstance(ms, bool) or not isinstance(ms, int | float) or not math.isfinite(ms):
+            raise ValidationError(f"billed_ms of {self.function!r} must be a number, got {ms!r}")
+        if ms < 0:
+            raise ValidationError(f"billed_ms of {self.function!r} must be >= 0, got {ms!r}")
+        mem = self.memory_mb
+        if isinstance(mem, bool) or not isinstance(mem, int) or mem <= 0:
+            raise ValidationError(
+                f"memory_mb of {self.function!r} must be a positive integer, got {mem!r}"
+            )
+
+    @property
+    def gb_seconds(self) -> float:
+        """Billed GB-seconds: ceil(duration to 1 ms) / 1000 × memory_mb / 1024."""
+        return math.ceil(self.billed_ms) / 1000.0 * (self.memory_mb / 1024.0)
+
+
+@dataclass(frozen=True)
+class CostBreakdown:
+    """Cost of one FLStore request in USD, by AWS service."""
+
+    lambda_compute: float
+    lambda_requests: float
+    api_gateway: float
+    s3: float
+    total: float
+
+    def to_dict(self) -> dict[str, float]:
+        """The breakdown as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+def _count(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValidationError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def flstore_request_cost(
+    invocations: Sequence[Invocation],
+    s3_gets: int = 0,
+    s3_puts: int = 0,
+    api_requests: int = 1,
+    prices: Prices = DEFAULT_PRICES,
+) -> CostBreakdown:
+    """Per-request cost of FLStore: its Lambda invocations, API requests and S3 requests.
+
+    Lambda compute is Σ ceil(ms) / 1000 × memory_mb / 1024 × the GB-second price of each
+    invocation's architecture, plus the per-request fee for each invocation (AWS Lambda
+    pricing, https://aws.amazon.com/lambda/pricing/). ``api_requests`` counts API Gateway HTTP
+    API requests (a request over 512 KB counts once per 512 KB), ``s3_gets`` the GETs of cold
+    misses and ``s3_puts`` the results written to S3.
+    """
+    _count("s3_gets", s3_gets)
+    _count("s3_puts", s3_puts)
+    _count("api_requests", api_requests)
+    compute = sum(inv.gb_seconds * prices.lambda_gb_second(inv.architecture) for inv in invocations)
+    requests = len(invocations) * prices.lambda_requests_per_million / 1e6
+    api = api_requests * prices.api_gateway_http_per_million / 1e6
+    s3 = s3_gets * prices.s3_get_per_thousand / 1e3 + s3_puts * prices.s3_put_per_thousand / 1e3
+    return CostBreakdown(
+        lambda_compute=compute,
+        lambda_requests=requests,
+        api_gateway=api,
+        s3=s3,
+        total=compute + requests + api + s3,
+    )
+
+
+def server_request_cost(duration_ms: float, hourly_usd: float) -> float:
+    """Cost of a request on always-on servers: its duration × their hourly price.
+
+    ``duration_ms / 3.6e6 × hourly_usd`` — how the published FLStore evaluation charges the
+    aggregator baselines (the server is paid for while it serves the request).
+    """
+    if not math.isfinite(duration_ms) or duration_ms < 0:
+        raise ValidationError(f"duration_ms must be >= 0, got {duration_ms!r}")
+    if not math.isfinite(hourly_usd) or hourly_usd < 0:
+        raise ValidationError(f"hourly_usd must be >= 0, got {hourly_usd!r}")
+    return duration_ms / MS_PER_HOUR * hourly_usd
+
+
+def amortised_server_cost(hourly_usd: float, requests_per_hour: float) -> float:
+    """Cost of a request on always-on servers at a stated load: hourly price / request rate.
+
+    This counts the idle time an always-on server is paid for too, so it is the fairer figure at
+    low request rates and converges to :func:`server_request_cost` at full utilisation.
+    """
+    if not math.isfinite(hourly_usd) or hourly_usd < 0:
+        raise ValidationError(f"hourly_usd must be >= 0, got {hourly_usd!r}")
+    if not math.isfinite(requests_per_hour) or requests_per_hour <= 0:
+        raise ValidationError(f"requests_per_hour must be > 0, got {requests_per_hour!r}")
+    return hourly_usd / requests_per_hour
+
+
+def objstore_agg_cost(duration_ms: float, s3_gets: int, prices: Prices = DEFAULT_PRICES) -> float:
+    """Per-request cost of ``objstore-agg``: the EC2 aggregator's time plus its S3 GETs."""
+    _count("s3_gets", s3_gets)
+    server = server_request_cost(duration_ms, prices.ec2_aggregator_hourly)
+    return server + s3_gets * prices.s3_get_per_thousand / 1e3
+
+
+def cache_agg_cost(duration_ms: float, prices: Prices = DEFAULT_PRICES) -> float:
+    """Per-request cost of ``cache-agg``: the EC2 aggregator's and the ElastiCache node's time."""
+    hourly = prices.ec2_aggregator_hourly + prices.elasticache_node_hourly
+    return server_request_cost(duration_ms, hourly)
+
+
+def idle_monthly_cost(
+    cache_nodes: int,
+    memory_mb: int,
+    keep_warm_minutes: int,
+    ping_ms: float = 2.0,
+    prices: Prices = DEFAULT_PRICES,
+    architecture: Architecture = "x86_64",
+) -> float:
+    """USD per 30-day month of the keep-warm pings of a deployed stack with no traffic.
+
+    Each of ``cache_nodes`` functions of ``memory_mb`` is invoked once every
+    ``keep_warm_minutes`` for ``ping_ms`` (billed rounded up to 1 ms): Lambda requests plus
+    GB-seconds (https://aws.amazon.com/lambda/pricing/). The schedule itself, S3 storage and
+    logs are not included.
+    """
+    _count("cache_nodes", cache_nodes)
+    if isinstance(keep_warm_minutes, bool) or not isinstance(keep_warm_minutes, int):
+        raise ValidationError(f"keep_warm_minutes must be an integer, got {keep_warm_minutes!r}")
+    if keep_warm_minutes <= 0:
+        raise ValidationError(f"keep_warm_minutes must be > 0, got {keep_warm_minutes!r}")
+    pings = cache_nodes * (MINUTES_PER_MONTH / keep_warm_minutes)
+    ping = Invocation("keep-warm", ping_ms, memory_mb, architecture)
+    per_ping = ping.gb_seconds * prices.lambda_gb_second(architecture) + (
+        prices.lambda_requests_per_million / 1e6
+    )
+    return pings * per_ping

@@ -1,0 +1,245 @@
+"""A cache node: the shards it holds, the workloads it runs on them, and its operations.
+
+One :class:`CacheNode` lives in the module state of one warm Lambda instance
+(``lambdas/cache_node.py`` is a thin adapter). Its operations are JSON events:
+
+* ``load``  — ``{"op": "load", "shards": ["job/round/3", …]}``: fetch now (ingestion prefetch);
+  round artifacts are computed at once so the first request finds them;
+* ``run``   — ``{"op": "run", "workload", "job", "round" | "rounds", "params"}``: run a
+  workload on the cached data, loading what is missing;
+* ``stats`` — hits, misses, loads, bytes held, evictions, S3 GETs, artifact reuse;
+* ``evict`` — ``{"op": "evict", "shards": [...]}`` or ``{"op": "evict", "all": true}``;
+* ``ping``  — keep-warm.
+
+Errors a caller caused come back as ``{"error": {...}, "status": 4xx}`` (not a function error,
+so the router does not retry them elsewhere); anything else raises and the router retries on a
+replica.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from flstore_core import layout
+from flstore_core.cache import ShardCache
+from flstore_core.codec import Update, encode_update
+from flstore_core.errors import FLStoreError, NotFoundError, ValidationError
+from flstore_core.ids import validate_job, validate_round
+from flstore_core.placement import ShardKey, round_shard
+from flstore_core.round_data import ArtifactStats, RoundData
+from flstore_core.store import ObjectStore, unflatten
+from flstore_core.workloads import Workload, WorkloadResult, get
+
+ENV_BUDGET = "FLSTORE_CACHE_BUDGET_BYTES"
+ENV_HOT_ROUNDS = "FLSTORE_HOT_ROUNDS"
+ENV_NODE_INDEX = "FLSTORE_NODE_INDEX"
+BUDGET_SHARE = 0.70  # of the function's memory, when no explicit budget is configured
+
+
+def default_budget() -> int:
+    """Cache budget in bytes: ``FLSTORE_CACHE_BUDGET_BYTES`` or 70% of the function memory."""
+    explicit = os.environ.get(ENV_BUDGET)
+    if explicit:
+        return int(explicit)
+    memory_mb = int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "3008"))
+    return int(memory_mb * 1024 * 1024 * BUDGET_SHARE)
+
+
+def load_round(store: ObjectStore, job: str, round_: int, stats: ArtifactStats) -> RoundData:
+    """Read a committed round (and its base model, when stored) into a :class:`RoundData`."""
+    manifest = store.get_manifest(job, round_)
+    rm = store.read_round(job, round_, manifest=manifest)
+    base_vec = None
+    base = store.get_base(job, round_)
+    if base is not None and [(n, a.shape) for n, a in base.tensors.items()] == [
+        (s.name, s.shape) for s in manifest.tensors
+    ]:
+        base_vec = np.concatenate(
+            [np.asarray(a, dtype=np.float32).reshape(-1) for a in base.tensors.values()]
+        )
+    return RoundData(
+        job,
+        round_,
+        rm.clients,
+        rm.matrix,
+        rm.specs,
+        rm.num_examples,
+        rm.metrics,
+        base=base_vec,
+        stats=stats,
+        sha256={c: manifest.updates[c].sha256 for c in rm.clients},
+    )
+
+
+def result_key(workload: str, data: RoundData, params: dict[str, Any]) -> str:
+    """Deterministic key of a model result: the same request writes the same object."""
+    ident = json.dumps(
+        {"params": params, "clients": data.sha256 or data.clients}, sort_keys=True
+    ).encode()
+    digest = hashlib.sha256(ident).hexdigest()[:16]
+    return f"{layout.results_prefix(data.job, workload, data.round)}{digest}.safetensors.zst"
+
+
+def store_model(
+    store: ObjectStore, workload: str, data: RoundData, params: dict[str, Any], model: Any
+) -> str:
+    """Write a model result in the canonical update format; returns its key."""
+    key = result_key(workload, data, params)
+    update = Update(
+        unflatten(model, data.specs),
+        num_examples=int(data.num_examples.sum()),
+        metrics={"workload": workload},
+        job=data.job,
+        round=data.round,
+        kind="global",
+    )
+    store.put_result(key, encode_update(update).data, "application/octet-stream")
+    return key
+
+
+def finish(
+    store: ObjectStore,
+    workload: Workload,
+    data: RoundData,
+    params: dict[str, Any],
+    out: WorkloadResult,
+) -> dict[str, Any]:
+    """The JSON result of a workload run, with its model (if any) stored and keyed."""
+    result = dict(out.result)
+    if out.model is not None:
+        result["model_key"] = store_model(store, workload.name, data, params, out.model)
+    return result
+
+
+def run_round_workload(
+    store: ObjectStore, workload: Workload, data: RoundData, params: dict[str, Any]
+) -> dict[str, Any]:
+    """Run a ``round``-class workload on a round: the code path nodes and baselines share."""
+    return finish(store, workload, data, params, workload.run(data, params))
+
+
+class CacheNode:
+    """The state and operations of one cache node."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        budget_bytes: int | None = None,
+        hot_rounds: int | None = None,
+        node_index: int | None = None,
+    ) -> None:
+        self.store = store
+        self.cache = ShardCache(
+            budget_bytes or default_budget(),
+            hot_rounds or int(os.environ.get(ENV_HOT_ROUNDS, "2")),
+        )
+        self.node_index = (
+            node_index if node_index is not None else int(os.environ.get(ENV_NODE_INDEX, "-1"))
+        )
+        self.artifacts = ArtifactStats()
+        self.started = time.time()
+        self.invocations = 0
+
+    # ------------------------------------------------------------------ loading
+
+    def _loader(self, key: ShardKey) -> Any:
+        if key.cls == "round":
+            return lambda: load_round(self.store, key.job, key.round, self.artifacts)
+        raise ValidationError(f"shard class {key.cls!r} is not served by this node version")
+
+    def load(self, shards: list[str]) -> dict[str, Any]:
+        loaded: list[str] = []
+        already: list[str] = []
+        failed: dict[str, str] = {}
+        for text in shards:
+            try:
+                key = ShardKey.parse(text)
+            except (ValueError, FLStoreError) as exc:
+                raise ValidationError(f"bad shard key {text!r}: {exc}") from exc
+            try:
+                with self.cache.using(key, self._loader(key)) as (value, hit):
+                    if isinstance(value, RoundData):
+                        value.warm()
+                (already if hit else loaded).append(text)
+            except NotFoundError as exc:
+                failed[text] = exc.message
+        return {"loaded": loaded, "already": already, "failed": failed}
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, event: dict[str, Any]) -> dict[str, Any]:
+        workload = get(event.get("workload", ""))
+        job = validate_job(event.get("job"))
+        params = workload.validate(event.get("params"))
+        if workload.cls != "round":
+            raise ValidationError(f"workload class {workload.cls!r} is not served yet")
+        round_ = validate_round(event.get("round"))
+        key = round_shard(job, round_)
+        gets_before = self.store.gets
+        t0 = time.perf_counter()
+        with self.cache.using(key, self._loader(key)) as (data, hit):
+            t1 = time.perf_counter()
+            result = run_round_workload(self.store, workload, data, params)
+        t2 = time.perf_counter()
+        return {
+            "result": result,
+            "cache": "hit" if hit else "miss",
+            "node": self.node_index,
+            "timing_ms": {"load": (t1 - t0) * 1000, "compute": (t2 - t1) * 1000},
+            "s3_gets": self.store.gets - gets_before,
+        }
+
+    # ------------------------------------------------------------------ the rest
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "node": self.node_index,
+            **self.cache.stats.to_dict(),
+            "bytes_held": self.cache.bytes_held,
+            "budget_bytes": self.cache.budget,
+            "shards": sorted(str(k) for k in self.cache.shard_keys()),
+            "s3_gets": self.store.gets,
+            "s3_puts": self.store.puts,
+            "artifacts": self.artifacts.to_dict(),
+            "invocations": self.invocations,
+            "uptime_s": time.time() - self.started,
+            "pid": os.getpid(),
+        }
+
+    def evict(self, event: dict[str, Any]) -> dict[str, Any]:
+        if event.get("all"):
+            keys = self.cache.shard_keys()
+        else:
+            keys = [ShardKey.parse(s) for s in event.get("shards", [])]
+        return {"evicted": [str(k) for k in keys if self.cache.evict(k)]}
+
+    def handle(self, event: Any) -> dict[str, Any]:
+        """Dispatch one JSON event; caller errors are returned, not raised."""
+        self.invocations += 1
+        try:
+            if not isinstance(event, dict):
+                raise ValidationError("a cache-node event must be a JSON object")
+            op = event.get("op")
+            if op == "ping":
+                return {"ok": True, "node": self.node_index, "invocations": self.invocations}
+            if op == "load":
+                shards = event.get("shards")
+                if not isinstance(shards, list):
+                    raise ValidationError("load needs 'shards': a list of shard keys")
+                return self.load(shards)
+            if op == "run":
+                return self.run(event)
+            if op == "stats":
+                return self.stats()
+            if op == "evict":
+                return self.evict(event)
+            raise ValidationError(f"unknown op {op!r}: use load, run, stats, evict or ping")
+        except FLStoreError as exc:
+            return {**exc.to_dict(), "status": exc.status}

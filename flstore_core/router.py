@@ -1,0 +1,387 @@
+"""The router: plans which cache nodes hold a request's data, invokes them, retries, gathers.
+
+It runs behind API Gateway (``lambdas/router.py`` adapts HTTP API events to it) and talks to the
+cache nodes only through boto3's ``lambda.invoke`` — on AWS, or against the local Lambda
+endpoint. For a request it
+
+1. authenticates the bearer token and checks the job is granted (401/403),
+2. validates the body, the ids, the workload and its params before any invocation (400/404),
+3. ranks the nodes for the request's shard by rendezvous hashing: the R replicas first, then the
+   remaining nodes (any node can load a shard from S3),
+4. invokes them in that order until one answers; a function error, throttling, a timeout or a
+   dead endpoint moves on to the next node, a caller error (4xx from the node) is final,
+5. answers ``{"job", "workload", "round", "result", "meta"}`` with the nodes tried, the cache
+   state, the latency and the cost of the request; a result over the response limit is written
+   to the job's ``results/`` prefix and replaced by its key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from flstore_core import layout
+from flstore_core.auth import TokenTable
+from flstore_core.cost import DEFAULT_PRICES, Invocation, Prices, flstore_request_cost
+from flstore_core.errors import (
+    FLStoreError,
+    NotFoundError,
+    UnavailableError,
+    ValidationError,
+    error_from_dict,
+)
+from flstore_core.ids import validate_job, validate_round
+from flstore_core.placement import ShardKey, node_name, place_shard, rank_nodes, round_shard
+from flstore_core.store import ObjectStore
+from flstore_core.workloads import catalogue, get
+
+if TYPE_CHECKING:
+    from mypy_boto3_lambda import LambdaClient
+
+RESPONSE_LIMIT = 6 * 1024 * 1024  # Lambda's synchronous response limit
+MAX_BODY_BYTES = 256 * 1024
+_BILLED = re.compile(r"Billed Duration: (\d+(?:\.\d+)?) ms")
+_MEMORY = re.compile(r"Memory Size: (\d+) MB")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Where the cache nodes are and how shards map onto them."""
+
+    prefix: str = "flstore"
+    nodes: int = 8
+    replication: int = 2
+    node_memory_mb: int = 3008
+    response_limit: int = RESPONSE_LIMIT
+    max_attempts: int = 4
+    throttle_passes: int = 40
+
+    @classmethod
+    def from_env(cls) -> RouterConfig:
+        env = os.environ
+        return cls(
+            prefix=env.get("FLSTORE_PREFIX", "flstore"),
+            nodes=int(env.get("FLSTORE_CACHE_NODES", "8")),
+            replication=int(env.get("FLSTORE_REPLICATION", "2")),
+            node_memory_mb=int(env.get("FLSTORE_CACHE_MEMORY_MB", "3008")),
+        )
+
+
+def lambda_client(endpoint_url: str | None = None, read_timeout: float = 900) -> LambdaClient:
+    """A boto3 Lambda client without SDK retries (the router retries on other nodes itself)."""
+    endpoint_url = endpoint_url or os.environ.get("FLSTORE_LAMBDA_ENDPOINT") or None
+    kwargs: dict[str, Any] = {
+        "config": Config(
+            retries={"max_attempts": 0, "mode": "standard"},
+            read_timeout=read_timeout,
+            connect_timeout=5,
+            max_pool_connections=64,
+        )
+    }
+    if endpoint_url:
+        kwargs["endpoint_url"] = endpoint_url
+        kwargs["region_name"] = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+        if not os.environ.get("AWS_ACCESS_KEY_ID"):
+            kwargs["aws_access_key_id"] = "local"
+            kwargs["aws_secret_access_key"] = "local"
+    client: LambdaClient = boto3.client("lambda", **kwargs)
+    return client
+
+
+class NodeFailure(Exception):
+    """A node did not answer (function error, throttled, timed out, unreachable)."""
+
+
+class NodeThrottled(NodeFailure):
+    """The node is busy with other invocations (``TooManyRequestsException``)."""
+
+
+@dataclass
+class NodeAnswer:
+    function: str
+    payload: dict[str, Any]
+    billed_ms: float
+    memory_mb: int
+
+
+class NodeInvoker:
+    """Invokes cache-node functions through boto3 and reads back what they were billed."""
+
+    def __init__(self, client: LambdaClient, default_memory_mb: int = 3008) -> None:
+        self.client = client
+        self.default_memory_mb = default_memory_mb
+
+    def invoke(self, function: str, event: Mapping[str, Any]) -> NodeAnswer:
+        t0 = time.perf_counter()
+        try:
+            resp = self.client.invoke(
+                FunctionName=function,
+                InvocationType="RequestResponse",
+                LogType="Tail",
+                Payload=json.dumps(event).encode(),
+            )
+            body = resp["Payload"].read()
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in {"TooManyRequestsException", "ThrottlingException"}:
+                raise NodeThrottled(f"{function}: throttled") from exc
+            raise NodeFailure(f"{function}: {exc}") from exc
+        except (BotoCoreError, OSError) as exc:
+            raise NodeFailure(f"{function}: {exc}") from exc
+        wall_ms = (time.perf_counter() - t0) * 1000
+        if resp.get("FunctionError"):
+            raise NodeFailure(f"{function}: {resp['FunctionError']}: {body[:300]!r}")
+        try:
+            payload = json.loads(body)
+        except ValueError as exc:
+            raise NodeFailure(f"{function}: answer is not JSON") from exc
+        if not isinstance(payload, dict):
+            raise NodeFailure(f"{function}: answer is not a JSON object")
+        billed, memory = self._billing(resp, wall_ms)
+        return NodeAnswer(function, payload, billed, memory)
+
+    def _billing(self, resp: Mapping[str, Any], wall_ms: float) -> tuple[float, int]:
+        billed, memory = wall_ms, self.default_memory_mb
+        log = resp.get("LogResult")
+        if log:
+            text = base64.b64decode(log).decode(errors="replace")
+            if m := _BILLED.search(text):
+                billed = float(m.group(1))
+            if m := _MEMORY.search(text):
+                memory = int(m.group(1))
+        return billed, memory
+
+
+@dataclass
+class Plan:
+    """The nodes to try for one request, best first."""
+
+    shard: str
+    order: list[int]
+    replicas: list[int] = field(default_factory=list)
+
+
+class Router:
+    """The logic behind every route of the HTTP API (ARCHITECTURE §4)."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        invoker: NodeInvoker,
+        tokens: TokenTable,
+        config: RouterConfig | None = None,
+        prices: Prices = DEFAULT_PRICES,
+    ) -> None:
+        self.store = store
+        self.invoker = invoker
+        self.tokens = tokens
+        self.config = config or RouterConfig()
+        self.prices = prices
+        self._known_jobs: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(8, thread_name_prefix="router")
+
+    @classmethod
+    def from_env(cls) -> Router:
+        config = RouterConfig.from_env()
+        return cls(
+            ObjectStore(),
+            NodeInvoker(lambda_client(), config.node_memory_mb),
+            TokenTable.from_env(),
+            config,
+        )
+
+    # ------------------------------------------------------------------ routes
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok"}
+
+    def workloads(self, authorization: str | None) -> dict[str, Any]:
+        self.tokens.authenticate(authorization)
+        return {"workloads": catalogue()}
+
+    def rounds(self, authorization: str | None, job: str) -> dict[str, Any]:
+        job = validate_job(job)
+        self.tokens.authorize(authorization, job)
+        self._require_job(job)
+        manifests = list(
+            self._pool.map(lambda r: self.store.get_manifest(job, r), self.store.list_rounds(job))
+        )
+        return {
+            "job": job,
+            "rounds": [
+                {"round": m.round, "clients": m.clients, "bytes": m.stored_bytes} for m in manifests
+            ],
+        }
+
+    def run(
+        self, authorization: str | None, job: str, name: str, body: bytes | str | None
+    ) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        job = validate_job(job)
+        self.tokens.authorize(authorization, job)
+        request = parse_body(body)
+        workload = get(name)
+        params = workload.validate(request.get("params"))
+        if workload.cls != "round":
+            raise ValidationError(f"workload class {workload.cls!r} is not served yet")
+        if "round" not in request:
+            raise ValidationError(f"workload {name!r} needs 'round' in the body")
+        round_ = validate_round(request["round"])
+        self._require_job(job)
+        event = {"op": "run", "workload": name, "job": job, "round": round_, "params": params}
+        shard = round_shard(job, round_)
+        plan = self.plan(str(shard))
+        answer, tried, invocations = self._invoke_in_order(plan, event)
+        payload = answer.payload
+        if "error" in payload:
+            raise error_from_dict(payload, int(payload.get("status", 500)))
+        result = payload["result"]
+        result = self._maybe_offload(job, name, round_, result)
+        latency_ms = (time.perf_counter() - t0) * 1000
+        cost = flstore_request_cost(
+            invocations, s3_gets=int(payload.get("s3_gets", 0)), prices=self.prices
+        )
+        return {
+            "job": job,
+            "workload": name,
+            "round": round_,
+            "result": result,
+            "meta": {
+                "nodes": tried,
+                "cache": payload.get("cache", "miss"),
+                "latency_ms": round(latency_ms, 3),
+                "cost_usd": cost.total,
+                "node_timing_ms": payload.get("timing_ms", {}),
+                "s3_gets": int(payload.get("s3_gets", 0)),
+            },
+        }
+
+    # ------------------------------------------------------------------ planning and invoking
+
+    def plan(self, shard: str) -> Plan:
+        """Replicas first (placement), then every other node in the shard's ranking."""
+        order = rank_nodes(shard, self.config.nodes)
+        return Plan(shard, order, order[: self.config.replication])
+
+    def _invoke_in_order(
+        self, plan: Plan, event: dict[str, Any]
+    ) -> tuple[NodeAnswer, list[str], list[Invocation]]:
+        tried: list[str] = []
+        invocations: list[Invocation] = []
+        failures: list[str] = []
+        candidates = plan.order[: self.config.max_attempts]
+        # a pass over the candidates; busy (throttled) nodes get a short back-off and another
+        # pass, since a warm node that is busy now is still the cheapest place to run
+        for attempt in range(self.config.throttle_passes):
+            busy = False
+            for index in candidates:
+                function = node_name(self.config.prefix, index)
+                tried.append(function)
+                try:
+                    answer = self.invoker.invoke(function, event)
+                except NodeThrottled as exc:
+                    failures.append(str(exc))
+                    busy = True
+                    continue
+                except NodeFailure as exc:
+                    failures.append(str(exc))
+                    continue
+                invocations.append(Invocation(function, answer.billed_ms, answer.memory_mb))
+                return answer, tried, invocations
+            if not busy:
+                break
+            time.sleep(min(0.05 * 2**attempt, 1.0))
+        raise UnavailableError(
+            f"no cache node could answer for shard {plan.shard}: " + "; ".join(failures[-3:])
+        )
+
+    def _require_job(self, job: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            seen = self._known_jobs.get(job)
+        if seen is not None and now - seen < 60:
+            return
+        if not self.store.job_exists(job):
+            raise NotFoundError(f"unknown job {job!r}")
+        with self._lock:
+            self._known_jobs[job] = now
+
+    def _maybe_offload(
+        self, job: str, workload: str, round_: int, result: dict[str, Any]
+    ) -> dict[str, Any]:
+        body = json.dumps(result, sort_keys=True).encode()
+        if len(body) <= self.config.response_limit:
+            return result
+        digest = hashlib.sha256(body).hexdigest()[:16]
+        key = f"{layout.results_prefix(job, workload, round_)}{digest}.json"
+        self.store.put_result(key, body)
+        return {"result_key": key, "bytes": len(body)}
+
+    def prefetch(self, shards: list[ShardKey]) -> dict[str, Any]:
+        """Ask every owner (primary and replicas) of each shard to load it now."""
+        by_node: dict[int, list[str]] = {}
+        for shard in shards:
+            for index in place_shard(shard, self.config.nodes, self.config.replication):
+                by_node.setdefault(index, []).append(str(shard))
+
+        def load(index: int) -> tuple[str, Any]:
+            function = node_name(self.config.prefix, index)
+            try:
+                return function, self.invoker.invoke(
+                    function, {"op": "load", "shards": by_node[index]}
+                ).payload
+            except NodeFailure as exc:
+                return function, {"error": {"code": "unavailable", "message": str(exc)}}
+
+        return dict(self._pool.map(load, sorted(by_node)))
+
+    def node_op(self, index: int, event: dict[str, Any]) -> dict[str, Any]:
+        """Send one operation to one node (stats, evict, load); used by the CLI and ingestion."""
+        return self.invoker.invoke(node_name(self.config.prefix, index), event).payload
+
+
+def parse_body(body: bytes | str | None) -> dict[str, Any]:
+    """The JSON object of a request body; 413 past the limit, 400 when malformed."""
+    if body is None or body == "" or body == b"":
+        return {}
+    raw = body.encode() if isinstance(body, str) else body
+    if len(raw) > MAX_BODY_BYTES:
+        from flstore_core.errors import PayloadTooLargeError
+
+        raise PayloadTooLargeError(
+            f"request body of {len(raw)} bytes exceeds the limit of {MAX_BODY_BYTES}"
+        )
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValidationError(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ValidationError("request body must be a JSON object")
+    unknown = sorted(set(obj) - {"round", "rounds", "params"})
+    if unknown:
+        raise ValidationError(
+            f"unknown field {unknown[0]!r} in the body: use round, rounds, params"
+        )
+    return obj
+
+
+def error_response(exc: FLStoreError) -> tuple[int, dict[str, Any]]:
+    """Status and body of an error answer."""
+    return exc.status, exc.to_dict()
+
+
+Handler = Callable[[dict[str, Any], Any], dict[str, Any]]

@@ -1,0 +1,164 @@
+"""The workload catalogue (ARCHITECTURE §5): one module per workload, registered here by name.
+
+A workload declares its class (which data it needs, hence where it runs and how that data is
+cached), a parameter schema with types, defaults and bounds (served by ``GET /v1/workloads``
+and enforced before any data is touched), a description and its reference, and a pure function
+from the data to a :class:`WorkloadResult`. A model result is returned as a weights vector; the
+code that runs the workload (a cache node, or a baseline aggregator) stores it under the job's
+``results/`` prefix and replaces it with ``model_key``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from flstore_core.errors import InvalidParamsError, NotFoundError
+
+WorkloadClass = Literal["round", "client", "model", "meta"]
+ParamType = Literal["int", "float", "bool", "str"]
+
+# one module per workload; imported on first use of the registry
+_MODULES = ("fedavg", "cosine_select")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One workload parameter: JSON type, default and bounds."""
+
+    type: ParamType
+    default: Any
+    description: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] | None = None
+    nullable: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type, "default": self.default}
+        for key in ("minimum", "maximum", "description"):
+            if getattr(self, key) not in (None, ""):
+                out[key] = getattr(self, key)
+        if self.choices:
+            out["choices"] = list(self.choices)
+        return out
+
+    def coerce(self, name: str, value: Any) -> Any:
+        """Check ``value`` against the type and bounds; ints are accepted where floats are."""
+        if value is None and self.nullable:
+            return None
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, int | float) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "str": isinstance(value, str),
+        }[self.type]
+        if not ok:
+            raise InvalidParamsError(f"param {name!r} must be of type {self.type}, got {value!r}")
+        if self.type == "float":
+            value = float(value)
+            if not math.isfinite(value):
+                raise InvalidParamsError(f"param {name!r} must be finite")
+        if self.minimum is not None and value < self.minimum:
+            raise InvalidParamsError(f"param {name!r} must be >= {self.minimum}, got {value}")
+        if self.maximum is not None and value > self.maximum:
+            raise InvalidParamsError(f"param {name!r} must be <= {self.maximum}, got {value}")
+        if self.choices is not None and value not in self.choices:
+            raise InvalidParamsError(
+                f"param {name!r} must be one of {', '.join(self.choices)}, got {value!r}"
+            )
+        return value
+
+
+@dataclass
+class WorkloadResult:
+    """What a workload returns: JSON-able result fields and, optionally, a model to store."""
+
+    result: dict[str, Any]
+    model: npt.NDArray[np.float32] | None = None
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A registered workload."""
+
+    name: str
+    cls: WorkloadClass
+    description: str
+    reference: str
+    run: Callable[..., WorkloadResult]
+    params: Mapping[str, Param] = field(default_factory=dict)
+
+    def validate(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Params with defaults filled in; unknown or ill-typed ones raise a 400."""
+        if params is None:
+            params = {}
+        if not isinstance(params, Mapping):
+            raise InvalidParamsError("params must be a JSON object")
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            known = ", ".join(sorted(self.params)) or "none"
+            raise InvalidParamsError(
+                f"workload {self.name!r} has no param {unknown[0]!r}; its params are: {known}"
+            )
+        return {
+            name: spec.coerce(name, params[name]) if name in params else spec.default
+            for name, spec in self.params.items()
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """The entry of ``GET /v1/workloads``."""
+        return {
+            "name": self.name,
+            "class": self.cls,
+            "params": {n: p.to_json() for n, p in self.params.items()},
+            "description": self.description,
+            "reference": self.reference,
+        }
+
+
+_REGISTRY: dict[str, Workload] = {}
+
+
+def register(workload: Workload) -> Workload:
+    """Add a workload to the catalogue (each workload module calls this once)."""
+    if workload.name in _REGISTRY and _REGISTRY[workload.name] is not workload:
+        raise ValueError(f"workload {workload.name!r} registered twice")
+    _REGISTRY[workload.name] = workload
+    return workload
+
+
+def _load_all() -> None:
+    for module in _MODULES:
+        importlib.import_module(f"flstore_core.workloads.{module}")
+
+
+def get(name: str) -> Workload:
+    """The workload called ``name``; :class:`NotFoundError` lists the known ones."""
+    _load_all()
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise NotFoundError(
+            f"unknown workload {name!r}; known workloads: {', '.join(sorted(_REGISTRY))}"
+        )
+    return _REGISTRY[name]
+
+
+def catalogue() -> list[dict[str, Any]]:
+    """Every workload's description, sorted by name."""
+    _load_all()
+    return [_REGISTRY[n].describe() for n in sorted(_REGISTRY)]
+
+
+def check_k(k: int, n: int, what: str = "clients") -> None:
+    """A k that exceeds the round is a 400 that says how many there are."""
+    if k > n:
+        raise InvalidParamsError(f"k={k} but the round has only {n} {what}: use k <= {n}")
+
+
+USE_DELTA = Param("bool", True, "work on deltas w_i - base when the round's base model is stored")

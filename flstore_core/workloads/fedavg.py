@@ -1,0 +1,43 @@
+"""FedAvg: the example-weighted average of a round's client models.
+
+Reference: McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
+Data", AISTATS 2017 — ``w = Σ_k (n_k / n) w_k`` with ``n_k`` the client's examples.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flstore_core.round_data import RoundData
+from flstore_core.workloads import Param, Workload, WorkloadResult, register
+
+
+def fedavg(data: RoundData, weighted: bool = True) -> WorkloadResult:
+    """Average the round's models, weighted by ``num_examples`` unless ``weighted`` is false."""
+    weights = data.num_examples.astype(np.float64) if weighted else np.ones(data.n)
+    if weights.sum() <= 0:  # every client reported 0 examples: fall back to the plain mean
+        weights = np.ones(data.n)
+    # averaging deltas and adding the base equals averaging the models: Σ w_i (b + d_i) / Σ w_i
+    model = data.to_weights(data.weighted_mean(weights))
+    return WorkloadResult(
+        {
+            "clients": list(data.clients),
+            "weights": {
+                c: float(w / weights.sum()) for c, w in zip(data.clients, weights, strict=True)
+            },
+            "total_examples": int(data.num_examples.sum()),
+        },
+        model=model,
+    )
+
+
+WORKLOAD = register(
+    Workload(
+        name="fedavg",
+        cls="round",
+        description="Example-weighted average of the round's client models; returns model_key.",
+        reference="McMahan et al. 2017",
+        run=lambda data, params: fedavg(data, **params),
+        params={"weighted": Param("bool", True, "weight clients by num_examples")},
+    )
+)

@@ -1,0 +1,169 @@
+"""The whole of FLStore on one machine: local S3, cache-node functions, router and gateway.
+
+:class:`LocalStack` is what ``flstore local up``, the demo, the tests and the benchmarks start:
+a moto S3 server (or any S3 endpoint), a local Lambda endpoint serving ``{prefix}-cache-{i}``
+(one OS process per warm instance, as on AWS), the router wired to that endpoint through boto3,
+and the local API Gateway in front of the router. It writes ``.flstore/local.json``
+(ARCHITECTURE §6) when given a working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flstore_core.auth import TokenTable, new_token
+from flstore_core.placement import node_name
+from flstore_core.router import NodeInvoker, Router, RouterConfig, lambda_client
+from flstore_core.store import ObjectStore
+from lambdas.local_runtime.gateway import LocalGateway
+from lambdas.local_runtime.lambda_endpoint import FunctionSpec, LocalLambda
+from lambdas.local_runtime.s3_server import LocalS3
+from lambdas.router import build_app, handle
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STATE_FILE = Path(".flstore") / "local.json"
+
+
+@dataclass
+class StackConfig:
+    """Knobs of a local stack (the local counterparts of the Pulumi stack config)."""
+
+    nodes: int = 4
+    replication: int = 2
+    hot_rounds: int = 2
+    memory_mb: int = 3008
+    budget_bytes: int | None = None
+    prefix: str = "flstore"
+    bucket: str = "flstore-local"
+    idle_timeout_s: float = 900.0
+    timeout_s: float = 300.0
+    concurrency: int = 1  # one warm instance per node: its memory is the cache
+    s3_endpoint: str | None = None  # reuse a running S3 instead of starting moto
+    tokens: dict[str, list[str]] = field(default_factory=dict)  # extra tokens -> granted jobs
+
+
+class LocalStack:
+    """Start with ``with LocalStack() as stack:``; ``stack.gateway_url`` and ``stack.token``."""
+
+    def __init__(self, config: StackConfig | None = None, workdir: str | Path | None = None):
+        self.config = config or StackConfig()
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.token = new_token()
+        self._s3: LocalS3 | None = None
+        self.s3_endpoint = ""
+        self.lam: LocalLambda | None = None
+        self.gateway: LocalGateway | None = None
+        self.router: Router | None = None
+        self.store: ObjectStore | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> LocalStack:
+        cfg = self.config
+        if cfg.s3_endpoint:
+            self.s3_endpoint = cfg.s3_endpoint
+        else:
+            self._s3 = LocalS3().start()
+            self.s3_endpoint = self._s3.url
+        self.store = ObjectStore(cfg.bucket, endpoint_url=self.s3_endpoint)
+        self.store.ensure_bucket()
+        budget = cfg.budget_bytes or int(cfg.memory_mb * 1024 * 1024 * 0.70)
+        functions = [
+            FunctionSpec(
+                name=node_name(cfg.prefix, i),
+                handler="lambdas.cache_node.handler",
+                environment={
+                    "FLSTORE_S3_ENDPOINT": self.s3_endpoint,
+                    "FLSTORE_BUCKET": cfg.bucket,
+                    "FLSTORE_NODE_INDEX": str(i),
+                    "FLSTORE_HOT_ROUNDS": str(cfg.hot_rounds),
+                    "FLSTORE_CACHE_BUDGET_BYTES": str(budget),
+                    "AWS_ACCESS_KEY_ID": "local",
+                    "AWS_SECRET_ACCESS_KEY": "local",
+                    "AWS_DEFAULT_REGION": "us-east-1",
+                    "POWERTOOLS_LOG_LEVEL": "WARNING",
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+                },
+                memory_mb=cfg.memory_mb,
+                timeout_s=cfg.timeout_s,
+                reserved_concurrency=cfg.concurrency,
+                idle_timeout_s=cfg.idle_timeout_s,
+            )
+            for i in range(cfg.nodes)
+        ]
+        self.lam = LocalLambda(functions, cwd=REPO_ROOT, sys_path=[REPO_ROOT]).start()
+        self.router = Router(
+            self.store,
+            NodeInvoker(lambda_client(self.lam.url), cfg.memory_mb),
+            TokenTable.with_tokens({self.token: ["*"], **cfg.tokens}),
+            RouterConfig(
+                prefix=cfg.prefix,
+                nodes=cfg.nodes,
+                replication=cfg.replication,
+                node_memory_mb=cfg.memory_mb,
+            ),
+        )
+        router = self.router
+        app = build_app(lambda: router)
+        self.gateway = LocalGateway(lambda event, ctx: handle(app, event, ctx)).start()
+        if self.workdir is not None:
+            self.write_state(self.workdir)
+        return self
+
+    def stop(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
+        if self.lam is not None:
+            self.lam.stop()
+        if self.store is not None:
+            self.store.close()
+        if self._s3 is not None:
+            self._s3.stop()
+        if self.workdir is not None:
+            (self.workdir / STATE_FILE).unlink(missing_ok=True)
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ conveniences
+
+    @property
+    def gateway_url(self) -> str:
+        assert self.gateway is not None, "stack not started"
+        return self.gateway.url
+
+    @property
+    def lambda_endpoint(self) -> str:
+        assert self.lam is not None, "stack not started"
+        return self.lam.url
+
+    def state(self) -> dict[str, Any]:
+        """What ``.flstore/local.json`` holds."""
+        return {
+            "gateway_url": self.gateway_url,
+            "lambda_endpoint": self.lambda_endpoint,
+            "s3_endpoint": self.s3_endpoint,
+            "bucket": self.config.bucket,
+            "token": self.token,
+            "prefix": self.config.prefix,
+            "nodes": self.config.nodes,
+            "replication": self.config.replication,
+            "pid": os.getpid(),
+        }
+
+    def write_state(self, workdir: Path) -> Path:
+        path = workdir / STATE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.state(), indent=2))
+        path.chmod(0o600)  # it holds the dev token
+        return path
+
+    def node_function(self, index: int) -> str:
+        return node_name(self.config.prefix, index)

@@ -1,0 +1,238 @@
+"""The HTTP API end to end: local gateway → router → cache-node functions → S3."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+
+from flstore_core.codec import Update
+from flstore_core.node import load_round
+from flstore_core.placement import node_name, place_shard, round_shard
+from flstore_core.round_data import ArtifactStats
+from flstore_core.workloads import get
+from lambdas.local_runtime.stack import LocalStack, StackConfig
+from tests.conftest import small_update
+
+OTHER_TOKEN = "fls_other-job-only"
+
+
+def big_update(seed: int, n: int = 1_500_000) -> Update:
+    rng = np.random.default_rng(seed)
+    return Update(
+        {
+            "w": rng.standard_normal(n).astype(np.float32),
+            "b": rng.standard_normal(10).astype(np.float32),
+        },
+        num_examples=10 + seed,
+    )
+
+
+@pytest.fixture(scope="module")
+def stack(s3_server: Any) -> Iterator[LocalStack]:
+    config = StackConfig(
+        nodes=3,
+        replication=2,
+        memory_mb=2048,
+        bucket="api-tests",
+        s3_endpoint=s3_server.url,
+        tokens={OTHER_TOKEN: ["other"]},
+    )
+    with LocalStack(config) as st:
+        assert st.store is not None
+        for r in range(2):
+            for i in range(5):
+                st.store.put_update("demo", r, f"c{i}", small_update(i + 10 * r))
+            st.store.commit_round("demo", r)
+        for i in range(4):
+            st.store.put_update("big", 0, f"c{i}", big_update(i))
+        st.store.commit_round("big", 0)
+        st.store.put_job_spec(st.store.get_job_spec("demo"))
+        yield st
+
+
+def call(
+    stack: LocalStack,
+    method: str,
+    path: str,
+    body: Any = None,
+    token: str | None = "default",
+    raw: bytes | None = None,
+) -> tuple[int, dict[str, Any]]:
+    url = urlsplit(stack.gateway_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {stack.token if token == 'default' else token}"
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, body=data, headers=headers)
+    resp = conn.getresponse()
+    payload = json.loads(resp.read() or b"{}")
+    conn.close()
+    return resp.status, payload
+
+
+def run(stack: LocalStack, job: str, name: str, body: Any, **kw: Any) -> tuple[int, dict[str, Any]]:
+    return call(stack, "POST", f"/v1/jobs/{job}/workloads/{name}", body, **kw)
+
+
+def test_health_needs_no_token(stack: LocalStack) -> None:
+    assert call(stack, "GET", "/v1/health", token=None) == (200, {"status": "ok"})
+
+
+def test_workloads_lists_the_catalogue(stack: LocalStack) -> None:
+    status, body = call(stack, "GET", "/v1/workloads")
+    assert status == 200
+    names = {w["name"]: w for w in body["workloads"]}
+    assert {"fedavg", "cosine_select"} <= set(names)
+    assert names["cosine_select"]["class"] == "round"
+    assert names["cosine_select"]["params"]["k"]["default"] == 3
+
+
+def test_rounds_lists_committed_rounds(stack: LocalStack) -> None:
+    status, body = call(stack, "GET", "/v1/jobs/demo/rounds")
+    assert status == 200 and body["job"] == "demo"
+    assert [r["round"] for r in body["rounds"]] == [0, 1]
+    assert body["rounds"][0]["clients"] == [f"c{i}" for i in range(5)]
+    assert body["rounds"][0]["bytes"] > 0
+
+
+def test_result_through_the_gateway_equals_a_direct_call(stack: LocalStack) -> None:
+    assert stack.store is not None
+    status, body = run(stack, "demo", "cosine_select", {"round": 1, "params": {"k": 2}})
+    assert status == 200
+    data = load_round(stack.store, "demo", 1, ArtifactStats())
+    direct = get("cosine_select").run(data, {"k": 2, "use_delta": True}).result
+    assert body["result"] == json.loads(json.dumps(direct))
+    assert (body["job"], body["workload"], body["round"]) == ("demo", "cosine_select", 1)
+    meta = body["meta"]
+    assert meta["cache"] in {"hit", "miss"} and meta["latency_ms"] > 0 and meta["cost_usd"] > 0
+    assert meta["nodes"][-1] in {node_name("flstore", i) for i in range(3)}
+
+
+def test_warm_request_after_prefetch_reads_nothing_from_s3(stack: LocalStack) -> None:
+    assert stack.router is not None
+    stack.router.prefetch([round_shard("demo", 0)])
+    status, body = run(stack, "demo", "fedavg", {"round": 0})
+    assert status == 200
+    assert body["meta"]["cache"] == "hit" and body["meta"]["s3_gets"] == 0
+    assert body["result"]["model_key"].startswith("jobs/demo/results/fedavg/00000000/")
+
+
+def test_prefetch_reaches_exactly_the_owners(stack: LocalStack) -> None:
+    assert stack.router is not None
+    shard = round_shard("demo", 1)
+    owners = place_shard(shard, 3, 2)
+    for i in range(3):
+        stack.router.node_op(i, {"op": "evict", "all": True})
+    stack.router.prefetch([shard])
+    for i in range(3):
+        shards = stack.router.node_op(i, {"op": "stats"})["shards"]
+        assert (str(shard) in shards) == (i in owners)
+
+
+def test_no_token_is_401(stack: LocalStack) -> None:
+    status, body = run(stack, "demo", "fedavg", {"round": 0}, token=None)
+    assert status == 401 and body["error"]["code"] == "unauthorized"
+    assert call(stack, "GET", "/v1/workloads", token=None)[0] == 401
+
+
+def test_unknown_token_is_401(stack: LocalStack) -> None:
+    assert run(stack, "demo", "fedavg", {"round": 0}, token="fls_nope")[0] == 401
+
+
+def test_token_of_another_job_is_403(stack: LocalStack) -> None:
+    status, body = run(stack, "demo", "fedavg", {"round": 0}, token=OTHER_TOKEN)
+    assert status == 403 and "demo" in body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("job", "name", "raw", "code"),
+    [
+        ("demo", "fedavg", b"{not json", 400),
+        ("demo", "fedavg", b"[1, 2]", 400),
+        ("demo", "fedavg", b'{"round": -1}', 400),
+        ("demo", "fedavg", b'{"round": "0"}', 400),
+        ("demo", "fedavg", b'{"round": 0, "extra": 1}', 400),
+        ("demo", "cosine_select", b'{"round": 0, "params": {"k": "3"}}', 400),
+        ("demo", "cosine_select", b'{"round": 0, "params": {"k": 99}}', 400),
+        ("demo", "cosine_select", b'{"round": 0, "params": {"bogus": 1}}', 400),
+        ("Bad_Job", "fedavg", b'{"round": 0}', 400),
+        ("nojob", "fedavg", b'{"round": 0}', 404),
+        ("demo", "fedavg", b'{"round": 42}', 404),
+        ("demo", "nope", b'{"round": 0}', 404),
+    ],
+)
+def test_bad_requests_get_typed_4xx(
+    stack: LocalStack, job: str, name: str, raw: bytes, code: int
+) -> None:
+    status, body = run(stack, job, name, None, raw=raw)
+    assert status == code, body
+    assert set(body["error"]) == {"code", "message"} and body["error"]["message"]
+
+
+def test_oversized_body_is_413(stack: LocalStack) -> None:
+    raw = json.dumps({"round": 0, "params": {"pad": "x" * 400_000}}).encode()
+    status, body = run(stack, "demo", "fedavg", None, raw=raw)
+    assert status == 413 and body["error"]["code"] == "payload_too_large"
+
+
+def test_unknown_route_is_404_not_500(stack: LocalStack) -> None:
+    assert call(stack, "GET", "/v1/nothing")[0] == 404
+
+
+def test_eight_concurrent_requests_are_all_correct(stack: LocalStack) -> None:
+    expected = run(stack, "demo", "cosine_select", {"round": 0, "params": {"k": 4}})[1]["result"]
+    answers: list[tuple[int, dict[str, Any]]] = []
+
+    def worker() -> None:
+        answers.append(run(stack, "demo", "cosine_select", {"round": 0, "params": {"k": 4}}))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 8
+    assert all(status == 200 and body["result"] == expected for status, body in answers)
+
+
+def test_killed_primary_between_requests_still_answers(stack: LocalStack) -> None:
+    assert stack.lam is not None
+    shard = round_shard("demo", 1)
+    primary = node_name("flstore", place_shard(shard, 3, 2)[0])
+    expected = run(stack, "demo", "cosine_select", {"round": 1})[1]["result"]
+    stack.lam.kill_instances(primary)
+    status, body = run(stack, "demo", "cosine_select", {"round": 1})
+    assert status == 200 and body["result"] == expected
+
+
+def test_killed_primary_during_a_request_still_answers(stack: LocalStack) -> None:
+    assert stack.lam is not None and stack.router is not None
+    shard = round_shard("big", 0)
+    primary = node_name("flstore", place_shard(shard, 3, 2)[0])
+    expected = run(stack, "big", "cosine_select", {"round": 0})[1]["result"]
+    for i in range(3):
+        stack.router.node_op(i, {"op": "evict", "all": True})  # the next request loads from S3
+
+    def kill_soon() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # kill the moment the primary is running our request
+            if any(i.state == "busy" for i in stack.lam.instances(primary)):  # type: ignore[union-attr]
+                stack.lam.kill_instances(primary)  # type: ignore[union-attr]
+                return
+            time.sleep(0.002)
+
+    killer = threading.Thread(target=kill_soon)
+    killer.start()
+    status, body = run(stack, "big", "cosine_select", {"round": 0})
+    killer.join()
+    assert status == 200 and body["result"] == expected
+    assert body["meta"]["nodes"][0] == primary and len(body["meta"]["nodes"]) >= 2

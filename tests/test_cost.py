@@ -1,0 +1,189 @@
+"""The cost model charges what the AWS price pages say, on hand-checkable cases (§8)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flstore_core.cost import (
+    DEFAULT_PRICES,
+    PRICES_FILE_ENV,
+    Invocation,
+    Prices,
+    amortised_server_cost,
+    cache_agg_cost,
+    flstore_request_cost,
+    idle_monthly_cost,
+    load_prices,
+    objstore_agg_cost,
+    server_request_cost,
+)
+from flstore_core.errors import ValidationError
+
+GB_S = 0.0000166667  # Lambda x86_64, USD per GB-second
+LAMBDA_REQ = 0.20 / 1e6
+API_REQ = 1.00 / 1e6
+S3_GET = 0.0004 / 1e3
+S3_PUT = 0.005 / 1e3
+
+
+def test_default_prices_are_the_published_us_east_1_prices() -> None:
+    p = DEFAULT_PRICES
+    assert p.lambda_gb_second_x86 == 0.0000166667
+    assert p.lambda_gb_second_arm == 0.0000133334
+    assert p.lambda_requests_per_million == 0.20
+    assert p.api_gateway_http_per_million == 1.00
+    assert p.s3_get_per_thousand == 0.0004
+    assert p.s3_put_per_thousand == 0.005
+    assert (p.ec2_aggregator_instance, p.ec2_aggregator_hourly) == ("m5.xlarge", 0.192)
+    assert (p.elasticache_node_type, p.elasticache_node_hourly) == ("cache.r6g.large", 0.206)
+    assert p.region == "us-east-1"
+
+
+def test_every_price_in_the_table_names_its_source_and_date() -> None:
+    rows = DEFAULT_PRICES.table()
+    prices = [row for row in rows if isinstance(row["value"], float)]
+    assert len(prices) == 8
+    for row in prices:
+        assert str(row["source"]).startswith("https://aws.amazon.com/"), row
+        assert row["checked"] == "2026-11"
+        assert row["unit"]
+
+
+def test_one_invocation_of_100_ms_at_1024_mb_is_a_tenth_of_a_gb_second() -> None:
+    cost = flstore_request_cost([Invocation("cache-0", 100, 1024)])
+    assert cost.lambda_compute == pytest.approx(0.1 * GB_S)
+    assert cost.lambda_requests == pytest.approx(LAMBDA_REQ)
+    assert cost.api_gateway == pytest.approx(API_REQ)
+    assert cost.s3 == 0
+    assert cost.total == pytest.approx(0.1 * GB_S + LAMBDA_REQ + API_REQ)
+
+
+def test_billed_duration_is_rounded_up_to_the_next_millisecond() -> None:
+    assert Invocation("f", 100.01, 1024).gb_seconds == pytest.approx(0.101)
+    assert Invocation("f", 100.0, 1024).gb_seconds == pytest.approx(0.100)
+    assert Invocation("f", 0.2, 2048).gb_seconds == pytest.approx(0.002)
+
+
+def test_memory_is_converted_at_1024_mb_per_gb() -> None:
+    assert Invocation("f", 1000, 3008).gb_seconds == pytest.approx(3008 / 1024)
+
+
+def test_arm64_invocations_are_charged_the_arm_price() -> None:
+    cost = flstore_request_cost([Invocation("f", 1000, 1024, "arm64")], api_requests=0)
+    assert cost.lambda_compute == pytest.approx(0.0000133334)
+
+
+def test_several_invocations_and_s3_requests_add_up() -> None:
+    invocations = [Invocation("router", 20, 512), Invocation("cache-1", 250, 3008)]
+    cost = flstore_request_cost(invocations, s3_gets=10, s3_puts=1, api_requests=1)
+    compute = (0.020 * 0.5 + 0.250 * 3008 / 1024) * GB_S
+    assert cost.lambda_compute == pytest.approx(compute)
+    assert cost.lambda_requests == pytest.approx(2 * LAMBDA_REQ)
+    assert cost.s3 == pytest.approx(10 * S3_GET + S3_PUT)
+    assert cost.total == pytest.approx(compute + 2 * LAMBDA_REQ + API_REQ + 10 * S3_GET + S3_PUT)
+    assert cost.to_dict() == {
+        "lambda_compute": cost.lambda_compute,
+        "lambda_requests": cost.lambda_requests,
+        "api_gateway": cost.api_gateway,
+        "s3": cost.s3,
+        "total": cost.total,
+    }
+
+
+def test_overrides_change_the_totals() -> None:
+    prices = load_prices({"lambda_gb_second_x86": 1.0, "api_gateway_http_per_million": 0})
+    cost = flstore_request_cost([Invocation("f", 500, 2048)], prices=prices)
+    assert cost.lambda_compute == pytest.approx(1.0)
+    assert cost.api_gateway == 0
+    assert prices.s3_get_per_thousand == DEFAULT_PRICES.s3_get_per_thousand
+
+
+def test_prices_file_is_read_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    file = tmp_path / "prices.json"
+    file.write_text(json.dumps({"ec2_aggregator_hourly": 0.384, "region": "eu-west-1"}))
+    monkeypatch.setenv(PRICES_FILE_ENV, str(file))
+    prices = load_prices({"region": "eu-west-2"})
+    assert prices.ec2_aggregator_hourly == 0.384
+    assert prices.region == "eu-west-2"  # the dict overrides the file
+
+
+def test_without_overrides_the_defaults_are_returned(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PRICES_FILE_ENV, raising=False)
+    assert load_prices() == DEFAULT_PRICES == Prices()
+
+
+def test_unknown_price_key_is_rejected() -> None:
+    with pytest.raises(ValidationError, match="unknown price 'lambda_gb_sec'"):
+        load_prices({"lambda_gb_sec": 1.0})
+
+
+def test_unknown_key_in_a_prices_file_is_rejected(tmp_path: Path) -> None:
+    file = tmp_path / "prices.json"
+    file.write_text(json.dumps({"ec2_hourly": 1.0}))
+    with pytest.raises(ValidationError, match="unknown price 'ec2_hourly'"):
+        load_prices(path=file)
+
+
+@pytest.mark.parametrize("value", [-1.0, "0.2", None, True, float("nan")])
+def test_bad_price_values_are_rejected(value: object) -> None:
+    with pytest.raises(ValidationError):
+        load_prices({"s3_get_per_thousand": value})
+
+
+def test_missing_prices_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="does not exist"):
+        load_prices(path=tmp_path / "nope.json")
+
+
+def test_bad_invocations_are_rejected() -> None:
+    with pytest.raises(ValidationError):
+        Invocation("f", -1, 1024)
+    with pytest.raises(ValidationError):
+        Invocation("f", 10, 0)
+
+
+def test_server_cost_is_duration_times_hourly_price() -> None:
+    assert server_request_cost(3_600_000, 0.192) == pytest.approx(0.192)
+    assert server_request_cost(1000, 0.192) == pytest.approx(1000 / 3.6e6 * 0.192)
+    assert server_request_cost(0, 0.192) == 0
+
+
+def test_amortised_cost_spreads_the_hourly_price_over_the_request_rate() -> None:
+    assert amortised_server_cost(0.192, 3600) == pytest.approx(0.192 / 3600)
+    with pytest.raises(ValidationError):
+        amortised_server_cost(0.192, 0)
+
+
+def test_objstore_agg_pays_the_aggregator_and_its_gets() -> None:
+    cost = objstore_agg_cost(2000, s3_gets=10)
+    assert cost == pytest.approx(2000 / 3.6e6 * 0.192 + 10 * S3_GET)
+
+
+def test_cache_agg_pays_the_aggregator_and_the_cache_node() -> None:
+    assert cache_agg_cost(2000) == pytest.approx(2000 / 3.6e6 * (0.192 + 0.206))
+
+
+def test_idle_cost_of_8_nodes_of_3008_mb_pinged_every_5_minutes() -> None:
+    pings = 8 * 30 * 24 * 60 / 5  # 69,120 a month
+    gb_s = pings * 0.002 * 3008 / 1024  # 406.08 GB-s
+    expected = gb_s * GB_S + pings * LAMBDA_REQ
+    cost = idle_monthly_cost(8, 3008, 5)
+    assert pings == 69_120
+    assert cost == pytest.approx(expected)
+    assert cost == pytest.approx(0.0206, abs=5e-5)  # about two cents a month
+
+
+def test_idle_cost_rounds_the_ping_up_to_a_millisecond() -> None:
+    assert idle_monthly_cost(1, 1024, 1, ping_ms=0.3) == pytest.approx(
+        43_200 * (0.001 * GB_S + LAMBDA_REQ)
+    )
+
+
+def test_idle_cost_rejects_a_zero_interval() -> None:
+    with pytest.raises(ValidationError):
+        idle_monthly_cost(8, 3008, 0)
