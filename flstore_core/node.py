@@ -87,10 +87,22 @@ def result_key(workload: str, data: RoundData, params: dict[str, Any]) -> str:
 
 
 def store_model(
-    store: ObjectStore, workload: str, data: RoundData, params: dict[str, Any], model: Any
+    store: ObjectStore,
+    workload: str,
+    data: RoundData,
+    params: dict[str, Any],
+    model: Any,
+    written: set[str] | None = None,
 ) -> str:
-    """Write a model result in the canonical update format; returns its key."""
+    """Write a model result in the canonical update format; returns its key.
+
+    The key is a function of the workload, its params and the round's content, so the object
+    is the same every time: a caller that remembers what it wrote (``written``) skips the
+    encode-and-PUT of a model that is already in S3.
+    """
     key = result_key(workload, data, params)
+    if written is not None and key in written:
+        return key
     update = Update(
         unflatten(model, data.specs),
         num_examples=int(data.num_examples.sum()),
@@ -100,6 +112,8 @@ def store_model(
         kind="global",
     )
     store.put_result(key, encode_update(update).data, "application/octet-stream")
+    if written is not None:
+        written.add(key)
     return key
 
 
@@ -109,19 +123,24 @@ def finish(
     data: RoundData,
     params: dict[str, Any],
     out: WorkloadResult,
+    written: set[str] | None = None,
 ) -> dict[str, Any]:
     """The JSON result of a workload run, with its model (if any) stored and keyed."""
     result = dict(out.result)
     if out.model is not None:
-        result["model_key"] = store_model(store, workload.name, data, params, out.model)
+        result["model_key"] = store_model(store, workload.name, data, params, out.model, written)
     return result
 
 
 def run_round_workload(
-    store: ObjectStore, workload: Workload, data: RoundData, params: dict[str, Any]
+    store: ObjectStore,
+    workload: Workload,
+    data: RoundData,
+    params: dict[str, Any],
+    written: set[str] | None = None,
 ) -> dict[str, Any]:
     """Run a ``round``-class workload on a round: the code path nodes and baselines share."""
-    return finish(store, workload, data, params, workload.run(data, params))
+    return finish(store, workload, data, params, workload.run(data, params), written)
 
 
 class CacheNode:
@@ -186,7 +205,7 @@ class CacheNode:
         t0 = time.perf_counter()
         with self.cache.using(key, self._loader(key)) as (data, hit):
             t1 = time.perf_counter()
-            result = run_round_workload(self.store, workload, data, params)
+            result = run_round_workload(self.store, workload, data, params, data.results_written)
         t2 = time.perf_counter()
         return {
             "result": result,

@@ -68,6 +68,9 @@ class RoundData:
         self.matrix = matrix
         self.stats = stats or ArtifactStats()
         self._artifacts: dict[str, Any] = {}
+        # model results this node already wrote to S3 for this round (their keys are
+        # deterministic in params and content), so a repeated request skips the PUT
+        self.results_written: set[str] = set()
         self._lock = threading.Lock()
 
     @property

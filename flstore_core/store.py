@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 ENV_ENDPOINT = "FLSTORE_S3_ENDPOINT"
 ENV_BUCKET = "FLSTORE_BUCKET"
 DEFAULT_BUCKET = "flstore"
+# results carry this tag: the bucket's lifecycle rule expires them (infra/flstore_infra/storage.py)
+RESULT_TAG = "flstore%3Akind=result"
 
 
 def s3_client(endpoint_url: str | None = None, *, max_pool: int = 32) -> S3Client:
@@ -167,9 +169,24 @@ class ObjectStore:
         except ClientError:
             self.s3.create_bucket(Bucket=self.bucket)
 
-    def _put(self, key: str, body: bytes, content_type: str = "application/octet-stream") -> None:
+    def _put(
+        self,
+        key: str,
+        body: bytes,
+        content_type: str = "application/octet-stream",
+        tagging: str | None = None,
+    ) -> None:
         try:
-            self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+            if tagging:
+                self.s3.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=body,
+                    ContentType=content_type,
+                    Tagging=tagging,
+                )
+            else:
+                self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
         except ClientError as exc:
             raise UnavailableError(f"S3 refused PUT {key}: {_code(exc)}") from exc
         with self._lock:
@@ -546,7 +563,7 @@ class ObjectStore:
         """Write a result object under a job's ``results/`` prefix."""
         if "/results/" not in key or not key.startswith("jobs/"):
             raise ValidationError(f"result key {key!r} is not under a job's results/ prefix")
-        self._put(key, body, content_type)
+        self._put(key, body, content_type, tagging=RESULT_TAG)
         return key
 
     def get_object(self, key: str) -> bytes:

@@ -57,7 +57,7 @@ def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
         body = app.current_event.decoded_body
         return r().run(auth(), job, name, body)
 
-    @app.exception_handler(FLStoreError)
+    @app.exception_handler(FLStoreError)  # type: ignore[untyped-decorator]
     def flstore_error(exc: FLStoreError) -> Response[str]:
         return _json(exc.status, exc.to_dict())
 
@@ -65,7 +65,7 @@ def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
     def not_found(exc: Exception) -> Response[str]:
         return _json(404, NotFoundError(f"no route {app.current_event.path}").to_dict())
 
-    @app.exception_handler(Exception)
+    @app.exception_handler(Exception)  # type: ignore[untyped-decorator]
     def unexpected(exc: Exception) -> Response[str]:
         logger.exception("unexpected error")
         return _json(500, {"error": {"code": "internal", "message": "internal error"}})

@@ -1,21 +1,57 @@
 """The ``flstore`` command line (typer + rich).
 
 The CLI is one of ``flstore_core``'s two faces: it may compose the layers (start the local stack,
-run a pipeline), and nothing else in ``flstore_core`` imports it.
+run a pipeline), and nothing else in ``flstore_core`` imports it. Commands that query FLStore go
+through the HTTP API with :class:`flstore_core.client.FLStoreClient`, finding the local stack in
+``.flstore/local.json`` unless ``--url``/``--token`` (or ``FLSTORE_URL``/``FLSTORE_TOKEN``) say
+otherwise.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from flstore_core import __version__
+from flstore_core.errors import FLStoreError, ValidationError
 
 app = typer.Typer(
     name="flstore",
     help="FLStore: serverless storage and compute for federated-learning metadata.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
+local_app = typer.Typer(help="The embedded local stack (moto S3, local Lambda, local gateway).")
+token_app = typer.Typer(help="Bearer tokens for the HTTP API.")
+app.add_typer(local_app, name="local")
+app.add_typer(token_app, name="token")
+console = Console()
+STATE = Path(".flstore") / "local.json"
+
+URL = typer.Option(None, "--url", envvar="FLSTORE_URL", help="API base URL (default: local stack)")
+TOKEN = typer.Option(None, "--token", envvar="FLSTORE_TOKEN", help="Bearer token")
+
+
+def _client(url: str | None, token: str | None) -> Any:
+    from flstore_core.client import FLStoreClient
+
+    if url:
+        return FLStoreClient(url, token)
+    return FLStoreClient.from_local(str(STATE))
+
+
+def _fail(exc: FLStoreError) -> None:
+    console.print(f"[red]error[/red] ({exc.status} {exc.code}): {exc.message}")
+    raise typer.Exit(1)
 
 
 @app.command()
@@ -26,14 +62,207 @@ def version() -> None:
 
 @app.command()
 def demo(
-    rounds: int = typer.Option(5, min=1, help="Rounds of the synthetic job."),
+    rounds: int = typer.Option(3, min=1, help="Rounds of the synthetic job."),
     clients: int = typer.Option(10, min=1, help="Clients per round."),
-    precision: str = typer.Option("float32", help="Storage precision: float32, bfloat16, float16."),
+    params: int = typer.Option(2_000_000, min=1000, help="Parameters per update."),
+    repetitions: int = typer.Option(3, min=1, help="Timed requests per system."),
 ) -> None:
     """Run the main job on the embedded local stack and print what it measured."""
     from flstore_core.cli.demo import run_demo
 
-    run_demo(rounds=rounds, clients=clients, precision=precision)
+    run_demo(rounds=rounds, clients=clients, params=params, repetitions=repetitions)
+
+
+# ---------------------------------------------------------------------- local stack
+
+
+@local_app.command("up")
+def local_up(
+    nodes: int = typer.Option(4, min=1, help="Cache-node functions."),
+    replication: int = typer.Option(2, min=1, help="Replicas per shard."),
+    hot_rounds: int = typer.Option(2, min=1, help="Latest rounds per job kept hot (W)."),
+    memory_mb: int = typer.Option(3008, min=128, help="Memory of each cache node."),
+    bucket: str = typer.Option("flstore-local", help="S3 bucket."),
+    s3_endpoint: str = typer.Option(None, help="Use this S3 endpoint instead of starting moto."),
+) -> None:
+    """Start the local stack in the foreground until interrupted; writes .flstore/local.json."""
+    from lambdas.local_runtime.stack import LocalStack, StackConfig
+
+    config = StackConfig(
+        nodes=nodes,
+        replication=replication,
+        hot_rounds=hot_rounds,
+        memory_mb=memory_mb,
+        bucket=bucket,
+        s3_endpoint=s3_endpoint,
+    )
+    stopping = {"flag": False}
+
+    def stop(*_: object) -> None:
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGTERM, stop)
+    with LocalStack(config, workdir=Path.cwd()) as stack:
+        console.print(f"gateway   [bold]{stack.gateway_url}[/bold]")
+        console.print(f"lambda    {stack.lambda_endpoint}   s3 {stack.s3_endpoint}")
+        console.print(f"token     [bold]{stack.token}[/bold]")
+        console.print(f"state     {STATE} (Ctrl-C or `flstore local down` to stop)")
+        try:
+            while not stopping["flag"]:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+    console.print("local stack stopped")
+
+
+@local_app.command("down")
+def local_down() -> None:
+    """Stop the local stack started by `flstore local up` in this directory."""
+    if not STATE.exists():
+        console.print("no local stack is running here")
+        raise typer.Exit(0)
+    pid = int(json.loads(STATE.read_text())["pid"])
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        STATE.unlink(missing_ok=True)
+        console.print("the local stack was not running; removed its stale state file")
+        return
+    for _ in range(100):
+        if not STATE.exists():
+            break
+        time.sleep(0.1)
+    console.print(f"stopped local stack (pid {pid})")
+
+
+# ---------------------------------------------------------------------- API commands
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ValidationError(f"--param {text!r} must be key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw  # plain strings need no quotes
+    return key.strip(), value
+
+
+@app.command()
+def run(
+    workload: str = typer.Argument(..., help="Workload name (see `flstore workloads`)."),
+    job: str = typer.Option(..., "--job", "-j"),
+    round_: int = typer.Option(None, "--round", "-r"),
+    param: list[str] = typer.Option([], "--param", "-p", help="key=value (JSON values)"),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw response."),
+    url: str = URL,
+    token: str = TOKEN,
+) -> None:
+    """Run a workload through the HTTP API."""
+    try:
+        params = dict(_parse_param(p) for p in param)
+        answer = _client(url, token).run(job, workload, round=round_, **params)
+    except FLStoreError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        typer.echo(json.dumps(answer, indent=2))
+        return
+    table = Table(title=f"{workload} on job {job!r} round {round_}")
+    table.add_column("field")
+    table.add_column("value", overflow="fold")
+    for key, value in answer["result"].items():
+        table.add_row(key, value if isinstance(value, str) else json.dumps(value))
+    meta = answer["meta"]
+    table.add_row(
+        "meta",
+        f"cache={meta['cache']} nodes={','.join(meta['nodes'])} "
+        f"latency={meta['latency_ms']:.1f} ms cost=${meta['cost_usd']:.3g}",
+    )
+    console.print(table)
+
+
+@app.command()
+def rounds(job: str = typer.Option(..., "--job", "-j"), url: str = URL, token: str = TOKEN) -> None:
+    """List the committed rounds of a job."""
+    try:
+        answer = _client(url, token).rounds(job)
+    except FLStoreError as exc:
+        _fail(exc)
+        return
+    table = Table(title=f"rounds of job {job!r}")
+    for col in ("round", "clients", "bytes"):
+        table.add_column(col, justify="right")
+    for r in answer:
+        table.add_row(str(r["round"]), str(len(r["clients"])), f"{r['bytes']:,}")
+    console.print(table)
+
+
+@app.command()
+def workloads(url: str = URL, token: str = TOKEN) -> None:
+    """List the workload catalogue."""
+    try:
+        answer = _client(url, token).workloads()
+    except FLStoreError as exc:
+        _fail(exc)
+        return
+    table = Table(title="workloads")
+    for col in ("name", "class", "params", "description"):
+        table.add_column(col, overflow="fold")
+    for w in answer:
+        ps = ", ".join(f"{k}={v['default']}" for k, v in w["params"].items())
+        table.add_row(w["name"], w["class"], ps, w["description"])
+    console.print(table)
+
+
+@app.command()
+def stats() -> None:
+    """Per-node cache statistics of the local stack (hits, misses, loads, bytes, evictions)."""
+    import boto3
+
+    if not STATE.exists():
+        console.print("no local stack here: run `flstore local up` first")
+        raise typer.Exit(1)
+    state = json.loads(STATE.read_text())
+    client = boto3.client(
+        "lambda",
+        endpoint_url=state["lambda_endpoint"],
+        region_name="us-east-1",
+        aws_access_key_id="local",
+        aws_secret_access_key="local",
+    )
+    table = Table(title="cache nodes")
+    cols = ("node", "shards", "hits", "misses", "loads", "evictions", "MB held", "S3 GETs")
+    for col in cols:
+        table.add_column(col, justify="right")
+    for i in range(int(state["nodes"])):
+        name = f"{state['prefix']}-cache-{i}"
+        resp = client.invoke(FunctionName=name, Payload=b'{"op": "stats"}')
+        s = json.loads(resp["Payload"].read())
+        table.add_row(
+            name,
+            str(len(s["shards"])),
+            str(s["hits"]),
+            str(s["misses"]),
+            str(s["loads"]),
+            str(s["evictions"]),
+            f"{s['bytes_held'] / 1e6:.1f}",
+            str(s["s3_gets"]),
+        )
+    console.print(table)
+
+
+@token_app.command("new")
+def token_new(
+    job: list[str] = typer.Option(["*"], "--job", "-j", help="Granted job (repeat; * for all)."),
+) -> None:
+    """Make a bearer token; prints it once and the hash entry for FLSTORE_TOKENS/tokenHashes."""
+    from flstore_core.auth import hash_token, new_token
+
+    token = new_token()
+    console.print(f"token (keep it secret): [bold]{token}[/bold]")
+    typer.echo(json.dumps({hash_token(token): job}))
 
 
 def main() -> None:

@@ -62,9 +62,8 @@ def build_event(
         "isBase64Encoded": is_b64,
     }
     if parts.query:
-        event["queryStringParameters"] = dict(
-            p.split("=", 1) if "=" in p else (p, "") for p in parts.query.split("&")
-        )
+        pairs = (p.partition("=") for p in parts.query.split("&"))
+        event["queryStringParameters"] = {k: v for k, _, v in pairs}
     if body:
         event["body"] = text
     return event
@@ -159,7 +158,7 @@ class LocalGateway:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def start(self) -> LocalGateway:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)

@@ -1,0 +1,8 @@
+"""FLStore on AWS: the Pulumi components that ``infra/__main__.py`` composes.
+
+``settings`` reads and checks the stack config, ``iam`` builds and checks every policy
+document, ``storage``, ``container_image``, ``functions``, ``api`` and ``keepwarm`` are the
+components, ``stack.create_stack`` wires them together, and ``packaging`` builds the Lambda
+artifacts the program deploys (``python -m infra.build``). Nothing here imports the runtime
+code (``flstore_core``, ``lambdas``); the contract with it is names and environment variables.
+"""

@@ -1,0 +1,167 @@
+"""The public face: an API Gateway HTTP API whose routes (ARCHITECTURE §4) go to the router.
+
+Every route but ``GET /v1/health`` passes the Lambda REQUEST authorizer first. Its answer
+depends on the job in the path (a token is granted some jobs), so API Gateway caches it
+per ``Authorization`` header *and* request path: keyed by the header alone, a "no" for one
+job would be replayed for the token's other jobs until the cache expired.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+from .settings import StackSettings
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    authorized: bool = True
+
+    @property
+    def key(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+ROUTES = (
+    Route("GET", "/v1/health", authorized=False),
+    Route("GET", "/v1/workloads"),
+    Route("GET", "/v1/jobs/{job}/rounds"),
+    Route("POST", "/v1/jobs/{job}/workloads/{name}"),
+)
+AUTHORIZER_CACHE_TTL_S = 300
+# Also the cache key of the authorizer's answers (see the module docstring).
+IDENTITY_SOURCES = ("$request.header.Authorization", "$context.path")
+INTEGRATION_TIMEOUT_MS = 30_000
+ACCESS_LOG_FORMAT = json.dumps(
+    {
+        "requestId": "$context.requestId",
+        "ip": "$context.identity.sourceIp",
+        "requestTime": "$context.requestTime",
+        "routeKey": "$context.routeKey",
+        "status": "$context.status",
+        "responseLength": "$context.responseLength",
+        "latencyMs": "$context.responseLatency",
+        "integrationLatencyMs": "$context.integrationLatency",
+        "integrationError": "$context.integrationErrorMessage",
+        "authorizerError": "$context.authorizer.error",
+    }
+)
+
+
+class HttpApi(pulumi.ComponentResource):
+    """HTTP API, router integration, authorizer, routes, throttled and logged stage."""
+
+    api: aws.apigatewayv2.Api
+    stage: aws.apigatewayv2.Stage
+    routes: dict[str, aws.apigatewayv2.Route]
+    url: pulumi.Output[str]
+
+    def __init__(
+        self,
+        resource_name: str,
+        *,
+        settings: StackSettings,
+        router: aws.lambda_.Function,
+        authorizer: aws.lambda_.Function,
+        opts: pulumi.ResourceOptions | None = None,
+    ) -> None:
+        super().__init__("flstore:api:HttpApi", resource_name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        self.api = aws.apigatewayv2.Api(
+            resource_name,
+            name=resource_name,
+            protocol_type="HTTP",
+            description="FLStore HTTP API",
+            opts=child,
+        )
+        integration = aws.apigatewayv2.Integration(
+            f"{resource_name}-router",
+            api_id=self.api.id,
+            integration_type="AWS_PROXY",
+            integration_method="POST",
+            integration_uri=router.arn,
+            payload_format_version="2.0",
+            timeout_milliseconds=INTEGRATION_TIMEOUT_MS,
+            opts=child,
+        )
+        token_authorizer = aws.apigatewayv2.Authorizer(
+            f"{resource_name}-tokens",
+            name=f"{resource_name}-tokens",
+            api_id=self.api.id,
+            authorizer_type="REQUEST",
+            authorizer_uri=authorizer.invoke_arn,
+            authorizer_payload_format_version="2.0",
+            enable_simple_responses=True,
+            identity_sources=list(IDENTITY_SOURCES),
+            authorizer_result_ttl_in_seconds=AUTHORIZER_CACHE_TTL_S,
+            opts=child,
+        )
+        target = pulumi.Output.concat("integrations/", integration.id)
+        self.routes = {}
+        for route in ROUTES:
+            auth = (
+                {"authorization_type": "CUSTOM", "authorizer_id": token_authorizer.id}
+                if route.authorized
+                else {"authorization_type": "NONE"}
+            )
+            self.routes[route.key] = aws.apigatewayv2.Route(
+                f"{resource_name}-{route.method.lower()}{_slug(route.path)}",
+                api_id=self.api.id,
+                route_key=route.key,
+                target=target,
+                opts=child,
+                **auth,
+            )
+        access_logs = aws.cloudwatch.LogGroup(
+            f"{resource_name}-access-logs",
+            name=f"/aws/apigateway/{resource_name}",
+            retention_in_days=settings.log_retention_days,
+            opts=child,
+        )
+        self.stage = aws.apigatewayv2.Stage(
+            f"{resource_name}-default",
+            api_id=self.api.id,
+            name="$default",
+            auto_deploy=True,
+            default_route_settings={
+                "throttling_rate_limit": settings.throttle_rate_limit,
+                "throttling_burst_limit": settings.throttle_burst_limit,
+            },
+            access_log_settings={
+                "destination_arn": access_logs.arn,
+                "format": ACCESS_LOG_FORMAT,
+            },
+            opts=pulumi.ResourceOptions(parent=self, depends_on=list(self.routes.values())),
+        )
+        # API Gateway may invoke the router for this API's routes only, and the
+        # authorizer for this authorizer only.
+        aws.lambda_.Permission(
+            f"{resource_name}-invokes-router",
+            action="lambda:InvokeFunction",
+            function=router.name,
+            principal="apigateway.amazonaws.com",
+            source_arn=pulumi.Output.concat(self.api.execution_arn, "/*/*/v1/*"),
+            opts=child,
+        )
+        aws.lambda_.Permission(
+            f"{resource_name}-invokes-authorizer",
+            action="lambda:InvokeFunction",
+            function=authorizer.name,
+            principal="apigateway.amazonaws.com",
+            source_arn=pulumi.Output.concat(
+                self.api.execution_arn, "/authorizers/", token_authorizer.id
+            ),
+            opts=child,
+        )
+        self.url = self.stage.invoke_url
+        self.register_outputs({"url": self.url})
+
+
+def _slug(path: str) -> str:
+    return path.replace("{", "").replace("}", "").replace("/", "-")

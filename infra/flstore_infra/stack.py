@@ -1,0 +1,134 @@
+"""``create_stack``: the whole of FLStore on AWS, composed from the components."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+from .api import HttpApi
+from .arns import AwsScope
+from .container_image import CacheNodeImage
+from .functions import CacheNodes, ZipFunction, authorizer_function, router_function
+from .keepwarm import KeepWarmSchedule
+from .packaging import locate_artifacts, stale_sources
+from .settings import StackSettings, load_settings
+from .storage import DataBucket
+
+OUTPUTS = ("api_url", "bucket", "cache_functions", "router_function", "authorizer_function")
+
+
+@dataclass
+class FLStoreStack:
+    """Handles on what ``create_stack`` declared, for tests and for callers composing more."""
+
+    settings: StackSettings
+    scope: AwsScope
+    bucket: DataBucket
+    image: CacheNodeImage
+    cache_nodes: CacheNodes
+    router: ZipFunction
+    authorizer: ZipFunction
+    api: HttpApi
+    keep_warm: KeepWarmSchedule | None
+    outputs: dict[str, pulumi.Input[object]]
+
+
+def current_scope(settings: StackSettings) -> AwsScope:
+    """The account, region and partition the AWS provider deploys into."""
+    region = settings.region or aws.get_region().region
+    return AwsScope(
+        partition=aws.get_partition().partition,
+        region=region,
+        account=aws.get_caller_identity().account_id,
+    )
+
+
+def create_stack(settings: StackSettings | None = None) -> FLStoreStack:
+    """Declare every FLStore resource for ``settings`` (the stack config when omitted)."""
+    settings = settings or load_settings()
+    artifacts = locate_artifacts(settings.artifact_dir)
+    stale = stale_sources(artifacts)
+    if stale:
+        pulumi.log.warn(
+            f"{len(stale)} source file(s) changed since the last build (e.g. {stale[0]}); "
+            "run `python -m infra.build` to deploy them"
+        )
+    if not settings.token_hashes:
+        pulumi.log.warn(
+            "flstore:tokenHashes is empty: every authenticated route will answer 401 "
+            "until you add a token hash (see README, 'Deploy to AWS')"
+        )
+    scope = current_scope(settings)
+    bucket_name = scope.bucket_name(settings.prefix)
+    tokens = pulumi.Output.secret(settings.tokens_json())
+    archive = pulumi.FileArchive(str(artifacts.router_zip))
+
+    bucket = DataBucket(
+        f"{settings.prefix}-data",
+        settings=settings,
+        bucket_name=bucket_name,
+        bucket_arn=scope.s3_bucket(bucket_name),
+    )
+    image = CacheNodeImage(
+        f"{settings.prefix}-cache-node", settings=settings, scope=scope, artifacts=artifacts
+    )
+    # Functions start after the bucket exists: the first keep-warm ping reads from it.
+    after_bucket = pulumi.ResourceOptions(depends_on=[bucket])
+    cache_nodes = CacheNodes(
+        f"{settings.prefix}-cache-nodes",
+        settings=settings,
+        scope=scope,
+        bucket_name=bucket_name,
+        image_uri=image.image_uri,
+        # The image's repository policy lets Lambda pull it.
+        opts=pulumi.ResourceOptions(depends_on=[bucket, image]),
+    )
+    router = router_function(
+        settings=settings,
+        scope=scope,
+        bucket_name=bucket_name,
+        archive=archive,
+        tokens=tokens,
+        opts=after_bucket,
+    )
+    authorizer = authorizer_function(settings=settings, scope=scope, archive=archive, tokens=tokens)
+    api = HttpApi(
+        f"{settings.prefix}-api",
+        settings=settings,
+        router=router.function,
+        authorizer=authorizer.function,
+    )
+    keep_warm = None
+    if settings.keep_warm_minutes:
+        keep_warm = KeepWarmSchedule(
+            f"{settings.prefix}-keepwarm",
+            settings=settings,
+            functions=cache_nodes.functions,
+            names=cache_nodes.names,
+        )
+
+    outputs: dict[str, pulumi.Input[object]] = {
+        "api_url": api.url,
+        "bucket": bucket.bucket.bucket,
+        "cache_functions": [f.name for f in cache_nodes.functions],
+        "router_function": router.function.name,
+        "authorizer_function": authorizer.function.name,
+        "cache_image": image.image_uri,
+        "region": scope.region,
+    }
+    for key, value in outputs.items():
+        pulumi.export(key, value)
+    return FLStoreStack(
+        settings=settings,
+        scope=scope,
+        bucket=bucket,
+        image=image,
+        cache_nodes=cache_nodes,
+        router=router,
+        authorizer=authorizer,
+        api=api,
+        keep_warm=keep_warm,
+        outputs=outputs,
+    )

@@ -1,0 +1,800 @@
+"""The Pulumi program under mocks: what ``pulumi up`` would declare, for two stack configs.
+
+No Pulumi CLI and no AWS: ``RecordingMocks`` stands in for the engine and records every
+resource's inputs. Each test runs the program afresh and asserts on what it declared,
+inside an ``apply`` that waits until every resource is registered; ``@pulumi.runtime.test``
+makes a failed assertion there fail the test instead of vanishing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "infra"))
+
+ACCOUNT = "123456789012"
+DIGEST = "sha256:" + "ab" * 32
+TOKEN_HASH = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
+# The two stacks of the issue: the defaults, and 5 nodes / R=3 / another prefix.
+DEFAULTS = {"aws:region": "us-east-1"}
+FIVE_NODES = {
+    "aws:region": "eu-west-1",
+    "flstore:cacheNodes": "5",
+    "flstore:replication": "3",
+    "flstore:prefix": "fltest",
+    "flstore:hotRounds": "3",
+    "flstore:keepWarmMinutes": "1",
+    "flstore:cacheMemoryMb": "4096",
+    "flstore:routerMemoryMb": "1024",
+    "flstore:architecture": "arm64",
+    "flstore:logRetentionDays": "30",
+    "flstore:tokenHashes": json.dumps({TOKEN_HASH: ["demo", "other-job"]}),
+}
+KMS_KEY = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+
+
+# How the engine protocol marks a secret value (pulumi.runtime.rpc).
+_SIG_KEY, _SECRET_SIG = "4dabf18193072939515e22adb298388d", "1b47061264138c4ac30d75fd1eb44270"
+
+
+def _is_secret(value: Any) -> bool:
+    return isinstance(value, dict) and value.get(_SIG_KEY) == _SECRET_SIG
+
+
+def reveal(value: Any) -> Any:
+    """``value`` with every secret replaced by its plain value."""
+    if _is_secret(value):
+        return reveal(value["value"])
+    if isinstance(value, dict):
+        return {k: reveal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [reveal(v) for v in value]
+    return value
+
+
+@dataclass
+class Declared:
+    """One resource the program declared: type token, name, (camelCase) inputs revealed."""
+
+    type: str
+    name: str
+    inputs: dict[str, Any]
+    secret_inputs: frozenset[str] = frozenset()
+
+
+@dataclass
+class RecordingMocks(pulumi.runtime.Mocks):
+    """Mock engine: records every resource and computes the outputs AWS would."""
+
+    region: str = "us-east-1"
+    declared: list[Declared] = field(default_factory=list)
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
+        inputs = reveal(dict(args.inputs))
+        secret = frozenset(k for k, v in args.inputs.items() if _is_secret(v))
+        self.declared.append(Declared(args.typ, args.name, inputs, secret))
+        return f"{args.name}-id", {**inputs, **self._computed(args.typ, args.name, inputs)}
+
+    def _computed(self, typ: str, name: str, inputs: dict[str, Any]) -> dict[str, Any]:
+        region = self.region
+        if typ == "aws:s3/bucket:Bucket":
+            return {"arn": f"arn:aws:s3:::{inputs['bucket']}"}
+        if typ == "aws:lambda/function:Function":
+            arn = f"arn:aws:lambda:{region}:{ACCOUNT}:function:{inputs['name']}"
+            invoke = f"arn:aws:apigateway:{region}:lambda:path/2015-03-31/functions/{arn}"
+            return {"arn": arn, "invokeArn": f"{invoke}/invocations"}
+        if typ == "aws:iam/role:Role":
+            return {"arn": f"arn:aws:iam::{ACCOUNT}:role/{name}"}
+        if typ == "aws:cloudwatch/logGroup:LogGroup":
+            return {"arn": f"arn:aws:logs:{region}:{ACCOUNT}:log-group:{inputs['name']}"}
+        if typ == "aws:cloudwatch/eventRule:EventRule":
+            return {"arn": f"arn:aws:events:{region}:{ACCOUNT}:rule/{inputs['name']}"}
+        if typ == "aws:apigatewayv2/api:Api":
+            return {
+                "apiEndpoint": f"https://abc123.execute-api.{region}.amazonaws.com",
+                "executionArn": f"arn:aws:execute-api:{region}:{ACCOUNT}:abc123",
+            }
+        if typ == "aws:apigatewayv2/stage:Stage":
+            return {"invokeUrl": f"https://abc123.execute-api.{region}.amazonaws.com/"}
+        if typ == "aws:ecr/repository:Repository":
+            url = f"{ACCOUNT}.dkr.ecr.{region}.amazonaws.com/{inputs['name']}"
+            return {"repositoryUrl": url, "registryId": ACCOUNT}
+        if typ == "docker-build:index:Image":
+            return {"digest": DIGEST, "ref": f"{inputs['tags'][0]}@{DIGEST}"}
+        return {}
+
+    def call(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any]:
+        region = self.region
+        return {
+            "aws:index/getCallerIdentity:getCallerIdentity": {
+                "accountId": ACCOUNT,
+                "arn": f"arn:aws:iam::{ACCOUNT}:user/deployer",
+                "id": ACCOUNT,
+                "userId": "AIDAEXAMPLE",
+            },
+            "aws:index/getPartition:getPartition": {
+                "partition": "aws",
+                "dnsSuffix": "amazonaws.com",
+                "id": "aws",
+                "reverseDnsPrefix": "com.amazonaws",
+            },
+            "aws:index/getRegion:getRegion": {"region": region, "name": region, "id": region},
+            "aws:ecr/getAuthorizationToken:getAuthorizationToken": {
+                "authorizationToken": "QVdTOnRva2Vu",
+                "expiresAt": "2030-01-01T00:00:00Z",
+                "id": region,
+                "password": "token",
+                "proxyEndpoint": f"https://{ACCOUNT}.dkr.ecr.{region}.amazonaws.com",
+                "region": region,
+                "registryId": ACCOUNT,
+                "userName": "AWS",
+            },
+        }.get(args.token, {})
+
+
+MOCKS = RecordingMocks()
+pulumi.runtime.set_mocks(MOCKS, project="flstore", stack="test", preview=False)
+
+# The program is imported only now that the mocks are in place.
+from flstore_infra import iam, keepwarm, packaging  # noqa: E402
+from flstore_infra.settings import ConfigError, StackSettings, parse_token_hashes  # noqa: E402
+from flstore_infra.stack import OUTPUTS, FLStoreStack, create_stack  # noqa: E402
+
+# Every resource the program constructs passes through this stack transformation: it
+# collects them (to wait for their registration) and applies a test's `tamper`, if any.
+_constructed: list[pulumi.Resource] = []
+_tampering: list[Callable[[pulumi.ResourceTransformationArgs], dict | None]] = []
+
+
+def _observe(args: pulumi.ResourceTransformationArgs) -> pulumi.ResourceTransformationResult | None:
+    _constructed.append(args.resource)
+    for tamper in _tampering:
+        props = tamper(args)
+        if props is not None:
+            return pulumi.ResourceTransformationResult(props, args.opts)
+    return None
+
+
+pulumi.runtime.register_stack_transformation(_observe)
+
+
+@dataclass
+class Deployment:
+    """What one run of the program declared."""
+
+    stack: FLStoreStack
+    declared: list[Declared]
+
+    def of_type(self, token: str) -> list[Declared]:
+        return [d for d in self.declared if d.type == token]
+
+    def named(self, token: str, name: str) -> Declared:
+        (match,) = [d for d in self.of_type(token) if d.name == name]
+        return match
+
+
+FUNCTION = "aws:lambda/function:Function"
+PERMISSION = "aws:lambda/permission:Permission"
+ROLE = "aws:iam/role:Role"
+ROLE_POLICY = "aws:iam/rolePolicy:RolePolicy"
+LOG_GROUP = "aws:cloudwatch/logGroup:LogGroup"
+RULE = "aws:cloudwatch/eventRule:EventRule"
+TARGET = "aws:cloudwatch/eventTarget:EventTarget"
+ROUTE = "aws:apigatewayv2/route:Route"
+PUBLIC_ACCESS_BLOCK = "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock"
+ENCRYPTION = (
+    "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration"
+)
+BUCKET_POLICY = "aws:s3/bucketPolicy:BucketPolicy"
+REPO_POLICY = "aws:ecr/repositoryPolicy:RepositoryPolicy"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in for `python -m infra.build`'s output (the real one needs pip and Docker)."""
+    root = tmp_path_factory.mktemp("build")
+    zip_path = root / packaging.ROUTER_ZIP
+    zip_path.parent.mkdir(parents=True)
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        archive.writestr("lambdas/router.py", "def handler(event, context): ...\n")
+    (root / packaging.CACHE_NODE_CONTEXT).mkdir()
+    (root / packaging.CACHE_NODE_CONTEXT / "Dockerfile").write_text("FROM scratch\n")
+    return root
+
+
+def run_program(config: dict[str, str], artifact_dir: Path) -> FLStoreStack:
+    """Run the program with a fresh stack config; returns before registration finishes."""
+    MOCKS.declared.clear()
+    MOCKS.region = config["aws:region"]
+    _constructed.clear()
+    secret = [k for k in config if k == "flstore:tokenHashes"]
+    pulumi.runtime.set_all_config({**config, "flstore:artifactDir": str(artifact_dir)}, secret)
+    return create_stack()
+
+
+def deploy(config: dict[str, str], artifact_dir: Path) -> pulumi.Output[Deployment]:
+    """Run the program; the Output resolves once every declared resource is registered."""
+    stack = run_program(config, artifact_dir)
+    registered = pulumi.Output.all(*[r.urn for r in _constructed])
+    return registered.apply(lambda _: Deployment(stack, list(MOCKS.declared)))
+
+
+def policy_documents(deployment: Deployment) -> dict[str, dict[str, Any]]:
+    """Every IAM document the program declared, by the resource that carries it."""
+    docs = {d.name: json.loads(d.inputs["policy"]) for d in deployment.of_type(ROLE_POLICY)}
+    docs |= {d.name: json.loads(d.inputs["assumeRolePolicy"]) for d in deployment.of_type(ROLE)}
+    docs |= {d.name: json.loads(d.inputs["policy"]) for d in deployment.of_type(BUCKET_POLICY)}
+    docs |= {d.name: json.loads(d.inputs["policy"]) for d in deployment.of_type(REPO_POLICY)}
+    return docs
+
+
+def resources_of(policy: dict[str, Any], action: str) -> set[str]:
+    return {
+        resource
+        for statement in policy["Statement"]
+        if statement["Effect"] == "Allow" and action in statement["Action"]
+        for resource in statement["Resource"]
+    }
+
+
+def security_findings(deployment: Deployment) -> list[str]:
+    """The stack-wide audit: a private, encrypted, TLS-only bucket and safe policies."""
+    findings = []
+    for block in deployment.of_type(PUBLIC_ACCESS_BLOCK):
+        flags = (
+            "blockPublicAcls",
+            "blockPublicPolicy",
+            "ignorePublicAcls",
+            "restrictPublicBuckets",
+        )
+        open_flags = [f for f in flags if block.inputs.get(f) is not True]
+        if open_flags:
+            findings.append(f"{block.name}: public access not blocked: {open_flags}")
+    for bucket in deployment.of_type("aws:s3/bucket:Bucket"):
+        if not deployment.of_type(PUBLIC_ACCESS_BLOCK):
+            findings.append(f"{bucket.name}: no public access block")
+        encryption = deployment.of_type(ENCRYPTION)
+        algorithms = {
+            rule["applyServerSideEncryptionByDefault"]["sseAlgorithm"]
+            for config in encryption
+            for rule in config.inputs["rules"]
+        }
+        if not algorithms or not algorithms <= {"AES256", "aws:kms"}:
+            findings.append(f"{bucket.name}: not encrypted at rest ({algorithms})")
+    for name, document in policy_documents(deployment).items():
+        findings += [f"{name}: {finding}" for finding in iam.find_unsafe_statements(document)]
+    for permission in deployment.of_type(PERMISSION):
+        if not permission.inputs.get("sourceArn"):
+            findings.append(f"{permission.name}: any {permission.inputs['principal']} may invoke")
+    return findings
+
+
+# --- resource counts follow the config -------------------------------------------------
+
+
+@pulumi.runtime.test
+def test_default_stack_has_eight_cache_nodes_named_by_prefix(artifacts: Path) -> None:
+    def check(d: Deployment) -> None:
+        names = sorted(f.inputs["name"] for f in d.of_type(FUNCTION))
+        expected = [f"flstore-cache-{i}" for i in range(8)]
+        assert names == sorted([*expected, "flstore-router", "flstore-authorizer"])
+        assert len(d.of_type(TARGET)) == 8
+        assert len(d.of_type(RULE)) == 2  # EventBridge takes at most 5 targets per rule
+
+    return deploy(DEFAULTS, artifacts).apply(check)
+
+
+@pulumi.runtime.test
+def test_five_nodes_make_five_functions_targets_and_permissions(artifacts: Path) -> None:
+    def check(d: Deployment) -> None:
+        cache = [f for f in d.of_type(FUNCTION) if f.inputs.get("packageType") == "Image"]
+        assert sorted(f.inputs["name"] for f in cache) == [f"fltest-cache-{i}" for i in range(5)]
+        assert len(d.of_type(TARGET)) == 5
+        assert len(d.of_type(RULE)) == 1
+        events = [
+            p for p in d.of_type(PERMISSION) if p.inputs["principal"] == "events.amazonaws.com"
+        ]
+        assert len(events) == 5
+        api = [
+            p for p in d.of_type(PERMISSION) if p.inputs["principal"] == "apigateway.amazonaws.com"
+        ]
+        assert len(api) == 2  # router and authorizer
+        assert len(d.of_type(LOG_GROUP)) == 5 + 2 + 1  # cache nodes, router/authorizer, API
+
+    return deploy(FIVE_NODES, artifacts).apply(check)
+
+
+@pulumi.runtime.test
+def test_cache_nodes_get_placement_and_budget_from_config(artifacts: Path) -> None:
+    def check(d: Deployment) -> None:
+        for i in range(5):
+            node = d.named(FUNCTION, f"fltest-cache-{i}")
+            env = node.inputs["environment"]["variables"]
+            assert env["FLSTORE_NODE_INDEX"] == str(i)
+            assert env["FLSTORE_CACHE_NODES"] == "5"
+            assert env["FLSTORE_REPLICATION"] == "3"
+            assert env["FLSTORE_HOT_ROUNDS"] == "3"
+            assert env["FLSTORE_PREFIX"] == "fltest"
+            assert env["FLSTORE_BUCKET"] == f"fltest-{ACCOUNT}-eu-west-1"
+            assert env["FLSTORE_CACHE_BUDGET_BYTES"] == str(int(4096 * 2**20 * 0.7))
+            assert "FLSTORE_TOKENS" not in env
+            assert node.inputs["memorySize"] == 4096
+            assert node.inputs["architectures"] == ["arm64"]
+            assert node.inputs["imageUri"] == (
+                f"{ACCOUNT}.dkr.ecr.eu-west-1.amazonaws.com/fltest-cache-node@{DIGEST}"
+            )
+
+    return deploy(FIVE_NODES, artifacts).apply(check)
+
+
+@pulumi.runtime.test
+def test_cache_node_image_is_built_from_the_staged_context_and_pushed(artifacts: Path) -> None:
+    def check(d: Deployment) -> None:
+        (image,) = d.of_type("docker-build:index:Image")
+        assert image.inputs["context"]["location"] == str(artifacts / "cache_node")
+        assert image.inputs["dockerfile"]["location"] == str(artifacts / "cache_node/Dockerfile")
+        assert image.inputs["push"] is True
+        assert image.inputs["platforms"] == ["linux/arm64"]
+        assert image.inputs["buildArgs"] == {"PYTHON_VERSION": packaging.LAMBDA_PYTHON}
+        repo_url = f"{ACCOUNT}.dkr.ecr.eu-west-1.amazonaws.com/fltest-cache-node"
+        assert image.inputs["tags"] == [f"{repo_url}:latest"]
+        (registry,) = image.inputs["registries"]
+        assert registry["address"] == f"{ACCOUNT}.dkr.ecr.eu-west-1.amazonaws.com"
+        (repository,) = d.of_type("aws:ecr/repository:Repository")
+        assert repository.inputs["imageScanningConfiguration"] == {"scanOnPush": True}
+
+    return deploy(FIVE_NODES, artifacts).apply(check)
+
+
+@pulumi.runtime.test
+def test_router_and_authorizer_ship_the_zip_with_the_token_hashes(artifacts: Path) -> None:
+    def check(d: Deployment) -> None:
+        router = d.named(FUNCTION, "fltest-router")
+        authorizer = d.named(FUNCTION, "fltest-authorizer")
+        assert router.inputs["handler"] == "lambdas.router.handler"
+        assert authorizer.inputs["handler"] == "lambdas.authorizer.handler"
+        assert router.inputs["memorySize"] == 1024
+        assert router.inputs["timeout"] <= 30
+        for function in (router, authorizer):
+            assert function.inputs["runtime"] == packaging.LAMBDA_RUNTIME
+            assert isinstance(function.inputs["code"], pulumi.FileArchive)
+            assert function.inputs["code"].path == str(artifacts / packaging.ROUTER_ZIP)
+            tokens = json.loads(function.inputs["environment"]["variables"]["FLSTORE_TOKENS"])
+            assert tokens == {TOKEN_HASH: ["demo", "other-job"]}
+            assert "environment" in function.secret_inputs  # kept out of state and logs
+        router_env = router.inputs["environment"]["variables"]
+        assert router_env["FLSTORE_CACHE_NODES"] == "5"
+        assert router_env["FLSTORE_REPLICATION"] == "3"
+        assert router_env["FLSTORE_CACHE_MEMORY_MB"] == "4096"
+        assert router_env["FLSTORE_BUCKET"] == f"fltest-{ACCOUNT}-eu-west-1"
+
+    return deploy(FIVE_NODES, artifacts).apply(check)
+
+
+@pulumi.runtime.test
+def test_keep_warm_pings_every_cache_node_at_the_configured_rate(artifacts: Path) -> None:
+    def check(d: Deployment) -> None:
+        assert [r.inputs["scheduleExpression"] for r in d.of_type(RULE)] == ["rate(1 minute)"]
+        pinged = {t.inputs["arn"] for t in d.of_type(TARGET)}
+        assert pinged == {
+            f"arn:aws:lambda:eu-west-1:{ACCOUNT}:function:fltest-cache-{i}" for i in range(5)
+        }
+        assert {json.loads(t.inputs["input"])["op"] for t in d.of_type(TARGET)} == {"ping"}
+        rule_arn = f"arn:aws:events:eu-west-1:{ACCOUNT}:rule/fltest-keepwarm-0"
+        events = [
+            p for p in d.of_type(PERMISSION) if p.inputs["principal"] == "events.amazonaws.com"
+        ]
+        assert {p.inputs["sourceArn"] for p in events} == {rule_arn}
+
+    return deploy(FIVE_NODES, artifacts).apply(check)
+
+
+@pulumi.runtime.test
+def test_keep_warm_minutes_zero_turns_the_schedule_off(artifacts: Path) -> None:
+    def check(d: Deployment) -> None:
+        assert d.of_type(RULE) == [] and d.of_type(TARGET) == []
+
+    return deploy({**DEFAULTS, "flstore:keepWarmMinutes": "0"}, artifacts).apply(check)
+
+
+@pulumi.runtime.test
+def test_schedule_expression_uses_singular_for_one_minute() -> None:
+    assert keepwarm.schedule_expression(1) == "rate(1 minute)"
+    assert keepwarm.schedule_expression(5) == "rate(5 minutes)"
+
+
+# --- least privilege ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [DEFAULTS, FIVE_NODES], ids=["defaults", "five-nodes"])
+@pulumi.runtime.test
+def test_every_policy_document_passes_the_safety_check(config: dict, artifacts: Path) -> None:
+    def check(d: Deployment) -> None:
+        documents = policy_documents(d)
+        # 3 role policies, 3 trust policies, the bucket's and the image repository's
+        assert len(documents) == 3 + 3 + 1 + 1
+        for name, document in documents.items():
+            assert iam.find_unsafe_statements(document) == [], name
+        assert security_findings(d) == []
+
+    return deploy(config, artifacts).apply(check)
+
+
+@pytest.mark.parametrize("config", [DEFAULTS, FIVE_NODES], ids=["defaults", "five-nodes"])
+@pulumi.runtime.test
+def test_role_policies_are_scoped_to_bucket_nodes_and_own_logs(
+    config: dict, artifacts: Path
+) -> None:
+    prefix = config.get("flstore:prefix", "flstore")
+    nodes = int(config.get("flstore:cacheNodes", 8))
+    region = config["aws:region"]
+    bucket = f"arn:aws:s3:::{prefix}-{ACCOUNT}-{region}"
+    data = {bucket, f"{bucket}/jobs/*", f"{bucket}/jobs/*/results/*"}
+    cache_arns = {
+        f"arn:aws:lambda:{region}:{ACCOUNT}:function:{prefix}-cache-{i}" for i in range(nodes)
+    }
+
+    def logs(*functions: str) -> set[str]:
+        return {f"arn:aws:logs:{region}:{ACCOUNT}:log-group:/aws/lambda/{f}:*" for f in functions}
+
+    def check(d: Deployment) -> None:
+        docs = policy_documents(d)
+        cache = docs[f"{prefix}-cache-nodes-policy"]
+        router = docs[f"{prefix}-router-policy"]
+        authorizer = docs[f"{prefix}-authorizer-policy"]
+
+        def everything(policy: dict) -> set[str]:
+            return {r for s in policy["Statement"] for r in s["Resource"]}
+
+        assert everything(cache) == data | logs(*[f"{prefix}-cache-{i}" for i in range(nodes)])
+        assert everything(router) == data | cache_arns | logs(f"{prefix}-router")
+        assert everything(authorizer) == logs(f"{prefix}-authorizer")
+        assert resources_of(router, "lambda:InvokeFunction") == cache_arns
+        for policy in (cache, router):
+            assert resources_of(policy, "s3:GetObject") == {f"{bucket}/jobs/*"}
+            assert resources_of(policy, "s3:PutObject") == {f"{bucket}/jobs/*/results/*"}
+            assert resources_of(policy, "s3:ListBucket") == {bucket}
+        actions = {a for s in authorizer["Statement"] for a in s["Action"]}
+        assert actions == set(iam.LOG_ACTIONS)
+        for role in d.of_type(ROLE):
+            trust = json.loads(role.inputs["assumeRolePolicy"])
+            assert trust["Statement"][0]["Principal"] == {"Service": "lambda.amazonaws.com"}
+        (pull,) = docs[f"{prefix}-cache-node-policy"]["Statement"]
+        assert pull["Principal"] == {"Service": "lambda.amazonaws.com"}
+        pullers = set(pull["Condition"]["StringLike"]["aws:sourceArn"])
+        assert pullers == cache_arns | {f"{arn}:*" for arn in cache_arns}
+
+    return deploy(config, artifacts).apply(check)
+
+
+@pulumi.runtime.test
+def test_kms_key_encrypts_the_bucket_and_is_granted_only_through_s3(artifacts: Path) -> None:
+    def check(d: Deployment) -> None:
+        (encryption,) = d.of_type(ENCRYPTION)
+        (rule,) = encryption.inputs["rules"]
+        assert rule["applyServerSideEncryptionByDefault"] == {
+            "sseAlgorithm": "aws:kms",
+            "kmsMasterKeyId": KMS_KEY,
+        }
+        docs = policy_documents(d)
+        for name in ("fltest-cache-nodes-policy", "fltest-router-policy"):
+            assert resources_of(docs[name], "kms:Decrypt") == {KMS_KEY}
+        assert resources_of(docs["fltest-authorizer-policy"], "kms:Decrypt") == set()
+        assert security_findings(d) == []
+
+    return deploy({**FIVE_NODES, "flstore:kmsKeyArn": KMS_KEY}, artifacts).apply(check)
+
+
+# --- the bucket ------------------------------------------------------------------------
+
+
+@pulumi.runtime.test
+def test_bucket_is_private_encrypted_versioned_and_tls_only(artifacts: Path) -> None:
+    def check(d: Deployment) -> None:
+        (bucket,) = d.of_type("aws:s3/bucket:Bucket")
+        assert bucket.inputs["bucket"] == f"flstore-{ACCOUNT}-us-east-1"
+        assert bucket.inputs["forceDestroy"] is False
+        (block,) = d.of_type(PUBLIC_ACCESS_BLOCK)
+        assert all(
+            block.inputs[f] is True
+            for f in (
+                "blockPublicAcls",
+                "blockPublicPolicy",
+                "ignorePublicAcls",
+                "restrictPublicBuckets",
+            )
+        )
+        (encryption,) = d.of_type(ENCRYPTION)
+        assert encryption.inputs["rules"][0]["applyServerSideEncryptionByDefault"] == {
+            "sseAlgorithm": "AES256"
+        }
+        (versioning,) = d.of_type("aws:s3/bucketVersioning:BucketVersioning")
+        assert versioning.inputs["versioningConfiguration"]["status"] == "Enabled"
+        (ownership,) = d.of_type("aws:s3/bucketOwnershipControls:BucketOwnershipControls")
+        assert ownership.inputs["rule"]["objectOwnership"] == "BucketOwnerEnforced"
+        (policy,) = d.of_type(BUCKET_POLICY)
+        deny_plain_http = [
+            s
+            for s in json.loads(policy.inputs["policy"])["Statement"]
+            if s["Effect"] == "Deny"
+            and s["Condition"].get("Bool", {}).get("aws:SecureTransport") == "false"
+        ]
+        assert deny_plain_http and deny_plain_http[0]["Principal"] == "*"
+
+    return deploy(DEFAULTS, artifacts).apply(check)
+
+
+@pulumi.runtime.test
+def test_results_expire_by_the_tag_results_are_written_with(artifacts: Path) -> None:
+    def check(d: Deployment) -> None:
+        (lifecycle,) = d.of_type("aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration")
+        rules = {r["id"]: r for r in lifecycle.inputs["rules"]}
+        results = rules["expire-results"]
+        assert results["filter"]["tag"] == {"key": "flstore:kind", "value": "result"}
+        assert results["expiration"]["days"] == 7
+        assert rules["tidy-job-versions"]["filter"]["prefix"] == "jobs/"
+        assert rules["tidy-job-versions"]["noncurrentVersionExpiration"]["noncurrentDays"] == 30
+
+    return deploy(DEFAULTS, artifacts).apply(check)
+
+
+# --- the API -----------------------------------------------------------------------------
+
+
+@pulumi.runtime.test
+def test_every_route_but_health_requires_the_authorizer(artifacts: Path) -> None:
+    def check(d: Deployment) -> None:
+        routes = {r.inputs["routeKey"]: r.inputs for r in d.of_type(ROUTE)}
+        assert set(routes) == {
+            "GET /v1/health",
+            "GET /v1/workloads",
+            "GET /v1/jobs/{job}/rounds",
+            "POST /v1/jobs/{job}/workloads/{name}",
+        }
+        assert routes.pop("GET /v1/health")["authorizationType"] == "NONE"
+        (authorizer,) = d.of_type("aws:apigatewayv2/authorizer:Authorizer")
+        for key, route in routes.items():
+            assert route["authorizationType"] == "CUSTOM", key
+            assert route["authorizerId"] == f"{authorizer.name}-id", key
+        assert authorizer.inputs["authorizerType"] == "REQUEST"
+        # Cached per token *and* path: the answer depends on the job in the path.
+        assert authorizer.inputs["identitySources"] == [
+            "$request.header.Authorization",
+            "$context.path",
+        ]
+        assert authorizer.inputs["authorizerResultTtlInSeconds"] == 300
+        assert authorizer.inputs["enableSimpleResponses"] is True
+        assert authorizer.inputs["authorizerPayloadFormatVersion"] == "2.0"
+        assert authorizer.inputs["authorizerUri"].endswith(
+            ":function:flstore-authorizer/invocations"
+        )
+        (integration,) = d.of_type("aws:apigatewayv2/integration:Integration")
+        assert integration.inputs["integrationType"] == "AWS_PROXY"
+        assert integration.inputs["payloadFormatVersion"] == "2.0"
+        assert integration.inputs["integrationUri"].endswith(":function:flstore-router")
+        targets = {r.inputs["target"] for r in d.of_type(ROUTE)}
+        assert targets == {f"integrations/{integration.name}-id"}
+
+    return deploy(DEFAULTS, artifacts).apply(check)
+
+
+@pulumi.runtime.test
+def test_stage_throttles_and_writes_access_logs_to_its_own_group(artifacts: Path) -> None:
+    def check(d: Deployment) -> None:
+        (stage,) = d.of_type("aws:apigatewayv2/stage:Stage")
+        assert stage.inputs["autoDeploy"] is True
+        throttling = stage.inputs["defaultRouteSettings"]
+        assert throttling == {"throttlingRateLimit": 50, "throttlingBurstLimit": 100}
+        logs = stage.inputs["accessLogSettings"]
+        assert logs["destinationArn"].endswith(":log-group:/aws/apigateway/flstore-api")
+        assert "$context.requestId" in logs["format"]
+        api_logs = d.named(LOG_GROUP, "flstore-api-access-logs")
+        assert api_logs.inputs["retentionInDays"] == 14
+
+    return deploy(DEFAULTS, artifacts).apply(check)
+
+
+@pulumi.runtime.test
+def test_every_function_has_its_log_group_with_retention(artifacts: Path) -> None:
+    def check(d: Deployment) -> None:
+        groups = {g.inputs["name"]: g.inputs["retentionInDays"] for g in d.of_type(LOG_GROUP)}
+        for function in d.of_type(FUNCTION):
+            assert groups[f"/aws/lambda/{function.inputs['name']}"] == 30
+        assert set(groups.values()) == {30}
+
+    return deploy(FIVE_NODES, artifacts).apply(check)
+
+
+@pytest.mark.parametrize("config", [DEFAULTS, FIVE_NODES], ids=["defaults", "five-nodes"])
+@pulumi.runtime.test
+def test_stack_outputs_name_the_api_bucket_and_functions(config: dict, artifacts: Path) -> None:
+    stack = run_program(config, artifacts)
+    prefix = config.get("flstore:prefix", "flstore")
+    nodes = int(config.get("flstore:cacheNodes", 8))
+    assert set(OUTPUTS) <= set(stack.outputs)
+    values = pulumi.Output.all(**{k: stack.outputs[k] for k in OUTPUTS})
+
+    def check(out: dict[str, Any]) -> None:
+        assert out["api_url"].startswith("https://") and ".execute-api." in out["api_url"]
+        assert out["bucket"] == f"{prefix}-{ACCOUNT}-{config['aws:region']}"
+        assert out["cache_functions"] == [f"{prefix}-cache-{i}" for i in range(nodes)]
+        assert out["router_function"] == f"{prefix}-router"
+        assert out["authorizer_function"] == f"{prefix}-authorizer"
+
+    return values.apply(check)
+
+
+# --- the checks catch what they are for --------------------------------------------------
+
+
+@pulumi.runtime.test
+def test_audit_catches_a_bucket_made_public(artifacts: Path) -> None:
+    def open_bucket(args: pulumi.ResourceTransformationArgs) -> dict | None:
+        if args.type_ == PUBLIC_ACCESS_BLOCK:
+            return {**args.props, "block_public_policy": False, "restrict_public_buckets": False}
+        return None
+
+    _tampering.append(open_bucket)
+    try:
+        deployment = deploy(DEFAULTS, artifacts)
+    finally:
+        _tampering.clear()
+
+    def check(d: Deployment) -> None:
+        findings = security_findings(d)
+        assert len(findings) == 1
+        assert "public access not blocked" in findings[0]
+        assert "blockPublicPolicy" in findings[0] and "restrictPublicBuckets" in findings[0]
+
+    return deployment.apply(check)
+
+
+@pulumi.runtime.test
+def test_audit_catches_a_wildcard_statement_slipped_into_a_role(artifacts: Path) -> None:
+    def widen_router(args: pulumi.ResourceTransformationArgs) -> dict | None:
+        if args.type_ == ROLE_POLICY and args.name == "flstore-router-policy":
+            policy = json.loads(args.props["policy"])
+            policy["Statement"].append({"Effect": "Allow", "Action": "s3:*", "Resource": "*"})
+            return {**args.props, "policy": json.dumps(policy)}
+        return None
+
+    _tampering.append(widen_router)
+    try:
+        deployment = deploy(DEFAULTS, artifacts)
+    finally:
+        _tampering.clear()
+
+    def check(d: Deployment) -> None:
+        findings = security_findings(d)
+        assert findings == [
+            "flstore-router-policy: statement 5: wildcard action 's3:*'",
+            "flstore-router-policy: statement 5: resource '*' is every resource ('*')",
+        ]
+
+    return deployment.apply(check)
+
+
+@pulumi.runtime.test
+def test_program_refuses_to_declare_an_unsafe_policy(
+    artifacts: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    safe = iam.router_policy
+
+    def with_admin(**kwargs: Any) -> dict[str, Any]:
+        policy = safe(**kwargs)
+        policy["Statement"].append({"Effect": "Allow", "Action": "*", "Resource": "*"})
+        return policy
+
+    monkeypatch.setattr(iam, "router_policy", with_admin)
+    with pytest.raises(iam.UnsafePolicyError, match="wildcard action '\\*'"):
+        run_program(DEFAULTS, artifacts)
+
+
+@pytest.mark.parametrize(
+    "policy, finding",
+    [
+        ({"Effect": "Allow", "Action": "*", "Resource": "*"}, "wildcard action '*'"),
+        ({"Effect": "Allow", "Action": "s3:Get*", "Resource": "arn:aws:s3:::b/*"}, "wildcard"),
+        (
+            {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::*"},
+            "every bucket",
+        ),
+        (
+            {
+                "Effect": "Allow",
+                "Action": "lambda:InvokeFunction",
+                "Resource": "arn:aws:lambda:us-east-1:1:function:*",
+            },
+            "every lambda resource",
+        ),
+        ({"Effect": "Allow", "Action": "s3:GetObject", "Principal": "*"}, "any principal"),
+        ({"Effect": "Allow", "NotAction": "iam:*", "Resource": "arn:aws:s3:::b"}, "NotAction"),
+        ({"Effect": "Allow", "Action": "s3:GetObject"}, "has no Resource"),
+    ],
+)
+@pulumi.runtime.test
+def test_find_unsafe_statements_flags(policy: dict, finding: str) -> None:
+    findings = iam.find_unsafe_statements({"Version": iam.POLICY_VERSION, "Statement": [policy]})
+    assert any(finding in f for f in findings), findings
+
+
+@pulumi.runtime.test
+def test_find_unsafe_statements_lets_denies_and_scoped_grants_pass() -> None:
+    bucket = "arn:aws:s3:::flstore-1-us-east-1"
+    assert iam.find_unsafe_statements(iam.bucket_policy(bucket_arn=bucket)) == []
+    scoped = iam.cache_node_policy(
+        bucket_arn=bucket, log_group_arns=["arn:aws:logs:us-east-1:1:log-group:/aws/lambda/x"]
+    )
+    assert iam.find_unsafe_statements(json.dumps(scoped)) == []
+
+
+# --- config and artifacts ------------------------------------------------------------------
+
+
+@pulumi.runtime.test
+def test_replication_above_node_count_is_rejected(artifacts: Path) -> None:
+    config = {**DEFAULTS, "flstore:cacheNodes": "2", "flstore:replication": "3"}
+    with pytest.raises(ConfigError, match="flstore:replication"):
+        run_program(config, artifacts)
+
+
+@pulumi.runtime.test
+def test_raw_tokens_are_refused_in_token_hashes() -> None:
+    with pytest.raises(ConfigError, match="sha256"):
+        parse_token_hashes(json.dumps({"my-secret-token": ["*"]}))
+    with pytest.raises(ConfigError, match="neither a job id"):
+        parse_token_hashes(json.dumps({TOKEN_HASH: ["Bad Job"]}))
+    assert parse_token_hashes(json.dumps({TOKEN_HASH: ["*"]})) == {TOKEN_HASH: ("*",)}
+    assert StackSettings().tokens_json() == "{}"
+
+
+@pulumi.runtime.test
+def test_deploying_without_a_build_says_how_to_build(tmp_path: Path) -> None:
+    with pytest.raises(packaging.MissingArtifactError, match=r"python -m infra\.build"):
+        run_program(DEFAULTS, tmp_path)
+
+
+@pulumi.runtime.test
+def test_zip_is_deterministic_and_size_checked(tmp_path: Path) -> None:
+    source = tmp_path / "handler.py"
+    source.write_text("x = 1\n" * 1000)
+    first, second = tmp_path / "a.zip", tmp_path / "b.zip"
+    packaging.write_zip([("pkg/handler.py", source)], first)
+    packaging.write_zip([("pkg/handler.py", source)], second)
+    assert first.read_bytes() == second.read_bytes()
+    assert packaging.check_unzipped_size(first) == 6000
+    with pytest.raises(packaging.PackageTooLargeError, match="unpacks to"):
+        packaging.check_unzipped_size(first, limit=6000)
+
+
+@pulumi.runtime.test
+def test_zip_holds_the_packages_and_locked_numpy_free_dependencies() -> None:
+    members = dict(packaging._zip_members(None, REPO))
+    assert "lambdas/__init__.py" in members
+    assert any(name.startswith("flstore_core/") for name in members)
+    assert not any("__pycache__" in name for name in members)
+    pins = packaging.locked_requirements(packaging.ZIP_DEPENDENCIES, REPO / "requirements.lock")
+    assert all("==" in pin for pin in pins)
+    assert not any(pin.split("==")[0] in packaging.HEAVY_PACKAGES for pin in pins)
+
+
+@pulumi.runtime.test
+def test_image_context_has_the_dockerfile_and_sources_only(tmp_path: Path) -> None:
+    context = packaging.stage_image_context(tmp_path)
+    dockerfile = (context / "Dockerfile").read_text()
+    assert "FROM public.ecr.aws/lambda/python:" in dockerfile
+    assert 'CMD ["lambdas.cache_node.handler"]' in dockerfile
+    assert (context / "pyproject.toml").is_file() and (context / "requirements.lock").is_file()
+    assert (context / "lambdas" / "__init__.py").is_file()
+    assert not (context / ".venv").exists() and not (context / "tests").exists()
