@@ -18,6 +18,7 @@ replica.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,8 +32,16 @@ from flstore_core.cache import ShardCache
 from flstore_core.codec import Update, encode_update
 from flstore_core.errors import FLStoreError, NotFoundError, ValidationError
 from flstore_core.ids import validate_job, validate_round
-from flstore_core.placement import ShardKey, round_shard
-from flstore_core.round_data import ArtifactStats, RoundData
+from flstore_core.placement import ShardKey, client_shard, meta_shard, model_shard, round_shard
+from flstore_core.round_data import ArtifactStats, JobContext, RoundData
+from flstore_core.shards import (
+    ClientHistory,
+    GlobalModels,
+    JobMeta,
+    ManifestReader,
+    load_client,
+    load_meta,
+)
 from flstore_core.store import ObjectStore, unflatten
 from flstore_core.workloads import Workload, WorkloadResult, get
 
@@ -40,6 +49,10 @@ ENV_BUDGET = "FLSTORE_CACHE_BUDGET_BYTES"
 ENV_HOT_ROUNDS = "FLSTORE_HOT_ROUNDS"
 ENV_NODE_INDEX = "FLSTORE_NODE_INDEX"
 BUDGET_SHARE = 0.70  # of the function's memory, when no explicit budget is configured
+# meta and client shards are refreshed from new manifests when older than this (prefetch
+# after ingestion refreshes them at once)
+REFRESH_S = 30.0
+CONTEXT_TTL_S = 60.0
 
 
 def default_budget() -> int:
@@ -51,7 +64,18 @@ def default_budget() -> int:
     return int(memory_mb * 1024 * 1024 * BUDGET_SHARE)
 
 
-def load_round(store: ObjectStore, job: str, round_: int, stats: ArtifactStats) -> RoundData:
+def job_context(store: ObjectStore, job: str) -> JobContext:
+    """The job's spec, with its validation set loaded from S3 on first use."""
+    return JobContext(store.get_job_spec(job), lambda: store.get_validation_set(job))
+
+
+def load_round(
+    store: ObjectStore,
+    job: str,
+    round_: int,
+    stats: ArtifactStats,
+    context: JobContext | None = None,
+) -> RoundData:
     """Read a committed round (and its base model, when stored) into a :class:`RoundData`."""
     manifest = store.get_manifest(job, round_)
     rm = store.read_round(job, round_, manifest=manifest)
@@ -74,6 +98,7 @@ def load_round(store: ObjectStore, job: str, round_: int, stats: ArtifactStats) 
         base=base_vec,
         stats=stats,
         sha256={c: manifest.updates[c].sha256 for c in rm.clients},
+        context=context or job_context(store, job),
     )
 
 
@@ -163,15 +188,45 @@ class CacheNode:
             node_index if node_index is not None else int(os.environ.get(ENV_NODE_INDEX, "-1"))
         )
         self.artifacts = ArtifactStats()
+        self.manifests = ManifestReader(store)
+        self._contexts: dict[str, tuple[float, JobContext]] = {}
         self.started = time.time()
         self.invocations = 0
 
     # ------------------------------------------------------------------ loading
 
+    def context(self, job: str) -> JobContext:
+        """The job's spec and validation set, shared by every shard of the job on this node."""
+        now = time.monotonic()
+        cached = self._contexts.get(job)
+        if cached is None or now - cached[0] > CONTEXT_TTL_S:
+            cached = (now, job_context(self.store, job))
+            self._contexts[job] = cached
+        return cached[1]
+
     def _loader(self, key: ShardKey) -> Any:
         if key.cls == "round":
-            return lambda: load_round(self.store, key.job, key.round, self.artifacts)
-        raise ValidationError(f"shard class {key.cls!r} is not served by this node version")
+            return lambda: load_round(
+                self.store, key.job, key.round, self.artifacts, self.context(key.job)
+            )
+        if key.cls == "meta":
+            return lambda: load_meta(self.manifests, key.job)
+        if key.cls == "client":
+            return lambda: load_client(self.manifests, key.job, key.part)
+        return lambda: GlobalModels(key.job, self.store, self.context(key.job))
+
+    def _refresh(self, key: ShardKey, value: Any, force: bool = False) -> Any:
+        """Bring a meta or client shard up to date with newly committed rounds."""
+        if not isinstance(value, JobMeta | ClientHistory):
+            return value
+        if not force and time.monotonic() - value.loaded_at < REFRESH_S:
+            return value
+        if isinstance(value, JobMeta):
+            fresh: Any = load_meta(self.manifests, key.job, known=value)
+        else:
+            fresh = load_client(self.manifests, key.job, key.part)
+        self.cache.put(key, fresh)
+        return fresh
 
     def load(self, shards: list[str]) -> dict[str, Any]:
         loaded: list[str] = []
@@ -186,6 +241,8 @@ class CacheNode:
                 with self.cache.using(key, self._loader(key)) as (value, hit):
                     if isinstance(value, RoundData):
                         value.warm()
+                    elif hit:
+                        self._refresh(key, value, force=True)
                 (already if hit else loaded).append(text)
             except NotFoundError as exc:
                 failed[text] = exc.message
@@ -197,23 +254,60 @@ class CacheNode:
         workload = get(event.get("workload", ""))
         job = validate_job(event.get("job"))
         params = workload.validate(event.get("params"))
-        if workload.cls != "round":
-            raise ValidationError(f"workload class {workload.cls!r} is not served yet")
-        round_ = validate_round(event.get("round"))
-        key = round_shard(job, round_)
         gets_before = self.store.gets
         t0 = time.perf_counter()
-        with self.cache.using(key, self._loader(key)) as (data, hit):
-            t1 = time.perf_counter()
-            result = run_round_workload(self.store, workload, data, params, data.results_written)
+        if workload.cls == "round":
+            key = round_shard(job, validate_round(event.get("round")))
+            with self.cache.using(key, self._loader(key)) as (data, hit):
+                t1 = time.perf_counter()
+                result = run_round_workload(
+                    self.store, workload, data, params, data.results_written
+                )
+            hits = [hit]
+        elif workload.cls == "client":
+            result, hits, t1 = self._run_clients(workload, job, event, params)
+        else:
+            key = meta_shard(job) if workload.cls == "meta" else model_shard(job)
+            with self.cache.using(key, self._loader(key)) as (value, hit):
+                value = self._refresh(key, value)
+                t1 = time.perf_counter()
+                out = workload.run(value, params)
+                result = dict(out.result if isinstance(out, WorkloadResult) else out)
+                if isinstance(value, GlobalModels):
+                    self.cache.put(key, value)  # models loaded on demand: re-account its size
+            hits = [hit]
         t2 = time.perf_counter()
+        state = "hit" if all(hits) else "miss" if not any(hits) else "partial"
         return {
             "result": result,
-            "cache": "hit" if hit else "miss",
+            "cache": state,
             "node": self.node_index,
             "timing_ms": {"load": (t1 - t0) * 1000, "compute": (t2 - t1) * 1000},
             "s3_gets": self.store.gets - gets_before,
         }
+
+    def _run_clients(
+        self, workload: Workload, job: str, event: dict[str, Any], params: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[bool], float]:
+        clients = event.get("clients")
+        if not isinstance(clients, list) or not clients:
+            raise ValidationError("a client-class run needs 'clients': a non-empty list")
+        rounds = event.get("rounds")
+        wanted = None if rounds is None else {validate_round(r) for r in rounds}
+        histories: dict[str, ClientHistory] = {}
+        hits: list[bool] = []
+        with contextlib.ExitStack() as pins:
+            for client in clients:
+                key = client_shard(job, client)
+                value, hit = pins.enter_context(self.cache.using(key, self._loader(key)))
+                value = self._refresh(key, value)
+                if wanted is not None:
+                    value = ClientHistory(job, client, [r for r in value.rows if r.round in wanted])
+                histories[client] = value
+                hits.append(hit)
+            t1 = time.perf_counter()
+            partial = workload.run(histories, params)
+        return dict(partial), hits, t1
 
     # ------------------------------------------------------------------ the rest
 

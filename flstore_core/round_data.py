@@ -19,6 +19,8 @@ import numpy as np
 import numpy.typing as npt
 
 from flstore_core.codec import TensorSpec
+from flstore_core.errors import InvalidParamsError, NotFoundError
+from flstore_core.manifest import JobSpec
 
 T = TypeVar("T")
 F32 = npt.NDArray[np.float32]
@@ -34,6 +36,55 @@ class ArtifactStats:
 
     def to_dict(self) -> dict[str, dict[str, int]]:
         return {"computed": dict(self.computed), "reused": dict(self.reused)}
+
+
+Validation = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
+
+
+class JobContext:
+    """What model-based workloads need beyond a round: the job's spec and validation set.
+
+    The validation set is loaded on first use and kept; a workload that needs a model or a
+    validation set the job does not have gets a 400 saying how to declare it.
+    """
+
+    def __init__(self, spec: JobSpec, load_validation: Callable[[], Validation]) -> None:
+        self.spec = spec
+        self._load_validation = load_validation
+        self._validation: Validation | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def job(self) -> str:
+        return self.spec.job
+
+    def model_name(self) -> str:
+        """The job's model architecture; 400 if the job declares none."""
+        if not self.spec.model:
+            raise InvalidParamsError(
+                f"job {self.job!r} declares no model, which this workload needs: declare it "
+                f"with `flstore job create {self.job} --model digits_cnn` (or resnet18_cifar)"
+            )
+        return self.spec.model
+
+    def validation(self) -> Validation:
+        """The job's validation set ``(x, y)``; 400 if the job has none."""
+        with self._lock:
+            if self._validation is None:
+                try:
+                    self._validation = self._load_validation()
+                except NotFoundError:
+                    raise InvalidParamsError(
+                        f"job {self.job!r} has no validation set, which this workload needs: "
+                        f"upload one with `flstore job create {self.job} --model NAME "
+                        "--validation FILE.safetensors` (tensors x and y)"
+                    ) from None
+            return self._validation
+
+    @property
+    def nbytes(self) -> int:
+        v = self._validation
+        return 0 if v is None else int(v[0].nbytes + v[1].nbytes)
 
 
 class RoundData:
@@ -54,6 +105,7 @@ class RoundData:
         base: F32 | None = None,
         stats: ArtifactStats | None = None,
         sha256: dict[str, str] | None = None,
+        context: JobContext | None = None,
     ) -> None:
         self.job = job
         self.round = round_
@@ -63,6 +115,7 @@ class RoundData:
         self.metrics = metrics
         self.base = base
         self.sha256 = sha256 or {}
+        self._context = context
         if base is not None:
             matrix -= base  # in place: the node keeps one matrix, not two
         self.matrix = matrix
@@ -71,7 +124,19 @@ class RoundData:
         # model results this node already wrote to S3 for this round (their keys are
         # deterministic in params and content), so a repeated request skips the PUT
         self.results_written: set[str] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # artifacts build on artifacts (distances on gram)
+
+    @property
+    def context(self) -> JobContext:
+        """The job's spec and validation set (model-based workloads)."""
+        if self._context is None:
+            raise InvalidParamsError(f"no job context for job {self.job!r}")
+        return self._context
+
+    def client_weights(self, row: int) -> F32:
+        """Client ``row``'s model weights as a vector (its stored tensors)."""
+        out: F32 = self.to_weights(self.matrix[row])
+        return out
 
     @property
     def is_delta(self) -> bool:

@@ -43,10 +43,20 @@ from flstore_core.errors import (
     ValidationError,
     error_from_dict,
 )
-from flstore_core.ids import validate_job, validate_round
-from flstore_core.placement import ShardKey, node_name, place_shard, rank_nodes, round_shard
+from flstore_core.ids import validate_client, validate_job, validate_round
+from flstore_core.placement import (
+    ShardKey,
+    client_shard,
+    meta_shard,
+    model_shard,
+    node_name,
+    place_shard,
+    rank_nodes,
+    round_shard,
+)
+from flstore_core.shards import ManifestReader
 from flstore_core.store import ObjectStore
-from flstore_core.workloads import catalogue, get
+from flstore_core.workloads import Workload, catalogue, get
 
 if TYPE_CHECKING:
     from mypy_boto3_lambda import LambdaClient
@@ -191,6 +201,7 @@ class Router:
         self.config = config or RouterConfig()
         self.prices = prices
         self._known_jobs: dict[str, float] = {}
+        self.manifests = ManifestReader(store)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="router")
 
@@ -218,7 +229,7 @@ class Router:
         self.tokens.authorize(authorization, job)
         self._require_job(job)
         manifests = list(
-            self._pool.map(lambda r: self.store.get_manifest(job, r), self.store.list_rounds(job))
+            self._pool.map(lambda r: self.manifests.get(job, r), self.manifests.rounds(job))
         )
         return {
             "job": job,
@@ -236,25 +247,43 @@ class Router:
         request = parse_body(body)
         workload = get(name)
         params = workload.validate(request.get("params"))
-        if workload.cls != "round":
-            raise ValidationError(f"workload class {workload.cls!r} is not served yet")
-        if "round" not in request:
-            raise ValidationError(f"workload {name!r} needs 'round' in the body")
-        round_ = validate_round(request["round"])
+        round_: int | None = None
+        rounds: list[int] | None = None
+        if workload.cls == "round":
+            if "round" not in request:
+                raise ValidationError(f"workload {name!r} needs 'round' in the body")
+            round_ = validate_round(request["round"])
+        elif request.get("round") is not None:
+            raise ValidationError(
+                f"workload {name!r} is of class {workload.cls!r} and spans rounds: send "
+                "'rounds' (a list) or nothing instead of 'round'"
+            )
+        if request.get("rounds") is not None:
+            if not isinstance(request["rounds"], list):
+                raise ValidationError("'rounds' must be a list of round numbers")
+            rounds = [validate_round(r) for r in request["rounds"]]
         self._require_job(job)
-        event = {"op": "run", "workload": name, "job": job, "round": round_, "params": params}
-        shard = round_shard(job, round_)
-        plan = self.plan(str(shard))
-        answer, tried, invocations = self._invoke_in_order(plan, event)
-        payload = answer.payload
-        if "error" in payload:
-            raise error_from_dict(payload, int(payload.get("status", 500)))
-        result = payload["result"]
-        result = self._maybe_offload(job, name, round_, result)
-        latency_ms = (time.perf_counter() - t0) * 1000
-        cost = flstore_request_cost(
-            invocations, s3_gets=int(payload.get("s3_gets", 0)), prices=self.prices
-        )
+        event: dict[str, Any] = {"op": "run", "workload": name, "job": job, "params": params}
+        if workload.cls == "client":
+            result, answers, tried, invocations = self._scatter_clients(
+                workload, job, params, rounds, event
+            )
+        else:
+            if workload.cls == "round":
+                assert round_ is not None
+                shard = round_shard(job, round_)
+                event["round"] = round_
+            else:
+                shard = meta_shard(job) if workload.cls == "meta" else model_shard(job)
+                if rounds is not None:
+                    event["rounds"] = rounds
+            answer, tried, invocations = self._invoke_in_order(self.plan(str(shard)), event)
+            answers = [self._checked(answer.payload)]
+            result = answers[0]["result"]
+        result = self._maybe_offload(job, name, round_ or 0, result)
+        s3_gets = sum(int(a.get("s3_gets", 0)) for a in answers)
+        states = {a.get("cache", "miss") for a in answers}
+        cost = flstore_request_cost(invocations, s3_gets=s3_gets, prices=self.prices)
         return {
             "job": job,
             "workload": name,
@@ -262,13 +291,65 @@ class Router:
             "result": result,
             "meta": {
                 "nodes": tried,
-                "cache": payload.get("cache", "miss"),
-                "latency_ms": round(latency_ms, 3),
+                "cache": states.pop() if len(states) == 1 else "partial",
+                "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
                 "cost_usd": cost.total,
-                "node_timing_ms": payload.get("timing_ms", {}),
-                "s3_gets": int(payload.get("s3_gets", 0)),
+                "node_timing_ms": answers[0].get("timing_ms", {}) if len(answers) == 1 else {},
+                "s3_gets": s3_gets,
             },
         }
+
+    @staticmethod
+    def _checked(payload: dict[str, Any]) -> dict[str, Any]:
+        if "error" in payload:
+            raise error_from_dict(payload, int(payload.get("status", 500)))
+        return payload
+
+    def job_clients(self, job: str) -> list[str]:
+        """Every client that took part in a committed round of the job."""
+        return sorted(
+            {c for r in self.manifests.rounds(job) for c in self.manifests.get(job, r).updates}
+        )
+
+    def _scatter_clients(
+        self,
+        workload: Workload,
+        job: str,
+        params: dict[str, Any],
+        rounds: list[int] | None,
+        event: dict[str, Any],
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[str], list[Invocation]]:
+        """Send each node the clients whose history it owns; merge what they return."""
+        wanted = params.get("clients")
+        clients = [validate_client(c) for c in wanted] if wanted else self.job_clients(job)
+        if not clients:
+            raise NotFoundError(f"job {job!r} has no committed round with clients yet")
+        groups: dict[int, list[str]] = {}
+        for c in clients:
+            groups.setdefault(
+                rank_nodes(str(client_shard(job, c)), self.config.nodes)[0], []
+            ).append(c)
+
+        def one(members: list[str]) -> tuple[NodeAnswer, list[str], list[Invocation]]:
+            sub = {**event, "clients": members}
+            if rounds is not None:
+                sub["rounds"] = rounds
+            # every member has this node as primary; the plan of the first is the group's
+            return self._invoke_in_order(self.plan(str(client_shard(job, members[0]))), sub)
+
+        outcomes = list(self._pool.map(one, [groups[i] for i in sorted(groups)]))
+        answers = [self._checked(a.payload) for a, _, _ in outcomes]
+        merged: dict[str, Any] = {}
+        for a in answers:
+            for key, value in a["result"].items():
+                if isinstance(value, dict):
+                    merged.setdefault(key, {}).update(value)
+                else:
+                    merged.setdefault(key, value)
+        result = workload.finalize(merged, params) if workload.finalize else merged
+        tried = [t for _, ts, _ in outcomes for t in ts]
+        invocations = [i for _, _, inv in outcomes for i in inv]
+        return result, answers, tried, invocations
 
     # ------------------------------------------------------------------ planning and invoking
 

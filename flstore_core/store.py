@@ -506,6 +506,16 @@ class ObjectStore:
         self._put(key, encode_update(update, spec.precision).data)
         return key
 
+    def list_global_rounds(self, job: str) -> list[int]:
+        """Rounds that have a stored global model, ascending."""
+        prefix = layout.job_prefix(job) + "global/"
+        rounds = []
+        for item in self._list(prefix):
+            name = item["Key"][len(prefix) :].removesuffix(layout.UPDATE_SUFFIX)
+            if len(name) == 8 and name.isdigit():
+                rounds.append(int(name))
+        return sorted(rounds)
+
     def get_global(self, job: str, round_: int) -> Update:
         """The aggregated model after ``round_``."""
         data = self._get(layout.global_key(job, round_), f"global model of round {round_}")

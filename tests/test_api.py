@@ -54,6 +54,10 @@ def stack(s3_server: Any) -> Iterator[LocalStack]:
         for i in range(4):
             st.store.put_update("big", 0, f"c{i}", big_update(i))
         st.store.commit_round("big", 0)
+        for r in range(3):
+            entries = [st.store.put_update("hist", r, f"h{i}", small_update(i)) for i in range(6)]
+            cos = {f"h{i}": {"cos_to_mean": 1.0 - 0.1 * i - 0.01 * r} for i in range(6)}
+            st.store.commit_round("hist", r, entries, summaries=cos)
         st.store.put_job_spec(st.store.get_job_spec("demo"))
         yield st
 
@@ -236,3 +240,35 @@ def test_killed_primary_during_a_request_still_answers(stack: LocalStack) -> Non
     killer.join()
     assert status == 200 and body["result"] == expected
     assert body["meta"]["nodes"][0] == primary and len(body["meta"]["nodes"]) >= 2
+
+
+def test_client_workload_gathers_histories_from_their_owner_nodes(stack: LocalStack) -> None:
+    from flstore_core.placement import client_shard, rank_nodes
+
+    owners = {rank_nodes(str(client_shard("hist", f"h{i}")), 3)[0] for i in range(6)}
+    assert len(owners) > 1  # the histories really live on several nodes
+    round_owner = place_shard(round_shard("hist", 2), 3, 2)[0]
+    status, body = run(stack, "hist", "reputation", {"params": {"decay": 0.5}})
+    assert status == 200, body
+    assert len(set(body["meta"]["nodes"])) == len(owners)
+    assert {node_name("flstore", i) for i in owners} - {node_name("flstore", round_owner)}
+    values = body["result"]["values"]
+    for i in range(6):
+        c = [1.0 - 0.1 * i - 0.01 * r for r in range(3)]
+        expect = (0.25 * c[0] + 0.5 * c[1] + c[2]) / 1.75
+        assert values[f"h{i}"] == pytest.approx(expect)
+    assert body["result"]["selected"] == [f"h{i}" for i in range(6)]
+
+
+def test_rounds_in_the_body_restrict_a_client_workload(stack: LocalStack) -> None:
+    status, body = run(
+        stack, "hist", "incentive", {"rounds": [0], "params": {"metric": "cos_to_mean"}}
+    )
+    assert status == 200, body
+    assert list(body["result"]["rounds"]) == ["0"]
+    assert sum(body["result"]["values"].values()) == pytest.approx(100.0)
+
+
+def test_round_is_refused_for_a_class_that_spans_rounds(stack: LocalStack) -> None:
+    status, body = run(stack, "hist", "reputation", {"round": 0})
+    assert status == 400 and "rounds" in body["error"]["message"]

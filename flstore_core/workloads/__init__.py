@@ -22,10 +22,24 @@ import numpy.typing as npt
 from flstore_core.errors import InvalidParamsError, NotFoundError
 
 WorkloadClass = Literal["round", "client", "model", "meta"]
-ParamType = Literal["int", "float", "bool", "str"]
+ParamType = Literal["int", "float", "bool", "str", "array"]
+MAX_ARRAY_ITEMS = 100_000
 
 # one module per workload; imported on first use of the registry
-_MODULES = ("fedavg", "cosine_select")
+_MODULES = (
+    "fedavg",
+    "cosine_select",
+    "malicious_cosine",
+    "krum",
+    "multi_krum",
+    "trimmed_mean",
+    "kmeans",
+    "cfl_split",
+    "oort_select",
+    "reputation",
+    "incentive",
+    "inference",
+)
 
 
 @dataclass(frozen=True)
@@ -58,9 +72,14 @@ class Param:
             "float": isinstance(value, int | float) and not isinstance(value, bool),
             "bool": isinstance(value, bool),
             "str": isinstance(value, str),
+            "array": isinstance(value, list),
         }[self.type]
         if not ok:
             raise InvalidParamsError(f"param {name!r} must be of type {self.type}, got {value!r}")
+        if self.type == "array" and _count_items(value) > MAX_ARRAY_ITEMS:
+            raise InvalidParamsError(
+                f"param {name!r} has more than {MAX_ARRAY_ITEMS} values: send fewer per request"
+            )
         if self.type == "float":
             value = float(value)
             if not math.isfinite(value):
@@ -74,6 +93,12 @@ class Param:
                 f"param {name!r} must be one of {', '.join(self.choices)}, got {value!r}"
             )
         return value
+
+
+def _count_items(value: Any) -> int:
+    if isinstance(value, list):
+        return sum(_count_items(v) for v in value) if value else 0
+    return 1
 
 
 @dataclass
@@ -92,8 +117,10 @@ class Workload:
     cls: WorkloadClass
     description: str
     reference: str
-    run: Callable[..., WorkloadResult]
+    run: Callable[..., Any]
     params: Mapping[str, Param] = field(default_factory=dict)
+    # client class only: combines what every node returned for its clients into the result
+    finalize: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
 
     def validate(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
         """Params with defaults filled in; unknown or ill-typed ones raise a 400."""
@@ -161,4 +188,5 @@ def check_k(k: int, n: int, what: str = "clients") -> None:
         raise InvalidParamsError(f"k={k} but the round has only {n} {what}: use k <= {n}")
 
 
+CLIENTS = Param("array", None, "client ids (default: every client of the job)", nullable=True)
 USE_DELTA = Param("bool", True, "work on deltas w_i - base when the round's base model is stored")

@@ -1,0 +1,189 @@
+"""The model registry: architectures defined in torch, named in ``job.json`` (ARCHITECTURE §5).
+
+``build(name)`` returns a fresh :class:`torch.nn.Module` whose state-dict names and shapes are
+what the updates of a job using that model carry, so a row of a round matrix (or any weights
+vector) can be loaded back into a runnable model with :func:`load_vector`. torch is imported
+lazily: nothing else in ``flstore_core`` needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from flstore_core.codec import TensorSpec
+from flstore_core.errors import InvalidParamsError, ValidationError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+_BUILDERS: dict[str, Callable[[], nn.Module]] = {}
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {
+    "digits_cnn": (1, 8, 8),
+    "resnet18_cifar": (3, 32, 32),
+}
+NUM_CLASSES = {"digits_cnn": 10, "resnet18_cifar": 10}
+
+
+def names() -> list[str]:
+    """Registered model names."""
+    return sorted(INPUT_SHAPES)
+
+
+def build(name: str, seed: int | None = None) -> nn.Module:
+    """A fresh model of architecture ``name`` (deterministic when ``seed`` is given)."""
+    import torch
+
+    if name not in INPUT_SHAPES:
+        raise ValidationError(f"unknown model {name!r}; known models: {', '.join(names())}")
+    if not _BUILDERS:
+        _register_builders()
+    if seed is not None:
+        torch.manual_seed(seed)
+    return _BUILDERS[name]()
+
+
+def state_specs(model: nn.Module) -> list[TensorSpec]:
+    """Tensor specs (names, dtypes, shapes) of a model's state dict, in order."""
+    from flstore_core.codec import dtype_name
+
+    return [
+        TensorSpec(k, dtype_name(np.dtype(str(v.dtype).removeprefix("torch."))), tuple(v.shape))
+        for k, v in model.state_dict().items()
+    ]
+
+
+def state_arrays(model: nn.Module) -> dict[str, npt.NDArray[Any]]:
+    """The model's state dict as numpy arrays (an :class:`~flstore_core.codec.Update`'s form)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def load_vector(
+    model: nn.Module, vector: npt.NDArray[Any], specs: Sequence[TensorSpec]
+) -> nn.Module:
+    """Load a flattened weights vector (a round-matrix row) into ``model``; names must agree."""
+    import torch
+
+    state = model.state_dict()
+    names_model = list(state)
+    names_specs = [s.name for s in specs]
+    if names_model != names_specs:
+        missing = sorted(set(names_model) ^ set(names_specs))
+        raise InvalidParamsError(
+            f"the job's updates do not match its model: tensor {missing[0] if missing else '?'!r} "
+            "differs; declare the model the clients train (flstore job create J --model NAME)"
+        )
+    pos = 0
+    new_state = {}
+    for spec in specs:
+        n = spec.numel
+        chunk = np.asarray(vector[pos : pos + n]).reshape(spec.shape)
+        pos += n
+        target = state[spec.name]
+        if tuple(target.shape) != spec.shape:
+            raise InvalidParamsError(
+                f"tensor {spec.name!r} has shape {list(spec.shape)} in the updates but "
+                f"{list(target.shape)} in the model"
+            )
+        if target.dtype.is_floating_point:
+            new_state[spec.name] = torch.from_numpy(np.ascontiguousarray(chunk, np.float32)).to(
+                target.dtype
+            )
+        else:
+            new_state[spec.name] = torch.from_numpy(np.asarray(np.rint(chunk), dtype=np.int64)).to(
+                target.dtype
+            )
+    model.load_state_dict(new_state)
+    return model
+
+
+def predict(
+    model: nn.Module, x: npt.NDArray[np.float32], batch: int = 512
+) -> npt.NDArray[np.int64]:
+    """Class predictions of ``model`` on ``x`` (evaluation mode, no gradients)."""
+    import torch
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            logits = model(torch.from_numpy(np.array(x[i : i + batch], dtype=np.float32)))
+            out.append(logits.argmax(dim=1).numpy())
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def accuracy(model: nn.Module, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> float:
+    """Fraction of ``x`` that ``model`` classifies as ``y``."""
+    if len(y) == 0:
+        return 0.0
+    return float((predict(model, x) == y).mean())
+
+
+def _register_builders() -> None:
+    import torch
+    from torch import nn
+
+    class DigitsCNN(nn.Module):
+        """A small CNN for 1×8×8 digits (scikit-learn's ``load_digits``), 10 classes."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+            self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+            self.fc1 = nn.Linear(32 * 4 * 4, 64)
+            self.fc2 = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.conv1(x))
+            x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
+            x = torch.relu(self.fc1(x.flatten(1)))
+            return self.fc2(x)  # type: ignore[no-any-return]
+
+    class BasicBlock(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.shortcut = nn.Sequential()
+            if stride != 1 or cin != cout:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+                )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            return torch.relu(out + self.shortcut(x))
+
+    class ResNet18Cifar(nn.Module):
+        """ResNet-18 for 3×32×32 inputs (3×3 stem, no max-pool), 10 classes: 11.2M params."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(64)
+            layers = []
+            cin = 64
+            for i, cout in enumerate((64, 128, 256, 512)):
+                stride = 1 if i == 0 else 2
+                layers.append(
+                    nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1))
+                )
+                cin = cout
+            self.layer1, self.layer2, self.layer3, self.layer4 = layers
+            self.linear = nn.Linear(512, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.relu(self.bn1(self.conv1(x)))
+            out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+            out = torch.nn.functional.adaptive_avg_pool2d(out, 1).flatten(1)
+            return self.linear(out)  # type: ignore[no-any-return]
+
+    _BUILDERS["digits_cnn"] = DigitsCNN
+    _BUILDERS["resnet18_cifar"] = ResNet18Cifar

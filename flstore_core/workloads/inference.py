@@ -1,0 +1,77 @@
+"""Inference with a stored global model: predictions on given inputs, accuracy on labels.
+
+The model after round ``round`` (default: the latest stored) is rebuilt from the job's model
+architecture (``flstore_core.models``) and run on ``inputs`` (a nested list shaped like the
+model's input batch) or, when none are given, on the job's validation set, reporting accuracy
+when labels are known. Class ``model``: the node keeps the latest global models in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from flstore_core import models
+from flstore_core.errors import InvalidParamsError
+from flstore_core.shards import GlobalModels
+from flstore_core.workloads import Param, Workload, WorkloadResult, register
+
+
+def inference(
+    shard: GlobalModels,
+    round: int | None = None,
+    inputs: list[Any] | None = None,
+    labels: list[int] | None = None,
+) -> WorkloadResult:
+    """Predictions (and accuracy) of the global model after ``round``."""
+    name = shard.context.model_name()
+    r = shard.latest_round() if round is None else round
+    vector, specs = shard.get(r)
+    model = models.load_vector(models.build(name), vector, specs)
+    shape = models.INPUT_SHAPES[name]
+    if inputs is not None:
+        try:
+            x = np.asarray(inputs, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise InvalidParamsError(f"inputs must be a nested list of numbers: {exc}") from exc
+        if x.shape[1:] != shape:
+            raise InvalidParamsError(
+                f"inputs must have shape [n, {', '.join(map(str, shape))}] for model {name!r}, "
+                f"got {list(x.shape)}"
+            )
+        y = None if labels is None else np.asarray(labels, dtype=np.int64)
+        if y is not None and y.shape != (len(x),):
+            raise InvalidParamsError("labels must be a list with one label per input")
+    else:
+        x, y = shard.context.validation()
+    preds = models.predict(model, x)
+    result: dict[str, Any] = {"round": r, "model": name, "n": len(x)}
+    if inputs is not None:
+        result["predictions"] = preds.tolist()
+    if y is not None:
+        result["accuracy"] = float((preds == y).mean()) if len(y) else 0.0
+    return WorkloadResult(result)
+
+
+WORKLOAD = register(
+    Workload(
+        name="inference",
+        cls="model",
+        description="Predictions / accuracy of a stored global model on given inputs "
+        "(or the job's validation set).",
+        reference="model serving on the stored global model",
+        run=lambda shard, params: inference(shard, **params),
+        params={
+            "round": Param(
+                "int",
+                None,
+                "global model after this round (default latest)",
+                minimum=0,
+                nullable=True,
+            ),
+            "inputs": Param("array", None, "input batch, nested lists", nullable=True),
+            "labels": Param("array", None, "labels of the inputs", nullable=True),
+        },
+    )
+)

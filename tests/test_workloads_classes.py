@@ -1,0 +1,163 @@
+"""Workloads of the meta, client and model classes: oort_select, reputation, incentive,
+inference — on small hand-checkable cases and through a cache node."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from flstore_core import models
+from flstore_core.codec import Update
+from flstore_core.manifest import JobSpec
+from flstore_core.node import CacheNode
+from flstore_core.shards import ClientHistory, ClientRound, JobMeta
+from flstore_core.store import ObjectStore
+from flstore_core.workloads import get
+from flstore_core.workloads.incentive import finalize as incentive_finalize
+from flstore_core.workloads.oort_select import oort_select, statistical_utility
+from flstore_core.workloads.reputation import reputation_series
+from tests.conftest import small_update
+
+
+def _meta(rows: dict[int, dict[str, tuple[int, dict[str, float]]]]) -> JobMeta:
+    return JobMeta(
+        JobSpec("j"),
+        {
+            r: {c: ClientRound(r, n, m, {}) for c, (n, m) in clients.items()}
+            for r, clients in rows.items()
+        },
+    )
+
+
+def test_statistical_utility_is_examples_times_rms_loss() -> None:
+    assert statistical_utility(100, {"loss_sq_mean": 4.0}) == 200.0
+    assert statistical_utility(10, {"loss": -0.5}) == 5.0  # |mean loss| when only it is known
+
+
+def test_oort_prefers_high_loss_and_penalises_slow_clients() -> None:
+    meta = _meta(
+        {
+            1: {
+                "a": (100, {"loss_sq_mean": 1.0, "duration_s": 10.0}),
+                "b": (100, {"loss_sq_mean": 4.0, "duration_s": 10.0}),
+                "c": (100, {"loss_sq_mean": 9.0, "duration_s": 40.0}),
+            }
+        }
+    )
+    out = oort_select(meta, k=1, epsilon=0.0, alpha=2.0, preferred_duration=10.0).result
+    bonus = math.sqrt(0.1 * math.log(2) / 1)
+    # c: (300 + bonus) * (10/40)^2 = 18.75 + ... < b: 200 + bonus
+    assert out["scores"]["b"] == pytest.approx(200 + bonus)
+    assert out["scores"]["c"] == pytest.approx((300 + bonus) * (10 / 40) ** 2)
+    assert out["selected"] == ["b"]
+
+
+def test_oort_explores_unseen_candidates_and_is_deterministic() -> None:
+    meta = _meta({0: {f"c{i}": (50, {"loss": 1.0 + i}) for i in range(4)}})
+    kw = {"k": 4, "epsilon": 0.5, "candidates": [f"c{i}" for i in range(4)] + ["new1", "new2"]}
+    first = oort_select(meta, seed=3, **kw).result  # type: ignore[arg-type]
+    assert first == oort_select(meta, seed=3, **kw).result  # type: ignore[arg-type]
+    assert sorted(first["explored"]) == ["new1", "new2"]
+    assert len(first["selected"]) == 4 and len(set(first["selected"])) == 4
+
+
+def test_reputation_is_the_decayed_mean_of_cosines() -> None:
+    rows = [ClientRound(r, 10, {}, {"cos_to_mean": c}) for r, c in [(0, 1.0), (1, 0.0), (2, 0.5)]]
+    rows.insert(1, ClientRound(5, 10, {}, {}))  # a round without the summary is reported
+    out = reputation_series(ClientHistory("j", "a", rows), decay=0.5)
+    # after round 2: (0.25*1 + 0.5*0 + 1*0.5) / (0.25 + 0.5 + 1)
+    assert out["series"][-1] == [2, pytest.approx(0.75 / 1.75)]
+    assert out["series"][0] == [0, 1.0] and out["missing"] == [5]
+
+
+def test_incentive_splits_each_round_budget_by_positive_contribution() -> None:
+    merged = {
+        "per_client": {
+            "a": {
+                "0": {"value": 3.0, "source": "contribution"},
+                "1": {"value": 1.0, "source": "contribution"},
+            },
+            "b": {
+                "0": {"value": 1.0, "source": "contribution"},
+                "1": {"value": -2.0, "source": "contribution"},
+            },
+        }
+    }
+    out = incentive_finalize(merged, {"budget": 100.0})
+    assert out["values"] == {"a": pytest.approx(75 + 100), "b": pytest.approx(25)}
+    assert out["selected"] == ["a", "b"]
+
+
+def _job_with_summaries(store: ObjectStore) -> None:
+    for r in range(3):
+        entries = [store.put_update("j", r, f"c{i}", small_update(i + 10 * r)) for i in range(4)]
+        summaries = {
+            f"c{i}": {"cos_to_mean": 0.9 - 0.3 * i, "contribution": 4.0 - i} for i in range(4)
+        }
+        store.commit_round("j", r, entries, summaries=summaries)
+
+
+def test_client_workloads_run_on_a_node_from_summaries_only(store: ObjectStore) -> None:
+    _job_with_summaries(store)
+    node = CacheNode(store, budget_bytes=10**8)
+    before = store.gets
+    ans = node.handle(
+        {"op": "run", "workload": "reputation", "job": "j", "clients": ["c0", "c3"], "params": {}}
+    )
+    assert "error" not in ans, ans
+    per = ans["result"]["per_client"]
+    assert per["c0"]["series"][-1][1] == pytest.approx(0.9)
+    assert per["c3"]["series"][-1][1] == pytest.approx(0.0, abs=1e-9)
+    # only manifests (and the job listing) were read: no update object
+    assert store.gets - before <= 3 + 1
+    final = get("reputation").finalize(ans["result"], {"threshold": 0.5})  # type: ignore[misc]
+    assert final["selected"] == ["c0", "c3"] and final["flagged"] == ["c3"]
+
+
+def test_meta_workload_runs_on_a_node(store: ObjectStore) -> None:
+    for r in range(2):
+        for i in range(3):
+            u = small_update(i)
+            u.metrics = {"loss": 0.5 + i, "duration_s": 1.0}
+            store.put_update("j", r, f"c{i}", u)
+        store.commit_round("j", r)
+    node = CacheNode(store, budget_bytes=10**8)
+    ans = node.handle(
+        {"op": "run", "workload": "oort_select", "job": "j", "params": {"k": 2, "epsilon": 0.0}}
+    )
+    assert ans["result"]["selected"][0] == "c2", ans
+    again = node.handle(
+        {"op": "run", "workload": "oort_select", "job": "j", "params": {"k": 2, "epsilon": 0.0}}
+    )
+    assert again["cache"] == "hit" and again["s3_gets"] == 0
+
+
+def test_inference_matches_a_direct_evaluation(store: ObjectStore) -> None:
+    model = models.build("digits_cnn", seed=1)
+    store.put_job_spec(JobSpec("m", model="digits_cnn"))
+    store.put_global("m", 0, Update(models.state_arrays(model)))
+    rng = np.random.default_rng(0)
+    x = rng.random((20, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, 20)
+    store.put_validation_set("m", x, y)
+    node = CacheNode(store, budget_bytes=10**8)
+    ans = node.handle({"op": "run", "workload": "inference", "job": "m", "params": {}})
+    assert ans["result"]["accuracy"] == pytest.approx(models.accuracy(model, x, y))
+    direct = models.predict(model, x[:3]).tolist()
+    ans = node.handle(
+        {"op": "run", "workload": "inference", "job": "m", "params": {"inputs": x[:3].tolist()}}
+    )
+    assert ans["result"]["predictions"] == direct
+    bad = node.handle(
+        {"op": "run", "workload": "inference", "job": "m", "params": {"inputs": [[1.0, 2.0]]}}
+    )
+    assert bad["status"] == 400 and "shape" in bad["error"]["message"]
+
+
+def test_model_workload_without_model_is_400(store: ObjectStore) -> None:
+    store.put_global("nomodel", 0, small_update(0))
+    node = CacheNode(store, budget_bytes=10**8)
+    ans = node.handle({"op": "run", "workload": "inference", "job": "nomodel", "params": {}})
+    assert ans["status"] == 400 and "--model" in ans["error"]["message"]
