@@ -32,7 +32,9 @@ app = typer.Typer(
 )
 local_app = typer.Typer(help="The embedded local stack (moto S3, local Lambda, local gateway).")
 token_app = typer.Typer(help="Bearer tokens for the HTTP API.")
+job_app = typer.Typer(help="Jobs: declare a model, a storage precision, a validation set.")
 app.add_typer(local_app, name="local")
+app.add_typer(job_app, name="job")
 app.add_typer(token_app, name="token")
 console = Console()
 STATE = Path(".flstore") / "local.json"
@@ -251,6 +253,40 @@ def stats() -> None:
             str(s["s3_gets"]),
         )
     console.print(table)
+
+
+def _store() -> Any:
+    """The object store of the local stack (``.flstore/local.json``), else of the environment."""
+    from flstore_core.store import ObjectStore
+
+    if STATE.exists() and not os.environ.get("FLSTORE_S3_ENDPOINT"):
+        state = json.loads(STATE.read_text())
+        return ObjectStore(state["bucket"], endpoint_url=state["s3_endpoint"])
+    return ObjectStore()
+
+
+@job_app.command("create")
+def job_create(
+    job: str = typer.Argument(..., help="Job id."),
+    model: str = typer.Option(None, "--model", help="Model architecture (digits_cnn, …)."),
+    validation: Path = typer.Option(None, "--validation", help="safetensors file with x, y."),
+    precision: str = typer.Option("float32", "--precision", help="float32, bf16 or fp16."),
+) -> None:
+    """Declare a job (or change its model, precision or validation set)."""
+    from flstore_core.jobs import create_job
+
+    try:
+        spec = create_job(
+            _store(),
+            job,
+            model=model,
+            precision=precision,
+            validation=str(validation) if validation else None,
+        )
+    except FLStoreError as exc:
+        _fail(exc)
+        return
+    console.print(f"job [bold]{spec.job}[/bold]: model={spec.model} precision={spec.precision}")
 
 
 @token_app.command("new")

@@ -1,0 +1,90 @@
+"""Declaring a job: its model, storage precision and validation set (the Python API behind
+``flstore job create``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from flstore_core import models
+from flstore_core.codec import PRECISIONS, Precision, parse_safetensors
+from flstore_core.errors import ValidationError
+from flstore_core.manifest import JobSpec
+from flstore_core.store import ObjectStore
+
+PRECISION_ALIASES: dict[str, Precision] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+
+
+def parse_precision(text: str) -> Precision:
+    """``bf16``/``bfloat16``, ``fp16``/``float16`` or ``fp32``/``float32``."""
+    try:
+        return PRECISION_ALIASES[text.lower()]
+    except KeyError:
+        raise ValidationError(
+            f"unknown precision {text!r}: use one of {', '.join(PRECISIONS)} (or bf16, fp16)"
+        ) from None
+
+
+def read_validation_file(path: str | Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """A validation set from a safetensors file holding ``x`` and ``y``."""
+    update = parse_safetensors(Path(path).read_bytes())
+    if set(update.tensors) != {"x", "y"}:
+        raise ValidationError(
+            f"{path}: a validation file holds exactly two tensors, x (inputs) and y (labels); "
+            f"found {sorted(update.tensors)}"
+        )
+    return (
+        np.asarray(update.tensors["x"], dtype=np.float32),
+        np.asarray(update.tensors["y"], dtype=np.int64),
+    )
+
+
+def create_job(
+    store: ObjectStore,
+    job: str,
+    *,
+    model: str | None = None,
+    precision: str = "float32",
+    validation: str | Path | tuple[Any, Any] | None = None,
+    hyperparameters: dict[str, Any] | None = None,
+) -> JobSpec:
+    """Declare (or re-declare) a job; checks the model name and the validation set's shape.
+
+    Everything is validated before anything is written, so a bad argument leaves the job as it
+    was.
+    """
+    if model is not None and model not in models.names():
+        raise ValidationError(f"unknown model {model!r}; known models: {', '.join(models.names())}")
+    spec = JobSpec(
+        job,
+        model=model,
+        precision=parse_precision(precision),
+        hyperparameters=hyperparameters or {},
+    )
+    data = None
+    if validation is not None:
+        x, y = (
+            read_validation_file(validation) if isinstance(validation, str | Path) else validation
+        )
+        x = np.asarray(x, dtype=np.float32)
+        y = np.asarray(y, dtype=np.int64)
+        if model is not None and tuple(x.shape[1:]) != models.INPUT_SHAPES[model]:
+            raise ValidationError(
+                f"validation x has shape {list(x.shape)} but model {model!r} takes "
+                f"[n, {', '.join(map(str, models.INPUT_SHAPES[model]))}]"
+            )
+        data = (x, y)
+    store.put_job_spec(spec)
+    if data is not None:
+        store.put_validation_set(job, *data)
+    return spec
