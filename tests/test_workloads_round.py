@@ -456,3 +456,14 @@ def test_krum_with_n_at_most_2f_plus_2_names_the_largest_valid_f(
 def test_cfl_split_needs_two_clients() -> None:
     with pytest.raises(InvalidParamsError, match="at least 2 clients"):
         run("cfl_split", make_round([[1.0, 2.0]]))
+
+
+def test_kmeans_reuses_the_gram_matrix_and_never_reads_the_rows() -> None:
+    weights, base, _ = random_round(5, n=8, d=40, outliers=2)
+    data = make_round(weights, base=base)
+    run("cosine_select", data)
+    data.matrix = np.full_like(data.matrix, np.nan)  # a fit on the rows would now fail
+    out = run("kmeans", data, k=2).result
+    expect = KMeans(n_clusters=2, n_init=10, random_state=0).fit(weights - base)
+    assert [out["labels"][f"c{i}"] for i in range(8)] == expect.labels_.tolist()
+    assert data.stats.computed["gram"] == 1 and data.stats.reused["gram"] >= 1

@@ -2,10 +2,16 @@
 
 Reference: scikit-learn ``KMeans`` (Lloyd's algorithm with k-means++ seeding, Arthur and
 Vassilvitskii 2007) minimising the within-cluster sum of squares
-``Σ_j Σ_{i ∈ C_j} ‖x_i − μ_j‖²``. The fit runs on the update rows themselves — a fit on a
-Gram-derived embedding would not reproduce scikit-learn's seeding and iterations — with
-``n_init=10`` and the given ``random_state``, so the labels are exactly those scikit-learn gives
-for the same matrix and seed.
+``Σ_j Σ_{i ∈ C_j} ‖x_i − μ_j‖²``.
+
+Every step of k-means — the k-means++ draws, assignments, centroid updates, inertia — depends on
+the rows only through their pairwise distances and inner products. n rows span at most n
+dimensions, so the fit runs on the exact n-dimensional embedding ``Y = U·√Λ`` of the round's
+Gram matrix ``G = X·Xᵀ = U·Λ·Uᵀ`` (``Y·Yᵀ = G``): the shared artifact, no pass over the
+(n, d) matrix. scikit-learn's convergence tolerance is relative to the mean per-feature
+variance, which the embedding changes by d/n, so ``tol`` is rescaled to keep the same absolute
+threshold; with the same ``random_state`` the labels are those scikit-learn gives on the rows
+themselves (up to floating-point ties), which the tests check.
 """
 
 from __future__ import annotations
@@ -19,6 +25,17 @@ from flstore_core.round_data import RoundData
 from flstore_core.workloads import USE_DELTA, Param, Workload, WorkloadResult, check_k, register
 
 N_INIT = 10
+TOL = 1e-4  # scikit-learn's default
+
+
+def gram_embedding(gram: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Rows ``Y`` with ``Y·Yᵀ = gram``: pairwise distances and inner products of the originals."""
+    eigval, eigvec = np.linalg.eigh(gram)
+    keep = eigval > eigval.max() * 1e-12 if eigval.max() > 0 else eigval > 0
+    if not keep.any():
+        return np.zeros((gram.shape[0], 1))
+    out: npt.NDArray[np.float64] = eigvec[:, keep] * np.sqrt(eigval[keep])
+    return out
 
 
 def kmeans(data: RoundData, k: int = 2, seed: int = 0, use_delta: bool = True) -> WorkloadResult:
@@ -44,10 +61,10 @@ def kmeans(data: RoundData, k: int = 2, seed: int = 0, use_delta: bool = True) -
     if k < 2:
         raise InvalidParamsError(f"param 'k' must be >= 2 to split the round, got {k}")
     check_k(k, data.n)
-    rows: npt.NDArray[np.float32] = data.matrix
-    if data.base is not None and not use_delta:
-        rows = data.matrix + data.base  # a transient copy: the node keeps deltas only
-    model = KMeans(n_clusters=k, n_init=N_INIT, random_state=seed).fit(rows)
+    rows = gram_embedding(data.gram(use_delta))
+    d = int(data.matrix.shape[1])
+    tol = TOL * rows.shape[1] / d  # same absolute threshold as on the (n, d) rows
+    model = KMeans(n_clusters=k, n_init=N_INIT, random_state=seed, tol=tol).fit(rows)
     labels = np.asarray(model.labels_, dtype=np.int64)
     return WorkloadResult(
         {
