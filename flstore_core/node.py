@@ -53,6 +53,10 @@ BUDGET_SHARE = 0.70  # of the function's memory, when no explicit budget is conf
 # after ingestion refreshes them at once)
 REFRESH_S = 30.0
 CONTEXT_TTL_S = 60.0
+# aggregate models materialised when a round is prefetched (FLSTORE_PREFETCH_MODELS, comma list)
+PREFETCH_MODELS = tuple(
+    n for n in os.environ.get("FLSTORE_PREFETCH_MODELS", "fedavg").split(",") if n.strip()
+)
 
 
 def default_budget() -> int:
@@ -128,6 +132,8 @@ def store_model(
     key = result_key(workload, data, params)
     if written is not None and key in written:
         return key
+    if callable(model):
+        model = model()
     update = Update(
         unflatten(model, data.specs),
         num_examples=int(data.num_examples.sum()),
@@ -240,13 +246,23 @@ class CacheNode:
             try:
                 with self.cache.using(key, self._loader(key)) as (value, hit):
                     if isinstance(value, RoundData):
-                        value.warm()
+                        self._warm_round(value)
                     elif hit:
                         self._refresh(key, value, force=True)
                 (already if hit else loaded).append(text)
             except NotFoundError as exc:
                 failed[text] = exc.message
         return {"loaded": loaded, "already": already, "failed": failed}
+
+    def _warm_round(self, data: RoundData) -> None:
+        """Prefetch-time work on a round: the shared artifacts, and the round's default
+        aggregate models written to ``results/`` so that a request for them does no PUT."""
+        data.warm()
+        for name in PREFETCH_MODELS:
+            workload = get(name)
+            run_round_workload(
+                self.store, workload, data, workload.validate({}), data.results_written
+            )
 
     # ------------------------------------------------------------------ running
 

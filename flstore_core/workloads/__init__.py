@@ -103,10 +103,19 @@ def _count_items(value: Any) -> int:
 
 @dataclass
 class WorkloadResult:
-    """What a workload returns: JSON-able result fields and, optionally, a model to store."""
+    """What a workload returns: JSON-able result fields and, optionally, a model to store.
+
+    ``model`` is a weights vector, or a function computing it: the code that stores results
+    skips the computation when it already wrote that exact model (its key is deterministic in
+    the workload, its params and the round's content).
+    """
 
     result: dict[str, Any]
-    model: npt.NDArray[np.float32] | None = None
+    model: npt.NDArray[np.float32] | Callable[[], npt.NDArray[np.float32]] | None = None
+
+    def model_vector(self) -> npt.NDArray[np.float32] | None:
+        """The model, computed now if it was deferred."""
+        return self.model() if callable(self.model) else self.model
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Data", AISTATS 2017 — ``w = Σ_k (n_k / n) w_k`` with ``n_k`` the client's exa
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from flstore_core.round_data import RoundData
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
@@ -17,8 +18,11 @@ def fedavg(data: RoundData, weighted: bool = True) -> WorkloadResult:
     weights = data.num_examples.astype(np.float64) if weighted else np.ones(data.n)
     if weights.sum() <= 0:  # every client reported 0 examples: fall back to the plain mean
         weights = np.ones(data.n)
+
     # averaging deltas and adding the base equals averaging the models: Σ w_i (b + d_i) / Σ w_i
-    model = data.to_weights(data.weighted_mean(weights))
+    def model() -> npt.NDArray[np.float32]:
+        return data.to_weights(data.weighted_mean(weights))
+
     return WorkloadResult(
         {
             "clients": list(data.clients),
