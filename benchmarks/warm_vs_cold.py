@@ -5,13 +5,13 @@ parameters, different per client, with an initial model as the round's base. Eac
 ``cosine_select`` (k=3) or ``fedavg``, sent over HTTP by :class:`FLStoreClient`:
 
 - ``flstore-warm``: to the local gateway → router → cache node, right after every node was
-  emptied and the round prefetched (so the data and its shared artifacts are in memory, and the
-  node has not yet written this request's model: what the first request of a round costs);
+  emptied and the round prefetched — what the first request after ingestion costs: the data
+  and its shared artifacts are in memory, and prefetch had the round's primary materialise the
+  default FedAvg model in ``results/`` (the PUT happens at prefetch, not in the request);
 - ``flstore-cold``: to the gateway after every node was emptied, so the node loads from S3;
 - ``objstore-agg``: to the S3-backed aggregator process;
 - ``cache-agg``: to the Redis-backed aggregator process;
-- ``flstore-warm-repeat`` (``fedavg`` only): the same request again on the warm node, which
-  remembers the model it already wrote and skips encoding and PUTting it again.
+- ``flstore-warm-repeat`` (``fedavg`` only): the same request again on the warm node.
 
 All systems run interleaved in one run (``benchmarks.report.interleave``); the untimed
 preparation (evict, prefetch) happens outside the measured call. Before timing, the four

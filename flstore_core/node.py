@@ -234,7 +234,10 @@ class CacheNode:
         self.cache.put(key, fresh)
         return fresh
 
-    def load(self, shards: list[str]) -> dict[str, Any]:
+    def load(self, shards: list[str], models: list[str] | None = None) -> dict[str, Any]:
+        """Load shards now; round shards listed in ``models`` also get their default aggregate
+        models written (the router asks only a round's primary, so one node writes them)."""
+        with_models = set(models or ())
         loaded: list[str] = []
         already: list[str] = []
         failed: dict[str, str] = {}
@@ -246,7 +249,7 @@ class CacheNode:
             try:
                 with self.cache.using(key, self._loader(key)) as (value, hit):
                     if isinstance(value, RoundData):
-                        self._warm_round(value)
+                        self._warm_round(value, text in with_models)
                     elif hit:
                         self._refresh(key, value, force=True)
                 (already if hit else loaded).append(text)
@@ -254,11 +257,12 @@ class CacheNode:
                 failed[text] = exc.message
         return {"loaded": loaded, "already": already, "failed": failed}
 
-    def _warm_round(self, data: RoundData) -> None:
-        """Prefetch-time work on a round: the shared artifacts, and the round's default
-        aggregate models written to ``results/`` so that a request for them does no PUT."""
+    def _warm_round(self, data: RoundData, models: bool) -> None:
+        """Prefetch-time work on a round: the shared artifacts and, when asked, the round's
+        default aggregate models written to ``results/`` so that a request for them does no
+        PUT."""
         data.warm()
-        for name in PREFETCH_MODELS:
+        for name in PREFETCH_MODELS if models else ():
             workload = get(name)
             run_round_workload(
                 self.store, workload, data, workload.validate({}), data.results_written
@@ -362,7 +366,10 @@ class CacheNode:
                 shards = event.get("shards")
                 if not isinstance(shards, list):
                     raise ValidationError("load needs 'shards': a list of shard keys")
-                return self.load(shards)
+                models = event.get("models")
+                if models is not None and not isinstance(models, list):
+                    raise ValidationError("load's 'models' must be a list of shard keys")
+                return self.load(shards, models)
             if op == "run":
                 return self.run(event)
             if op == "stats":

@@ -413,18 +413,24 @@ class Router:
         return {"result_key": key, "bytes": len(body)}
 
     def prefetch(self, shards: list[ShardKey]) -> dict[str, Any]:
-        """Ask every owner (primary and replicas) of each shard to load it now."""
+        """Ask every owner (primary and replicas) of each shard to load it now.
+
+        Only the primary also materialises a round's default aggregate models in ``results/``:
+        one writer per object.
+        """
         by_node: dict[int, list[str]] = {}
+        primary_of: dict[int, list[str]] = {}
         for shard in shards:
-            for index in place_shard(shard, self.config.nodes, self.config.replication):
+            owners = place_shard(shard, self.config.nodes, self.config.replication)
+            for index in owners:
                 by_node.setdefault(index, []).append(str(shard))
+            primary_of.setdefault(owners[0], []).append(str(shard))
 
         def load(index: int) -> tuple[str, Any]:
             function = node_name(self.config.prefix, index)
+            event = {"op": "load", "shards": by_node[index], "models": primary_of.get(index, [])}
             try:
-                return function, self.invoker.invoke(
-                    function, {"op": "load", "shards": by_node[index]}
-                ).payload
+                return function, self.invoker.invoke(function, event).payload
             except NodeFailure as exc:
                 return function, {"error": {"code": "unavailable", "message": str(exc)}}
 

@@ -272,3 +272,19 @@ def test_rounds_in_the_body_restrict_a_client_workload(stack: LocalStack) -> Non
 def test_round_is_refused_for_a_class_that_spans_rounds(stack: LocalStack) -> None:
     status, body = run(stack, "hist", "reputation", {"round": 0})
     assert status == 400 and "rounds" in body["error"]["message"]
+
+
+def test_prefetch_writes_the_round_fedavg_model_once_on_the_primary(stack: LocalStack) -> None:
+    assert stack.router is not None and stack.store is not None
+    shard = round_shard("demo", 0)
+    owners = place_shard(shard, 3, 2)
+    for i in range(3):
+        stack.router.node_op(i, {"op": "evict", "all": True})
+    puts = {i: stack.router.node_op(i, {"op": "stats"})["s3_puts"] for i in range(3)}
+    stack.router.prefetch([shard])
+    wrote = {i: stack.router.node_op(i, {"op": "stats"})["s3_puts"] - puts[i] for i in range(3)}
+    assert wrote[owners[0]] == 1 and wrote[owners[1]] == 0
+    status, body = run(stack, "demo", "fedavg", {"round": 0})
+    assert status == 200 and stack.store.get_object(body["result"]["model_key"])
+    after = {i: stack.router.node_op(i, {"op": "stats"})["s3_puts"] - puts[i] for i in range(3)}
+    assert after == wrote  # the request found its model already written
