@@ -39,6 +39,12 @@ _MODULES = (
     "reputation",
     "incentive",
     "inference",
+    "accuracy_select",
+    "contribution_loo",
+    "contribution_shapley",
+    "personalize",
+    "feddebug",
+    "fltrust",
 )
 
 

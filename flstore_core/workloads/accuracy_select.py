@@ -1,0 +1,104 @@
+"""Accuracy selection: the k clients whose own model scores best on the job's validation set.
+
+Reference: FLStore artifact, client-scheduling workload — every client model of the round is
+rebuilt from its stored weights (the job's architecture, :mod:`flstore_core.models`) and
+evaluated on the server-side validation set ``(x, y)`` of the job;
+``score_i = (1/|V|) Σ_{(x, y) ∈ V} [argmax f(x; w_i) = y]`` and the ``k`` clients of highest
+score are selected (ties broken by client id).
+
+:class:`ValidationScorer` is shared by every model-based workload of the catalogue: one model
+instance per request, weights vectors loaded into it in turn.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from flstore_core import models
+from flstore_core.round_data import RoundData
+from flstore_core.workloads import Param, Workload, WorkloadResult, check_k, register
+from flstore_core.workloads.cosine_select import rank_by_score
+
+if TYPE_CHECKING:
+    from torch import nn
+
+F32 = npt.NDArray[np.float32]
+
+
+class ValidationScorer:
+    """Validation accuracy of weights vectors of a round's model.
+
+    Building it checks, before any work, that the job declares a model and has a validation
+    set (:class:`~flstore_core.errors.InvalidParamsError`, a 400 that says how to add them).
+
+    Parameters
+    ----------
+    data : RoundData
+        The round; its job context gives the architecture and the validation set, its tensor
+        specs the layout of the weights vectors.
+    """
+
+    def __init__(self, data: RoundData) -> None:
+        context = data.context
+        self.model_name = context.model_name()
+        self.x, self.y = context.validation()
+        self.specs = data.specs
+        self.model: nn.Module = models.build(self.model_name)
+        self.evaluations = 0
+
+    def load(self, weights: F32) -> nn.Module:
+        """The scorer's model holding ``weights``."""
+        return models.load_vector(self.model, weights, self.specs)
+
+    def accuracy(self, weights: F32) -> float:
+        """Fraction of the validation set the model with ``weights`` classifies correctly."""
+        self.evaluations += 1
+        return models.accuracy(self.load(weights), self.x, self.y)
+
+    def client_accuracies(self, data: RoundData) -> npt.NDArray[np.float64]:
+        """Accuracy of every client's own model, in ``data.clients`` order."""
+        return np.array([self.accuracy(data.client_weights(i)) for i in range(data.n)])
+
+
+def accuracy_select(data: RoundData, k: int = 3) -> WorkloadResult:
+    """Top-``k`` clients by the validation accuracy of their own model.
+
+    Parameters
+    ----------
+    data : RoundData
+        The round; the job must declare a model and have a validation set.
+    k : int, default 3
+        Number of clients to select (at most the round's size).
+
+    Returns
+    -------
+    WorkloadResult
+        ``selected`` (best first), ``scores`` (client -> accuracy in [0, 1]),
+        ``validation_size``.
+    """
+    check_k(k, data.n)
+    scorer = ValidationScorer(data)
+    acc = scorer.client_accuracies(data)
+    order = rank_by_score(data.clients, acc)
+    return WorkloadResult(
+        {
+            "selected": order[:k],
+            "scores": {c: float(a) for c, a in zip(data.clients, acc, strict=True)},
+            "validation_size": len(scorer.y),
+        }
+    )
+
+
+WORKLOAD = register(
+    Workload(
+        name="accuracy_select",
+        cls="round",
+        description="Top-k clients by the accuracy of their model on the job's validation set.",
+        reference="FLStore artifact (client-scheduling)",
+        run=lambda data, params: accuracy_select(data, **params),
+        params={"k": Param("int", 3, "clients to select", minimum=1)},
+    )
+)

@@ -1,0 +1,145 @@
+"""Leave-one-out contribution: how much the round's aggregate loses without each client.
+
+The value of client ``i`` is ``U(N) − U(N ∖ {i})`` where ``U(S)`` is the validation accuracy of
+the FedAvg aggregate of the clients in ``S`` — ``w_S = Σ_{j∈S} n_j w_j / Σ_{j∈S} n_j`` (McMahan
+et al., AISTATS 2017) — the utility that data-valuation work on FL uses (e.g. Wang, Rausch,
+Zhang and Song, "A Principled Approach to Data Valuation for Federated Learning", 2020, and the
+GTG-Shapley paper, Liu et al. 2022). A client whose update hurts the aggregate gets a negative
+value. ``n + 1`` aggregates are evaluated.
+
+:class:`SubsetUtility` is the utility ``U`` shared with ``contribution_shapley``. By
+convention ``U(∅)`` is the accuracy of the round's *base* model — the global model the clients
+started from, when stored (``data.base``), since aggregating no update leaves it unchanged;
+when the job stores no base model, it is the accuracy of a freshly initialised model of the
+job's architecture built with seed 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import numpy.typing as npt
+
+from flstore_core import models
+from flstore_core.errors import InvalidParamsError
+from flstore_core.round_data import RoundData
+from flstore_core.workloads import Param, Workload, WorkloadResult, register
+from flstore_core.workloads.accuracy_select import ValidationScorer
+from flstore_core.workloads.cosine_select import rank_by_score
+
+F32 = npt.NDArray[np.float32]
+EMPTY_SEED = 0
+
+
+def fresh_model_weights(name: str, data: RoundData, seed: int = EMPTY_SEED) -> F32:
+    """Weights of a freshly initialised ``name`` model (built with ``seed``) as a round row."""
+    state = models.state_arrays(models.build(name, seed=seed))
+    names = [s.name for s in data.specs]
+    if list(state) != names:
+        raise InvalidParamsError(
+            f"the job's updates do not match its model {name!r}: declare the model the clients "
+            "train (flstore job create J --model NAME)"
+        )
+    return np.concatenate([np.asarray(state[n], dtype=np.float32).reshape(-1) for n in names])
+
+
+class SubsetUtility:
+    """``U(S)``: validation accuracy of the (example-weighted) aggregate of the clients in S.
+
+    Call it with an iterable of row indices. ``U(∅)`` is the base model's accuracy (or a fresh
+    seed-0 model's when no base is stored); ``empty_source`` says which.
+
+    Parameters
+    ----------
+    data : RoundData
+        The round (the job must declare a model and have a validation set).
+    weighted : bool, default True
+        Weight clients by ``num_examples`` (FedAvg); plain mean otherwise.
+    """
+
+    def __init__(self, data: RoundData, weighted: bool = True) -> None:
+        self.data = data
+        self.scorer = ValidationScorer(data)
+        sizes = data.num_examples.astype(np.float64)
+        # every client reported 0 examples: the aggregate falls back to the plain mean
+        self.sizes = sizes if weighted and sizes.sum() > 0 else np.ones(data.n)
+        self.empty_source = "base" if data.base is not None else f"fresh model (seed {EMPTY_SEED})"
+
+    def aggregate(self, subset: Iterable[int]) -> F32:
+        """Model weights of the aggregate of ``subset``: ``Σ_{j∈S} n_j w_j / Σ_{j∈S} n_j``."""
+        members = sorted(set(subset))
+        if not members:
+            if self.data.base is not None:
+                return self.data.base
+            return fresh_model_weights(self.scorer.model_name, self.data)
+        w = np.zeros(self.data.n)
+        w[members] = self.sizes[members]
+        if w.sum() <= 0:  # a subset of clients with 0 examples each: plain mean of the subset
+            w[members] = 1.0
+        # averaging deltas and adding the base equals averaging the models
+        return self.data.to_weights(self.data.weighted_mean(w))
+
+    def __call__(self, subset: Iterable[int]) -> float:
+        return self.scorer.accuracy(self.aggregate(subset))
+
+    @property
+    def evaluations(self) -> int:
+        """How many aggregates were evaluated on the validation set."""
+        return self.scorer.evaluations
+
+
+def leave_one_out(
+    n: int, utility: Callable[[set[int]], float]
+) -> tuple[float, npt.NDArray[np.float64]]:
+    """``(U(N), [U(N ∖ {i}) for i])`` for players ``0 … n−1`` — n + 1 evaluations."""
+    everyone = set(range(n))
+    total = utility(everyone)
+    without = np.array([utility(everyone - {i}) for i in range(n)])
+    return total, without
+
+
+def contribution_loo(data: RoundData, weighted: bool = True) -> WorkloadResult:
+    """Leave-one-out value ``U(N) − U(N ∖ {i})`` of every client of the round.
+
+    Parameters
+    ----------
+    data : RoundData
+        The round; the job must declare a model and have a validation set.
+    weighted : bool, default True
+        Aggregate subsets example-weighted (FedAvg) rather than by plain mean.
+
+    Returns
+    -------
+    WorkloadResult
+        ``values`` (client -> U(N) − U(N∖{i})), ``selected`` (every client, most valuable
+        first), ``utility_all`` (U(N)), ``utility_without`` (client -> U(N∖{i})),
+        ``evaluations``.
+    """
+    utility = SubsetUtility(data, weighted)
+    total, without = leave_one_out(data.n, utility)
+    values = total - without  # v_i = U(N) − U(N ∖ {i})
+    return WorkloadResult(
+        {
+            "values": {c: float(v) for c, v in zip(data.clients, values, strict=True)},
+            "selected": rank_by_score(data.clients, values),
+            "utility_all": float(total),
+            "utility_without": {c: float(u) for c, u in zip(data.clients, without, strict=True)},
+            "evaluations": utility.evaluations,
+        }
+    )
+
+
+WORKLOAD = register(
+    Workload(
+        name="contribution_loo",
+        cls="round",
+        description=(
+            "Leave-one-out contribution U(N) - U(N minus i), U = validation accuracy of the "
+            "aggregate of a subset of the round's clients."
+        ),
+        reference="leave-one-out data valuation (utility as in Liu et al. 2022)",
+        run=lambda data, params: contribution_loo(data, **params),
+        params={"weighted": Param("bool", True, "aggregate subsets weighted by num_examples")},
+    )
+)

@@ -1,0 +1,190 @@
+"""FLTrust: aggregate the round by trust in a server update computed on a clean root dataset.
+
+Reference: Cao, Fang, Liu and Gong, "FLTrust: Byzantine-robust Federated Learning via Trust
+Bootstrapping", NDSS 2021 (Algorithm 2). With ``g_0`` the server's update and ``g_i`` the
+clients' updates (deltas ``w_i − base``):
+
+    TS_i  = ReLU(cos(g_i, g_0))                      trust score
+    ĝ_i   = g_i · ‖g_0‖ / ‖g_i‖                      magnitude normalised to the server's
+    g     = Σ_i TS_i · ĝ_i / Σ_i TS_i                aggregate
+    w     = base + α · g                             new global model (α = ``global_lr``)
+
+``g_0`` is obtained as the paper does — the round's base model trained on the root dataset (the
+job's validation set) for ``server_epochs`` epochs of mini-batch SGD with ``lr`` — or, when
+``server_client`` names an entry of the round, that stored update is ``g_0`` (and that entry is
+left out of the aggregation). Dot products and norms come from the round's shared Gram
+artifact when ``g_0`` is a round entry; a computed ``g_0`` costs one pass over the matrix.
+The paper writes updates as gradients and the step as ``w − α·g``; with updates stored as model
+differences the sign flips, the rule is the same.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from flstore_core import models
+from flstore_core.errors import InvalidParamsError, NotFoundError
+from flstore_core.round_data import RoundData
+from flstore_core.workloads import Param, Workload, WorkloadResult, register
+
+if TYPE_CHECKING:
+    from torch import nn
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+
+
+def fltrust_weights(dots: F64, sq_norms: F64, server_sq_norm: float) -> tuple[F64, F64]:
+    """Trust scores and per-client coefficients ``c_i`` with ``g = Σ c_i g_i``.
+
+    ``dots[i] = g_i·g_0``, ``sq_norms[i] = ‖g_i‖²``. ``c_i = TS_i ‖g_0‖ / (‖g_i‖ Σ_j TS_j)``;
+    all zero when no client is trusted.
+    """
+    norms = np.sqrt(np.maximum(sq_norms, 0.0))
+    server_norm = float(np.sqrt(max(server_sq_norm, 0.0)))
+    denom = norms * server_norm
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(denom > 0, dots / np.where(denom > 0, denom, 1.0), 0.0)
+    trust = np.maximum(np.clip(cos, -1.0, 1.0), 0.0)  # TS_i = ReLU(cos(g_i, g_0))
+    total = float(trust.sum())
+    if total <= 0:
+        return trust, np.zeros_like(trust)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # ĝ_i = g_i ‖g_0‖/‖g_i‖ ; g = Σ TS_i ĝ_i / Σ TS_i
+        coef = np.where(norms > 0, trust * server_norm / np.where(norms > 0, norms, 1.0), 0.0)
+    return trust, coef / total
+
+
+def server_update(
+    data: RoundData, epochs: int, lr: float, batch_size: int, seed: int
+) -> tuple[F32, int]:
+    """``g_0 = w − base``: the base model trained on the job's validation set (root dataset)."""
+    import torch
+
+    assert data.base is not None
+    name = data.context.model_name()
+    x, y = data.context.validation()
+    model: nn.Module = models.load_vector(models.build(name), data.base, data.specs)
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    xt, yt = torch.tensor(x), torch.tensor(y)  # copies: the cached arrays are read-only
+    model.train()
+    for _ in range(epochs):
+        order = torch.from_numpy(rng.permutation(len(y)))
+        for start in range(0, len(y), batch_size):
+            idx = order[start : start + batch_size]
+            opt.zero_grad()
+            loss_fn(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    state = model.state_dict()
+    trained = np.concatenate(
+        [state[s.name].detach().numpy().astype(np.float32).reshape(-1) for s in data.specs]
+    )
+    return trained - data.base, len(y)
+
+
+def fltrust(
+    data: RoundData,
+    server_client: str | None = None,
+    server_epochs: int = 1,
+    lr: float = 0.05,
+    batch_size: int = 10,
+    seed: int = 0,
+    global_lr: float = 1.0,
+) -> WorkloadResult:
+    """FLTrust aggregate of the round's deltas against a server update ``g_0``.
+
+    Parameters
+    ----------
+    data : RoundData
+        The round; its base model must be stored (updates are deltas ``w_i − base``).
+    server_client : str, optional
+        A round entry holding the server's update; by default ``g_0`` is computed by training
+        the base model on the job's validation set (the job must declare a model and have one).
+    server_epochs, lr, batch_size, seed
+        Training of ``g_0`` on the root dataset: epochs of mini-batch SGD, learning rate, batch
+        size, seed of the shuffling.
+    global_lr : float, default 1.0
+        ``α`` in ``w = base + α g``.
+
+    Returns
+    -------
+    WorkloadResult
+        ``scores`` (client -> trust score in [0, 1]), ``flagged`` (clients of trust 0),
+        ``weights`` (client -> share of the aggregate, ``TS_i / Σ TS``), ``server_norm``,
+        ``server_update`` (``"root_dataset"`` or the entry used) and, when no client is
+        trusted, a ``note``; the model is ``base + α g``.
+    """
+    if data.base is None:
+        raise InvalidParamsError(
+            f"fltrust works on updates relative to the round's base model, and job "
+            f"{data.job!r} stores none for round {data.round}: store the initial model "
+            "(kind 'initial') and the global model after every round (kind 'global')"
+        )
+    rows = list(range(data.n))
+    if server_client is not None:
+        if server_client not in data.clients:
+            raise NotFoundError(
+                f"server_client {server_client!r} is not in round {data.round} of job {data.job!r}"
+            )
+        s = data.clients.index(server_client)
+        rows.remove(s)
+        gram = data.gram(True)
+        dots, sq_norms, server_sq = gram[rows, s], np.diag(gram)[rows], float(gram[s, s])
+        source = server_client
+    else:
+        g0, _ = server_update(data, server_epochs, lr, batch_size, seed)
+        dots = (data.matrix @ g0).astype(np.float64)
+        sq_norms = data.sq_norms(True)
+        server_sq = float(np.dot(g0.astype(np.float64), g0.astype(np.float64)))
+        source = "root_dataset"
+    if not rows:
+        raise InvalidParamsError("fltrust needs at least one client besides server_client")
+    trust, coef = fltrust_weights(dots, sq_norms, server_sq)
+    clients = [data.clients[i] for i in rows]
+    result: dict[str, object] = {
+        "scores": {c: float(t) for c, t in zip(clients, trust, strict=True)},
+        "flagged": [c for c, t in zip(clients, trust, strict=True) if t <= 0],
+        "weights": {
+            c: float(t / trust.sum()) if trust.sum() > 0 else 0.0
+            for c, t in zip(clients, trust, strict=True)
+        },
+        "server_norm": float(np.sqrt(max(server_sq, 0.0))),
+        "server_update": source,
+    }
+    if trust.sum() <= 0:
+        result["note"] = "no client update has positive cosine with g_0: the base is unchanged"
+        return WorkloadResult(result, model=data.base.copy())
+    full = np.zeros(data.n)
+    full[rows] = coef
+    aggregate = (full.astype(np.float32) @ data.matrix).astype(np.float32)
+    model = (data.base + np.float32(global_lr) * aggregate).astype(np.float32)
+    return WorkloadResult(result, model=model)
+
+
+WORKLOAD = register(
+    Workload(
+        name="fltrust",
+        cls="round",
+        description=(
+            "FLTrust: trust ReLU(cos(g_i, g_0)) against a server update from the job's "
+            "validation set (or a round entry), norm-scaled trust-weighted aggregate; model_key."
+        ),
+        reference="Cao et al. NDSS'21 (FLTrust)",
+        run=lambda data, params: fltrust(data, **params),
+        params={
+            "server_client": Param(
+                "str", None, "round entry to use as the server update g_0", nullable=True
+            ),
+            "server_epochs": Param("int", 1, "epochs of server training", minimum=1, maximum=100),
+            "lr": Param("float", 0.05, "server learning rate", minimum=0.0),
+            "batch_size": Param("int", 10, "server mini-batch size", minimum=1),
+            "seed": Param("int", 0, "seed of the server's shuffling", minimum=0),
+            "global_lr": Param("float", 1.0, "alpha in w = base + alpha g", minimum=0.0),
+        },
+    )
+)

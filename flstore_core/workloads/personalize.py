@@ -1,0 +1,131 @@
+"""Personalization: a model for one client, averaged from its own and its closest peers' models.
+
+Reference: FLStore artifact, cluster-based personalization workload — a client's personalized
+model aggregates the updates of the clients most like it instead of the whole round. Peers of
+client ``c`` are ranked either by the cosine similarity of their update to ``c``'s,
+
+    cos(Δ_c, Δ_j) = G_cj / √(G_cc G_jj)        (G = the round's shared Gram matrix, deltas
+                                                 when the base is stored and ``use_delta``)
+
+or by the validation accuracy of their own model (``by="accuracy"``); the ``peers`` best are
+averaged with ``c`` itself, example-weighted: ``w_c' = Σ_{j ∈ {c} ∪ P} n_j w_j / Σ n_j``. The
+result reports the personalized model's validation accuracy next to the client's own model's
+and the round's FedAvg model's, and stores the model (``model_key``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from flstore_core.errors import InvalidParamsError, NotFoundError
+from flstore_core.round_data import RoundData
+from flstore_core.workloads import USE_DELTA, Param, Workload, WorkloadResult, check_k, register
+from flstore_core.workloads.accuracy_select import ValidationScorer
+from flstore_core.workloads.cosine_select import rank_by_score
+
+F64 = npt.NDArray[np.float64]
+
+
+def cosine_to_row(gram: F64, row: int) -> F64:
+    """Cosine similarity of every row to ``row``, from the Gram matrix (0 for a zero row)."""
+    norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
+    denom = norms * norms[row]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(denom > 0, gram[row] / np.where(denom > 0, denom, 1.0), 0.0)
+    return np.clip(cos, -1.0, 1.0)
+
+
+def personalize(
+    data: RoundData,
+    client: str | None = None,
+    peers: int = 3,
+    by: str = "similarity",
+    use_delta: bool = True,
+) -> WorkloadResult:
+    """Personalized model of ``client`` from itself and its ``peers`` closest peers.
+
+    Parameters
+    ----------
+    data : RoundData
+        The round; the job must declare a model and have a validation set.
+    client : str
+        The client to personalize for (required); 404 if it is not in the round.
+    peers : int, default 3
+        How many other clients to average with it (at most n − 1; 0 gives its own model).
+    by : {"similarity", "accuracy"}, default "similarity"
+        Rank peers by cosine similarity of updates to the client's, or by the validation
+        accuracy of their own model.
+    use_delta : bool, default True
+        Similarity of deltas ``w − base`` when the base model is stored.
+
+    Returns
+    -------
+    WorkloadResult
+        ``client``, ``peers`` (best first), ``scores`` (peer -> similarity or accuracy, every
+        other client), ``weights`` (member -> averaging weight), ``accuracy`` (personalized
+        model), ``client_accuracy`` (its own model), ``global_accuracy`` (the round's FedAvg
+        model), ``by``; the model is the personalized one.
+    """
+    if client is None:
+        raise InvalidParamsError(
+            f"personalize needs param 'client': one of the round's clients, e.g. "
+            f"{data.clients[0]!r}"
+        )
+    if client not in data.clients:
+        raise NotFoundError(f"client {client!r} is not in round {data.round} of job {data.job!r}")
+    check_k(peers, data.n - 1, "other clients")
+    scorer = ValidationScorer(data)
+    row = data.clients.index(client)
+    others = [i for i in range(data.n) if i != row]
+    if by == "similarity":
+        score_all = cosine_to_row(data.gram(use_delta), row)
+    else:
+        score_all = np.zeros(data.n)
+        for i in others:
+            score_all[i] = scorer.accuracy(data.client_weights(i))
+    other_ids = [data.clients[i] for i in others]
+    chosen = rank_by_score(other_ids, score_all[others])[:peers]
+    members = [row] + [data.clients.index(c) for c in chosen]
+    sizes = data.num_examples.astype(np.float64)
+    w = np.zeros(data.n)
+    w[members] = sizes[members]
+    if w.sum() <= 0:  # members all reported 0 examples: plain mean
+        w[members] = 1.0
+    # w_c' = Σ_{j ∈ {c} ∪ P} n_j w_j / Σ n_j  (deltas averaged, then the base added back)
+    model = data.to_weights(data.weighted_mean(w))
+    everyone = sizes if sizes.sum() > 0 else np.ones(data.n)
+    global_model = data.to_weights(data.weighted_mean(everyone))
+    return WorkloadResult(
+        {
+            "client": client,
+            "by": by,
+            "peers": chosen,
+            "scores": {data.clients[i]: float(score_all[i]) for i in others},
+            "weights": {data.clients[i]: float(w[i] / w.sum()) for i in members},
+            "accuracy": scorer.accuracy(model),
+            "client_accuracy": scorer.accuracy(data.client_weights(row)),
+            "global_accuracy": scorer.accuracy(global_model),
+        },
+        model=model,
+    )
+
+
+WORKLOAD = register(
+    Workload(
+        name="personalize",
+        cls="round",
+        description=(
+            "Personalized model for one client: example-weighted average of its model and its "
+            "most similar (cosine of updates) or most accurate peers; returns model_key."
+        ),
+        reference="FLStore artifact (cluster-based personalization)",
+        run=lambda data, params: personalize(data, **params),
+        params={
+            "client": Param("str", None, "the client to personalize for (required)"),
+            "peers": Param("int", 3, "peers averaged with the client", minimum=0),
+            "by": Param("str", "similarity", "rank peers by", choices=("similarity", "accuracy")),
+            "use_delta": USE_DELTA,
+        },
+    )
+)
