@@ -525,3 +525,34 @@ def test_a_job_without_model_or_validation_set_gets_a_400(
         )
         assert answer["status"] == 400, answer
         assert answer["error"]["code"] == "invalid_params" and what in answer["error"]["message"]
+
+
+# ---------------------------------------------------------------------- similarity detectors
+
+
+def _run(name: str, data: RoundData, **params: object) -> dict[str, object]:
+    workload = get(name)
+    return workload.run(data, workload.validate(params)).result  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("round_", ATTACKED_ROUNDS)
+def test_malicious_cosine_and_krum_flag_the_label_flipper(
+    rounds: dict[int, RoundData], round_: int
+) -> None:
+    data = rounds[round_]
+    assert _run("malicious_cosine", data, k=1)["flagged"] == [MALICIOUS]
+    scores = _run("krum", data, f=1)["scores"]
+    assert max(scores, key=scores.get) == MALICIOUS  # type: ignore[arg-type]
+    assert MALICIOUS not in _run("multi_krum", data, f=1, m=5)["selected"]  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("round_", ATTACKED_ROUNDS)
+def test_kmeans_and_cfl_split_separate_the_label_flipper(
+    rounds: dict[int, RoundData], round_: int
+) -> None:
+    data = rounds[round_]
+    labels = _run("kmeans", data, k=2)["labels"]
+    assert isinstance(labels, dict)
+    assert all(labels[c] != labels[MALICIOUS] for c in data.clients if c != MALICIOUS)
+    clusters = _run("cfl_split", data)["clusters"]
+    assert [MALICIOUS] in clusters  # type: ignore[operator]
