@@ -17,11 +17,13 @@ from flstore_core.baselines import (
     RedisObjects,
     RedisServer,
     populate_redis,
+    populate_redis_job,
     redis_server_binary,
 )
 from flstore_core.baselines import redis_server as redis_server_module
 from flstore_core.node import load_round, run_round_workload
 from flstore_core.round_data import ArtifactStats
+from flstore_core.shards import ManifestReader, load_client, load_meta
 from flstore_core.store import ObjectStore
 from flstore_core.workloads import get
 from lambdas.local_runtime.s3_server import LocalS3
@@ -73,6 +75,7 @@ def cache_agg(
     client = redis_server.client()
     for r in range(2):
         populate_redis(store, client, JOB, r)
+    populate_redis_job(store, client, JOB)
     client.close()
     with Aggregator("redis", s3_server.url, BUCKET, redis_server.url) as agg:
         yield agg
@@ -227,3 +230,27 @@ def test_missing_redis_server_names_the_package(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(redis_server_module.shutil, "which", lambda name: None)
     with pytest.raises(RedisNotInstalledError, match="apt-get install redis-server"):
         RedisServer().start()
+
+
+@pytest.mark.parametrize(
+    ("workload", "params"),
+    [("oort_select", {"k": 2, "epsilon": 0.0}), ("incentive", {"metric": "num_examples"})],
+)
+def test_workloads_spanning_rounds_answer_as_flstore_does(
+    agg: Aggregator, store: ObjectStore, workload: str, params: dict[str, Any]
+) -> None:
+    w = get(workload)
+    reader = ManifestReader(store)
+    valid = w.validate(params)
+    if w.cls == "meta":
+        expect = w.run(load_meta(reader, JOB), valid).result
+    else:
+        clients = sorted({c for r in reader.rounds(JOB) for c in reader.get(JOB, r).updates})
+        histories = {c: load_client(reader, JOB, c) for c in clients}
+        assert w.finalize is not None
+        expect = w.finalize(w.run(histories, valid), valid)
+    status, body = run(agg, workload, {"params": params})
+    assert status == 200, body
+    assert body["result"] == json.loads(json.dumps(expect))
+    if agg.system == "cache-agg":
+        assert body["meta"]["s3_gets"] == 0 and body["meta"]["redis_gets"] > 0

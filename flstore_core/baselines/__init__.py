@@ -22,7 +22,13 @@ if TYPE_CHECKING:
         RedisServer,
         redis_server_binary,
     )
-    from flstore_core.baselines.redis_source import RedisObjects, load_round_from, populate_redis
+    from flstore_core.baselines.redis_source import (
+        MirrorStore,
+        RedisObjects,
+        load_round_from,
+        populate_redis,
+        populate_redis_job,
+    )
 
 # Names are imported on first use: `python -m flstore_core.baselines.aggregator` imports this
 # package first, and an eager import of the module it is about to run would run it twice.
@@ -36,16 +42,20 @@ _HOME = {
     "RedisObjects": "redis_source",
     "load_round_from": "redis_source",
     "populate_redis": "redis_source",
+    "populate_redis_job": "redis_source",
+    "MirrorStore": "redis_source",
 }
 __all__ = [
     "Aggregator",
     "AggregatorService",
+    "MirrorStore",
     "RedisNotInstalledError",
     "RedisObjects",
     "RedisServer",
     "build_service",
     "load_round_from",
     "populate_redis",
+    "populate_redis_job",
     "redis_server_binary",
 ]
 

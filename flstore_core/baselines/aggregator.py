@@ -45,6 +45,7 @@ from urllib.parse import urlsplit
 
 from flstore_core.baselines.redis_source import (
     CountingSource,
+    MirrorStore,
     RedisObjects,
     RedisReader,
     load_round_from,
@@ -58,11 +59,12 @@ from flstore_core.errors import (
     ValidationError,
 )
 from flstore_core.ids import validate_job, validate_round
-from flstore_core.node import load_round, run_round_workload
+from flstore_core.node import job_context, load_round, run_round_workload
 from flstore_core.round_data import ArtifactStats, RoundData
 from flstore_core.router import MAX_BODY_BYTES, parse_body
+from flstore_core.shards import ClientHistory, GlobalModels, ManifestReader, load_client, load_meta
 from flstore_core.store import ENV_BUCKET, ENV_ENDPOINT, ObjectStore
-from flstore_core.workloads import get
+from flstore_core.workloads import Workload, WorkloadResult, get
 
 Source = Literal["s3", "redis"]
 SYSTEM_OF: dict[str, str] = {"s3": "objstore-agg", "redis": "cache-agg"}
@@ -133,9 +135,7 @@ class AggregatorService:
         workload = get(name)
         params = workload.validate(request.get("params"))
         if workload.cls != "round":
-            raise ValidationError(
-                f"workload class {workload.cls!r} is not served by the aggregator baselines"
-            )
+            return self._run_spanning(t0, job, name, workload, params, request)
         if "round" not in request:
             raise ValidationError(f"workload {name!r} needs 'round' in the body")
         round_ = validate_round(request["round"])
@@ -169,6 +169,65 @@ class AggregatorService:
         meta["fetch_ms"] = round((t2 - t1) * 1000, 3)
         meta["compute_ms"] = round((t3 - t2) * 1000, 3)
         return {"job": job, "workload": name, "round": round_, "result": result, "meta": meta}
+
+    def _run_spanning(
+        self,
+        t0: float,
+        job: str,
+        name: str,
+        workload: Workload,
+        params: dict[str, Any],
+        request: dict[str, Any],
+    ) -> dict[str, Any]:
+        """A ``meta``, ``client`` or ``model`` workload: its shard built afresh per request from
+        the source (S3, or the Redis mirror of the job) with the loaders the nodes use."""
+        if request.get("round") is not None:
+            raise ValidationError(
+                f"workload {name!r} is of class {workload.cls!r} and spans rounds: send "
+                "'rounds' (a list) or nothing instead of 'round'"
+            )
+        rounds = request.get("rounds")
+        wanted = None if rounds is None else {validate_round(r) for r in rounds}
+        s3 = ObjectStore(self.store.bucket, client=self.store.s3, limits=self.store.limits)
+        store = s3 if self.redis is None else MirrorStore(s3, self.redis)
+        try:
+            if not store.job_exists(job):
+                raise NotFoundError(f"unknown job {job!r}")
+            t1 = time.perf_counter()
+            reader = ManifestReader(store)
+            if workload.cls == "meta":
+                shard: Any = load_meta(reader, job)
+            elif workload.cls == "model":
+                shard = GlobalModels(job, store, job_context(store, job))
+            else:
+                clients = params.get("clients") or sorted(
+                    {c for r in reader.rounds(job) for c in reader.get(job, r).updates}
+                )
+                shard = {}
+                for c in clients:
+                    h = load_client(reader, job, c)
+                    rows = [r for r in h.rows if wanted is None or r.round in wanted]
+                    shard[c] = ClientHistory(job, c, rows)
+            t2 = time.perf_counter()
+            out = workload.run(shard, params)
+            result = dict(out.result if isinstance(out, WorkloadResult) else out)
+            if workload.finalize is not None:
+                result = workload.finalize(result, params)
+            t3 = time.perf_counter()
+        finally:
+            s3.close()
+        latency_ms = (time.perf_counter() - t0) * 1000
+        meta: dict[str, Any] = {"system": self.system, "latency_ms": round(latency_ms, 3)}
+        if self.redis is None:
+            meta["cost_usd"] = objstore_agg_cost(latency_ms, store.gets, self.prices)
+            meta["s3_gets"] = store.gets
+        else:
+            meta["cost_usd"] = cache_agg_cost(latency_ms, self.prices)
+            meta["s3_gets"] = 0
+            meta["redis_gets"] = store.gets
+        meta["fetch_ms"] = round((t2 - t1) * 1000, 3)
+        meta["compute_ms"] = round((t3 - t2) * 1000, 3)
+        return {"job": job, "workload": name, "round": None, "result": result, "meta": meta}
 
     def _load(
         self, store: ObjectStore, counted: CountingSource | None, job: str, round_: int

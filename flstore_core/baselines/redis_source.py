@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
@@ -350,3 +351,74 @@ def validation_set_from(
         np.asarray(update.tensors["x"], dtype=np.float32),
         np.asarray(update.tensors["y"], dtype=np.int64),
     )
+
+
+# ---------------------------------------------------------------------- whole jobs
+
+
+def index_key(job: str) -> str:
+    """The Redis sorted set listing a mirrored job's keys (lexicographic range = S3 LIST)."""
+    return f"__flstore_index__:{job}"
+
+
+def populate_redis_job(store: ObjectStore, client: redis.Redis, job: str) -> int:
+    """Mirror every object of a job (but its ``results/``) into Redis, with a key index.
+
+    What the ``cache-agg`` baseline needs for the workloads that span rounds: the manifests of
+    every round, the global models, the job spec and the validation set. Returns the object count.
+    """
+    prefix = layout.job_prefix(job)
+    keys = [
+        item["Key"]
+        for item in store._list(prefix)  # the same listing ObjectStore uses itself
+        if "/results/" not in item["Key"]
+    ]
+    for key in keys:
+        client.set(key, store.get_object(key))
+    if keys:
+        client.zadd(index_key(job), dict.fromkeys(keys, 0))
+    return len(keys)
+
+
+class MirrorStore(ObjectStore):
+    """An :class:`ObjectStore` whose reads come from a Redis mirror of the bucket.
+
+    Reads (``GET``, ``HEAD``, ``LIST``) go to Redis, so every loader of FLStore — manifests,
+    job spec, global models, validation set — runs unchanged over the cache; writes (model
+    results) still go to S3 through ``store``'s client.
+    """
+
+    def __init__(self, store: ObjectStore, redis_objects: RedisObjects) -> None:
+        super().__init__(store.bucket, client=store.s3, limits=store.limits)
+        self.redis = redis_objects
+
+    def _get(self, key: str, what: str) -> bytes:
+        value = self.redis.get(key)
+        if value is None:
+            raise NotFoundError(f"{what} not found")
+        with self._lock:
+            self.gets += 1
+        return bytes(value)
+
+    def _exists(self, key: str) -> bool:
+        try:
+            return bool(self.redis.client.exists(key))
+        except redis.RedisError as exc:
+            raise UnavailableError(f"Redis at {self.redis.url} failed: {exc}") from exc
+
+    def _list(self, prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
+        parts = prefix.split("/")
+        if len(parts) < 3 or parts[0] != "jobs":
+            raise ValidationError(f"the Redis mirror lists job prefixes only, not {prefix!r}")
+        job = parts[1]
+        raw = self.redis.client.zrangebylex(index_key(job), f"[{prefix}", f"[{prefix}\xff")
+        seen: set[str] = set()
+        for item in raw:
+            key = item.decode() if isinstance(item, bytes) else str(item)
+            if delimiter and delimiter in key[len(prefix) :]:
+                common = prefix + key[len(prefix) :].split(delimiter, 1)[0] + delimiter
+                if common not in seen:
+                    seen.add(common)
+                    yield {"Key": common}
+                continue
+            yield {"Key": key}
