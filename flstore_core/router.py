@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 
 RESPONSE_LIMIT = 6 * 1024 * 1024  # Lambda's synchronous response limit
 MAX_BODY_BYTES = 256 * 1024
+ROUNDS_TTL_S = 5.0
 _BILLED = re.compile(r"Billed Duration: (\d+(?:\.\d+)?) ms")
 _MEMORY = re.compile(r"Memory Size: (\d+) MB")
 
@@ -201,7 +202,9 @@ class Router:
         self.config = config or RouterConfig()
         self.prices = prices
         self._known_jobs: dict[str, float] = {}
-        self.manifests = ManifestReader(store)
+        # the rounds listing is cached briefly: client-class requests need the job's clients,
+        # and a LIST per request would cost more than the workload
+        self.manifests = ManifestReader(store, list_ttl_s=ROUNDS_TTL_S)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="router")
 

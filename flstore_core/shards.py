@@ -56,17 +56,27 @@ def rows_of(manifest: RoundManifest) -> dict[str, ClientRound]:
 
 
 class ManifestReader:
-    """Reads round manifests once per node (they never change once a round is committed…
+    """Reads round manifests once (a committed manifest changes only when a late client is
+    added, which a forced refresh picks up) and lists a job's rounds at most every
+    ``list_ttl_s`` seconds (0 lists on every call)."""
 
-    …except by a late client's re-commit, so a re-read is forced when asked to refresh)."""
-
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, list_ttl_s: float = 0.0) -> None:
         self.store = store
+        self.list_ttl_s = list_ttl_s
         self._cache: dict[tuple[str, int], RoundManifest] = {}
+        self._listed: dict[str, tuple[float, list[int]]] = {}
         self._lock = threading.Lock()
 
     def rounds(self, job: str) -> list[int]:
-        return self.store.list_rounds(job)
+        now = time.monotonic()
+        with self._lock:
+            listed = self._listed.get(job)
+        if listed is not None and now - listed[0] < self.list_ttl_s:
+            return listed[1]
+        rounds = self.store.list_rounds(job)
+        with self._lock:
+            self._listed[job] = (now, rounds)
+        return rounds
 
     def get(self, job: str, round_: int, refresh: bool = False) -> RoundManifest:
         with self._lock:
@@ -153,10 +163,22 @@ class GlobalModels:
     keep: int = 2
     specs: dict[int, tuple[TensorSpec, ...]] = field(default_factory=dict)
     vectors: dict[int, npt.NDArray[np.float32]] = field(default_factory=dict)
+    modules: dict[int, Any] = field(default_factory=dict)  # built torch models, by round
 
     @property
     def nbytes(self) -> int:
-        return 1024 + sum(int(v.nbytes) for v in self.vectors.values())
+        # a built model holds its own copy of the weights
+        return 1024 + sum(int(v.nbytes) for v in self.vectors.values()) * 2
+
+    def module(self, round_: int) -> Any:
+        """The global model after ``round_`` as a runnable torch module (built once)."""
+        if round_ not in self.modules:
+            from flstore_core import models
+
+            vector, specs = self.get(round_)
+            built = models.build(self.context.model_name())
+            self.modules[round_] = models.load_vector(built, vector, specs)
+        return self.modules[round_]
 
     def latest_round(self) -> int:
         """The latest round that has a stored global model; 404 if none has."""
@@ -175,4 +197,5 @@ class GlobalModels:
             )
             for old in sorted(self.vectors)[: -self.keep]:
                 del self.vectors[old], self.specs[old]
+                self.modules.pop(old, None)
         return self.vectors[round_], self.specs[round_]

@@ -64,15 +64,15 @@ def version() -> None:
 
 @app.command()
 def demo(
-    rounds: int = typer.Option(3, min=1, help="Rounds of the synthetic job."),
-    clients: int = typer.Option(10, min=1, help="Clients per round."),
-    params: int = typer.Option(2_000_000, min=1000, help="Parameters per update."),
-    repetitions: int = typer.Option(3, min=1, help="Timed requests per system."),
+    clients: int = typer.Option(10, min=3, help="Flower clients (one of them malicious)."),
+    rounds: int = typer.Option(5, min=1, help="Flower rounds."),
+    repetitions: int = typer.Option(3, min=1, help="Timed requests per workload and system."),
+    out: str = typer.Option("demo-out", help="Where report.json and latency.png go."),
 ) -> None:
-    """Run the main job on the embedded local stack and print what it measured."""
+    """Run the main job: a Flower job feeding FLStore, then every workload via the HTTP API."""
     from flstore_core.cli.demo import run_demo
 
-    run_demo(rounds=rounds, clients=clients, params=params, repetitions=repetitions)
+    run_demo(clients=clients, rounds=rounds, repetitions=repetitions, out=out)
 
 
 # ---------------------------------------------------------------------- local stack

@@ -27,8 +27,7 @@ def inference(
     """Predictions (and accuracy) of the global model after ``round``."""
     name = shard.context.model_name()
     r = shard.latest_round() if round is None else round
-    vector, specs = shard.get(r)
-    model = models.load_vector(models.build(name), vector, specs)
+    model = shard.module(r)
     shape = models.INPUT_SHAPES[name]
     if inputs is not None:
         try:
