@@ -88,7 +88,7 @@ def main() -> None:
         assert stack.store is not None and stack.router is not None
         router = stack.router
         print("writing the digits job and the ResNet-18-sized round …", flush=True)
-        digits = simulate(stack.store, job=DIGITS, clients=args.clients, rounds=3)
+        digits = simulate(stack.store, job=DIGITS, clients=args.clients, rounds=5)
         write_big_round(stack, args.clients, args.params)
         last = digits.rounds - 1
         clients_of = digits.clients

@@ -155,7 +155,7 @@ def test_krum_scores_and_selection_by_hand() -> None:
     assert out.result["scores"] == pytest.approx(KRUM_SCORES)
     # the model is the selected client's weights, base added back to its delta
     assert out.model is not None
-    np.testing.assert_allclose(out.model, np.array([1.0, 1.0]) + base, atol=1e-6)
+    np.testing.assert_allclose(out.model_vector(), np.array([1.0, 1.0]) + base, atol=1e-6)
 
 
 def test_multi_krum_averages_the_m_best_by_examples_by_hand() -> None:
@@ -166,7 +166,7 @@ def test_multi_krum_averages_the_m_best_by_examples_by_hand() -> None:
     assert out.result["scores"] == pytest.approx(KRUM_SCORES)
     assert out.result["weights"] == pytest.approx({"c3": 0.5, "c0": 0.125, "c1": 0.125, "c2": 0.25})
     assert out.model is not None
-    np.testing.assert_allclose(out.model, [0.75, 1.0], atol=1e-6)
+    np.testing.assert_allclose(out.model_vector(), [0.75, 1.0], atol=1e-6)
 
 
 def test_krum_excludes_self_even_when_updates_coincide() -> None:
@@ -205,7 +205,7 @@ def test_krum_matches_flower_and_the_definition(seed: int, n: int, f: int) -> No
         [([w], e) for w, e in zip(weights, examples, strict=True)], f, to_keep=0
     )
     assert out.model is not None
-    np.testing.assert_allclose(out.model, flower_best[0], atol=1e-5)
+    np.testing.assert_allclose(out.model_vector(), flower_best[0], atol=1e-5)
     picked = select_multikrum(flower_records(weights, examples), f, 1)
     assert out.result["selected"] == [f"c{int(np.argmin(scores))}"]
     np.testing.assert_allclose(_flat(picked)[0], weights[int(np.argmin(scores))], atol=0)
@@ -226,11 +226,11 @@ def test_multi_krum_matches_flower(seed: int, n: int, f: int, m: int | None) -> 
     )
     assert out.model is not None
     flower_model = _flat(aggregate_arrayrecords(picked, "num-examples"))
-    np.testing.assert_allclose(out.model, flower_model, atol=1e-5)
+    np.testing.assert_allclose(out.model_vector(), flower_model, atol=1e-5)
     legacy = aggregate_krum(
         [([w], e) for w, e in zip(weights, examples, strict=True)], f, to_keep=to_keep
     )
-    np.testing.assert_allclose(out.model, legacy[0], atol=1e-5)
+    np.testing.assert_allclose(out.model_vector(), legacy[0], atol=1e-5)
 
 
 # --------------------------------------------------------------------------- trimmed_mean
@@ -244,7 +244,7 @@ def test_trimmed_mean_by_hand() -> None:
     out = run("trimmed_mean", make_round(TRIM), beta=0.2)
     assert (out.result["cut"], out.result["kept"]) == (1, 3)
     assert out.model is not None
-    np.testing.assert_allclose(out.model, [3.0, 11.0 / 3.0, 7.0], rtol=1e-6)
+    np.testing.assert_allclose(out.model_vector(), [3.0, 11.0 / 3.0, 7.0], rtol=1e-6)
 
 
 def test_trimmed_mean_cuts_floor_beta_n_and_adds_the_base_back() -> None:
@@ -252,10 +252,10 @@ def test_trimmed_mean_cuts_floor_beta_n_and_adds_the_base_back() -> None:
     data = make_round(np.array(TRIM) + base, base=base)
     median = run("trimmed_mean", data, beta=0.4)  # floor(2.0) = 2 per end: the median
     assert median.result["cut"] == 2 and median.model is not None
-    np.testing.assert_allclose(median.model, np.array([3.0, 5.0, 7.0]) + base, rtol=1e-6)
+    np.testing.assert_allclose(median.model_vector(), np.array([3.0, 5.0, 7.0]) + base, rtol=1e-6)
     plain = run("trimmed_mean", data, beta=0.1)  # floor(0.5) = 0: the plain mean
     assert plain.result["cut"] == 0 and plain.model is not None
-    np.testing.assert_allclose(plain.model, np.mean(TRIM, 0) + base, rtol=1e-6)
+    np.testing.assert_allclose(plain.model_vector(), np.mean(TRIM, 0) + base, rtol=1e-6)
 
 
 @pytest.mark.parametrize(("seed", "n", "beta"), [(0, 10, 0.1), (1, 9, 0.25), (2, 7, 0.49)])
@@ -263,9 +263,9 @@ def test_trimmed_mean_matches_flower(seed: int, n: int, beta: float) -> None:
     weights, base, examples = random_round(seed, n=n, d=300)
     out = run("trimmed_mean", make_round(weights, base=base), beta=beta)
     assert out.model is not None
-    np.testing.assert_allclose(out.model, trim_mean(weights, beta), atol=1e-5)
+    np.testing.assert_allclose(out.model_vector(), trim_mean(weights, beta), atol=1e-5)
     legacy = aggregate_trimmed_avg([([w], e) for w, e in zip(weights, examples, strict=True)], beta)
-    np.testing.assert_allclose(out.model, legacy[0], atol=1e-5)
+    np.testing.assert_allclose(out.model_vector(), legacy[0], atol=1e-5)
 
 
 def test_trimmed_mean_chunks_give_the_same_answer() -> None:

@@ -80,7 +80,7 @@ def krum(data: RoundData, f: int = 1) -> WorkloadResult:
             "f": f,
             "num_closest": data.n - f - 2,
         },
-        model=data.to_weights(data.matrix[best]),
+        model=lambda: data.client_weights(best),  # deferred: skipped when already stored
     )
 
 

@@ -11,6 +11,7 @@ by their examples, ``Σ_{i ∈ S} n_i x_i / Σ_{i ∈ S} n_i``. ``m`` defaults t
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from flstore_core.errors import InvalidParamsError
 from flstore_core.round_data import RoundData
@@ -52,8 +53,11 @@ def multi_krum(data: RoundData, f: int = 1, m: int | None = None) -> WorkloadRes
     weights = np.where(mask, data.num_examples.astype(np.float64), 0.0)
     if weights.sum() <= 0:  # the selected clients all reported 0 examples: plain mean
         weights = mask.astype(np.float64)
+
     # Σ_{i∈S} n_i (b + d_i) / Σ_{i∈S} n_i = b + Σ_{i∈S} n_i d_i / Σ_{i∈S} n_i  (one GEMV)
-    model = data.to_weights(data.weighted_mean(weights))
+    def model() -> npt.NDArray[np.float32]:  # deferred: skipped when already stored
+        return data.to_weights(data.weighted_mean(weights))
+
     share = dict(zip(data.clients, weights / weights.sum(), strict=True))
     return WorkloadResult(
         {

@@ -71,8 +71,12 @@ def trimmed_mean(data: RoundData, beta: float = 0.1) -> WorkloadResult:
             f"got {beta}: use a smaller beta"
         )
     cut = math.floor(beta * data.n)
-    # with nothing cut the trimmed mean is the plain mean, a shared artifact of the round
-    vector = data.mean_vector() if cut == 0 else trimmed_mean_rows(data.matrix, cut)
+
+    def model() -> npt.NDArray[np.float32]:  # deferred: skipped when already stored
+        # with nothing cut the trimmed mean is the plain mean, a shared artifact of the round
+        vector = data.mean_vector() if cut == 0 else trimmed_mean_rows(data.matrix, cut)
+        return data.to_weights(vector)
+
     return WorkloadResult(
         {
             "beta": beta,
@@ -80,7 +84,7 @@ def trimmed_mean(data: RoundData, beta: float = 0.1) -> WorkloadResult:
             "kept": data.n - 2 * cut,
             "clients": list(data.clients),
         },
-        model=data.to_weights(vector),
+        model=model,
     )
 
 
