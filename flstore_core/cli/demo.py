@@ -50,6 +50,11 @@ def workload_params(name: str, clients: list[str], malicious: list[str]) -> dict
     return table.get(name, {})
 
 
+def model_name(key: str) -> str:
+    """``results/{workload}/{round}/{digest}.safetensors.zst`` → ``{digest}`` (short)."""
+    return key.rsplit("/", 1)[-1].split(".", 1)[0][:10] + "…"
+
+
 def found(name: str, result: dict[str, Any]) -> str:
     """One line saying what a workload found."""
 
@@ -72,12 +77,12 @@ def found(name: str, result: dict[str, Any]) -> str:
         worst = min(values, key=lambda c: values[c])
         return f"lowest {worst} ({values[worst]:+.3g})"
     if "selected" in result:
-        extra = f", model {result['model_key'][-12:]}" if "model_key" in result else ""
+        extra = f", model {model_name(result['model_key'])}" if "model_key" in result else ""
         return f"selected {short(result['selected'])}{extra}"
     if "accuracy" in result:
         return f"accuracy {result['accuracy']:.3f}"
     if "model_key" in result:
-        return f"model …{result['model_key'][-22:]}"
+        return f"model {model_name(result['model_key'])}"
     return ", ".join(sorted(result))[:40]
 
 
