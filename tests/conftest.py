@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
-from flstore_core.codec import Update
+from flstore_core.codec import TensorSpec, Update
+from flstore_core.round_data import RoundData
 from flstore_core.store import ObjectStore
 from lambdas.local_runtime.s3_server import LocalS3
 
@@ -40,3 +42,24 @@ def small_update(seed: int = 0, *, scale: float = 1.0, **meta: object) -> Update
         "fc.bias": (rng.standard_normal(10) * scale).astype(np.float32),
     }
     return Update(tensors, num_examples=10 + seed, metrics={"loss": 0.5 + seed}, **meta)  # type: ignore[arg-type]
+
+
+def make_round(
+    weights: npt.ArrayLike,
+    *,
+    base: npt.ArrayLike | None = None,
+    num_examples: Sequence[int] | None = None,
+) -> RoundData:
+    """A model-less RoundData over the rows of ``weights`` (copied: the base is subtracted)."""
+    x = np.array(weights, dtype=np.float32)
+    n, d = x.shape
+    return RoundData(
+        "j",
+        0,
+        [f"c{i}" for i in range(n)],
+        x,
+        (TensorSpec("w", "F32", (d,)),),
+        np.asarray(num_examples if num_examples is not None else [10] * n, dtype=np.int64),
+        [{} for _ in range(n)],
+        base=None if base is None else np.asarray(base, dtype=np.float32),
+    )

@@ -20,7 +20,7 @@ import numpy.typing as npt
 import pytest
 
 from flstore_core import models
-from flstore_core.codec import TensorSpec, decode_update
+from flstore_core.codec import decode_update
 from flstore_core.digits_job import DigitsJob, simulate
 from flstore_core.errors import InvalidParamsError, NotFoundError
 from flstore_core.manifest import JobSpec
@@ -32,7 +32,7 @@ from flstore_core.workloads.contribution_loo import leave_one_out
 from flstore_core.workloads.contribution_shapley import exact_shapley, gtg_shapley
 from flstore_core.workloads.feddebug import localize
 from lambdas.local_runtime.s3_server import LocalS3
-from tests.conftest import small_update
+from tests.conftest import make_round, small_update
 
 MODEL_WORKLOADS = (
     "accuracy_select",
@@ -50,27 +50,6 @@ def run(name: str, data: RoundData, **params: Any) -> WorkloadResult:
     """Run a workload as a cache node does: validate params first, then run."""
     workload = get(name)
     return workload.run(data, workload.validate(params))
-
-
-def make_round(
-    weights: npt.ArrayLike,
-    *,
-    base: npt.ArrayLike | None = None,
-    num_examples: list[int] | None = None,
-) -> RoundData:
-    """A model-less RoundData over the rows of ``weights`` (copied: the base is subtracted)."""
-    x = np.array(weights, dtype=np.float32)
-    n, d = x.shape
-    return RoundData(
-        "j",
-        0,
-        [f"c{i}" for i in range(n)],
-        x,
-        (TensorSpec("w", "F32", (d,)),),
-        np.asarray(num_examples or [10] * n, dtype=np.int64),
-        [{} for _ in range(n)],
-        base=None if base is None else np.asarray(base, dtype=np.float32),
-    )
 
 
 # ---------------------------------------------------------------------- the digits job

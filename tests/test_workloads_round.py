@@ -20,40 +20,19 @@ from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from sklearn.cluster import AgglomerativeClustering, KMeans
 
-from flstore_core.codec import TensorSpec, decode_update
+from flstore_core.codec import decode_update
 from flstore_core.errors import InvalidParamsError
 from flstore_core.node import CacheNode
 from flstore_core.round_data import RoundData
 from flstore_core.store import ObjectStore
 from flstore_core.workloads import WorkloadResult, catalogue, get
 from flstore_core.workloads.trimmed_mean import trimmed_mean_rows
-from tests.conftest import small_update
+from tests.conftest import make_round, small_update
 
 # the whole module runs in a few seconds; a hang (e.g. a non-reentrant artifact lock) fails fast
 pytestmark = pytest.mark.timeout(15)
 
 ROUND_WORKLOADS = ("malicious_cosine", "krum", "multi_krum", "trimmed_mean", "kmeans", "cfl_split")
-
-
-def make_round(
-    weights: npt.ArrayLike,
-    *,
-    base: npt.ArrayLike | None = None,
-    num_examples: Sequence[int] | None = None,
-) -> RoundData:
-    """A RoundData over the rows of ``weights`` (copied: RoundData subtracts the base in place)."""
-    x = np.array(weights, dtype=np.float32)
-    n, d = x.shape
-    return RoundData(
-        "j",
-        0,
-        [f"c{i}" for i in range(n)],
-        x,
-        (TensorSpec("w", "F32", (d,)),),
-        np.asarray(num_examples if num_examples is not None else [10] * n, dtype=np.int64),
-        [{} for _ in range(n)],
-        base=None if base is None else np.asarray(base, dtype=np.float32),
-    )
 
 
 def run(name: str, data: RoundData, **params: Any) -> WorkloadResult:
