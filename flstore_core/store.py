@@ -10,6 +10,7 @@ sha256 in its manifest. Rounds are read with parallel GETs and decoded straight 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import threading
@@ -380,8 +381,9 @@ class ObjectStore:
         for client in sorted(specs_of):
             check_agreement(reference, specs_of[client], client)
         for client, extra in (summaries or {}).items():
-            if client in updates:
-                updates[client].summary.update(extra)
+            if client in updates:  # a copy: the existing manifest's entries stay as they were
+                old = updates[client]
+                updates[client] = dataclasses.replace(old, summary={**old.summary, **extra})
         manifest = RoundManifest(job, round_, spec.precision, tuple(reference), updates)
         if existing is None or existing.to_json() != manifest.to_json():
             self._put(layout.manifest_key(job, round_), manifest.to_json(), "application/json")

@@ -87,3 +87,24 @@ def test_help_lists_the_commands() -> None:
     res = runner.invoke(app, ["--help"])
     for command in ("demo", "local", "run", "rounds", "workloads", "stats", "job", "token"):
         assert command in res.output
+
+
+def test_cli_ingest_stores_and_commits_a_dropped_round(
+    store: ObjectStore, s3_server, tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    from flstore_core.round_writer import RoundWriter
+    from tests.conftest import small_update
+
+    monkeypatch.setenv("FLSTORE_S3_ENDPOINT", s3_server.url)
+    monkeypatch.setenv("FLSTORE_BUCKET", store.bucket)
+    monkeypatch.chdir(tmp_path)
+    RoundWriter(tmp_path / "drop", "cli-ingest").write_round(
+        0, {f"c{i}": small_update(i) for i in range(3)}
+    )
+    res = runner.invoke(app, ["ingest", str(tmp_path / "drop"), "--job", "cli-ingest", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(
+        res.stdout[res.stdout.index("\n{") + 1 :] if not res.stdout.startswith("{") else res.stdout
+    )
+    assert summary["updates_written"] == 3
+    assert store.get_manifest("cli-ingest", 0).clients == ["c0", "c1", "c2"]

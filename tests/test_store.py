@@ -238,3 +238,10 @@ def test_bad_ids_fail_before_any_io(store: ObjectStore) -> None:
 def test_bad_validation_set_is_refused(store: ObjectStore) -> None:
     with pytest.raises(ValidationError):
         store.put_validation_set("j", np.zeros((3, 4)), np.zeros(2))
+
+
+def test_recommit_with_new_summaries_rewrites_the_manifest(store: ObjectStore) -> None:
+    store.put_update("j", 0, "c", small_update(1))
+    store.commit_round("j", 0)
+    store.commit_round("j", 0, summaries={"c": {"contribution": 0.5}})
+    assert store.get_manifest("j", 0).updates["c"].summary["contribution"] == 0.5

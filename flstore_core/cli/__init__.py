@@ -9,6 +9,7 @@ otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -299,6 +300,195 @@ def token_new(
     token = new_token()
     console.print(f"token (keep it secret): [bold]{token}[/bold]")
     typer.echo(json.dumps({hash_token(token): job}))
+
+
+def _stack_target() -> tuple[str | None, str | None, Any]:
+    """``(s3_endpoint, bucket, prefetch target)`` of the local stack, when one runs here and
+    ``FLSTORE_S3_ENDPOINT`` does not point elsewhere."""
+    if not STATE.exists() or os.environ.get("FLSTORE_S3_ENDPOINT"):
+        return None, None, None
+    from pipelines.runtime import PrefetchTarget
+
+    state = json.loads(STATE.read_text())
+    return state["s3_endpoint"], state["bucket"], PrefetchTarget.from_local_state(STATE)
+
+
+class _Bar:
+    """A rich progress bar fed by the pipelines' progress events (in-process runners)."""
+
+    def __init__(self, label: str, unit: str) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(unit + "  {task.fields[mb]:.1f} MB"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self.task = self.progress.add_task(label, total=None, mb=0.0)
+        self.mb = 0.0
+
+    def __call__(self, event: Any) -> None:
+        if event.kind == "planned":
+            self.progress.update(self.task, total=event.files)
+        elif event.kind in ("stored", "model", "deadletter", "committed") and event.files:
+            self.mb += event.bytes / 1e6
+            self.progress.update(self.task, advance=event.files, mb=self.mb)
+        if event.kind == "committed":
+            self.progress.console.print(f"committed {event.detail}")
+
+    def __enter__(self) -> _Bar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+_BEAM = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command(context_settings=_BEAM)
+def ingest(
+    ctx: typer.Context,
+    src: str = typer.Argument(
+        ...,
+        help="Raw update files: a directory or s3://bucket/prefix (every *.safetensors "
+        "under it), a file, or a glob.",
+    ),
+    job: str = typer.Option(
+        None, "--job", "-j", help="Ingest into this job (declared with the default spec if new)."
+    ),
+    precision: str = typer.Option(
+        None, "--precision", help="Storage precision of a new job: float32, bf16 or fp16."
+    ),
+    bucket: str = typer.Option(None, "--bucket", help="Bucket (default: local stack, env)."),
+    s3_endpoint: str = typer.Option(None, "--s3-endpoint", help="S3 endpoint URL."),
+    prefetch: bool = typer.Option(
+        True, "--prefetch/--no-prefetch", help="Warm the owning cache nodes afterwards."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Ingest raw client updates with Apache Beam; any other --option goes to Beam
+    (e.g. --runner=DataflowRunner --project=… --region=… --temp_location=gs://…)."""
+    from pipelines.ingest import run_ingest
+
+    stack_endpoint, stack_bucket, target = _stack_target()
+    bar = None if as_json else _Bar("ingest", "files")
+    try:
+        with bar or contextlib.nullcontext():
+            summary = run_ingest(
+                src,
+                job=job,
+                precision=precision,
+                beam_args=list(ctx.args),
+                s3_endpoint=s3_endpoint or stack_endpoint,
+                bucket=bucket or stack_bucket,
+                prefetch=target if prefetch else None,
+                progress=bar,
+            )
+    except FLStoreError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        typer.echo(json.dumps(summary.to_json(), indent=1))
+        return
+    table = Table(title=f"ingest {summary.run_id}", show_header=False)
+    table.add_row("files", str(summary.files))
+    table.add_row(
+        "updates",
+        f"{summary.updates} ({summary.updates_written} written, "
+        f"{summary.updates_already_stored} already stored, "
+        f"{summary.updates_unchanged} already committed)",
+    )
+    table.add_row("models", f"{summary.models_written} written, {summary.models_unchanged} kept")
+    table.add_row(
+        "bytes",
+        f"{summary.raw_bytes / 1e6:.1f} MB raw → {summary.stored_bytes / 1e6:.1f} MB stored, "
+        f"{summary.throughput_mb_s:.1f} MB/s",
+    )
+    table.add_row(
+        "rounds",
+        f"{summary.rounds_committed} committed ({summary.manifests_written} manifests written): "
+        + ", ".join(summary.committed[:8])
+        + (" …" if len(summary.committed) > 8 else ""),
+    )
+    if prefetch and target is not None:
+        p = summary.prefetch
+        table.add_row(
+            "prefetch",
+            f"{p.get('loaded', 0)} loaded, {p.get('already', 0)} already warm, "
+            f"{p.get('failed', 0) + p.get('errors', 0)} refused",
+        )
+    reasons = ", ".join(f"{k}: {v}" for k, v in summary.reasons().items())
+    table.add_row("dead letters", f"{len(summary.deadletters)} {reasons}".strip())
+    console.print(table)
+    for d in summary.deadletters[:20]:
+        console.print(f"  [red]{d.code}[/red] {d.file}: {d.reason}")
+    if summary.deadletter_keys:
+        console.print("dead letters in " + ", ".join(summary.deadletter_keys))
+    if summary.deadletters:
+        raise typer.Exit(2)
+
+
+@app.command(context_settings=_BEAM)
+def backfill(
+    ctx: typer.Context,
+    job: str = typer.Option(..., "--job", "-j", help="Job to backfill."),
+    rounds: str = typer.Option(
+        None, "--rounds", help="A:B, rounds A to B-1 (either end optional); default all."
+    ),
+    nodes: int = typer.Option(
+        None, "--nodes", min=1, help="The cache's node count now (re-warm its new owners)."
+    ),
+    bucket: str = typer.Option(None, "--bucket", help="Bucket (default: local stack, env)."),
+    s3_endpoint: str = typer.Option(None, "--s3-endpoint", help="S3 endpoint URL."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Recompute per-client summaries and contribution scores over historical rounds, then
+    re-warm the shard owners; any other --option goes to Beam."""
+    from pipelines.backfill import run_backfill
+
+    stack_endpoint, stack_bucket, target = _stack_target()
+    bar = None if as_json else _Bar("backfill", "rounds")
+    try:
+        with bar or contextlib.nullcontext():
+            summary = run_backfill(
+                job,
+                rounds,
+                beam_args=list(ctx.args),
+                s3_endpoint=s3_endpoint or stack_endpoint,
+                bucket=bucket or stack_bucket,
+                prefetch=target,
+                nodes=nodes,
+                progress=bar,
+            )
+    except FLStoreError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        typer.echo(json.dumps(summary.to_json(), indent=1))
+        return
+    span = f"{summary.rounds[0]}–{summary.rounds[-1]}" if summary.rounds else "none"
+    console.print(
+        f"backfilled {summary.rounds_backfilled} rounds of [bold]{job}[/bold] ({span}), "
+        f"{summary.manifests_written} manifests rewritten in {summary.seconds:.1f} s"
+    )
+    if target is not None:
+        p = summary.prefetch
+        console.print(
+            f"re-warmed owners ({summary.nodes or target.nodes} nodes): {p.get('loaded', 0)} "
+            f"loaded, {p.get('already', 0)} already warm, "
+            f"{p.get('failed', 0) + p.get('errors', 0)} refused"
+        )
 
 
 def main() -> None:

@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -26,7 +28,6 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flstore_core.codec import Update
 from flstore_core.errors import FLStoreError
 
 JOB = "digits"
@@ -120,11 +121,12 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo; returns (and writes) the report."""
     from flstore_core.client import FLStoreClient
-    from flstore_core.integrations.flower import StoreSink
+    from flstore_core.integrations.flower import RoundWriterSink
     from flstore_core.integrations.flower_digits import run_flower_job
-    from flstore_core.placement import client_shard, meta_shard, model_shard, round_shard
+    from flstore_core.round_writer import RoundWriter
     from flstore_core.workloads import catalogue
     from lambdas.local_runtime.stack import LocalStack, StackConfig
+    from pipelines.ingest import ingest_on_drop
 
     console = Console()
     t_start = time.perf_counter()
@@ -137,15 +139,16 @@ def run_demo(
             f"{stack.config.nodes} cache nodes, S3 {stack.s3_endpoint}"
         )
 
-        class IngestingSink(StoreSink):
-            """Stores each round as Flower finishes it, then prefetches it onto its owners."""
-
-            def put_round(
-                self, job: str, round: int, updates: dict[str, Update], global_model: Any
-            ) -> None:
-                super().put_round(job, round, updates, global_model)
-                shards = [round_shard(job, round), meta_shard(job), model_shard(job)]
-                router.prefetch(shards + [client_shard(job, c) for c in sorted(updates)])
+        # every round Flower finishes is dropped as raw update files and ingested at once by
+        # the Beam pipeline (stored, summarised, committed, prefetched onto its owner nodes)
+        staging = tempfile.mkdtemp(prefix="flstore-demo-staging-")
+        writer = RoundWriter(
+            staging,
+            JOB,
+            on_round=ingest_on_drop(
+                s3_endpoint=stack.s3_endpoint, bucket=stack.config.bucket, prefetch=router
+            ),
+        )
 
         with Progress(
             TextColumn("{task.description}"),
@@ -154,17 +157,17 @@ def run_demo(
             TimeElapsedColumn(),
             console=console,
         ) as progress:
-            task = progress.add_task("Flower training + ingestion", total=rounds)
+            task = progress.add_task("Flower training + Beam ingestion", total=rounds)
 
             def on_round(r: int, acc: float) -> None:
                 progress.update(
                     task,
                     advance=1,
-                    description=f"Flower training + ingestion (round {r}: accuracy {acc:.2f})",
+                    description=f"Flower training + Beam ingestion (round {r}: accuracy {acc:.2f})",
                 )
 
             summary = run_flower_job(
-                IngestingSink(store),
+                RoundWriterSink(writer),
                 job=JOB,
                 clients=clients,
                 rounds=rounds,
@@ -173,6 +176,7 @@ def run_demo(
                 store=store,
                 name_clients=True,
             )
+        shutil.rmtree(staging, ignore_errors=True)
         committed = store.list_rounds(JOB)
         report["flower"] = {
             "accuracy": summary.accuracy,

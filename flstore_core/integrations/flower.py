@@ -58,6 +58,7 @@ import numpy.typing as npt
 from flstore_core.codec import Update
 from flstore_core.errors import FLStoreError, ValidationError
 from flstore_core.ids import validate_client, validate_job
+from flstore_core.round_writer import RoundWriter
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -125,6 +126,37 @@ class InitialModelSink(Protocol):
     """A sink that also stores the job's initial model (the base of round 0's deltas)."""
 
     def put_initial(self, job: str, update: Update) -> None: ...
+
+
+class RoundWriterSink:
+    """A sink that drops each round as raw update files for ingestion (ARCHITECTURE §2).
+
+    It wraps a :class:`~flstore_core.round_writer.RoundWriter`; give the writer an ``on_round``
+    callback (``pipelines.ingest.ingest_on_drop(...)``) to run the Beam ingestion pipeline on
+    every round as it ends — storing, summarising, committing and prefetching it — or leave it
+    out and ingest the drop folder later with ``flstore ingest``.
+    """
+
+    def __init__(self, writer: RoundWriter) -> None:
+        self.writer = writer
+
+    def put_initial(self, job: str, update: Update) -> None:
+        self._check(job)
+        self.writer.write_initial(update)
+
+    def put_round(
+        self,
+        job: str,
+        round: int,
+        updates: dict[str, Update],
+        global_model: Update | None,
+    ) -> None:
+        self._check(job)
+        self.writer.write_round(round, updates, global_model=global_model)
+
+    def _check(self, job: str) -> None:
+        if job != self.writer.job:
+            raise ValidationError(f"this sink writes job {self.writer.job!r}, not {job!r}")
 
 
 class StoreSink:

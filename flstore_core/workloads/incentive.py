@@ -41,7 +41,8 @@ def collect(histories: dict[str, ClientHistory], params: dict[str, Any]) -> dict
 
 
 def finalize(merged: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    per: dict[str, dict[str, Any]] = merged.get("per_client", {})
+    # sorted: the sums must not depend on the order the nodes' answers were merged in
+    per: dict[str, dict[str, Any]] = dict(sorted(merged.get("per_client", {}).items()))
     budget = float(params["budget"])
     totals: dict[str, float] = {}
     for rows in per.values():
