@@ -29,6 +29,9 @@ test: lint
 bench: $(STAMP)
 	mkdir -p bench-out
 	$(BIN)/python benchmarks/codec.py --json bench-out/codec.json
+	$(BIN)/python benchmarks/warm_vs_cold.py --json bench-out/warm_vs_cold.json
+	$(BIN)/python benchmarks/workloads.py --json bench-out/workloads.json
+	$(BIN)/python benchmarks/ingest.py --json bench-out/ingest.json
 
 clean:
 	rm -rf $(VENV) .flstore demo-out bench-out .pytest_cache .mypy_cache .ruff_cache
