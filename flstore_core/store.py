@@ -333,6 +333,7 @@ class ObjectStore:
         entries: Iterable[UpdateEntry] | None = None,
         *,
         summaries: dict[str, dict[str, float]] | None = None,
+        specs: dict[str, tuple[TensorSpec, ...]] | None = None,
     ) -> RoundManifest:
         """Make a round visible by writing its manifest, once all its updates are stored.
 
@@ -364,7 +365,9 @@ class ObjectStore:
         for client in sorted(stored):
             if client in given:
                 updates[client] = given[client]
-                pending = self._pending_specs.get((job, round_, client))
+                pending = (specs or {}).get(client) or self._pending_specs.get(
+                    (job, round_, client)
+                )
                 if pending is not None:
                     specs_of[client] = pending
                 else:
@@ -372,9 +375,9 @@ class ObjectStore:
             elif client not in updates:
                 to_read.append(client)
         described = self._executor().map(lambda c: self._describe(job, round_, c), to_read)
-        for client, (entry, specs) in zip(to_read, described, strict=True):
+        for client, (entry, read_specs) in zip(to_read, described, strict=True):
             updates[client] = given.get(client, entry)
-            specs_of[client] = specs
+            specs_of[client] = read_specs
         if not updates:
             raise NotFoundError(f"round {round_} of job {job!r} has no stored updates to commit")
         reference = existing.tensors if existing else _majority(specs_of, written_at)

@@ -35,7 +35,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import apache_beam as beam
@@ -63,7 +63,7 @@ from pipelines.scores import (
     matrix_scores,
     stream_scores,
 )
-from pipelines.transforms import PrefetchOwners, counter, remember_specs
+from pipelines.transforms import PrefetchOwners, counter
 
 if TYPE_CHECKING:
     from flstore_core.router import Router
@@ -116,14 +116,14 @@ class RecomputeRoundFn(beam.DoFn):
         job = self.config.job
         manifest = self.store.get_manifest(job, round_)
         scores = self._scores(manifest)
-        # ObjectStore.commit_round applies summaries to the entries it holds, which are the
-        # committed manifest's own objects when none are given, and then sees no change; give
-        # it copies (and their specs, so it does not read the updates back)
-        entries = [replace(e, summary=dict(e.summary)) for e in manifest.updates.values()]
-        remember_specs(self.store, job, round_, {e.client: manifest.tensors for e in entries})
+        entries = list(manifest.updates.values())
         puts = self.store.puts
         committed = self.store.commit_round(
-            job, round_, entries, summaries=scores.summaries(BACKFILL_SUMMARIES)
+            job,
+            round_,
+            entries,
+            summaries=scores.summaries(BACKFILL_SUMMARIES),
+            specs={e.client: manifest.tensors for e in entries},  # no read-back of updates
         )
         written = self.store.puts > puts
         self.rounds.inc()

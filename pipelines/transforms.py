@@ -507,21 +507,6 @@ class StoreModels(beam.PTransform[Any, Any]):
 # ---------------------------------------------------------------------- summarize and commit
 
 
-def remember_specs(
-    store: ObjectStore, job: str, round_: int, specs: dict[str, tuple[TensorSpec, ...]]
-) -> None:
-    """Tell ``commit_round`` the specs of updates another worker stored.
-
-    ``ObjectStore.commit_round`` reads back (GET + decompress) every given update whose specs
-    it did not see written through the same object; in a pipeline the writer and the committer
-    are different workers, and the specs travel in the records. ``ObjectStore`` has no public
-    hook for this yet, hence the private table.
-    """
-    with store._lock:
-        for client, s in specs.items():
-            store._pending_specs[(job, round_, client)] = s
-
-
 class SummarizeAndCommitFn(beam.DoFn):
     """Summaries (two passes over the round's files) and the commit of one round."""
 
@@ -552,10 +537,13 @@ class SummarizeAndCommitFn(beam.DoFn):
         summaries = None
         if self.config.summarize and self._needs_summaries(stored, existing):
             summaries = self._summaries(job, round_, stored, existing)
-        remember_specs(self.store, job, round_, {s.client: s.specs for s in stored})
         puts = self.store.puts
         manifest = self.store.commit_round(
-            job, round_, [s.entry for s in stored], summaries=summaries
+            job,
+            round_,
+            [s.entry for s in stored],
+            summaries=summaries,
+            specs={s.client: s.specs for s in stored},
         )
         written = self.store.puts > puts
         self.rounds.inc()
