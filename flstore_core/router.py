@@ -24,9 +24,9 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -37,8 +37,8 @@ from flstore_core import layout
 from flstore_core.auth import TokenTable
 from flstore_core.cost import DEFAULT_PRICES, Invocation, Prices, flstore_request_cost
 from flstore_core.errors import (
-    FLStoreError,
     NotFoundError,
+    PayloadTooLargeError,
     UnavailableError,
     ValidationError,
     error_from_dict,
@@ -182,7 +182,6 @@ class Plan:
 
     shard: str
     order: list[int]
-    replicas: list[int] = field(default_factory=list)
 
 
 class Router:
@@ -359,7 +358,7 @@ class Router:
     def plan(self, shard: str) -> Plan:
         """Replicas first (placement), then every other node in the shard's ranking."""
         order = rank_nodes(shard, self.config.nodes)
-        return Plan(shard, order, order[: self.config.replication])
+        return Plan(shard, order)
 
     def _invoke_in_order(
         self, plan: Plan, event: dict[str, Any]
@@ -450,8 +449,6 @@ def parse_body(body: bytes | str | None) -> dict[str, Any]:
         return {}
     raw = body.encode() if isinstance(body, str) else body
     if len(raw) > MAX_BODY_BYTES:
-        from flstore_core.errors import PayloadTooLargeError
-
         raise PayloadTooLargeError(
             f"request body of {len(raw)} bytes exceeds the limit of {MAX_BODY_BYTES}"
         )
@@ -467,11 +464,3 @@ def parse_body(body: bytes | str | None) -> dict[str, Any]:
             f"unknown field {unknown[0]!r} in the body: use round, rounds, params"
         )
     return obj
-
-
-def error_response(exc: FLStoreError) -> tuple[int, dict[str, Any]]:
-    """Status and body of an error answer."""
-    return exc.status, exc.to_dict()
-
-
-Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
