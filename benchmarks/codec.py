@@ -17,7 +17,7 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import interleave, parser, summarize, timed, write_report
-from flstore_core.codec import Update, decode_into, encode_update, serialize
+from flstore_core.data.codec import Update, decode_into, encode_update, serialize
 
 RESNET18_PARAMS = 11_689_512
 

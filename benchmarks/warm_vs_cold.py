@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.codec import RESNET18_PARAMS, resnet18_sized_update
 from benchmarks.report import interleave, parser, summarize, write_report
-from flstore_core.baselines import Aggregator, RedisServer, populate_redis
-from flstore_core.client import FLStoreClient
-from flstore_core.codec import Update
-from flstore_core.placement import round_shard
+from evaluation.baselines import Aggregator, RedisServer, populate_redis
+from flstore_core.data.codec import Update
+from flstore_core.routing.placement import round_shard
+from flstore_core.sdk.client import FLStoreClient
 from flstore_core.workloads import get
 from lambdas.local_runtime.stack import LocalStack, StackConfig
 

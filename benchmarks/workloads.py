@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.codec import resnet18_sized_update
 from benchmarks.report import parser, summarize, write_report
-from flstore_core.client import FLStoreClient
-from flstore_core.codec import Update
-from flstore_core.placement import client_shard, meta_shard, model_shard, round_shard
+from flstore_core.data.codec import Update
+from flstore_core.routing.placement import client_shard, meta_shard, model_shard, round_shard
+from flstore_core.sdk.client import FLStoreClient
 from flstore_core.workloads import catalogue
 from lambdas.local_runtime.stack import LocalStack, StackConfig
 
@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--params", type=int, default=11_689_512, help="parameters per big update")
     args = p.parse_args()
-    from flstore_core.digits_job import simulate
+    from evaluation.digits_job import simulate
 
     config = StackConfig(nodes=2, replication=1, memory_mb=8192, timeout_s=600)
     runs: list[dict[str, Any]] = []

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from flstore_core.codec import TensorSpec
+from flstore_core.data.codec import TensorSpec
 from flstore_core.errors import InvalidParamsError, ValidationError
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def build(name: str, seed: int | None = None) -> nn.Module:
 
 def state_specs(model: nn.Module) -> list[TensorSpec]:
     """Tensor specs (names, dtypes, shapes) of a model's state dict, in order."""
-    from flstore_core.codec import dtype_name
+    from flstore_core.data.codec import dtype_name
 
     return [
         TensorSpec(k, dtype_name(np.dtype(str(v.dtype).removeprefix("torch."))), tuple(v.shape))
@@ -58,7 +58,8 @@ def state_specs(model: nn.Module) -> list[TensorSpec]:
 
 
 def state_arrays(model: nn.Module) -> dict[str, npt.NDArray[Any]]:
-    """The model's state dict as numpy arrays (an :class:`~flstore_core.codec.Update`'s form)."""
+    """The model's state dict as numpy arrays (the form of an
+    :class:`~flstore_core.data.codec.Update`)."""
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 

@@ -1,7 +1,7 @@
 """API Gateway HTTP API Lambda authorizer (simple responses, payload 2.0).
 
-It shares :class:`flstore_core.auth.TokenTable` with the router: a request is authorized when
-its bearer token is known and, for ``/v1/jobs/{job}/…`` routes, granted that job. The router
+It shares :class:`flstore_core.routing.auth.TokenTable` with the router: a request is authorized
+when its bearer token is known and, for ``/v1/jobs/{job}/…`` routes, granted that job. The router
 checks again (defence in depth, and the local gateway calls the router directly).
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flstore_core.auth import TokenTable
 from flstore_core.errors import FLStoreError
+from flstore_core.routing.auth import TokenTable
 
 TOKENS = TokenTable.from_env()
 

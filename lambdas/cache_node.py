@@ -10,8 +10,8 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 
-from flstore_core.node import CacheNode
-from flstore_core.store import ObjectStore
+from flstore_core.cache.node import CacheNode
+from flstore_core.storage.object_store import ObjectStore
 
 logger = Logger(service="flstore-cache-node")
 NODE = CacheNode(ObjectStore())

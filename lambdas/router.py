@@ -1,7 +1,7 @@
 """AWS Lambda handler of the router: the HTTP API (payload 2.0) of ARCHITECTURE §4.
 
 Routes are declared with aws-lambda-powertools' ``APIGatewayHttpResolver``; every route is a
-one-line call into :class:`flstore_core.router.Router`, which holds all the logic. Typed
+one-line call into :class:`flstore_core.routing.router.Router`, which holds all the logic. Typed
 errors become ``{"error": {"code", "message"}}`` with their status; anything unexpected is
 logged and answered as a 500 without internals.
 """
@@ -16,7 +16,7 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
 
 from flstore_core.errors import FLStoreError, NotFoundError, PayloadTooLargeError
-from flstore_core.router import MAX_BODY_BYTES, Router
+from flstore_core.routing.router import MAX_BODY_BYTES, Router
 
 logger = Logger(service="flstore-router")
 

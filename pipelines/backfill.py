@@ -40,10 +40,10 @@ from typing import TYPE_CHECKING, Any
 
 import apache_beam as beam
 
+from flstore_core.data.manifest import RoundManifest
 from flstore_core.errors import NotFoundError, ValidationError
 from flstore_core.ids import validate_job
-from flstore_core.manifest import RoundManifest
-from flstore_core.store import ENV_ENDPOINT
+from flstore_core.storage.object_store import ENV_ENDPOINT
 from pipelines.ingest import beam_options, read_counters, store_target
 from pipelines.records import CommittedRound
 from pipelines.runtime import (
@@ -66,7 +66,7 @@ from pipelines.scores import (
 from pipelines.transforms import PrefetchOwners, counter
 
 if TYPE_CHECKING:
-    from flstore_core.router import Router
+    from flstore_core.routing.router import Router
 
 
 def parse_rounds(text: str | None) -> tuple[int | None, int | None]:

@@ -37,9 +37,9 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from flstore_core.codec import Precision
+from flstore_core.data.codec import Precision
 from flstore_core.ids import validate_job
-from flstore_core.store import DEFAULT_BUCKET, ENV_BUCKET, ENV_ENDPOINT, ObjectStore
+from flstore_core.storage.object_store import DEFAULT_BUCKET, ENV_BUCKET, ENV_ENDPOINT, ObjectStore
 from pipelines.records import DeadLetter
 from pipelines.runtime import (
     METRICS_NAMESPACE,
@@ -69,8 +69,8 @@ from pipelines.transforms import (
 )
 
 if TYPE_CHECKING:
-    from flstore_core.round_writer import RoundDrop
-    from flstore_core.router import Router
+    from flstore_core.routing.router import Router
+    from flstore_core.sdk.round_writer import RoundDrop
 
 # each local worker holds an update or two in memory (~100 MB apiece for ResNet-18): cap them
 MAX_LOCAL_WORKERS = 8
@@ -335,7 +335,7 @@ def run_ingest(
 
 
 def ingest_on_drop(**kwargs: Any) -> Callable[[RoundDrop], IngestSummary]:
-    """A callback for :class:`flstore_core.round_writer.RoundWriter` (``on_round=``) that
+    """A callback for :class:`flstore_core.sdk.round_writer.RoundWriter` (``on_round=``) that
     ingests each dropped round at once; ``kwargs`` go to :func:`run_ingest`."""
 
     def ingest(drop: RoundDrop) -> IngestSummary:

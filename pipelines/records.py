@@ -13,9 +13,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from flstore_core.codec import TensorSpec
+from flstore_core.data.codec import TensorSpec
+from flstore_core.data.manifest import UpdateEntry
 from flstore_core.errors import CorruptUpdateError, ValidationError
-from flstore_core.manifest import UpdateEntry
 
 RoundKey = tuple[str, int]  # (job, round): the grouping key of everything per round
 

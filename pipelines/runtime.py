@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import boto3
 from botocore.config import Config
 
-from flstore_core.codec import PRECISIONS, Precision
+from flstore_core.data.codec import PRECISIONS, Precision
+from flstore_core.data.manifest import JobSpec
 from flstore_core.errors import NotFoundError, ValidationError
-from flstore_core.manifest import JobSpec
-from flstore_core.store import ObjectStore, s3_client
+from flstore_core.storage.object_store import ObjectStore, s3_client
 
 if TYPE_CHECKING:
-    from flstore_core.router import Router
+    from flstore_core.routing.router import Router
 
 METRICS_NAMESPACE = "flstore"
 LOCAL_STATE = Path(".flstore") / "local.json"
@@ -72,7 +72,7 @@ class StoreTarget:
     Credentials come from Beam's own S3 options (``--s3_access_key_id`` …) when given, so a
     remote runner's workers can write without an ambient AWS identity; otherwise boto3's usual
     chain (environment, profile, instance role) applies, with the local-endpoint defaults of
-    :func:`flstore_core.store.s3_client`.
+    :func:`flstore_core.storage.object_store.s3_client`.
     """
 
     bucket: str
@@ -170,8 +170,8 @@ class PrefetchTarget:
     def router(self, store: ObjectStore) -> Router:
         """A :class:`Router` wired like the deployed one; only its placement and invoker are
         used (``prefetch``), so it carries no tokens."""
-        from flstore_core.auth import TokenTable
-        from flstore_core.router import NodeInvoker, Router, RouterConfig, lambda_client
+        from flstore_core.routing.auth import TokenTable
+        from flstore_core.routing.router import NodeInvoker, Router, RouterConfig, lambda_client
 
         return Router(
             store,

@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from flstore_core.codec import TensorSpec, Update
+from flstore_core.data.codec import TensorSpec, Update
 
-# summary names in the round manifest; flstore_core.shards reads the same names
+# summary names in the round manifest; flstore_core.cache.shards reads the same names
 COS_TO_MEAN = "cos_to_mean"
 UPDATE_NORM = "update_norm"
 CONTRIBUTION = "contribution"

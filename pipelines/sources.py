@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import IO, Any
 
-from flstore_core import codec
-from flstore_core.codec import DEFAULT_LIMITS, CodecLimits, TensorSpec, check_identity
+from flstore_core.data import codec
+from flstore_core.data.codec import DEFAULT_LIMITS, CodecLimits, TensorSpec, check_identity
 from flstore_core.errors import CorruptUpdateError
 from flstore_core.ids import validate_job
 from pipelines.records import RawHeader, TruncatedFileError, WrongJobError

@@ -44,8 +44,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics.metric import Metrics
 from botocore.exceptions import ClientError
 
-from flstore_core import layout
-from flstore_core.codec import (
+from flstore_core.data import layout
+from flstore_core.data.codec import (
     CodecLimits,
     EncodedUpdate,
     Precision,
@@ -55,6 +55,7 @@ from flstore_core.codec import (
     encode_update,
     parse_safetensors,
 )
+from flstore_core.data.manifest import RoundManifest, UpdateEntry
 from flstore_core.errors import (
     ConflictError,
     CorruptUpdateError,
@@ -63,9 +64,8 @@ from flstore_core.errors import (
     NotFoundError,
     ValidationError,
 )
-from flstore_core.manifest import RoundManifest, UpdateEntry
-from flstore_core.placement import client_shard, meta_shard, round_shard
-from flstore_core.store import ObjectStore, check_agreement
+from flstore_core.routing.placement import client_shard, meta_shard, round_shard
+from flstore_core.storage.object_store import ObjectStore, check_agreement
 from pipelines.records import (
     CommittedRound,
     DeadLetter,

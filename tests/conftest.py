@@ -9,9 +9,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from flstore_core.codec import TensorSpec, Update
-from flstore_core.round_data import RoundData
-from flstore_core.store import ObjectStore
+from flstore_core.cache.round_data import RoundData
+from flstore_core.data.codec import TensorSpec, Update
+from flstore_core.storage.object_store import ObjectStore
 from lambdas.local_runtime.s3_server import LocalS3
 
 _buckets = itertools.count()

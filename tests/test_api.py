@@ -13,10 +13,10 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
-from flstore_core.codec import Update
-from flstore_core.node import load_round
-from flstore_core.placement import node_name, place_shard, round_shard
-from flstore_core.round_data import ArtifactStats
+from flstore_core.cache.node import load_round
+from flstore_core.cache.round_data import ArtifactStats
+from flstore_core.data.codec import Update
+from flstore_core.routing.placement import node_name, place_shard, round_shard
 from flstore_core.workloads import get
 from lambdas.local_runtime.stack import LocalStack, StackConfig
 from tests.conftest import small_update
@@ -243,7 +243,7 @@ def test_killed_primary_during_a_request_still_answers(stack: LocalStack) -> Non
 
 
 def test_client_workload_gathers_histories_from_their_owner_nodes(stack: LocalStack) -> None:
-    from flstore_core.placement import client_shard, rank_nodes
+    from flstore_core.routing.placement import client_shard, rank_nodes
 
     owners = {rank_nodes(str(client_shard("hist", f"h{i}")), 3)[0] for i in range(6)}
     assert len(owners) > 1  # the histories really live on several nodes

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from flstore_core.baselines import (
+from evaluation.baselines import (
     Aggregator,
     AggregatorService,
     RedisNotInstalledError,
@@ -20,11 +20,11 @@ from flstore_core.baselines import (
     populate_redis_job,
     redis_server_binary,
 )
-from flstore_core.baselines import redis_server as redis_server_module
-from flstore_core.node import load_round, run_round_workload
-from flstore_core.round_data import ArtifactStats
-from flstore_core.shards import ManifestReader, load_client, load_meta
-from flstore_core.store import ObjectStore
+from evaluation.baselines import redis_server as redis_server_module
+from flstore_core.cache.node import load_round, run_round_workload
+from flstore_core.cache.round_data import ArtifactStats
+from flstore_core.cache.shards import ManifestReader, load_client, load_meta
+from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get
 from lambdas.local_runtime.s3_server import LocalS3
 from tests.conftest import small_update

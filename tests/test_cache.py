@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from flstore_core.cache import ShardCache
-from flstore_core.node import CacheNode
-from flstore_core.placement import client_shard, meta_shard, model_shard, round_shard
-from flstore_core.store import ObjectStore
+from flstore_core.cache.node import CacheNode
+from flstore_core.cache.shard_cache import ShardCache
+from flstore_core.routing.placement import client_shard, meta_shard, model_shard, round_shard
+from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get
 from flstore_core.workloads.cosine_select import cosine_to_mean
 from tests.conftest import small_update
@@ -173,7 +173,7 @@ def test_fedavg_matches_the_weighted_mean_and_uses_deltas(store: ObjectStore) ->
     rm = store.read_round("j", 0)
     w = rm.num_examples / rm.num_examples.sum()
     expect = (w[:, None] * rm.matrix.astype(np.float64)).sum(0)
-    from flstore_core.codec import decode_update
+    from flstore_core.data.codec import decode_update
 
     model = decode_update(store.get_object(answer["result"]["model_key"]))
     got = np.concatenate([np.asarray(a, np.float64).ravel() for a in model.tensors.values()])

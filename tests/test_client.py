@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from flstore_core.client import FLStoreClient, result_model
 from flstore_core.errors import (
     AuthenticationError,
     FLStoreError,
@@ -26,6 +25,7 @@ from flstore_core.errors import (
     UnavailableError,
     ValidationError,
 )
+from flstore_core.sdk.client import FLStoreClient, result_model
 
 TOKEN = "dev-token-123"
 

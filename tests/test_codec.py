@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from flstore_core.codec import (
+from flstore_core.data.codec import (
     CodecLimits,
     Update,
     bfloat16_bits_to_float32,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from flstore_core.cli.demo import run_demo
+from evaluation.demo import run_demo
 
 
 @pytest.fixture(scope="module")

@@ -30,17 +30,17 @@ from flwr.app import (  # noqa: E402
 )
 from flwr.serverapp.strategy import FedAvg, MultiKrum  # noqa: E402
 
+from evaluation.flower_digits import run_flower_job  # noqa: E402
 from flstore_core import models  # noqa: E402
-from flstore_core.codec import Update  # noqa: E402
+from flstore_core.cache.node import CacheNode  # noqa: E402
+from flstore_core.data.codec import Update  # noqa: E402
 from flstore_core.errors import UnavailableError, ValidationError  # noqa: E402
 from flstore_core.integrations.flower import (  # noqa: E402
     FLStoreStrategy,
     StoreSink,
     with_flstore,
 )
-from flstore_core.integrations.flower_digits import run_flower_job  # noqa: E402
-from flstore_core.node import CacheNode  # noqa: E402
-from flstore_core.store import ObjectStore  # noqa: E402
+from flstore_core.storage.object_store import ObjectStore  # noqa: E402
 
 SERVER_NODE = 1  # flwr's SUPERLINK_NODE_ID
 
@@ -230,7 +230,7 @@ def test_a_failing_sink_stops_the_run_unless_told_to_log() -> None:
 def test_the_integration_imports_without_flwr() -> None:
     code = (
         "import sys; sys.modules['flwr'] = None\n"
-        "import flstore_core.integrations.flower, flstore_core.integrations.flower_digits\n"
+        "import flstore_core.integrations.flower, evaluation.flower_digits\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

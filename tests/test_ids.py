@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flstore_core import layout
+from flstore_core.data import layout
 from flstore_core.errors import InvalidIdError, ValidationError
 from flstore_core.ids import parse_round, validate_client, validate_job, validate_round
 

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flstore_core import layout
-from flstore_core.codec import Update, decompress, write_raw_update
-from flstore_core.placement import place_shard, round_shard
-from flstore_core.round_writer import RoundWriter
-from flstore_core.store import ObjectStore
+from flstore_core.data import layout
+from flstore_core.data.codec import Update, decompress, write_raw_update
+from flstore_core.routing.placement import place_shard, round_shard
+from flstore_core.sdk.round_writer import RoundWriter
+from flstore_core.storage.object_store import ObjectStore
 from lambdas.local_runtime.s3_server import LocalS3
 from lambdas.local_runtime.stack import LocalStack, StackConfig
 from pipelines.backfill import parse_rounds, run_backfill
@@ -434,7 +434,7 @@ def test_streamed_scores_equal_matrix_scores() -> None:
     rng = np.random.default_rng(3)
     rows = rng.standard_normal((5, 300_000)).astype(np.float32)
     base = rng.standard_normal(300_000).astype(np.float32)
-    from flstore_core.codec import TensorSpec
+    from flstore_core.data.codec import TensorSpec
 
     reference = (TensorSpec("a", "F32", (100_000,)), TensorSpec("b", "F32", (200_000,)))
     clients = [f"c{i}" for i in range(5)]
@@ -452,7 +452,7 @@ def test_streamed_scores_equal_matrix_scores() -> None:
 
 
 def test_summary_names_match_what_client_workloads_read() -> None:
-    shards = pytest.importorskip("flstore_core.shards")
+    shards = pytest.importorskip("flstore_core.cache.shards")
     assert (COS_TO_MEAN, CONTRIBUTION) == (shards.SUMMARY_COS, shards.SUMMARY_CONTRIBUTION)
 
 

@@ -9,11 +9,11 @@ import pytest
 import safetensors.numpy
 from typer.testing import CliRunner
 
-from flstore_core.auth import TokenTable
 from flstore_core.cli import app
 from flstore_core.errors import ValidationError
-from flstore_core.jobs import create_job, parse_precision
-from flstore_core.store import ObjectStore
+from flstore_core.routing.auth import TokenTable
+from flstore_core.sdk.jobs import create_job, parse_precision
+from flstore_core.storage.object_store import ObjectStore
 
 runner = CliRunner()
 
@@ -92,7 +92,7 @@ def test_help_lists_the_commands() -> None:
 def test_cli_ingest_stores_and_commits_a_dropped_round(
     store: ObjectStore, s3_server, tmp_path, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
-    from flstore_core.round_writer import RoundWriter
+    from flstore_core.sdk.round_writer import RoundWriter
     from tests.conftest import small_update
 
     monkeypatch.setenv("FLSTORE_S3_ENDPOINT", s3_server.url)

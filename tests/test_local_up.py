@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from flstore_core.store import ObjectStore
+from flstore_core.storage.object_store import ObjectStore
 from tests.conftest import small_update
 
 FLSTORE = [sys.executable, "-m", "flstore_core.cli"]

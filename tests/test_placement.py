@@ -6,7 +6,7 @@ import collections
 
 import pytest
 
-from flstore_core.placement import (
+from flstore_core.routing.placement import (
     ShardKey,
     client_shard,
     place_shard,

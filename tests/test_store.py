@@ -7,8 +7,9 @@ import threading
 import numpy as np
 import pytest
 
-from flstore_core import layout
-from flstore_core.codec import Update
+from flstore_core.data import layout
+from flstore_core.data.codec import Update
+from flstore_core.data.manifest import JobSpec
 from flstore_core.errors import (
     ConflictError,
     MismatchError,
@@ -16,8 +17,7 @@ from flstore_core.errors import (
     StoredObjectCorruptError,
     ValidationError,
 )
-from flstore_core.manifest import JobSpec
-from flstore_core.store import ObjectStore
+from flstore_core.storage.object_store import ObjectStore
 from tests.conftest import small_update
 
 
@@ -172,7 +172,7 @@ def test_bfloat16_jobs_read_back_within_the_bound(store: ObjectStore) -> None:
 
 
 def encoded_size_f32(store: ObjectStore, upd: Update) -> int:
-    from flstore_core.codec import encode_update
+    from flstore_core.data.codec import encode_update
 
     return encode_update(upd).stored_bytes
 
@@ -181,7 +181,7 @@ def test_corrupt_stored_object_is_not_served(store: ObjectStore) -> None:
     store.put_update("j", 0, "c", small_update(1))
     store.commit_round("j", 0)
     other = small_update(9)
-    from flstore_core.codec import encode_update
+    from flstore_core.data.codec import encode_update
 
     store.s3.put_object(
         Bucket=store.bucket, Key=layout.update_key("j", 0, "c"), Body=encode_update(other).data

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from flstore_core import models
-from flstore_core.codec import Update
-from flstore_core.manifest import JobSpec
-from flstore_core.node import CacheNode
-from flstore_core.shards import ClientHistory, ClientRound, JobMeta
-from flstore_core.store import ObjectStore
+from flstore_core.cache.node import CacheNode
+from flstore_core.cache.shards import ClientHistory, ClientRound, JobMeta
+from flstore_core.data.codec import Update
+from flstore_core.data.manifest import JobSpec
+from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get
 from flstore_core.workloads.incentive import finalize as incentive_finalize
 from flstore_core.workloads.oort_select import oort_select, statistical_utility

@@ -2,7 +2,7 @@
 
 The pure estimators are pinned on hand-checkable cases and against independent computations
 (brute-force Shapley over all permutations, a numpy transcription of FLTrust's formula). The
-digits job (:func:`flstore_core.digits_job.simulate`: 10 clients × 5 rounds, ``client-09``
+digits job (:func:`evaluation.digits_job.simulate`: 10 clients × 5 rounds, ``client-09``
 flipping its labels) is trained once per module into a moto bucket; the detectors are checked
 on rounds 3 and 4, where the attack is established (round 0 models are still at their
 initialisation).
@@ -19,14 +19,14 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from evaluation.digits_job import DigitsJob, simulate
 from flstore_core import models
-from flstore_core.codec import decode_update
-from flstore_core.digits_job import DigitsJob, simulate
+from flstore_core.cache.node import CacheNode, load_round
+from flstore_core.cache.round_data import ArtifactStats, RoundData
+from flstore_core.data.codec import decode_update
+from flstore_core.data.manifest import JobSpec
 from flstore_core.errors import InvalidParamsError, NotFoundError
-from flstore_core.manifest import JobSpec
-from flstore_core.node import CacheNode, load_round
-from flstore_core.round_data import ArtifactStats, RoundData
-from flstore_core.store import ObjectStore
+from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import WorkloadResult, catalogue, get
 from flstore_core.workloads.contribution_loo import leave_one_out
 from flstore_core.workloads.contribution_shapley import exact_shapley, gtg_shapley

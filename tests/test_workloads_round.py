@@ -20,11 +20,11 @@ from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from sklearn.cluster import AgglomerativeClustering, KMeans
 
-from flstore_core.codec import decode_update
+from flstore_core.cache.node import CacheNode
+from flstore_core.cache.round_data import RoundData
+from flstore_core.data.codec import decode_update
 from flstore_core.errors import InvalidParamsError
-from flstore_core.node import CacheNode
-from flstore_core.round_data import RoundData
-from flstore_core.store import ObjectStore
+from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import WorkloadResult, catalogue, get
 from flstore_core.workloads.trimmed_mean import trimmed_mean_rows
 from tests.conftest import make_round, small_update

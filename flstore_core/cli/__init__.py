@@ -2,7 +2,7 @@
 
 The CLI is one of ``flstore_core``'s two faces: it may compose the layers (start the local stack,
 run a pipeline), and nothing else in ``flstore_core`` imports it. Commands that query FLStore go
-through the HTTP API with :class:`flstore_core.client.FLStoreClient`, finding the local stack in
+through the HTTP API with :class:`flstore_core.sdk.client.FLStoreClient`, finding the local stack in
 ``.flstore/local.json`` unless ``--url``/``--token`` (or ``FLSTORE_URL``/``FLSTORE_TOKEN``) say
 otherwise.
 """
@@ -45,7 +45,7 @@ TOKEN = typer.Option(None, "--token", envvar="FLSTORE_TOKEN", help="Bearer token
 
 
 def _client(url: str | None, token: str | None) -> Any:
-    from flstore_core.client import FLStoreClient
+    from flstore_core.sdk.client import FLStoreClient
 
     if url:
         return FLStoreClient(url, token)
@@ -71,7 +71,7 @@ def demo(
     out: str = typer.Option("demo-out", help="Where report.json and latency.png go."),
 ) -> None:
     """Run the main job: a Flower job feeding FLStore, then every workload via the HTTP API."""
-    from flstore_core.cli.demo import run_demo
+    from evaluation.demo import run_demo
 
     run_demo(clients=clients, rounds=rounds, repetitions=repetitions, out=out)
 
@@ -258,7 +258,7 @@ def stats() -> None:
 
 def _store() -> Any:
     """The object store of the local stack (``.flstore/local.json``), else of the environment."""
-    from flstore_core.store import ObjectStore
+    from flstore_core.storage.object_store import ObjectStore
 
     if STATE.exists() and not os.environ.get("FLSTORE_S3_ENDPOINT"):
         state = json.loads(STATE.read_text())
@@ -274,7 +274,7 @@ def job_create(
     precision: str = typer.Option("float32", "--precision", help="float32, bf16 or fp16."),
 ) -> None:
     """Declare a job (or change its model, precision or validation set)."""
-    from flstore_core.jobs import create_job
+    from flstore_core.sdk.jobs import create_job
 
     try:
         spec = create_job(
@@ -295,7 +295,7 @@ def token_new(
     job: list[str] = typer.Option(["*"], "--job", "-j", help="Granted job (repeat; * for all)."),
 ) -> None:
     """Make a bearer token; prints it once and the hash entry for FLSTORE_TOKENS/tokenHashes."""
-    from flstore_core.auth import hash_token, new_token
+    from flstore_core.routing.auth import hash_token, new_token
 
     token = new_token()
     console.print(f"token (keep it secret): [bold]{token}[/bold]")

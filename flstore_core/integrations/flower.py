@@ -8,7 +8,7 @@ and runs it as before (``strategy.start(grid=grid, ...)``). The result is the sa
 (an instance of a subclass of its class, so ``isinstance(strategy, FedAvg)`` still holds) that,
 after each ``aggregate_train``, hands FLStore every reply's update and the aggregate:
 
-- **Updates**: each reply's ``ArrayRecord`` becomes an :class:`~flstore_core.codec.Update`
+- **Updates**: each reply's ``ArrayRecord`` becomes an :class:`~flstore_core.data.codec.Update`
   whose tensor names are the record's keys in order (the state-dict names when the ClientApp
   sent ``ArrayRecord(model.state_dict())``; pass ``tensor_names`` when it sent a plain list of
   arrays, whose keys are ``"0"``, ``"1"``, …). The reply's ``MetricRecord`` gives
@@ -26,12 +26,12 @@ after each ``aggregate_train``, hands FLStore every reply's update and the aggre
 
 What the wrapped strategy returns is returned unchanged: FLStore observes, it never steers the
 aggregate. Optionally (``select_with="oort_select"`` or ``"cosine_select"`` and an
-:class:`~flstore_core.client.FLStoreClient`), ``configure_train`` asks FLStore which clients to
+:class:`~flstore_core.sdk.client.FLStoreClient`), ``configure_train`` asks FLStore which clients to
 train, falling back to the strategy's own sampling when FLStore cannot answer.
 
 The sink is the one boundary between Flower and storage: :class:`StoreSink` writes through an
-:class:`~flstore_core.store.ObjectStore`; a sink that writes raw update files and runs the Beam
-ingestion plugs in the same way. Anything with ``put_round`` is a sink.
+:class:`~flstore_core.storage.object_store.ObjectStore`; a sink that writes raw update files and
+runs the Beam ingestion plugs in the same way. Anything with ``put_round`` is a sink.
 
 :func:`run_in_process` runs a ``ServerApp`` and a ``ClientApp`` in one process, on Flower's own
 in-memory grid and link state and the simulation runtime's fleet workers, with a thread pool in
@@ -55,10 +55,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast, runtime
 import numpy as np
 import numpy.typing as npt
 
-from flstore_core.codec import Update
+from flstore_core.data.codec import Update
 from flstore_core.errors import FLStoreError, ValidationError
 from flstore_core.ids import validate_client, validate_job
-from flstore_core.round_writer import RoundWriter
+from flstore_core.sdk.round_writer import RoundWriter
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -70,8 +70,8 @@ if TYPE_CHECKING:
     # wrapped strategy's class in the MRO of a class created by `with_flstore`
     from flwr.serverapp.strategy import Strategy as _MixinBase
 
-    from flstore_core.client import FLStoreClient
-    from flstore_core.store import ObjectStore
+    from flstore_core.sdk.client import FLStoreClient
+    from flstore_core.storage.object_store import ObjectStore
 else:
     _MixinBase = object
 
@@ -131,7 +131,7 @@ class InitialModelSink(Protocol):
 class RoundWriterSink:
     """A sink that drops each round as raw update files for ingestion (ARCHITECTURE §2).
 
-    It wraps a :class:`~flstore_core.round_writer.RoundWriter`; give the writer an ``on_round``
+    It wraps a :class:`~flstore_core.sdk.round_writer.RoundWriter`; give the writer an ``on_round``
     callback (``pipelines.ingest.ingest_on_drop(...)``) to run the Beam ingestion pipeline on
     every round as it ends — storing, summarising, committing and prefetching it — or leave it
     out and ingest the drop folder later with ``flstore ingest``.

@@ -21,8 +21,8 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.cluster import AgglomerativeClustering
 
+from flstore_core.cache.round_data import RoundData
 from flstore_core.errors import InvalidParamsError
-from flstore_core.round_data import RoundData
 from flstore_core.workloads import USE_DELTA, Param, Workload, WorkloadResult, register
 
 F64 = npt.NDArray[np.float64]

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from flstore_core.cache.round_data import RoundData
 from flstore_core.errors import InvalidParamsError
-from flstore_core.round_data import RoundData
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
 from flstore_core.workloads.contribution_loo import SubsetUtility
 from flstore_core.workloads.cosine_select import rank_by_score

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from flstore_core.round_data import RoundData
+from flstore_core.cache.round_data import RoundData
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
 
 

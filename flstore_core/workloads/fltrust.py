@@ -26,8 +26,8 @@ import numpy as np
 import numpy.typing as npt
 
 from flstore_core import models
+from flstore_core.cache.round_data import RoundData
 from flstore_core.errors import InvalidParamsError, NotFoundError
-from flstore_core.round_data import RoundData
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
 
 if TYPE_CHECKING:

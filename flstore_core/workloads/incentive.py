@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flstore_core.shards import SUMMARY_CONTRIBUTION, SUMMARY_COS, ClientHistory, ClientRound
+from flstore_core.cache.shards import SUMMARY_CONTRIBUTION, SUMMARY_COS, ClientHistory, ClientRound
 from flstore_core.workloads import CLIENTS, Param, Workload, register
 
 SOURCES = ("auto", SUMMARY_CONTRIBUTION, SUMMARY_COS, "num_examples")

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from flstore_core import models
+from flstore_core.cache.shards import GlobalModels
 from flstore_core.errors import InvalidParamsError
-from flstore_core.shards import GlobalModels
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
 
 

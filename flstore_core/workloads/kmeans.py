@@ -20,8 +20,8 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.cluster import KMeans
 
+from flstore_core.cache.round_data import RoundData
 from flstore_core.errors import InvalidParamsError
-from flstore_core.round_data import RoundData
 from flstore_core.workloads import USE_DELTA, Param, Workload, WorkloadResult, check_k, register
 
 N_INIT = 10

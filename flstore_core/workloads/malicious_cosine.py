@@ -10,7 +10,7 @@ request costs no pass over the updates.
 
 from __future__ import annotations
 
-from flstore_core.round_data import RoundData
+from flstore_core.cache.round_data import RoundData
 from flstore_core.workloads import USE_DELTA, Param, Workload, WorkloadResult, check_k, register
 from flstore_core.workloads.cosine_select import cosine_to_mean, rank_by_score
 

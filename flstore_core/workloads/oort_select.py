@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from flstore_core.cache.shards import JobMeta
 from flstore_core.errors import InvalidParamsError
 from flstore_core.ids import validate_client
-from flstore_core.shards import JobMeta
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from flstore_core.cache.round_data import RoundData
 from flstore_core.errors import InvalidParamsError, NotFoundError
-from flstore_core.round_data import RoundData
 from flstore_core.workloads import USE_DELTA, Param, Workload, WorkloadResult, check_k, register
 from flstore_core.workloads.accuracy_select import ValidationScorer
 from flstore_core.workloads.cosine_select import rank_by_score

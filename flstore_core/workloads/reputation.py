@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flstore_core.shards import SUMMARY_COS, ClientHistory
+from flstore_core.cache.shards import SUMMARY_COS, ClientHistory
 from flstore_core.workloads import CLIENTS, Param, Workload, register
 
 

@@ -18,8 +18,8 @@ import math
 import numpy as np
 import numpy.typing as npt
 
+from flstore_core.cache.round_data import RoundData
 from flstore_core.errors import InvalidParamsError
-from flstore_core.round_data import RoundData
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
 
 # elements of the matrix sorted at a time: bounds the sort's copy (~4 MB of float32) whatever

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flstore_core.auth import TokenTable, new_token
-from flstore_core.placement import node_name
-from flstore_core.router import NodeInvoker, Router, RouterConfig, lambda_client
-from flstore_core.store import ObjectStore
+from flstore_core.routing.auth import TokenTable, new_token
+from flstore_core.routing.placement import node_name
+from flstore_core.routing.router import NodeInvoker, Router, RouterConfig, lambda_client
+from flstore_core.storage.object_store import ObjectStore
 from lambdas.local_runtime.gateway import LocalGateway
 from lambdas.local_runtime.lambda_endpoint import FunctionSpec, LocalLambda
 from lambdas.local_runtime.s3_server import LocalS3

@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from flstore_core.codec import TensorSpec
+from flstore_core.data.codec import TensorSpec
+from flstore_core.data.manifest import JobSpec
 from flstore_core.errors import InvalidParamsError, NotFoundError
-from flstore_core.manifest import JobSpec
 
 T = TypeVar("T")
 F32 = npt.NDArray[np.float32]
@@ -228,6 +228,6 @@ class RoundData:
 
     def tensors_of(self, vector: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:
         """Unflatten a weights vector into named tensors with their source dtypes."""
-        from flstore_core.store import unflatten
+        from flstore_core.storage.object_store import unflatten
 
         return unflatten(vector, self.specs)

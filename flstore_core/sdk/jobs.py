@@ -10,10 +10,10 @@ import numpy as np
 import numpy.typing as npt
 
 from flstore_core import models
-from flstore_core.codec import PRECISIONS, Precision, parse_safetensors
+from flstore_core.data.codec import PRECISIONS, Precision, parse_safetensors
+from flstore_core.data.manifest import JobSpec
 from flstore_core.errors import ValidationError
-from flstore_core.manifest import JobSpec
-from flstore_core.store import ObjectStore
+from flstore_core.storage.object_store import ObjectStore
 
 PRECISION_ALIASES: dict[str, Precision] = {
     "float32": "float32",

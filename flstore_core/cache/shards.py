@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from flstore_core.codec import TensorSpec
+from flstore_core.cache.round_data import JobContext
+from flstore_core.data.codec import TensorSpec
+from flstore_core.data.manifest import JobSpec, RoundManifest
 from flstore_core.errors import NotFoundError
-from flstore_core.manifest import JobSpec, RoundManifest
-from flstore_core.round_data import JobContext
-from flstore_core.store import ObjectStore
+from flstore_core.storage.object_store import ObjectStore
 
 # summaries in a round manifest (``UpdateEntry.summary``) that client-class workloads read
 SUMMARY_NORM = "norm"

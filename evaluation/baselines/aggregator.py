@@ -8,15 +8,16 @@ that is exactly the cost FLStore removes by keeping the data in the function tha
 
 To make the comparison about the data path alone, the aggregator
 
-- runs as its own long-lived process (``python -m flstore_core.baselines.aggregator``; started
+- runs as its own long-lived process (``python -m evaluation.baselines.aggregator``; started
   and stopped by :class:`Aggregator`), like a server that is always on;
 - serves the same route and answers the same shape as FLStore's HTTP API (ARCHITECTURE §4):
   ``POST /v1/jobs/{job}/workloads/{name}`` with ``{"round", "params"}`` →
   ``{"job", "workload", "round", "result", "meta"}``, with the same typed ``{"error"}`` bodies;
-- builds the round exactly as a cache node does on a miss (:func:`flstore_core.node.load_round`
+- builds the round exactly as a cache node does on a miss
+  (:func:`flstore_core.cache.node.load_round`
   over S3 with parallel GETs, or its mirror over Redis) and runs the workload through
-  :func:`flstore_core.node.run_round_workload`, the code path nodes use, so a model result is
-  written to ``results/`` under the same deterministic key;
+  :func:`flstore_core.cache.node.run_round_workload`, the code path nodes use, so a model
+  result is written to ``results/`` under the same deterministic key;
 - reports in ``meta`` its system, latency, cost (:func:`flstore_core.cost.objstore_agg_cost`,
   :func:`flstore_core.cost.cache_agg_cost`), the GETs it made and the fetch/compute split.
 
@@ -43,12 +44,21 @@ from types import FrameType, TracebackType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from flstore_core.baselines.redis_source import (
+from evaluation.baselines.redis_source import (
     CountingSource,
     MirrorStore,
     RedisObjects,
     RedisReader,
     load_round_from,
+)
+from flstore_core.cache.node import job_context, load_round, run_round_workload
+from flstore_core.cache.round_data import ArtifactStats, RoundData
+from flstore_core.cache.shards import (
+    ClientHistory,
+    GlobalModels,
+    ManifestReader,
+    load_client,
+    load_meta,
 )
 from flstore_core.cost import DEFAULT_PRICES, Prices, cache_agg_cost, objstore_agg_cost
 from flstore_core.errors import (
@@ -59,11 +69,8 @@ from flstore_core.errors import (
     ValidationError,
 )
 from flstore_core.ids import validate_job, validate_round
-from flstore_core.node import job_context, load_round, run_round_workload
-from flstore_core.round_data import ArtifactStats, RoundData
-from flstore_core.router import MAX_BODY_BYTES, parse_body
-from flstore_core.shards import ClientHistory, GlobalModels, ManifestReader, load_client, load_meta
-from flstore_core.store import ENV_BUCKET, ENV_ENDPOINT, ObjectStore
+from flstore_core.routing.router import MAX_BODY_BYTES, parse_body
+from flstore_core.storage.object_store import ENV_BUCKET, ENV_ENDPOINT, ObjectStore
 from flstore_core.workloads import Workload, WorkloadResult, get
 
 Source = Literal["s3", "redis"]
@@ -343,7 +350,7 @@ def build_service(
 def main(argv: list[str] | None = None) -> None:
     """Run one aggregator until SIGTERM/SIGINT; prints ``{"url", "pid", "system"}`` when ready."""
     p = argparse.ArgumentParser(
-        prog="python -m flstore_core.baselines.aggregator", description=__doc__.split("\n")[0]
+        prog="python -m evaluation.baselines.aggregator", description=__doc__.split("\n")[0]
     )
     p.add_argument("--source", choices=sorted(SYSTEM_OF), required=True)
     p.add_argument("--s3-endpoint", default=os.environ.get(ENV_ENDPOINT) or None)
@@ -400,7 +407,7 @@ class Aggregator:
     redis_url : str or None, default None
         ``redis://host:port/db`` of the cache; required for ``source="redis"``.
     redis_reader : {"resp", "redis-py"}, default "resp"
-        How large values are read from Redis (see :mod:`flstore_core.baselines.redis_source`).
+        How large values are read from Redis (see :mod:`evaluation.baselines.redis_source`).
     workers : int, default 8
         Parallel fetch-and-decode threads.
     host : str, default "127.0.0.1"
@@ -450,7 +457,7 @@ class Aggregator:
 
     def command(self) -> list[str]:
         """The command line of the aggregator process."""
-        cmd = [sys.executable, "-m", "flstore_core.baselines.aggregator", "--source", self.source]
+        cmd = [sys.executable, "-m", "evaluation.baselines.aggregator", "--source", self.source]
         if self.s3_endpoint:
             cmd += ["--s3-endpoint", self.s3_endpoint]
         if self.bucket:

@@ -1,6 +1,6 @@
 """The demo job as a real Flower app: ``digits_cnn`` on scikit-learn's digits, fed to FLStore.
 
-The same federated job as :mod:`flstore_core.digits_job` (same data split, same local training,
+The same federated job as :mod:`evaluation.digits_job` (same data split, same local training,
 same label-flipping attack), written the way a Flower user writes one:
 
 - :data:`client_app` — a Flower ``ClientApp`` whose ``train`` handler loads the global model
@@ -38,8 +38,10 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import numpy.typing as npt
 
-from flstore_core import digits_job, models
-from flstore_core.codec import Update
+from evaluation import digits_job
+from flstore_core import models
+from flstore_core.data.codec import Update
+from flstore_core.data.manifest import JobSpec
 from flstore_core.errors import ValidationError
 from flstore_core.ids import validate_job
 from flstore_core.integrations.flower import (
@@ -51,15 +53,14 @@ from flstore_core.integrations.flower import (
     run_in_process,
     with_flstore,
 )
-from flstore_core.manifest import JobSpec
 
 if TYPE_CHECKING:
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
 
-    from flstore_core.client import FLStoreClient
-    from flstore_core.store import ObjectStore
+    from flstore_core.sdk.client import FLStoreClient
+    from flstore_core.storage.object_store import ObjectStore
 
 MODEL = digits_job.MODEL
 LABEL_FLIP = "label-flip"
@@ -69,7 +70,7 @@ I64 = npt.NDArray[np.int64]
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """The job's hyper-parameters (the defaults of :func:`flstore_core.digits_job.simulate`)."""
+    """The job's hyper-parameters (the defaults of :func:`evaluation.digits_job.simulate`)."""
 
     local_epochs: int = 5
     lr: float = 0.01
@@ -361,7 +362,7 @@ def run_flower_job(
                     "framework": "flower",
                 },
                 description="Flower ServerApp/ClientApp on scikit-learn digits "
-                "(flstore_core.integrations.flower_digits)",
+                "(evaluation.flower_digits)",
             )
         )
         store.put_validation_set(job, x_val, y_val)

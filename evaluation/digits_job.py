@@ -42,13 +42,13 @@ import numpy as np
 import numpy.typing as npt
 
 from flstore_core import models
-from flstore_core.codec import Update
-from flstore_core.manifest import JobSpec
+from flstore_core.data.codec import Update
+from flstore_core.data.manifest import JobSpec
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from flstore_core.store import ObjectStore
+    from flstore_core.storage.object_store import ObjectStore
 
 MODEL = "digits_cnn"
 F32 = npt.NDArray[np.float32]
@@ -260,7 +260,7 @@ def simulate(
                     "attacker_iid": attacker_iid,
                     "seed": seed,
                 },
-                description="federated digits_cnn on scikit-learn digits (flstore_core.digits_job)",
+                description="federated digits_cnn on scikit-learn digits (evaluation.digits_job)",
             )
         )
         store.put_validation_set(job, x_val, y_val)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flstore_core.codec import Kind, Update, write_raw_update
+from flstore_core.data.codec import Kind, Update, write_raw_update
 from flstore_core.errors import ValidationError
 from flstore_core.ids import validate_client, validate_job, validate_round
 
@@ -188,7 +188,7 @@ class RoundWriter:
 
     def _client(self) -> S3Client:
         if self._s3 is None:
-            from flstore_core.store import s3_client
+            from flstore_core.storage.object_store import s3_client
 
             self._s3 = s3_client(self._s3_endpoint)
         return self._s3

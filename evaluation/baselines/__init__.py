@@ -7,7 +7,8 @@
 Both answer FLStore's HTTP route and response shape, so a benchmark or a test drives all systems
 through the same client. :class:`Aggregator` starts and stops one aggregator process,
 :class:`RedisServer` a ``redis-server``, and :func:`populate_redis` copies a committed round into
-Redis. Nothing in the rest of ``flstore_core`` imports this package.
+Redis. Nothing in ``flstore_core`` imports this package: it is what FLStore is measured
+against, not part of it.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from flstore_core.baselines.aggregator import Aggregator, AggregatorService, build_service
-    from flstore_core.baselines.redis_server import (
+    from evaluation.baselines.aggregator import Aggregator, AggregatorService, build_service
+    from evaluation.baselines.redis_server import (
         RedisNotInstalledError,
         RedisServer,
         redis_server_binary,
     )
-    from flstore_core.baselines.redis_source import (
+    from evaluation.baselines.redis_source import (
         MirrorStore,
         RedisObjects,
         load_round_from,
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
         populate_redis_job,
     )
 
-# Names are imported on first use: `python -m flstore_core.baselines.aggregator` imports this
+# Names are imported on first use: `python -m evaluation.baselines.aggregator` imports this
 # package first, and an eager import of the module it is about to run would run it twice.
 _HOME = {
     "Aggregator": "aggregator",

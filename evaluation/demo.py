@@ -90,7 +90,7 @@ def found(name: str, result: dict[str, Any]) -> str:
 @contextmanager
 def baselines(stack: Any, console: Console) -> Iterator[dict[str, str]]:
     """Start the two aggregator baselines (cache-agg only when redis-server is installed)."""
-    from flstore_core.baselines import (
+    from evaluation.baselines import (
         Aggregator,
         RedisServer,
         populate_redis,
@@ -120,10 +120,10 @@ def run_demo(
     clients: int = 10, rounds: int = 5, repetitions: int = 3, out: str = "demo-out"
 ) -> dict[str, Any]:
     """Run the demo; returns (and writes) the report."""
-    from flstore_core.client import FLStoreClient
+    from evaluation.flower_digits import run_flower_job
     from flstore_core.integrations.flower import RoundWriterSink
-    from flstore_core.integrations.flower_digits import run_flower_job
-    from flstore_core.round_writer import RoundWriter
+    from flstore_core.sdk.client import FLStoreClient
+    from flstore_core.sdk.round_writer import RoundWriter
     from flstore_core.workloads import catalogue
     from lambdas.local_runtime.stack import LocalStack, StackConfig
     from pipelines.ingest import ingest_on_drop

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import cachetools
 
-from flstore_core.placement import ShardKey
+from flstore_core.routing.placement import ShardKey
 
 
 class Sized(Protocol):

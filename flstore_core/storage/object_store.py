@@ -25,8 +25,8 @@ import numpy.typing as npt
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from flstore_core import layout
-from flstore_core.codec import (
+from flstore_core.data import layout
+from flstore_core.data.codec import (
     DEFAULT_LIMITS,
     CodecLimits,
     EncodedUpdate,
@@ -42,6 +42,7 @@ from flstore_core.codec import (
     row_sq_norm,
     slices_of,
 )
+from flstore_core.data.manifest import JobSpec, RoundManifest, UpdateEntry
 from flstore_core.errors import (
     ConflictError,
     CorruptUpdateError,
@@ -52,7 +53,6 @@ from flstore_core.errors import (
     ValidationError,
 )
 from flstore_core.ids import validate_client, validate_job, validate_round
-from flstore_core.manifest import JobSpec, RoundManifest, UpdateEntry
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

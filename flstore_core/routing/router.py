@@ -33,9 +33,9 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from flstore_core import layout
-from flstore_core.auth import TokenTable
+from flstore_core.cache.shards import ManifestReader
 from flstore_core.cost import DEFAULT_PRICES, Invocation, Prices, flstore_request_cost
+from flstore_core.data import layout
 from flstore_core.errors import (
     NotFoundError,
     PayloadTooLargeError,
@@ -44,7 +44,8 @@ from flstore_core.errors import (
     error_from_dict,
 )
 from flstore_core.ids import validate_client, validate_job, validate_round
-from flstore_core.placement import (
+from flstore_core.routing.auth import TokenTable
+from flstore_core.routing.placement import (
     ShardKey,
     client_shard,
     meta_shard,
@@ -54,8 +55,7 @@ from flstore_core.placement import (
     rank_nodes,
     round_shard,
 )
-from flstore_core.shards import ManifestReader
-from flstore_core.store import ObjectStore
+from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import Workload, catalogue, get
 
 if TYPE_CHECKING:

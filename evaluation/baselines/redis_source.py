@@ -3,11 +3,11 @@
 The cache holds exactly what S3 holds — each update's compressed bytes, the round's manifest and
 its base model, under their S3 keys (:func:`populate_redis`) — so the baseline pays the same
 decoding as FLStore's cold path and differs only in where the bytes come from.
-:func:`load_round_from` mirrors :func:`flstore_core.node.load_round` over any
+:func:`load_round_from` mirrors :func:`flstore_core.cache.node.load_round` over any
 :class:`ByteSource`: the manifest first, then every update fetched and decoded straight into its
 row of one float32 matrix in parallel (checked against the manifest's sha256), the base model
-beside them, and the same :class:`~flstore_core.round_data.RoundData`, so the workload that runs
-next sees identical data and writes an identical result.
+beside them, and the same :class:`~flstore_core.cache.round_data.RoundData`, so the workload
+that runs next sees identical data and writes an identical result.
 
 Why a hand-written GET for the big values: redis-py's pure-Python reply parser copies a bulk
 reply three times through small ``recv`` chunks (measured here: ~450 MB/s for 45 MB values, the
@@ -30,8 +30,10 @@ import numpy as np
 import numpy.typing as npt
 import redis
 
-from flstore_core import layout
-from flstore_core.codec import DEFAULT_LIMITS, CodecLimits, decode_into, decode_update
+from flstore_core.cache.round_data import ArtifactStats, JobContext, RoundData, Validation
+from flstore_core.data import layout
+from flstore_core.data.codec import DEFAULT_LIMITS, CodecLimits, decode_into, decode_update
+from flstore_core.data.manifest import JobSpec, RoundManifest
 from flstore_core.errors import (
     CorruptUpdateError,
     NotFoundError,
@@ -39,9 +41,7 @@ from flstore_core.errors import (
     UnavailableError,
     ValidationError,
 )
-from flstore_core.manifest import JobSpec, RoundManifest
-from flstore_core.round_data import ArtifactStats, JobContext, RoundData, Validation
-from flstore_core.store import ObjectStore
+from flstore_core.storage.object_store import ObjectStore
 
 Buffer = bytes | memoryview
 RedisReader = Literal["resp", "redis-py"]
@@ -255,11 +255,11 @@ def load_round_from(
 ) -> RoundData:
     """Read a round (and its base model, when stored) from ``source`` into a :class:`RoundData`.
 
-    The same steps and checks as :func:`flstore_core.node.load_round` over S3: a missing
+    The same steps and checks as :func:`flstore_core.cache.node.load_round` over S3: a missing
     manifest is a 404, every update is verified against the manifest's sha256 and tensor specs
     while it is decoded into its row, the base is used only when its tensors match the round's,
     and the job's spec (and, on first use, its validation set) come from ``source`` as the
-    round's :class:`~flstore_core.round_data.JobContext`. ``executor`` runs the per-update
+    round's :class:`~flstore_core.cache.round_data.JobContext`. ``executor`` runs the per-update
     fetch-and-decode tasks.
     """
     manifest_raw = source.get(layout.manifest_key(job, round_))

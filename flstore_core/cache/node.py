@@ -27,14 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from flstore_core import layout
-from flstore_core.cache import ShardCache
-from flstore_core.codec import Update, encode_update
-from flstore_core.errors import FLStoreError, NotFoundError, ValidationError
-from flstore_core.ids import validate_job, validate_round
-from flstore_core.placement import ShardKey, client_shard, meta_shard, model_shard, round_shard
-from flstore_core.round_data import ArtifactStats, JobContext, RoundData
-from flstore_core.shards import (
+from flstore_core.cache.round_data import ArtifactStats, JobContext, RoundData
+from flstore_core.cache.shard_cache import ShardCache
+from flstore_core.cache.shards import (
     ClientHistory,
     GlobalModels,
     JobMeta,
@@ -42,7 +37,18 @@ from flstore_core.shards import (
     load_client,
     load_meta,
 )
-from flstore_core.store import ObjectStore, unflatten
+from flstore_core.data import layout
+from flstore_core.data.codec import Update, encode_update
+from flstore_core.errors import FLStoreError, NotFoundError, ValidationError
+from flstore_core.ids import validate_job, validate_round
+from flstore_core.routing.placement import (
+    ShardKey,
+    client_shard,
+    meta_shard,
+    model_shard,
+    round_shard,
+)
+from flstore_core.storage.object_store import ObjectStore, unflatten
 from flstore_core.workloads import Workload, WorkloadResult, get
 
 ENV_BUDGET = "FLSTORE_CACHE_BUDGET_BYTES"

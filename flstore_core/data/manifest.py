@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from flstore_core.codec import PRECISIONS, Precision, TensorSpec
+from flstore_core.data.codec import PRECISIONS, Precision, TensorSpec
 from flstore_core.errors import StoredObjectCorruptError, ValidationError
 from flstore_core.ids import validate_client, validate_job, validate_round
 
