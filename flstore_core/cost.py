@@ -37,9 +37,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from flstore_core import config
 from flstore_core.errors import ValidationError
 
-PRICES_FILE_ENV = "FLSTORE_PRICES_FILE"
+PRICES_FILE_ENV = config.PRICES_FILE.name
 PRICES_CHECKED = "2026-11"
 
 LAMBDA_PRICING_URL = "https://aws.amazon.com/lambda/pricing/"
@@ -164,7 +165,7 @@ def load_prices(
     and negative prices raise :class:`ValidationError`.
     """
     merged: dict[str, object] = {}
-    file = path if path is not None else os.environ.get(PRICES_FILE_ENV) or None
+    file = path if path is not None else config.PRICES_FILE.get()
     if file is not None:
         try:
             with open(file, encoding="utf-8") as fh:

@@ -40,10 +40,10 @@ from typing import TYPE_CHECKING, Any
 
 import apache_beam as beam
 
+from flstore_core import config as settings
 from flstore_core.data.manifest import RoundManifest
 from flstore_core.errors import NotFoundError, ValidationError
 from flstore_core.ids import validate_job
-from flstore_core.storage.object_store import ENV_ENDPOINT
 from pipelines.ingest import beam_options, read_counters, store_target
 from pipelines.records import CommittedRound
 from pipelines.runtime import (
@@ -216,7 +216,7 @@ def run_backfill(
     """
     job = validate_job(job)
     start, stop = parse_rounds(rounds) if not isinstance(rounds, tuple) else rounds
-    endpoint = s3_endpoint or os.environ.get(ENV_ENDPOINT) or None
+    endpoint = s3_endpoint or settings.S3_ENDPOINT.get()
     options = beam_options(beam_args, endpoint)
     target = store_target(options, endpoint, bucket)
     store = target.store()

@@ -37,9 +37,11 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from flstore_core import config as settings
+from flstore_core.aws import local_credentials_needed
 from flstore_core.data.codec import Precision
 from flstore_core.ids import validate_job
-from flstore_core.storage.object_store import DEFAULT_BUCKET, ENV_BUCKET, ENV_ENDPOINT, ObjectStore
+from flstore_core.storage.object_store import ObjectStore
 from pipelines.records import DeadLetter
 from pipelines.runtime import (
     METRICS_NAMESPACE,
@@ -105,10 +107,10 @@ def beam_options(beam_args: Sequence[str], s3_endpoint: str | None = None) -> Pi
             args.append(f"--direct_num_workers={min(os.cpu_count() or 1, MAX_LOCAL_WORKERS)}")
     if s3_endpoint and not _has_flag(args, "s3_endpoint_url"):
         args.append(f"--s3_endpoint_url={s3_endpoint}")
-        if not _has_flag(args, "s3_access_key_id") and not os.environ.get("AWS_ACCESS_KEY_ID"):
+        if not _has_flag(args, "s3_access_key_id") and local_credentials_needed(s3_endpoint):
             args += ["--s3_access_key_id=local", "--s3_secret_access_key=local"]
         if not _has_flag(args, "s3_region_name"):
-            args.append(f"--s3_region_name={os.environ.get('AWS_DEFAULT_REGION', 'us-east-1')}")
+            args.append(f"--s3_region_name={settings.AWS_REGION.get()}")
     return PipelineOptions(args)
 
 
@@ -119,7 +121,7 @@ def store_target(
     explicit Beam S3 credentials, when given, are the workers' credentials for it too."""
     s3 = beam_s3_options(options)
     return StoreTarget(
-        bucket=bucket or os.environ.get(ENV_BUCKET) or DEFAULT_BUCKET,
+        bucket=bucket or settings.BUCKET.get() or "",
         endpoint_url=s3_endpoint,
         access_key_id=s3["s3_access_key_id"],
         secret_access_key=s3["s3_secret_access_key"],
@@ -296,7 +298,7 @@ def run_ingest(
     """
     job = validate_job(job) if job is not None else None
     wanted = parse_precision(precision)
-    endpoint = s3_endpoint or os.environ.get(ENV_ENDPOINT) or None
+    endpoint = s3_endpoint or settings.S3_ENDPOINT.get()
     options = beam_options(beam_args, endpoint)
     target = store_target(options, endpoint, bucket)
     if job is not None:

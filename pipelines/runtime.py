@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
 import threading
 import time
@@ -21,13 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import boto3
-from botocore.config import Config
-
+from flstore_core.aws import s3_client
 from flstore_core.data.codec import PRECISIONS, Precision
 from flstore_core.data.manifest import JobSpec
 from flstore_core.errors import NotFoundError, ValidationError
-from flstore_core.storage.object_store import ObjectStore, s3_client
+from flstore_core.storage.object_store import ObjectStore
 
 if TYPE_CHECKING:
     from flstore_core.routing.router import Router
@@ -72,7 +69,7 @@ class StoreTarget:
     Credentials come from Beam's own S3 options (``--s3_access_key_id`` …) when given, so a
     remote runner's workers can write without an ambient AWS identity; otherwise boto3's usual
     chain (environment, profile, instance role) applies, with the local-endpoint defaults of
-    :func:`flstore_core.storage.object_store.s3_client`.
+    :func:`flstore_core.aws.s3_client`.
     """
 
     bucket: str
@@ -83,25 +80,14 @@ class StoreTarget:
 
     def store(self, max_workers: int = 4) -> ObjectStore:
         """A fresh :class:`ObjectStore` (one per DoFn instance, made in ``setup``)."""
-        if self.access_key_id:
-            client = boto3.client(
-                "s3",
-                endpoint_url=self.endpoint_url,
-                aws_access_key_id=self.access_key_id,
-                aws_secret_access_key=self.secret_access_key,
-                region_name=self.region_name or os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-                config=Config(
-                    retries={"max_attempts": 5, "mode": "adaptive"},
-                    max_pool_connections=32,
-                    s3={"addressing_style": "path"} if self.endpoint_url else {},
-                ),
-            )
-            return ObjectStore(self.bucket, client=client, max_workers=max_workers)
-        return ObjectStore(
-            self.bucket,
-            client=s3_client(self.endpoint_url, max_pool=32),
-            max_workers=max_workers,
+        client = s3_client(
+            self.endpoint_url,
+            max_pool=32,
+            access_key_id=self.access_key_id,
+            secret_access_key=self.secret_access_key,
+            region_name=self.region_name if self.access_key_id else None,
         )
+        return ObjectStore(self.bucket, client=client, max_workers=max_workers)
 
 
 def ensure_job_spec(store: ObjectStore, job: str, precision: Precision | None) -> JobSpec:
@@ -170,8 +156,9 @@ class PrefetchTarget:
     def router(self, store: ObjectStore) -> Router:
         """A :class:`Router` wired like the deployed one; only its placement and invoker are
         used (``prefetch``), so it carries no tokens."""
+        from flstore_core.aws import lambda_client
         from flstore_core.routing.auth import TokenTable
-        from flstore_core.routing.router import NodeInvoker, Router, RouterConfig, lambda_client
+        from flstore_core.routing.router import NodeInvoker, Router, RouterConfig
 
         return Router(
             store,

@@ -51,6 +51,7 @@ from evaluation.baselines.redis_source import (
     RedisReader,
     load_round_from,
 )
+from flstore_core import config
 from flstore_core.cache.node import job_context, load_round, run_round_workload
 from flstore_core.cache.round_data import ArtifactStats, RoundData
 from flstore_core.cache.shards import (
@@ -70,7 +71,7 @@ from flstore_core.errors import (
 )
 from flstore_core.ids import validate_job, validate_round
 from flstore_core.routing.router import MAX_BODY_BYTES, parse_body
-from flstore_core.storage.object_store import ENV_BUCKET, ENV_ENDPOINT, ObjectStore
+from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import Workload, WorkloadResult, get
 
 Source = Literal["s3", "redis"]
@@ -353,8 +354,8 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m evaluation.baselines.aggregator", description=__doc__.split("\n")[0]
     )
     p.add_argument("--source", choices=sorted(SYSTEM_OF), required=True)
-    p.add_argument("--s3-endpoint", default=os.environ.get(ENV_ENDPOINT) or None)
-    p.add_argument("--bucket", default=os.environ.get(ENV_BUCKET) or None)
+    p.add_argument("--s3-endpoint", default=config.S3_ENDPOINT.get())
+    p.add_argument("--bucket", default=config.BUCKET.get())
     p.add_argument("--redis-url", default=None)
     p.add_argument("--redis-reader", choices=["resp", "redis-py"], default="resp")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS)

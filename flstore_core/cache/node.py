@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from flstore_core import config
 from flstore_core.cache.round_data import ArtifactStats, JobContext, RoundData
 from flstore_core.cache.shard_cache import ShardCache
 from flstore_core.cache.shards import (
@@ -51,26 +52,20 @@ from flstore_core.routing.placement import (
 from flstore_core.storage.object_store import ObjectStore, unflatten
 from flstore_core.workloads import Workload, WorkloadResult, get
 
-ENV_BUDGET = "FLSTORE_CACHE_BUDGET_BYTES"
-ENV_HOT_ROUNDS = "FLSTORE_HOT_ROUNDS"
-ENV_NODE_INDEX = "FLSTORE_NODE_INDEX"
 BUDGET_SHARE = 0.70  # of the function's memory, when no explicit budget is configured
 # meta and client shards are refreshed from new manifests when older than this (prefetch
 # after ingestion refreshes them at once)
 REFRESH_S = 30.0
 CONTEXT_TTL_S = 60.0
 # aggregate models materialised when a round is prefetched (FLSTORE_PREFETCH_MODELS, comma list)
-PREFETCH_MODELS = tuple(
-    n for n in os.environ.get("FLSTORE_PREFETCH_MODELS", "fedavg").split(",") if n.strip()
-)
+PREFETCH_MODELS = config.PREFETCH_MODELS.get_list()
 
 
 def default_budget() -> int:
     """Cache budget in bytes: ``FLSTORE_CACHE_BUDGET_BYTES`` or 70% of the function memory."""
-    explicit = os.environ.get(ENV_BUDGET)
-    if explicit:
-        return int(explicit)
-    memory_mb = int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "3008"))
+    if config.CACHE_BUDGET_BYTES.get():
+        return config.CACHE_BUDGET_BYTES.get_int()
+    memory_mb = config.LAMBDA_MEMORY_MB.get_int()
     return int(memory_mb * 1024 * 1024 * BUDGET_SHARE)
 
 
@@ -194,11 +189,9 @@ class CacheNode:
         self.store = store
         self.cache = ShardCache(
             budget_bytes or default_budget(),
-            hot_rounds or int(os.environ.get(ENV_HOT_ROUNDS, "2")),
+            hot_rounds or config.HOT_ROUNDS.get_int(),
         )
-        self.node_index = (
-            node_index if node_index is not None else int(os.environ.get(ENV_NODE_INDEX, "-1"))
-        )
+        self.node_index = node_index if node_index is not None else config.NODE_INDEX.get_int()
         self.artifacts = ArtifactStats()
         self.manifests = ManifestReader(store)
         self._contexts: dict[str, tuple[float, JobContext]] = {}

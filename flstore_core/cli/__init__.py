@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flstore_core import __version__
+from flstore_core import __version__, config
 from flstore_core.errors import FLStoreError, ValidationError
 
 app = typer.Typer(
@@ -40,8 +40,10 @@ app.add_typer(token_app, name="token")
 console = Console()
 STATE = Path(".flstore") / "local.json"
 
-URL = typer.Option(None, "--url", envvar="FLSTORE_URL", help="API base URL (default: local stack)")
-TOKEN = typer.Option(None, "--token", envvar="FLSTORE_TOKEN", help="Bearer token")
+URL = typer.Option(
+    None, "--url", envvar=config.URL.name, help="API base URL (default: local stack)"
+)
+TOKEN = typer.Option(None, "--token", envvar=config.TOKEN.name, help="Bearer token")
 
 
 def _client(url: str | None, token: str | None) -> Any:
@@ -260,7 +262,7 @@ def _store() -> Any:
     """The object store of the local stack (``.flstore/local.json``), else of the environment."""
     from flstore_core.storage.object_store import ObjectStore
 
-    if STATE.exists() and not os.environ.get("FLSTORE_S3_ENDPOINT"):
+    if STATE.exists() and not config.S3_ENDPOINT.get():
         state = json.loads(STATE.read_text())
         return ObjectStore(state["bucket"], endpoint_url=state["s3_endpoint"])
     return ObjectStore()
@@ -305,7 +307,7 @@ def token_new(
 def _stack_target() -> tuple[str | None, str | None, Any]:
     """``(s3_endpoint, bucket, prefetch target)`` of the local stack, when one runs here and
     ``FLSTORE_S3_ENDPOINT`` does not point elsewhere."""
-    if not STATE.exists() or os.environ.get("FLSTORE_S3_ENDPOINT"):
+    if not STATE.exists() or config.S3_ENDPOINT.get():
         return None, None, None
     from pipelines.runtime import PrefetchTarget
 

@@ -11,15 +11,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from flstore_core import config
 from flstore_core.errors import AuthenticationError, ForbiddenError, ValidationError
 from flstore_core.ids import validate_job
-
-ENV_TOKENS = "FLSTORE_TOKENS"
 
 
 def hash_token(token: str) -> str:
@@ -56,7 +54,7 @@ class TokenTable:
     @classmethod
     def from_env(cls) -> TokenTable:
         """The table in ``FLSTORE_TOKENS`` (a JSON object), empty when unset."""
-        raw = os.environ.get(ENV_TOKENS, "").strip()
+        raw = config.TOKENS.get() or ""
         return cls(json.loads(raw) if raw else {})
 
     @classmethod

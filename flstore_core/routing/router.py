@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import re
 import threading
 import time
@@ -29,10 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from flstore_core import config
+from flstore_core.aws import lambda_client
 from flstore_core.cache.shards import ManifestReader
 from flstore_core.cost import DEFAULT_PRICES, Invocation, Prices, flstore_request_cost
 from flstore_core.data import layout
@@ -82,34 +81,12 @@ class RouterConfig:
 
     @classmethod
     def from_env(cls) -> RouterConfig:
-        env = os.environ
         return cls(
-            prefix=env.get("FLSTORE_PREFIX", "flstore"),
-            nodes=int(env.get("FLSTORE_CACHE_NODES", "8")),
-            replication=int(env.get("FLSTORE_REPLICATION", "2")),
-            node_memory_mb=int(env.get("FLSTORE_CACHE_MEMORY_MB", "3008")),
+            prefix=config.PREFIX.get() or "flstore",
+            nodes=config.CACHE_NODES.get_int(),
+            replication=config.REPLICATION.get_int(),
+            node_memory_mb=config.CACHE_MEMORY_MB.get_int(),
         )
-
-
-def lambda_client(endpoint_url: str | None = None, read_timeout: float = 900) -> LambdaClient:
-    """A boto3 Lambda client without SDK retries (the router retries on other nodes itself)."""
-    endpoint_url = endpoint_url or os.environ.get("FLSTORE_LAMBDA_ENDPOINT") or None
-    kwargs: dict[str, Any] = {
-        "config": Config(
-            retries={"max_attempts": 0, "mode": "standard"},
-            read_timeout=read_timeout,
-            connect_timeout=5,
-            max_pool_connections=64,
-        )
-    }
-    if endpoint_url:
-        kwargs["endpoint_url"] = endpoint_url
-        kwargs["region_name"] = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
-        if not os.environ.get("AWS_ACCESS_KEY_ID"):
-            kwargs["aws_access_key_id"] = "local"
-            kwargs["aws_secret_access_key"] = "local"
-    client: LambdaClient = boto3.client("lambda", **kwargs)
-    return client
 
 
 class NodeFailure(Exception):

@@ -188,7 +188,7 @@ class RoundWriter:
 
     def _client(self) -> S3Client:
         if self._s3 is None:
-            from flstore_core.storage.object_store import s3_client
+            from flstore_core.aws import s3_client
 
             self._s3 = s3_client(self._s3_endpoint)
         return self._s3

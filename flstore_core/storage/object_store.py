@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import boto3
 import numpy as np
 import numpy.typing as npt
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from flstore_core import config
+from flstore_core.aws import s3_client
 from flstore_core.data import layout
 from flstore_core.data.codec import (
     DEFAULT_LIMITS,
@@ -57,33 +56,8 @@ from flstore_core.ids import validate_client, validate_job, validate_round
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-ENV_ENDPOINT = "FLSTORE_S3_ENDPOINT"
-ENV_BUCKET = "FLSTORE_BUCKET"
-DEFAULT_BUCKET = "flstore"
 # results carry this tag: the bucket's lifecycle rule expires them (infra/flstore_infra/storage.py)
 RESULT_TAG = "flstore%3Akind=result"
-
-
-def s3_client(endpoint_url: str | None = None, *, max_pool: int = 32) -> S3Client:
-    """A boto3 S3 client with FLStore's retry settings; endpoint from ``FLSTORE_S3_ENDPOINT``."""
-    endpoint_url = endpoint_url or os.environ.get(ENV_ENDPOINT) or None
-    config = Config(
-        retries={"max_attempts": 5, "mode": "adaptive"},
-        max_pool_connections=max_pool,
-        connect_timeout=5,
-        read_timeout=60,
-        s3={"addressing_style": "path"} if endpoint_url else {},
-    )
-    kwargs: dict[str, Any] = {"config": config}
-    if endpoint_url:
-        kwargs["endpoint_url"] = endpoint_url
-        # a local endpoint (moto) accepts any credentials; never require real ones for it
-        if not os.environ.get("AWS_ACCESS_KEY_ID"):
-            kwargs["aws_access_key_id"] = "local"
-            kwargs["aws_secret_access_key"] = "local"
-        kwargs["region_name"] = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
-    client: S3Client = boto3.client("s3", **kwargs)
-    return client
 
 
 @dataclass
@@ -137,7 +111,7 @@ class ObjectStore:
         max_workers: int = 8,
         limits: CodecLimits = DEFAULT_LIMITS,
     ) -> None:
-        self.bucket = bucket or os.environ.get(ENV_BUCKET) or DEFAULT_BUCKET
+        self.bucket = bucket or config.BUCKET.get() or config.BUCKET.default or ""
         self.s3: S3Client = client or s3_client(endpoint_url, max_pool=max(32, max_workers * 2))
         self.max_workers = max_workers
         self.limits = limits

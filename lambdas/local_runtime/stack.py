@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flstore_core import config
+from flstore_core.aws import lambda_client
+from flstore_core.cache.node import BUDGET_SHARE
 from flstore_core.routing.auth import TokenTable, new_token
 from flstore_core.routing.placement import node_name
-from flstore_core.routing.router import NodeInvoker, Router, RouterConfig, lambda_client
+from flstore_core.routing.router import NodeInvoker, Router, RouterConfig
 from flstore_core.storage.object_store import ObjectStore
 from lambdas.local_runtime.gateway import LocalGateway
 from lambdas.local_runtime.lambda_endpoint import FunctionSpec, LocalLambda
@@ -71,17 +74,17 @@ class LocalStack:
             self.s3_endpoint = self._s3.url
         self.store = ObjectStore(cfg.bucket, endpoint_url=self.s3_endpoint)
         self.store.ensure_bucket()
-        budget = cfg.budget_bytes or int(cfg.memory_mb * 1024 * 1024 * 0.70)
+        budget = cfg.budget_bytes or int(cfg.memory_mb * 1024 * 1024 * BUDGET_SHARE)
         functions = [
             FunctionSpec(
                 name=node_name(cfg.prefix, i),
                 handler="lambdas.cache_node.handler",
                 environment={
-                    "FLSTORE_S3_ENDPOINT": self.s3_endpoint,
-                    "FLSTORE_BUCKET": cfg.bucket,
-                    "FLSTORE_NODE_INDEX": str(i),
-                    "FLSTORE_HOT_ROUNDS": str(cfg.hot_rounds),
-                    "FLSTORE_CACHE_BUDGET_BYTES": str(budget),
+                    config.S3_ENDPOINT.name: self.s3_endpoint,
+                    config.BUCKET.name: cfg.bucket,
+                    config.NODE_INDEX.name: str(i),
+                    config.HOT_ROUNDS.name: str(cfg.hot_rounds),
+                    config.CACHE_BUDGET_BYTES.name: str(budget),
                     "AWS_ACCESS_KEY_ID": "local",
                     "AWS_SECRET_ACCESS_KEY": "local",
                     "AWS_DEFAULT_REGION": "us-east-1",

@@ -1,0 +1,102 @@
+"""Every ``FLSTORE_*`` setting, in one place: its name, default and meaning.
+
+Functions, the router, the pipelines, the baselines and the command line read their settings
+here and nowhere else, so a name is spelt once and its default agrees everywhere. Pulumi
+(``infra/``) and the local stack set the same names on the functions they start; a test checks
+that what they set is declared here. ``--help`` of the command line and the README's table are
+generated from :data:`SETTINGS` in spirit: they name these settings, nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from flstore_core.errors import ValidationError
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment setting: its variable name, its default (``None``: unset) and meaning."""
+
+    name: str
+    default: str | None
+    description: str
+
+    def get(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The value in the environment, or the default when unset or empty."""
+        value = (os.environ if environ is None else environ).get(self.name, "").strip()
+        return value or self.default
+
+    def get_int(self, environ: Mapping[str, str] | None = None) -> int:
+        """The value as an integer; a clear error when it is not one."""
+        value = self.get(environ)
+        try:
+            return int(value or "")
+        except ValueError:
+            raise ValidationError(f"{self.name} must be an integer, got {value!r}") from None
+
+    def get_list(self, environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+        """The value as a comma-separated list, blanks dropped."""
+        return tuple(p.strip() for p in (self.get(environ) or "").split(",") if p.strip())
+
+
+# ---------------------------------------------------------------------- where the data is
+
+S3_ENDPOINT = Setting(
+    "FLSTORE_S3_ENDPOINT", None, "S3 endpoint URL (a moto server locally); unset: AWS"
+)
+BUCKET = Setting("FLSTORE_BUCKET", "flstore", "the bucket that holds every job")
+LAMBDA_ENDPOINT = Setting(
+    "FLSTORE_LAMBDA_ENDPOINT", None, "Lambda Invoke API endpoint (the local one); unset: AWS"
+)
+
+# ---------------------------------------------------------------------- the cache
+
+PREFIX = Setting("FLSTORE_PREFIX", "flstore", "name prefix of the functions: {prefix}-cache-{i}")
+CACHE_NODES = Setting("FLSTORE_CACHE_NODES", "8", "number of cache-node functions")
+REPLICATION = Setting("FLSTORE_REPLICATION", "2", "replicas of every shard (R)")
+CACHE_MEMORY_MB = Setting("FLSTORE_CACHE_MEMORY_MB", "3008", "memory of a cache-node function")
+CACHE_BUDGET_BYTES = Setting(
+    "FLSTORE_CACHE_BUDGET_BYTES", None, "a node's cache budget; unset: 70% of its memory"
+)
+HOT_ROUNDS = Setting("FLSTORE_HOT_ROUNDS", "2", "latest rounds of a job kept hot (W)")
+NODE_INDEX = Setting("FLSTORE_NODE_INDEX", "-1", "this cache node's index (set per function)")
+PREFETCH_MODELS = Setting(
+    "FLSTORE_PREFETCH_MODELS", "fedavg", "aggregate models written when a round is prefetched"
+)
+
+# ---------------------------------------------------------------------- API, cost, clients
+
+TOKENS = Setting(
+    "FLSTORE_TOKENS", None, "JSON object sha256(token) -> granted jobs (router, authorizer)"
+)
+PRICES_FILE = Setting("FLSTORE_PRICES_FILE", None, "JSON file overriding the price table")
+URL = Setting("FLSTORE_URL", None, "API base URL for the command line (default: local stack)")
+TOKEN = Setting("FLSTORE_TOKEN", None, "bearer token for the command line")
+
+SETTINGS: tuple[Setting, ...] = (
+    S3_ENDPOINT,
+    BUCKET,
+    LAMBDA_ENDPOINT,
+    PREFIX,
+    CACHE_NODES,
+    REPLICATION,
+    CACHE_MEMORY_MB,
+    CACHE_BUDGET_BYTES,
+    HOT_ROUNDS,
+    NODE_INDEX,
+    PREFETCH_MODELS,
+    TOKENS,
+    PRICES_FILE,
+    URL,
+    TOKEN,
+)
+
+# ---------------------------------------------------------------------- AWS's own variables
+
+AWS_REGION = Setting("AWS_DEFAULT_REGION", "us-east-1", "region of every AWS client")
+LAMBDA_MEMORY_MB = Setting(
+    "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "3008", "set by Lambda: the function's memory"
+)
