@@ -21,7 +21,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy flstore_core
+	$(BIN)/mypy flstore_core evaluation
 
 test: lint
 	$(BIN)/python -m pytest
