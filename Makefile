@@ -21,7 +21,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy flstore_core evaluation
+	$(BIN)/mypy flstore_core evaluation lambdas pipelines
 
 test: lint
 	$(BIN)/python -m pytest
