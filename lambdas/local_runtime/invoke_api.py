@@ -1,0 +1,217 @@
+"""The HTTP side of the local Lambda endpoint: the Invoke API, as boto3's ``lambda`` speaks it.
+
+Why: boto3 must work against the local endpoint unchanged, so requests and answers follow
+Lambda's wire format:
+
+* ``POST /2015-03-31/functions/{name}/invocations`` with ``X-Amz-Invocation-Type``
+  ``RequestResponse`` (200), ``Event`` (202, run in the background) or ``DryRun`` (204).
+  ``{name}`` may be a name, ``name:qualifier``, a partial or a full ARN.
+* A function error answers 200 with ``X-Amz-Function-Error`` and the error payload; the billed
+  duration and peak memory go out in ``X-Flstore-Billed-Duration-Ms`` /
+  ``X-Flstore-Max-Memory-Mb``, and ``X-Amz-Log-Type: Tail`` returns the log tail.
+* Errors of the service itself are :class:`InvokeApiError` responses, and every other method
+  or path is an ``UnknownOperationException``.
+
+What an invocation does is not decided here: the server hands requests to an
+:class:`InvokeBackend` (:class:`lambdas.local_runtime.lambda_endpoint.LocalLambda`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from lambdas.local_runtime.instance_pool import FunctionSpec
+from lambdas.local_runtime.invocation_outcome import SYNC_PAYLOAD_LIMIT, InvocationResult
+from lambdas.local_runtime.invoke_errors import InvokeApiError
+
+log = logging.getLogger(__name__)
+
+#: Lambda's limit for an asynchronous (``Event``) request payload (1 MB since late 2025).
+ASYNC_PAYLOAD_LIMIT = 1024 * 1024
+
+
+class InvokeBackend(Protocol):
+    """What the HTTP server needs from the Lambda service behind it."""
+
+    def function_spec(self, name: str) -> FunctionSpec:
+        """The configuration of a deployed function; :class:`InvokeApiError` (404) if none."""
+        ...
+
+    def invoke(self, name: str, payload: bytes = b"") -> InvocationResult:
+        """Run one synchronous invocation."""
+        ...
+
+    def invoke_event(self, name: str, payload: bytes = b"") -> None:
+        """Queue an asynchronous invocation and return at once."""
+        ...
+
+
+def function_name_from(identifier: str) -> str:
+    """The bare function name from a name, ``name:qualifier``, partial ARN or full ARN.
+
+    >>> function_name_from("arn:aws:lambda:us-east-1:123456789012:function:cache:$LATEST")
+    'cache'
+    >>> function_name_from("123456789012:function:cache")
+    'cache'
+    >>> function_name_from("cache:prod")
+    'cache'
+    """
+    parts = identifier.split(":")
+    if parts[0] == "arn" and len(parts) >= 7:
+        return parts[6]
+    if len(parts) >= 3 and parts[1] == "function":
+        return parts[2]
+    return parts[0]
+
+
+class InvokeApiServer(ThreadingHTTPServer):
+    """A threaded HTTP server answering the Invoke API from ``backend``."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], backend: InvokeBackend) -> None:
+        super().__init__(address, _InvokeRequestHandler)
+        self.backend = backend
+
+
+class _InvokeRequestHandler(BaseHTTPRequestHandler):
+    """Parses Invoke requests and writes Lambda responses."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as botocore's connection pool expects
+    server_version = "FLStoreLocalLambda/1.0"
+
+    @property
+    def backend(self) -> InvokeBackend:
+        assert isinstance(self.server, InvokeApiServer)
+        return self.server.backend
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s - %s", self.address_string(), format % args)
+
+    def setup(self) -> None:
+        super().setup()
+        # header and body go out as two writes: without NODELAY, Nagle plus the client's
+        # delayed ACK add ~40 ms to every keep-alive invocation
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_POST(self) -> None:
+        request_id = str(uuid.uuid4())
+        try:
+            body = self._read_body()
+            name = self._function_name()
+            self._dispatch(name, body, request_id)
+        except InvokeApiError as exc:
+            self._send_error(exc, request_id)
+        except Exception as exc:  # a bug here must still answer, or boto3 retries blindly
+            log.exception("local Lambda endpoint failed on %s", self.path)
+            error = InvokeApiError(
+                500, "ServiceException", {"Type": "Service", "Message": str(exc)}
+            )
+            self._send_error(error, request_id)
+
+    def do_GET(self) -> None:
+        self._read_body()
+        self._send_error(self._unknown_operation(), str(uuid.uuid4()))
+
+    do_PUT = do_DELETE = do_GET
+
+    def _dispatch(self, name: str, body: bytes, request_id: str) -> None:
+        invocation_type = self.headers.get("X-Amz-Invocation-Type", "RequestResponse")
+        if invocation_type not in ("RequestResponse", "Event", "DryRun"):
+            raise InvokeApiError.invalid_parameter(
+                f"1 validation error detected: Value '{invocation_type}' at 'invocationType' "
+                "failed to satisfy constraint: Member must satisfy enum value set: "
+                "[Event, RequestResponse, DryRun]"
+            )
+        limit = ASYNC_PAYLOAD_LIMIT if invocation_type == "Event" else SYNC_PAYLOAD_LIMIT
+        if len(body) > limit:
+            raise InvokeApiError.too_large(limit)
+        if body.strip():
+            try:
+                json.loads(body)
+            except ValueError as exc:
+                raise InvokeApiError.invalid_content(
+                    f"Could not parse request body into json: {exc}"
+                ) from exc
+        if invocation_type == "DryRun":
+            self.backend.function_spec(name)
+            self._send(204, b"", {"x-amzn-RequestId": request_id})
+            return
+        if invocation_type == "Event":
+            self.backend.invoke_event(name, body)
+            self._send(202, b"", {"x-amzn-RequestId": request_id})
+            return
+        result = self.backend.invoke(name, body)
+        headers = {
+            "x-amzn-RequestId": result.request_id,
+            "Content-Type": "application/json",
+            "X-Amz-Executed-Version": "$LATEST",
+            "X-Flstore-Billed-Duration-Ms": str(result.billed_duration_ms),
+            "X-Flstore-Max-Memory-Mb": str(result.max_memory_mb),
+        }
+        if result.function_error:
+            headers["X-Amz-Function-Error"] = result.function_error
+        if self.headers.get("X-Amz-Log-Type", "None") == "Tail":
+            headers["X-Amz-Log-Result"] = result.log_tail()
+        self._send(200, result.payload, headers)
+
+    def _function_name(self) -> str:
+        parts = urlsplit(self.path)
+        segments = parts.path.strip("/").split("/")
+        if (
+            len(segments) != 4
+            or segments[0] != "2015-03-31"
+            or segments[1] != "functions"
+            or segments[3] != "invocations"
+        ):
+            raise self._unknown_operation()
+        qualifier = parse_qs(parts.query).get("Qualifier", ["$LATEST"])[0]
+        del qualifier  # one version per function locally; every qualifier is $LATEST
+        return function_name_from(unquote(segments[2]))
+
+    def _unknown_operation(self) -> InvokeApiError:
+        return InvokeApiError(
+            404,
+            "UnknownOperationException",
+            {"Type": "User", "Message": f"{self.command} {self.path}"},
+        )
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            return b"".join(self._read_chunks())
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _read_chunks(self) -> Iterator[bytes]:
+        while True:
+            size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline().strip():  # trailers
+                    pass
+                return
+            yield self.rfile.read(size)
+            self.rfile.readline()
+
+    def _send_error(self, exc: InvokeApiError, request_id: str) -> None:
+        headers = {
+            "x-amzn-RequestId": request_id,
+            "x-amzn-ErrorType": exc.error_type,
+            "Content-Type": "application/json",
+        }
+        self._send(exc.status, json.dumps(exc.body).encode(), headers)
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if body:
+            self.wfile.write(body)
