@@ -235,6 +235,15 @@ def test_the_integration_imports_without_flwr() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_every_name_of_the_package_all_is_importable_from_the_package() -> None:
+    import flstore_core.integrations.flower as flower
+
+    missing = [name for name in flower.__all__ if not hasattr(flower, name)]
+    assert missing == []
+    # the names users, the README and evaluation/ import from the package
+    assert {"with_flstore", "StoreSink", "RoundWriterSink", "run_in_process"} <= set(flower.__all__)
+
+
 # ---------------------------------------------------------------------- real Flower runs
 
 

@@ -1,27 +1,54 @@
 """Flower integration: one line turns a Flower strategy into one that feeds FLStore.
 
-``flower.py`` became this package; its code lives in :mod:`.strategy` for now, and every
-public name is re-exported here, so ``from flstore_core.integrations.flower import with_flstore``
-keeps working.
+A Flower user changes the line that builds the strategy of their ``ServerApp``::
+
+    strategy = with_flstore(FedAvg(...), sink=StoreSink(store), job="digits")
+
+and runs it as before (``strategy.start(grid=grid, ...)``). The result is the same strategy
+(an instance of a subclass of its class, so ``isinstance(strategy, FedAvg)`` still holds) that,
+after each ``aggregate_train``, hands FLStore every reply's update and the aggregate; what the
+wrapped strategy returns is returned unchanged: FLStore observes, it never steers the aggregate.
+
+One module per concern; every public name is re-exported here, and this package is the import
+path users and the rest of the project rely on (``from flstore_core.integrations.flower import
+with_flstore``):
+
+- :mod:`~flstore_core.integrations.flower.sinks` — where rounds go: the sink protocols
+  (:class:`FLStoreSink`, :class:`InitialModelSink`) and the two sinks, :class:`StoreSink` (the
+  object store) and :class:`RoundWriterSink` (raw update files for the Beam ingestion).
+- :mod:`~flstore_core.integrations.flower.replies` — Flower train replies as FLStore updates:
+  tensor names, ``num_examples``, metric names (:data:`METRIC_NAMES`), client ids
+  (:data:`CLIENT_ID_KEY`).
+- :mod:`~flstore_core.integrations.flower.strategy` — :func:`with_flstore` and the mixin it puts
+  in front of the strategy's class: round numbering, the initial and global models, optional
+  client selection by FLStore.
+- :mod:`~flstore_core.integrations.flower.runtime` — :func:`run_in_process`: a ``ServerApp``
+  and a ``ClientApp`` in one process, on Flower's own in-memory grid and link state and the
+  simulation runtime's fleet workers, with a thread pool in place of Ray.
+
+flwr is imported only inside functions, so this package (and the sinks) import without it.
 """
 
-from flstore_core.integrations.flower.strategy import (
+from flstore_core.integrations.flower.replies import (
     CLIENT_ID_KEY,
     METRIC_NAMES,
-    SELECT_WORKLOADS,
-    FLStoreSettings,
-    FLStoreSink,
-    FLStoreStrategy,
-    InitialModelSink,
-    InProcessRun,
-    RoundWriterSink,
-    SelectWith,
-    StoreSink,
     arrays_to_tensors,
     reported_client_id,
-    run_in_process,
     update_from_reply,
     updates_from_replies,
+)
+from flstore_core.integrations.flower.runtime import InProcessRun, run_in_process
+from flstore_core.integrations.flower.sinks import (
+    FLStoreSink,
+    InitialModelSink,
+    RoundWriterSink,
+    StoreSink,
+)
+from flstore_core.integrations.flower.strategy import (
+    SELECT_WORKLOADS,
+    FLStoreSettings,
+    FLStoreStrategy,
+    SelectWith,
     with_flstore,
 )
 
