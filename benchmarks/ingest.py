@@ -37,7 +37,8 @@ from botocore.config import Config
 from benchmarks.codec import resnet18_sized_update
 from benchmarks.report import interleave, parser, summarize, write_report
 from flstore_core.data import layout
-from flstore_core.data.codec import encode_update, read_raw_update, write_raw_update
+from flstore_core.data.codec import encode_update
+from flstore_core.data.rawfile import read_raw_update, write_raw_update
 from pipelines.ingest import run_ingest
 
 JOB = "bench"

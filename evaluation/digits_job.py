@@ -44,6 +44,7 @@ import numpy.typing as npt
 from flstore_core import models
 from flstore_core.data.codec import Update
 from flstore_core.data.manifest import JobSpec
+from flstore_core.data.rows import flatten
 
 if TYPE_CHECKING:
     from torch import nn
@@ -280,7 +281,7 @@ def simulate(
                 for c, s in zip(ids, shares, strict=True)
             },
         )
-        global_vec = _flatten(global_state)
+        global_vec = flatten(global_state)
         for r in range(rounds):
             entries = []
             vectors = []
@@ -302,7 +303,7 @@ def simulate(
                 )
                 duration = time.perf_counter() - t0
                 state = models.state_arrays(local)
-                vectors.append(_flatten(state))
+                vectors.append(flatten(state))
                 entries.append(
                     store.put_update(
                         job,
@@ -331,7 +332,3 @@ def simulate(
         torch.set_num_threads(threads)
     out.seconds = time.perf_counter() - t_start
     return out
-
-
-def _flatten(state: dict[str, npt.NDArray[np.float32]]) -> F32:
-    return np.concatenate([np.asarray(a, dtype=np.float32).reshape(-1) for a in state.values()])

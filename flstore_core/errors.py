@@ -68,6 +68,36 @@ class LimitExceededError(ValidationError):
     code = "too_large"
 
 
+class TruncatedFileError(CorruptUpdateError):
+    """A file shorter than its header says (an interrupted copy, usually)."""
+
+    code = "truncated"
+
+
+class NonFiniteError(CorruptUpdateError):
+    """A float tensor holding NaN or Inf, found by ingestion (which names it apart)."""
+
+    code = "nonfinite"
+
+
+class WrongJobError(ValidationError):
+    """A raw file that names another job than the one being ingested."""
+
+    code = "wrong_job"
+
+
+class DuplicateClientError(ValidationError):
+    """Two raw files claiming the same client of the same round."""
+
+    code = "duplicate"
+
+
+class PrecisionConflictError(ValidationError):
+    """A storage precision other than the job's."""
+
+    code = "precision"
+
+
 class AuthenticationError(FLStoreError):
     """No bearer token, or one that is not known (HTTP 401)."""
 

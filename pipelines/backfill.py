@@ -11,11 +11,11 @@ rounds 3–6; either end may be left out)::
 * **RecomputeRounds** reads each round from S3 (checksums verified) and its base model, and
   rewrites the round manifest's per-client summaries — ``cos_to_mean``, ``update_norm`` and the
   per-round contribution score ``contribution`` (leave-one-out norm gain of the round mean; the
-  definitions are in :mod:`pipelines.scores`). The manifests are where ``client``-class
-  workloads (``incentive``, ``reputation``) read a client's series, one row per round, through
-  the cache's client and meta shards. A manifest whose summaries did not change is not
-  rewritten. Rounds ingested before their base model was stored get their delta-based scores
-  here.
+  definitions are in :mod:`flstore_core.workloads.summaries`). The manifests are where
+  ``client``-class workloads (``incentive``, ``reputation``) read a client's series, one row per
+  round, through the cache's client and meta shards. A manifest whose summaries did not change
+  is not rewritten. Rounds ingested before their base model was stored get their delta-based
+  scores here.
 * **RewarmOwners** asks the owners — under the *current* placement, ``--nodes N`` after the
   cache was resized — of the job's latest ``hot_rounds`` rounds, its meta shard and the client
   shards of every client backfilled to ``load``, so the first request after a resize is warm.
@@ -42,8 +42,15 @@ import apache_beam as beam
 
 from flstore_core import config as settings
 from flstore_core.data.manifest import RoundManifest
+from flstore_core.data.rows import base_vector, flat_parts
 from flstore_core.errors import NotFoundError, ValidationError
 from flstore_core.ids import validate_job
+from flstore_core.workloads.summaries import (
+    BACKFILL_SUMMARIES,
+    RoundScores,
+    matrix_scores,
+    stream_scores,
+)
 from pipelines.ingest import beam_options, read_counters, store_target
 from pipelines.records import CommittedRound
 from pipelines.runtime import (
@@ -54,14 +61,6 @@ from pipelines.runtime import (
     listen,
     new_run_id,
     report,
-)
-from pipelines.scores import (
-    BACKFILL_SUMMARIES,
-    RoundScores,
-    base_vector,
-    flat_parts,
-    matrix_scores,
-    stream_scores,
 )
 from pipelines.transforms import PrefetchOwners, counter
 

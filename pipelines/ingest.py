@@ -39,7 +39,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from flstore_core import config as settings
 from flstore_core.aws import local_credentials_needed
-from flstore_core.data.codec import Precision
+from flstore_core.data.codec import Precision, parse_precision
 from flstore_core.ids import validate_job
 from flstore_core.storage.object_store import ObjectStore
 from pipelines.records import DeadLetter
@@ -53,7 +53,6 @@ from pipelines.runtime import (
     ensure_job_spec,
     listen,
     new_run_id,
-    parse_precision,
     report,
 )
 from pipelines.sources import source_pattern
@@ -297,7 +296,7 @@ def run_ingest(
     receives :class:`ProgressEvent`\\ s while an in-process runner works.
     """
     job = validate_job(job) if job is not None else None
-    wanted = parse_precision(precision)
+    wanted = parse_precision(precision) if precision is not None else None
     endpoint = s3_endpoint or settings.S3_ENDPOINT.get()
     options = beam_options(beam_args, endpoint)
     target = store_target(options, endpoint, bucket)

@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 from flstore_core.data.codec import TensorSpec
 from flstore_core.data.manifest import UpdateEntry
-from flstore_core.errors import CorruptUpdateError, ValidationError
 
 RoundKey = tuple[str, int]  # (job, round): the grouping key of everything per round
 
@@ -127,38 +126,3 @@ class DeadLetter:
             client=obj.get("client"),
             stage=str(obj.get("stage", "")),
         )
-
-
-# ---------------------------------------------------------------------- dead-letter reasons
-# Besides flstore_core's own errors (invalid_id, corrupt_update, mismatch, conflict, …), the
-# pipeline dead-letters files for reasons only it can see; each has its own code.
-
-
-class TruncatedFileError(CorruptUpdateError):
-    """A file shorter than its header says (an interrupted copy, usually)."""
-
-    code = "truncated"
-
-
-class NonFiniteError(CorruptUpdateError):
-    """A float tensor holding NaN or Inf."""
-
-    code = "nonfinite"
-
-
-class WrongJobError(ValidationError):
-    """A file that names another job than the one being ingested."""
-
-    code = "wrong_job"
-
-
-class DuplicateClientError(ValidationError):
-    """Two files claiming the same client of the same round."""
-
-    code = "duplicate"
-
-
-class PrecisionConflictError(ValidationError):
-    """A storage precision other than the job's."""
-
-    code = "precision"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from flstore_core.aws import s3_client
-from flstore_core.data.codec import PRECISIONS, Precision
+from flstore_core.data.codec import Precision
 from flstore_core.data.manifest import JobSpec
 from flstore_core.errors import NotFoundError, ValidationError
 from flstore_core.storage.object_store import ObjectStore
@@ -31,30 +31,6 @@ if TYPE_CHECKING:
 
 METRICS_NAMESPACE = "flstore"
 LOCAL_STATE = Path(".flstore") / "local.json"
-
-_PRECISION_ALIASES: dict[str, Precision] = {
-    "float32": "float32",
-    "fp32": "float32",
-    "f32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-    "f16": "float16",
-    "half": "float16",
-}
-
-
-def parse_precision(text: str | None) -> Precision | None:
-    """``bf16`` → ``bfloat16`` and friends; ``None`` stays ``None`` (use the job's)."""
-    if text is None:
-        return None
-    got = _PRECISION_ALIASES.get(text.strip().lower())
-    if got is None:
-        raise ValidationError(
-            f"unknown precision {text!r}: use one of {', '.join(PRECISIONS)} (or bf16, fp16)"
-        )
-    return got
 
 
 def new_run_id() -> str:

@@ -13,25 +13,22 @@ per file:
   to look at its first kilobyte;
 * the **data** — read whole once the file is accepted, to check values and encode.
 
-The codec exposes whole-buffer parsing only; the header-only path reuses its validating header
-parser (``_header_length``/``_parse_header``/``_update_from_metadata``) rather than duplicating
-it, so both paths accept and reject exactly the same files.
+The header-only path is :func:`flstore_core.data.rawfile.read_raw_header`, which shares the
+codec's validating header parser, so both paths accept and reject exactly the same files.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import IO, Any
 
-from flstore_core.data import codec
-from flstore_core.data.codec import DEFAULT_LIMITS, CodecLimits, TensorSpec, check_identity
-from flstore_core.errors import CorruptUpdateError
+from flstore_core.data.codec import DEFAULT_LIMITS, CodecLimits, update_from_metadata
+from flstore_core.data.rawfile import RAW_SUFFIX, check_identity, header_specs, read_raw_header
+from flstore_core.errors import WrongJobError
 from flstore_core.ids import validate_job
-from pipelines.records import RawHeader, TruncatedFileError, WrongJobError
+from pipelines.records import RawHeader
 
 HEADER_PROBE = 64 * 1024
 DATA_BUFFER = 16 * 1024 * 1024
-RAW_SUFFIX = ".safetensors"
 _GLOB = set("*?[")
 
 
@@ -41,19 +38,6 @@ def source_pattern(src: str) -> str:
     if _GLOB & set(src) or src.endswith(RAW_SUFFIX):
         return src
     return src.rstrip("/") + "/**" + RAW_SUFFIX
-
-
-def header_specs(entries: Iterable[Any], metadata: dict[str, str]) -> tuple[TensorSpec, ...]:
-    """Tensor specs as :meth:`Update.specs` will report them once the data is parsed: BF16
-    (and F16 written with ``precision=float16``) widen to F32 on read."""
-    widened_f16 = metadata.get("precision") == "float16"
-    out = []
-    for e in entries:
-        dtype = e.dtype
-        if dtype == "BF16" or (dtype == "F16" and widened_f16):
-            dtype = "F32"
-        out.append(TensorSpec(e.name, dtype, tuple(e.shape)))
-    return tuple(out)
 
 
 def parse_header(
@@ -69,30 +53,15 @@ def parse_header(
     ``job`` (``--job``) fills in a missing ``job`` field and must match a present one. Raises
     a :class:`ValidationError` subclass whose message is the dead-letter reason.
     """
-    prefix = read(8)
-    n = codec._header_length(prefix, limits, size)
-    head = read(n)
-    if len(head) != n:
-        raise TruncatedFileError(f"truncated: the file ends inside its {n}-byte header")
-    try:
-        header = codec._parse_header(head, size, limits)
-    except CorruptUpdateError:
-        loose = _parse_loose(head, limits)
-        if loose is not None:
-            expected = 8 + n + max((e.end for e in loose.entries), default=0)
-            if size < expected:
-                raise TruncatedFileError(
-                    f"truncated: the file has {size} bytes, its header describes {expected}"
-                ) from None
-        raise
-    meta = dict(header.metadata)
+    raw = read_raw_header(read, size, limits)
+    meta = dict(raw.metadata)
     if job is not None:
         claimed = meta.get("job")
         if claimed is None:
             meta["job"] = job
         elif claimed != job:
             raise WrongJobError(f"the file belongs to job {claimed!r}, not to {job!r}")
-    update = codec._update_from_metadata({}, meta)
+    update = update_from_metadata({}, meta)
     check_identity(update)
     assert update.job is not None
     return RawHeader(
@@ -102,17 +71,10 @@ def parse_header(
         job=validate_job(update.job),
         round=update.round,
         client=update.client,
-        specs=header_specs(header.entries, meta),
+        specs=header_specs(raw.header.entries, meta),
         num_examples=update.num_examples,
         metrics=update.metrics,
     )
-
-
-def _parse_loose(head: bytes, limits: CodecLimits) -> Any:
-    try:
-        return codec._parse_header(head, None, limits)
-    except CorruptUpdateError:
-        return None
 
 
 class RawFileReader:

@@ -16,10 +16,10 @@
   (same size and MD5 ETag; a re-run after a crash) or already committed (same sha256).
 * **CommitRounds** groups the stored updates by round, takes the summaries in two threaded
   passes over the round's files (their sum ``S``, then ``x_i·S`` and ``‖x_i‖²``; see
-  :mod:`pipelines.scores`), and commits the manifest with them. The passes re-read the files
-  rather than ship rows or running sums through the runner: a row is as large as a model, and
-  Beam's runners move elements of tens of megabytes slowly (FnApiRunner's multi-threaded data
-  plane needed 8 s and 3 GB for four 94 MB sums). A committed round whose
+  :mod:`flstore_core.workloads.summaries`), and commits the manifest with them. The passes
+  re-read the files rather than ship rows or running sums through the runner: a row is as large
+  as a model, and Beam's runners move elements of tens of megabytes slowly (FnApiRunner's
+  multi-threaded data plane needed 8 s and 3 GB for four 94 MB sums). A committed round whose
   membership did not change keeps its summaries, so a re-run rewrites nothing.
 * **PrefetchOwners** asks the owners of each job's latest ``hot_rounds`` rounds (primary and
   replicas, the router's placement) and of its client and meta shards to ``load``.
@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
-import numpy as np
 from apache_beam import pvalue
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
@@ -51,28 +50,31 @@ from flstore_core.data.codec import (
     Precision,
     TensorSpec,
     Update,
-    check_identity,
     encode_update,
+    first_nonfinite,
     parse_safetensors,
 )
-from flstore_core.data.manifest import RoundManifest, UpdateEntry
+from flstore_core.data.manifest import NORM, RoundManifest, UpdateEntry
+from flstore_core.data.rawfile import check_identity
+from flstore_core.data.rows import base_vector, flat_parts
 from flstore_core.errors import (
     ConflictError,
     CorruptUpdateError,
+    DuplicateClientError,
     FLStoreError,
     MismatchError,
+    NonFiniteError,
     NotFoundError,
+    PrecisionConflictError,
     ValidationError,
 )
 from flstore_core.routing.placement import client_shard, meta_shard, round_shard
 from flstore_core.storage.object_store import ObjectStore, check_agreement
+from flstore_core.workloads.summaries import INGEST_SUMMARIES, stream_scores
 from pipelines.records import (
     CommittedRound,
     DeadLetter,
-    DuplicateClientError,
-    NonFiniteError,
     PlannedUpdate,
-    PrecisionConflictError,
     RawHeader,
     RoundKey,
     StoredState,
@@ -86,7 +88,6 @@ from pipelines.runtime import (
     ensure_job_spec,
     report,
 )
-from pipelines.scores import INGEST_SUMMARIES, base_vector, flat_parts, stream_scores
 from pipelines.sources import RawFileReader
 
 # values are checked by the pipeline itself so that NaN/Inf get their own dead-letter code
@@ -142,12 +143,6 @@ def counter(name: str) -> Any:
     return Metrics.counter(METRICS_NAMESPACE, name)
 
 
-def _check_finite(update: Update) -> None:
-    for name, arr in update.tensors.items():
-        if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
-            raise NonFiniteError(f"tensor {name!r} contains NaN or Inf values")
-
-
 def _read_update(reader: RawFileReader, path: str, job: str | None) -> Update:
     """Read and parse a whole raw file; raises the dead-letter reason. Values are checked by
     :func:`_encode` (the codec checks them while serializing; one pass, not two).
@@ -166,7 +161,9 @@ def _encode(update: Update, precision: Precision) -> EncodedUpdate:
     try:
         return encode_update(update, precision)
     except CorruptUpdateError:
-        _check_finite(update)  # raises NonFiniteError when that was the cause
+        bad = first_nonfinite(update.tensors)
+        if bad is not None:
+            raise NonFiniteError(f"tensor {bad!r} contains NaN or Inf values") from None
         raise
 
 
@@ -417,7 +414,7 @@ class EncodeAndStoreFn(beam.DoFn):
                 stored_bytes=encoded.stored_bytes,
                 num_examples=encoded.num_examples,
                 metrics=encoded.metrics,
-                summary={"norm": encoded.norm},
+                summary={NORM: encoded.norm},
             )
             return entry, "already_stored"
         return self.store.put_encoded(p.job, p.round, p.client, encoded), "written"

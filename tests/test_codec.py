@@ -25,10 +25,9 @@ from flstore_core.data.codec import (
     encode_update,
     float32_to_bfloat16_bits,
     parse_safetensors,
-    read_raw_update,
     serialize,
-    write_raw_update,
 )
+from flstore_core.data.rawfile import read_raw_update, write_raw_update
 from flstore_core.errors import CorruptUpdateError, LimitExceededError, ValidationError
 from tests.conftest import small_update
 

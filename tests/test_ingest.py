@@ -14,24 +14,19 @@ import numpy as np
 import pytest
 
 from flstore_core.data import layout
-from flstore_core.data.codec import Update, decompress, write_raw_update
+from flstore_core.data.codec import Update, decompress
+from flstore_core.data.manifest import CONTRIBUTION, COS_TO_MEAN, UPDATE_NORM
+from flstore_core.data.rawfile import write_raw_update
 from flstore_core.routing.placement import place_shard, round_shard
 from flstore_core.sdk.round_writer import RoundWriter
 from flstore_core.storage.object_store import ObjectStore
+from flstore_core.workloads.summaries import matrix_scores, round_scores, stream_scores
 from lambdas.local_runtime.s3_server import LocalS3
 from lambdas.local_runtime.stack import LocalStack, StackConfig
 from pipelines.backfill import parse_rounds, run_backfill
 from pipelines.ingest import IngestSummary, ingest_on_drop, run_ingest
 from pipelines.records import DeadLetter
 from pipelines.runtime import ProgressEvent
-from pipelines.scores import (
-    CONTRIBUTION,
-    COS_TO_MEAN,
-    UPDATE_NORM,
-    matrix_scores,
-    round_scores,
-    stream_scores,
-)
 from pipelines.transforms import deadletter_key
 from tests.conftest import small_update
 
@@ -449,11 +444,6 @@ def test_streamed_scores_equal_matrix_scores() -> None:
         np.testing.assert_allclose(got.contribution, want.contribution, rtol=1e-4)
     direct = direct_scores(list(rows.astype(np.float64)), base.astype(np.float64))
     np.testing.assert_allclose(want.cos_to_mean, direct[COS_TO_MEAN], rtol=1e-5)
-
-
-def test_summary_names_match_what_client_workloads_read() -> None:
-    shards = pytest.importorskip("flstore_core.cache.shards")
-    assert (COS_TO_MEAN, CONTRIBUTION) == (shards.SUMMARY_COS, shards.SUMMARY_CONTRIBUTION)
 
 
 def test_rounds_argument_is_a_half_open_range() -> None:

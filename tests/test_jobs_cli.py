@@ -10,9 +10,10 @@ import safetensors.numpy
 from typer.testing import CliRunner
 
 from flstore_core.cli import app
+from flstore_core.data.codec import parse_precision
 from flstore_core.errors import ValidationError
 from flstore_core.routing.auth import TokenTable
-from flstore_core.sdk.jobs import create_job, parse_precision
+from flstore_core.sdk.jobs import create_job
 from flstore_core.storage.object_store import ObjectStore
 
 runner = CliRunner()

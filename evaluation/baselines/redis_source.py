@@ -34,6 +34,7 @@ from flstore_core.cache.round_data import ArtifactStats, JobContext, RoundData, 
 from flstore_core.data import layout
 from flstore_core.data.codec import DEFAULT_LIMITS, CodecLimits, decode_into, decode_update
 from flstore_core.data.manifest import JobSpec, RoundManifest
+from flstore_core.data.rows import base_vector
 from flstore_core.errors import (
     CorruptUpdateError,
     NotFoundError,
@@ -301,11 +302,7 @@ def load_round_from(
             base = decode_update(data, limits=limits)
         except CorruptUpdateError as exc:
             raise StoredObjectCorruptError(f"{key}: {exc.message}") from exc
-        if [(n, a.shape) for n, a in base.tensors.items()] != [(s.name, s.shape) for s in specs]:
-            return None
-        return np.concatenate(
-            [np.asarray(a, dtype=np.float32).reshape(-1) for a in base.tensors.values()]
-        )
+        return base_vector(base, specs)
 
     # the base decodes beside the rows rather than after them, as a tuned aggregator would
     base_future = executor.submit(load_base)

@@ -25,8 +25,6 @@ import os
 import time
 from typing import Any
 
-import numpy as np
-
 from flstore_core import config
 from flstore_core.cache.round_data import ArtifactStats, JobContext, RoundData
 from flstore_core.cache.shard_cache import ShardCache
@@ -40,6 +38,7 @@ from flstore_core.cache.shards import (
 )
 from flstore_core.data import layout
 from flstore_core.data.codec import Update, encode_update
+from flstore_core.data.rows import base_vector, unflatten
 from flstore_core.errors import FLStoreError, NotFoundError, ValidationError
 from flstore_core.ids import validate_job, validate_round
 from flstore_core.routing.placement import (
@@ -49,7 +48,7 @@ from flstore_core.routing.placement import (
     model_shard,
     round_shard,
 )
-from flstore_core.storage.object_store import ObjectStore, unflatten
+from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import Workload, WorkloadResult, get
 
 BUDGET_SHARE = 0.70  # of the function's memory, when no explicit budget is configured
@@ -84,14 +83,7 @@ def load_round(
     """Read a committed round (and its base model, when stored) into a :class:`RoundData`."""
     manifest = store.get_manifest(job, round_)
     rm = store.read_round(job, round_, manifest=manifest)
-    base_vec = None
-    base = store.get_base(job, round_)
-    if base is not None and [(n, a.shape) for n, a in base.tensors.items()] == [
-        (s.name, s.shape) for s in manifest.tensors
-    ]:
-        base_vec = np.concatenate(
-            [np.asarray(a, dtype=np.float32).reshape(-1) for a in base.tensors.values()]
-        )
+    base_vec = base_vector(store.get_base(job, round_), manifest.tensors)
     return RoundData(
         job,
         round_,

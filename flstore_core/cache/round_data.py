@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from flstore_core.data.codec import TensorSpec
 from flstore_core.data.manifest import JobSpec
+from flstore_core.data.rows import unflatten
 from flstore_core.errors import InvalidParamsError, NotFoundError
 
 T = TypeVar("T")
@@ -228,6 +229,4 @@ class RoundData:
 
     def tensors_of(self, vector: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:
         """Unflatten a weights vector into named tensors with their source dtypes."""
-        from flstore_core.storage.object_store import unflatten
-
         return unflatten(vector, self.specs)

@@ -21,13 +21,9 @@ import numpy.typing as npt
 from flstore_core.cache.round_data import JobContext
 from flstore_core.data.codec import TensorSpec
 from flstore_core.data.manifest import JobSpec, RoundManifest
+from flstore_core.data.rows import flatten
 from flstore_core.errors import NotFoundError
 from flstore_core.storage.object_store import ObjectStore
-
-# summaries in a round manifest (``UpdateEntry.summary``) that client-class workloads read
-SUMMARY_NORM = "norm"
-SUMMARY_COS = "cos_to_mean"
-SUMMARY_CONTRIBUTION = "contribution"
 
 
 @dataclass(frozen=True)
@@ -192,9 +188,7 @@ class GlobalModels:
         if round_ not in self.vectors:
             update = self.store.get_global(self.job, round_)
             self.specs[round_] = tuple(update.specs())
-            self.vectors[round_] = np.concatenate(
-                [np.asarray(a, np.float32).reshape(-1) for a in update.tensors.values()]
-            )
+            self.vectors[round_] = flatten(update.tensors)
             for old in sorted(self.vectors)[: -self.keep]:
                 del self.vectors[old], self.specs[old]
                 self.modules.pop(old, None)

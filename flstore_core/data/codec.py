@@ -55,6 +55,18 @@ _NP_BY_ST: dict[str, np.dtype[Any]] = {
 _ITEMSIZE: dict[str, int] = {**{k: v.itemsize for k, v in _NP_BY_ST.items()}, "BF16": 2}
 _ST_BY_NP: dict[str, str] = {v.str if v.itemsize > 1 else v.char: k for k, v in _NP_BY_ST.items()}
 
+PRECISION_ALIASES: dict[str, Precision] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "f32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "f16": "float16",
+    "half": "float16",
+}
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 ZSTD_LEVEL = 1
 
@@ -135,6 +147,16 @@ class EncodedUpdate:
         return len(self.data)
 
 
+def parse_precision(text: str) -> Precision:
+    """A storage precision by name or alias: ``bf16``, ``fp16``/``half``, ``fp32`` and the like."""
+    try:
+        return PRECISION_ALIASES[text.strip().lower()]
+    except KeyError:
+        raise ValidationError(
+            f"unknown precision {text!r}: use one of {', '.join(PRECISIONS)} (or bf16, fp16)"
+        ) from None
+
+
 def dtype_name(dtype: np.dtype[Any]) -> str:
     """The safetensors name of a numpy dtype; raise :class:`ValidationError` if unsupported."""
     key = dtype.str if dtype.itemsize > 1 else dtype.char
@@ -201,8 +223,21 @@ def _metadata(update: Update, precision: Precision) -> dict[str, str]:
     return meta
 
 
+def first_nonfinite(tensors: Mapping[str, npt.NDArray[Any]]) -> str | None:
+    """The name of the first float tensor holding NaN or Inf, or ``None`` if all are finite."""
+    for name, arr in tensors.items():
+        if is_nonfinite(arr):
+            return name
+    return None
+
+
+def is_nonfinite(arr: npt.NDArray[Any]) -> bool:
+    """Whether a float array holds a NaN or an Inf (integer arrays never do)."""
+    return bool(arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all())
+
+
 def _check_finite(name: str, arr: npt.NDArray[Any], who: str) -> None:
-    if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+    if is_nonfinite(arr):
         raise CorruptUpdateError(f"{who}: tensor {name!r} contains NaN or Inf values")
 
 
@@ -321,7 +356,9 @@ def row_sq_norm(update: Update) -> float:
 
 
 @dataclass(frozen=True)
-class _Entry:
+class HeaderEntry:
+    """One tensor's entry in a safetensors header: dtype, shape and byte range in the data."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
@@ -330,13 +367,15 @@ class _Entry:
 
 
 @dataclass(frozen=True)
-class _Header:
-    entries: tuple[_Entry, ...]
+class Header:
+    """A validated safetensors header: the tensors' entries in data order and ``__metadata__``."""
+
+    entries: tuple[HeaderEntry, ...]
     metadata: dict[str, str]
     data_start: int  # offset of the data section in the file
 
 
-def _parse_header(head: bytes, total_len: int | None, limits: CodecLimits) -> _Header:
+def parse_header(head: bytes, total_len: int | None, limits: CodecLimits) -> Header:
     """Validate a safetensors JSON header; ``total_len`` is the whole file's size when known."""
     try:
         obj = json.loads(head)
@@ -353,7 +392,7 @@ def _parse_header(head: bytes, total_len: int | None, limits: CodecLimits) -> _H
         raise LimitExceededError(f"{len(obj)} tensors exceed the cap of {limits.max_tensors}")
     data_start = 8 + len(head)
     data_len = None if total_len is None else total_len - data_start
-    entries: list[_Entry] = []
+    entries: list[HeaderEntry] = []
     for name, info in obj.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise CorruptUpdateError(f"tensor {name!r}: header entry needs dtype, shape, offsets")
@@ -384,17 +423,18 @@ def _parse_header(head: bytes, total_len: int | None, limits: CodecLimits) -> _H
             raise CorruptUpdateError(
                 f"tensor {name!r}: data_offsets {offs} point outside the {data_len}-byte data"
             )
-        entries.append(_Entry(name, dtype, tuple(shape), start, end))
+        entries.append(HeaderEntry(name, dtype, tuple(shape), start, end))
     entries.sort(key=lambda e: (e.start, e.end))
     for a, b in itertools.pairwise(entries):
         if b.start < a.end:
             raise CorruptUpdateError(f"tensors {a.name!r} and {b.name!r} overlap in the data")
     if data_len is not None and entries and entries[-1].end != data_len:
         raise CorruptUpdateError("safetensors data section has trailing bytes")
-    return _Header(tuple(entries), dict(meta), data_start)
+    return Header(tuple(entries), dict(meta), data_start)
 
 
-def _header_length(prefix: bytes, limits: CodecLimits, total_len: int | None) -> int:
+def header_length(prefix: bytes, limits: CodecLimits, total_len: int | None) -> int:
+    """The JSON header's length from a file's first 8 bytes, checked against ``total_len``."""
     if len(prefix) < 8:
         raise CorruptUpdateError("not a safetensors file: shorter than its 8-byte header length")
     (n,) = struct.unpack("<Q", prefix[:8])
@@ -410,8 +450,8 @@ def parse_safetensors(
 ) -> Update:
     """Parse uncompressed safetensors bytes into an :class:`Update` (arrays view ``raw``)."""
     buf = memoryview(raw).cast("B")
-    n = _header_length(bytes(buf[:8]), limits, len(buf))
-    header = _parse_header(bytes(buf[8 : 8 + n]), len(buf), limits)
+    n = header_length(bytes(buf[:8]), limits, len(buf))
+    header = parse_header(bytes(buf[8 : 8 + n]), len(buf), limits)
     meta = header.metadata
     precision = meta.get("precision", "float32")
     tensors: dict[str, npt.NDArray[Any]] = {}
@@ -426,14 +466,16 @@ def parse_safetensors(
             if e.dtype == "F16" and precision == "float16":
                 arr = arr.astype(np.float32)
         tensors[e.name] = arr.reshape(e.shape)
-    update = _update_from_metadata(tensors, meta)
+    update = update_from_metadata(tensors, meta)
     if not limits.allow_nonfinite:
-        for name, arr in tensors.items():
-            _check_finite(name, arr, _who(update))
+        bad = first_nonfinite(tensors)
+        if bad is not None:
+            raise CorruptUpdateError(f"{_who(update)}: tensor {bad!r} contains NaN or Inf values")
     return update
 
 
-def _update_from_metadata(tensors: dict[str, npt.NDArray[Any]], meta: dict[str, str]) -> Update:
+def update_from_metadata(tensors: dict[str, npt.NDArray[Any]], meta: dict[str, str]) -> Update:
+    """An :class:`Update` of ``tensors`` with the identity and metrics ``__metadata__`` holds."""
     kind = meta.get("kind", "update")
     if kind not in KINDS:
         raise CorruptUpdateError(f"unknown update kind {kind!r} in metadata: use one of {KINDS}")
@@ -517,11 +559,11 @@ def decode_into(
     try:
         reader = _decompressor().stream_reader(data, read_across_frames=False)
         prefix = reader.read(8)
-        n = _header_length(prefix, limits, total if total >= 0 else None)
+        n = header_length(prefix, limits, total if total >= 0 else None)
         head = reader.read(n)
         if len(head) != n:
             raise CorruptUpdateError(f"{who}: truncated header")
-        header = _parse_header(head, total if total >= 0 else None, limits)
+        header = parse_header(head, total if total >= 0 else None, limits)
         _check_specs(header, specs, who)
         digest = hashlib.sha256(prefix)
         digest.update(head)
@@ -567,7 +609,7 @@ def decode_into(
     return DecodedRow(sha, raw_bytes, sq, header.metadata)
 
 
-def _check_specs(header: _Header, specs: Any, who: str) -> None:
+def _check_specs(header: Header, specs: Any, who: str) -> None:
     by_name = {e.name: e for e in header.entries}
     want = {s.name for s in specs}
     for s in specs:
@@ -584,7 +626,7 @@ def _check_specs(header: _Header, specs: Any, who: str) -> None:
 
 
 def _fill_row(
-    data: bytes, header: _Header, specs: Any, out: npt.NDArray[np.float32], who: str
+    data: bytes, header: Header, specs: Any, out: npt.NDArray[np.float32], who: str
 ) -> None:
     by_name = {e.name: e for e in header.entries}
     buf = memoryview(data)
@@ -609,49 +651,3 @@ def slices_of(specs: Any) -> list[tuple[int, int]]:
         out.append((pos, pos + s.numel))
         pos += s.numel
     return out
-
-
-# --------------------------------------------------------------------------- raw files
-
-
-def write_raw_update(update: Update, path: str | None = None) -> bytes:
-    """Bytes (and optionally a file) of a raw update file, the ingestion interchange format.
-
-    A raw file is an uncompressed safetensors file whose ``__metadata__`` holds ``job``,
-    ``round``, ``client``, ``num_examples`` and ``metrics``; ``kind`` ``global`` omits the
-    client and ``initial`` omits client and round.
-    """
-    check_identity(update)
-    raw = serialize(update, "float32")
-    if path is not None:
-        with open(path, "wb") as fh:
-            fh.write(raw)
-    return raw
-
-
-def read_raw_update(source: str | bytes, limits: CodecLimits = DEFAULT_LIMITS) -> Update:
-    """Read a raw update file (a path or its bytes) and check its identity metadata."""
-    if isinstance(source, str):
-        with open(source, "rb") as fh:
-            source = fh.read()
-    update = parse_safetensors(source, limits)
-    check_identity(update)
-    return update
-
-
-def check_identity(update: Update) -> None:
-    """Require the identity fields a raw update file of its kind must carry."""
-    if update.job is None:
-        raise ValidationError("raw update file: metadata needs 'job'")
-    validate_job(update.job)
-    if update.kind == "update":
-        if update.client is None or update.round is None:
-            raise ValidationError("raw update file: kind 'update' needs 'client' and 'round'")
-        validate_client(update.client)
-        validate_round(update.round)
-    elif update.kind == "global":
-        if update.round is None or update.client is not None:
-            raise ValidationError("raw update file: kind 'global' needs 'round' and no 'client'")
-        validate_round(update.round)
-    elif update.client is not None or update.round is not None:
-        raise ValidationError("raw update file: kind 'initial' has neither 'client' nor 'round'")

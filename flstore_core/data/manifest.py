@@ -16,6 +16,14 @@ from flstore_core.errors import StoredObjectCorruptError, ValidationError
 from flstore_core.ids import validate_client, validate_job, validate_round
 
 MANIFEST_FORMAT = "flstore-manifest/1"
+
+# Summary names in ``UpdateEntry.summary``. The object store writes ``norm`` (of the stored
+# weights) with every update; ingestion and backfill add the others
+# (:mod:`flstore_core.workloads.summaries` computes them); client-class workloads read them.
+NORM = "norm"
+COS_TO_MEAN = "cos_to_mean"
+UPDATE_NORM = "update_norm"
+CONTRIBUTION = "contribution"
 JOB_FORMAT = "flstore-job/1"
 
 

@@ -10,29 +10,10 @@ import numpy as np
 import numpy.typing as npt
 
 from flstore_core import models
-from flstore_core.data.codec import PRECISIONS, Precision, parse_safetensors
+from flstore_core.data.codec import parse_precision, parse_safetensors
 from flstore_core.data.manifest import JobSpec
 from flstore_core.errors import ValidationError
 from flstore_core.storage.object_store import ObjectStore
-
-PRECISION_ALIASES: dict[str, Precision] = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-}
-
-
-def parse_precision(text: str) -> Precision:
-    """``bf16``/``bfloat16``, ``fp16``/``float16`` or ``fp32``/``float32``."""
-    try:
-        return PRECISION_ALIASES[text.lower()]
-    except KeyError:
-        raise ValidationError(
-            f"unknown precision {text!r}: use one of {', '.join(PRECISIONS)} (or bf16, fp16)"
-        ) from None
 
 
 def read_validation_file(path: str | Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:

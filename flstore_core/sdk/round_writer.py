@@ -27,14 +27,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flstore_core.data.codec import Kind, Update, write_raw_update
+from flstore_core.data.codec import Kind, Update
+from flstore_core.data.rawfile import RAW_SUFFIX, write_raw_update
 from flstore_core.errors import ValidationError
 from flstore_core.ids import validate_client, validate_job, validate_round
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-
-RAW_SUFFIX = ".safetensors"
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,12 @@ from flstore_core.data.codec import (
     decode_update,
     decompress,
     encode_update,
-    np_dtype,
     parse_safetensors,
     row_sq_norm,
     slices_of,
 )
-from flstore_core.data.manifest import JobSpec, RoundManifest, UpdateEntry
+from flstore_core.data.manifest import NORM, JobSpec, RoundManifest, UpdateEntry
+from flstore_core.data.rows import unflatten
 from flstore_core.errors import (
     ConflictError,
     CorruptUpdateError,
@@ -276,7 +276,7 @@ class ObjectStore:
             stored_bytes=encoded.stored_bytes,
             num_examples=encoded.num_examples,
             metrics=encoded.metrics,
-            summary={"norm": encoded.norm},
+            summary={NORM: encoded.norm},
         )
         manifest = self._manifest_or_none(job, round_)
         if manifest is not None:
@@ -387,7 +387,7 @@ class ObjectStore:
             stored_bytes=len(data),
             num_examples=update.num_examples,
             metrics=update.metrics,
-            summary={"norm": float(np.sqrt(sq))},
+            summary={NORM: float(np.sqrt(sq))},
         )
         # reduced-precision storage widens back to float32, so specs carry the source dtypes
         return entry, tuple(update.specs())
@@ -567,19 +567,6 @@ class ObjectStore:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def unflatten(vector: npt.NDArray[Any], specs: Sequence[TensorSpec]) -> dict[str, npt.NDArray[Any]]:
-    """Split a flattened row into named tensors, cast back to their source dtypes."""
-    out: dict[str, npt.NDArray[Any]] = {}
-    for spec, (a, b) in zip(specs, slices_of(specs), strict=True):
-        part = vector[a:b].reshape(spec.shape)
-        dtype = np_dtype(spec.dtype)
-        if dtype.kind == "f":
-            out[spec.name] = part.astype(dtype, copy=False)
-        else:
-            out[spec.name] = np.rint(part).astype(dtype)
-    return out
 
 
 def check_agreement(

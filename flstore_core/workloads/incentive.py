@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from flstore_core.cache.shards import SUMMARY_CONTRIBUTION, SUMMARY_COS, ClientHistory, ClientRound
+from flstore_core.cache.shards import ClientHistory, ClientRound
+from flstore_core.data.manifest import CONTRIBUTION, COS_TO_MEAN
 from flstore_core.workloads import CLIENTS, Param, Workload, register
 
-SOURCES = ("auto", SUMMARY_CONTRIBUTION, SUMMARY_COS, "num_examples")
+SOURCES = ("auto", CONTRIBUTION, COS_TO_MEAN, "num_examples")
 
 
 def contribution(row: ClientRound, metric: str) -> tuple[float, str] | None:
-    order = [SUMMARY_CONTRIBUTION, SUMMARY_COS, "num_examples"] if metric == "auto" else [metric]
+    order = [CONTRIBUTION, COS_TO_MEAN, "num_examples"] if metric == "auto" else [metric]
     for source in order:
         if source == "num_examples":
             return float(row.num_examples), source

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flstore_core.cache.shards import SUMMARY_COS, ClientHistory
+from flstore_core.cache.shards import ClientHistory
+from flstore_core.data.manifest import COS_TO_MEAN
 from flstore_core.workloads import CLIENTS, Param, Workload, register
 
 
@@ -21,7 +22,7 @@ def reputation_series(history: ClientHistory, decay: float) -> dict[str, Any]:
     series: list[list[float]] = []
     missing: list[int] = []
     for row in history.rows:
-        c = row.summary.get(SUMMARY_COS)
+        c = row.summary.get(COS_TO_MEAN)
         if c is None:
             missing.append(row.round)
             continue

@@ -1,4 +1,5 @@
-"""Per-update summaries and per-round contribution scores, as pure functions of a round.
+"""The ingest summaries: per-update summaries and per-round contribution scores, as pure
+functions of a round.
 
 Every score here is a function of three kinds of numbers, so ingestion (which streams updates
 and never holds a round matrix) and backfill (which may) compute exactly the same thing:
@@ -30,20 +31,16 @@ taken block-wise (BLAS ``sdot`` on 64 Ki elements, blocks summed in float64): as
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from flstore_core.data.codec import TensorSpec, Update
+from flstore_core.data.codec import TensorSpec, slices_of
+from flstore_core.data.manifest import CONTRIBUTION, COS_TO_MEAN, UPDATE_NORM
 
-# summary names in the round manifest; flstore_core.cache.shards reads the same names
-COS_TO_MEAN = "cos_to_mean"
-UPDATE_NORM = "update_norm"
-CONTRIBUTION = "contribution"
 INGEST_SUMMARIES = (COS_TO_MEAN, UPDATE_NORM)
 BACKFILL_SUMMARIES = (COS_TO_MEAN, UPDATE_NORM, CONTRIBUTION)
 
@@ -59,38 +56,6 @@ def blocked_dot(x: F32, y: F32) -> float:
     for start in range(0, x.shape[0], BLOCK):
         total += float(np.dot(x[start : start + BLOCK], y[start : start + BLOCK]))
     return total
-
-
-def flat_parts(
-    tensors: Mapping[str, npt.NDArray[Any]], reference: Sequence[TensorSpec]
-) -> list[F32]:
-    """The update's tensors as flat float32 arrays in the round's tensor order (no copy for
-    float32 tensors): the row a round matrix would hold, in pieces."""
-    return [np.asarray(tensors[s.name], dtype=np.float32).reshape(-1) for s in reference]
-
-
-def base_vector(base: Update | None, reference: Sequence[TensorSpec]) -> F32 | None:
-    """The base model as a flat row, or ``None`` when there is none or it does not fit the round.
-
-    Same rule as the cache node's round loader: the base counts only when its tensor names and
-    shapes are the round's, in order.
-    """
-    if base is None:
-        return None
-    if [(n, tuple(a.shape)) for n, a in base.tensors.items()] != [
-        (s.name, s.shape) for s in reference
-    ]:
-        return None
-    return np.concatenate(flat_parts(base.tensors, reference)) if reference else None
-
-
-def slices(reference: Sequence[TensorSpec]) -> list[tuple[int, int]]:
-    """Column ranges of each tensor in the flat row."""
-    out, pos = [], 0
-    for s in reference:
-        out.append((pos, pos + s.numel))
-        pos += s.numel
-    return out
 
 
 def delta_parts(
@@ -111,7 +76,7 @@ class RoundProjector:
 
     def __init__(self, direction: F32, base: F32 | None, reference: Sequence[TensorSpec]) -> None:
         self.base = base
-        self.ranges = slices(reference)
+        self.ranges = slices_of(reference)
         self.direction = direction  # S = Σ x_j
         self.sum_sq = blocked_dot(direction, direction)
 
@@ -185,7 +150,7 @@ def stream_scores(
     keep: bool = False,
 ) -> RoundScores:
     """Scores of a round read one update at a time: ``load(i)`` gives client i's stored parts
-    (:func:`flat_parts`).
+    (:func:`flstore_core.data.rows.flat_parts`).
 
     Pass one adds the deltas into one float32 sum per thread; pass two projects every update on
     the sum. ``keep`` holds the loaded parts from pass one to pass two (one read per update, the
@@ -193,7 +158,7 @@ def stream_scores(
     ``sdot`` release the GIL, so ``threads`` work on disjoint clients in parallel.
     """
     n = len(clients)
-    ranges = slices(reference)
+    ranges = slices_of(reference)
     width = ranges[-1][1] if ranges else 0
     threads = max(1, min(threads, n))
     kept: dict[int, Sequence[F32]] = {}
