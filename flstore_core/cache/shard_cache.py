@@ -1,14 +1,10 @@
 """The in-memory shard cache of a cache node, with the class policies of ARCHITECTURE §3.
 
-Built on :class:`cachetools.Cache` (size accounting by bytes, eviction through ``popitem``); the
-policy is one small decision, :meth:`ShardCache.victim`, with named knobs:
-
-* ``meta`` shards are kept always (they are tiny) and evicted only if nothing else is left;
-* ``client`` histories are loaded on demand and go first, least recently used first;
-* ``round`` shards beyond the latest ``hot_rounds`` of their job go next, oldest round first;
-* then ``model`` shards, then the hot rounds themselves, oldest first.
-
-Entries in use by a running request are pinned and never chosen.
+Built on :class:`cachetools.Cache` (size accounting by bytes, eviction through ``popitem``). The
+cache owns the mechanics — the byte budget, the pins of entries in use by a running request, the
+last-use clock, loading a missing shard once — and asks its eviction policy
+(:mod:`flstore_core.cache.eviction`, by default :class:`ClassTieredEviction`) which entry to give
+up when it is full. Pinned entries are never chosen.
 """
 
 from __future__ import annotations
@@ -22,6 +18,7 @@ from typing import Any, Protocol
 
 import cachetools
 
+from flstore_core.cache.eviction import ClassTieredEviction, EvictionPolicy
 from flstore_core.routing.placement import ShardKey
 
 
@@ -59,12 +56,20 @@ class _PolicyCache(cachetools.Cache[ShardKey, Any]):
 
 
 class ShardCache:
-    """Shards held in memory under a byte budget."""
+    """Shards held in memory under a byte budget.
 
-    def __init__(self, budget_bytes: int, hot_rounds: int = 2) -> None:
+    ``hot_rounds`` configures the default policy (:class:`ClassTieredEviction`, at least 1);
+    it is not used when a ``policy`` is given.
+    """
+
+    def __init__(
+        self, budget_bytes: int, hot_rounds: int = 2, *, policy: EvictionPolicy | None = None
+    ) -> None:
         if budget_bytes <= 0:
             raise ValueError("the cache budget must be positive")
-        self.hot_rounds = max(1, hot_rounds)
+        self.policy: EvictionPolicy = (
+            policy if policy is not None else ClassTieredEviction(max(1, hot_rounds))
+        )
         self.stats = CacheStats()
         self._cache = _PolicyCache(budget_bytes, self)
         self._pins: dict[ShardKey, int] = {}
@@ -76,31 +81,9 @@ class ShardCache:
     # ------------------------------------------------------------------ policy
 
     def victim(self) -> ShardKey | None:
-        """The entry to evict next, or ``None`` if every entry is pinned."""
-        candidates = [k for k in self._cache if not self._pins.get(k)]
-        if not candidates:
-            return None
-        latest: dict[str, list[int]] = {}
-        for k in self._cache:
-            if k.cls == "round":
-                latest.setdefault(k.job, []).append(k.round)
-        hot = {
-            job: set(sorted(rounds, reverse=True)[: self.hot_rounds])
-            for job, rounds in latest.items()
-        }
-
-        def rank(k: ShardKey) -> tuple[int, int]:
-            used = self._used.get(k, 0)
-            if k.cls == "client":
-                return (0, used)
-            if k.cls == "round":
-                tier = 3 if k.round in hot[k.job] else 1
-                return (tier, k.round)
-            if k.cls == "model":
-                return (2, used)
-            return (4, used)  # meta: only when nothing else is left
-
-        return min(candidates, key=rank)
+        """The entry to evict next, as the policy decides, or ``None`` if every entry is pinned."""
+        pinned = {key for key, count in self._pins.items() if count}
+        return self.policy.victim(list(self._cache), pinned, self._used)
 
     # ------------------------------------------------------------------ access
 
