@@ -8,42 +8,43 @@ endpoint. For a request it
 2. validates the body, the ids, the workload and its params before any invocation (400/404),
 3. ranks the nodes for the request's shard by rendezvous hashing: the R replicas first, then the
    remaining nodes (any node can load a shard from S3),
-4. invokes them in that order until one answers; a function error, throttling, a timeout or a
-   dead endpoint moves on to the next node, a caller error (4xx from the node) is final,
+4. invokes them in that order until one answers, as its failover policy
+   (:class:`~flstore_core.routing.failover.FailoverPolicy`) decides: a function error, a timeout
+   or a dead endpoint moves on to the next node, throttling backs off and tries again, a caller
+   error (4xx from the node) is final,
 5. answers ``{"job", "workload", "round", "result", "meta"}`` with the nodes tried, the cache
    state, the latency and the cost of the request; a result over the response limit is written
    to the job's ``results/`` prefix and replaced by its key.
+
+How a node is invoked lives in :mod:`flstore_core.routing.invoker` and how a request body is
+parsed in :mod:`flstore_core.routing.request_body`; their names (``NodeInvoker``, ``NodeAnswer``,
+``NodeFailure``, ``NodeThrottled``, ``parse_body``, ``MAX_BODY_BYTES``) are re-exported here for
+the importers of this module.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
-import re
 import threading
 import time
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-from botocore.exceptions import BotoCoreError, ClientError
+from typing import Any
 
 from flstore_core import config
 from flstore_core.aws import lambda_client
 from flstore_core.cache.shards import ManifestReader
 from flstore_core.cost import DEFAULT_PRICES, Invocation, Prices, flstore_request_cost
 from flstore_core.data import layout
-from flstore_core.errors import (
-    NotFoundError,
-    PayloadTooLargeError,
-    UnavailableError,
-    ValidationError,
-    error_from_dict,
-)
+from flstore_core.errors import NotFoundError, ValidationError, error_from_dict
 from flstore_core.ids import validate_client, validate_job, validate_round
 from flstore_core.routing.auth import TokenTable
+from flstore_core.routing.failover import Answered, FailoverPolicy
+from flstore_core.routing.invoker import NodeAnswer as NodeAnswer
+from flstore_core.routing.invoker import NodeFailure as NodeFailure
+from flstore_core.routing.invoker import NodeInvoker as NodeInvoker
+from flstore_core.routing.invoker import NodeThrottled as NodeThrottled
 from flstore_core.routing.placement import (
     ShardKey,
     client_shard,
@@ -54,17 +55,13 @@ from flstore_core.routing.placement import (
     rank_nodes,
     round_shard,
 )
+from flstore_core.routing.request_body import MAX_BODY_BYTES as MAX_BODY_BYTES
+from flstore_core.routing.request_body import parse_body as parse_body
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import Workload, catalogue, get
 
-if TYPE_CHECKING:
-    from mypy_boto3_lambda import LambdaClient
-
 RESPONSE_LIMIT = 6 * 1024 * 1024  # Lambda's synchronous response limit
-MAX_BODY_BYTES = 256 * 1024
 ROUNDS_TTL_S = 5.0
-_BILLED = re.compile(r"Billed Duration: (\d+(?:\.\d+)?) ms")
-_MEMORY = re.compile(r"Memory Size: (\d+) MB")
 
 
 @dataclass(frozen=True)
@@ -88,69 +85,9 @@ class RouterConfig:
             node_memory_mb=config.CACHE_MEMORY_MB.get_int(),
         )
 
-
-class NodeFailure(Exception):
-    """A node did not answer (function error, throttled, timed out, unreachable)."""
-
-
-class NodeThrottled(NodeFailure):
-    """The node is busy with other invocations (``TooManyRequestsException``)."""
-
-
-@dataclass
-class NodeAnswer:
-    function: str
-    payload: dict[str, Any]
-    billed_ms: float
-    memory_mb: int
-
-
-class NodeInvoker:
-    """Invokes cache-node functions through boto3 and reads back what they were billed."""
-
-    def __init__(self, client: LambdaClient, default_memory_mb: int = 3008) -> None:
-        self.client = client
-        self.default_memory_mb = default_memory_mb
-
-    def invoke(self, function: str, event: Mapping[str, Any]) -> NodeAnswer:
-        t0 = time.perf_counter()
-        try:
-            resp = self.client.invoke(
-                FunctionName=function,
-                InvocationType="RequestResponse",
-                LogType="Tail",
-                Payload=json.dumps(event).encode(),
-            )
-            body = resp["Payload"].read()
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in {"TooManyRequestsException", "ThrottlingException"}:
-                raise NodeThrottled(f"{function}: throttled") from exc
-            raise NodeFailure(f"{function}: {exc}") from exc
-        except (BotoCoreError, OSError) as exc:
-            raise NodeFailure(f"{function}: {exc}") from exc
-        wall_ms = (time.perf_counter() - t0) * 1000
-        if resp.get("FunctionError"):
-            raise NodeFailure(f"{function}: {resp['FunctionError']}: {body[:300]!r}")
-        try:
-            payload = json.loads(body)
-        except ValueError as exc:
-            raise NodeFailure(f"{function}: answer is not JSON") from exc
-        if not isinstance(payload, dict):
-            raise NodeFailure(f"{function}: answer is not a JSON object")
-        billed, memory = self._billing(resp, wall_ms)
-        return NodeAnswer(function, payload, billed, memory)
-
-    def _billing(self, resp: Mapping[str, Any], wall_ms: float) -> tuple[float, int]:
-        billed, memory = wall_ms, self.default_memory_mb
-        log = resp.get("LogResult")
-        if log:
-            text = base64.b64decode(log).decode(errors="replace")
-            if m := _BILLED.search(text):
-                billed = float(m.group(1))
-            if m := _MEMORY.search(text):
-                memory = int(m.group(1))
-        return billed, memory
+    def failover_policy(self) -> FailoverPolicy:
+        """The failover and back-off policy these settings describe."""
+        return FailoverPolicy(max_attempts=self.max_attempts, throttle_passes=self.throttle_passes)
 
 
 @dataclass
@@ -171,12 +108,15 @@ class Router:
         tokens: TokenTable,
         config: RouterConfig | None = None,
         prices: Prices = DEFAULT_PRICES,
+        failover: FailoverPolicy | None = None,
     ) -> None:
         self.store = store
         self.invoker = invoker
         self.tokens = tokens
         self.config = config or RouterConfig()
         self.prices = prices
+        # the config's max_attempts and throttle_passes, unless a policy is given outright
+        self.failover = failover if failover is not None else self.config.failover_policy()
         self._known_jobs: dict[str, float] = {}
         # the rounds listing is cached briefly: client-class requests need the job's clients,
         # and a LIST per request would cost more than the workload
@@ -337,36 +277,10 @@ class Router:
         order = rank_nodes(shard, self.config.nodes)
         return Plan(shard, order)
 
-    def _invoke_in_order(
-        self, plan: Plan, event: dict[str, Any]
-    ) -> tuple[NodeAnswer, list[str], list[Invocation]]:
-        tried: list[str] = []
-        invocations: list[Invocation] = []
-        failures: list[str] = []
-        candidates = plan.order[: self.config.max_attempts]
-        # a pass over the candidates; busy (throttled) nodes get a short back-off and another
-        # pass, since a warm node that is busy now is still the cheapest place to run
-        for attempt in range(self.config.throttle_passes):
-            busy = False
-            for index in candidates:
-                function = node_name(self.config.prefix, index)
-                tried.append(function)
-                try:
-                    answer = self.invoker.invoke(function, event)
-                except NodeThrottled as exc:
-                    failures.append(str(exc))
-                    busy = True
-                    continue
-                except NodeFailure as exc:
-                    failures.append(str(exc))
-                    continue
-                invocations.append(Invocation(function, answer.billed_ms, answer.memory_mb))
-                return answer, tried, invocations
-            if not busy:
-                break
-            time.sleep(min(0.05 * 2**attempt, 1.0))
-        raise UnavailableError(
-            f"no cache node could answer for shard {plan.shard}: " + "; ".join(failures[-3:])
+    def _invoke_in_order(self, plan: Plan, event: dict[str, Any]) -> Answered:
+        ranked = [node_name(self.config.prefix, index) for index in plan.order]
+        return self.failover.invoke(
+            plan.shard, ranked, lambda function: self.invoker.invoke(function, event)
         )
 
     def _require_job(self, job: str) -> None:
@@ -418,26 +332,3 @@ class Router:
     def node_op(self, index: int, event: dict[str, Any]) -> dict[str, Any]:
         """Send one operation to one node (stats, evict, load); used by the CLI and ingestion."""
         return self.invoker.invoke(node_name(self.config.prefix, index), event).payload
-
-
-def parse_body(body: bytes | str | None) -> dict[str, Any]:
-    """The JSON object of a request body; 413 past the limit, 400 when malformed."""
-    if body is None or body == "" or body == b"":
-        return {}
-    raw = body.encode() if isinstance(body, str) else body
-    if len(raw) > MAX_BODY_BYTES:
-        raise PayloadTooLargeError(
-            f"request body of {len(raw)} bytes exceeds the limit of {MAX_BODY_BYTES}"
-        )
-    try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValidationError(f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise ValidationError("request body must be a JSON object")
-    unknown = sorted(set(obj) - {"round", "rounds", "params"})
-    if unknown:
-        raise ValidationError(
-            f"unknown field {unknown[0]!r} in the body: use round, rounds, params"
-        )
-    return obj

@@ -1,0 +1,97 @@
+"""How the router reaches a cache node: one ``lambda.invoke`` and what the node was billed.
+
+A node either answers with a JSON object (:class:`NodeAnswer`, which may carry a caller error the
+node returned on purpose) or fails (:class:`NodeFailure`): a function error, a timeout, an
+unreachable endpoint, or throttling (:class:`NodeThrottled`, kept apart because a busy warm node
+is worth waiting for while a failed one is not). What to do about a failure is the failover
+policy's decision (:mod:`flstore_core.routing.failover`), not the invoker's.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+if TYPE_CHECKING:
+    from mypy_boto3_lambda import LambdaClient
+
+_BILLED = re.compile(r"Billed Duration: (\d+(?:\.\d+)?) ms")
+_MEMORY = re.compile(r"Memory Size: (\d+) MB")
+_THROTTLING_CODES = frozenset({"TooManyRequestsException", "ThrottlingException"})
+
+
+class NodeFailure(Exception):
+    """A node did not answer (function error, throttled, timed out, unreachable)."""
+
+
+class NodeThrottled(NodeFailure):
+    """The node is busy with other invocations (``TooManyRequestsException``)."""
+
+
+@dataclass
+class NodeAnswer:
+    """The JSON object a node answered with, and what the invocation was billed."""
+
+    function: str
+    payload: dict[str, Any]
+    billed_ms: float
+    memory_mb: int
+
+
+class NodeInvoker:
+    """Invokes cache-node functions through boto3 and reads back what they were billed."""
+
+    def __init__(self, client: LambdaClient, default_memory_mb: int = 3008) -> None:
+        self.client = client
+        self.default_memory_mb = default_memory_mb
+
+    def invoke(self, function: str, event: Mapping[str, Any]) -> NodeAnswer:
+        """Invoke ``function`` synchronously with ``event``; raise :class:`NodeFailure` if it
+        does not answer with a JSON object."""
+        t0 = time.perf_counter()
+        try:
+            resp = self.client.invoke(
+                FunctionName=function,
+                InvocationType="RequestResponse",
+                LogType="Tail",
+                Payload=json.dumps(event).encode(),
+            )
+            body = resp["Payload"].read()
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in _THROTTLING_CODES:
+                raise NodeThrottled(f"{function}: throttled") from exc
+            raise NodeFailure(f"{function}: {exc}") from exc
+        except (BotoCoreError, OSError) as exc:
+            raise NodeFailure(f"{function}: {exc}") from exc
+        wall_ms = (time.perf_counter() - t0) * 1000
+        if resp.get("FunctionError"):
+            raise NodeFailure(f"{function}: {resp['FunctionError']}: {body[:300]!r}")
+        try:
+            payload = json.loads(body)
+        except ValueError as exc:
+            raise NodeFailure(f"{function}: answer is not JSON") from exc
+        if not isinstance(payload, dict):
+            raise NodeFailure(f"{function}: answer is not a JSON object")
+        billed, memory = self._billing(resp, wall_ms)
+        return NodeAnswer(function, payload, billed, memory)
+
+    def _billing(self, resp: Mapping[str, Any], wall_ms: float) -> tuple[float, int]:
+        # the tail of the log (LogType=Tail) carries Lambda's REPORT line: the billed duration
+        # and memory are what the request costs; without it, the wall time is the best estimate
+        billed, memory = wall_ms, self.default_memory_mb
+        log = resp.get("LogResult")
+        if log:
+            text = base64.b64decode(log).decode(errors="replace")
+            if m := _BILLED.search(text):
+                billed = float(m.group(1))
+            if m := _MEMORY.search(text):
+                memory = int(m.group(1))
+        return billed, memory
