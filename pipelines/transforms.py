@@ -41,7 +41,6 @@ from apache_beam import pvalue
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics.metric import Metrics
-from botocore.exceptions import ClientError
 
 from flstore_core.data import layout
 from flstore_core.data.codec import (
@@ -54,11 +53,10 @@ from flstore_core.data.codec import (
     first_nonfinite,
     parse_safetensors,
 )
-from flstore_core.data.manifest import NORM, RoundManifest, UpdateEntry
+from flstore_core.data.manifest import RoundManifest, UpdateEntry
 from flstore_core.data.rawfile import check_identity
 from flstore_core.data.rows import base_vector, flat_parts
 from flstore_core.errors import (
-    ConflictError,
     CorruptUpdateError,
     DuplicateClientError,
     FLStoreError,
@@ -66,10 +64,12 @@ from flstore_core.errors import (
     NonFiniteError,
     NotFoundError,
     PrecisionConflictError,
+    UnavailableError,
     ValidationError,
 )
 from flstore_core.routing.placement import client_shard, meta_shard, round_shard
-from flstore_core.storage.object_store import ObjectStore, check_agreement
+from flstore_core.storage.commit import check_agreement, committed_entry, entry_of
+from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads.summaries import INGEST_SUMMARIES, stream_scores
 from pipelines.records import (
     CommittedRound,
@@ -335,13 +335,12 @@ def same_object_stored(store: ObjectStore, key: str, data: bytes) -> bool:
     """Whether ``key`` already holds exactly ``data`` (size, then the MD5 ETag of a single-part
     PUT); an unknown ETag form (multipart, SSE-KMS) counts as different, so the PUT happens."""
     try:
-        head = store.s3.head_object(Bucket=store.bucket, Key=key)
-    except ClientError:
+        info = store.stat(key)
+    except UnavailableError:
         return False
-    if int(head.get("ContentLength", -1)) != len(data):
+    if info is None or info.size != len(data):
         return False
-    etag = str(head.get("ETag", "")).strip('"')
-    return etag == hashlib.md5(data, usedforsecurity=False).hexdigest()
+    return info.etag == hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 class EncodeAndStoreFn(beam.DoFn):
@@ -395,28 +394,12 @@ class EncodeAndStoreFn(beam.DoFn):
         if p.committed:
             if p.key not in self.manifests:
                 self.manifests[p.key] = _manifest_or_none(self.store, p.job, p.round)
-            manifest = self.manifests[p.key]
-            old = manifest.updates.get(p.client) if manifest else None
+            old = committed_entry(self.manifests[p.key], p.client, encoded.sha256)
             if old is not None:
-                if old.sha256 != encoded.sha256:
-                    raise ConflictError(
-                        f"client {p.client!r} already has a different update committed in "
-                        f"round {p.round} of job {p.job!r}; committed updates are immutable"
-                    )
                 return old, "unchanged"
         key = layout.update_key(p.job, p.round, p.client)
         if same_object_stored(self.store, key, encoded.data):
-            entry = UpdateEntry(
-                client=p.client,
-                key=key,
-                sha256=encoded.sha256,
-                raw_bytes=encoded.raw_bytes,
-                stored_bytes=encoded.stored_bytes,
-                num_examples=encoded.num_examples,
-                metrics=encoded.metrics,
-                summary={NORM: encoded.norm},
-            )
-            return entry, "already_stored"
+            return entry_of(p.client, key, encoded), "already_stored"
         return self.store.put_encoded(p.job, p.round, p.client, encoded), "written"
 
     def teardown(self) -> None:
@@ -727,9 +710,7 @@ class WriteDeadLettersFn(beam.DoFn):
         ordered = sorted(letters, key=lambda d: (d.file, d.stage, d.code))
         key = deadletter_key(job or None, self.config.run_id)
         body = "".join(d.to_json_line() + "\n" for d in ordered).encode()
-        self.store.s3.put_object(
-            Bucket=self.store.bucket, Key=key, Body=body, ContentType="application/x-ndjson"
-        )
+        self.store.put_object(key, body, "application/x-ndjson")
         counter(DEADLETTER_PREFIX + key).inc(len(ordered))
         yield key
 

@@ -217,7 +217,7 @@ def test_redis_py_reader_gives_the_same_round(
     store: ObjectStore, redis_server: RedisServer, cache_agg: Aggregator
 ) -> None:
     service = AggregatorService(
-        "redis", ObjectStore(BUCKET, client=store.s3), RedisObjects(redis_server.url, "redis-py")
+        "redis", store.view(), RedisObjects(redis_server.url, "redis-py")
     )
     try:
         answer = service.run(JOB, "cosine_select", b'{"round": 1, "params": {"k": 3}}')

@@ -38,7 +38,9 @@ def bucket(s3_server: LocalS3) -> Iterator[ObjectStore]:
     """A fresh, versioned bucket: every PUT makes a new version, so writes can be counted."""
     st = ObjectStore(f"ingest-{next(_buckets)}", endpoint_url=s3_server.url)
     st.ensure_bucket()
-    st.s3.put_bucket_versioning(Bucket=st.bucket, VersioningConfiguration={"Status": "Enabled"})
+    st.blobs.client.put_bucket_versioning(
+        Bucket=st.bucket, VersioningConfiguration={"Status": "Enabled"}
+    )
     yield st
     st.close()
 
@@ -68,7 +70,7 @@ def drop_round(root: Path, job: str, round_: int, clients: int, seed: int = 0) -
 def versions(store: ObjectStore, prefix: str = "jobs/") -> dict[str, int]:
     """Number of stored versions of every key under ``prefix``."""
     out: dict[str, int] = {}
-    paginator = store.s3.get_paginator("list_object_versions")
+    paginator = store.blobs.client.get_paginator("list_object_versions")
     for page in paginator.paginate(Bucket=store.bucket, Prefix=prefix):
         for v in page.get("Versions", []):
             out[v["Key"]] = out.get(v["Key"], 0) + 1
@@ -295,7 +297,7 @@ def test_a_run_killed_midway_is_completed_by_the_next_run(
 def test_round_writer_drops_a_round_to_s3_and_ingests_it_through_beams_s3_filesystem(
     bucket: ObjectStore, s3_server: LocalS3
 ) -> None:
-    bucket.s3.create_bucket(Bucket=f"{bucket.bucket}-staging")
+    bucket.blobs.client.create_bucket(Bucket=f"{bucket.bucket}-staging")
     writer = RoundWriter(
         f"s3://{bucket.bucket}-staging/drops",
         "writer",

@@ -32,7 +32,7 @@ def test_create_job_declares_model_precision_and_validation(store: ObjectStore, 
         store, "j", model="digits_cnn", precision="bf16", validation=_validation_file(tmp_path)
     )
     assert (spec.model, spec.precision) == ("digits_cnn", "bfloat16")
-    x, y = ObjectStore(store.bucket, client=store.s3).get_validation_set("j")
+    x, y = store.view().get_validation_set("j")
     assert x.shape == (5, 1, 8, 8) and list(y) == [0, 1, 2, 3, 4]
 
 

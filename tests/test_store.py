@@ -22,7 +22,7 @@ from tests.conftest import small_update
 
 
 def _keys(store: ObjectStore, prefix: str = "jobs/") -> list[str]:
-    resp = store.s3.list_objects_v2(Bucket=store.bucket, Prefix=prefix)
+    resp = store.blobs.client.list_objects_v2(Bucket=store.bucket, Prefix=prefix)
     return sorted(o["Key"] for o in resp.get("Contents", []))
 
 
@@ -183,7 +183,7 @@ def test_corrupt_stored_object_is_not_served(store: ObjectStore) -> None:
     other = small_update(9)
     from flstore_core.data.codec import encode_update
 
-    store.s3.put_object(
+    store.blobs.client.put_object(
         Bucket=store.bucket, Key=layout.update_key("j", 0, "c"), Body=encode_update(other).data
     )
     with pytest.raises(StoredObjectCorruptError, match="checksum"):
@@ -194,13 +194,13 @@ def test_corrupt_stored_object_is_not_served(store: ObjectStore) -> None:
 
 def test_undeclared_job_gets_a_default_spec(store: ObjectStore) -> None:
     store.put_update("new-job", 0, "c", small_update())
-    spec = ObjectStore(store.bucket, client=store.s3).get_job_spec("new-job")
+    spec = store.view().get_job_spec("new-job")
     assert spec.precision == "float32" and spec.model is None
 
 
 def test_job_spec_round_trips(store: ObjectStore) -> None:
     store.put_job_spec(JobSpec("j", model="digits_cnn", hyperparameters={"lr": 0.1}))
-    fresh = ObjectStore(store.bucket, client=store.s3)
+    fresh = store.view()
     spec = fresh.get_job_spec("j")
     assert (spec.model, spec.hyperparameters) == ("digits_cnn", {"lr": 0.1})
     with pytest.raises(NotFoundError):

@@ -24,9 +24,9 @@ if TYPE_CHECKING:
         redis_server_binary,
     )
     from evaluation.baselines.redis_source import (
-        MirrorStore,
         RedisObjects,
         load_round_from,
+        mirror_store,
         populate_redis,
         populate_redis_job,
     )
@@ -44,17 +44,17 @@ _HOME = {
     "load_round_from": "redis_source",
     "populate_redis": "redis_source",
     "populate_redis_job": "redis_source",
-    "MirrorStore": "redis_source",
+    "mirror_store": "redis_source",
 }
 __all__ = [
     "Aggregator",
     "AggregatorService",
-    "MirrorStore",
     "RedisNotInstalledError",
     "RedisObjects",
     "RedisServer",
     "build_service",
     "load_round_from",
+    "mirror_store",
     "populate_redis",
     "populate_redis_job",
     "redis_server_binary",

@@ -45,11 +45,10 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from evaluation.baselines.redis_source import (
-    CountingSource,
-    MirrorStore,
     RedisObjects,
     RedisReader,
     load_round_from,
+    mirror_store,
 )
 from flstore_core import config
 from flstore_core.cache.node import job_context, load_round, run_round_workload
@@ -71,6 +70,7 @@ from flstore_core.errors import (
 )
 from flstore_core.ids import validate_job, validate_round
 from flstore_core.routing.router import MAX_BODY_BYTES, parse_body
+from flstore_core.storage.blobs import CountingBlobStore
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import Workload, WorkloadResult, get
 
@@ -149,13 +149,8 @@ class AggregatorService:
         round_ = validate_round(request["round"])
         # a per-request view of the shared boto3 client, so GET counts are this request's own
         # even when requests overlap
-        store = ObjectStore(
-            self.store.bucket,
-            client=self.store.s3,
-            max_workers=self.workers,
-            limits=self.store.limits,
-        )
-        counted = CountingSource(self.redis) if self.redis is not None else None
+        store = self.store.view()
+        counted = CountingBlobStore(self.redis) if self.redis is not None else None
         try:
             t1 = time.perf_counter()
             data = self._load(store, counted, job, round_)
@@ -196,8 +191,8 @@ class AggregatorService:
             )
         rounds = request.get("rounds")
         wanted = None if rounds is None else {validate_round(r) for r in rounds}
-        s3 = ObjectStore(self.store.bucket, client=self.store.s3, limits=self.store.limits)
-        store = s3 if self.redis is None else MirrorStore(s3, self.redis)
+        s3 = self.store.view()
+        store = s3 if self.redis is None else mirror_store(s3, self.redis)
         try:
             if not store.job_exists(job):
                 raise NotFoundError(f"unknown job {job!r}")
@@ -238,7 +233,7 @@ class AggregatorService:
         return {"job": job, "workload": name, "round": None, "result": result, "meta": meta}
 
     def _load(
-        self, store: ObjectStore, counted: CountingSource | None, job: str, round_: int
+        self, store: ObjectStore, counted: CountingBlobStore | None, job: str, round_: int
     ) -> RoundData:
         try:
             if counted is None:

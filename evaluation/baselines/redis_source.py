@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
@@ -42,6 +42,7 @@ from flstore_core.errors import (
     UnavailableError,
     ValidationError,
 )
+from flstore_core.storage.blobs import BlobInfo, ReadThroughBlobStore
 from flstore_core.storage.object_store import ObjectStore
 
 Buffer = bytes | memoryview
@@ -206,7 +207,8 @@ class _RespConnection:
 
 
 class RedisObjects:
-    """A :class:`ByteSource` over one Redis server (``reader`` picks the GET implementation)."""
+    """A read-only :class:`~flstore_core.storage.blobs.BlobStore` over a Redis mirror of the
+    bucket (``reader`` picks the GET implementation); listings read the job's key index."""
 
     def __init__(self, url: str, reader: RedisReader = "resp", timeout: float = 60.0) -> None:
         self.url = url
@@ -226,24 +228,58 @@ class RedisObjects:
         assert value is None or isinstance(value, bytes)
         return value
 
+    def head(self, key: str) -> BlobInfo | None:
+        try:
+            size = int(self.client.strlen(key))
+            exists = size > 0 or bool(self.client.exists(key))
+        except redis.RedisError as exc:
+            raise UnavailableError(f"Redis at {self.url} failed: {exc}") from exc
+        return BlobInfo(key, size) if exists else None
+
+    def list(self, prefix: str) -> Iterator[BlobInfo]:
+        for key in self._indexed(prefix):
+            yield BlobInfo(key, -1)
+
+    def list_prefixes(self, prefix: str, delimiter: str = "/") -> Iterator[str]:
+        seen: set[str] = set()
+        for key in self._indexed(prefix):
+            rest = key[len(prefix) :]
+            if delimiter in rest:
+                common = prefix + rest.split(delimiter, 1)[0] + delimiter
+                if common not in seen:
+                    seen.add(common)
+                    yield common
+
+    def _indexed(self, prefix: str) -> tuple[str, ...]:
+        parts = prefix.split("/")
+        if len(parts) < 3 or parts[0] != "jobs":
+            raise ValidationError(f"the Redis mirror lists job prefixes only, not {prefix!r}")
+        try:
+            raw = self.client.zrangebylex(index_key(parts[1]), f"[{prefix}", f"[{prefix}\xff")
+        except redis.RedisError as exc:
+            raise UnavailableError(f"Redis at {self.url} failed: {exc}") from exc
+        return tuple(item.decode() if isinstance(item, bytes) else str(item) for item in raw)
+
+    def put(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        raise UnavailableError("the Redis mirror is read-only: write through S3")
+
+    def delete(self, key: str) -> None:
+        raise UnavailableError("the Redis mirror is read-only: delete through S3")
+
+    def prepare(self) -> None:
+        return None
+
     def close(self) -> None:
         if self._resp is not None:
             self._resp.close()
         self.client.close()
-
-
-class CountingSource:
-    """Counts the GETs one request makes on a shared source (thread-safe)."""
-
-    def __init__(self, source: ByteSource) -> None:
-        self.source = source
-        self.gets = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> Buffer | None:
-        with self._lock:
-            self.gets += 1
-        return self.source.get(key)
 
 
 def load_round_from(
@@ -365,11 +401,7 @@ def populate_redis_job(store: ObjectStore, client: redis.Redis, job: str) -> int
     every round, the global models, the job spec and the validation set. Returns the object count.
     """
     prefix = layout.job_prefix(job)
-    keys = [
-        item["Key"]
-        for item in store._list(prefix)  # the same listing ObjectStore uses itself
-        if "/results/" not in item["Key"]
-    ]
+    keys = [key for key in store.list_keys(prefix) if "/results/" not in key]
     for key in keys:
         client.set(key, store.get_object(key))
     if keys:
@@ -377,45 +409,12 @@ def populate_redis_job(store: ObjectStore, client: redis.Redis, job: str) -> int
     return len(keys)
 
 
-class MirrorStore(ObjectStore):
+def mirror_store(store: ObjectStore, redis_objects: RedisObjects) -> ObjectStore:
     """An :class:`ObjectStore` whose reads come from a Redis mirror of the bucket.
 
     Reads (``GET``, ``HEAD``, ``LIST``) go to Redis, so every loader of FLStore — manifests,
     job spec, global models, validation set — runs unchanged over the cache; writes (model
-    results) still go to S3 through ``store``'s client.
+    results) still go to S3 through ``store``'s blobs.
     """
-
-    def __init__(self, store: ObjectStore, redis_objects: RedisObjects) -> None:
-        super().__init__(store.bucket, client=store.s3, limits=store.limits)
-        self.redis = redis_objects
-
-    def _get(self, key: str, what: str) -> bytes:
-        value = self.redis.get(key)
-        if value is None:
-            raise NotFoundError(f"{what} not found")
-        with self._lock:
-            self.gets += 1
-        return bytes(value)
-
-    def _exists(self, key: str) -> bool:
-        try:
-            return bool(self.redis.client.exists(key))
-        except redis.RedisError as exc:
-            raise UnavailableError(f"Redis at {self.redis.url} failed: {exc}") from exc
-
-    def _list(self, prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
-        parts = prefix.split("/")
-        if len(parts) < 3 or parts[0] != "jobs":
-            raise ValidationError(f"the Redis mirror lists job prefixes only, not {prefix!r}")
-        job = parts[1]
-        raw = self.redis.client.zrangebylex(index_key(job), f"[{prefix}", f"[{prefix}\xff")
-        seen: set[str] = set()
-        for item in raw:
-            key = item.decode() if isinstance(item, bytes) else str(item)
-            if delimiter and delimiter in key[len(prefix) :]:
-                common = prefix + key[len(prefix) :].split(delimiter, 1)[0] + delimiter
-                if common not in seen:
-                    seen.add(common)
-                    yield {"Key": common}
-                continue
-            yield {"Key": key}
+    blobs = ReadThroughBlobStore(reads=redis_objects, writes=store.blobs)
+    return ObjectStore(store.bucket, blobs=blobs, limits=store.limits)

@@ -1,6 +1,9 @@
-"""The object store: FLStore's durable data plane on S3 (ARCHITECTURE §2).
+"""The object store: FLStore's durable data plane (ARCHITECTURE §2).
 
-:class:`ObjectStore` writes and reads the canonical layout with boto3. Writes are ordered so a
+:class:`ObjectStore` writes and reads the canonical layout over a blob store
+(:class:`~flstore_core.storage.blobs.BlobStore`: S3 through boto3 by default, memory in unit
+tests, a Redis mirror in a baseline); the commit rules it applies are
+:mod:`flstore_core.storage.commit`. Writes are ordered so a
 failure never leaves a visible half-round: updates first, the manifest last (a round exists for
 readers only once its manifest does). Rewriting an update with the same content is a no-op in
 effect; changing a committed client's update is refused. Reads verify every object against the
@@ -20,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-from botocore.exceptions import ClientError
 
 from flstore_core import config
 from flstore_core.aws import s3_client
@@ -43,21 +45,26 @@ from flstore_core.data.codec import (
 from flstore_core.data.manifest import NORM, JobSpec, RoundManifest, UpdateEntry
 from flstore_core.data.rows import unflatten
 from flstore_core.errors import (
-    ConflictError,
     CorruptUpdateError,
-    MismatchError,
     NotFoundError,
     StoredObjectCorruptError,
-    UnavailableError,
     ValidationError,
 )
 from flstore_core.ids import validate_client, validate_job, validate_round
+from flstore_core.storage.blobs import BlobInfo, BlobStore
+from flstore_core.storage.commit import (
+    check_agreement,
+    committed_entry,
+    entry_of,
+    majority_specs,
+)
+from flstore_core.storage.s3 import S3BlobStore
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 # results carry this tag: the bucket's lifecycle rule expires them (infra/flstore_infra/storage.py)
-RESULT_TAG = "flstore%3Akind=result"
+RESULT_TAGS = {"flstore:kind": "result"}
 
 
 @dataclass
@@ -108,11 +115,18 @@ class ObjectStore:
         *,
         endpoint_url: str | None = None,
         client: S3Client | None = None,
+        blobs: BlobStore | None = None,
         max_workers: int = 8,
         limits: CodecLimits = DEFAULT_LIMITS,
     ) -> None:
-        self.bucket = bucket or config.BUCKET.get() or config.BUCKET.default or ""
-        self.s3: S3Client = client or s3_client(endpoint_url, max_pool=max(32, max_workers * 2))
+        """A store over ``blobs``, or over S3: ``bucket`` (default ``FLSTORE_BUCKET``) through
+        ``client`` or a client of ``endpoint_url`` (default ``FLSTORE_S3_ENDPOINT``)."""
+        if blobs is None:
+            bucket = bucket or config.BUCKET.get() or ""
+            s3 = client or s3_client(endpoint_url, max_pool=max(32, max_workers * 2))
+            blobs = S3BlobStore(bucket, s3)
+        self.blobs: BlobStore = blobs
+        self.bucket = bucket or str(getattr(blobs, "bucket", ""))
         self.max_workers = max_workers
         self.limits = limits
         self._specs: dict[str, JobSpec] = {}
@@ -137,68 +151,38 @@ class ObjectStore:
             self._pool.shutdown(wait=False)
             self._pool = None
 
+    def view(self) -> ObjectStore:
+        """A store over the same blobs with its own counters and thread pool: what one request
+        of a shared process uses, so that its GET count is its own."""
+        return ObjectStore(
+            self.bucket, blobs=self.blobs, max_workers=self.max_workers, limits=self.limits
+        )
+
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (local stacks and tests)."""
-        try:
-            self.s3.head_bucket(Bucket=self.bucket)
-        except ClientError:
-            self.s3.create_bucket(Bucket=self.bucket)
+        self.blobs.prepare()
 
     def _put(
         self,
         key: str,
         body: bytes,
         content_type: str = "application/octet-stream",
-        tagging: str | None = None,
+        tags: dict[str, str] | None = None,
     ) -> None:
-        try:
-            if tagging:
-                self.s3.put_object(
-                    Bucket=self.bucket,
-                    Key=key,
-                    Body=body,
-                    ContentType=content_type,
-                    Tagging=tagging,
-                )
-            else:
-                self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
-        except ClientError as exc:
-            raise UnavailableError(f"S3 refused PUT {key}: {_code(exc)}") from exc
+        self.blobs.put(key, body, content_type=content_type, tags=tags)
         with self._lock:
             self.puts += 1
 
     def _get(self, key: str, what: str) -> bytes:
-        try:
-            obj = self.s3.get_object(Bucket=self.bucket, Key=key)
-            data = obj["Body"].read()
-        except ClientError as exc:
-            if _code(exc) in {"NoSuchKey", "404", "NotFound"}:
-                raise NotFoundError(f"{what} not found") from exc
-            raise UnavailableError(f"S3 refused GET {key}: {_code(exc)}") from exc
+        data = self.blobs.get(key)
+        if data is None:
+            raise NotFoundError(f"{what} not found")
         with self._lock:
             self.gets += 1
-        return data
+        return bytes(data) if isinstance(data, memoryview) else data
 
     def _exists(self, key: str) -> bool:
-        try:
-            self.s3.head_object(Bucket=self.bucket, Key=key)
-            return True
-        except ClientError as exc:
-            if _code(exc) in {"NoSuchKey", "404", "NotFound"}:
-                return False
-            raise UnavailableError(f"S3 refused HEAD {key}: {_code(exc)}") from exc
-
-    def _list(self, prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
-        if delimiter:
-            kwargs["Delimiter"] = delimiter
-        paginator = self.s3.get_paginator("list_objects_v2")
-        try:
-            for page in paginator.paginate(**kwargs):
-                yield from ({"Key": c["Prefix"]} for c in page.get("CommonPrefixes", []))
-                yield from page.get("Contents", [])  # type: ignore[misc]
-        except ClientError as exc:
-            raise UnavailableError(f"S3 refused LIST {prefix}: {_code(exc)}") from exc
+        return self.blobs.head(key) is not None
 
     # ------------------------------------------------------------------ jobs
 
@@ -233,8 +217,8 @@ class ObjectStore:
 
     def list_jobs(self) -> list[str]:
         jobs = []
-        for item in self._list("jobs/", delimiter="/"):
-            name = item["Key"][len("jobs/") :].rstrip("/")
+        for common in self.blobs.list_prefixes("jobs/", "/"):
+            name = common[len("jobs/") :].rstrip("/")
             if name:
                 jobs.append(name)
         return sorted(jobs)
@@ -268,27 +252,13 @@ class ObjectStore:
     ) -> UpdateEntry:
         """Store an already encoded update (ingestion encodes in its own workers)."""
         key = layout.update_key(job, round_, client)
-        entry = UpdateEntry(
-            client=client,
-            key=key,
-            sha256=encoded.sha256,
-            raw_bytes=encoded.raw_bytes,
-            stored_bytes=encoded.stored_bytes,
-            num_examples=encoded.num_examples,
-            metrics=encoded.metrics,
-            summary={NORM: encoded.norm},
-        )
         manifest = self._manifest_or_none(job, round_)
         if manifest is not None:
             check_agreement(manifest.tensors, encoded.specs, client)
-            old = manifest.updates.get(client)
+            old = committed_entry(manifest, client, encoded.sha256)
             if old is not None:
-                if old.sha256 == encoded.sha256:
-                    return old
-                raise ConflictError(
-                    f"client {client!r} already has a different update committed in round "
-                    f"{round_} of job {job!r}; committed updates are immutable"
-                )
+                return old
+        entry = entry_of(client, key, encoded)
         self._put(key, encoded.data)
         with self._lock:
             self._pending_specs[(job, round_, client)] = encoded.specs
@@ -323,9 +293,9 @@ class ObjectStore:
         existing = self._manifest_or_none(job, round_)
         given = {e.client: e for e in entries or ()}
         written_at = {
-            c: item.get("LastModified")
-            for item in self._list(layout.updates_prefix(job, round_))
-            if (c := layout.parse_client_from_update_key(item["Key"])) is not None
+            c: info.modified
+            for info in self.blobs.list(layout.updates_prefix(job, round_))
+            if (c := layout.parse_client_from_update_key(info.key)) is not None
         }
         stored = set(written_at)
         missing = sorted(set(given) - stored)
@@ -354,7 +324,7 @@ class ObjectStore:
             specs_of[client] = read_specs
         if not updates:
             raise NotFoundError(f"round {round_} of job {job!r} has no stored updates to commit")
-        reference = existing.tensors if existing else _majority(specs_of, written_at)
+        reference = existing.tensors if existing else majority_specs(specs_of, written_at)
         for client in sorted(specs_of):
             check_agreement(reference, specs_of[client], client)
         for client, extra in (summaries or {}).items():
@@ -403,8 +373,8 @@ class ObjectStore:
         """Committed rounds of a job, ascending (rounds without a manifest are invisible)."""
         prefix = layout.rounds_prefix(job)
         rounds = set()
-        for item in self._list(prefix):
-            key = item["Key"]
+        for info in self.blobs.list(prefix):
+            key = info.key
             if key.endswith("/manifest.json"):
                 r = layout.parse_round_from_key(job, key)
                 if r is not None:
@@ -489,8 +459,8 @@ class ObjectStore:
         """Rounds that have a stored global model, ascending."""
         prefix = layout.job_prefix(job) + "global/"
         rounds = []
-        for item in self._list(prefix):
-            name = item["Key"][len(prefix) :].removesuffix(layout.UPDATE_SUFFIX)
+        for info in self.blobs.list(prefix):
+            name = info.key[len(prefix) :].removesuffix(layout.UPDATE_SUFFIX)
             if len(name) == 8 and name.isdigit():
                 rounds.append(int(name))
         return sorted(rounds)
@@ -552,12 +522,30 @@ class ObjectStore:
         """Write a result object under a job's ``results/`` prefix."""
         if "/results/" not in key or not key.startswith("jobs/"):
             raise ValidationError(f"result key {key!r} is not under a job's results/ prefix")
-        self._put(key, body, content_type, tagging=RESULT_TAG)
+        self._put(key, body, content_type, tags=RESULT_TAGS)
+        return key
+
+    def put_object(
+        self, key: str, body: bytes, content_type: str = "application/octet-stream"
+    ) -> str:
+        """Write any object under a job's prefix or the bucket's ``ingest/`` prefix (ingestion's
+        dead letters); the canonical objects have their own methods, which check them."""
+        if not key.startswith(("jobs/", "ingest/")):
+            raise ValidationError(f"key {key!r} is outside the jobs/ and ingest/ prefixes")
+        self._put(key, body, content_type)
         return key
 
     def get_object(self, key: str) -> bytes:
         """Raw bytes of any object (results, for instance)."""
         return self._get(key, f"object {key!r}")
+
+    def stat(self, key: str) -> BlobInfo | None:
+        """Size and content tag of an object without reading it, ``None`` if it does not exist."""
+        return self.blobs.head(key)
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        """Every key under ``prefix``, in key order."""
+        return (info.key for info in self.blobs.list(prefix))
 
     def _decode_stored(self, data: bytes, key: str) -> Update:
         try:
@@ -567,49 +555,3 @@ class ObjectStore:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def check_agreement(
-    reference: Sequence[TensorSpec], specs: Sequence[TensorSpec], client: str
-) -> None:
-    """Raise :class:`MismatchError` naming ``client`` and the tensor if the specs disagree."""
-    ref = {s.name: s for s in reference}
-    got = {s.name: s for s in specs}
-    for name, s in ref.items():
-        g = got.get(name)
-        if g is None:
-            raise MismatchError(f"client {client!r}: tensor {name!r} is missing from its update")
-        if g.shape != s.shape:
-            raise MismatchError(
-                f"client {client!r}: tensor {name!r} has shape {list(g.shape)}, the round has "
-                f"{list(s.shape)}"
-            )
-        if g.dtype != s.dtype:
-            raise MismatchError(
-                f"client {client!r}: tensor {name!r} has dtype {g.dtype}, the round has {s.dtype}"
-            )
-    extra = sorted(set(got) - set(ref))
-    if extra:
-        raise MismatchError(f"client {client!r}: tensor {extra[0]!r} is not in the round")
-
-
-def _majority(
-    specs_of: dict[str, tuple[TensorSpec, ...]], written_at: dict[str, Any]
-) -> tuple[TensorSpec, ...]:
-    """The specs most clients agree on; on a tie, those of the earliest written update."""
-    counts: dict[tuple[TensorSpec, ...], int] = {}
-    for specs in specs_of.values():
-        counts[specs] = counts.get(specs, 0) + 1
-    first = sorted(specs_of, key=lambda c: (str(written_at.get(c) or ""), c))
-    rank = {specs_of[c]: i for i, c in reversed(list(enumerate(first)))}
-    return max(counts, key=lambda s: (counts[s], -rank[s]))
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", "Unknown"))
-
-
-def _floats(update: Update) -> Iterator[npt.NDArray[Any]]:
-    for a in update.tensors.values():
-        if a.dtype.kind == "f":
-            yield np.asarray(a, dtype=np.float32)

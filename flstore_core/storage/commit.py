@@ -1,0 +1,83 @@
+"""The rules for committing a round, written once for the object store and for ingestion.
+
+* A round's updates agree on tensor names, shapes and dtypes (:func:`check_agreement`); the
+  reference is the committed manifest's tensors, or for a new round the specs most updates share
+  (:func:`majority_specs`).
+* A committed update is immutable (:func:`committed_entry`): writing the identical update again
+  is a no-op, a different one for the same client is refused.
+* A stored update's manifest entry is a function of its encoded form (:func:`entry_of`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from flstore_core.data.codec import EncodedUpdate, TensorSpec
+from flstore_core.data.manifest import NORM, RoundManifest, UpdateEntry
+from flstore_core.errors import ConflictError, MismatchError
+
+
+def check_agreement(
+    reference: Sequence[TensorSpec], specs: Sequence[TensorSpec], client: str
+) -> None:
+    """Raise :class:`MismatchError` naming ``client`` and the tensor if the specs disagree."""
+    ref = {s.name: s for s in reference}
+    got = {s.name: s for s in specs}
+    for name, s in ref.items():
+        g = got.get(name)
+        if g is None:
+            raise MismatchError(f"client {client!r}: tensor {name!r} is missing from its update")
+        if g.shape != s.shape:
+            raise MismatchError(
+                f"client {client!r}: tensor {name!r} has shape {list(g.shape)}, the round has "
+                f"{list(s.shape)}"
+            )
+        if g.dtype != s.dtype:
+            raise MismatchError(
+                f"client {client!r}: tensor {name!r} has dtype {g.dtype}, the round has {s.dtype}"
+            )
+    extra = sorted(set(got) - set(ref))
+    if extra:
+        raise MismatchError(f"client {client!r}: tensor {extra[0]!r} is not in the round")
+
+
+def majority_specs(
+    specs_of: Mapping[str, tuple[TensorSpec, ...]], written_at: Mapping[str, object]
+) -> tuple[TensorSpec, ...]:
+    """The specs most clients agree on; on a tie, those of the earliest written update."""
+    counts: dict[tuple[TensorSpec, ...], int] = {}
+    for specs in specs_of.values():
+        counts[specs] = counts.get(specs, 0) + 1
+    first = sorted(specs_of, key=lambda c: (str(written_at.get(c) or ""), c))
+    rank = {specs_of[c]: i for i, c in reversed(list(enumerate(first)))}
+    return max(counts, key=lambda s: (counts[s], -rank[s]))
+
+
+def committed_entry(manifest: RoundManifest | None, client: str, sha256: str) -> UpdateEntry | None:
+    """The committed entry of ``client`` when it holds exactly this update (``sha256`` of the
+    uncompressed bytes), ``None`` when the client is not committed; :class:`ConflictError` when a
+    different update of the client is."""
+    old = None if manifest is None else manifest.updates.get(client)
+    if old is None:
+        return None
+    if old.sha256 != sha256:
+        raise ConflictError(
+            f"client {client!r} already has a different update committed in round "
+            f"{manifest.round if manifest else '?'} of job "
+            f"{manifest.job if manifest else '?'!r}; committed updates are immutable"
+        )
+    return old
+
+
+def entry_of(client: str, key: str, encoded: EncodedUpdate) -> UpdateEntry:
+    """The manifest entry of an encoded update stored under ``key`` (not yet committed)."""
+    return UpdateEntry(
+        client=client,
+        key=key,
+        sha256=encoded.sha256,
+        raw_bytes=encoded.raw_bytes,
+        stored_bytes=encoded.stored_bytes,
+        num_examples=encoded.num_examples,
+        metrics=encoded.metrics,
+        summary={NORM: encoded.norm},
+    )

@@ -1,0 +1,67 @@
+"""An in-memory blob store: the object store's rules, tested without S3 or moto."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import threading
+from collections.abc import Iterator, Mapping
+
+from flstore_core.storage.blobs import BlobInfo, Buffer
+
+
+class MemoryBlobStore:
+    """Blobs in a dict, with S3's semantics where the object store relies on them: key-ordered
+    listings, common prefixes, an MD5 ``etag`` and a write order in ``modified``."""
+
+    def __init__(self) -> None:
+        self._blobs: dict[str, tuple[bytes, str, str]] = {}
+        self._clock = itertools.count()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Buffer | None:
+        with self._lock:
+            entry = self._blobs.get(key)
+        return None if entry is None else entry[0]
+
+    def put(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        etag = hashlib.md5(body, usedforsecurity=False).hexdigest()
+        with self._lock:
+            self._blobs[key] = (bytes(body), etag, f"{next(self._clock):012d}")
+
+    def head(self, key: str) -> BlobInfo | None:
+        with self._lock:
+            entry = self._blobs.get(key)
+        return None if entry is None else BlobInfo(key, len(entry[0]), entry[1], entry[2])
+
+    def list(self, prefix: str) -> Iterator[BlobInfo]:
+        with self._lock:
+            items = sorted((k, v) for k, v in self._blobs.items() if k.startswith(prefix))
+        for key, (body, etag, modified) in items:
+            yield BlobInfo(key, len(body), etag, modified)
+
+    def list_prefixes(self, prefix: str, delimiter: str = "/") -> Iterator[str]:
+        with self._lock:
+            keys = sorted(k for k in self._blobs if k.startswith(prefix))
+        seen: set[str] = set()
+        for key in keys:
+            rest = key[len(prefix) :]
+            if delimiter in rest:
+                common = prefix + rest.split(delimiter, 1)[0] + delimiter
+                if common not in seen:
+                    seen.add(common)
+                    yield common
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._blobs.pop(key, None)
+
+    def prepare(self) -> None:
+        return None

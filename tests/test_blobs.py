@@ -1,0 +1,119 @@
+"""The blob-store protocol: S3 and memory behave alike; wrappers add behaviour by composition;
+the object store's rules hold over any blob store."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from flstore_core.errors import (
+    ConflictError,
+    MismatchError,
+    NotFoundError,
+    UnavailableError,
+    ValidationError,
+)
+from flstore_core.storage.blobs import BlobStore, CountingBlobStore, ReadThroughBlobStore
+from flstore_core.storage.memory import MemoryBlobStore
+from flstore_core.storage.object_store import ObjectStore
+from tests.conftest import small_update
+
+
+@pytest.fixture(params=["memory", "s3"])
+def blobs(request: pytest.FixtureRequest) -> BlobStore:
+    if request.param == "memory":
+        return MemoryBlobStore()
+    s3_store: ObjectStore = request.getfixturevalue("store")
+    return s3_store.blobs
+
+
+def test_missing_keys_are_none(blobs: BlobStore) -> None:
+    assert blobs.get("jobs/j/none") is None
+    assert blobs.head("jobs/j/none") is None
+
+
+def test_put_get_head_agree(blobs: BlobStore) -> None:
+    blobs.put("jobs/j/a", b"hello", content_type="text/plain")
+    assert bytes(blobs.get("jobs/j/a") or b"") == b"hello"
+    info = blobs.head("jobs/j/a")
+    assert info is not None and info.size == 5
+    assert info.etag == hashlib.md5(b"hello", usedforsecurity=False).hexdigest()
+
+
+def test_listings_are_in_key_order_with_common_prefixes(blobs: BlobStore) -> None:
+    for key in ["jobs/b/x", "jobs/a/2", "jobs/a/1", "jobs/a/sub/3"]:
+        blobs.put(key, b".")
+    assert [i.key for i in blobs.list("jobs/a/")] == ["jobs/a/1", "jobs/a/2", "jobs/a/sub/3"]
+    assert list(blobs.list_prefixes("jobs/")) == ["jobs/a/", "jobs/b/"]
+    assert list(blobs.list_prefixes("jobs/a/")) == ["jobs/a/sub/"]
+
+
+def test_delete_removes_and_tolerates_missing(blobs: BlobStore) -> None:
+    blobs.put("jobs/j/a", b"1")
+    blobs.delete("jobs/j/a")
+    blobs.delete("jobs/j/a")
+    assert blobs.get("jobs/j/a") is None
+
+
+def test_counting_wrapper_counts_what_passes_through_it() -> None:
+    inner = MemoryBlobStore()
+    counted = CountingBlobStore(inner)
+    counted.put("k", b"1")
+    counted.get("k")
+    counted.get("missing")
+    inner.get("k")  # not through the wrapper
+    assert (counted.gets, counted.puts) == (2, 1)
+
+
+def test_read_through_wrapper_reads_one_store_and_writes_the_other() -> None:
+    mirror, durable = MemoryBlobStore(), MemoryBlobStore()
+    mirror.put("k", b"mirrored")
+    both = ReadThroughBlobStore(reads=mirror, writes=durable)
+    assert both.get("k") == b"mirrored"
+    both.put("result", b"r")
+    assert durable.get("result") == b"r" and mirror.get("result") is None
+
+
+def test_object_store_rules_hold_over_memory() -> None:
+    store = ObjectStore(blobs=MemoryBlobStore())
+    entries = [store.put_update("j", 0, f"c{i}", small_update(i)) for i in range(3)]
+    with pytest.raises(NotFoundError):
+        store.get_manifest("j", 0)  # invisible until committed
+    manifest = store.commit_round("j", 0, entries)
+    assert store.list_rounds("j") == [0] and manifest.clients == ["c0", "c1", "c2"]
+    rm = store.read_round("j", 0)
+    assert rm.matrix.shape == (3, manifest.n_params)
+    assert np.allclose(rm.sq_norms, [e.summary["norm"] ** 2 for e in manifest.updates.values()])
+    assert store.put_update("j", 0, "c1", small_update(1)) == manifest.updates["c1"]
+    with pytest.raises(ConflictError):
+        store.put_update("j", 0, "c1", small_update(7))
+    bad = small_update(4)
+    bad.tensors["fc.bias"] = np.zeros(3, dtype=np.float32)
+    with pytest.raises(MismatchError, match=r"'c4'.*'fc\.bias'"):
+        store.put_update("j", 0, "c4", bad)
+    assert store.list_jobs() == ["j"]
+
+
+def test_a_view_shares_the_blobs_but_counts_its_own_gets() -> None:
+    store = ObjectStore(blobs=MemoryBlobStore())
+    store.put_update("j", 0, "c0", small_update(0))
+    store.commit_round("j", 0)
+    view = store.view()
+    view.read_round("j", 0)
+    assert view.gets == 2 and store.gets < view.gets  # manifest + one update
+
+
+def test_put_object_stays_inside_the_jobs_and_ingest_prefixes() -> None:
+    store = ObjectStore(blobs=MemoryBlobStore())
+    store.put_object("ingest/deadletter/run.jsonl", b"{}")
+    assert store.stat("ingest/deadletter/run.jsonl") is not None
+    with pytest.raises(ValidationError, match="outside"):
+        store.put_object("elsewhere/x", b"")
+
+
+def test_s3_refusals_become_unavailable_errors(store: ObjectStore) -> None:
+    broken = ObjectStore("no-such-bucket-here", client=store.blobs.client)  # type: ignore[attr-defined]
+    with pytest.raises(UnavailableError, match="S3 refused"):
+        broken.blobs.put("jobs/j/x", b"1")
