@@ -252,7 +252,7 @@ class ObjectStore:
     ) -> UpdateEntry:
         """Store an already encoded update (ingestion encodes in its own workers)."""
         key = layout.update_key(job, round_, client)
-        manifest = self._manifest_or_none(job, round_)
+        manifest = self.find_manifest(job, round_)
         if manifest is not None:
             check_agreement(manifest.tensors, encoded.specs, client)
             old = committed_entry(manifest, client, encoded.sha256)
@@ -264,7 +264,8 @@ class ObjectStore:
             self._pending_specs[(job, round_, client)] = encoded.specs
         return entry
 
-    def _manifest_or_none(self, job: str, round_: int) -> RoundManifest | None:
+    def find_manifest(self, job: str, round_: int) -> RoundManifest | None:
+        """The manifest of a committed round, or ``None`` if the round is not committed."""
         try:
             return self.get_manifest(job, round_)
         except NotFoundError:
@@ -290,7 +291,7 @@ class ObjectStore:
         validate_job(job)
         validate_round(round_)
         spec = self.get_job_spec(job)
-        existing = self._manifest_or_none(job, round_)
+        existing = self.find_manifest(job, round_)
         given = {e.client: e for e in entries or ()}
         written_at = {
             c: info.modified
