@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
-from flstore_core.cache.node import load_round
 from flstore_core.cache.round_data import ArtifactStats
+from flstore_core.cache.round_loading import load_round
 from flstore_core.data.codec import Update
 from flstore_core.routing.placement import node_name, place_shard, round_shard
 from flstore_core.workloads import get

@@ -21,8 +21,9 @@ from evaluation.baselines import (
     redis_server_binary,
 )
 from evaluation.baselines import redis_server as redis_server_module
-from flstore_core.cache.node import load_round, run_round_workload
+from flstore_core.cache.results import run_round_workload
 from flstore_core.cache.round_data import ArtifactStats
+from flstore_core.cache.round_loading import load_round
 from flstore_core.cache.shards import ManifestReader, load_client, load_meta
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get

@@ -21,8 +21,9 @@ import pytest
 
 from evaluation.digits_job import DigitsJob, simulate
 from flstore_core import models
-from flstore_core.cache.node import CacheNode, load_round
+from flstore_core.cache.node import CacheNode
 from flstore_core.cache.round_data import ArtifactStats, RoundData
+from flstore_core.cache.round_loading import load_round
 from flstore_core.data.codec import decode_update
 from flstore_core.data.manifest import JobSpec
 from flstore_core.errors import InvalidParamsError, NotFoundError

@@ -51,8 +51,9 @@ from evaluation.baselines.redis_source import (
     mirror_store,
 )
 from flstore_core import config
-from flstore_core.cache.node import job_context, load_round, run_round_workload
+from flstore_core.cache.results import run_round_workload
 from flstore_core.cache.round_data import ArtifactStats, RoundData
+from flstore_core.cache.round_loading import job_context, load_round
 from flstore_core.cache.shards import (
     ClientHistory,
     GlobalModels,
@@ -69,7 +70,7 @@ from flstore_core.errors import (
     ValidationError,
 )
 from flstore_core.ids import validate_job, validate_round
-from flstore_core.routing.router import MAX_BODY_BYTES, parse_body
+from flstore_core.routing.request_body import MAX_BODY_BYTES, parse_body
 from flstore_core.storage.blobs import CountingBlobStore
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import Workload, WorkloadResult, get

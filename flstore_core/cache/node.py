@@ -11,6 +11,12 @@ One :class:`CacheNode` lives in the module state of one warm Lambda instance
 * ``evict`` — ``{"op": "evict", "shards": [...]}`` or ``{"op": "evict", "all": true}``;
 * ``ping``  — keep-warm.
 
+:attr:`CacheNode.ops` maps each op name to the method that checks its arguments and runs it;
+an unknown op is a caller error that lists the known ones. Reading a round from S3
+(:mod:`flstore_core.cache.round_loading`) and running a round workload with its stored model
+result (:mod:`flstore_core.cache.results`) live in modules of their own, shared with the
+aggregator baselines.
+
 Errors a caller caused come back as ``{"error": {...}, "status": 4xx}`` (not a function error,
 so the router does not retry them elsewhere); anything else raises and the router retries on a
 replica.
@@ -19,14 +25,15 @@ replica.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flstore_core import config
+from flstore_core.cache.results import run_round_workload
 from flstore_core.cache.round_data import ArtifactStats, JobContext, RoundData
+from flstore_core.cache.round_loading import job_context, load_round
 from flstore_core.cache.shard_cache import ShardCache
 from flstore_core.cache.shards import (
     ClientHistory,
@@ -36,9 +43,6 @@ from flstore_core.cache.shards import (
     load_client,
     load_meta,
 )
-from flstore_core.data import layout
-from flstore_core.data.codec import Update, encode_update
-from flstore_core.data.rows import base_vector, unflatten
 from flstore_core.errors import FLStoreError, NotFoundError, ValidationError
 from flstore_core.ids import validate_job, validate_round
 from flstore_core.routing.placement import (
@@ -50,6 +54,8 @@ from flstore_core.routing.placement import (
 )
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import Workload, WorkloadResult, get
+
+Operation = Callable[[dict[str, Any]], dict[str, Any]]  # an event in, the node's answer out
 
 BUDGET_SHARE = 0.70  # of the function's memory, when no explicit budget is configured
 # meta and client shards are refreshed from new manifests when older than this (prefetch
@@ -66,105 +72,6 @@ def default_budget() -> int:
         return config.CACHE_BUDGET_BYTES.get_int()
     memory_mb = config.LAMBDA_MEMORY_MB.get_int()
     return int(memory_mb * 1024 * 1024 * BUDGET_SHARE)
-
-
-def job_context(store: ObjectStore, job: str) -> JobContext:
-    """The job's spec, with its validation set loaded from S3 on first use."""
-    return JobContext(store.get_job_spec(job), lambda: store.get_validation_set(job))
-
-
-def load_round(
-    store: ObjectStore,
-    job: str,
-    round_: int,
-    stats: ArtifactStats,
-    context: JobContext | None = None,
-) -> RoundData:
-    """Read a committed round (and its base model, when stored) into a :class:`RoundData`."""
-    manifest = store.get_manifest(job, round_)
-    rm = store.read_round(job, round_, manifest=manifest)
-    base_vec = base_vector(store.get_base(job, round_), manifest.tensors)
-    return RoundData(
-        job,
-        round_,
-        rm.clients,
-        rm.matrix,
-        rm.specs,
-        rm.num_examples,
-        rm.metrics,
-        base=base_vec,
-        stats=stats,
-        sha256={c: manifest.updates[c].sha256 for c in rm.clients},
-        context=context or job_context(store, job),
-    )
-
-
-def result_key(workload: str, data: RoundData, params: dict[str, Any]) -> str:
-    """Deterministic key of a model result: the same request writes the same object."""
-    ident = json.dumps(
-        {"params": params, "clients": data.sha256 or data.clients}, sort_keys=True
-    ).encode()
-    digest = hashlib.sha256(ident).hexdigest()[:16]
-    return f"{layout.results_prefix(data.job, workload, data.round)}{digest}.safetensors.zst"
-
-
-def store_model(
-    store: ObjectStore,
-    workload: str,
-    data: RoundData,
-    params: dict[str, Any],
-    model: Any,
-    written: set[str] | None = None,
-) -> str:
-    """Write a model result in the canonical update format; returns its key.
-
-    The key is a function of the workload, its params and the round's content, so the object
-    is the same every time: a caller that remembers what it wrote (``written``) skips the
-    encode-and-PUT of a model that is already in S3.
-    """
-    key = result_key(workload, data, params)
-    if written is not None and key in written:
-        return key
-    if callable(model):
-        model = model()
-    update = Update(
-        unflatten(model, data.specs),
-        num_examples=int(data.num_examples.sum()),
-        metrics={"workload": workload},
-        job=data.job,
-        round=data.round,
-        kind="global",
-    )
-    store.put_result(key, encode_update(update).data, "application/octet-stream")
-    if written is not None:
-        written.add(key)
-    return key
-
-
-def finish(
-    store: ObjectStore,
-    workload: Workload,
-    data: RoundData,
-    params: dict[str, Any],
-    out: WorkloadResult,
-    written: set[str] | None = None,
-) -> dict[str, Any]:
-    """The JSON result of a workload run, with its model (if any) stored and keyed."""
-    result = dict(out.result)
-    if out.model is not None:
-        result["model_key"] = store_model(store, workload.name, data, params, out.model, written)
-    return result
-
-
-def run_round_workload(
-    store: ObjectStore,
-    workload: Workload,
-    data: RoundData,
-    params: dict[str, Any],
-    written: set[str] | None = None,
-) -> dict[str, Any]:
-    """Run a ``round``-class workload on a round: the code path nodes and baselines share."""
-    return finish(store, workload, data, params, workload.run(data, params), written)
 
 
 class CacheNode:
@@ -189,6 +96,15 @@ class CacheNode:
         self._contexts: dict[str, tuple[float, JobContext]] = {}
         self.started = time.time()
         self.invocations = 0
+        # op name -> the method that checks its arguments and runs it (in the order the
+        # unknown-op error lists them)
+        self.ops: dict[str, Operation] = {
+            "load": self.op_load,
+            "run": self.op_run,
+            "stats": self.op_stats,
+            "evict": self.op_evict,
+            "ping": self.op_ping,
+        }
 
     # ------------------------------------------------------------------ loading
 
@@ -344,29 +260,49 @@ class CacheNode:
             keys = [ShardKey.parse(s) for s in event.get("shards", [])]
         return {"evicted": [str(k) for k in keys if self.cache.evict(k)]}
 
+    # ------------------------------------------------------------------ operations
+
+    def op_load(self, event: dict[str, Any]) -> dict[str, Any]:
+        """``{"op": "load", "shards": [...], "models": [...]}``: see :meth:`load`."""
+        shards = event.get("shards")
+        if not isinstance(shards, list):
+            raise ValidationError("load needs 'shards': a list of shard keys")
+        models = event.get("models")
+        if models is not None and not isinstance(models, list):
+            raise ValidationError("load's 'models' must be a list of shard keys")
+        return self.load(shards, models)
+
+    def op_run(self, event: dict[str, Any]) -> dict[str, Any]:
+        """``{"op": "run", "workload", "job", "round" | "rounds", "params"}``: see :meth:`run`."""
+        return self.run(event)
+
+    def op_stats(self, event: dict[str, Any]) -> dict[str, Any]:
+        """``{"op": "stats"}``: see :meth:`stats`."""
+        return self.stats()
+
+    def op_evict(self, event: dict[str, Any]) -> dict[str, Any]:
+        """``{"op": "evict", "shards": [...]}`` or ``{"op": "evict", "all": true}``."""
+        return self.evict(event)
+
+    def op_ping(self, event: dict[str, Any]) -> dict[str, Any]:
+        """``{"op": "ping"}``: keeps the instance warm and says which node it is."""
+        return {"ok": True, "node": self.node_index, "invocations": self.invocations}
+
     def handle(self, event: Any) -> dict[str, Any]:
-        """Dispatch one JSON event; caller errors are returned, not raised."""
+        """Dispatch one JSON event through the op table; caller errors are returned, not
+        raised."""
         self.invocations += 1
         try:
             if not isinstance(event, dict):
                 raise ValidationError("a cache-node event must be a JSON object")
             op = event.get("op")
-            if op == "ping":
-                return {"ok": True, "node": self.node_index, "invocations": self.invocations}
-            if op == "load":
-                shards = event.get("shards")
-                if not isinstance(shards, list):
-                    raise ValidationError("load needs 'shards': a list of shard keys")
-                models = event.get("models")
-                if models is not None and not isinstance(models, list):
-                    raise ValidationError("load's 'models' must be a list of shard keys")
-                return self.load(shards, models)
-            if op == "run":
-                return self.run(event)
-            if op == "stats":
-                return self.stats()
-            if op == "evict":
-                return self.evict(event)
-            raise ValidationError(f"unknown op {op!r}: use load, run, stats, evict or ping")
+            # an op that is not a string (a list, say) is unknown too, not a crash
+            operation = self.ops.get(op) if isinstance(op, str) else None
+            if operation is None:
+                names = list(self.ops)
+                raise ValidationError(
+                    f"unknown op {op!r}: use {', '.join(names[:-1])} or {names[-1]}"
+                )
+            return operation(event)
         except FLStoreError as exc:
             return {**exc.to_dict(), "status": exc.status}

@@ -1,0 +1,88 @@
+"""What a ``round``-class workload run answers, and the model results it stores in ``results/``.
+
+Cache nodes and the aggregator baselines run round workloads through
+:func:`run_round_workload`, so both answer the same JSON and write a model result to the same
+deterministic key (:func:`result_key`): the same request writes the same object, whichever
+system ran it and however often.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from flstore_core.cache.round_data import RoundData
+from flstore_core.data import layout
+from flstore_core.data.codec import Update, encode_update
+from flstore_core.data.rows import unflatten
+from flstore_core.storage.object_store import ObjectStore
+from flstore_core.workloads import Workload, WorkloadResult
+
+
+def result_key(workload: str, data: RoundData, params: dict[str, Any]) -> str:
+    """Deterministic key of a model result: the same request writes the same object."""
+    ident = json.dumps(
+        {"params": params, "clients": data.sha256 or data.clients}, sort_keys=True
+    ).encode()
+    digest = hashlib.sha256(ident).hexdigest()[:16]
+    return f"{layout.results_prefix(data.job, workload, data.round)}{digest}.safetensors.zst"
+
+
+def store_model(
+    store: ObjectStore,
+    workload: str,
+    data: RoundData,
+    params: dict[str, Any],
+    model: Any,
+    written: set[str] | None = None,
+) -> str:
+    """Write a model result in the canonical update format; returns its key.
+
+    The key is a function of the workload, its params and the round's content, so the object
+    is the same every time: a caller that remembers what it wrote (``written``) skips the
+    encode-and-PUT of a model that is already in S3.
+    """
+    key = result_key(workload, data, params)
+    if written is not None and key in written:
+        return key
+    if callable(model):
+        model = model()
+    update = Update(
+        unflatten(model, data.specs),
+        num_examples=int(data.num_examples.sum()),
+        metrics={"workload": workload},
+        job=data.job,
+        round=data.round,
+        kind="global",
+    )
+    store.put_result(key, encode_update(update).data, "application/octet-stream")
+    if written is not None:
+        written.add(key)
+    return key
+
+
+def finish(
+    store: ObjectStore,
+    workload: Workload,
+    data: RoundData,
+    params: dict[str, Any],
+    out: WorkloadResult,
+    written: set[str] | None = None,
+) -> dict[str, Any]:
+    """The JSON result of a workload run, with its model (if any) stored and keyed."""
+    result = dict(out.result)
+    if out.model is not None:
+        result["model_key"] = store_model(store, workload.name, data, params, out.model, written)
+    return result
+
+
+def run_round_workload(
+    store: ObjectStore,
+    workload: Workload,
+    data: RoundData,
+    params: dict[str, Any],
+    written: set[str] | None = None,
+) -> dict[str, Any]:
+    """Run a ``round``-class workload on a round: the code path nodes and baselines share."""
+    return finish(store, workload, data, params, workload.run(data, params), written)

@@ -1,0 +1,124 @@
+"""The cache node's op table: every op reaches its method, argument errors are typed answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from flstore_core.cache.node import CacheNode
+from flstore_core.storage.object_store import ObjectStore
+
+OPS = ["load", "run", "stats", "evict", "ping"]
+UNKNOWN = "use load, run, stats, evict or ping"
+
+
+@pytest.fixture
+def node(store: ObjectStore) -> CacheNode:
+    return CacheNode(store, budget_bytes=10**6, node_index=3)
+
+
+class RecordingNode(CacheNode):
+    """A node whose op methods only record that they were called."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        super().__init__(store, budget_bytes=10**6, node_index=0)
+        self.called: list[tuple[str, dict[str, Any]]] = []
+
+    def _record(self, op: str, event: dict[str, Any]) -> dict[str, Any]:
+        self.called.append((op, event))
+        return {"op": op}
+
+    def op_load(self, event: dict[str, Any]) -> dict[str, Any]:
+        return self._record("load", event)
+
+    def op_run(self, event: dict[str, Any]) -> dict[str, Any]:
+        return self._record("run", event)
+
+    def op_stats(self, event: dict[str, Any]) -> dict[str, Any]:
+        return self._record("stats", event)
+
+    def op_evict(self, event: dict[str, Any]) -> dict[str, Any]:
+        return self._record("evict", event)
+
+    def op_ping(self, event: dict[str, Any]) -> dict[str, Any]:
+        return self._record("ping", event)
+
+
+def test_the_table_holds_exactly_the_five_ops_in_order(node: CacheNode) -> None:
+    assert list(node.ops) == OPS
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_each_op_is_routed_to_its_method(store: ObjectStore, op: str) -> None:
+    node = RecordingNode(store)
+    event = {"op": op, "extra": 1}
+    assert node.handle(event) == {"op": op}
+    assert node.called == [(op, event)]
+
+
+def test_an_unknown_op_is_a_400_listing_the_ops(node: CacheNode) -> None:
+    answer = node.handle({"op": "nope"})
+    assert answer["status"] == 400
+    assert answer["error"]["message"] == f"unknown op 'nope': {UNKNOWN}"
+
+
+def test_a_missing_op_is_unknown(node: CacheNode) -> None:
+    answer = node.handle({"shards": []})
+    assert answer["status"] == 400
+    assert answer["error"]["message"] == f"unknown op None: {UNKNOWN}"
+
+
+def test_an_op_that_is_not_a_string_is_unknown_not_a_crash(node: CacheNode) -> None:
+    answer = node.handle({"op": ["run"]})
+    assert answer["status"] == 400
+    assert answer["error"]["message"] == f"unknown op ['run']: {UNKNOWN}"
+
+
+def test_an_event_that_is_not_an_object_is_a_400(node: CacheNode) -> None:
+    answer = node.handle(["ping"])
+    assert answer["status"] == 400
+    assert "JSON object" in answer["error"]["message"]
+
+
+def test_ping_says_which_node_and_counts_invocations(node: CacheNode) -> None:
+    node.handle({"op": "nope"})
+    assert node.handle({"op": "ping"}) == {"ok": True, "node": 3, "invocations": 2}
+
+
+def test_stats_answers_the_node_stats(node: CacheNode) -> None:
+    stats = node.handle({"op": "stats"})
+    assert stats["node"] == 3 and stats["budget_bytes"] == 10**6 and stats["shards"] == []
+
+
+def test_evict_answers_what_it_dropped(node: CacheNode) -> None:
+    assert node.handle({"op": "evict", "all": True}) == {"evicted": []}
+    assert node.handle({"op": "evict", "shards": ["j/round/0"]}) == {"evicted": []}
+
+
+def test_load_of_nothing_loads_nothing(node: CacheNode) -> None:
+    assert node.handle({"op": "load", "shards": []}) == {"loaded": [], "already": [], "failed": {}}
+
+
+@pytest.mark.parametrize(
+    ("event", "message"),
+    [
+        ({"op": "load"}, "load needs 'shards': a list of shard keys"),
+        ({"op": "load", "shards": "j/round/0"}, "load needs 'shards': a list of shard keys"),
+        (
+            {"op": "load", "shards": [], "models": "j/round/0"},
+            "load's 'models' must be a list of shard keys",
+        ),
+        ({"op": "load", "shards": ["j/nope/0"]}, "bad shard key 'j/nope/0'"),
+    ],
+)
+def test_load_checks_its_arguments(node: CacheNode, event: dict[str, Any], message: str) -> None:
+    answer = node.handle(event)
+    assert answer["status"] == 400 and answer["error"]["message"].startswith(message)
+
+
+def test_run_checks_the_workload_and_job(node: CacheNode) -> None:
+    unknown_workload = {"op": "run", "workload": "nope", "job": "j", "round": 0}
+    bad_job = {"op": "run", "workload": "fedavg", "job": "J!", "round": 0}
+    assert node.handle(unknown_workload)["status"] == 404
+    assert node.handle(bad_job)["status"] == 400
