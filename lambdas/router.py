@@ -16,7 +16,8 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
 
 from flstore_core.errors import FLStoreError, NotFoundError, PayloadTooLargeError
-from flstore_core.routing.router import MAX_BODY_BYTES, Router
+from flstore_core.routing.request_body import MAX_BODY_BYTES
+from flstore_core.routing.router import Router
 
 logger = Logger(service="flstore-router")
 

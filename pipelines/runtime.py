@@ -134,7 +134,8 @@ class PrefetchTarget:
         used (``prefetch``), so it carries no tokens."""
         from flstore_core.aws import lambda_client
         from flstore_core.routing.auth import TokenTable
-        from flstore_core.routing.router import NodeInvoker, Router, RouterConfig
+        from flstore_core.routing.invoker import NodeInvoker
+        from flstore_core.routing.router import Router, RouterConfig
 
         return Router(
             store,

@@ -19,14 +19,10 @@ from moto import mock_aws
 
 from flstore_core.data.manifest import JobSpec
 from flstore_core.routing.auth import TokenTable
+from flstore_core.routing.invoker import NodeAnswer, NodeFailure
 from flstore_core.routing.placement import node_name, rank_nodes, round_shard
-from flstore_core.routing.router import (
-    MAX_BODY_BYTES,
-    NodeAnswer,
-    NodeFailure,
-    Router,
-    RouterConfig,
-)
+from flstore_core.routing.request_body import MAX_BODY_BYTES
+from flstore_core.routing.router import Router, RouterConfig
 from flstore_core.storage.object_store import ObjectStore
 from lambdas.router import build_app, handle
 

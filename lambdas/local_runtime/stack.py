@@ -19,8 +19,9 @@ from flstore_core import config
 from flstore_core.aws import lambda_client
 from flstore_core.cache.node import BUDGET_SHARE
 from flstore_core.routing.auth import TokenTable, new_token
+from flstore_core.routing.invoker import NodeInvoker
 from flstore_core.routing.placement import node_name
-from flstore_core.routing.router import NodeInvoker, Router, RouterConfig
+from flstore_core.routing.router import Router, RouterConfig
 from flstore_core.storage.object_store import ObjectStore
 from lambdas.local_runtime.gateway import LocalGateway
 from lambdas.local_runtime.lambda_endpoint import FunctionSpec, LocalLambda
