@@ -52,6 +52,8 @@ from flstore_core.workloads.summaries import (
     stream_scores,
 )
 from pipelines.ingest import beam_options, read_counters, store_target
+from pipelines.metrics import counter
+from pipelines.prefetch import PrefetchOwners
 from pipelines.records import CommittedRound
 from pipelines.runtime import (
     PrefetchTarget,
@@ -62,7 +64,6 @@ from pipelines.runtime import (
     new_run_id,
     report,
 )
-from pipelines.transforms import PrefetchOwners, counter
 
 if TYPE_CHECKING:
     from flstore_core.routing.router import Router

@@ -29,6 +29,9 @@ from pipelines.records import RawHeader
 
 HEADER_PROBE = 64 * 1024
 DATA_BUFFER = 16 * 1024 * 1024
+# the data of an accepted file is parsed with these: the pipeline checks values itself, so that
+# NaN/Inf get their own dead-letter code
+LIMITS_NONFINITE_OK = CodecLimits(allow_nonfinite=True)
 _GLOB = set("*?[")
 
 

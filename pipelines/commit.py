@@ -1,0 +1,143 @@
+# mypy: disallow-untyped-calls=False
+# (Apache Beam's transforms and filesystems are not annotated)
+"""Committing rounds: the stored updates of each ``(job, round)``, their summaries (two threaded
+passes that re-read the files; why, in :mod:`pipelines.transforms`) and the manifest."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import apache_beam as beam
+from apache_beam import pvalue
+
+from flstore_core.data.codec import parse_safetensors
+from flstore_core.data.manifest import RoundManifest
+from flstore_core.data.rows import base_vector, flat_parts
+from flstore_core.workloads.summaries import INGEST_SUMMARIES, stream_scores
+from pipelines.ingest_config import IngestFn, IngestStep
+from pipelines.metrics import COMMITTED_PREFIX, counter
+from pipelines.records import CommittedRound, RoundKey, StoredUpdate
+from pipelines.runtime import ProgressEvent, report
+from pipelines.sources import LIMITS_NONFINITE_OK, RawFileReader
+from pipelines.validate import manifest_or_none
+
+
+class SummarizeAndCommitFn(IngestFn):
+    """Summaries (two passes over the round's files) and the commit of one round."""
+
+    def setup(self) -> None:
+        self.store = self.config.store.store()
+        self._readers = threading.local()
+        self.rounds = counter("rounds_committed")
+        self.manifests = counter("manifests_written")
+
+    def _reader(self) -> RawFileReader:
+        # Beam's S3 client keeps one download stream: one reader per summary thread
+        reader: RawFileReader | None = getattr(self._readers, "reader", None)
+        if reader is None:
+            reader = self._readers.reader = RawFileReader(self.config.s3_options)
+        return reader
+
+    def process(
+        self, element: tuple[RoundKey, Iterable[StoredUpdate]], models: Any
+    ) -> Iterator[CommittedRound]:
+        (job, round_), group = element
+        stored = sorted(group, key=lambda s: s.client)
+        if not stored:
+            return
+        existing = manifest_or_none(self.store, job, round_)
+        summaries = None
+        if self.config.summarize and self._needs_summaries(stored, existing):
+            summaries = self._summaries(job, round_, stored, existing)
+        puts = self.store.puts
+        manifest = self.store.commit_round(
+            job,
+            round_,
+            [s.entry for s in stored],
+            summaries=summaries,
+            specs={s.client: s.specs for s in stored},
+        )
+        written = self.store.puts > puts
+        self.rounds.inc()
+        if written:
+            self.manifests.inc()
+        counter(f"{COMMITTED_PREFIX}{job}/{round_}").inc()
+        report(self.config.run_id, ProgressEvent("committed", detail=f"{job}/{round_}"))
+        yield CommittedRound(
+            job,
+            round_,
+            tuple(manifest.clients),
+            manifest.stored_bytes,
+            written,
+            summaries is not None,
+        )
+
+    def _needs_summaries(self, stored: list[StoredUpdate], existing: RoundManifest | None) -> bool:
+        """Recompute unless the committed round already has every client with summaries: the
+        scores depend on the whole round, so a changed membership changes every client's."""
+        if existing is None:
+            return True
+        if {s.client for s in stored} - set(existing.updates):
+            return True
+        return any(
+            name not in e.summary for e in existing.updates.values() for name in INGEST_SUMMARIES
+        )
+
+    def _summaries(
+        self,
+        job: str,
+        round_: int,
+        stored: list[StoredUpdate],
+        existing: RoundManifest | None,
+    ) -> dict[str, dict[str, float]]:
+        reference = existing.tensors if existing else stored[0].reference
+        # clients committed earlier and not in this run belong to the round too: read from S3
+        others = sorted(set(existing.updates) - {s.client for s in stored}) if existing else []
+        clients = [s.client for s in stored] + others
+
+        def load(i: int) -> list[Any]:
+            if i < len(stored):
+                # validated when it was stored: parse only
+                raw = self._reader().read(stored[i].path)
+                tensors = parse_safetensors(raw, LIMITS_NONFINITE_OK).tensors
+            else:
+                tensors = self.store.get_update(job, round_, clients[i]).tensors
+            return flat_parts(tensors, reference)
+
+        base = base_vector(self.store.get_base(job, round_), reference)
+        # one read per update when the round fits the budget (a typical round does), two else
+        size = sum(s.entry.raw_bytes for s in stored) + sum(
+            existing.updates[c].raw_bytes for c in others if existing
+        )
+        scores = stream_scores(
+            clients,
+            load,
+            reference,
+            base,
+            self.config.summary_threads,
+            keep=size <= self.config.summary_memory_bytes,
+        )
+        return scores.summaries(INGEST_SUMMARIES)
+
+    def teardown(self) -> None:
+        self.store.close()
+
+
+class CommitRounds(IngestStep):
+    """Group stored updates by ``(job, round)``, summarize and commit each round.
+
+    Input: ``(stored, models)``; ``models`` is a side input only so that a run's global and
+    initial models are stored before any round looks for its base.
+    """
+
+    def expand(self, inputs: tuple[Any, Any]) -> Any:
+        stored, models = inputs
+        return (
+            stored
+            | "KeyByRound" >> beam.Map(lambda s: (s.key, s))
+            | "GroupByRound" >> beam.GroupByKey()
+            | "SummarizeAndCommit"
+            >> beam.ParDo(SummarizeAndCommitFn(self.config), pvalue.AsList(models))
+        )

@@ -1,0 +1,175 @@
+# mypy: disallow-untyped-calls=False
+# (Apache Beam's transforms and filesystems are not annotated)
+"""Reading raw update files and validating them from their headers alone, file by file and then
+round by round, so that a file is rejected before any of its data is read or stored (the step's
+rules are in :mod:`pipelines.transforms`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
+
+from flstore_core.data.codec import TensorSpec
+from flstore_core.data.manifest import RoundManifest
+from flstore_core.errors import (
+    DuplicateClientError,
+    FLStoreError,
+    MismatchError,
+    NotFoundError,
+    PrecisionConflictError,
+    ValidationError,
+)
+from flstore_core.storage.commit import check_agreement
+from flstore_core.storage.object_store import ObjectStore
+from pipelines.deadletters import DEAD, dead_letter, reject
+from pipelines.ingest_config import IngestFn, IngestStep
+from pipelines.metrics import counter
+from pipelines.records import PlannedUpdate, RawHeader, RoundKey
+from pipelines.runtime import ProgressEvent, ensure_job_spec, report
+from pipelines.sources import RawFileReader
+
+MODELS = "models"  # the output tag of global and initial model headers
+
+
+class ReadRawUpdates(beam.PTransform[Any, Any]):
+    """Match raw update files and open them through Beam's filesystems."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = pattern
+
+    def expand(self, pbegin: Any) -> Any:
+        return (
+            pbegin
+            | "Match" >> fileio.MatchFiles(self.pattern)
+            # spread the (cheap) header reads over workers: the match yields from one element
+            | "Spread" >> beam.Reshuffle()
+            | "Open" >> fileio.ReadMatches(compression=CompressionTypes.UNCOMPRESSED)
+        )
+
+
+class ReadHeaderFn(IngestFn):
+    """Header-level checks; update headers keyed by round, model headers aside."""
+
+    def setup(self) -> None:
+        self.reader = RawFileReader(self.config.s3_options)
+        self.matched = counter("files_matched")
+        self.rejected = counter("deadletters")
+
+    def process(self, readable: Any) -> Iterator[Any]:
+        path = str(readable.metadata.path)
+        size = int(readable.metadata.size_in_bytes)
+        self.matched.inc()
+        report(self.config.run_id, ProgressEvent("header", detail=path))
+        try:
+            header = self.reader.header(path, size, self.config.job)
+        except (FLStoreError, OSError) as exc:
+            yield reject(
+                self.config.run_id,
+                self.rejected,
+                dead_letter(exc, path, "header", self.config.job),
+            )
+            return
+        if header.kind == "update":
+            yield (header.key, header)
+        else:
+            yield pvalue.TaggedOutput(MODELS, header)
+
+    def teardown(self) -> None:
+        self.reader.close()
+
+
+def majority_specs(headers: Sequence[RawHeader]) -> tuple[TensorSpec, ...]:
+    """The tensor specs most files agree on; on a tie, those of the first file by path."""
+    counts: dict[tuple[TensorSpec, ...], int] = {}
+    first: dict[tuple[TensorSpec, ...], int] = {}
+    for i, h in enumerate(headers):
+        counts[h.specs] = counts.get(h.specs, 0) + 1
+        first.setdefault(h.specs, i)
+    return max(counts, key=lambda s: (counts[s], -first[s]))
+
+
+def manifest_or_none(store: ObjectStore, job: str, round_: int) -> RoundManifest | None:
+    """The round's committed manifest, or ``None`` while the round is not committed."""
+    try:
+        return store.get_manifest(job, round_)
+    except NotFoundError:
+        return None
+
+
+class CheckRoundFn(IngestFn):
+    """Round-level checks on one ``(job, round)`` group of headers: the job's precision,
+    duplicate clients, and agreement of names, shapes and dtypes."""
+
+    def setup(self) -> None:
+        self.store = self.config.store.store()
+        self.rejected = counter("deadletters")
+
+    def process(self, element: tuple[RoundKey, Iterable[RawHeader]]) -> Iterator[Any]:
+        (job, round_), group = element
+        headers = sorted(group, key=lambda h: h.path)
+        try:
+            spec = ensure_job_spec(self.store, job, self.config.precision)
+            manifest = manifest_or_none(self.store, job, round_)
+        except ValidationError as exc:
+            clash = PrecisionConflictError(exc.message)
+            for h in headers:
+                letter = dead_letter(clash, h.path, "round", job, round_, h.client)
+                yield reject(self.config.run_id, self.rejected, letter)
+            return
+        kept: dict[str, RawHeader] = {}
+        for h in headers:
+            assert h.client is not None
+            if h.client in kept:
+                err = DuplicateClientError(
+                    f"client {h.client!r} of round {round_} also comes from {kept[h.client].path}"
+                )
+                letter = dead_letter(err, h.path, "round", job, round_, h.client)
+                yield reject(self.config.run_id, self.rejected, letter)
+            else:
+                kept[h.client] = h
+        reference = manifest.tensors if manifest else majority_specs(list(kept.values()))
+        for client, h in kept.items():
+            try:
+                check_agreement(reference, h.specs, client)
+            except MismatchError as exc:
+                letter = dead_letter(exc, h.path, "round", job, round_, client)
+                yield reject(self.config.run_id, self.rejected, letter)
+                continue
+            yield PlannedUpdate(
+                path=h.path,
+                size=h.size,
+                job=job,
+                round=round_,
+                client=client,
+                reference=tuple(reference),
+                precision=spec.precision,
+                committed=manifest is not None,
+            )
+
+    def teardown(self) -> None:
+        self.store.close()
+
+
+class ValidateUpdates(IngestStep):
+    """Header and round-level validation; outputs ``updates`` (accepted client updates, spread
+    over workers), ``models`` (global/initial headers) and ``dead``."""
+
+    def expand(self, files: Any) -> dict[str, Any]:
+        headers = files | "ReadHeaders" >> beam.ParDo(ReadHeaderFn(self.config)).with_outputs(
+            DEAD, MODELS, main="updates"
+        )
+        checked = (
+            headers.updates
+            | "GroupByRound" >> beam.GroupByKey()
+            | "CheckRounds"
+            >> beam.ParDo(CheckRoundFn(self.config)).with_outputs(DEAD, main="planned")
+        )
+        dead = (headers[DEAD], checked[DEAD]) | "Rejected" >> beam.Flatten()
+        updates = checked.planned | "Spread" >> beam.Reshuffle()
+        return {"updates": updates, "models": headers[MODELS], "dead": dead}
