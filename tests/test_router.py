@@ -1,0 +1,358 @@
+"""The router's planning, failover, scatter-gather, prefetch and answers, with fake cache nodes.
+
+S3 is moto in process and the cache nodes are a scripted invoker that records every call, so each
+test runs in milliseconds and sleeps nowhere (the failover policy's sleep is injected).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, cast
+
+import pytest
+from moto import mock_aws
+
+from flstore_core.cost import DEFAULT_PRICES, Invocation, flstore_request_cost
+from flstore_core.data import layout
+from flstore_core.data.manifest import JobSpec
+from flstore_core.errors import NotFoundError, UnavailableError, ValidationError
+from flstore_core.routing.auth import TokenTable
+from flstore_core.routing.failover import FailoverPolicy
+from flstore_core.routing.invoker import NodeAnswer, NodeFailure, NodeInvoker, NodeThrottled
+from flstore_core.routing.placement import (
+    ShardKey,
+    client_shard,
+    meta_shard,
+    node_name,
+    place_shard,
+    rank_nodes,
+    round_shard,
+)
+from flstore_core.routing.router import Router, RouterConfig
+from flstore_core.storage.object_store import ObjectStore
+
+JOB = "demo"
+TOKEN = "fls_router-tests"
+AUTH = f"Bearer {TOKEN}"
+NODES = 5
+PREFIX = "fl"
+BILLED_MS = 12.0
+MEMORY_MB = 1024
+RESULT = {"selected": ["c0", "c2"], "scores": {"c0": 0.9, "c1": 0.1, "c2": 0.8}}
+
+Reply = Callable[[str, dict[str, Any]], dict[str, Any]]
+
+
+class FakeNodes:
+    """Stands in for :class:`NodeInvoker`: answers from ``reply(function, event)``, which may
+    raise :class:`NodeFailure` or :class:`NodeThrottled`; records every ``(function, event)``."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def invoke(self, function: str, event: Mapping[str, Any]) -> NodeAnswer:
+        self.calls.append((function, dict(event)))
+        return NodeAnswer(function, self.reply(function, dict(event)), BILLED_MS, MEMORY_MB)
+
+    @property
+    def functions(self) -> list[str]:
+        return [function for function, _ in self.calls]
+
+
+def hit(function: str, event: dict[str, Any]) -> dict[str, Any]:
+    return {"result": RESULT, "cache": "hit", "s3_gets": 0, "timing_ms": {"load": 0.1}}
+
+
+def down(function: str, event: dict[str, Any]) -> dict[str, Any]:
+    raise NodeFailure(f"{function}: Unhandled")
+
+
+def ranked_functions(shard: ShardKey) -> list[str]:
+    return [node_name(PREFIX, i) for i in rank_nodes(str(shard), NODES)]
+
+
+@pytest.fixture(scope="module")
+def store() -> Iterator[ObjectStore]:
+    """An object store on moto's in-process S3 holding one declared job."""
+    with mock_aws():
+        st = ObjectStore("router-tests")
+        st.ensure_bucket()
+        st.put_job_spec(JobSpec(job=JOB))
+        yield st
+        st.close()
+
+
+@pytest.fixture
+def sleeps() -> list[float]:
+    return []
+
+
+MakeRouter = Callable[..., tuple[Router, FakeNodes]]
+
+
+@pytest.fixture
+def make_router(store: ObjectStore, sleeps: list[float]) -> MakeRouter:
+    """Build a router over ``store`` and fake nodes answering with ``reply``; ``config`` are
+    :class:`RouterConfig` fields. The failover policy records its sleeps in ``sleeps``."""
+
+    def make(reply: Reply = hit, **config: Any) -> tuple[Router, FakeNodes]:
+        nodes = FakeNodes(reply)
+        settings = RouterConfig(prefix=PREFIX, nodes=NODES, replication=2, **config)
+        policy = FailoverPolicy(
+            max_attempts=settings.max_attempts,
+            throttle_passes=settings.throttle_passes,
+            sleep=sleeps.append,
+        )
+        router = Router(
+            store,
+            cast(NodeInvoker, nodes),  # duck-typed: the router only calls invoke()
+            TokenTable.with_tokens({TOKEN: ["*"]}),
+            settings,
+            failover=policy,
+        )
+        return router, nodes
+
+    return make
+
+
+def run(router: Router, workload: str = "cosine_select", **body: Any) -> dict[str, Any]:
+    return router.run(AUTH, JOB, workload, json.dumps(body or {"round": 1}))
+
+
+# ---------------------------------------------------------------------- planning and failover
+
+
+def test_the_config_feeds_the_default_failover_policy(store: ObjectStore) -> None:
+    router = Router(
+        store,
+        cast(NodeInvoker, FakeNodes(hit)),
+        TokenTable.with_tokens({TOKEN: ["*"]}),
+        RouterConfig(max_attempts=2, throttle_passes=5),
+    )
+    assert router.failover == FailoverPolicy(max_attempts=2, throttle_passes=5)
+
+
+def test_a_round_request_goes_to_the_shards_primary_first(make_router: MakeRouter) -> None:
+    router, nodes = make_router()
+    answer = run(router, round=1)
+    primary = ranked_functions(round_shard(JOB, 1))[0]
+    assert nodes.calls == [
+        (
+            primary,
+            {
+                "op": "run",
+                "workload": "cosine_select",
+                "job": JOB,
+                "params": {"k": 3, "use_delta": True},
+                "round": 1,
+            },
+        )
+    ]
+    assert answer["result"] == RESULT and answer["meta"]["nodes"] == [primary]
+
+
+def test_replicas_are_tried_in_placement_order(make_router: MakeRouter) -> None:
+    router, nodes = make_router(down)
+    with pytest.raises(UnavailableError):
+        run(router, round=1)
+    ranking = ranked_functions(round_shard(JOB, 1))
+    assert nodes.functions == ranking[:4]
+    owners = [node_name(PREFIX, i) for i in place_shard(round_shard(JOB, 1), NODES, 2)]
+    assert nodes.functions[:2] == owners
+
+
+def test_a_failed_node_fails_over_to_the_next(make_router: MakeRouter) -> None:
+    ranking = ranked_functions(round_shard(JOB, 1))
+
+    def primary_down(function: str, event: dict[str, Any]) -> dict[str, Any]:
+        return down(function, event) if function == ranking[0] else hit(function, event)
+
+    router, nodes = make_router(primary_down)
+    answer = run(router, round=1)
+    assert nodes.functions == ranking[:2]
+    assert answer["meta"]["nodes"] == ranking[:2] and answer["result"] == RESULT
+
+
+def test_a_throttled_pass_backs_off_then_tries_again(
+    make_router: MakeRouter, sleeps: list[float]
+) -> None:
+    ranking = ranked_functions(round_shard(JOB, 1))
+    busy = {"left": 1}
+
+    def primary_busy_once(function: str, event: dict[str, Any]) -> dict[str, Any]:
+        if function == ranking[0] and busy["left"]:
+            busy["left"] -= 1
+            raise NodeThrottled(f"{function}: throttled")
+        if function != ranking[0]:
+            return down(function, event)
+        return hit(function, event)
+
+    router, nodes = make_router(primary_busy_once)
+    answer = run(router, round=1)
+    assert nodes.functions == [*ranking[:4], ranking[0]]
+    assert answer["meta"]["nodes"] == nodes.functions
+    assert sleeps == [0.05]
+
+
+def test_a_nodes_caller_error_is_final(make_router: MakeRouter) -> None:
+    def not_committed(function: str, event: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "error": {"code": "not_found", "message": "round 9 is not committed"},
+            "status": 404,
+        }
+
+    router, nodes = make_router(not_committed)
+    with pytest.raises(NotFoundError, match="round 9 is not committed"):
+        run(router, round=9)
+    assert len(nodes.calls) == 1
+
+
+def test_503_after_max_attempts(make_router: MakeRouter, sleeps: list[float]) -> None:
+    router, nodes = make_router(down, max_attempts=3)
+    with pytest.raises(UnavailableError) as err:
+        run(router, round=1)
+    assert err.value.status == 503 and len(nodes.calls) == 3
+    assert f"shard {round_shard(JOB, 1)}" in err.value.message
+    assert sleeps == []
+
+
+def test_nothing_is_invoked_for_a_request_that_fails_validation(make_router: MakeRouter) -> None:
+    router, nodes = make_router()
+    with pytest.raises(ValidationError):
+        run(router, round=1, params={"k": 0})
+    assert nodes.calls == []
+
+
+# ---------------------------------------------------------------------- classes of workload
+
+
+def test_a_meta_request_goes_to_the_meta_shard_with_its_rounds(make_router: MakeRouter) -> None:
+    router, nodes = make_router()
+    answer = router.run(AUTH, JOB, "oort_select", json.dumps({"rounds": [0, 2]}))
+    function, event = nodes.calls[0]
+    assert function == ranked_functions(meta_shard(JOB))[0]
+    assert event["rounds"] == [0, 2] and "round" not in event
+    assert answer["round"] is None
+
+
+def client_replies(hit_clients: set[str]) -> Reply:
+    """A node answering a reputation partial: one series point per client it was sent."""
+
+    def reply(function: str, event: dict[str, Any]) -> dict[str, Any]:
+        members = event["clients"]
+        return {
+            "result": {
+                "per_client": {
+                    c: {"series": [[0, int(c[1:]) / 10]], "missing": []} for c in members
+                }
+            },
+            "cache": "hit" if set(members) <= hit_clients else "miss",
+            "s3_gets": 0 if set(members) <= hit_clients else len(members),
+        }
+
+    return reply
+
+
+def test_client_requests_are_grouped_by_owner_node_and_merged(make_router: MakeRouter) -> None:
+    clients = [f"c{i}" for i in range(8)]
+    router, nodes = make_router(client_replies(set()))
+    answer = router.run(AUTH, JOB, "reputation", json.dumps({"params": {"clients": clients}}))
+    expected: dict[str, list[str]] = {}
+    for c in clients:
+        owner = ranked_functions(client_shard(JOB, c))[0]
+        expected.setdefault(owner, []).append(c)
+    assert {f: e["clients"] for f, e in nodes.calls} == expected
+    assert len(nodes.calls) == len(expected)
+    values = answer["result"]["values"]
+    assert values == {c: int(c[1:]) / 10 for c in clients}
+    assert answer["result"]["selected"] == sorted(clients, key=lambda c: -int(c[1:]))
+    assert sorted(answer["meta"]["nodes"]) == sorted(expected)
+    assert answer["meta"]["s3_gets"] == len(clients)
+
+
+def test_client_groups_that_disagree_on_the_cache_state_are_partial(
+    make_router: MakeRouter,
+) -> None:
+    clients = [f"c{i}" for i in range(8)]
+    first_group_owner = ranked_functions(client_shard(JOB, "c0"))[0]
+    warm = {c for c in clients if ranked_functions(client_shard(JOB, c))[0] == first_group_owner}
+    assert warm != set(clients)  # the eight clients span more than one node
+    router, _ = make_router(client_replies(warm))
+    answer = router.run(AUTH, JOB, "reputation", json.dumps({"params": {"clients": clients}}))
+    assert answer["meta"]["cache"] == "partial"
+
+
+# ---------------------------------------------------------------------- prefetch
+
+
+def test_prefetch_asks_every_owner_and_only_the_primary_writes_models(
+    make_router: MakeRouter,
+) -> None:
+    shards = [round_shard(JOB, 1), round_shard(JOB, 2), meta_shard(JOB)]
+    router, nodes = make_router(lambda f, e: {"loaded": e["shards"]})
+    answers = router.prefetch(shards)
+    want_shards: dict[str, list[str]] = {}
+    want_models: dict[str, list[str]] = {}
+    for shard in shards:
+        owners = [node_name(PREFIX, i) for i in place_shard(shard, NODES, 2)]
+        for owner in owners:
+            want_shards.setdefault(owner, []).append(str(shard))
+        want_models.setdefault(owners[0], []).append(str(shard))
+    assert {f: e["shards"] for f, e in nodes.calls} == want_shards
+    assert {f: e["models"] for f, e in nodes.calls} == {
+        f: want_models.get(f, []) for f in want_shards
+    }
+    assert all(e["op"] == "load" for _, e in nodes.calls)
+    assert answers == {f: {"loaded": s} for f, s in want_shards.items()}
+
+
+def test_prefetch_reports_a_node_that_did_not_answer(make_router: MakeRouter) -> None:
+    router, _ = make_router(down)
+    answers = router.prefetch([round_shard(JOB, 1)])
+    assert len(answers) == 2
+    assert all(a["error"]["code"] == "unavailable" for a in answers.values())
+
+
+# ---------------------------------------------------------------------- the answer
+
+
+def test_a_result_over_the_response_limit_is_offloaded_to_results(
+    make_router: MakeRouter, store: ObjectStore
+) -> None:
+    router, _ = make_router(response_limit=32)
+    answer = run(router, round=1)
+    body = json.dumps(RESULT, sort_keys=True).encode()
+    assert answer["result"]["bytes"] == len(body)
+    key = answer["result"]["result_key"]
+    assert key.startswith(layout.results_prefix(JOB, "cosine_select", 1))
+    assert json.loads(store.get_object(key)) == RESULT
+
+
+def test_a_result_within_the_limit_is_inline(make_router: MakeRouter) -> None:
+    router, _ = make_router()
+    assert run(router, round=1)["result"] == RESULT
+
+
+def test_the_answer_carries_the_nodes_the_cache_state_and_the_cost(make_router: MakeRouter) -> None:
+    ranking = ranked_functions(round_shard(JOB, 3))
+
+    def cold_replica(function: str, event: dict[str, Any]) -> dict[str, Any]:
+        if function == ranking[0]:
+            return down(function, event)
+        return {"result": RESULT, "cache": "miss", "s3_gets": 6, "timing_ms": {"load": 5.0}}
+
+    router, _ = make_router(cold_replica)
+    answer = run(router, round=3)
+    assert answer["job"] == JOB and answer["workload"] == "cosine_select" and answer["round"] == 3
+    meta = answer["meta"]
+    assert meta["nodes"] == ranking[:2]
+    assert meta["cache"] == "miss" and meta["s3_gets"] == 6
+    assert meta["node_timing_ms"] == {"load": 5.0}
+    # only the node that answered is billed
+    expected = flstore_request_cost(
+        [Invocation(ranking[1], BILLED_MS, MEMORY_MB)], s3_gets=6, prices=DEFAULT_PRICES
+    )
+    assert meta["cost_usd"] == expected.total
+    assert meta["latency_ms"] >= 0
