@@ -21,7 +21,6 @@ from pipelines.metrics import COMMITTED_PREFIX, counter
 from pipelines.records import CommittedRound, RoundKey, StoredUpdate
 from pipelines.runtime import ProgressEvent, report
 from pipelines.sources import LIMITS_NONFINITE_OK, RawFileReader
-from pipelines.validate import manifest_or_none
 
 
 class SummarizeAndCommitFn(IngestFn):
@@ -47,7 +46,7 @@ class SummarizeAndCommitFn(IngestFn):
         stored = sorted(group, key=lambda s: s.client)
         if not stored:
             return
-        existing = manifest_or_none(self.store, job, round_)
+        existing = self.store.find_manifest(job, round_)
         summaries = None
         if self.config.summarize and self._needs_summaries(stored, existing):
             summaries = self._summaries(job, round_, stored, existing)

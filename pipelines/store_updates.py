@@ -37,7 +37,6 @@ from pipelines.metrics import counter
 from pipelines.records import PlannedUpdate, RawHeader, RoundKey, StoredState, StoredUpdate
 from pipelines.runtime import ProgressEvent, ensure_job_spec, report
 from pipelines.sources import LIMITS_NONFINITE_OK, RawFileReader
-from pipelines.validate import manifest_or_none
 
 
 def _read_update(reader: RawFileReader, path: str, job: str | None) -> Update:
@@ -134,7 +133,7 @@ class EncodeAndStoreFn(_RawFileToStoreFn):
     def _store(self, p: PlannedUpdate, encoded: EncodedUpdate) -> tuple[UpdateEntry, StoredState]:
         if p.committed:
             if p.key not in self.manifests:
-                self.manifests[p.key] = manifest_or_none(self.store, p.job, p.round)
+                self.manifests[p.key] = self.store.find_manifest(p.job, p.round)
             old = committed_entry(self.manifests[p.key], p.client, encoded.sha256)
             if old is not None:
                 return old, "unchanged"

@@ -6,7 +6,7 @@ rules are in :mod:`pipelines.transforms`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
@@ -14,18 +14,14 @@ from apache_beam import pvalue
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 
-from flstore_core.data.codec import TensorSpec
-from flstore_core.data.manifest import RoundManifest
 from flstore_core.errors import (
     DuplicateClientError,
     FLStoreError,
     MismatchError,
-    NotFoundError,
     PrecisionConflictError,
     ValidationError,
 )
-from flstore_core.storage.commit import check_agreement
-from flstore_core.storage.object_store import ObjectStore
+from flstore_core.storage.commit import check_agreement, majority_specs
 from pipelines.deadletters import DEAD, dead_letter, reject
 from pipelines.ingest_config import IngestFn, IngestStep
 from pipelines.metrics import counter
@@ -84,24 +80,6 @@ class ReadHeaderFn(IngestFn):
         self.reader.close()
 
 
-def majority_specs(headers: Sequence[RawHeader]) -> tuple[TensorSpec, ...]:
-    """The tensor specs most files agree on; on a tie, those of the first file by path."""
-    counts: dict[tuple[TensorSpec, ...], int] = {}
-    first: dict[tuple[TensorSpec, ...], int] = {}
-    for i, h in enumerate(headers):
-        counts[h.specs] = counts.get(h.specs, 0) + 1
-        first.setdefault(h.specs, i)
-    return max(counts, key=lambda s: (counts[s], -first[s]))
-
-
-def manifest_or_none(store: ObjectStore, job: str, round_: int) -> RoundManifest | None:
-    """The round's committed manifest, or ``None`` while the round is not committed."""
-    try:
-        return store.get_manifest(job, round_)
-    except NotFoundError:
-        return None
-
-
 class CheckRoundFn(IngestFn):
     """Round-level checks on one ``(job, round)`` group of headers: the job's precision,
     duplicate clients, and agreement of names, shapes and dtypes."""
@@ -115,7 +93,7 @@ class CheckRoundFn(IngestFn):
         headers = sorted(group, key=lambda h: h.path)
         try:
             spec = ensure_job_spec(self.store, job, self.config.precision)
-            manifest = manifest_or_none(self.store, job, round_)
+            manifest = self.store.find_manifest(job, round_)
         except ValidationError as exc:
             clash = PrecisionConflictError(exc.message)
             for h in headers:
@@ -133,7 +111,13 @@ class CheckRoundFn(IngestFn):
                 yield reject(self.config.run_id, self.rejected, letter)
             else:
                 kept[h.client] = h
-        reference = manifest.tensors if manifest else majority_specs(list(kept.values()))
+        if manifest is not None:
+            reference = manifest.tensors
+        else:
+            # the commit rule's majority; ties go to the first file by path: ``kept`` is in path
+            # order, which stands in for the order the updates were written
+            order = {client: f"{i:08d}" for i, client in enumerate(kept)}
+            reference = majority_specs({c: h.specs for c, h in kept.items()}, order)
         for client, h in kept.items():
             try:
                 check_agreement(reference, h.specs, client)
