@@ -14,9 +14,9 @@ To make the comparison about the data path alone, the aggregator
   ``POST /v1/jobs/{job}/workloads/{name}`` with ``{"round", "params"}`` →
   ``{"job", "workload", "round", "result", "meta"}``, with the same typed ``{"error"}`` bodies;
 - builds the round exactly as a cache node does on a miss
-  (:func:`flstore_core.cache.node.load_round`
+  (:func:`flstore_core.cache.round_loading.load_round`
   over S3 with parallel GETs, or its mirror over Redis) and runs the workload through
-  :func:`flstore_core.cache.node.run_round_workload`, the code path nodes use, so a model
+  :func:`flstore_core.cache.results.run_round_workload`, the code path nodes use, so a model
   result is written to ``results/`` under the same deterministic key;
 - reports in ``meta`` its system, latency, cost (:func:`flstore_core.cost.objstore_agg_cost`,
   :func:`flstore_core.cost.cache_agg_cost`), the GETs it made and the fetch/compute split.

@@ -3,7 +3,7 @@
 The cache holds exactly what S3 holds — each update's compressed bytes, the round's manifest and
 its base model, under their S3 keys (:func:`populate_redis`) — so the baseline pays the same
 decoding as FLStore's cold path and differs only in where the bytes come from.
-:func:`load_round_from` mirrors :func:`flstore_core.cache.node.load_round` over any
+:func:`load_round_from` mirrors :func:`flstore_core.cache.round_loading.load_round` over any
 :class:`ByteSource`: the manifest first, then every update fetched and decoded straight into its
 row of one float32 matrix in parallel (checked against the manifest's sha256), the base model
 beside them, and the same :class:`~flstore_core.cache.round_data.RoundData`, so the workload
@@ -292,7 +292,8 @@ def load_round_from(
 ) -> RoundData:
     """Read a round (and its base model, when stored) from ``source`` into a :class:`RoundData`.
 
-    The same steps and checks as :func:`flstore_core.cache.node.load_round` over S3: a missing
+    The same steps and checks as :func:`flstore_core.cache.round_loading.load_round` over S3: a
+    missing
     manifest is a 404, every update is verified against the manifest's sha256 and tensor specs
     while it is decoded into its row, the base is used only when its tensors match the round's,
     and the job's spec (and, on first use, its validation set) come from ``source`` as the

@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -45,12 +45,28 @@ class NodeAnswer:
     memory_mb: int
 
 
+class Invoker(Protocol):
+    """What the router needs of whatever invokes cache nodes: one synchronous invocation.
+
+    :class:`NodeInvoker` is the boto3 one; tests pass a fake.
+    """
+
+    def invoke(self, function: str, event: Mapping[str, Any]) -> NodeAnswer:
+        """Invoke ``function`` with ``event``; raise :class:`NodeFailure` if it did not answer."""
+        ...
+
+
 class NodeInvoker:
     """Invokes cache-node functions through boto3 and reads back what they were billed."""
 
     def __init__(self, client: LambdaClient, default_memory_mb: int = 3008) -> None:
         self.client = client
         self.default_memory_mb = default_memory_mb
+
+    @property
+    def endpoint_url(self) -> str:
+        """The Lambda endpoint this invoker calls (AWS's regional one, or a local one)."""
+        return str(self.client.meta.endpoint_url)
 
     def invoke(self, function: str, event: Mapping[str, Any]) -> NodeAnswer:
         """Invoke ``function`` synchronously with ``event``; raise :class:`NodeFailure` if it

@@ -16,10 +16,9 @@ endpoint. For a request it
    state, the latency and the cost of the request; a result over the response limit is written
    to the job's ``results/`` prefix and replaced by its key.
 
-How a node is invoked lives in :mod:`flstore_core.routing.invoker` and how a request body is
-parsed in :mod:`flstore_core.routing.request_body`; their names (``NodeInvoker``, ``NodeAnswer``,
-``NodeFailure``, ``NodeThrottled``, ``parse_body``, ``MAX_BODY_BYTES``) are re-exported here for
-the importers of this module.
+How a node is invoked lives in :mod:`flstore_core.routing.invoker`, how a request body is
+parsed in :mod:`flstore_core.routing.request_body`, and how the router fails over between nodes
+in :mod:`flstore_core.routing.failover`.
 """
 
 from __future__ import annotations
@@ -41,10 +40,7 @@ from flstore_core.errors import NotFoundError, ValidationError, error_from_dict
 from flstore_core.ids import validate_client, validate_job, validate_round
 from flstore_core.routing.auth import TokenTable
 from flstore_core.routing.failover import Answered, FailoverPolicy
-from flstore_core.routing.invoker import NodeAnswer as NodeAnswer
-from flstore_core.routing.invoker import NodeFailure as NodeFailure
-from flstore_core.routing.invoker import NodeInvoker as NodeInvoker
-from flstore_core.routing.invoker import NodeThrottled as NodeThrottled
+from flstore_core.routing.invoker import Invoker, NodeAnswer, NodeFailure, NodeInvoker
 from flstore_core.routing.placement import (
     ShardKey,
     client_shard,
@@ -55,8 +51,7 @@ from flstore_core.routing.placement import (
     rank_nodes,
     round_shard,
 )
-from flstore_core.routing.request_body import MAX_BODY_BYTES as MAX_BODY_BYTES
-from flstore_core.routing.request_body import parse_body as parse_body
+from flstore_core.routing.request_body import parse_body
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import Workload, catalogue, get
 
@@ -104,7 +99,7 @@ class Router:
     def __init__(
         self,
         store: ObjectStore,
-        invoker: NodeInvoker,
+        invoker: Invoker,
         tokens: TokenTable,
         config: RouterConfig | None = None,
         prices: Prices = DEFAULT_PRICES,
