@@ -217,9 +217,7 @@ def test_unknown_job_and_unknown_round_are_told_apart(objstore_agg: Aggregator) 
 def test_redis_py_reader_gives_the_same_round(
     store: ObjectStore, redis_server: RedisServer, cache_agg: Aggregator
 ) -> None:
-    service = AggregatorService(
-        "redis", store.view(), RedisObjects(redis_server.url, "redis-py")
-    )
+    service = AggregatorService("redis", store.view(), RedisObjects(redis_server.url, "redis-py"))
     try:
         answer = service.run(JOB, "cosine_select", b'{"round": 1, "params": {"k": 3}}')
     finally:
