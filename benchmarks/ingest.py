@@ -30,12 +30,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import boto3
 import zstandard
-from botocore.config import Config
 
 from benchmarks.codec import resnet18_sized_update
 from benchmarks.report import interleave, parser, summarize, write_report
+from flstore_core.aws import s3_client
 from flstore_core.data import layout
 from flstore_core.data.codec import encode_update
 from flstore_core.data.rawfile import read_raw_update, write_raw_update
@@ -105,14 +104,7 @@ def prepare(workdir: Path, n: int, clients: int) -> tuple[list[Path], list[tuple
 
 
 def s3(url: str) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=url,
-        region_name="us-east-1",
-        aws_access_key_id="local",
-        aws_secret_access_key="local",
-        config=Config(s3={"addressing_style": "path"}, max_pool_connections=32),
-    )
+    return s3_client(url, max_pool=32)
 
 
 def empty(client: Any, bucket: str) -> None:

@@ -224,19 +224,13 @@ def workloads(url: str = URL, token: str = TOKEN) -> None:
 @app.command()
 def stats() -> None:
     """Per-node cache statistics of the local stack (hits, misses, loads, bytes, evictions)."""
-    import boto3
+    from flstore_core.aws import lambda_client
 
     if not STATE.exists():
         console.print("no local stack here: run `flstore local up` first")
         raise typer.Exit(1)
     state = json.loads(STATE.read_text())
-    client = boto3.client(
-        "lambda",
-        endpoint_url=state["lambda_endpoint"],
-        region_name="us-east-1",
-        aws_access_key_id="local",
-        aws_secret_access_key="local",
-    )
+    client = lambda_client(state["lambda_endpoint"], read_timeout=60)
     table = Table(title="cache nodes")
     cols = ("node", "shards", "hits", "misses", "loads", "evictions", "MB held", "S3 GETs")
     for col in cols:

@@ -23,6 +23,7 @@ import numpy.typing as npt
 
 from flstore_core import models
 from flstore_core.cache.round_data import RoundData
+from flstore_core.data.rows import flat_parts
 from flstore_core.errors import InvalidParamsError
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
 from flstore_core.workloads.accuracy_select import ValidationScorer
@@ -41,7 +42,7 @@ def fresh_model_weights(name: str, data: RoundData, seed: int = EMPTY_SEED) -> F
             f"the job's updates do not match its model {name!r}: declare the model the clients "
             "train (flstore job create J --model NAME)"
         )
-    return np.concatenate([np.asarray(state[n], dtype=np.float32).reshape(-1) for n in names])
+    return np.concatenate(flat_parts(state, data.specs))
 
 
 class SubsetUtility:

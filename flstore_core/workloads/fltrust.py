@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 from flstore_core import models
 from flstore_core.cache.round_data import RoundData
+from flstore_core.data.rows import flat_parts
 from flstore_core.errors import InvalidParamsError, NotFoundError
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
 
@@ -82,7 +83,7 @@ def server_update(
             opt.step()
     state = model.state_dict()
     trained = np.concatenate(
-        [state[s.name].detach().numpy().astype(np.float32).reshape(-1) for s in data.specs]
+        flat_parts({s.name: state[s.name].detach().numpy() for s in data.specs}, data.specs)
     )
     return trained - data.base, len(y)
 
