@@ -75,6 +75,7 @@ TOKENS = Setting(
 PRICES_FILE = Setting("FLSTORE_PRICES_FILE", None, "JSON file overriding the price table")
 URL = Setting("FLSTORE_URL", None, "API base URL for the command line (default: local stack)")
 TOKEN = Setting("FLSTORE_TOKEN", None, "bearer token for the command line")
+VERBOSE = Setting("FLSTORE_VERBOSE", None, "any value: the command line also logs INFO records")
 
 SETTINGS: tuple[Setting, ...] = (
     S3_ENDPOINT,
@@ -92,6 +93,7 @@ SETTINGS: tuple[Setting, ...] = (
     PRICES_FILE,
     URL,
     TOKEN,
+    VERBOSE,
 )
 
 # ---------------------------------------------------------------------- AWS's own variables

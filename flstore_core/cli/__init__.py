@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flstore_core import __version__, config
+from flstore_core.cli.logs import configure_logging
 from flstore_core.errors import FLStoreError, ValidationError
 
 app = typer.Typer(
@@ -489,4 +490,5 @@ def backfill(
 
 def main() -> None:
     """Console-script entry point."""
+    configure_logging(verbose=bool(config.VERBOSE.get()))
     app()
