@@ -72,6 +72,36 @@ def test_reputation_is_the_decayed_mean_of_cosines() -> None:
     assert out["series"][0] == [0, 1.0] and out["missing"] == [5]
 
 
+def _decayed_mean_reference(cosines: dict[int, float], decay: float, at: int) -> float:
+    """The docstring's Σ_t γ^(T−t)·c_t / Σ_t γ^(T−t), weights by round, in float64."""
+    rounds = np.array(sorted(r for r in cosines if r <= at), dtype=np.float64)
+    c = np.array([cosines[int(r)] for r in rounds], dtype=np.float64)
+    w = np.power(decay, at - rounds)
+    return float((w * c).sum() / w.sum())
+
+
+def test_reputation_decays_by_round_gap_under_sparse_participation() -> None:
+    cosines = {0: 1.0, 10: -0.999}
+    rows = [ClientRound(r, 10, {}, {"cos_to_mean": c}) for r, c in cosines.items()]
+    out = reputation_series(ClientHistory("j", "a", rows), decay=0.5)
+    want = _decayed_mean_reference(cosines, 0.5, 10)
+    assert want == pytest.approx(-0.997, abs=1e-3)  # not (0.5·1 − 0.999) / 1.5 = −0.33
+    assert out["series"] == [[0, 1.0], [10, pytest.approx(want, rel=1e-12)]]
+
+
+def test_reputation_matches_the_formula_on_random_sparse_histories() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        rounds = sorted(rng.choice(40, size=int(rng.integers(1, 12)), replace=False).tolist())
+        cosines = {int(r): float(rng.uniform(-1, 1)) for r in rounds}
+        decay = float(rng.choice([0.0, 0.3, 0.8, 1.0]))
+        rows = [ClientRound(r, 10, {}, {"cos_to_mean": c}) for r, c in cosines.items()]
+        series = reputation_series(ClientHistory("j", "a", rows[::-1]), decay)["series"]
+        assert [r for r, _ in series] == rounds
+        for r, v in series:
+            assert v == pytest.approx(_decayed_mean_reference(cosines, decay, r), rel=1e-9)
+
+
 def test_incentive_splits_each_round_budget_by_positive_contribution() -> None:
     merged = {
         "per_client": {

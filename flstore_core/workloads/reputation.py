@@ -17,17 +17,26 @@ from flstore_core.workloads import CLIENTS, Param, Workload, register
 
 
 def reputation_series(history: ClientHistory, decay: float) -> dict[str, Any]:
-    """The decayed-mean series of one client, and the rounds without a cosine summary."""
+    """The decayed-mean series of one client, and the rounds without a cosine summary.
+
+    The weights decay by *round*, not by participation: a client seen in rounds 0 and 10 has
+    its round-0 cosine weighted ``γ^10`` against round 10's, as the formula above says. Past
+    the client's last round the value does not move (numerator and denominator scale alike).
+    """
     num = den = 0.0
+    prev: int | None = None
     series: list[list[float]] = []
     missing: list[int] = []
-    for row in history.rows:
+    for row in sorted(history.rows, key=lambda row: row.round):
         c = row.summary.get(COS_TO_MEAN)
         if c is None:
             missing.append(row.round)
             continue
-        num = decay * num + c
-        den = decay * den + 1.0
+        # Σ_t γ^(T−t)·c_t carried from the previous summarised round P: × γ^(T−P), then + c_T
+        fade = 1.0 if prev is None else decay ** (row.round - prev)
+        num = fade * num + c
+        den = fade * den + 1.0
+        prev = row.round
         series.append([row.round, num / den])
     return {"series": series, "missing": missing}
 
