@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import pulumi
 import pulumi_aws as aws
+from pulumi_aws.s3 import (
+    BucketServerSideEncryptionConfigurationRuleApplyServerSideEncryptionByDefaultArgsDict as DefaultEncryption,  # noqa: E501
+)
 
 from . import iam
 from .settings import StackSettings
@@ -59,6 +62,7 @@ class DataBucket(pulumi.ComponentResource):
             restrict_public_buckets=True,
             opts=on_bucket,
         )
+        default_encryption: DefaultEncryption
         if settings.kms_key_arn:
             default_encryption = {
                 "sse_algorithm": "aws:kms",
