@@ -1,6 +1,7 @@
 """FLStore's Pulumi program (``Pulumi.yaml`` at the repo root runs it): ``pulumi up``.
 
-Build the Lambda artifacts first (``python -m infra.build``); see README "Deploy to AWS".
+It builds the router zip and the cache-node image context from the working tree itself;
+see README "Deploy to AWS".
 """
 
 import sys

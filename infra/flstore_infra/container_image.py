@@ -2,9 +2,9 @@
 
 Cache nodes run workloads with numpy, scikit-learn and torch, well past the 250 MB a zip
 package may unpack to, so they ship as an image (up to 10 GB). ``pulumi up`` builds it
-with Docker BuildKit (the ``docker-build`` provider) from the context that
-``python -m infra.build`` staged, pushes it, and the functions pin it by digest, so a new
-build is a new deployment and an unchanged one is not.
+with Docker BuildKit (the ``docker-build`` provider) from the context the program staged
+(``packaging.stage_image_context``), pushes it, and the functions pin it by digest, so a
+new build is a new deployment and an unchanged one is not.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import pulumi_docker_build as docker_build
 
 from . import iam
 from .arns import AwsScope
-from .packaging import LAMBDA_PYTHON, BuildArtifacts
+from .packaging import BuildArtifacts
 from .settings import StackSettings
+from .target import LAMBDA_PYTHON
 
 PLATFORMS = {
     "x86_64": docker_build.Platform.LINUX_AMD64,

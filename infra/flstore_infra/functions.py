@@ -25,8 +25,8 @@ import pulumi_aws as aws
 
 from . import iam
 from .arns import AwsScope, lambda_log_group_name
-from .packaging import LAMBDA_RUNTIME
 from .settings import StackSettings
+from .target import LAMBDA_RUNTIME
 
 AUTHORIZER_MEMORY_MB = 256
 AUTHORIZER_TIMEOUT_S = 10

@@ -1,179 +1,120 @@
-"""Lambda artifacts: what ``python -m infra.build`` produces and the program deploys.
+"""The Lambda artifacts, built by the program itself on every ``pulumi up`` and preview.
 
-Layout under the artifact directory (``build/`` by default):
+- **The router zip** (router and authorizer): the tracked files of ``flstore_core`` and
+  ``lambdas`` (``sources``) plus the files of their numpy-free dependencies' wheels
+  (``wheels``; boto3 is in the runtime), checked to unpack to less than Lambda's 250 MB.
+- **The cache-node image's Docker context**: ``Dockerfile`` (``infra/Dockerfile.cache_node``),
+  ``pyproject.toml``, ``requirements.lock``, a stub ``README.md`` and the two packages; the
+  ``docker-build`` provider builds it. A clean copy keeps ``.venv`` and tests out of it.
 
-- ``lambda/router.zip`` — the router and the authorizer: the ``flstore_core`` and
-  ``lambdas`` packages plus their numpy-free dependencies (boto3 is in the runtime),
-  checked to unpack to less than Lambda's 250 MB.
-- ``cache_node/`` — the Docker build context of the cache-node image: ``Dockerfile``
-  (``infra/Dockerfile.cache_node``), ``pyproject.toml``, ``requirements.lock``, ``README.md``
-  and the two packages. Staging a clean copy keeps the context small and free of ``.venv``.
+Both are deterministic: members in sorted order, fixed timestamps and modes, so the same
+tree gives the same bytes and Pulumi sees no change (the zip's archive hash and the
+context's hash are both computed over contents). Both are named by a hash of their inputs
+under the build cache (``default_cache_dir``), so an unchanged tree reuses them, a changed
+one gets new ones, and a few recent builds are kept.
 
-Standard library only, so building does not need Pulumi.
+Standard library only (pip runs as a subprocess), so building does not need Pulumi.
 """
 
 from __future__ import annotations
 
-import re
+import hashlib
+import os
 import shutil
-import subprocess
-import sys
+import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-ROUTER_ZIP = Path("lambda") / "router.zip"
-CACHE_NODE_CONTEXT = Path("cache_node")
-DOCKERFILE_SOURCE = REPO_ROOT / "infra" / "Dockerfile.cache_node"
+from .sources import SourceTree, source_tree
+from .target import MANYLINUX
+from .wheels import WheelSet, locked_wheels, wheel_files
 
-# The Lambda runtime of the zip functions, and of the image's base (see the Dockerfile).
-LAMBDA_PYTHON = "3.12"
-LAMBDA_RUNTIME = "python" + LAMBDA_PYTHON
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE_SOURCE = REPO_ROOT / "infra" / "Dockerfile.cache_node"
 PACKAGES = ("flstore_core", "lambdas")
 # What the router and authorizer import beyond the runtime's boto3; versions come from
 # requirements.lock so the zip runs what the tests ran.
 ZIP_DEPENDENCIES = ("aws-lambda-powertools", "cachetools")
 # Never in the zip: the router must stay light, and these alone exceed the 250 MB limit.
-HEAVY_PACKAGES = frozenset({"numpy", "torch", "scipy", "sklearn", "pandas"})
+HEAVY_DISTRIBUTIONS = frozenset({"numpy", "torch", "scipy", "scikit-learn", "pandas"})
 MAX_UNZIPPED_BYTES = 250 * 2**20
-CONTEXT_FILES = ("pyproject.toml", "requirements.lock", "README.md")
-MANYLINUX = {"x86_64": "manylinux2014_x86_64", "arm64": "manylinux2014_aarch64"}
-# Fixed timestamps make the zip byte-identical across rebuilds of the same sources, so
-# Pulumi sees no change (and redeploys nothing) when nothing changed.
+# The zip is uploaded with the function (no S3 staging), which Lambda allows up to 50 MB.
+MAX_ZIP_BYTES = 50 * 2**20
+LOCK = "requirements.lock"
+# Copied into the image context beside the packages; the Dockerfile installs from them.
+CONTEXT_FILES = ("pyproject.toml", LOCK)
+# pyproject names README.md as the long description, so `pip install .` needs one; a fixed
+# stub keeps documentation edits from rebuilding a multi-GB image.
+CONTEXT_README = b"# FLStore\n\nThe cache-node image of FLStore.\n"
+CACHE_ENV = "FLSTORE_BUILD_CACHE"
+# Builds kept per kind in the cache (most recently used first); older ones are deleted.
+KEEP_BUILDS = 5
+# Bump when what goes into an artifact changes without its inputs changing.
+BUILD_FORMAT = 1
+# 1980-01-01, the earliest time a zip can hold, for every member and staged file.
 _EPOCH = (1980, 1, 1, 0, 0, 0)
-
-
-class MissingArtifactError(FileNotFoundError):
-    """The program was run before the build step."""
+_EPOCH_SECONDS = 315532800
 
 
 class PackageTooLargeError(ValueError):
-    """The zip would unpack past Lambda's limit."""
+    """The zip would unpack past Lambda's limit, or pulled in a package it must not ship."""
+
+
+class MissingSourceError(FileNotFoundError):
+    """A file the artifacts are built from is not in the working tree."""
+
+
+def default_cache_dir() -> Path:
+    """``$FLSTORE_BUILD_CACHE``, else ``$XDG_CACHE_HOME/flstore``, else ``~/.cache/flstore``."""
+    configured = os.environ.get(CACHE_ENV)
+    if configured:
+        return Path(configured).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "flstore"
 
 
 @dataclass(frozen=True)
 class BuildArtifacts:
-    """Paths of the built artifacts under one artifact directory."""
+    """What the program deploys: the router zip and the cache-node image context."""
 
-    root: Path
-
-    @property
-    def router_zip(self) -> Path:
-        return self.root / ROUTER_ZIP
-
-    @property
-    def cache_node_context(self) -> Path:
-        return self.root / CACHE_NODE_CONTEXT
+    router_zip: Path
+    cache_node_context: Path
+    # Files in the packages git does not track: not deployed (see ``sources``).
+    untracked: tuple[str, ...] = ()
+    # False when the sources were not listed by git (every file in the packages was taken).
+    from_git: bool = True
 
     @property
     def cache_node_dockerfile(self) -> Path:
         return self.cache_node_context / "Dockerfile"
 
-    def missing(self) -> list[Path]:
-        return [p for p in (self.router_zip, self.cache_node_dockerfile) if not p.is_file()]
+
+# --- the zip ---------------------------------------------------------------------------------
 
 
-def locate_artifacts(artifact_dir: Path) -> BuildArtifacts:
-    """The artifacts under ``artifact_dir``; raises ``MissingArtifactError`` if not built."""
-    artifacts = BuildArtifacts(Path(artifact_dir))
-    missing = artifacts.missing()
-    if missing:
-        raise MissingArtifactError(
-            f"Lambda artifacts not found ({', '.join(str(p) for p in missing)}): run "
-            "`python -m infra.build` from the repository root before `pulumi up`, "
-            "or point flstore:artifactDir at a build"
-        )
-    return artifacts
+def write_zip(members: Iterable[tuple[str, bytes]], zip_path: Path) -> None:
+    """A deterministic zip of ``(name in archive, content)`` pairs, written in the given order.
 
-
-def _source_files(root: Path, packages: Sequence[str]) -> Iterator[Path]:
-    for package in packages:
-        for path in sorted((root / package).rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
-                yield path
-
-
-def stale_sources(artifacts: BuildArtifacts, repo_root: Path = REPO_ROOT) -> list[Path]:
-    """Sources changed since the zip was built (a deploy would ship old code)."""
-    built = artifacts.router_zip.stat().st_mtime
-    sources = [*_source_files(repo_root, PACKAGES), DOCKERFILE_SOURCE]
-    return [p for p in sources if p.exists() and p.stat().st_mtime > built]
-
-
-def locked_requirements(names: Iterable[str], lock: Path) -> list[str]:
-    """``name==version`` for each name, as pinned in ``requirements.lock``."""
-
-    def norm(name: str) -> str:
-        return re.sub(r"[-_.]+", "-", name).lower()
-
-    pins = {}
-    for line in lock.read_text().splitlines():
-        name, sep, version = line.strip().partition("==")
-        if sep:
-            pins[norm(name)] = f"{name}=={version}"
-    missing = [n for n in names if norm(n) not in pins]
-    if missing:
-        raise ValueError(f"{lock} pins none of {missing}")
-    return [pins[norm(n)] for n in names]
-
-
-def install_dependencies(requirements: Sequence[str], target: Path, *, architecture: str) -> None:
-    """Install Linux wheels for the Lambda runtime into ``target`` (whatever the host is)."""
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-compile",
-            "--target",
-            str(target),
-            "--platform",
-            MANYLINUX[architecture],
-            "--implementation",
-            "cp",
-            "--python-version",
-            LAMBDA_PYTHON,
-            "--only-binary=:all:",
-            *requirements,
-        ],
-        check=True,
-    )
-    heavy = sorted(p.name for p in target.iterdir() if p.name in HEAVY_PACKAGES)
-    if heavy:
-        raise PackageTooLargeError(f"the router zip must stay numpy-free; it pulled in {heavy}")
-
-
-def _zip_members(dependencies: Path | None, repo_root: Path) -> list[tuple[str, Path]]:
-    members: dict[str, Path] = {}
-    if dependencies is not None:
-        for path in sorted(dependencies.rglob("*")):
-            rel = path.relative_to(dependencies)
-            if path.is_file() and rel.parts[0] != "bin" and "__pycache__" not in rel.parts:
-                members[rel.as_posix()] = path
-    for path in _source_files(repo_root, PACKAGES):
-        members[path.relative_to(repo_root).as_posix()] = path
-    return sorted(members.items())
-
-
-def write_zip(members: Iterable[tuple[str, Path]], zip_path: Path) -> None:
-    """A deterministic zip of ``(name in archive, file)`` pairs."""
+    Fixed timestamp, mode (0644) and creator system, and stored uncompressed: deflate's output
+    depends on the zlib build (zlib, zlib-ng), so only stored members make the bytes depend on
+    the contents alone, on every deployer's machine.
+    """
     zip_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = zip_path.with_suffix(".tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
-        for name, path in members:
-            info = zipfile.ZipInfo(name, date_time=_EPOCH)
-            info.external_attr = 0o644 << 16
-            info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, path.read_bytes())
-    tmp.replace(zip_path)
+    fd, tmp_name = tempfile.mkstemp(dir=zip_path.parent, prefix=f".{zip_path.name}-")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as file, zipfile.ZipFile(file, "w") as archive:
+            for name, content in members:
+                info = zipfile.ZipInfo(name, date_time=_EPOCH)
+                info.create_system = 3  # Unix, whatever builds it
+                info.external_attr = 0o100644 << 16
+                info.compress_type = zipfile.ZIP_STORED
+                archive.writestr(info, content)
+        tmp.replace(zip_path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def unzipped_size(zip_path: Path) -> int:
@@ -182,44 +123,154 @@ def unzipped_size(zip_path: Path) -> int:
 
 
 def check_unzipped_size(zip_path: Path, limit: int = MAX_UNZIPPED_BYTES) -> int:
-    """The unpacked size of ``zip_path``; raises ``PackageTooLargeError`` at ``limit`` or more."""
+    """The unpacked size of ``zip_path``; raises ``PackageTooLargeError`` at ``limit`` or more
+    (or when the zip itself is past the upload limit, ``MAX_ZIP_BYTES``)."""
     size = unzipped_size(zip_path)
     if size >= limit:
         raise PackageTooLargeError(
             f"{zip_path} unpacks to {size / 2**20:.1f} MB; Lambda allows < {limit / 2**20:.0f} MB"
         )
+    uploaded = zip_path.stat().st_size
+    if uploaded > MAX_ZIP_BYTES:
+        raise PackageTooLargeError(
+            f"{zip_path} is {uploaded / 2**20:.1f} MB; Lambda takes zips of up to "
+            f"{MAX_ZIP_BYTES / 2**20:.0f} MB with the function"
+        )
     return size
 
 
+def zip_members(sources: SourceTree, wheels: WheelSet | None) -> list[tuple[str, bytes]]:
+    """The zip's members, sorted by name: the wheels' files, then the sources over them.
+
+    Two wheels may ship the same file only with the same content, and no wheel may ship a
+    file of the packages.
+    """
+    members: dict[str, bytes] = {}
+    for wheel in wheels.wheels if wheels else ():
+        for name, content in wheel_files(wheel):
+            if members.setdefault(name, content) != content:
+                raise PackageTooLargeError(f"two dependency wheels ship different {name}")
+    for name in sources.files:
+        if name in members:
+            raise PackageTooLargeError(f"a dependency wheel ships {name}, a file of ours")
+        members[name] = sources.read(name)
+    return sorted(members.items())
+
+
+def _input_digest(*parts: str) -> str:
+    h = hashlib.sha256()
+    for part in (f"format={BUILD_FORMAT}", *parts):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _reuse_or_prune(path: Path, pattern: str) -> bool:
+    """True if ``path`` was already built (and marks it used); else deletes all but the
+    ``KEEP_BUILDS - 1`` most recently used builds matching ``pattern`` beside it."""
+    if path.exists():
+        os.utime(path)
+        return True
+    if path.parent.is_dir():
+        builds = sorted(path.parent.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in builds[KEEP_BUILDS - 1 :]:
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+    return False
+
+
 def build_router_zip(
-    out_dir: Path, *, architecture: str = "x86_64", repo_root: Path = REPO_ROOT
+    sources: SourceTree, wheels: WheelSet, *, out_dir: Path, architecture: str
 ) -> Path:
-    """Build ``lambda/router.zip`` under ``out_dir`` and return its path."""
-    requirements = locked_requirements(ZIP_DEPENDENCIES, repo_root / "requirements.lock")
-    dependencies = out_dir / "lambda" / "deps"
-    install_dependencies(requirements, dependencies, architecture=architecture)
-    zip_path = out_dir / ROUTER_ZIP
-    write_zip(_zip_members(dependencies, repo_root), zip_path)
+    """``<out_dir>/router-<arch>-<input hash>.zip``, built unless it already is."""
+    heavy = sorted(wheels.distributions() & HEAVY_DISTRIBUTIONS)
+    if heavy:
+        raise PackageTooLargeError(f"the router zip must stay numpy-free; it pulled in {heavy}")
+    digest = _input_digest(architecture, wheels.key, sources.digest())
+    zip_path = out_dir / f"router-{architecture}-{digest}.zip"
+    if not _reuse_or_prune(zip_path, "router-*.zip"):
+        write_zip(zip_members(sources, wheels), zip_path)
     check_unzipped_size(zip_path)
     return zip_path
 
 
-def stage_image_context(out_dir: Path, *, repo_root: Path = REPO_ROOT) -> Path:
-    """Copy what the cache-node Dockerfile needs into ``cache_node/`` under ``out_dir``."""
-    context = out_dir / CACHE_NODE_CONTEXT
-    if context.exists():
-        shutil.rmtree(context)
-    context.mkdir(parents=True)
-    shutil.copyfile(DOCKERFILE_SOURCE, context / "Dockerfile")
+# --- the image context -----------------------------------------------------------------------
+
+
+def image_context_files(sources: SourceTree) -> list[tuple[str, bytes]]:
+    """``(path in the context, content)`` of the cache-node image's build context."""
+    files = [("Dockerfile", DOCKERFILE_SOURCE.read_bytes()), ("README.md", CONTEXT_README)]
     for name in CONTEXT_FILES:
-        if (repo_root / name).is_file():
-            shutil.copyfile(repo_root / name, context / name)
-        elif name == "README.md":  # pyproject names it as the long description
-            (context / name).write_text("# FLStore\n")
-        else:
-            raise MissingArtifactError(f"{repo_root / name} is needed to build the image")
-    for path in _source_files(repo_root, PACKAGES):
-        dest = context / path.relative_to(repo_root)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest)
+        path = sources.root / name
+        if not path.is_file():
+            raise MissingSourceError(f"{path} is needed to build the cache-node image")
+        files.append((name, path.read_bytes()))
+    files += [(name, sources.read(name)) for name in sources.files]
+    return sorted(files)
+
+
+def stage_image_context(sources: SourceTree, *, out_dir: Path) -> Path:
+    """``<out_dir>/cache-node-<content hash>/``, staged unless it already is.
+
+    Files 0644 with a fixed mtime: the provider's context hash covers path, mode and content,
+    and Docker's COPY keeps the mtime, so equal trees stage equal contexts.
+    """
+    files = image_context_files(sources)
+    h = hashlib.sha256()
+    for name, content in files:
+        h.update(name.encode() + b"\0" + hashlib.sha256(content).digest())
+    context = out_dir / f"cache-node-{_input_digest(h.hexdigest())}"
+    if _reuse_or_prune(context, "cache-node-*"):
+        return context
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".cache-node-", dir=out_dir))
+    try:
+        for name, content in files:
+            path = staging / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+            path.chmod(0o644)
+            os.utime(path, (_EPOCH_SECONDS, _EPOCH_SECONDS))
+        for directory in (p for p in staging.rglob("*") if p.is_dir()):
+            directory.chmod(0o755)
+        staging.chmod(0o755)
+        try:
+            staging.rename(context)
+        except OSError:
+            if not context.is_dir():  # not a concurrent run finishing first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return context
+
+
+# --- both --------------------------------------------------------------------------------------
+
+
+def build_artifacts(
+    *, architecture: str, repo_root: Path = REPO_ROOT, cache_dir: Path | None = None
+) -> BuildArtifacts:
+    """Build (or find, unchanged, in the cache) everything the program deploys.
+
+    The cache (``default_cache_dir()`` unless given) holds ``wheels/<key>/`` (see ``wheels``),
+    ``lambda/router-<arch>-<hash>.zip`` and ``image/cache-node-<hash>/``.
+    """
+    if architecture not in MANYLINUX:
+        raise ValueError(f"architecture must be one of {sorted(MANYLINUX)}, not {architecture!r}")
+    cache = cache_dir or default_cache_dir()
+    lock = repo_root / LOCK
+    if not lock.is_file():
+        raise MissingSourceError(f"{lock} pins the deployed dependencies; it is missing")
+    sources = source_tree(repo_root, PACKAGES)
+    wheels = locked_wheels(
+        ZIP_DEPENDENCIES, lock, architecture=architecture, cache_dir=cache / "wheels"
+    )
+    return BuildArtifacts(
+        router_zip=build_router_zip(
+            sources, wheels, out_dir=cache / "lambda", architecture=architecture
+        ),
+        cache_node_context=stage_image_context(sources, out_dir=cache / "image"),
+        untracked=sources.untracked,
+        from_git=sources.from_git,
+    )

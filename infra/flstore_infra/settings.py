@@ -20,9 +20,9 @@
 | ``throttleRateLimit`` | 50 | API stage steady-state requests per second |
 | ``throttleBurstLimit`` | 100 | API stage burst |
 | ``forceDestroy`` | false | let ``pulumi destroy`` delete a non-empty bucket and image repository |
-| ``artifactDir`` | ``build`` | output of ``python -m infra.build`` (relative to the repo root) |
 
-plus ``aws:region``.
+plus ``aws:region``. ``artifactDir`` is no longer read: the program builds what it deploys
+(``packaging``), in a cache on the deployer's machine rather than in the stack's config.
 """
 
 from __future__ import annotations
@@ -31,12 +31,10 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
 
 import pulumi
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "flstore"
 
 # CloudWatch Logs accepts only these retention periods.
@@ -115,7 +113,6 @@ class StackSettings:
     throttle_rate_limit: float = 50.0
     throttle_burst_limit: int = 100
     force_destroy: bool = False
-    artifact_dir: Path = REPO_ROOT / "build"
     region: str | None = None
 
     def __post_init__(self) -> None:
@@ -198,10 +195,11 @@ def load_settings(config: pulumi.Config | None = None) -> StackSettings:
     """Read the ``flstore`` namespace (and ``aws:region``) of the current stack."""
     cfg = config or pulumi.Config(NAMESPACE)
     defaults = StackSettings()
-    artifact_dir = Path(cfg.get("artifactDir") or defaults.artifact_dir)
-    # Pulumi runs the program from infra/, so a relative path means "from the repo root".
-    if not artifact_dir.is_absolute():
-        artifact_dir = REPO_ROOT / artifact_dir
+    if cfg.get("artifactDir") is not None:
+        pulumi.log.warn(
+            f"{NAMESPACE}:artifactDir is no longer read: `pulumi up` builds what it deploys "
+            f"(see README, 'Deploy to AWS'); `pulumi config rm {NAMESPACE}:artifactDir`"
+        )
     tokens_key = f"{NAMESPACE}:tokenHashes"
     raw_tokens = cfg.get("tokenHashes")
     if raw_tokens and not pulumi.runtime.is_config_secret(tokens_key):
@@ -229,6 +227,5 @@ def load_settings(config: pulumi.Config | None = None) -> StackSettings:
         throttle_rate_limit=cfg.get_float("throttleRateLimit", defaults.throttle_rate_limit),
         throttle_burst_limit=cfg.get_int("throttleBurstLimit", defaults.throttle_burst_limit),
         force_destroy=cfg.get_bool("forceDestroy", defaults.force_destroy),
-        artifact_dir=artifact_dir,
         region=pulumi.Config("aws").get("region"),
     )

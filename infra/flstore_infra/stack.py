@@ -12,7 +12,7 @@ from .arns import AwsScope
 from .container_image import CacheNodeImage
 from .functions import CacheNodes, ZipFunction, authorizer_function, router_function
 from .keepwarm import KeepWarmSchedule
-from .packaging import locate_artifacts, stale_sources
+from .packaging import PACKAGES, BuildArtifacts, build_artifacts
 from .settings import StackSettings, load_settings
 from .storage import DataBucket
 
@@ -24,6 +24,7 @@ class FLStoreStack:
     """Handles on what ``create_stack`` declared, for tests and for callers composing more."""
 
     settings: StackSettings
+    artifacts: BuildArtifacts
     scope: AwsScope
     bucket: DataBucket
     image: CacheNodeImage
@@ -46,14 +47,22 @@ def current_scope(settings: StackSettings) -> AwsScope:
 
 
 def create_stack(settings: StackSettings | None = None) -> FLStoreStack:
-    """Declare every FLStore resource for ``settings`` (the stack config when omitted)."""
+    """Declare every FLStore resource for ``settings`` (the stack config when omitted).
+
+    Builds what it deploys first, from the working tree (``packaging.build_artifacts``).
+    """
     settings = settings or load_settings()
-    artifacts = locate_artifacts(settings.artifact_dir)
-    stale = stale_sources(artifacts)
-    if stale:
+    artifacts = build_artifacts(architecture=settings.architecture)
+    if not artifacts.from_git:
         pulumi.log.warn(
-            f"{len(stale)} source file(s) changed since the last build (e.g. {stale[0]}); "
-            "run `python -m infra.build` to deploy them"
+            f"git did not list the files of {' and '.join(PACKAGES)} (not a git checkout, or "
+            "git is missing): every file in them is deployed, tracked or not"
+        )
+    if artifacts.untracked:
+        pulumi.log.warn(
+            f"{len(artifacts.untracked)} file(s) in {' and '.join(PACKAGES)} are not tracked by "
+            f"git and are not deployed (e.g. {artifacts.untracked[0]}); `git add` them to "
+            "deploy them"
         )
     if not settings.token_hashes:
         pulumi.log.warn(
@@ -63,6 +72,8 @@ def create_stack(settings: StackSettings | None = None) -> FLStoreStack:
     scope = current_scope(settings)
     bucket_name = scope.bucket_name(settings.prefix)
     tokens = pulumi.Output.secret(settings.tokens_json())
+    # Pulumi compares archives by the sha256 of the zip's bytes, which the build keeps
+    # identical for an unchanged tree: no change, no update.
     archive = pulumi.FileArchive(str(artifacts.router_zip))
 
     bucket = DataBucket(
@@ -122,6 +133,7 @@ def create_stack(settings: StackSettings | None = None) -> FLStoreStack:
         pulumi.export(key, value)
     return FLStoreStack(
         settings=settings,
+        artifacts=artifacts,
         scope=scope,
         bucket=bucket,
         image=image,

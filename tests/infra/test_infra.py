@@ -3,7 +3,9 @@
 No Pulumi CLI and no AWS: ``RecordingMocks`` stands in for the engine and records every
 resource's inputs. Each test runs the program afresh and asserts on what it declared,
 inside an ``apply`` that waits until every resource is registered; ``@pulumi.runtime.test``
-makes a failed assertion there fail the test instead of vanishing.
+makes a failed assertion there fail the test instead of vanishing. The program builds what
+it deploys for real, as under `pulumi up` (no `build/` step): the router zip and the image
+context come from this working tree and the build cache (see test_packaging.py).
 """
 
 from __future__ import annotations
@@ -147,7 +149,7 @@ MOCKS = RecordingMocks()
 pulumi.runtime.set_mocks(MOCKS, project="flstore", stack="test", preview=False)
 
 # The program is imported only now that the mocks are in place.
-from flstore_infra import iam, keepwarm, packaging  # noqa: E402
+from flstore_infra import iam, keepwarm, packaging, target  # noqa: E402
 from flstore_infra.settings import ConfigError, StackSettings, parse_token_hashes  # noqa: E402
 from flstore_infra.stack import OUTPUTS, FLStoreStack, create_stack  # noqa: E402
 
@@ -200,32 +202,24 @@ BUCKET_POLICY = "aws:s3/bucketPolicy:BucketPolicy"
 REPO_POLICY = "aws:ecr/repositoryPolicy:RepositoryPolicy"
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A stand-in for `python -m infra.build`'s output (the real one needs pip and Docker)."""
-    root = tmp_path_factory.mktemp("build")
-    zip_path = root / packaging.ROUTER_ZIP
-    zip_path.parent.mkdir(parents=True)
-    with zipfile.ZipFile(zip_path, "w") as archive:
-        archive.writestr("lambdas/router.py", "def handler(event, context): ...\n")
-    (root / packaging.CACHE_NODE_CONTEXT).mkdir()
-    (root / packaging.CACHE_NODE_CONTEXT / "Dockerfile").write_text("FROM scratch\n")
-    return root
+def run_program(config: dict[str, str]) -> FLStoreStack:
+    """Run the program with a fresh stack config; returns before registration finishes.
 
-
-def run_program(config: dict[str, str], artifact_dir: Path) -> FLStoreStack:
-    """Run the program with a fresh stack config; returns before registration finishes."""
+    The program builds what it deploys, as under `pulumi up`: the router zip and the image
+    context from this working tree, in the build cache (the wheels are downloaded the first
+    time only).
+    """
     MOCKS.declared.clear()
     MOCKS.region = config["aws:region"]
     _constructed.clear()
     secret = [k for k in config if k == "flstore:tokenHashes"]
-    pulumi.runtime.set_all_config({**config, "flstore:artifactDir": str(artifact_dir)}, secret)
+    pulumi.runtime.set_all_config(config, secret)
     return create_stack()
 
 
-def deploy(config: dict[str, str], artifact_dir: Path) -> pulumi.Output[Deployment]:
+def deploy(config: dict[str, str]) -> pulumi.Output[Deployment]:
     """Run the program; the Output resolves once every declared resource is registered."""
-    stack = run_program(config, artifact_dir)
+    stack = run_program(config)
     registered = pulumi.Output.all(*[r.urn for r in _constructed])
     return registered.apply(lambda _: Deployment(stack, list(MOCKS.declared)))
 
@@ -284,7 +278,7 @@ def security_findings(deployment: Deployment) -> list[str]:
 
 
 @pulumi.runtime.test
-def test_default_stack_has_eight_cache_nodes_named_by_prefix(artifacts: Path) -> None:
+def test_default_stack_has_eight_cache_nodes_named_by_prefix() -> None:
     def check(d: Deployment) -> None:
         names = sorted(f.inputs["name"] for f in d.of_type(FUNCTION))
         expected = [f"flstore-cache-{i}" for i in range(8)]
@@ -292,11 +286,11 @@ def test_default_stack_has_eight_cache_nodes_named_by_prefix(artifacts: Path) ->
         assert len(d.of_type(TARGET)) == 8
         assert len(d.of_type(RULE)) == 2  # EventBridge takes at most 5 targets per rule
 
-    return deploy(DEFAULTS, artifacts).apply(check)
+    return deploy(DEFAULTS).apply(check)
 
 
 @pulumi.runtime.test
-def test_five_nodes_make_five_functions_targets_and_permissions(artifacts: Path) -> None:
+def test_five_nodes_make_five_functions_targets_and_permissions() -> None:
     def check(d: Deployment) -> None:
         cache = [f for f in d.of_type(FUNCTION) if f.inputs.get("packageType") == "Image"]
         assert sorted(f.inputs["name"] for f in cache) == [f"fltest-cache-{i}" for i in range(5)]
@@ -312,11 +306,11 @@ def test_five_nodes_make_five_functions_targets_and_permissions(artifacts: Path)
         assert len(api) == 2  # router and authorizer
         assert len(d.of_type(LOG_GROUP)) == 5 + 2 + 1  # cache nodes, router/authorizer, API
 
-    return deploy(FIVE_NODES, artifacts).apply(check)
+    return deploy(FIVE_NODES).apply(check)
 
 
 @pulumi.runtime.test
-def test_cache_nodes_get_placement_and_budget_from_config(artifacts: Path) -> None:
+def test_cache_nodes_get_placement_and_budget_from_config() -> None:
     def check(d: Deployment) -> None:
         for i in range(5):
             node = d.named(FUNCTION, f"fltest-cache-{i}")
@@ -335,18 +329,20 @@ def test_cache_nodes_get_placement_and_budget_from_config(artifacts: Path) -> No
                 f"{ACCOUNT}.dkr.ecr.eu-west-1.amazonaws.com/fltest-cache-node@{DIGEST}"
             )
 
-    return deploy(FIVE_NODES, artifacts).apply(check)
+    return deploy(FIVE_NODES).apply(check)
 
 
 @pulumi.runtime.test
-def test_cache_node_image_is_built_from_the_staged_context_and_pushed(artifacts: Path) -> None:
+def test_cache_node_image_is_built_from_the_staged_context_and_pushed() -> None:
     def check(d: Deployment) -> None:
         (image,) = d.of_type("docker-build:index:Image")
-        assert image.inputs["context"]["location"] == str(artifacts / "cache_node")
-        assert image.inputs["dockerfile"]["location"] == str(artifacts / "cache_node/Dockerfile")
+        context = d.stack.artifacts.cache_node_context
+        assert image.inputs["context"]["location"] == str(context)
+        assert image.inputs["dockerfile"]["location"] == str(context / "Dockerfile")
+        assert (context / "Dockerfile").read_bytes() == packaging.DOCKERFILE_SOURCE.read_bytes()
         assert image.inputs["push"] is True
         assert image.inputs["platforms"] == ["linux/arm64"]
-        assert image.inputs["buildArgs"] == {"PYTHON_VERSION": packaging.LAMBDA_PYTHON}
+        assert image.inputs["buildArgs"] == {"PYTHON_VERSION": target.LAMBDA_PYTHON}
         repo_url = f"{ACCOUNT}.dkr.ecr.eu-west-1.amazonaws.com/fltest-cache-node"
         assert image.inputs["tags"] == [f"{repo_url}:latest"]
         (registry,) = image.inputs["registries"]
@@ -354,11 +350,11 @@ def test_cache_node_image_is_built_from_the_staged_context_and_pushed(artifacts:
         (repository,) = d.of_type("aws:ecr/repository:Repository")
         assert repository.inputs["imageScanningConfiguration"] == {"scanOnPush": True}
 
-    return deploy(FIVE_NODES, artifacts).apply(check)
+    return deploy(FIVE_NODES).apply(check)
 
 
 @pulumi.runtime.test
-def test_router_and_authorizer_ship_the_zip_with_the_token_hashes(artifacts: Path) -> None:
+def test_router_and_authorizer_ship_the_zip_with_the_token_hashes() -> None:
     def check(d: Deployment) -> None:
         router = d.named(FUNCTION, "fltest-router")
         authorizer = d.named(FUNCTION, "fltest-authorizer")
@@ -367,9 +363,12 @@ def test_router_and_authorizer_ship_the_zip_with_the_token_hashes(artifacts: Pat
         assert router.inputs["memorySize"] == 1024
         assert router.inputs["timeout"] <= 30
         for function in (router, authorizer):
-            assert function.inputs["runtime"] == packaging.LAMBDA_RUNTIME
+            assert function.inputs["runtime"] == target.LAMBDA_RUNTIME
             assert isinstance(function.inputs["code"], pulumi.FileArchive)
-            assert function.inputs["code"].path == str(artifacts / packaging.ROUTER_ZIP)
+            assert function.inputs["code"].path == str(d.stack.artifacts.router_zip)
+            with zipfile.ZipFile(function.inputs["code"].path) as archive:
+                module = function.inputs["handler"].rsplit(".", 1)[0]
+                assert archive.getinfo(module.replace(".", "/") + ".py")
             tokens = json.loads(function.inputs["environment"]["variables"]["FLSTORE_TOKENS"])
             assert tokens == {TOKEN_HASH: ["demo", "other-job"]}
             assert "environment" in function.secret_inputs  # kept out of state and logs
@@ -379,11 +378,11 @@ def test_router_and_authorizer_ship_the_zip_with_the_token_hashes(artifacts: Pat
         assert router_env["FLSTORE_CACHE_MEMORY_MB"] == "4096"
         assert router_env["FLSTORE_BUCKET"] == f"fltest-{ACCOUNT}-eu-west-1"
 
-    return deploy(FIVE_NODES, artifacts).apply(check)
+    return deploy(FIVE_NODES).apply(check)
 
 
 @pulumi.runtime.test
-def test_keep_warm_pings_every_cache_node_at_the_configured_rate(artifacts: Path) -> None:
+def test_keep_warm_pings_every_cache_node_at_the_configured_rate() -> None:
     def check(d: Deployment) -> None:
         assert [r.inputs["scheduleExpression"] for r in d.of_type(RULE)] == ["rate(1 minute)"]
         pinged = {t.inputs["arn"] for t in d.of_type(TARGET)}
@@ -397,15 +396,15 @@ def test_keep_warm_pings_every_cache_node_at_the_configured_rate(artifacts: Path
         ]
         assert {p.inputs["sourceArn"] for p in events} == {rule_arn}
 
-    return deploy(FIVE_NODES, artifacts).apply(check)
+    return deploy(FIVE_NODES).apply(check)
 
 
 @pulumi.runtime.test
-def test_keep_warm_minutes_zero_turns_the_schedule_off(artifacts: Path) -> None:
+def test_keep_warm_minutes_zero_turns_the_schedule_off() -> None:
     def check(d: Deployment) -> None:
         assert d.of_type(RULE) == [] and d.of_type(TARGET) == []
 
-    return deploy({**DEFAULTS, "flstore:keepWarmMinutes": "0"}, artifacts).apply(check)
+    return deploy({**DEFAULTS, "flstore:keepWarmMinutes": "0"}).apply(check)
 
 
 @pulumi.runtime.test
@@ -419,7 +418,7 @@ def test_schedule_expression_uses_singular_for_one_minute() -> None:
 
 @pytest.mark.parametrize("config", [DEFAULTS, FIVE_NODES], ids=["defaults", "five-nodes"])
 @pulumi.runtime.test
-def test_every_policy_document_passes_the_safety_check(config: dict, artifacts: Path) -> None:
+def test_every_policy_document_passes_the_safety_check(config: dict) -> None:
     def check(d: Deployment) -> None:
         documents = policy_documents(d)
         # 3 role policies, 3 trust policies, the bucket's and the image repository's
@@ -428,14 +427,12 @@ def test_every_policy_document_passes_the_safety_check(config: dict, artifacts: 
             assert iam.find_unsafe_statements(document) == [], name
         assert security_findings(d) == []
 
-    return deploy(config, artifacts).apply(check)
+    return deploy(config).apply(check)
 
 
 @pytest.mark.parametrize("config", [DEFAULTS, FIVE_NODES], ids=["defaults", "five-nodes"])
 @pulumi.runtime.test
-def test_role_policies_are_scoped_to_bucket_nodes_and_own_logs(
-    config: dict, artifacts: Path
-) -> None:
+def test_role_policies_are_scoped_to_bucket_nodes_and_own_logs(config: dict) -> None:
     prefix = config.get("flstore:prefix", "flstore")
     nodes = int(config.get("flstore:cacheNodes", 8))
     region = config["aws:region"]
@@ -475,11 +472,11 @@ def test_role_policies_are_scoped_to_bucket_nodes_and_own_logs(
         pullers = set(pull["Condition"]["StringLike"]["aws:sourceArn"])
         assert pullers == cache_arns | {f"{arn}:*" for arn in cache_arns}
 
-    return deploy(config, artifacts).apply(check)
+    return deploy(config).apply(check)
 
 
 @pulumi.runtime.test
-def test_kms_key_encrypts_the_bucket_and_is_granted_only_through_s3(artifacts: Path) -> None:
+def test_kms_key_encrypts_the_bucket_and_is_granted_only_through_s3() -> None:
     def check(d: Deployment) -> None:
         (encryption,) = d.of_type(ENCRYPTION)
         (rule,) = encryption.inputs["rules"]
@@ -493,14 +490,14 @@ def test_kms_key_encrypts_the_bucket_and_is_granted_only_through_s3(artifacts: P
         assert resources_of(docs["fltest-authorizer-policy"], "kms:Decrypt") == set()
         assert security_findings(d) == []
 
-    return deploy({**FIVE_NODES, "flstore:kmsKeyArn": KMS_KEY}, artifacts).apply(check)
+    return deploy({**FIVE_NODES, "flstore:kmsKeyArn": KMS_KEY}).apply(check)
 
 
 # --- the bucket ------------------------------------------------------------------------
 
 
 @pulumi.runtime.test
-def test_bucket_is_private_encrypted_versioned_and_tls_only(artifacts: Path) -> None:
+def test_bucket_is_private_encrypted_versioned_and_tls_only() -> None:
     def check(d: Deployment) -> None:
         (bucket,) = d.of_type("aws:s3/bucket:Bucket")
         assert bucket.inputs["bucket"] == f"flstore-{ACCOUNT}-us-east-1"
@@ -532,11 +529,11 @@ def test_bucket_is_private_encrypted_versioned_and_tls_only(artifacts: Path) -> 
         ]
         assert deny_plain_http and deny_plain_http[0]["Principal"] == "*"
 
-    return deploy(DEFAULTS, artifacts).apply(check)
+    return deploy(DEFAULTS).apply(check)
 
 
 @pulumi.runtime.test
-def test_results_expire_by_the_tag_results_are_written_with(artifacts: Path) -> None:
+def test_results_expire_by_the_tag_results_are_written_with() -> None:
     def check(d: Deployment) -> None:
         (lifecycle,) = d.of_type("aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration")
         rules = {r["id"]: r for r in lifecycle.inputs["rules"]}
@@ -546,14 +543,14 @@ def test_results_expire_by_the_tag_results_are_written_with(artifacts: Path) -> 
         assert rules["tidy-job-versions"]["filter"]["prefix"] == "jobs/"
         assert rules["tidy-job-versions"]["noncurrentVersionExpiration"]["noncurrentDays"] == 30
 
-    return deploy(DEFAULTS, artifacts).apply(check)
+    return deploy(DEFAULTS).apply(check)
 
 
 # --- the API -----------------------------------------------------------------------------
 
 
 @pulumi.runtime.test
-def test_every_route_but_health_requires_the_authorizer(artifacts: Path) -> None:
+def test_every_route_but_health_requires_the_authorizer() -> None:
     def check(d: Deployment) -> None:
         routes = {r.inputs["routeKey"]: r.inputs for r in d.of_type(ROUTE)}
         assert set(routes) == {
@@ -586,11 +583,11 @@ def test_every_route_but_health_requires_the_authorizer(artifacts: Path) -> None
         targets = {r.inputs["target"] for r in d.of_type(ROUTE)}
         assert targets == {f"integrations/{integration.name}-id"}
 
-    return deploy(DEFAULTS, artifacts).apply(check)
+    return deploy(DEFAULTS).apply(check)
 
 
 @pulumi.runtime.test
-def test_stage_throttles_and_writes_access_logs_to_its_own_group(artifacts: Path) -> None:
+def test_stage_throttles_and_writes_access_logs_to_its_own_group() -> None:
     def check(d: Deployment) -> None:
         (stage,) = d.of_type("aws:apigatewayv2/stage:Stage")
         assert stage.inputs["autoDeploy"] is True
@@ -602,24 +599,24 @@ def test_stage_throttles_and_writes_access_logs_to_its_own_group(artifacts: Path
         api_logs = d.named(LOG_GROUP, "flstore-api-access-logs")
         assert api_logs.inputs["retentionInDays"] == 14
 
-    return deploy(DEFAULTS, artifacts).apply(check)
+    return deploy(DEFAULTS).apply(check)
 
 
 @pulumi.runtime.test
-def test_every_function_has_its_log_group_with_retention(artifacts: Path) -> None:
+def test_every_function_has_its_log_group_with_retention() -> None:
     def check(d: Deployment) -> None:
         groups = {g.inputs["name"]: g.inputs["retentionInDays"] for g in d.of_type(LOG_GROUP)}
         for function in d.of_type(FUNCTION):
             assert groups[f"/aws/lambda/{function.inputs['name']}"] == 30
         assert set(groups.values()) == {30}
 
-    return deploy(FIVE_NODES, artifacts).apply(check)
+    return deploy(FIVE_NODES).apply(check)
 
 
 @pytest.mark.parametrize("config", [DEFAULTS, FIVE_NODES], ids=["defaults", "five-nodes"])
 @pulumi.runtime.test
-def test_stack_outputs_name_the_api_bucket_and_functions(config: dict, artifacts: Path) -> None:
-    stack = run_program(config, artifacts)
+def test_stack_outputs_name_the_api_bucket_and_functions(config: dict) -> None:
+    stack = run_program(config)
     prefix = config.get("flstore:prefix", "flstore")
     nodes = int(config.get("flstore:cacheNodes", 8))
     assert set(OUTPUTS) <= set(stack.outputs)
@@ -639,7 +636,7 @@ def test_stack_outputs_name_the_api_bucket_and_functions(config: dict, artifacts
 
 
 @pulumi.runtime.test
-def test_audit_catches_a_bucket_made_public(artifacts: Path) -> None:
+def test_audit_catches_a_bucket_made_public() -> None:
     def open_bucket(args: pulumi.ResourceTransformationArgs) -> dict | None:
         if args.type_ == PUBLIC_ACCESS_BLOCK:
             return {**args.props, "block_public_policy": False, "restrict_public_buckets": False}
@@ -647,7 +644,7 @@ def test_audit_catches_a_bucket_made_public(artifacts: Path) -> None:
 
     _tampering.append(open_bucket)
     try:
-        deployment = deploy(DEFAULTS, artifacts)
+        deployment = deploy(DEFAULTS)
     finally:
         _tampering.clear()
 
@@ -661,7 +658,7 @@ def test_audit_catches_a_bucket_made_public(artifacts: Path) -> None:
 
 
 @pulumi.runtime.test
-def test_audit_catches_a_wildcard_statement_slipped_into_a_role(artifacts: Path) -> None:
+def test_audit_catches_a_wildcard_statement_slipped_into_a_role() -> None:
     def widen_router(args: pulumi.ResourceTransformationArgs) -> dict | None:
         if args.type_ == ROLE_POLICY and args.name == "flstore-router-policy":
             policy = json.loads(args.props["policy"])
@@ -671,7 +668,7 @@ def test_audit_catches_a_wildcard_statement_slipped_into_a_role(artifacts: Path)
 
     _tampering.append(widen_router)
     try:
-        deployment = deploy(DEFAULTS, artifacts)
+        deployment = deploy(DEFAULTS)
     finally:
         _tampering.clear()
 
@@ -686,9 +683,7 @@ def test_audit_catches_a_wildcard_statement_slipped_into_a_role(artifacts: Path)
 
 
 @pulumi.runtime.test
-def test_program_refuses_to_declare_an_unsafe_policy(
-    artifacts: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_program_refuses_to_declare_an_unsafe_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     safe = iam.router_policy
 
     def with_admin(**kwargs: Any) -> dict[str, Any]:
@@ -698,7 +693,7 @@ def test_program_refuses_to_declare_an_unsafe_policy(
 
     monkeypatch.setattr(iam, "router_policy", with_admin)
     with pytest.raises(iam.UnsafePolicyError, match="wildcard action '\\*'"):
-        run_program(DEFAULTS, artifacts)
+        run_program(DEFAULTS)
 
 
 @pytest.mark.parametrize(
@@ -743,10 +738,10 @@ def test_find_unsafe_statements_lets_denies_and_scoped_grants_pass() -> None:
 
 
 @pulumi.runtime.test
-def test_replication_above_node_count_is_rejected(artifacts: Path) -> None:
+def test_replication_above_node_count_is_rejected() -> None:
     config = {**DEFAULTS, "flstore:cacheNodes": "2", "flstore:replication": "3"}
     with pytest.raises(ConfigError, match="flstore:replication"):
-        run_program(config, artifacts)
+        run_program(config)
 
 
 @pulumi.runtime.test
@@ -760,41 +755,30 @@ def test_raw_tokens_are_refused_in_token_hashes() -> None:
 
 
 @pulumi.runtime.test
-def test_deploying_without_a_build_says_how_to_build(tmp_path: Path) -> None:
-    with pytest.raises(packaging.MissingArtifactError, match=r"python -m infra\.build"):
-        run_program(DEFAULTS, tmp_path)
+def test_program_builds_every_function_without_a_build_step() -> None:
+    """`pulumi up` alone: no `build/` directory is read or written; the zip and the image
+    context come from the build cache, built from this working tree."""
+    build_dir_existed = (REPO / "build").exists()
+
+    def check(d: Deployment) -> None:
+        names = {f.inputs["name"] for f in d.of_type(FUNCTION)}
+        cache_nodes = {f"fltest-cache-{i}" for i in range(5)}
+        assert names == cache_nodes | {"fltest-router", "fltest-authorizer"}
+        built = d.stack.artifacts
+        assert zipfile.is_zipfile(built.router_zip)
+        assert built.cache_node_dockerfile.is_file()
+        for path in (built.router_zip, built.cache_node_context):
+            assert path.is_relative_to(packaging.default_cache_dir())
+            assert not path.is_relative_to(REPO / "build")
+        assert (REPO / "build").exists() == build_dir_existed
+
+    return deploy(FIVE_NODES).apply(check)
 
 
 @pulumi.runtime.test
-def test_zip_is_deterministic_and_size_checked(tmp_path: Path) -> None:
-    source = tmp_path / "handler.py"
-    source.write_text("x = 1\n" * 1000)
-    first, second = tmp_path / "a.zip", tmp_path / "b.zip"
-    packaging.write_zip([("pkg/handler.py", source)], first)
-    packaging.write_zip([("pkg/handler.py", source)], second)
-    assert first.read_bytes() == second.read_bytes()
-    assert packaging.check_unzipped_size(first) == 6000
-    with pytest.raises(packaging.PackageTooLargeError, match="unpacks to"):
-        packaging.check_unzipped_size(first, limit=6000)
-
-
-@pulumi.runtime.test
-def test_zip_holds_the_packages_and_locked_numpy_free_dependencies() -> None:
-    members = dict(packaging._zip_members(None, REPO))
-    assert "lambdas/__init__.py" in members
-    assert any(name.startswith("flstore_core/") for name in members)
-    assert not any("__pycache__" in name for name in members)
-    pins = packaging.locked_requirements(packaging.ZIP_DEPENDENCIES, REPO / "requirements.lock")
-    assert all("==" in pin for pin in pins)
-    assert not any(pin.split("==")[0] in packaging.HEAVY_PACKAGES for pin in pins)
-
-
-@pulumi.runtime.test
-def test_image_context_has_the_dockerfile_and_sources_only(tmp_path: Path) -> None:
-    context = packaging.stage_image_context(tmp_path)
-    dockerfile = (context / "Dockerfile").read_text()
-    assert "FROM public.ecr.aws/lambda/python:" in dockerfile
-    assert 'CMD ["lambdas.cache_node.handler"]' in dockerfile
-    assert (context / "pyproject.toml").is_file() and (context / "requirements.lock").is_file()
-    assert (context / "lambdas" / "__init__.py").is_file()
-    assert not (context / ".venv").exists() and not (context / "tests").exists()
+def test_rerunning_the_program_on_an_unchanged_tree_deploys_the_same_artifacts() -> None:
+    first = run_program(DEFAULTS).artifacts
+    zip_bytes = first.router_zip.read_bytes()
+    second = run_program(DEFAULTS).artifacts
+    assert second == first
+    assert second.router_zip.read_bytes() == zip_bytes
