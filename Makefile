@@ -22,6 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy flstore_core evaluation lambdas pipelines
+	$(BIN)/mypy --strict infra/flstore_infra infra/build.py
 
 test: lint
 	$(BIN)/python -m pytest

@@ -75,6 +75,12 @@ TOKENS = Setting(
 PRICES_FILE = Setting("FLSTORE_PRICES_FILE", None, "JSON file overriding the price table")
 URL = Setting("FLSTORE_URL", None, "API base URL for the command line (default: local stack)")
 TOKEN = Setting("FLSTORE_TOKEN", None, "bearer token for the command line")
+BUILD_CACHE = Setting(
+    "FLSTORE_BUILD_CACHE",
+    None,
+    "where `pulumi up` caches built zips, image contexts and wheels (default ~/.cache/flstore;"
+    " read by infra/, which imports no runtime code)",
+)
 VERBOSE = Setting("FLSTORE_VERBOSE", None, "any value: the command line also logs INFO records")
 
 SETTINGS: tuple[Setting, ...] = (
@@ -94,6 +100,7 @@ SETTINGS: tuple[Setting, ...] = (
     URL,
     TOKEN,
     VERBOSE,
+    BUILD_CACHE,
 )
 
 # ---------------------------------------------------------------------- AWS's own variables
