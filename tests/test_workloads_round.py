@@ -407,7 +407,7 @@ def test_model_results_are_stored_as_weights_through_a_cache_node(store: ObjectS
         ("trimmed_mean", {"beta": 0.5}, "[0, 0.5)"),
         ("trimmed_mean", {"beta": 0.7}, "must be <= 0.5"),
         ("trimmed_mean", {"beta": -0.1}, "must be >= 0.0"),
-        ("cfl_split", {"eps": 1.0}, "its params are: eps_1, eps_2, use_delta"),
+        ("cfl_split", {"eps": 1.0}, "its params are: eps_1, eps_2, include_buffers, use_delta"),
         ("krum", {"k": 1}, "has no param 'k'"),
         ("malicious_cosine", {"threshold": "low"}, "must be of type float"),
     ],

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from flstore_core.data.codec import TensorSpec
+from flstore_core.data.columns import ColumnSplit, Runs, split_columns
 from flstore_core.data.manifest import JobSpec
 from flstore_core.data.rows import unflatten
 from flstore_core.errors import InvalidParamsError, NotFoundError
@@ -26,6 +27,49 @@ from flstore_core.errors import InvalidParamsError, NotFoundError
 T = TypeVar("T")
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
+
+# Columns per block of the centred Gram pass: ~1 Mi elements (4 MiB of float32) a block keeps
+# the centred copy in cache; never fewer than 4 Ki columns, so BLAS calls stay large.
+BLOCK_ELEMENTS = 1 << 20
+MIN_BLOCK_COLUMNS = 1 << 12
+
+
+@dataclass(frozen=True)
+class GramParts:
+    """Pieces from which the Gram matrices of a column subset are rebuilt, all float64.
+
+    With ``z_i = x_i − c`` (rows centred on their mean ``c``) and ``b`` the base:
+
+    * ``x_i·x_j = Z_ij + z_i·c + z_j·c + c·c``  (Gram of the rows as stored: deltas with a base)
+    * ``w_i·w_j = x_i·x_j + x_i·b + x_j·b + b·b`` with ``x_i·b = z_i·b + c·b``  (of weights)
+
+    Each piece is a sum over columns, so pieces of disjoint column sets add up.
+    """
+
+    centred: F64
+    z_c: F64
+    c_c: float
+    z_b: F64
+    c_b: float
+    b_b: float
+
+    def __add__(self, other: GramParts) -> GramParts:
+        return GramParts(
+            self.centred + other.centred,
+            self.z_c + other.z_c,
+            self.c_c + other.c_c,
+            self.z_b + other.z_b,
+            self.c_b + other.c_b,
+            self.b_b + other.b_b,
+        )
+
+    def gram(self, weights: bool = False) -> F64:
+        """The uncentred Gram of the stored rows, or of the weights (rows + base)."""
+        g: F64 = self.centred + self.z_c[:, None] + self.z_c[None, :] + self.c_c
+        if weights:
+            x_b = self.z_b + self.c_b
+            g = g + x_b[:, None] + x_b[None, :] + self.b_b
+        return g
 
 
 @dataclass
@@ -122,6 +166,7 @@ class RoundData:
         self.matrix = matrix
         self.stats = stats or ArtifactStats()
         self._artifacts: dict[str, Any] = {}
+        self._columns: ColumnSplit | None = None
         # model results this node already wrote to S3 for this round (their keys are
         # deterministic in params and content), so a repeated request skips the PUT
         self.results_written: set[str] = set()
@@ -166,49 +211,114 @@ class RoundData:
     def warm(self) -> None:
         """Compute the shared artifacts now (prefetch does, so the first request is cheap)."""
         self.gram(True)
-        if self.is_delta:
-            self.gram(False)
+        self.distances()
 
     # ------------------------------------------------------------------ artifacts
 
-    def _delta_gram(self) -> F64:
-        # one float32 GEMM on the (n, d) matrix; float64 afterwards for the small n x n algebra
-        return self._artifact(
-            "gram", lambda: (self.matrix @ self.matrix.T).astype(np.float64, copy=False)
-        )
+    @property
+    def columns(self) -> ColumnSplit:
+        """Which columns direction- and distance-based workloads read
+        (:mod:`flstore_core.data.columns`: the job's recorded parameter names, else the
+        name/dtype rule)."""
+        if self._columns is None:
+            spec = self._context.spec if self._context is not None else None
+            self._columns = split_columns(self.specs, spec.parameters if spec else None)
+        return self._columns
 
-    def _base_dots(self) -> tuple[F64, float]:
-        def compute() -> tuple[F64, float]:
-            assert self.base is not None
-            return (self.matrix @ self.base).astype(np.float64), float(np.dot(self.base, self.base))
+    def _block_sums(self, runs: Runs) -> GramParts:
+        """One blocked pass over the columns ``runs``: the centred Gram and the dot products
+        that turn it back into the Gram of deltas or of weights.
 
-        return self._artifact("base_dots", compute)
+        Each block of columns is centred on its own mean ``c`` before its float32 GEMM, and
+        the blocks' results are summed in float64: the GEMM then sees only the clients'
+        differences, so distances keep their digits however large the common offset (a raw
+        float32 Gram of ‖w‖² ≈ 1e3 loses offsets of 1e-4 entirely). Any centre would do — it is
+        added back exactly — the mean keeps ``Z`` smallest.
+        """
+        n = self.n
+        base = self.base
+        # one float32 GEMM per block on the stacked rows [Z; c; b]: its (k, k) product holds
+        # Z·Zᵀ, Z·c, c·c, Z·b, c·b and b·b at once (a GEMV for Z·c costs more than the GEMM);
+        # k is padded to a multiple of 4 with zero rows, which OpenBLAS runs markedly faster
+        k = n + (1 if base is None else 2)
+        k += -k % 4
+        step = max(MIN_BLOCK_COLUMNS, BLOCK_ELEMENTS // k)
+        buf = np.zeros((k, min(step, max((b - a for a, b in runs), default=0))), np.float32)
+        acc = np.zeros((k, k))
+        for a, b in runs:
+            for start in range(a, b, step):
+                stop = min(start + step, b)
+                x = self.matrix[:, start:stop]
+                rows = buf[:, : stop - start]
+                c = rows[n]
+                np.mean(x, axis=0, dtype=np.float32, out=c)
+                np.subtract(x, c, out=rows[:n])
+                if base is not None:
+                    rows[n + 1] = base[start:stop]
+                acc += rows @ rows.T
+        centred = acc[:n, :n]
+        z_c, c_c = acc[:n, n].copy(), float(acc[n, n])
+        z_b = acc[:n, n + 1].copy() if base is not None else np.zeros(n)
+        c_b = float(acc[n, n + 1]) if base is not None else 0.0
+        b_b = float(acc[n + 1, n + 1]) if base is not None else 0.0
+        centred = (centred + centred.T) / 2.0  # exactly symmetric whatever BLAS did
+        return GramParts(centred, z_c, c_c, z_b, c_b, b_b)
 
-    def gram(self, use_delta: bool = True) -> F64:
-        """Gram matrix of deltas (``use_delta`` and a base exists) or of the stored tensors."""
-        g = self._delta_gram()
-        if use_delta or not self.is_delta:
-            return g
-        # (d_i + b)·(d_j + b) = d_i·d_j + d_i·b + b·d_j + b·b, each term computed accurately
-        u, bb = self._base_dots()
-        return g + u[:, None] + u[None, :] + bb
+    def _parts(self, include_buffers: bool) -> GramParts:
+        """The Gram pieces of the column subset: parameters, plus buffers when asked (each
+        subset's pass is computed once; pieces add over disjoint columns)."""
+        cols = self.columns
+        parts = self._artifact("gram", lambda: self._block_sums(cols.parameter_runs))
+        if include_buffers and cols.buffer_runs:
+            extra = self._artifact("gram+buffers", lambda: self._block_sums(cols.buffer_runs))
+            parts = parts + extra
+        return parts
 
-    def sq_norms(self, use_delta: bool = True) -> F64:
+    def centred_gram(self, include_buffers: bool = False) -> F64:
+        """``Z·Zᵀ`` of the rows centred on their mean (translation-invariant workloads: k-means,
+        distances); the same for deltas and stored tensors."""
+        return self._parts(include_buffers).centred
+
+    def gram(self, use_delta: bool = True, include_buffers: bool = False) -> F64:
+        """Gram matrix of deltas (``use_delta`` and a base exists) or of the stored tensors,
+        over the parameters (and buffers with ``include_buffers``); cosines need this one."""
+        return self._parts(include_buffers).gram(weights=not use_delta and self.is_delta)
+
+    def sq_norms(self, use_delta: bool = True, include_buffers: bool = False) -> F64:
         """Squared L2 norms of the rows."""
-        return np.diag(self.gram(use_delta)).copy()
+        return np.diag(self.gram(use_delta, include_buffers)).copy()
 
-    def distances(self) -> F64:
+    def distances(self, include_buffers: bool = False) -> F64:
         """Squared pairwise L2 distances (the same for deltas and stored tensors)."""
 
         def compute() -> F64:
-            g = self._delta_gram()
+            g = self.centred_gram(include_buffers)
             d = np.diag(g)
-            # ||x - y||^2 = ||x||^2 + ||y||^2 - 2 x·y
+            # ||x - y||^2 = ||z_x||^2 + ||z_y||^2 - 2 z_x·z_y  (z = x − c: no common offset)
             out = np.maximum(d[:, None] + d[None, :] - 2.0 * g, 0.0)
             np.fill_diagonal(out, 0.0)
             return out
 
-        return self._artifact("distances", compute)
+        name = "distances+buffers" if include_buffers and self.columns.buffer_runs else "distances"
+        return self._artifact(name, compute)
+
+    def dots_with(self, vector: F32, include_buffers: bool = False) -> F64:
+        """``x_i · v`` for every row over the column subset (float32 BLAS per run, float64
+        sums)."""
+        out = np.zeros(self.n)
+        for a, b in self.columns.runs(include_buffers):
+            for start in range(a, b, BLOCK_ELEMENTS):
+                stop = min(start + BLOCK_ELEMENTS, b)
+                out += self.matrix[:, start:stop] @ vector[start:stop]
+        return out
+
+    def sq_norm_of(self, vector: F32, include_buffers: bool = False) -> float:
+        """``‖v‖²`` over the column subset, in float64."""
+        total = 0.0
+        for a, b in self.columns.runs(include_buffers):
+            part = vector[a:b].astype(np.float64)
+            total += float(np.dot(part, part))
+        return total
 
     def mean_vector(self) -> F32:
         """Unweighted mean of the rows as stored (deltas when ``is_delta``)."""

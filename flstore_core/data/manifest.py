@@ -29,13 +29,20 @@ JOB_FORMAT = "flstore-job/1"
 
 @dataclass
 class JobSpec:
-    """What ``job.json`` declares of a job: its model, storage precision and hyper-parameters."""
+    """What ``job.json`` declares of a job: its model, storage precision and hyper-parameters.
+
+    ``parameters`` are the names of the declared model's trainable parameters
+    (``named_parameters()``), recorded at ``job create`` so that cache nodes split a row into
+    parameters and buffers without torch (:mod:`flstore_core.data.columns`); ``None`` for a job
+    without a model and for ``job.json`` files written before the field existed.
+    """
 
     job: str
     model: str | None = None
     precision: Precision = "float32"
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    parameters: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         validate_job(self.job)
@@ -53,6 +60,7 @@ class JobSpec:
                 "precision": self.precision,
                 "hyperparameters": self.hyperparameters,
                 "description": self.description,
+                "parameters": None if self.parameters is None else list(self.parameters),
             },
             indent=1,
             sort_keys=True,
@@ -68,9 +76,19 @@ class JobSpec:
                 precision=obj.get("precision", "float32"),
                 hyperparameters=dict(obj.get("hyperparameters") or {}),
                 description=str(obj.get("description", "")),
+                parameters=_names(obj.get("parameters")),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise StoredObjectCorruptError(f"job.json is not a valid job spec: {exc}") from exc
+
+
+def _names(value: Any) -> tuple[str, ...] | None:
+    """A recorded list of tensor names (``None`` when absent, as in older ``job.json``)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError("parameters must be a list of tensor names")
+    return tuple(value)
 
 
 @dataclass

@@ -30,6 +30,15 @@ def read_validation_file(path: str | Path) -> tuple[npt.NDArray[np.float32], npt
     )
 
 
+def parameter_names(model: str) -> tuple[str, ...]:
+    """Names of the registry model's trainable parameters (``named_parameters()``, in order).
+
+    Recorded in ``job.json`` so that cache nodes tell parameters from buffers (BatchNorm's
+    running statistics and counters) without torch (:mod:`flstore_core.data.columns`).
+    """
+    return tuple(name for name, _ in models.build(model).named_parameters())
+
+
 def create_job(
     store: ObjectStore,
     job: str,
@@ -51,6 +60,7 @@ def create_job(
         model=model,
         precision=parse_precision(precision),
         hyperparameters=hyperparameters or {},
+        parameters=None if model is None else parameter_names(model),
     )
     data = None
     if validation is not None:

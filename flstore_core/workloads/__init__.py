@@ -205,3 +205,9 @@ def check_k(k: int, n: int, what: str = "clients") -> None:
 
 CLIENTS = Param("array", None, "client ids (default: every client of the job)", nullable=True)
 USE_DELTA = Param("bool", True, "work on deltas w_i - base when the round's base model is stored")
+INCLUDE_BUFFERS = Param(
+    "bool",
+    False,
+    "also read BatchNorm running statistics (running_mean, running_var); similarities and "
+    "distances read the float trainable parameters only by default, integer tensors never",
+)

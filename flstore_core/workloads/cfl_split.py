@@ -23,7 +23,14 @@ from sklearn.cluster import AgglomerativeClustering
 
 from flstore_core.cache.round_data import RoundData
 from flstore_core.errors import InvalidParamsError
-from flstore_core.workloads import USE_DELTA, Param, Workload, WorkloadResult, register
+from flstore_core.workloads import (
+    INCLUDE_BUFFERS,
+    USE_DELTA,
+    Param,
+    Workload,
+    WorkloadResult,
+    register,
+)
 
 F64 = npt.NDArray[np.float64]
 
@@ -46,7 +53,11 @@ def bipartition(cos: F64) -> npt.NDArray[np.int64]:
 
 
 def cfl_split(
-    data: RoundData, eps_1: float = 0.4, eps_2: float = 1.6, use_delta: bool = True
+    data: RoundData,
+    eps_1: float = 0.4,
+    eps_2: float = 1.6,
+    use_delta: bool = True,
+    include_buffers: bool = False,
 ) -> WorkloadResult:
     """Bipartition the round as CFL would and report its split criterion.
 
@@ -61,6 +72,9 @@ def cfl_split(
     use_delta : bool, default True
         Use ``w_i - base`` when the base is stored; CFL is defined on updates, so turn this off
         only for rounds without a stored base.
+    include_buffers : bool, default False
+        Also read BatchNorm running statistics; CFL's authors' code works on the model's
+        parameters, integer tensors never (:mod:`flstore_core.data.columns`).
 
     Returns
     -------
@@ -73,7 +87,7 @@ def cfl_split(
         raise InvalidParamsError(
             f"cfl_split bipartitions the round and needs at least 2 clients; round has {data.n}"
         )
-    gram = data.gram(use_delta)
+    gram = data.gram(use_delta, include_buffers)
     cos = pairwise_cosine(gram)
     labels = bipartition(cos)
     in_first = labels == 0
@@ -118,6 +132,7 @@ WORKLOAD = register(
             "eps_1": Param("float", 0.4, "split if the mean update norm is below this", minimum=0),
             "eps_2": Param("float", 1.6, "split if the max update norm is above this", minimum=0),
             "use_delta": USE_DELTA,
+            "include_buffers": INCLUDE_BUFFERS,
         },
     )
 )

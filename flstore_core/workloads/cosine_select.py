@@ -13,7 +13,15 @@ import numpy as np
 import numpy.typing as npt
 
 from flstore_core.cache.round_data import RoundData
-from flstore_core.workloads import USE_DELTA, Param, Workload, WorkloadResult, check_k, register
+from flstore_core.workloads import (
+    INCLUDE_BUFFERS,
+    USE_DELTA,
+    Param,
+    Workload,
+    WorkloadResult,
+    check_k,
+    register,
+)
 
 
 def cosine_to_mean(gram: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -32,10 +40,16 @@ def rank_by_score(clients: list[str], scores: npt.NDArray[np.float64]) -> list[s
     return [c for _, c in sorted(zip(-scores, clients, strict=True))]
 
 
-def cosine_select(data: RoundData, k: int = 3, use_delta: bool = True) -> WorkloadResult:
-    """Top-``k`` clients by cosine similarity to the round mean; ``scores`` for every client."""
+def cosine_select(
+    data: RoundData, k: int = 3, use_delta: bool = True, include_buffers: bool = False
+) -> WorkloadResult:
+    """Top-``k`` clients by cosine similarity to the round mean; ``scores`` for every client.
+
+    Over the float trainable parameters (plus BatchNorm running statistics when
+    ``include_buffers``; integer tensors never: :mod:`flstore_core.data.columns`).
+    """
     check_k(k, data.n)
-    cos = cosine_to_mean(data.gram(use_delta))
+    cos = cosine_to_mean(data.gram(use_delta, include_buffers))
     order = rank_by_score(data.clients, cos)
     return WorkloadResult(
         {
@@ -53,6 +67,10 @@ WORKLOAD = register(
         description="Top-k clients by cosine similarity of their update to the round mean.",
         reference="FLStore artifact (client-scheduling)",
         run=lambda data, params: cosine_select(data, **params),
-        params={"k": Param("int", 3, "clients to select", minimum=1), "use_delta": USE_DELTA},
+        params={
+            "k": Param("int", 3, "clients to select", minimum=1),
+            "use_delta": USE_DELTA,
+            "include_buffers": INCLUDE_BUFFERS,
+        },
     )
 )

@@ -16,10 +16,18 @@ left out of the aggregation). Dot products and norms come from the round's share
 artifact when ``g_0`` is a round entry; a computed ``g_0`` costs one pass over the matrix.
 The paper writes updates as gradients and the step as ``w − α·g``; with updates stored as model
 differences the sign flips, the rule is the same.
+
+Trust, norms and the norm scaling are over the model's parameters, as in the paper: the float
+trainable parameters (``include_buffers`` adds BatchNorm running statistics), integer tensors
+never (:mod:`flstore_core.data.columns`). The returned model is complete: tensors outside those
+columns (running statistics by default, ``num_batches_tracked``) take the trust-weighted mean
+of the clients' deltas, ``base + α Σ_i TS_i d_i / Σ_i TS_i`` — averaged like weights, without the
+parameters' norm scaling — and integer tensors are rounded to the nearest integer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,13 +37,26 @@ from flstore_core import models
 from flstore_core.cache.round_data import RoundData
 from flstore_core.data.rows import flat_parts
 from flstore_core.errors import InvalidParamsError, NotFoundError
-from flstore_core.workloads import Param, Workload, WorkloadResult, register
+from flstore_core.workloads import INCLUDE_BUFFERS, Param, Workload, WorkloadResult, register
 
 if TYPE_CHECKING:
     from torch import nn
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
+
+
+def complement(runs: Sequence[tuple[int, int]], width: int) -> list[tuple[int, int]]:
+    """The column ranges of ``[0, width)`` outside the sorted, disjoint ``runs``."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    for a, b in runs:
+        if a > pos:
+            out.append((pos, a))
+        pos = b
+    if pos < width:
+        out.append((pos, width))
+    return out
 
 
 def fltrust_weights(dots: F64, sq_norms: F64, server_sq_norm: float) -> tuple[F64, F64]:
@@ -96,6 +117,7 @@ def fltrust(
     batch_size: int = 10,
     seed: int = 0,
     global_lr: float = 1.0,
+    include_buffers: bool = False,
 ) -> WorkloadResult:
     """FLTrust aggregate of the round's deltas against a server update ``g_0``.
 
@@ -111,6 +133,8 @@ def fltrust(
         size, seed of the shuffling.
     global_lr : float, default 1.0
         ``α`` in ``w = base + α g``.
+    include_buffers : bool, default False
+        Trust and norm scaling also over BatchNorm running statistics.
 
     Returns
     -------
@@ -134,14 +158,14 @@ def fltrust(
             )
         s = data.clients.index(server_client)
         rows.remove(s)
-        gram = data.gram(True)
+        gram = data.gram(True, include_buffers)
         dots, sq_norms, server_sq = gram[rows, s], np.diag(gram)[rows], float(gram[s, s])
         source = server_client
     else:
         g0, _ = server_update(data, server_epochs, lr, batch_size, seed)
-        dots = (data.matrix @ g0).astype(np.float64)
-        sq_norms = data.sq_norms(True)
-        server_sq = float(np.dot(g0.astype(np.float64), g0.astype(np.float64)))
+        dots = data.dots_with(g0, include_buffers)
+        sq_norms = data.sq_norms(True, include_buffers)
+        server_sq = data.sq_norm_of(g0, include_buffers)
         source = "root_dataset"
     if not rows:
         raise InvalidParamsError("fltrust needs at least one client besides server_client")
@@ -163,6 +187,11 @@ def fltrust(
     full = np.zeros(data.n)
     full[rows] = coef
     aggregate = (full.astype(np.float32) @ data.matrix).astype(np.float32)
+    # the other columns (buffers): trust-weighted mean of the deltas, Σ TS_i d_i / Σ TS_i
+    share = np.zeros(data.n)
+    share[rows] = trust / trust.sum()
+    for a, b in complement(data.columns.runs(include_buffers), int(data.matrix.shape[1])):
+        aggregate[a:b] = share.astype(np.float32) @ data.matrix[:, a:b]
     model = (data.base + np.float32(global_lr) * aggregate).astype(np.float32)
     return WorkloadResult(result, model=model)
 
@@ -186,6 +215,7 @@ WORKLOAD = register(
             "batch_size": Param("int", 10, "server mini-batch size", minimum=1),
             "seed": Param("int", 0, "seed of the server's shuffling", minimum=0),
             "global_lr": Param("float", 1.0, "alpha in w = base + alpha g", minimum=0.0),
+            "include_buffers": INCLUDE_BUFFERS,
         },
     )
 )

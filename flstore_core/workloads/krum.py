@@ -8,7 +8,11 @@ are Byzantine (``n > 2f + 2``), the score of update ``i`` is
 
 where ``N_i`` holds the ``n − f − 2`` updates nearest to ``x_i`` *other than* ``x_i`` itself;
 Krum outputs the update of least score. The squared distances are the round's shared artifact
-(derived from the Gram matrix), which are the same for deltas and for stored weights.
+(derived from the Gram matrix of the rows centred on their mean, so a common offset that dwarfs
+the clients' differences costs no digits), which are the same for deltas and for stored weights.
+Like the paper, distances are over the model's parameters: the float trainable parameters,
+BatchNorm running statistics only with ``include_buffers``, integer tensors never
+(:mod:`flstore_core.data.columns`); the selected client's model is returned whole.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy.typing as npt
 
 from flstore_core.cache.round_data import RoundData
 from flstore_core.errors import InvalidParamsError
-from flstore_core.workloads import Param, Workload, WorkloadResult, register
+from flstore_core.workloads import INCLUDE_BUFFERS, Param, Workload, WorkloadResult, register
 from flstore_core.workloads.cosine_select import rank_by_score
 
 
@@ -53,7 +57,7 @@ def rank_ascending(clients: list[str], scores: npt.NDArray[np.float64]) -> list[
     return rank_by_score(clients, -scores)
 
 
-def krum(data: RoundData, f: int = 1) -> WorkloadResult:
+def krum(data: RoundData, f: int = 1, include_buffers: bool = False) -> WorkloadResult:
     """Select the update of least Krum score and return it as the model.
 
     Parameters
@@ -62,6 +66,8 @@ def krum(data: RoundData, f: int = 1) -> WorkloadResult:
         The round; distances are taken from its shared artifacts.
     f : int, default 1
         Number of Byzantine clients tolerated; the round must have ``n > 2f + 2`` clients.
+    include_buffers : bool, default False
+        Distances also over BatchNorm running statistics.
 
     Returns
     -------
@@ -70,7 +76,7 @@ def krum(data: RoundData, f: int = 1) -> WorkloadResult:
         better), ``f``, ``num_closest``; the model is the selected client's weights.
     """
     check_f(f, data.n, "krum")
-    scores = krum_scores(data.distances(), f)
+    scores = krum_scores(data.distances(include_buffers), f)
     order = rank_ascending(data.clients, scores)
     best = data.clients.index(order[0])
     return WorkloadResult(
@@ -96,6 +102,6 @@ WORKLOAD = register(
         ),
         reference="Blanchard et al. 2017",
         run=lambda data, params: krum(data, **params),
-        params={"f": F_PARAM},
+        params={"f": F_PARAM, "include_buffers": INCLUDE_BUFFERS},
     )
 )

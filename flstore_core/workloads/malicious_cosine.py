@@ -11,12 +11,24 @@ request costs no pass over the updates.
 from __future__ import annotations
 
 from flstore_core.cache.round_data import RoundData
-from flstore_core.workloads import USE_DELTA, Param, Workload, WorkloadResult, check_k, register
+from flstore_core.workloads import (
+    INCLUDE_BUFFERS,
+    USE_DELTA,
+    Param,
+    Workload,
+    WorkloadResult,
+    check_k,
+    register,
+)
 from flstore_core.workloads.cosine_select import cosine_to_mean, rank_by_score
 
 
 def malicious_cosine(
-    data: RoundData, k: int = 1, threshold: float | None = None, use_delta: bool = True
+    data: RoundData,
+    k: int = 1,
+    threshold: float | None = None,
+    use_delta: bool = True,
+    include_buffers: bool = False,
 ) -> WorkloadResult:
     """Flag the ``k`` clients least similar to the round mean, or those below ``threshold``.
 
@@ -30,13 +42,16 @@ def malicious_cosine(
         Flag every client whose cosine to the mean is strictly below this value; overrides ``k``.
     use_delta : bool, default True
         Work on ``w_i - base`` when the base is stored (cosines differ from those of weights).
+    include_buffers : bool, default False
+        Also read BatchNorm running statistics; cosines are over the float trainable parameters
+        otherwise, integer tensors never (:mod:`flstore_core.data.columns`).
 
     Returns
     -------
     WorkloadResult
         ``flagged`` (worst first), ``scores`` (client -> cosine to the mean), ``rule``.
     """
-    cos = cosine_to_mean(data.gram(use_delta))
+    cos = cosine_to_mean(data.gram(use_delta, include_buffers))
     # ascending similarity = descending -cos; ties broken by client id, as in cosine_select
     worst_first = rank_by_score(data.clients, -cos)
     if threshold is None:
@@ -78,6 +93,7 @@ WORKLOAD = register(
                 nullable=True,
             ),
             "use_delta": USE_DELTA,
+            "include_buffers": INCLUDE_BUFFERS,
         },
     )
 )

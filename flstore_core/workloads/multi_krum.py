@@ -6,6 +6,10 @@ score ``s(i) = Σ_{j ∈ N_i} ‖x_i − x_j‖²`` over its ``n − f − 2`` n
 :mod:`flstore_core.workloads.krum`); the ``m`` updates of least score are selected and averaged.
 The paper averages them uniformly; FLStore (like Flower's ``MultiKrum`` strategy) weights them
 by their examples, ``Σ_{i ∈ S} n_i x_i / Σ_{i ∈ S} n_i``. ``m`` defaults to ``n − f``.
+Scores are over the float trainable parameters (``include_buffers`` adds BatchNorm running
+statistics); the average covers every tensor, as Flower's strategies average every array:
+running statistics like weights, integer buffers (``num_batches_tracked``) averaged and rounded
+to the nearest integer.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import numpy.typing as npt
 
 from flstore_core.cache.round_data import RoundData
 from flstore_core.errors import InvalidParamsError
-from flstore_core.workloads import Param, Workload, WorkloadResult, register
+from flstore_core.workloads import INCLUDE_BUFFERS, Param, Workload, WorkloadResult, register
 from flstore_core.workloads.krum import F_PARAM, check_f, krum_scores, rank_ascending
 
 
-def multi_krum(data: RoundData, f: int = 1, m: int | None = None) -> WorkloadResult:
+def multi_krum(
+    data: RoundData, f: int = 1, m: int | None = None, include_buffers: bool = False
+) -> WorkloadResult:
     """Select the ``m`` updates of least Krum score and return their example-weighted mean.
 
     Parameters
@@ -30,6 +36,8 @@ def multi_krum(data: RoundData, f: int = 1, m: int | None = None) -> WorkloadRes
         Number of Byzantine clients tolerated; the round must have ``n > 2f + 2`` clients.
     m : int or None, default None
         How many updates to average, ``1 <= m <= n``; ``None`` means ``n - f``.
+    include_buffers : bool, default False
+        Krum distances also over BatchNorm running statistics.
 
     Returns
     -------
@@ -46,7 +54,7 @@ def multi_krum(data: RoundData, f: int = 1, m: int | None = None) -> WorkloadRes
             f"m={m} but the round has only {data.n} clients: use m <= {data.n} "
             f"(or omit m for n - f = {data.n - f})"
         )
-    scores = krum_scores(data.distances(), f)
+    scores = krum_scores(data.distances(include_buffers), f)
     selected = rank_ascending(data.clients, scores)[:m]
     chosen = set(selected)
     mask = np.array([c in chosen for c in data.clients])
@@ -84,6 +92,7 @@ WORKLOAD = register(
         params={
             "f": F_PARAM,
             "m": Param("int", None, "updates to average (default n - f)", minimum=1, nullable=True),
+            "include_buffers": INCLUDE_BUFFERS,
         },
     )
 )

@@ -20,7 +20,15 @@ import numpy.typing as npt
 
 from flstore_core.cache.round_data import RoundData
 from flstore_core.errors import InvalidParamsError, NotFoundError
-from flstore_core.workloads import USE_DELTA, Param, Workload, WorkloadResult, check_k, register
+from flstore_core.workloads import (
+    INCLUDE_BUFFERS,
+    USE_DELTA,
+    Param,
+    Workload,
+    WorkloadResult,
+    check_k,
+    register,
+)
 from flstore_core.workloads.accuracy_select import ValidationScorer
 from flstore_core.workloads.cosine_select import rank_by_score
 
@@ -42,6 +50,7 @@ def personalize(
     peers: int = 3,
     by: str = "similarity",
     use_delta: bool = True,
+    include_buffers: bool = False,
 ) -> WorkloadResult:
     """Personalized model of ``client`` from itself and its ``peers`` closest peers.
 
@@ -58,6 +67,11 @@ def personalize(
         accuracy of their own model.
     use_delta : bool, default True
         Similarity of deltas ``w − base`` when the base model is stored.
+    include_buffers : bool, default False
+        Similarity also over BatchNorm running statistics; over the float trainable
+        parameters otherwise, integer tensors never (:mod:`flstore_core.data.columns`). The
+        personalized model averages every tensor: running statistics like weights, integer
+        buffers averaged and rounded to the nearest integer.
 
     Returns
     -------
@@ -79,7 +93,7 @@ def personalize(
     row = data.clients.index(client)
     others = [i for i in range(data.n) if i != row]
     if by == "similarity":
-        score_all = cosine_to_row(data.gram(use_delta), row)
+        score_all = cosine_to_row(data.gram(use_delta, include_buffers), row)
     else:
         score_all = np.zeros(data.n)
         for i in others:
@@ -126,6 +140,7 @@ WORKLOAD = register(
             "peers": Param("int", 3, "peers averaged with the client", minimum=0),
             "by": Param("str", "similarity", "rank peers by", choices=("similarity", "accuracy")),
             "use_delta": USE_DELTA,
+            "include_buffers": INCLUDE_BUFFERS,
         },
     )
 )
