@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from flstore_core.data.codec import TensorSpec
+from flstore_core.data.codec import TensorSpec, slices_of
 from flstore_core.errors import InvalidParamsError, ValidationError
 
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 _BUILDERS: dict[str, Callable[[], nn.Module]] = {}
+_STATE_NAMES: dict[str, tuple[str, ...]] = {}
 INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "digits_cnn": (1, 8, 8),
     "resnet18_cifar": (3, 32, 32),
@@ -63,27 +64,49 @@ def state_arrays(model: nn.Module) -> dict[str, npt.NDArray[Any]]:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
+def state_names(name: str) -> tuple[str, ...]:
+    """The state-dict names of registry model ``name``, in state-dict order: the canonical tensor
+    order of a job that declares it (ARCHITECTURE §2). Built once per process (needs torch)."""
+    if name not in _STATE_NAMES:
+        _STATE_NAMES[name] = tuple(build(name).state_dict())
+    return _STATE_NAMES[name]
+
+
+def check_names(model_names: Sequence[str], specs: Sequence[TensorSpec]) -> None:
+    """Raise :class:`InvalidParamsError` naming the first tensor that is in the model
+    (``model_names``, its state-dict names) but not in ``specs``, or the reverse; order aside."""
+    have = {s.name for s in specs}
+    names = set(model_names)
+    only_model = [n for n in model_names if n not in have]
+    only_specs = [s.name for s in specs if s.name not in names]
+    if only_model or only_specs:
+        which = (
+            f"tensor {only_model[0]!r} of the model is missing from the updates"
+            if only_model
+            else f"tensor {only_specs[0]!r} of the updates is not in the model"
+        )
+        raise InvalidParamsError(
+            f"the job's updates do not match its model: {which}; declare the model the clients "
+            "train (flstore job create J --model NAME)"
+        )
+
+
 def load_vector(
     model: nn.Module, vector: npt.NDArray[Any], specs: Sequence[TensorSpec]
 ) -> nn.Module:
-    """Load a flattened weights vector (a round-matrix row) into ``model``; names must agree."""
+    """Load a flattened weights vector (a round-matrix row laid out by ``specs``) into ``model``.
+
+    Tensors are matched by name, whatever order ``specs`` lists them in (the ``safetensors``
+    library stores them sorted by name, a model's state dict in registration order); the names
+    must be the model's, and the error names the first tensor that is not.
+    """
     import torch
 
     state = model.state_dict()
-    names_model = list(state)
-    names_specs = [s.name for s in specs]
-    if names_model != names_specs:
-        missing = sorted(set(names_model) ^ set(names_specs))
-        raise InvalidParamsError(
-            f"the job's updates do not match its model: tensor {missing[0] if missing else '?'!r} "
-            "differs; declare the model the clients train (flstore job create J --model NAME)"
-        )
-    pos = 0
+    check_names(list(state), specs)
     new_state = {}
-    for spec in specs:
-        n = spec.numel
-        chunk = np.asarray(vector[pos : pos + n]).reshape(spec.shape)
-        pos += n
+    for spec, (a, b) in zip(specs, slices_of(specs), strict=True):
+        chunk = np.asarray(vector[a:b]).reshape(spec.shape)
         target = state[spec.name]
         if tuple(target.shape) != spec.shape:
             raise InvalidParamsError(

@@ -8,8 +8,8 @@ the three agree on the order and the dtypes.
 
 The *base* of a round is the global model its clients started from (``global/{r-1}``, or the
 job's initial model at round 0). It counts only when its tensor names and shapes are the
-round's, in order (:func:`base_vector`); direction-based workloads and the ingest summaries then
-work on deltas ``w_i − base``.
+round's, matched by name in whatever order the model file stores them (:func:`base_vector`);
+direction-based workloads and the ingest summaries then work on deltas ``w_i − base``.
 """
 
 from __future__ import annotations
@@ -52,10 +52,12 @@ def unflatten(vector: npt.NDArray[Any], specs: Sequence[TensorSpec]) -> dict[str
 
 
 def fits(update: Update, specs: Sequence[TensorSpec]) -> bool:
-    """Whether ``update`` has exactly the tensor names and shapes of ``specs``, in order."""
-    return [(n, tuple(a.shape)) for n, a in update.tensors.items()] == [
-        (s.name, tuple(s.shape)) for s in specs
-    ]
+    """Whether ``update`` has exactly the tensor names and shapes of ``specs``, matched by name
+    (a file may store its tensors in any order)."""
+    shapes = {s.name: tuple(s.shape) for s in specs}
+    return len(update.tensors) == len(shapes) and all(
+        shapes.get(n) == tuple(a.shape) for n, a in update.tensors.items()
+    )
 
 
 def base_vector(base: Update | None, specs: Sequence[TensorSpec]) -> F32 | None:

@@ -1,8 +1,15 @@
 """The rules for committing a round, written once for the object store and for ingestion.
 
-* A round's updates agree on tensor names, shapes and dtypes (:func:`check_agreement`); the
-  reference is the committed manifest's tensors, or for a new round the specs most updates share
-  (:func:`majority_specs`).
+* A round's updates agree on tensor names, shapes and dtypes (:func:`check_agreement`), matched
+  by name: a file may store its tensors in any order (the ``safetensors`` library sorts them by
+  name), so order is never a difference. The reference is the committed manifest's tensors, or
+  for a new round the specs most updates share (:func:`majority_specs`), laid out in the job's
+  canonical tensor order (:func:`round_reference`).
+* A job has one canonical tensor order (ARCHITECTURE §2): its registry model's state-dict order
+  when the job declares a model, else the order of its first committed round
+  (:meth:`~flstore_core.storage.object_store.ObjectStore.tensor_order` finds it). The manifest's
+  ``tensors`` — the round matrix's columns, and so every model result — follow it
+  (:func:`in_order`).
 * A committed update is immutable (:func:`committed_entry`): writing the identical update again
   is a no-op, a different one for the same client is refused.
 * A stored update's manifest entry is a function of its encoded form (:func:`entry_of`).
@@ -44,13 +51,42 @@ def check_agreement(
 def majority_specs(
     specs_of: Mapping[str, tuple[TensorSpec, ...]], written_at: Mapping[str, object]
 ) -> tuple[TensorSpec, ...]:
-    """The specs most clients agree on; on a tie, those of the earliest written update."""
-    counts: dict[tuple[TensorSpec, ...], int] = {}
-    for specs in specs_of.values():
-        counts[specs] = counts.get(specs, 0) + 1
+    """The specs most clients agree on, order aside (the same tensors stored in another order
+    are the same specs); on a tie, those of the earliest written update. The answer is laid out
+    as that group's earliest written update stores it."""
     first = sorted(specs_of, key=lambda c: (str(written_at.get(c) or ""), c))
-    rank = {specs_of[c]: i for i, c in reversed(list(enumerate(first)))}
-    return max(counts, key=lambda s: (counts[s], -rank[s]))
+    counts: dict[frozenset[TensorSpec], int] = {}
+    rank: dict[frozenset[TensorSpec], int] = {}
+    as_stored: dict[frozenset[TensorSpec], tuple[TensorSpec, ...]] = {}
+    for i, client in enumerate(first):
+        key = frozenset(specs_of[client])
+        counts[key] = counts.get(key, 0) + 1
+        if key not in rank:
+            rank[key], as_stored[key] = i, specs_of[client]
+    return as_stored[max(counts, key=lambda k: (counts[k], -rank[k]))]
+
+
+def in_order(specs: Sequence[TensorSpec], order: Sequence[str] | None) -> tuple[TensorSpec, ...]:
+    """``specs`` laid out in the canonical tensor ``order`` (names), or as given when there is no
+    order yet or its names are not exactly the specs' (a job whose updates do not match its
+    declared model keeps the updates' order; the model-based workloads name the tensor)."""
+    by_name = {s.name: s for s in specs}
+    if not order or len(order) != len(by_name) or set(order) != set(by_name):
+        return tuple(specs)
+    return tuple(by_name[n] for n in order)
+
+
+def round_reference(
+    existing: RoundManifest | None,
+    specs_of: Mapping[str, tuple[TensorSpec, ...]],
+    written_at: Mapping[str, object],
+    order: Sequence[str] | None,
+) -> tuple[TensorSpec, ...]:
+    """The tensors a round is committed with: a committed round's own (a late client joins the
+    round as it is), else the majority's specs in the job's canonical order."""
+    if existing is not None:
+        return existing.tensors
+    return in_order(majority_specs(specs_of, written_at), order)
 
 
 def committed_entry(manifest: RoundManifest | None, client: str, sha256: str) -> UpdateEntry | None:

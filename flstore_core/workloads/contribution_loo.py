@@ -24,7 +24,6 @@ import numpy.typing as npt
 from flstore_core import models
 from flstore_core.cache.round_data import RoundData
 from flstore_core.data.rows import flat_parts
-from flstore_core.errors import InvalidParamsError
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
 from flstore_core.workloads.accuracy_select import ValidationScorer
 from flstore_core.workloads.cosine_select import rank_by_score
@@ -34,14 +33,10 @@ EMPTY_SEED = 0
 
 
 def fresh_model_weights(name: str, data: RoundData, seed: int = EMPTY_SEED) -> F32:
-    """Weights of a freshly initialised ``name`` model (built with ``seed``) as a round row."""
+    """Weights of a freshly initialised ``name`` model (built with ``seed``) as a round row:
+    tensors matched by name and laid out in the round's column order."""
     state = models.state_arrays(models.build(name, seed=seed))
-    names = [s.name for s in data.specs]
-    if list(state) != names:
-        raise InvalidParamsError(
-            f"the job's updates do not match its model {name!r}: declare the model the clients "
-            "train (flstore job create J --model NAME)"
-        )
+    models.check_names(list(state), data.specs)
     return np.concatenate(flat_parts(state, data.specs))
 
 
