@@ -8,7 +8,8 @@ One :class:`CacheNode` lives in the module state of one warm Lambda instance
 * ``run``   — ``{"op": "run", "workload", "job", "round" | "rounds", "params"}``: run a
   workload on the cached data, loading what is missing;
 * ``stats`` — hits, misses, loads, bytes held, evictions, S3 GETs, artifact reuse;
-* ``evict`` — ``{"op": "evict", "shards": [...]}`` or ``{"op": "evict", "all": true}``;
+* ``evict`` — ``{"op": "evict", "shards": [...]}`` or ``{"op": "evict", "all": true}`` (which
+  also drops the node's cached manifests and job contexts);
 * ``ping``  — keep-warm.
 
 :attr:`CacheNode.ops` maps each op name to the method that checks its arguments and runs it;
@@ -129,10 +130,19 @@ class CacheNode:
         return lambda: GlobalModels(key.job, self.store, self.context(key.job))
 
     def _refresh(self, key: ShardKey, value: Any, force: bool = False) -> Any:
-        """Bring a meta or client shard up to date with newly committed rounds."""
+        """Bring a meta or client shard up to date with newly committed rounds and rewritten
+        manifests (a late client, a backfill).
+
+        The refresh points are ``load`` (``force``: the re-warm after ingestion or a backfill),
+        a shard older than ``REFRESH_S``, and a shard read before a listing of this node found
+        a rewritten manifest of its job (the reader's generation moved on): a dictionary
+        lookup, so a warm request costs no S3 call.
+        """
         if not isinstance(value, JobMeta | ClientHistory):
             return value
-        if not force and time.monotonic() - value.loaded_at < REFRESH_S:
+        fresh_enough = time.monotonic() - value.loaded_at < REFRESH_S
+        current = value.generation == self.manifests.generation(key.job)
+        if not force and fresh_enough and current:
             return value
         if isinstance(value, JobMeta):
             fresh: Any = load_meta(self.manifests, key.job, known=value)
@@ -148,12 +158,15 @@ class CacheNode:
         loaded: list[str] = []
         already: list[str] = []
         failed: dict[str, str] = {}
+        listed: set[str] = set()  # jobs whose manifests this load listed (once per job)
         for text in shards:
             try:
                 key = ShardKey.parse(text)
             except (ValueError, FLStoreError) as exc:
                 raise ValidationError(f"bad shard key {text!r}: {exc}") from exc
             try:
+                if key.cls == "round":
+                    self._drop_if_rewritten(key, listed)
                 with self.cache.using(key, self._loader(key)) as (value, hit):
                     if isinstance(value, RoundData):
                         self._warm_round(value, text in with_models)
@@ -163,6 +176,20 @@ class CacheNode:
             except NotFoundError as exc:
                 failed[text] = exc.message
         return {"loaded": loaded, "already": already, "failed": failed}
+
+    def _drop_if_rewritten(self, key: ShardKey, listed: set[str]) -> None:
+        """Evict a held round whose clients or updates no longer match its manifest (a late
+        client joined it), so that this ``load`` reads it again; a LIST per job and load, and a
+        GET only of a manifest this node has no current copy of."""
+        held = self.cache.get(key)
+        if not isinstance(held, RoundData):
+            return
+        if key.job not in listed:
+            self.manifests.rounds(key.job)
+            listed.add(key.job)
+        manifest = self.manifests.get(key.job, key.round)
+        if {c: e.sha256 for c, e in manifest.updates.items()} != held.sha256:
+            self.cache.evict(key)
 
     def _warm_round(self, data: RoundData, models: bool) -> None:
         """Prefetch-time work on a round: the shared artifacts and, when asked, the round's
@@ -256,6 +283,9 @@ class CacheNode:
     def evict(self, event: dict[str, Any]) -> dict[str, Any]:
         if event.get("all"):
             keys = self.cache.shard_keys()
+            # the manifests and job contexts too: after ``evict all`` everything is read anew
+            self.manifests.forget()
+            self._contexts.clear()
         else:
             keys = [ShardKey.parse(s) for s in event.get("shards", [])]
         return {"evicted": [str(k) for k in keys if self.cache.evict(k)]}

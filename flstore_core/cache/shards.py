@@ -2,7 +2,9 @@
 
 * ``meta`` (``job/meta/meta``): the job spec and, per committed round, every client's
   ``num_examples``, metrics and summaries, read from the round manifests (small JSON; never a
-  tensor). Always kept; refreshed incrementally when new rounds are committed.
+  tensor). Always kept; refreshed incrementally when rounds are committed or a committed
+  round's manifest is rewritten (a late client, a backfill: :class:`ManifestReader` keeps each
+  manifest with its version).
 * ``client`` (``job/client/{id}``): one client's history across rounds (the same per-round
   rows, restricted to the client) — what ``reputation`` and ``incentive`` read.
 * ``model`` (``job/model/global``): the job's global models, the latest ones kept.
@@ -52,37 +54,86 @@ def rows_of(manifest: RoundManifest) -> dict[str, ClientRound]:
 
 
 class ManifestReader:
-    """Reads round manifests once (a committed manifest changes only when a late client is
-    added, which a forced refresh picks up) and lists a job's rounds at most every
-    ``list_ttl_s`` seconds (0 lists on every call)."""
+    """Round manifests, each read once per version, and a job's rounds listed at most every
+    ``list_ttl_s`` seconds (0 lists on every call).
+
+    A committed manifest is rewritten when a late client joins its round or a backfill
+    recomputes its summaries, so a cached copy is kept with its version tag (the object's ETag,
+    :meth:`ObjectStore.manifest_versions`) and checked against every listing: the listing is
+    the one LIST that finding a job's rounds costs anyway, so a cache that lists only at its
+    refresh points (a node's ``load``, its ``REFRESH_S`` interval; the router's
+    ``ROUNDS_TTL_S``) pays nothing per request, and a stale copy lives at most until the next
+    refresh point. Each listing that finds a rewritten manifest bumps the job's
+    :meth:`generation`, which shards built from older manifests compare with theirs.
+    """
 
     def __init__(self, store: ObjectStore, list_ttl_s: float = 0.0) -> None:
         self.store = store
         self.list_ttl_s = list_ttl_s
-        self._cache: dict[tuple[str, int], RoundManifest] = {}
-        self._listed: dict[str, tuple[float, list[int]]] = {}
+        # (job, round) -> (the version the copy was read at, "" if unknown; the manifest)
+        self._cache: dict[tuple[str, int], tuple[str, RoundManifest]] = {}
+        self._listed: dict[str, tuple[float, dict[int, str]]] = {}
+        self._generation: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def rounds(self, job: str) -> list[int]:
+        """The job's committed rounds, ascending; a new listing drops every cached manifest of
+        the job whose version it does not match (read again on the next :meth:`get`)."""
         now = time.monotonic()
         with self._lock:
             listed = self._listed.get(job)
         if listed is not None and now - listed[0] < self.list_ttl_s:
-            return listed[1]
-        rounds = self.store.list_rounds(job)
+            return list(listed[1])
+        versions = self.store.manifest_versions(job)
         with self._lock:
-            self._listed[job] = (now, rounds)
-        return rounds
+            self._listed[job] = (now, versions)
+            stale = [
+                key
+                for key, (version, _) in self._cache.items()
+                if key[0] == job and versions.get(key[1]) != version
+            ]
+            for key in stale:
+                del self._cache[key]
+            if stale:
+                self._generation[job] = self._generation.get(job, 0) + 1
+        return list(versions)
 
     def get(self, job: str, round_: int, refresh: bool = False) -> RoundManifest:
+        """The round's manifest: the cached copy unless ``refresh`` (or a listing found it
+        rewritten), else read from the store."""
         with self._lock:
             cached = self._cache.get((job, round_))
+            listed = self._listed.get(job)
         if cached is not None and not refresh:
-            return cached
+            return cached[1]
+        # the version known *before* the read: a rewrite between the listing and the read
+        # leaves the copy tagged older than it is, which costs one extra read, never staleness
+        version = listed[1].get(round_, "") if listed is not None else ""
         manifest = self.store.get_manifest(job, round_)
         with self._lock:
-            self._cache[(job, round_)] = manifest
+            self._cache[(job, round_)] = (version, manifest)
         return manifest
+
+    def version(self, job: str, round_: int) -> str:
+        """The version tag of the cached copy of the round's manifest ("" if none or unknown)."""
+        with self._lock:
+            cached = self._cache.get((job, round_))
+        return cached[0] if cached is not None else ""
+
+    def generation(self, job: str) -> int:
+        """How many listings so far found a rewritten manifest of ``job`` (0 if none did)."""
+        with self._lock:
+            return self._generation.get(job, 0)
+
+    def forget(self, job: str | None = None) -> None:
+        """Drop the cached manifests and listing of ``job`` (of every job if ``None``)."""
+        with self._lock:
+            jobs = {k[0] for k in self._cache} | set(self._listed)
+            for name in jobs if job is None else jobs & {job}:
+                self._generation[name] = self._generation.get(name, 0) + 1
+                self._listed.pop(name, None)
+            for key in [k for k in self._cache if job is None or k[0] == job]:
+                del self._cache[key]
 
 
 @dataclass
@@ -92,6 +143,10 @@ class JobMeta:
     spec: JobSpec
     rounds: dict[int, dict[str, ClientRound]] = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.monotonic)
+    # the version of the manifest each round's rows were read from, and the reader's generation
+    # of the job when they were (see ManifestReader)
+    versions: dict[int, str] = field(default_factory=dict)
+    generation: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -110,12 +165,20 @@ class JobMeta:
 
 
 def load_meta(reader: ManifestReader, job: str, known: JobMeta | None = None) -> JobMeta:
-    """The job's meta shard, reading only rounds ``known`` does not have yet."""
+    """The job's meta shard, rebuilding only the rows of rounds that ``known`` does not have or
+    read from another version of their manifest (a late client, a backfill)."""
     spec = reader.store.get_job_spec(job)
-    meta = JobMeta(spec, dict(known.rounds) if known else {})
-    for r in reader.rounds(job):
-        if r not in meta.rounds:
-            meta.rounds[r] = rows_of(reader.get(job, r))
+    rounds = reader.rounds(job)
+    # read right after the listing: a rewrite found by any later listing makes the shard stale
+    meta = JobMeta(spec, generation=reader.generation(job))
+    for r in rounds:
+        manifest = reader.get(job, r)
+        version = reader.version(job, r)
+        if known is not None and r in known.rounds and version and known.versions.get(r) == version:
+            meta.rounds[r] = known.rounds[r]
+        else:
+            meta.rounds[r] = rows_of(manifest)
+        meta.versions[r] = version
     meta.loaded_at = time.monotonic()
     return meta
 
@@ -128,6 +191,7 @@ class ClientHistory:
     client: str
     rows: list[ClientRound]
     loaded_at: float = field(default_factory=time.monotonic)
+    generation: int = 0  # the reader's generation of the job when the rows were read
 
     @property
     def nbytes(self) -> int:
@@ -137,7 +201,9 @@ class ClientHistory:
 def load_client(reader: ManifestReader, job: str, client: str) -> ClientHistory:
     """A client's history from every committed round's manifest (manifests are shared)."""
     rows = []
-    for r in reader.rounds(job):
+    rounds = reader.rounds(job)
+    generation = reader.generation(job)  # right after the listing, as in load_meta
+    for r in rounds:
         manifest = reader.get(job, r)
         entry = manifest.updates.get(client)
         if entry is not None:
@@ -146,7 +212,7 @@ def load_client(reader: ManifestReader, job: str, client: str) -> ClientHistory:
             )
     if not rows and not reader.store.job_exists(job):
         raise NotFoundError(f"unknown job {job!r}")
-    return ClientHistory(job, client, rows)
+    return ClientHistory(job, client, rows, generation=generation)
 
 
 @dataclass

@@ -114,7 +114,9 @@ class Router:
         self.failover = failover if failover is not None else self.config.failover_policy()
         self._known_jobs: dict[str, float] = {}
         # the rounds listing is cached briefly: client-class requests need the job's clients,
-        # and a LIST per request would cost more than the workload
+        # and a LIST per request would cost more than the workload; each listing also checks
+        # the cached manifests' versions, so a late client or a backfill is seen within
+        # ROUNDS_TTL_S, as a new round is
         self.manifests = ManifestReader(store, list_ttl_s=ROUNDS_TTL_S)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="router")

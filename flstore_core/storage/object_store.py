@@ -372,15 +372,23 @@ class ObjectStore:
 
     def list_rounds(self, job: str) -> list[int]:
         """Committed rounds of a job, ascending (rounds without a manifest are invisible)."""
+        return list(self.manifest_versions(job))
+
+    def manifest_versions(self, job: str) -> dict[int, str]:
+        """Every committed round of a job, ascending, with its manifest's version tag (the
+        object's ETag) — from the one LIST that :meth:`list_rounds` makes anyway, so that a
+        cache of manifests can tell a rewritten one (a backfill, a late client) from the copy
+        it holds without a HEAD per manifest."""
         prefix = layout.rounds_prefix(job)
-        rounds = set()
+        versions: dict[int, str] = {}
         for info in self.blobs.list(prefix):
             key = info.key
             if key.endswith("/manifest.json"):
                 r = layout.parse_round_from_key(job, key)
                 if r is not None:
-                    rounds.add(r)
-        return sorted(rounds)
+                    # a backend without ETags: size and write time stand in for one
+                    versions[r] = info.etag or f"{info.size}@{info.modified}"
+        return dict(sorted(versions.items()))
 
     def get_update(self, job: str, round_: int, client: str) -> Update:
         """One committed client update, verified against the manifest."""
