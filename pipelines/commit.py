@@ -12,9 +12,10 @@ from typing import Any
 import apache_beam as beam
 from apache_beam import pvalue
 
-from flstore_core.data.codec import parse_safetensors
+from flstore_core.data.codec import TensorSpec, parse_safetensors
 from flstore_core.data.manifest import RoundManifest
 from flstore_core.data.rows import base_vector, flat_parts
+from flstore_core.storage.commit import in_order
 from flstore_core.workloads.summaries import INGEST_SUMMARIES, stream_scores
 from pipelines.ingest_config import IngestFn, IngestStep
 from pipelines.metrics import COMMITTED_PREFIX, counter
@@ -47,16 +48,22 @@ class SummarizeAndCommitFn(IngestFn):
         if not stored:
             return
         existing = self.store.find_manifest(job, round_)
+        # the round's tensors in the job's canonical order (storage.commit), so the summaries
+        # stream rows laid out as the manifest's columns will be
+        if existing is not None:
+            reference = existing.tensors
+        else:
+            reference = in_order(stored[0].reference, self.store.tensor_order(job))
         summaries = None
         if self.config.summarize and self._needs_summaries(stored, existing):
-            summaries = self._summaries(job, round_, stored, existing)
+            summaries = self._summaries(job, round_, stored, existing, reference)
         puts = self.store.puts
         manifest = self.store.commit_round(
             job,
             round_,
             [s.entry for s in stored],
             summaries=summaries,
-            specs={s.client: s.specs for s in stored},
+            specs={s.client: in_order(s.specs, [t.name for t in reference]) for s in stored},
         )
         written = self.store.puts > puts
         self.rounds.inc()
@@ -90,8 +97,8 @@ class SummarizeAndCommitFn(IngestFn):
         round_: int,
         stored: list[StoredUpdate],
         existing: RoundManifest | None,
+        reference: tuple[TensorSpec, ...],
     ) -> dict[str, dict[str, float]]:
-        reference = existing.tensors if existing else stored[0].reference
         # clients committed earlier and not in this run belong to the round too: read from S3
         others = sorted(set(existing.updates) - {s.client for s in stored}) if existing else []
         clients = [s.client for s in stored] + others

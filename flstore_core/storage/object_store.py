@@ -56,7 +56,7 @@ from flstore_core.storage.commit import (
     check_agreement,
     committed_entry,
     entry_of,
-    majority_specs,
+    round_reference,
 )
 from flstore_core.storage.s3 import S3BlobStore
 
@@ -130,6 +130,7 @@ class ObjectStore:
         self.max_workers = max_workers
         self.limits = limits
         self._specs: dict[str, JobSpec] = {}
+        self._orders: dict[str, tuple[str, ...]] = {}  # canonical tensor orders, by job
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         # specs of updates written through this object, so that commit need not read them back
@@ -191,6 +192,7 @@ class ObjectStore:
         self._put(layout.job_spec_key(spec.job), spec.to_json(), "application/json")
         with self._lock:
             self._specs[spec.job] = spec
+            self._orders.pop(spec.job, None)  # the declared model may have changed
         return spec
 
     def get_job_spec(self, job: str) -> JobSpec:
@@ -285,8 +287,10 @@ class ObjectStore:
         Every update object under the round's prefix is included: those described by
         ``entries`` (what :meth:`put_update` returned) as given, any other (written by another
         process) read back and verified. Committing again is idempotent, and a late client is
-        added to the manifest (the union). Names, shapes and dtypes must agree across the round;
-        on a mismatch nothing is written and the error names the client and the tensor.
+        added to the manifest (the union). Names, shapes and dtypes must agree across the round,
+        matched by name (clients may store their tensors in different orders); on a mismatch
+        nothing is written and the error names the client and the tensor. A new round's tensors
+        are laid out in the job's canonical order (:meth:`tensor_order`).
         """
         validate_job(job)
         validate_round(round_)
@@ -325,7 +329,8 @@ class ObjectStore:
             specs_of[client] = read_specs
         if not updates:
             raise NotFoundError(f"round {round_} of job {job!r} has no stored updates to commit")
-        reference = existing.tensors if existing else majority_specs(specs_of, written_at)
+        order = None if existing else self.tensor_order(job)
+        reference = round_reference(existing, specs_of, written_at, order)
         for client in sorted(specs_of):
             check_agreement(reference, specs_of[client], client)
         for client, extra in (summaries or {}).items():
@@ -338,6 +343,43 @@ class ObjectStore:
         for client in specs_of:
             self._pending_specs.pop((job, round_, client), None)
         return manifest
+
+    def tensor_order(self, job: str) -> tuple[str, ...] | None:
+        """The job's canonical tensor order (ARCHITECTURE §2, :mod:`~flstore_core.storage.commit`),
+        ``None`` while the job has none yet (its first round sets it).
+
+        It is the registry model's state-dict order when the job declares a model (built once
+        per process; where torch is not installed, the rule below stands in for it), else the
+        tensor order of the job's first committed round — the lowest-numbered one, found with
+        one delimited LIST — so every later round takes the order of the rounds before it.
+        """
+        with self._lock:
+            known = self._orders.get(job)
+        if known is not None:
+            return known
+        order = self._model_order(self.get_job_spec(job).model)
+        if order is None:
+            for prefix in self.blobs.list_prefixes(layout.rounds_prefix(job), "/"):
+                r = layout.parse_round_from_key(job, prefix + "manifest.json")
+                manifest = None if r is None else self.find_manifest(job, r)
+                if manifest is not None:
+                    order = tuple(s.name for s in manifest.tensors)
+                    break
+        if order is not None:
+            with self._lock:
+                self._orders[job] = order
+        return order
+
+    @staticmethod
+    def _model_order(model: str | None) -> tuple[str, ...] | None:
+        if model is None:
+            return None
+        from flstore_core import models  # torch, lazily: only jobs that declare a model
+
+        try:
+            return models.state_names(model)
+        except (ImportError, ValidationError):  # no torch here, or a model unknown to this build
+            return None
 
     def _describe(
         self, job: str, round_: int, client: str
