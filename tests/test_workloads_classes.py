@@ -184,6 +184,18 @@ def test_inference_matches_a_direct_evaluation(store: ObjectStore) -> None:
         {"op": "run", "workload": "inference", "job": "m", "params": {"inputs": [[1.0, 2.0]]}}
     )
     assert bad["status"] == 400 and "shape" in bad["error"]["message"]
+    labelled = {"inputs": x[:3].tolist(), "labels": y[:3].tolist()}
+    ans = node.handle({"op": "run", "workload": "inference", "job": "m", "params": labelled})
+    assert ans["result"]["accuracy"] == pytest.approx(float((np.array(direct) == y[:3]).mean()))
+    for params, says in [
+        ({"labels": y[:3].tolist()}, "send 'inputs' with them"),  # not silently ignored
+        ({"inputs": x[:2].tolist(), "labels": [0, 10]}, "class indices in [0, 9]"),
+        ({"inputs": x[:2].tolist(), "labels": [0, -1]}, "class indices in [0, 9]"),
+        ({"inputs": x[:2].tolist(), "labels": [0, 1.5]}, "integers"),
+        ({"inputs": x[:2].tolist(), "labels": [0]}, "list of 2 integers"),
+    ]:
+        bad = node.handle({"op": "run", "workload": "inference", "job": "m", "params": params})
+        assert bad["status"] == 400 and says in bad["error"]["message"], (params, bad)
 
 
 def test_model_workload_without_model_is_400(store: ObjectStore) -> None:

@@ -323,6 +323,13 @@ def test_feddebug_needs_two_clients_left_after_removing_the_faulty() -> None:
         run("feddebug", data, num_faulty=3)
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_feddebug_on_a_round_too_small_asks_for_more_clients_not_num_faulty_0(n: int) -> None:
+    with pytest.raises(InvalidParamsError, match="at least 3 clients") as err:
+        run("feddebug", make_round(np.zeros((n, 2))), num_faulty=1)
+    assert "num_faulty <=" not in err.value.message
+
+
 # ---------------------------------------------------------------------- FLTrust
 
 

@@ -7,6 +7,7 @@ with the same seed, or a direct numpy transcription of the paper.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -396,6 +397,14 @@ def test_model_results_are_stored_as_weights_through_a_cache_node(store: ObjectS
 # --------------------------------------------------------------------------- validation
 
 
+def test_the_schema_states_the_bounds_the_workload_enforces() -> None:
+    # β ∈ [0, 1/2) (Yin et al. 2018): the served schema must not admit 0.5
+    spec = get("trimmed_mean").describe()["params"]["beta"]
+    assert spec["minimum"] == 0.0 and spec["exclusive_maximum"] == 0.5 and "maximum" not in spec
+    data = make_round(OPPOSED)
+    assert run("trimmed_mean", data, beta=math.nextafter(0.5, 0.0)).result["cut"] == 1
+
+
 @pytest.mark.parametrize(
     ("name", "params", "says"),
     [
@@ -404,8 +413,8 @@ def test_model_results_are_stored_as_weights_through_a_cache_node(store: ObjectS
         ("kmeans", {"k": 1}, "'k' must be >= 2"),
         ("krum", {"f": 1}, "at least 3 clients"),
         ("multi_krum", {"m": 9, "f": 0}, "use m <= 4"),
-        ("trimmed_mean", {"beta": 0.5}, "[0, 0.5)"),
-        ("trimmed_mean", {"beta": 0.7}, "must be <= 0.5"),
+        ("trimmed_mean", {"beta": 0.5}, "must be < 0.5"),
+        ("trimmed_mean", {"beta": 0.7}, "must be < 0.5"),
         ("trimmed_mean", {"beta": -0.1}, "must be >= 0.0"),
         ("cfl_split", {"eps": 1.0}, "its params are: eps_1, eps_2, include_buffers, use_delta"),
         ("krum", {"k": 1}, "has no param 'k'"),

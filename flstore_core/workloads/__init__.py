@@ -57,12 +57,14 @@ class Param:
     description: str = ""
     minimum: float | None = None
     maximum: float | None = None
+    # a bound the value must stay strictly below (e.g. trimmed_mean's β < 0.5)
+    exclusive_maximum: float | None = None
     choices: tuple[str, ...] | None = None
     nullable: bool = False
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.type, "default": self.default}
-        for key in ("minimum", "maximum", "description"):
+        for key in ("minimum", "maximum", "exclusive_maximum", "description"):
             if getattr(self, key) not in (None, ""):
                 out[key] = getattr(self, key)
         if self.choices:
@@ -94,6 +96,10 @@ class Param:
             raise InvalidParamsError(f"param {name!r} must be >= {self.minimum}, got {value}")
         if self.maximum is not None and value > self.maximum:
             raise InvalidParamsError(f"param {name!r} must be <= {self.maximum}, got {value}")
+        if self.exclusive_maximum is not None and value >= self.exclusive_maximum:
+            raise InvalidParamsError(
+                f"param {name!r} must be < {self.exclusive_maximum}, got {value}"
+            )
         if self.choices is not None and value not in self.choices:
             raise InvalidParamsError(
                 f"param {name!r} must be one of {', '.join(self.choices)}, got {value!r}"

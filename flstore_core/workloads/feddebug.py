@@ -136,11 +136,18 @@ def feddebug(
         ``flagged`` (the localized clients, most votes first), ``votes`` (client -> inputs on
         which it was localized), ``num_inputs``, ``neurons`` (per model and input).
     """
+    # n − num_faulty ≥ 2 clients must remain to compare, and num_faulty ≥ 1: n ≥ 3
+    if data.n < 3:
+        raise InvalidParamsError(
+            f"feddebug compares leave-one-out subsets and needs a round of at least 3 clients "
+            f"(one faulty, 2 left to compare): the round has {data.n}; use a round with more "
+            f"clients"
+        )
     if num_faulty > data.n - 2:
         raise InvalidParamsError(
             f"feddebug compares leave-one-out subsets and needs at least 2 clients left after "
             f"removing the faulty ones: the round has {data.n} clients, use num_faulty <= "
-            f"{max(data.n - 2, 0)}"
+            f"{data.n - 2}"
         )
     name = data.context.model_name()
     inputs = random_inputs(models.INPUT_SHAPES[name], num_inputs, seed)

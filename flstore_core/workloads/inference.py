@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from flstore_core import models
 from flstore_core.cache.shards import GlobalModels
@@ -29,6 +30,11 @@ def inference(
     r = shard.latest_round() if round is None else round
     model = shard.module(r)
     shape = models.INPUT_SHAPES[name]
+    if labels is not None and inputs is None:
+        raise InvalidParamsError(
+            "labels are the labels of the given inputs: send 'inputs' with them, or neither to "
+            "score the job's validation set"
+        )
     if inputs is not None:
         try:
             x = np.asarray(inputs, dtype=np.float32)
@@ -39,9 +45,7 @@ def inference(
                 f"inputs must have shape [n, {', '.join(map(str, shape))}] for model {name!r}, "
                 f"got {list(x.shape)}"
             )
-        y = None if labels is None else np.asarray(labels, dtype=np.int64)
-        if y is not None and y.shape != (len(x),):
-            raise InvalidParamsError("labels must be a list with one label per input")
+        y = None if labels is None else checked_labels(labels, len(x), models.NUM_CLASSES[name])
     else:
         x, y = shard.context.validation()
     preds = models.predict(model, x)
@@ -51,6 +55,21 @@ def inference(
     if y is not None:
         result["accuracy"] = float((preds == y).mean()) if len(y) else 0.0
     return WorkloadResult(result)
+
+
+def checked_labels(labels: list[Any], n: int, classes: int) -> npt.NDArray[np.int64]:
+    """``labels`` as class indices: one integer in ``[0, classes)`` per input, else a 400 (a
+    label outside the classes would silently count as a wrong prediction)."""
+    if len(labels) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+        raise InvalidParamsError(
+            f"labels must be a list of {n} integers, one class index per input"
+        )
+    outside = [v for v in labels if not 0 <= v < classes]
+    if outside:
+        raise InvalidParamsError(
+            f"labels must be class indices in [0, {classes - 1}] for this model, got {outside[0]}"
+        )
+    return np.asarray(labels, dtype=np.int64)
 
 
 WORKLOAD = register(

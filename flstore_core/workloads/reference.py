@@ -28,6 +28,8 @@ def _bounds(spec: dict[str, Any]) -> str:
         parts.append(f"≥ {spec['minimum']}")
     if "maximum" in spec:
         parts.append(f"≤ {spec['maximum']}")
+    if "exclusive_maximum" in spec:
+        parts.append(f"< {spec['exclusive_maximum']}")
     if "choices" in spec:
         parts.append("one of " + ", ".join(f"`{c}`" for c in spec["choices"]))
     return "; ".join(parts)

@@ -104,7 +104,7 @@ WORKLOAD = register(
                 0.1,
                 "fraction cut from each end, in [0, 0.5)",
                 minimum=0.0,
-                maximum=0.5,
+                exclusive_maximum=0.5,
             )
         },
     )
