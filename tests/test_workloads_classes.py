@@ -36,22 +36,88 @@ def test_statistical_utility_is_examples_times_rms_loss() -> None:
     assert statistical_utility(10, {"loss": -0.5}) == 5.0  # |mean loss| when only it is known
 
 
-def test_oort_prefers_high_loss_and_penalises_slow_clients() -> None:
+def oort_scores_reference(
+    utils: dict[str, float],
+    last_round: dict[str, int],
+    durations: dict[str, float],
+    planned: int,
+    preferred: float,
+    alpha: float = 2.0,
+    clip_bound: float = 0.9,
+) -> dict[str, float]:
+    """Transcription of the authors' scoring (FedScale thirdparty/oort ``getTopK`` and
+    ``get_norm``), rounds counted from 1 (``time_stamp = round + 1``, ``cur_time = R + 1``)."""
+    rewards = sorted(u for u in utils.values() if u > 0)
+    clip_value = rewards[min(int(len(rewards) * clip_bound), len(rewards) - 1)]
+    min_reward = rewards[0] * 0.999
+    range_reward = max(rewards[-1] - min_reward, 1e-4)
+    cur_time = planned + 1
+    scores = {}
+    for c, reward in utils.items():
+        sc = (min(reward, clip_value) - min_reward) / float(range_reward) + math.sqrt(
+            0.1 * math.log(cur_time) / (last_round[c] + 1)
+        )
+        if durations[c] > preferred:
+            sc *= (float(preferred) / max(1e-4, durations[c])) ** alpha
+        scores[c] = abs(sc)
+    return scores
+
+
+def test_oort_scores_are_the_authors_normalised_utilities() -> None:
     meta = _meta(
         {
             1: {
                 "a": (100, {"loss_sq_mean": 1.0, "duration_s": 10.0}),
                 "b": (100, {"loss_sq_mean": 4.0, "duration_s": 10.0}),
                 "c": (100, {"loss_sq_mean": 9.0, "duration_s": 40.0}),
+                "d": (50, {"loss": 2.0, "duration_s": 5.0}),
             }
         }
     )
     out = oort_select(meta, k=1, epsilon=0.0, alpha=2.0, preferred_duration=10.0).result
-    bonus = math.sqrt(0.1 * math.log(2) / 1)
-    # c: (300 + bonus) * (10/40)^2 = 18.75 + ... < b: 200 + bonus
-    assert out["scores"]["b"] == pytest.approx(200 + bonus)
-    assert out["scores"]["c"] == pytest.approx((300 + bonus) * (10 / 40) ** 2)
-    assert out["selected"] == ["b"]
+    want = oort_scores_reference(
+        {"a": 100.0, "b": 200.0, "c": 300.0, "d": 100.0},
+        dict.fromkeys("abcd", 1),
+        {"a": 10.0, "b": 10.0, "c": 40.0, "d": 5.0},
+        planned=2,
+        preferred=10.0,
+    )
+    assert out["scores"] == pytest.approx(want, rel=1e-12)
+    assert out["selected"] == ["b"]  # c's loss is highest but it is 4x slower than T
+
+
+def _stale_job(stale_round: int) -> JobMeta:
+    """A client 's' (utility 150) and ten clients seen in the latest round 50 (10..200)."""
+    rows: dict[int, dict[str, tuple[int, dict[str, float]]]] = {50: {}}
+    rows.setdefault(stale_round, {})["s"] = (100, {"loss": 1.5, "duration_s": 1.0})
+    for i, u in enumerate(np.linspace(10, 200, 10)):
+        rows[50][f"f{i}"] = (100, {"loss": float(u) / 100, "duration_s": 1.0})
+    return _meta(rows)
+
+
+def test_oort_staleness_promotes_a_client_unseen_for_50_rounds() -> None:
+    meta = _stale_job(stale_round=0)
+    utils = {"s": 150.0} | {f"f{i}": float(u) for i, u in enumerate(np.linspace(10, 200, 10))}
+    last = {"s": 0} | dict.fromkeys(utils.keys() - {"s"}, 50)
+    want = oort_scores_reference(utils, last, dict.fromkeys(utils, 1.0), planned=51, preferred=1.0)
+    assert max(want, key=want.__getitem__) == "s"  # the authors' scores rank it first
+    picks = [oort_select(meta, k=1, epsilon=0.0, seed=s).result for s in range(200)]
+    assert picks[0]["scores"] == pytest.approx(want, rel=1e-12)
+    assert sum(p["selected"] == ["s"] for p in picks) == 200
+    # seen last round with the same utility, it is no longer first: staleness promoted it
+    fresh = oort_select(_stale_job(stale_round=50), k=1, epsilon=0.0).result
+    assert fresh["scores"]["s"] < max(fresh["scores"].values()) and fresh["selected"] != ["s"]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 7, 10, 20])
+@pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.15, 0.29, 0.3, 0.5, 0.7, 0.9, 1.0])
+def test_oort_explores_as_many_clients_as_the_authors_code(k: int, epsilon: float) -> None:
+    meta = _meta({0: {f"c{i:02d}": (50, {"loss": 1.0 + i}) for i in range(20)}})
+    pool = [f"c{i:02d}" for i in range(20)] + [f"new{i:02d}" for i in range(20)]
+    out = oort_select(meta, k=k, epsilon=epsilon, candidates=pool).result
+    # FedScale thirdparty/oort getTopK: explorationLen = int(numOfSamples * self.exploration)
+    assert len(out["explored"]) == int(k * epsilon)
+    assert len(out["selected"]) == len(set(out["selected"])) == k
 
 
 def test_oort_explores_unseen_candidates_and_is_deterministic() -> None:

@@ -1,17 +1,34 @@
 """Oort client selection from the per-client loss and duration history of a job.
 
 Reference: Lai et al., "Oort: Efficient Federated Learning via Guided Participant Selection",
-OSDI 2021 (Algorithm 1). For an explored client i last seen in round L_i:
+OSDI 2021 (Algorithm 1), as the authors' code computes it (FedScale's ``thirdparty/oort``
+training selector, ``getTopK`` and ``get_norm``). For an explored client i last seen in round
+L_i, planning round R:
 
-* statistical utility  U_i = |B_i| · sqrt( (1/|B_i|) Σ_{k∈B_i} Loss(k)² )  over *all* its samples
+* statistical utility  u_i = |B_i| · sqrt( (1/|B_i|) Σ_{k∈B_i} Loss(k)² )  over *all* its samples
   of that round (FLStore clients report ``loss_sq_mean``; when only the mean loss is reported,
   ``sqrt(mean loss²)`` is taken as ``|mean loss|``, a lower bound by Jensen's inequality);
-* staleness bonus      U_i += sqrt( 0.1 · ln R / L_i )  (R the round being planned);
-* system utility       U_i ·= (T / t_i)^α  when the client's duration t_i exceeds the preferred
-  duration T;
-* exploitation picks (1−ε)·k clients: the candidates whose utility is at least ``cutoff`` times
-  the (1−ε)k-th highest, sampled with probability proportional to utility;
-* exploration picks ε·k never-seen candidates, fastest first when their speed is unknown (random).
+* min-max normalisation over the candidates' positive utilities (the authors' ``get_norm``):
+  ``û_i = (min(u_i, clip) − 0.999·u_min) / max(u_max − 0.999·u_min, 1e-4)`` with ``clip`` the
+  ``clip_bound`` quantile ``sorted(u)[min(⌊n·clip_bound⌋, n−1)]``. Without it the staleness bonus
+  (below, at most ~0.7) never moves a utility in the hundreds, so a stale client is never
+  promoted;
+* staleness bonus      ``û_i += sqrt( 0.1 · ln R / L_i )`` with rounds counted from 1 as the
+  authors' code does (``R = round + 1``, ``L_i = last round + 1`` for FLStore's 0-based rounds);
+* system utility       ``û_i ·= (T / t_i)^α``  when the client's duration t_i exceeds the preferred
+  duration T; the score is ``|û_i|``;
+* exploration picks ``⌊k·ε⌋`` never-seen candidates (the authors' ``int(k · exploration)``);
+  exploitation the other ``k − ⌊k·ε⌋``: the candidates whose score is at least ``cutoff`` times
+  the ``(k − ⌊k·ε⌋)``-th highest, sampled with probability proportional to score.
+
+Deviations from the authors' code, all documented here: the cut-off is Algorithm 1's
+(``cutoff`` × the (k−⌊kε⌋)-th score; the code takes the next score and pads the pool to 10× the
+picks); ε is the caller's current exploration factor (the code decays it each round by
+``exploration_decay`` down to ``exploration_min``: pass the decayed value); T defaults to the
+median duration (the code's is a percentile, ``round_threshold``); never-seen candidates are
+drawn uniformly (their sizes are unknown here); when one side is short of candidates the other
+fills it, so ``k`` clients are always returned; the normalisation ranges over the explored
+candidates only (the code also counts never-seen clients' initial rewards).
 
 Deterministic given ``seed``. Class ``meta``: it reads manifests' metrics, never tensors.
 """
@@ -47,6 +64,7 @@ def oort_select(
     alpha: float = 2.0,
     preferred_duration: float | None = None,
     cutoff: float = 0.95,
+    clip_bound: float = 0.9,
     candidates: list[str] | None = None,
     round: int | None = None,
     seed: int = 0,
@@ -67,16 +85,18 @@ def oort_select(
     durations = {c: float(last[c][2]["duration_s"]) for c in explored if "duration_s" in last[c][2]}
     if preferred_duration is None and durations:
         preferred_duration = float(np.median(list(durations.values())))
+    raw = {c: statistical_utility(last[c][1], last[c][2]) for c in explored}
+    low, span, clip = reward_norm([u for u in raw.values() if u > 0], clip_bound)
     util: dict[str, float] = {}
     for c in explored:
-        r_last, n, metrics = last[c]
-        u = statistical_utility(n, metrics)
-        u += math.sqrt(0.1 * math.log(max(planned, 1)) / max(r_last, 1))
+        # (min(u, clip) − 0.999·u_min) / range + sqrt(0.1·ln R / L), rounds counted from 1
+        u = (min(raw[c], clip) - low) / span
+        u += math.sqrt(0.1 * math.log(planned + 1) / (last[c][0] + 1))
         t = durations.get(c)
         if preferred_duration and t and t > preferred_duration:
             u *= (preferred_duration / t) ** alpha
-        util[c] = u
-    n_explore = min(len(unexplored), int(round_half_up(epsilon * k)))
+        util[c] = abs(u)
+    n_explore = min(len(unexplored), exploration_count(k, epsilon))
     n_exploit = min(len(explored), k - n_explore)
     n_explore = k - n_exploit  # fill from the other side when one is short
     exploit: list[str] = []
@@ -99,8 +119,20 @@ def oort_select(
     )
 
 
-def round_half_up(x: float) -> int:
-    return math.floor(x + 0.5)
+def exploration_count(k: int, epsilon: float) -> int:
+    """Clients explored out of ``k``: ``int(k · ε)``, truncated as the authors' code does."""
+    return int(k * epsilon)
+
+
+def reward_norm(positive: list[float], clip_bound: float) -> tuple[float, float, float]:
+    """``(0.999·min, range, clip value)`` of the positive utilities, as the authors' ``get_norm``
+    (range floored at 1e-4); ``(0, 1e-4, 0)`` when there is none, so only staleness counts."""
+    if not positive:
+        return 0.0, 1e-4, 0.0
+    ordered = sorted(positive)
+    clip = ordered[min(int(len(ordered) * clip_bound), len(ordered) - 1)]
+    low = ordered[0] * 0.999
+    return low, max(ordered[-1] - low, 1e-4), clip
 
 
 WORKLOAD = register(
@@ -120,6 +152,9 @@ WORKLOAD = register(
             ),
             "cutoff": Param(
                 "float", 0.95, "admit utilities >= cutoff × k-th", minimum=0, maximum=1
+            ),
+            "clip_bound": Param(
+                "float", 0.9, "utilities clipped at this quantile", minimum=0, maximum=1
             ),
             "candidates": Param("array", None, "client ids to choose from", nullable=True),
             "round": Param("int", None, "round being planned (default latest+1)", nullable=True),
