@@ -2,7 +2,7 @@
 
 A Flower user changes the line that builds the strategy of their ``ServerApp``::
 
-    strategy = with_flstore(FedAvg(...), sink=StoreSink(store), job="digits")
+    strategy = with_flstore(FedAvg(...), sink=flstore_sink(context.run_config), job="my-job")
 
 and runs it as before (``strategy.start(grid=grid, ...)``). The result is the same strategy
 (an instance of a subclass of its class, so ``isinstance(strategy, FedAvg)`` still holds) that,
@@ -15,7 +15,11 @@ with_flstore``):
 
 - :mod:`~flstore_core.integrations.flower.sinks` — where rounds go: the sink protocols
   (:class:`FLStoreSink`, :class:`InitialModelSink`) and the two sinks, :class:`StoreSink` (the
-  object store) and :class:`RoundWriterSink` (raw update files for the Beam ingestion).
+  object store, with the ingest summaries and, given a :class:`Prefetcher`, warm cache nodes)
+  and :class:`RoundWriterSink` (raw update files for the Beam ingestion).
+- :mod:`~flstore_core.integrations.flower.run_config` — :func:`flstore_sink`: the sink a Flower
+  app's run config and environment describe (the local stack's ``.flstore/local.json`` when
+  there is one).
 - :mod:`~flstore_core.integrations.flower.replies` — Flower train replies as FLStore updates:
   tensor names, ``num_examples``, metric names (:data:`METRIC_NAMES`), client ids
   (:data:`CLIENT_ID_KEY`).
@@ -37,10 +41,12 @@ from flstore_core.integrations.flower.replies import (
     update_from_reply,
     updates_from_replies,
 )
+from flstore_core.integrations.flower.run_config import flstore_sink
 from flstore_core.integrations.flower.runtime import InProcessRun, run_in_process
 from flstore_core.integrations.flower.sinks import (
     FLStoreSink,
     InitialModelSink,
+    Prefetcher,
     RoundWriterSink,
     StoreSink,
 )
@@ -61,10 +67,12 @@ __all__ = [
     "FLStoreStrategy",
     "InProcessRun",
     "InitialModelSink",
+    "Prefetcher",
     "RoundWriterSink",
     "SelectWith",
     "StoreSink",
     "arrays_to_tensors",
+    "flstore_sink",
     "reported_client_id",
     "run_in_process",
     "update_from_reply",

@@ -11,17 +11,25 @@ Nothing here imports flwr: a sink is plain FLStore code.
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from flstore_core.data.codec import Update
+import numpy as np
+
+from flstore_core.data.codec import TensorSpec, Update
+from flstore_core.data.rows import base_vector, flat_parts
 from flstore_core.errors import ValidationError
+from flstore_core.routing.placement import ShardKey, client_shard, meta_shard, round_shard
 from flstore_core.sdk.round_writer import RoundWriter
+from flstore_core.workloads.summaries import INGEST_SUMMARIES, matrix_scores
 
 if TYPE_CHECKING:
     from flstore_core.storage.object_store import ObjectStore
 
-__all__ = ["FLStoreSink", "InitialModelSink", "RoundWriterSink", "StoreSink"]
+__all__ = ["FLStoreSink", "InitialModelSink", "Prefetcher", "RoundWriterSink", "StoreSink"]
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -47,6 +55,12 @@ class InitialModelSink(Protocol):
     """A sink that also stores the job's initial model (the base of round 0's deltas)."""
 
     def put_initial(self, job: str, update: Update) -> None: ...
+
+
+class Prefetcher(Protocol):
+    """Asks the cache nodes that own some shards to load them now (the router's ``prefetch``)."""
+
+    def prefetch(self, shards: list[ShardKey]) -> dict[str, Any]: ...
 
 
 class RoundWriterSink:
@@ -81,14 +95,42 @@ class RoundWriterSink:
 
 
 class StoreSink:
-    """A sink that writes straight to FLStore's object store.
+    """A sink that writes straight to FLStore's object store: a round ends up as the Beam
+    ingestion leaves it, without files or a pipeline in between.
 
-    Per round: every update (in parallel), then the global model, then the manifest — so a
-    reader that sees the round committed also finds its global model, the base of the next.
+    Per round: every update (in parallel), then the global model, then the manifest — with the
+    ingest summaries (``cos_to_mean``, ``update_norm``; computed as ingestion computes them, on
+    deltas from the round's base) — so a reader that sees the round committed also finds its
+    global model, the base of the next. Then, given a ``prefetch`` target (a
+    :class:`~flstore_core.routing.router.Router`), the cache nodes that own the round, the job's
+    meta shard and the round's client histories are asked to load them, so the first request
+    is warm; warming is best effort (a node that cannot load is logged, the round stays stored).
+
+    Parameters
+    ----------
+    store : ObjectStore
+        Where the rounds go.
+    prefetch : Prefetcher or None, default None
+        Warms the owners of each committed round (``Router.prefetch``); None: rounds load on
+        first use.
+    summaries : bool, default True
+        Write the ingest summaries into each manifest (``reputation`` and ``incentive`` read
+        them).
+    max_workers : int, default 8
+        Updates written in parallel.
     """
 
-    def __init__(self, store: ObjectStore, *, max_workers: int = 8) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        prefetch: Prefetcher | None = None,
+        summaries: bool = True,
+        max_workers: int = 8,
+    ) -> None:
         self.store = store
+        self.prefetch = prefetch
+        self.summaries = summaries
         self.max_workers = max_workers
 
     def put_initial(self, job: str, update: Update) -> None:
@@ -109,7 +151,49 @@ class StoreSink:
             )
         if global_model is not None:
             self.store.put_global(job, round, global_model)
-        self.store.commit_round(job, round, entries)
+        summaries = self._summaries(job, round, updates) if self.summaries else None
+        self.store.commit_round(job, round, entries, summaries=summaries)
+        if self.prefetch is not None:
+            self._warm(job, round, sorted(updates))
+
+    def _summaries(
+        self, job: str, round_: int, updates: dict[str, Update]
+    ) -> dict[str, dict[str, float]]:
+        """The ingest summaries of a round held in memory (one pass over a matrix, where the
+        Beam ingestion streams the files twice)."""
+        clients = sorted(updates)
+        base = self.store.get_base(job, round_)
+        specs: list[TensorSpec] = updates[clients[0]].specs()
+        if base is not None and set(base.tensors) == {s.name for s in specs}:
+            by_name = {s.name: s for s in specs}
+            specs = [by_name[name] for name in base.tensors]  # the base's order, so it fits
+        rows = np.stack([np.concatenate(flat_parts(updates[c].tensors, specs)) for c in clients])
+        scores = matrix_scores(clients, rows, base_vector(base, specs), in_place=True)
+        return scores.summaries(INGEST_SUMMARIES)
+
+    def _warm(self, job: str, round_: int, clients: list[str]) -> None:
+        assert self.prefetch is not None
+        # the round first and on its own: it is what the next request needs
+        batches: list[list[ShardKey]] = [
+            [round_shard(job, round_)],
+            [meta_shard(job), *(client_shard(job, c) for c in clients)],
+        ]
+        for shards in batches:
+            try:
+                answers = self.prefetch.prefetch(shards)
+            except Exception as exc:  # warming is an optimisation: the round is stored
+                log.warning("FLStore: could not warm round %d of job %r: %s", round_, job, exc)
+                return
+            for node, answer in answers.items():
+                problem = answer.get("error") or answer.get("failed") if answer else None
+                if problem:
+                    log.warning(
+                        "FLStore: %s could not load round %d of job %r: %s",
+                        node,
+                        round_,
+                        job,
+                        problem,
+                    )
 
     def __repr__(self) -> str:
         return f"StoreSink(bucket={self.store.bucket!r})"
