@@ -1,15 +1,20 @@
 """``flstore demo`` (``make demo``): the main job, end to end, on the embedded local stack.
 
-1. Start the local stack: moto S3, the cache-node functions behind the local Lambda endpoint,
-   the router behind the local API Gateway.
-2. Run a real Flower job — ``ServerApp`` + ``ClientApp``, a ``FedAvg`` wrapped with
-   :func:`~flstore_core.integrations.flower.with_flstore` — of the small CNN on scikit-learn's
-   digits, non-IID, one client flipping its labels. Every round is handed to FLStore as it ends
-   and ingested (stored, committed, prefetched onto the owner nodes).
+1. Start the local stack — moto S3, the cache-node functions behind the local Lambda endpoint,
+   the router behind the local API Gateway — in a scratch directory, where it writes
+   ``.flstore/local.json``; declare the job (model ``digits_cnn``, the held-out digits as its
+   validation set).
+2. Run ``examples/flower-app`` as a Flower user runs it — ``flwr run``, on Flower's simulation
+   engine — on a local SuperLink started in that directory (:mod:`evaluation.flower_run`):
+   the small CNN on scikit-learn's digits, non-IID, one client flipping its labels, its
+   ``FedAvg`` wrapped with :func:`~flstore_core.integrations.flower.with_flstore`. The app finds
+   the stack through ``.flstore/local.json``; every round lands in FLStore as it ends (stored,
+   summarised, committed, warmed on its owner nodes) and shows up in the progress bar. The
+   SuperLink is stopped by its pid afterwards, also on errors.
 3. Run every workload of the catalogue through the HTTP API on the latest round, next to the two
    aggregator baselines (``objstore-agg`` over S3, ``cache-agg`` over a real Redis), and print
    what each found, its latency and its cost per request; write ``demo-out/report.json`` and
-   ``demo-out/latency.png``.
+   ``demo-out/latency.png`` (Flower's output goes to ``demo-out/flower/``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import shutil
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -28,9 +34,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from evaluation import digits_job
+from evaluation.flower_run import FlowerRun, FlowerRunError, LocalSuperLink, copy_app
 from flstore_core.errors import FLStoreError
 
-JOB = "digits"
+APP = Path(__file__).resolve().parents[1] / "examples" / "flower-app"
 SYSTEMS = ("flstore-warm", "objstore-agg", "cache-agg")
 
 
@@ -56,10 +64,12 @@ def model_name(key: str) -> str:
     return key.rsplit("/", 1)[-1].split(".", 1)[0][:10] + "…"
 
 
-def found(name: str, result: dict[str, Any]) -> str:
-    """One line saying what a workload found."""
+def found(name: str, result: dict[str, Any], names: dict[str, str] | None = None) -> str:
+    """One line saying what a workload found (client ids shown by their ``names``)."""
+    shown = names or {}
 
     def short(ids: list[str], n: int = 3) -> str:
+        ids = [shown.get(c, c) for c in ids]
         return ", ".join(ids[:n]) + (" …" if len(ids) > n else "")
 
     if "flagged" in result and name not in {"reputation"}:
@@ -76,7 +86,7 @@ def found(name: str, result: dict[str, Any]) -> str:
         if not values:
             return "no values (summaries missing)"
         worst = min(values, key=lambda c: values[c])
-        return f"lowest {worst} ({values[worst]:+.3g})"
+        return f"lowest {shown.get(worst, worst)} ({values[worst]:+.3g})"
     if "selected" in result:
         extra = f", model {model_name(result['model_key'])}" if "model_key" in result else ""
         return f"selected {short(result['selected'])}{extra}"
@@ -88,7 +98,7 @@ def found(name: str, result: dict[str, Any]) -> str:
 
 
 @contextmanager
-def baselines(stack: Any, console: Console) -> Iterator[dict[str, str]]:
+def baselines(stack: Any, job: str, console: Console) -> Iterator[dict[str, str]]:
     """Start the two aggregator baselines (cache-agg only when redis-server is installed)."""
     from evaluation.baselines import (
         Aggregator,
@@ -107,125 +117,244 @@ def baselines(stack: Any, console: Console) -> Iterator[dict[str, str]]:
         else:
             redis = stack_cm.enter_context(RedisServer())
             client = redis.client()
-            for r in stack.store.list_rounds(JOB):
-                populate_redis(stack.store, client, JOB, r)
-            populate_redis_job(stack.store, client, JOB)
+            for r in stack.store.list_rounds(job):
+                populate_redis(stack.store, client, job, r)
+            populate_redis_job(stack.store, client, job)
             client.close()
             agg = Aggregator("redis", stack.s3_endpoint, stack.config.bucket, redis.url)
             urls["cache-agg"] = stack_cm.enter_context(agg).url
         yield urls
 
 
-def run_demo(
-    clients: int = 10, rounds: int = 5, repetitions: int = 3, out: str = "demo-out"
-) -> dict[str, Any]:
-    """Run the demo; returns (and writes) the report."""
-    from evaluation.flower_digits import run_flower_job
-    from flstore_core.integrations.flower import RoundWriterSink
-    from flstore_core.sdk.client import FLStoreClient
-    from flstore_core.sdk.round_writer import RoundWriter
-    from flstore_core.workloads import catalogue
-    from lambdas.local_runtime.stack import LocalStack, StackConfig
-    from pipelines.ingest import ingest_on_drop
+def app_config(app: Path) -> dict[str, Any]:
+    """The run config a Flower app declares (``[tool.flwr.app.config]`` of its pyproject)."""
+    pyproject = tomllib.loads((app / "pyproject.toml").read_text(encoding="utf-8"))
+    config: dict[str, Any] = pyproject["tool"]["flwr"]["app"]["config"]
+    return config
 
-    console = Console()
-    t_start = time.perf_counter()
-    report: dict[str, Any] = {"job": JOB, "clients": clients, "rounds": rounds, "workloads": {}}
-    with LocalStack(StackConfig(nodes=4, replication=2, memory_mb=2048)) as stack:
-        assert stack.store is not None and stack.router is not None
-        router, store = stack.router, stack.store
-        console.print(
-            f"local stack up: gateway [bold]{stack.gateway_url}[/bold], "
-            f"{stack.config.nodes} cache nodes, S3 {stack.s3_endpoint}"
+
+def declare_job(store: Any, job: str, config: dict[str, Any]) -> None:
+    """Declare the app's job in FLStore — its model, and as validation set the held-out digits
+    its ServerApp evaluates on — so that the model-based workloads can run."""
+    from flstore_core.data.manifest import JobSpec
+
+    _, _, x_val, y_val = digits_job.load_split(int(config["seed"]))
+    store.put_job_spec(
+        JobSpec(
+            job,
+            model=digits_job.MODEL,
+            hyperparameters={
+                **{k: v for k, v in config.items() if not k.startswith("flstore-")},
+                "framework": "flower",
+            },
+            description="examples/flower-app, run with flwr run",
         )
+    )
+    store.put_validation_set(job, x_val, y_val)
 
-        # every round Flower finishes is dropped as raw update files and ingested at once by
-        # the Beam pipeline (stored, summarised, committed, prefetched onto its owner nodes)
-        staging = tempfile.mkdtemp(prefix="flstore-demo-staging-")
-        writer = RoundWriter(
-            staging,
-            JOB,
-            on_round=ingest_on_drop(
-                s3_endpoint=stack.s3_endpoint, bucket=stack.config.bucket, prefetch=router
-            ),
-        )
 
-        with Progress(
+def run_flower_app(
+    console: Console,
+    store: Any,
+    app: Path,
+    workdir: Path,
+    logs: Path,
+    *,
+    job: str,
+    clients: int,
+    rounds: int,
+    seed: int,
+) -> tuple[FlowerRun, dict[int, float]]:
+    """``flwr run`` the app on a SuperLink started in ``workdir`` (where the local stack's
+    ``.flstore/local.json`` is), showing the rounds as they land in FLStore; the held-out
+    accuracy of each round's global model, read back from FLStore."""
+    import torch
+
+    from flstore_core import models
+
+    _, _, x_val, y_val = digits_job.load_split(seed)
+    model = models.build(digits_job.MODEL)
+    accuracy: dict[int, float] = {}
+    copy = copy_app(app, workdir)
+    with (
+        LocalSuperLink(workdir, logs) as superlink,
+        Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             TextColumn("{task.completed}/{task.total} rounds"),
             TimeElapsedColumn(),
             console=console,
-        ) as progress:
-            task = progress.add_task("Flower training + Beam ingestion", total=rounds)
+        ) as progress,
+    ):
+        console.print(
+            f"flwr run {app.name}: {clients} supernodes × {rounds} rounds on a local SuperLink "
+            f"(pid {superlink.pid}, output in {logs})"
+        )
+        task = progress.add_task("Flower training → FLStore", total=rounds)
 
-            def on_round(r: int, acc: float) -> None:
+        def show_new_rounds() -> None:
+            for r in store.list_rounds(job):
+                if r in accuracy:
+                    continue
+                stored = store.get_global(job, r).tensors
+                model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in stored.items()})
+                accuracy[r] = models.accuracy(model, x_val, y_val)
                 progress.update(
                     task,
-                    advance=1,
-                    description=f"Flower training + Beam ingestion (round {r}: accuracy {acc:.2f})",
+                    completed=len(accuracy),
+                    description=f"Flower training → FLStore (round {r}: accuracy "
+                    f"{accuracy[r]:.2f})",
                 )
 
-            summary = run_flower_job(
-                RoundWriterSink(writer),
-                job=JOB,
+        run = superlink.run(
+            copy,
+            run_config={"num-server-rounds": rounds},
+            federation_config={
+                "num-supernodes": clients,
+                "client-resources-num-cpus": 1,
+                "init-args-logging-level": "ERROR",
+            },
+            while_running=show_new_rounds,
+        )
+    for line in run.errors:  # never hidden, even when the run completed
+        console.print(f"[red]{line}[/red]", markup=False, highlight=False)
+    if not run.completed:
+        raise FlowerRunError(f"the Flower run ended {run.status!r}; its output: {run.log}")
+    return run, accuracy
+
+
+def ground_truth(
+    store: Any, job: str, round_: int, malicious: int
+) -> tuple[list[str], dict[str, str]]:
+    """``(malicious client ids, display names)``: FLStore's client ids are Flower node ids; the
+    ClientApp reports its ``partition-id``, and the last ``malicious`` partitions attack."""
+    manifest = store.get_manifest(job, round_)
+    partition = {c: int(e.metrics["partition-id"]) for c, e in manifest.updates.items()}
+    n = len(partition)
+    width = max(2, len(str(n - 1)))
+    names = {c: f"client-{p:0{width}d}" for c, p in partition.items()}
+    bad = sorted((c for c, p in partition.items() if p >= n - malicious), key=partition.__getitem__)
+    return bad, names
+
+
+def run_demo(
+    clients: int = 10,
+    rounds: int = 5,
+    repetitions: int = 3,
+    out: str = "demo-out",
+    app: str | Path = APP,
+) -> dict[str, Any]:
+    """Run the demo; returns (and writes) the report."""
+    from flstore_core.sdk.client import FLStoreClient
+    from flstore_core.workloads import catalogue
+    from lambdas.local_runtime.stack import LocalStack, StackConfig
+
+    app = Path(app)
+    if not (app / "pyproject.toml").exists():
+        raise FlowerRunError(
+            f"{app} is not a Flower app: `flstore demo` runs examples/flower-app of a checkout "
+            "of the FLStore repository"
+        )
+    config = app_config(app)
+    job = str(config["flstore-job"])
+    console = Console()
+    t_start = time.perf_counter()
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"job": job, "clients": clients, "rounds": rounds, "workloads": {}}
+    workdir = Path(tempfile.mkdtemp(prefix="flstore-demo-"))
+    try:
+        # the stack writes workdir/.flstore/local.json, where the app's ServerApp finds it
+        with LocalStack(
+            StackConfig(nodes=4, replication=2, memory_mb=2048), workdir=workdir
+        ) as stack:
+            assert stack.store is not None
+            store = stack.store
+            console.print(
+                f"local stack up: gateway [bold]{stack.gateway_url}[/bold], "
+                f"{stack.config.nodes} cache nodes, S3 {stack.s3_endpoint}"
+            )
+            declare_job(store, job, config)
+            run, accuracy = run_flower_app(
+                console,
+                store,
+                app,
+                workdir,
+                (out_dir / "flower").resolve(),
+                job=job,
                 clients=clients,
                 rounds=rounds,
-                malicious=1,
-                progress=on_round,
-                store=store,
-                name_clients=True,
+                seed=int(config["seed"]),
             )
-        shutil.rmtree(staging, ignore_errors=True)
-        committed = store.list_rounds(JOB)
-        report["flower"] = {
-            "accuracy": summary.accuracy,
-            "malicious": summary.malicious,
-            "committed_rounds": committed,
-            "seconds": round(time.perf_counter() - t_start, 1),
-        }
-        console.print(
-            f"Flower job: {clients} clients × {rounds} rounds, global accuracy "
-            f"{' → '.join(f'{a:.2f}' for a in summary.accuracy)}; malicious "
-            f"{', '.join(summary.malicious)}; rounds committed {committed}"
-        )
-        last = committed[-1]
-        api = FLStoreClient(stack.gateway_url, stack.token)
-        with baselines(stack, console) as urls:
-            agg_clients = {s: FLStoreClient(u, stack.token) for s, u in urls.items()}
-            names = [w["name"] for w in catalogue()]
-            classes = {w["name"]: w["class"] for w in catalogue()}
-            with Progress(console=console, transient=True) as progress:
-                task = progress.add_task("workloads through the HTTP API", total=len(names))
-                for name in names:
-                    params = workload_params(name, summary.clients, summary.malicious)
-                    rnd = last if classes[name] == "round" else None
-                    systems = {
-                        s: bound_call(c, name, rnd, params)
-                        for s, c in {"flstore-warm": api, **agg_clients}.items()
-                    }
-                    report["workloads"][name] = measure(name, classes[name], systems, repetitions)
-                    progress.advance(task)
+            committed = store.list_rounds(job)
+            if committed != list(range(rounds)):
+                raise FlowerRunError(
+                    f"the Flower run completed but FLStore holds rounds {committed} of job "
+                    f"{job!r}, not 0…{rounds - 1}; its output: {run.log}"
+                )
+            last = committed[-1]
+            malicious, names = ground_truth(store, job, last, int(config["malicious-clients"]))
+            report["flower"] = {
+                "run_id": run.run_id,
+                "superlink_pid": run.superlink_pid,
+                "accuracy": [accuracy[r] for r in committed],
+                "malicious": malicious,
+                "names": names,
+                "committed_rounds": committed,
+                "seconds": round(run.seconds, 1),
+            }
+            console.print(
+                f"Flower run: {clients} clients × {rounds} rounds in {run.seconds:.0f} s, global "
+                f"accuracy {' → '.join(f'{accuracy[r]:.2f}' for r in committed)}; rounds "
+                f"committed {committed}; malicious "
+                f"{', '.join(f'{names[c]} (node {c})' for c in malicious)}"
+            )
+            api = FLStoreClient(stack.gateway_url, stack.token)
+            with baselines(stack, job, console) as urls:
+                agg_clients = {s: FLStoreClient(u, stack.token) for s, u in urls.items()}
+                workloads = catalogue()
+                classes = {w["name"]: w["class"] for w in workloads}
+                with Progress(console=console, transient=True) as progress:
+                    task = progress.add_task("workloads through the HTTP API", total=len(classes))
+                    for name in classes:
+                        params = workload_params(
+                            name, sorted(names, key=names.__getitem__), malicious
+                        )
+                        rnd = last if classes[name] == "round" else None
+                        systems = {
+                            s: bound_call(c, job, name, rnd, params)
+                            for s, c in {"flstore-warm": api, **agg_clients}.items()
+                        }
+                        report["workloads"][name] = measure(
+                            name, classes[name], systems, repetitions, names
+                        )
+                        progress.advance(task)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     print_table(console, report)
-    write_outputs(console, report, Path(out))
+    write_outputs(console, report, out_dir)
     return report
 
 
 def bound_call(
-    client: Any, name: str, round_: int | None, params: dict[str, Any]
+    client: Any, job: str, name: str, round_: int | None, params: dict[str, Any]
 ) -> Callable[[], dict[str, Any]]:
     """A request of one workload to one system, ready to time."""
 
     def call() -> dict[str, Any]:
-        answer: dict[str, Any] = client.run(JOB, name, round=round_, **params)
+        answer: dict[str, Any] = client.run(job, name, round=round_, **params)
         return answer
 
     return call
 
 
 def measure(
-    name: str, cls: str, systems: dict[str, Callable[[], dict[str, Any]]], repetitions: int
+    name: str,
+    cls: str,
+    systems: dict[str, Callable[[], dict[str, Any]]],
+    repetitions: int,
+    names: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """p50 latency and mean cost of each system; the result FLStore returned."""
     row: dict[str, Any] = {"class": cls, "systems": {}}
@@ -235,7 +364,7 @@ def measure(
         row["error"] = f"{exc.status} {exc.message}"
         return row
     row["result"] = first["result"]
-    row["found"] = found(name, first["result"])
+    row["found"] = found(name, first["result"], names)
     samples: dict[str, list[float]] = {s: [] for s in systems}
     costs: dict[str, list[float]] = {s: [] for s in systems}
     for _ in range(repetitions):  # interleaved
@@ -280,9 +409,11 @@ def print_table(console: Console, report: dict[str, Any]) -> None:
         speed = f"{base / warm:.0f}×" if base and warm > 0 else "—"
         table.add_row(name, row["class"], row["found"], *cells, speed)
     Console(width=max(console.width, 160)).print(table)
+    names = report["flower"]["names"]
+    malicious = ", ".join(f"{names[c]} (node {c})" for c in report["flower"]["malicious"])
     console.print(
-        f"malicious client: [bold]{', '.join(report['flower']['malicious'])}[/bold]; "
-        f"demo took {report['seconds']:.0f} s"
+        f"client-NN: the Flower node that trained partition NN (FLStore's client ids are the "
+        f"node ids); malicious: [bold]{malicious}[/bold]; demo took {report['seconds']:.0f} s"
     )
 
 
