@@ -26,11 +26,10 @@ with_flstore``):
 - :mod:`~flstore_core.integrations.flower.strategy` — :func:`with_flstore` and the mixin it puts
   in front of the strategy's class: round numbering, the initial and global models, optional
   client selection by FLStore.
-- :mod:`~flstore_core.integrations.flower.runtime` — :func:`run_in_process`: a ``ServerApp``
-  and a ``ClientApp`` in one process, on Flower's own in-memory grid and link state and the
-  simulation runtime's fleet workers, with a thread pool in place of Ray.
 
-flwr is imported only inside functions, so this package (and the sinks) import without it.
+The integration uses Flower's public API only (``flwr.app``, ``flwr.serverapp``); apps that use it
+run as any Flower app does, with ``flwr run`` (``examples/flower-app`` is one). flwr is imported
+only inside functions, so this package (and the sinks) import without it.
 """
 
 from flstore_core.integrations.flower.replies import (
@@ -42,7 +41,6 @@ from flstore_core.integrations.flower.replies import (
     updates_from_replies,
 )
 from flstore_core.integrations.flower.run_config import flstore_sink
-from flstore_core.integrations.flower.runtime import InProcessRun, run_in_process
 from flstore_core.integrations.flower.sinks import (
     FLStoreSink,
     InitialModelSink,
@@ -65,7 +63,6 @@ __all__ = [
     "FLStoreSettings",
     "FLStoreSink",
     "FLStoreStrategy",
-    "InProcessRun",
     "InitialModelSink",
     "Prefetcher",
     "RoundWriterSink",
@@ -74,7 +71,6 @@ __all__ = [
     "arrays_to_tensors",
     "flstore_sink",
     "reported_client_id",
-    "run_in_process",
     "update_from_reply",
     "updates_from_replies",
     "with_flstore",
