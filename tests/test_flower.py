@@ -1,15 +1,20 @@
-"""The Flower integration, against flwr's own classes: strategies, messages, records, runtime.
+"""The Flower integration, against flwr's own classes: strategies, messages, records, sinks.
 
 Replies are real ``flwr.app.Message`` objects carrying ``ArrayRecord``/``MetricRecord`` content
-(built with explicit metadata, as Flower does when it deserialises a reply); runs are a real
-``ServerApp`` + ``ClientApp`` on Flower's in-memory grid and simulation-runtime workers.
+(built with explicit metadata, as Flower does when it deserialises a reply). Whole runs
+(``flwr run`` on Flower's simulation engine) are in ``test_flower_run.py`` and ``test_demo.py``;
+here, the example app users copy (``examples/flower-app``) is checked for what it promises.
 """
 
 from __future__ import annotations
 
+import ast
+import json
 import subprocess
 import sys
 import time
+import tomllib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,19 +35,24 @@ from flwr.app import (  # noqa: E402
 )
 from flwr.serverapp.strategy import FedAvg, MultiKrum  # noqa: E402
 
-from evaluation.flower_digits import run_flower_job  # noqa: E402
-from flstore_core import models  # noqa: E402
+from evaluation import digits_job  # noqa: E402
 from flstore_core.cache.node import CacheNode  # noqa: E402
 from flstore_core.data.codec import Update  # noqa: E402
+from flstore_core.data.manifest import COS_TO_MEAN, UPDATE_NORM  # noqa: E402
 from flstore_core.errors import UnavailableError, ValidationError  # noqa: E402
 from flstore_core.integrations.flower import (  # noqa: E402
     FLStoreStrategy,
     StoreSink,
+    flstore_sink,
     with_flstore,
 )
+from flstore_core.routing.placement import ShardKey  # noqa: E402
+from flstore_core.routing.router import Router  # noqa: E402
 from flstore_core.storage.object_store import ObjectStore  # noqa: E402
+from lambdas.local_runtime.s3_server import LocalS3  # noqa: E402
 
 SERVER_NODE = 1  # flwr's SUPERLINK_NODE_ID
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "flower-app"
 
 
 def train_reply(
@@ -230,7 +240,7 @@ def test_a_failing_sink_stops_the_run_unless_told_to_log() -> None:
 def test_the_integration_imports_without_flwr() -> None:
     code = (
         "import sys; sys.modules['flwr'] = None\n"
-        "import flstore_core.integrations.flower, evaluation.flower_digits\n"
+        "import flstore_core.integrations.flower, evaluation.demo\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -241,61 +251,35 @@ def test_every_name_of_the_package_all_is_importable_from_the_package() -> None:
     missing = [name for name in flower.__all__ if not hasattr(flower, name)]
     assert missing == []
     # the names users, the README and evaluation/ import from the package
-    assert {"with_flstore", "StoreSink", "RoundWriterSink", "run_in_process"} <= set(flower.__all__)
+    assert {"with_flstore", "StoreSink", "RoundWriterSink", "flstore_sink"} <= set(flower.__all__)
 
 
-# ---------------------------------------------------------------------- real Flower runs
+# ---------------------------------------------------------------------- FLStore selection
 
 
-def test_every_round_of_a_flower_run_is_committed_with_every_participating_node(
-    store: ObjectStore,
-) -> None:
-    summary = run_flower_job(StoreSink(store), job="fl-run", clients=4, rounds=2, malicious=1)
+@pytest.fixture
+def serverapp_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The identity Flower gives a ServerApp's process, which the strategies' messages carry
+    (a non-public Flower class: in a real run Flower sets it; this test calls the strategy
+    directly)."""
+    from flwr.supercore.task_identity import TaskIdentity
 
-    node_clients = sorted(str(node) for node in summary.node_ids.values())
-    assert sorted(summary.clients) == node_clients
-    assert store.list_rounds("fl-run") == [0, 1]
-    for r in range(2):
-        assert sorted(store.get_manifest("fl-run", r).clients) == node_clients
-        assert summary.participants[r] == node_clients
-    assert store.list_global_rounds("fl-run") == [0, 1]
-    assert store.get_job_spec("fl-run").model == "digits_cnn"
-    x_val, y_val = store.get_validation_set("fl-run")
-    assert x_val.shape[1:] == (1, 8, 8) and len(x_val) == len(y_val)
-    initial = store.get_initial("fl-run").tensors
-    expected = models.state_arrays(models.build("digits_cnn", seed=0))
-    assert list(initial) == list(expected)
-    assert all(np.array_equal(initial[k], v) for k, v in expected.items())
-    assert len(summary.accuracy) == 2 and summary.malicious == [summary.clients[-1]]
+    for name, value in (("_run_id", 7), ("_task_id", 1), ("_node_id", SERVER_NODE)):
+        monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def test_the_label_flipping_client_is_flagged_by_cosine_and_krum(store: ObjectStore) -> None:
-    # 6 clients, 3 rounds (seeds 0-7 checked): in round 0 every model is still close to its
-    # initialisation and the attacker does not stand out reliably; from round 1 on it does
-    summary = run_flower_job(StoreSink(store), job="fl-attack", clients=6, rounds=3)
-    (attacker,) = summary.malicious
-    node = CacheNode(store, budget_bytes=10**9)
+class FakeGrid:
+    """What a strategy's ``configure_train`` asks of the Grid: the connected node ids."""
 
-    for r in (1, 2):
-        cosine = node.handle(
-            {
-                "op": "run",
-                "workload": "malicious_cosine",
-                "job": "fl-attack",
-                "round": r,
-                "params": {"k": 1},
-            }
-        )
-        krum = node.handle(
-            {"op": "run", "workload": "krum", "job": "fl-attack", "round": r, "params": {"f": 1}}
-        )
-        assert cosine["result"]["flagged"] == [attacker], f"round {r}"
-        scores = krum["result"]["scores"]
-        assert max(scores, key=scores.get) == attacker, f"round {r}"  # worst Krum score
-        assert krum["result"]["selected"] != [attacker]
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
 
 
-def test_flstore_selection_picks_the_next_round_and_falls_back_on_error(
+@pytest.mark.usefixtures("serverapp_process")
+def test_flstore_selection_readdresses_the_next_round_and_falls_back_on_error(
     store: ObjectStore,
 ) -> None:
     class StubAPI:
@@ -313,16 +297,217 @@ def test_flstore_selection_picks_the_next_round_and_falls_back_on_error(
             return {"result": {"selected": self.picked}}
 
     api = StubAPI()
-    summary = run_flower_job(
-        StoreSink(store),
-        job="fl-select",
-        clients=5,
-        rounds=3,
+    grid = FakeGrid([1000 + i for i in range(5)])
+    wrapped = with_flstore(
+        FedAvg(fraction_train=1.0),
+        sink=StoreSink(store),
+        job="select",
         select_with="cosine_select",
         client=api,  # type: ignore[arg-type]
         select_k=3,
     )
+    arrays = round_replies(1)[0].content["arrays"]
+    targets = []
+    for server_round in (1, 2, 3):
+        messages = list(wrapped.configure_train(server_round, arrays, ConfigRecord(), grid))
+        targets.append(sorted(m.metadata.dst_node_id for m in messages))
+        nodes = targets[-1]
+        replies = [
+            r for r in round_replies(5, seed=server_round) if r.metadata.src_node_id in nodes
+        ]
+        wrapped.aggregate_train(server_round, replies)
 
     assert api.calls == [0, 1]  # asked before Flower rounds 2 and 3, about the round before
-    assert len(summary.participants[1]) == 5  # the failed call left FedAvg's own sampling
-    assert summary.participants[2] == api.picked and len(api.picked) == 3
+    assert targets[1] == grid.nodes  # the failed call left FedAvg's own sampling
+    assert targets[2] == sorted(int(c) for c in api.picked) and len(api.picked) == 3
+    assert store.list_rounds("select") == [0, 1, 2]
+    assert sorted(store.get_manifest("select", 2).clients) == api.picked
+    assert list(store.get_initial("select").tensors) == list(arrays.keys())
+
+
+# ---------------------------------------------------------------------- StoreSink
+
+
+class RecordingPrefetcher:
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[list[ShardKey]] = []
+        self.fail = fail
+
+    def prefetch(self, shards: list[ShardKey]) -> dict[str, Any]:
+        self.calls.append(shards)
+        if self.fail:
+            raise OSError("the Lambda endpoint is down")
+        return {
+            "flstore-cache-0": {"loaded": [str(s) for s in shards], "already": [], "failed": {}}
+        }
+
+
+def test_the_store_sink_writes_the_ingest_summaries_as_the_cache_node_scores_them(
+    store: ObjectStore,
+) -> None:
+    sink = StoreSink(store)
+    wrapped = with_flstore(FedAvg(), sink=sink, job="sums")
+    wrapped.aggregate_train(1, round_replies(6))  # round 0: no base, summaries of the weights
+    wrapped.aggregate_train(2, round_replies(6, seed=1))  # round 1: deltas from global/0
+
+    node = CacheNode(store, budget_bytes=10**9)
+    for r in (0, 1):
+        manifest = store.get_manifest("sums", r)
+        scores = node.handle(
+            {"op": "run", "workload": "cosine_select", "job": "sums", "round": r, "params": {}}
+        )["result"]["scores"]
+        for client, entry in manifest.updates.items():
+            assert UPDATE_NORM in entry.summary
+            assert entry.summary[COS_TO_MEAN] == pytest.approx(scores[client], abs=1e-5)
+
+
+def test_the_store_sink_warms_the_round_then_the_meta_and_client_shards(
+    store: ObjectStore,
+) -> None:
+    prefetcher = RecordingPrefetcher()
+    with_flstore(FedAvg(), sink=StoreSink(store, prefetch=prefetcher), job="warm").aggregate_train(
+        4, round_replies(3, outlier=False)
+    )
+
+    round_shards, others = prefetcher.calls
+    assert [str(s) for s in round_shards] == [str(ShardKey("warm", "round", "3"))]
+    assert {s.cls for s in others} == {"meta", "client"}
+    assert sorted(s.part for s in others if s.cls == "client") == ["1000", "1001", "1002"]
+
+
+def test_a_failed_warm_up_leaves_the_round_stored(store: ObjectStore) -> None:
+    sink = StoreSink(store, prefetch=RecordingPrefetcher(fail=True))
+    with_flstore(FedAvg(), sink=sink, job="cold").aggregate_train(1, round_replies(3))
+
+    assert store.list_rounds("cold") == [0]
+
+
+# ---------------------------------------------------------------------- flstore_sink
+
+
+def local_state(path: Path, s3: LocalS3, bucket: str) -> Path:
+    state = {
+        "gateway_url": "http://127.0.0.1:9",
+        "lambda_endpoint": "http://127.0.0.1:9",
+        "s3_endpoint": s3.url,
+        "bucket": bucket,
+        "token": "t",
+        "prefix": "demo",
+        "nodes": 3,
+        "replication": 2,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state))
+    return path
+
+
+def test_the_local_stack_state_file_gives_the_store_and_the_nodes_to_warm(
+    tmp_path: Path, s3_server: LocalS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FLSTORE_S3_ENDPOINT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    local_state(tmp_path / ".flstore" / "local.json", s3_server, "stack-bucket")
+
+    sink = flstore_sink({"flstore-job": "j"})
+
+    assert sink.store.bucket == "stack-bucket"
+    assert isinstance(sink.prefetch, Router)
+    config = sink.prefetch.config
+    assert (config.prefix, config.nodes, config.replication) == ("demo", 3, 2)
+
+
+def test_the_run_config_names_another_state_file_or_a_bucket(
+    tmp_path: Path, s3_server: LocalS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FLSTORE_S3_ENDPOINT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    state = local_state(tmp_path / "elsewhere.json", s3_server, "named")
+
+    assert flstore_sink({"flstore-local-state": str(state)}).store.bucket == "named"
+    by_bucket = flstore_sink({"flstore-local-state": str(state), "flstore-bucket": "mine"})
+    assert by_bucket.store.bucket == "mine" and by_bucket.prefetch is None
+
+
+def test_the_environment_wins_over_a_local_stack_and_is_the_default(
+    tmp_path: Path, s3_server: LocalS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLSTORE_BUCKET", "from-env")
+    monkeypatch.delenv("FLSTORE_S3_ENDPOINT", raising=False)
+    assert flstore_sink({}).store.bucket == "from-env"  # no state file: the environment
+
+    local_state(tmp_path / ".flstore" / "local.json", s3_server, "stack-bucket")
+    monkeypatch.setenv("FLSTORE_S3_ENDPOINT", s3_server.url)
+    sink = flstore_sink({})
+    assert sink.store.bucket == "from-env" and sink.prefetch is None
+
+
+def test_an_unreadable_state_file_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FLSTORE_S3_ENDPOINT", raising=False)
+    state = tmp_path / "local.json"
+    state.write_text("{not json")
+    with pytest.raises(ValidationError, match="flstore local up"):
+        flstore_sink({"flstore-local-state": str(state)})
+
+
+# ---------------------------------------------------------------------- examples/flower-app
+
+
+def test_the_example_is_a_flower_app_declaring_flstore_as_a_dependency() -> None:
+    pyproject = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())
+    flwr_app = pyproject["tool"]["flwr"]["app"]
+    assert set(flwr_app["components"]) == {"serverapp", "clientapp"}
+    for ref in flwr_app["components"].values():
+        module = ref.split(":")[0].replace(".", "/") + ".py"
+        assert (EXAMPLE / module).exists(), ref
+    assert flwr_app["config"]["flstore-job"] == "flower-app"
+    federations = pyproject["tool"]["flwr"]["federations"]
+    assert federations[federations["default"]]["options"]["num-supernodes"] == 10
+    dependencies = pyproject["project"]["dependencies"]
+    assert "flstore" in dependencies and "torch==2.13.0" in dependencies
+
+
+def test_the_example_imports_only_flower_torch_sklearn_numpy_and_flstore_core() -> None:
+    allowed = {"flwr", "torch", "sklearn", "numpy", "flstore_core", "flower_app", "__future__"}
+    allowed |= {"functools", "time"}
+    for path in (EXAMPLE / "flower_app").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            for name in names:
+                assert name.split(".")[0] in allowed, (path.name, name)
+
+
+def test_the_examples_only_flstore_line_is_with_flstore() -> None:
+    source = (EXAMPLE / "flower_app" / "server_app.py").read_text()
+    code = [line for line in source.splitlines() if not line.lstrip().startswith(("#", '"""'))]
+    uses = [line for line in code if "flstore" in line.lower()]
+    assert uses == [
+        "from flstore_core.integrations.flower import flstore_sink, with_flstore",
+        "    strategy = with_flstore(",
+        "        sink=flstore_sink(cfg),",
+        '        job=str(cfg["flstore-job"]),',
+    ]
+    assert "flstore" not in (EXAMPLE / "flower_app" / "client_app.py").read_text().lower()
+
+
+def test_the_example_evaluates_on_the_validation_set_the_demo_declares(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    from flower_app import task
+
+    _, _, x_test, y_test = task.load_split(0)
+    _, _, x_val, y_val = digits_job.load_split(0)
+    np.testing.assert_array_equal(x_test, x_val)
+    np.testing.assert_array_equal(y_test, y_val)
+    shares = task.partitions(10, 1.0, 0)
+    assert len({len(s) for s in shares}) == 1  # equal sizes
+    assert len(set(np.concatenate(shares).tolist())) == sum(len(s) for s in shares)  # disjoint
