@@ -225,6 +225,21 @@ def test_redis_py_reader_gives_the_same_round(
     assert answer["result"] == direct(store, "cosine_select", 1, {"k": 3})
 
 
+def test_a_baselines_incentive_payout_does_not_depend_on_who_else_is_asked(
+    agg: Aggregator,
+) -> None:
+    status, everyone = run(agg, "incentive", {"params": {}})
+    assert status == 200, everyone
+    for c in ("c0", "c3"):
+        status, alone = run(agg, "incentive", {"params": {"clients": [c]}})
+        assert status == 200, alone
+        assert alone["result"]["values"] == {c: everyone["result"]["values"][c]}
+        assert alone["result"]["units"] == everyone["result"]["units"]
+    # each round's budget is split among all its participants
+    for paid in everyone["result"]["rounds"].values():
+        assert sum(paid.values()) == pytest.approx(100.0)
+
+
 def test_missing_redis_server_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(redis_server_module.shutil, "which", lambda name: None)
     with pytest.raises(RedisNotInstalledError, match="apt-get install redis-server"):

@@ -3,7 +3,10 @@ inference — on small hand-checkable cases and through a cache node."""
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -12,10 +15,13 @@ from flstore_core import models
 from flstore_core.cache.node import CacheNode
 from flstore_core.cache.shards import ClientHistory, ClientRound, JobMeta
 from flstore_core.data.codec import Update
-from flstore_core.data.manifest import JobSpec
+from flstore_core.data.manifest import JobSpec, RoundManifest, UpdateEntry
+from flstore_core.routing.auth import TokenTable
+from flstore_core.routing.invoker import NodeAnswer, NodeInvoker
+from flstore_core.routing.placement import node_name
+from flstore_core.routing.router import Router, RouterConfig
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get
-from flstore_core.workloads.incentive import finalize as incentive_finalize
 from flstore_core.workloads.oort_select import oort_select, statistical_utility
 from flstore_core.workloads.reputation import reputation_series
 from tests.conftest import small_update
@@ -168,22 +174,116 @@ def test_reputation_matches_the_formula_on_random_sparse_histories() -> None:
             assert v == pytest.approx(_decayed_mean_reference(cosines, decay, r), rel=1e-9)
 
 
-def test_incentive_splits_each_round_budget_by_positive_contribution() -> None:
-    merged = {
-        "per_client": {
-            "a": {
-                "0": {"value": 3.0, "source": "contribution"},
-                "1": {"value": 1.0, "source": "contribution"},
-            },
-            "b": {
-                "0": {"value": 1.0, "source": "contribution"},
-                "1": {"value": -2.0, "source": "contribution"},
-            },
+def incentive_reference(
+    manifests: list[RoundManifest], budget: float, metric: str = "auto"
+) -> tuple[dict[str, float], dict[str, str]]:
+    """The payouts by the definition, in float64 from the manifests themselves: round t pays
+    ``budget · max(c_i, 0) / Σ_{j ∈ P_t} max(c_j, 0)`` over all its participants, c in the
+    round's one unit (``auto``: contribution, else cos_to_mean, else num_examples — the first
+    every participant has). Returns (payout per client, unit per round)."""
+    pay: dict[str, float] = {}
+    units: dict[str, str] = {}
+    for m in manifests:
+        entries = m.updates
+
+        def value(
+            c: str, source: str, entries: Mapping[str, UpdateEntry] = entries
+        ) -> float | None:
+            if source == "num_examples":
+                return float(entries[c].num_examples)
+            v = entries[c].summary.get(source)
+            return None if v is None else float(v)
+
+        if metric == "auto":
+            order = ["contribution", "cos_to_mean", "num_examples"]
+            unit = next(u for u in order if all(value(c, u) is not None for c in entries))
+        else:
+            unit = metric
+        have = {c: value(c, unit) for c in entries}
+        pos = np.array([max(v, 0.0) for v in have.values() if v is not None], dtype=np.float64)
+        total = float(pos.sum())
+        units[str(m.round)] = unit
+        for c, v in have.items():
+            pay.setdefault(c, 0.0)
+            if v is not None and total > 0:
+                pay[c] += budget * max(v, 0.0) / total
+    return pay, units
+
+
+class LocalNodes:
+    """Real cache nodes behind the router's invoker interface (one per function name)."""
+
+    def __init__(self, store: ObjectStore, count: int) -> None:
+        self.nodes = {
+            node_name("fl", i): CacheNode(store, budget_bytes=10**8, node_index=i)
+            for i in range(count)
         }
-    }
-    out = incentive_finalize(merged, {"budget": 100.0})
-    assert out["values"] == {"a": pytest.approx(75 + 100), "b": pytest.approx(25)}
-    assert out["selected"] == ["a", "b"]
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def invoke(self, function: str, event: Mapping[str, Any]) -> NodeAnswer:
+        self.calls.append((function, dict(event)))
+        return NodeAnswer(function, self.nodes[function].handle(dict(event)), 1.0, 1024)
+
+
+def _incentive_job(store: ObjectStore) -> list[RoundManifest]:
+    """Round 0: every client has a contribution; round 1: a partial backfill (some have
+    one) and cosines for all, some negative; round 2: no summary; round 3: client c7 only."""
+    rng = np.random.default_rng(11)
+    clients = [f"c{i}" for i in range(8)]
+    for r in range(4):
+        members = clients if r < 3 else ["c7"]
+        entries = [
+            store.put_update("inc", r, c, small_update(r * 10 + i)) for i, c in enumerate(members)
+        ]
+        summaries: dict[str, dict[str, float]] = {}
+        for i, c in enumerate(members):
+            if r == 0:
+                summaries[c] = {"contribution": float(rng.uniform(-0.5, 2.0)), "cos_to_mean": 0.5}
+            elif r == 1:
+                summaries[c] = {"cos_to_mean": float(rng.uniform(-1, 1))}
+                if i % 3 == 0:
+                    summaries[c]["contribution"] = 5.0
+        store.commit_round("inc", r, entries, summaries=summaries or None)
+    return [store.get_manifest("inc", r) for r in range(4)]
+
+
+def test_incentive_pays_a_client_the_same_whoever_else_is_asked(store: ObjectStore) -> None:
+    manifests = _incentive_job(store)
+    nodes = LocalNodes(store, 4)
+    router = Router(
+        store,
+        cast(NodeInvoker, nodes),  # duck-typed: the router only calls invoke()
+        TokenTable.with_tokens({"fls_t": ["*"]}),
+        RouterConfig(prefix="fl", nodes=4, replication=2),
+    )
+
+    def ask(params: dict[str, Any]) -> dict[str, Any]:
+        answer = router.run("Bearer fls_t", "inc", "incentive", json.dumps({"params": params}))
+        return cast(dict[str, Any], answer["result"])
+
+    want, units = incentive_reference(manifests, 100.0)
+    everyone = ask({})
+    assert len({f for f, _ in nodes.calls}) > 1  # scattered over several nodes
+    assert everyone["values"] == pytest.approx(want, rel=1e-12)
+    # one unit per round, the first every participant has: never a cosine beside a count
+    assert (
+        everyone["units"]
+        == units
+        == {"0": "contribution", "1": "cos_to_mean", "2": "num_examples", "3": "num_examples"}
+    )
+    for paid in everyone["rounds"].values():
+        assert sum(paid.values()) == pytest.approx(100.0)  # each round pays its whole budget
+    for c in ("c0", "c4", "c7"):
+        alone = ask({"clients": [c]})
+        assert alone["values"] == {c: pytest.approx(want[c], rel=1e-12)}
+        assert alone["units"] == {r: units[r] for r in alone["units"]}
+    pair = ask({"clients": ["c3", "c1"]})
+    assert pair["values"] == {c: pytest.approx(want[c], rel=1e-12) for c in ("c1", "c3")}
+    # a forced metric some participants lack: they are reported, the others share the round
+    forced, _ = incentive_reference(manifests, 100.0, "contribution")
+    out = ask({"metric": "contribution", "clients": ["c1", "c3"]})
+    assert out["values"] == {c: pytest.approx(forced[c], rel=1e-12) for c in ("c1", "c3")}
+    assert out["missing_rounds"] == {"c1": [1, 2], "c3": [2]}
 
 
 def _job_with_summaries(store: ObjectStore) -> None:

@@ -6,7 +6,10 @@
   round's manifest is rewritten (a late client, a backfill: :class:`ManifestReader` keeps each
   manifest with its version).
 * ``client`` (``job/client/{id}``): one client's history across rounds (the same per-round
-  rows, restricted to the client) — what ``reputation`` and ``incentive`` read.
+  rows, restricted to the client) — what ``reputation`` and ``incentive`` read. Each row carries
+  its round's :class:`RoundTotals` (sums over *every* participant of the round, from the same
+  manifest), so a node sent only some clients — the router scatters a client-class request by
+  owner — still computes shares of the whole round.
 * ``model`` (``job/model/global``): the job's global models, the latest ones kept.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,13 +33,62 @@ from flstore_core.storage.object_store import ObjectStore
 
 
 @dataclass(frozen=True)
+class RoundTotals:
+    """Sums over every participant of one round, per source (``num_examples`` and each
+    summary): what a client-class workload needs about the round's other clients.
+
+    ``positive[s] = Σ_j max(v_{j,s}, 0)`` over the participants ``j`` that have ``s``, and
+    ``present[s]`` how many have it (a backfill may have summarised some clients only).
+    """
+
+    participants: int
+    positive: dict[str, float]
+    present: dict[str, int]
+
+    def everyone_has(self, source: str) -> bool:
+        return self.present.get(source, 0) == self.participants
+
+    @classmethod
+    def of(cls, manifest: RoundManifest) -> RoundTotals:
+        """The manifest's totals, computed once per manifest object (every client row of the
+        round shares them: loading n clients costs one pass over the round, not n)."""
+        with _TOTALS_LOCK:
+            held = _TOTALS.get(id(manifest))
+            if held is not None and held[0] is manifest:
+                _TOTALS.move_to_end(id(manifest))
+                return held[1]
+        positive: dict[str, float] = {"num_examples": 0.0}
+        present: dict[str, int] = {"num_examples": len(manifest.updates)}
+        for c in sorted(manifest.updates):  # sorted: the float sums do not depend on order
+            e = manifest.updates[c]
+            positive["num_examples"] += max(float(e.num_examples), 0.0)
+            for source, value in e.summary.items():
+                positive[source] = positive.get(source, 0.0) + max(float(value), 0.0)
+                present[source] = present.get(source, 0) + 1
+        totals = cls(len(manifest.updates), positive, present)
+        with _TOTALS_LOCK:
+            # the manifest is held with its totals, so its id cannot be reused while cached
+            _TOTALS[id(manifest)] = (manifest, totals)
+            while len(_TOTALS) > _TOTALS_KEPT:
+                _TOTALS.popitem(last=False)
+        return totals
+
+
+_TOTALS: OrderedDict[int, tuple[RoundManifest, RoundTotals]] = OrderedDict()
+_TOTALS_LOCK = threading.Lock()
+_TOTALS_KEPT = 4096  # manifests whose totals are remembered (least recently used dropped)
+
+
+@dataclass(frozen=True)
 class ClientRound:
-    """One client's row of one round: what it reported and what ingestion summarised."""
+    """One client's row of one round: what it reported and what ingestion summarised, and the
+    round's totals over all its participants (``None`` for rows not read from a manifest)."""
 
     round: int
     num_examples: int
     metrics: dict[str, Any]
     summary: dict[str, float]
+    totals: RoundTotals | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -47,8 +100,9 @@ class ClientRound:
 
 
 def rows_of(manifest: RoundManifest) -> dict[str, ClientRound]:
+    totals = RoundTotals.of(manifest)
     return {
-        c: ClientRound(manifest.round, e.num_examples, dict(e.metrics), dict(e.summary))
+        c: ClientRound(manifest.round, e.num_examples, dict(e.metrics), dict(e.summary), totals)
         for c, e in manifest.updates.items()
     }
 
@@ -208,7 +262,13 @@ def load_client(reader: ManifestReader, job: str, client: str) -> ClientHistory:
         entry = manifest.updates.get(client)
         if entry is not None:
             rows.append(
-                ClientRound(r, entry.num_examples, dict(entry.metrics), dict(entry.summary))
+                ClientRound(
+                    r,
+                    entry.num_examples,
+                    dict(entry.metrics),
+                    dict(entry.summary),
+                    RoundTotals.of(manifest),
+                )
             )
     if not rows and not reader.store.job_exists(job):
         raise NotFoundError(f"unknown job {job!r}")
