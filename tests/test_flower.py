@@ -39,7 +39,7 @@ from evaluation import digits_job  # noqa: E402
 from flstore_core.cache.node import CacheNode  # noqa: E402
 from flstore_core.data.codec import Update  # noqa: E402
 from flstore_core.data.manifest import COS_TO_MEAN, UPDATE_NORM  # noqa: E402
-from flstore_core.errors import UnavailableError, ValidationError  # noqa: E402
+from flstore_core.errors import ConflictError, UnavailableError, ValidationError  # noqa: E402
 from flstore_core.integrations.flower import (  # noqa: E402
     FLStoreStrategy,
     StoreSink,
@@ -373,6 +373,18 @@ def test_the_store_sink_warms_the_round_then_the_meta_and_client_shards(
     assert [str(s) for s in round_shards] == [str(ShardKey("warm", "round", "3"))]
     assert {s.cls for s in others} == {"meta", "client"}
     assert sorted(s.part for s in others if s.cls == "client") == ["1000", "1001", "1002"]
+
+
+def test_a_new_run_under_a_job_that_holds_rounds_is_refused_before_training(
+    store: ObjectStore,
+) -> None:
+    with_flstore(FedAvg(), sink=StoreSink(store), job="again").aggregate_train(1, round_replies(3))
+    rerun = with_flstore(FedAvg(), sink=StoreSink(store), job="again")
+    arrays = round_replies(1)[0].content["arrays"]
+
+    with pytest.raises(ConflictError, match="flstore-job='again-2'"):
+        rerun.configure_train(1, arrays, ConfigRecord(), FakeGrid([1000]))
+    assert sorted(store.get_manifest("again", 0).clients) == ["1000", "1001", "1002"]
 
 
 def test_a_failed_warm_up_leaves_the_round_stored(store: ObjectStore) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from flstore_core.data.codec import TensorSpec, Update
 from flstore_core.data.rows import base_vector, flat_parts
-from flstore_core.errors import ValidationError
+from flstore_core.errors import ConflictError, ValidationError
 from flstore_core.routing.placement import ShardKey, client_shard, meta_shard, round_shard
 from flstore_core.sdk.round_writer import RoundWriter
 from flstore_core.workloads.summaries import INGEST_SUMMARIES, matrix_scores
@@ -134,6 +134,15 @@ class StoreSink:
         self.max_workers = max_workers
 
     def put_initial(self, job: str, update: Update) -> None:
+        """Store the initial model of a run — refused when the job already holds rounds: a new
+        run starts again at round 0 and would merge its clients into the earlier run's rounds."""
+        committed = self.store.list_rounds(job)
+        if committed:
+            raise ConflictError(
+                f"job {job!r} already holds rounds {committed[0]}…{committed[-1]} of an earlier "
+                "run; a run starts at round 0, so give it a job of its own (in a Flower app: "
+                f"--run-config \"flstore-job='{job}-2'\")"
+            )
         self.store.put_initial(job, update)
 
     def put_round(
