@@ -31,6 +31,7 @@ from flstore_core.routing.placement import (
 )
 from flstore_core.routing.router import Router, RouterConfig
 from flstore_core.storage.object_store import ObjectStore
+from flstore_core.workloads import get as get_workload
 
 JOB = "demo"
 TOKEN = "fls_router-tests"
@@ -145,7 +146,8 @@ def test_a_round_request_goes_to_the_shards_primary_first(make_router: MakeRoute
                 "op": "run",
                 "workload": "cosine_select",
                 "job": JOB,
-                "params": {"k": 3, "use_delta": True},
+                # the params the node gets are the workload's defaults, validated by the router
+                "params": get_workload("cosine_select").validate({}),
                 "round": 1,
             },
         )
