@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import apache_beam as beam
 
 from flstore_core import config as settings
+from flstore_core.data.columns import job_columns
 from flstore_core.data.manifest import RoundManifest
 from flstore_core.data.rows import base_vector, flat_parts
 from flstore_core.errors import NotFoundError, ValidationError
@@ -137,15 +138,17 @@ class RecomputeRoundFn(beam.DoFn):
     def _scores(self, manifest: RoundManifest) -> RoundScores:
         job, round_, reference = manifest.job, manifest.round, manifest.tensors
         base = base_vector(self.store.get_base(job, round_), reference)
+        # the job's trainable parameters, as the cache node's cosine_select reads them
+        columns = job_columns(reference, self.store.get_job_spec(job))
         if manifest.raw_bytes <= self.config.max_round_bytes:
             rm = self.store.read_round(job, round_, manifest=manifest)  # checksums verified
-            return matrix_scores(rm.clients, rm.matrix, base, in_place=True)
+            return matrix_scores(rm.clients, rm.matrix, base, columns, in_place=True)
         clients = manifest.clients
 
         def load(i: int) -> list[Any]:
             return flat_parts(self.store.get_update(job, round_, clients[i]).tensors, reference)
 
-        return stream_scores(clients, load, reference, base, self.config.threads)
+        return stream_scores(clients, load, reference, base, self.config.threads, columns=columns)
 
     def teardown(self) -> None:
         self.store.close()

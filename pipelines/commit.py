@@ -13,6 +13,7 @@ import apache_beam as beam
 from apache_beam import pvalue
 
 from flstore_core.data.codec import TensorSpec, parse_safetensors
+from flstore_core.data.columns import job_columns
 from flstore_core.data.manifest import RoundManifest
 from flstore_core.data.rows import base_vector, flat_parts
 from flstore_core.storage.commit import in_order
@@ -124,6 +125,8 @@ class SummarizeAndCommitFn(IngestFn):
             base,
             self.config.summary_threads,
             keep=size <= self.config.summary_memory_bytes,
+            # the job's trainable parameters, as the cache node's cosine_select reads them
+            columns=job_columns(reference, self.store.get_job_spec(job)),
         )
         return scores.summaries(INGEST_SUMMARIES)
 

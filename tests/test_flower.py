@@ -93,18 +93,27 @@ def _metadata(node: int) -> Metadata:
     )
 
 
-def round_replies(n: int = 6, seed: int = 0, outlier: bool = True) -> list[Message]:
-    """``n`` replies with CNN-like tensors (state-dict order), one far off when ``outlier``."""
+def round_replies(
+    n: int = 6, seed: int = 0, outlier: bool = True, buffers: bool = False
+) -> list[Message]:
+    """``n`` replies with CNN-like tensors (state-dict order), one far off when ``outlier``;
+    with BatchNorm running statistics and its integer counter when ``buffers`` (the other
+    tensors do not depend on ``buffers``)."""
     rng = np.random.default_rng(seed)
+    extra = np.random.default_rng(seed + 100)
     replies = []
     for i in range(n):
         scale = 25.0 if outlier and i == n - 1 else 1.0
         tensors = {
             "conv.weight": (rng.standard_normal((4, 1, 3, 3)) * scale).astype(np.float32),
             "conv.bias": rng.standard_normal(4).astype(np.float32),
-            "fc.weight": rng.standard_normal((10, 16)).astype(np.float32),
-            "fc.bias": rng.standard_normal(10).astype(np.float32),
         }
+        if buffers:
+            tensors["bn.running_mean"] = (30.0 + extra.standard_normal(4)).astype(np.float32)
+            tensors["bn.running_var"] = (80.0 + extra.random(4)).astype(np.float32)
+            tensors["bn.num_batches_tracked"] = np.array(500 * (seed + 1) + i, dtype=np.int64)
+        tensors["fc.weight"] = rng.standard_normal((10, 16)).astype(np.float32)
+        tensors["fc.bias"] = rng.standard_normal(10).astype(np.float32)
         replies.append(
             train_reply(
                 1000 + i,
@@ -359,6 +368,28 @@ def test_the_store_sink_writes_the_ingest_summaries_as_the_cache_node_scores_the
         for client, entry in manifest.updates.items():
             assert UPDATE_NORM in entry.summary
             assert entry.summary[COS_TO_MEAN] == pytest.approx(scores[client], abs=1e-5)
+
+
+def test_the_store_sinks_summaries_ignore_batchnorm_counters_and_running_stats(
+    store: ObjectStore,
+) -> None:
+    node = CacheNode(store, budget_bytes=10**9)
+    for job, buffers in (("plain", False), ("bn", True)):
+        wrapped = with_flstore(FedAvg(), sink=StoreSink(store), job=job)
+        wrapped.aggregate_train(1, round_replies(6, buffers=buffers))  # no base: weights
+        wrapped.aggregate_train(2, round_replies(6, seed=1, buffers=buffers))  # deltas
+    assert "bn.num_batches_tracked" in {t.name for t in store.get_manifest("bn", 0).tensors}
+    for r in (0, 1):
+        plain, bn = store.get_manifest("plain", r), store.get_manifest("bn", r)
+        scores = node.handle(
+            {"op": "run", "workload": "cosine_select", "job": "bn", "round": r, "params": {}}
+        )["result"]["scores"]
+        for client, entry in bn.updates.items():
+            assert entry.summary[COS_TO_MEAN] == pytest.approx(scores[client], abs=1e-6)
+            for name in (COS_TO_MEAN, UPDATE_NORM):
+                assert entry.summary[name] == pytest.approx(
+                    plain.updates[client].summary[name], rel=1e-5, abs=1e-6
+                )
 
 
 def test_the_store_sink_warms_the_round_then_the_meta_and_client_shards(

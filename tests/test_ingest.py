@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from flstore_core.cache.node import CacheNode
 from flstore_core.data import layout
-from flstore_core.data.codec import Update, decompress
-from flstore_core.data.manifest import CONTRIBUTION, COS_TO_MEAN, UPDATE_NORM
+from flstore_core.data.codec import TensorSpec, Update, decompress, slices_of
+from flstore_core.data.columns import job_columns, split_columns
+from flstore_core.data.manifest import CONTRIBUTION, COS_TO_MEAN, UPDATE_NORM, JobSpec
 from flstore_core.data.rawfile import write_raw_update
 from flstore_core.routing.placement import place_shard, round_shard
 from flstore_core.sdk.round_writer import RoundWriter
@@ -79,6 +81,19 @@ def versions(store: ObjectStore, prefix: str = "jobs/") -> dict[str, int]:
 
 def flat(update: Update) -> np.ndarray:
     return np.concatenate([np.asarray(a, np.float64).reshape(-1) for a in update.tensors.values()])
+
+
+def trainable(update: Update) -> np.ndarray:
+    """The float trainable parameters as one float64 row, picked by hand: integer tensors and
+    BatchNorm's running statistics and counters are not parameters (the summaries' columns)."""
+    skip = ("running_mean", "running_var", "num_batches_tracked")
+    return np.concatenate(
+        [
+            np.asarray(a, np.float64).reshape(-1)
+            for name, a in update.tensors.items()
+            if np.asarray(a).dtype.kind == "f" and not name.endswith(skip)
+        ]
+    )
 
 
 def direct_scores(rows: list[np.ndarray], base: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -146,7 +161,7 @@ def test_summaries_are_delta_cosines_against_the_stored_base(
     ingest(bucket, s3_server, tmp_path, job="delta")
 
     manifest = bucket.get_manifest("delta", 0)
-    want = direct_scores([flat(sent[c]) for c in manifest.clients], flat(base))
+    want = direct_scores([trainable(sent[c]) for c in manifest.clients], trainable(base))
     for name in (COS_TO_MEAN, UPDATE_NORM):
         got = [manifest.updates[c].summary[name] for c in manifest.clients]
         np.testing.assert_allclose(got, want[name], rtol=1e-5)
@@ -255,7 +270,7 @@ def test_a_late_client_joins_its_round_and_every_summary_is_recomputed(
 
     manifest = bucket.get_manifest("late", 0)
     assert manifest.clients == ["c0", "c1", "c2", "c9"]
-    rows = [flat(sent[c]) for c in ["c0", "c1", "c2"]] + [flat(late)]
+    rows = [trainable(sent[c]) for c in ["c0", "c1", "c2"]] + [trainable(late)]
     want = direct_scores(rows, None)[COS_TO_MEAN]
     got = [manifest.updates[c].summary[COS_TO_MEAN] for c in manifest.clients]
     np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -402,7 +417,8 @@ def test_backfill_equals_a_direct_computation_and_rewarms_new_owners(
         manifest = store.get_manifest("hist", r)
         # round 1's base is global/0 (deltas); global/1 is absent, so round 2 uses weights
         want = direct_scores(
-            [flat(sent[r][c]) for c in manifest.clients], flat(glob0) if r == 1 else None
+            [trainable(sent[r][c]) for c in manifest.clients],
+            trainable(glob0) if r == 1 else None,
         )
         for name, values in want.items():
             got = [manifest.updates[c].summary[name] for c in manifest.clients]
@@ -431,8 +447,6 @@ def test_streamed_scores_equal_matrix_scores() -> None:
     rng = np.random.default_rng(3)
     rows = rng.standard_normal((5, 300_000)).astype(np.float32)
     base = rng.standard_normal(300_000).astype(np.float32)
-    from flstore_core.data.codec import TensorSpec
-
     reference = (TensorSpec("a", "F32", (100_000,)), TensorSpec("b", "F32", (200_000,)))
     clients = [f"c{i}" for i in range(5)]
 
@@ -441,11 +455,152 @@ def test_streamed_scores_equal_matrix_scores() -> None:
 
     for keep in (True, False):
         got = stream_scores(clients, load, reference, base, threads=2, keep=keep)
-        want = matrix_scores(clients, rows, base)
+        want = matrix_scores(clients, rows, base, split_columns(reference))
         np.testing.assert_allclose(got.cos_to_mean, want.cos_to_mean, rtol=1e-5)
         np.testing.assert_allclose(got.contribution, want.contribution, rtol=1e-4)
     direct = direct_scores(list(rows.astype(np.float64)), base.astype(np.float64))
     np.testing.assert_allclose(want.cos_to_mean, direct[COS_TO_MEAN], rtol=1e-5)
+
+
+def test_summaries_read_the_jobs_trainable_parameters_only() -> None:
+    # a float buffer the name rule cannot recognise ("stats.scale"), running statistics and an
+    # integer counter between the parameters: the recorded parameter list decides
+    reference = (
+        TensorSpec("conv.weight", "F32", (3000,)),
+        TensorSpec("bn.running_mean", "F32", (40,)),
+        TensorSpec("bn.num_batches_tracked", "I64", ()),
+        TensorSpec("stats.scale", "F32", (50,)),
+        TensorSpec("fc.weight", "F32", (2000,)),
+    )
+    rng = np.random.default_rng(5)
+    n = 4
+    rows = rng.standard_normal((n, 5091)).astype(np.float32)
+    rows[:, 3000:3040] += 100.0  # running statistics far from the weights
+    rows[:, 3040] = [900.0, 910.0, 920.0, 930.0]  # batches seen
+    base = (rows[0] + rng.standard_normal(5091).astype(np.float32)).astype(np.float32)
+    clients = [f"c{i}" for i in range(n)]
+    by_hand = {  # column ranges of the tensors read, written out
+        "model": np.r_[0:3000, 3091:5091],
+        "names": np.r_[0:3000, 3041:5091],  # no list: every float tensor not a running stat
+    }
+    specs = {
+        "model": JobSpec("j", model="m", parameters=("conv.weight", "fc.weight")),
+        "names": JobSpec("j"),
+    }
+    for source, cols in by_hand.items():
+        columns = job_columns(reference, specs[source])
+        assert columns.source == source
+        for b in (base, None):
+            want = direct_scores(
+                list(rows[:, cols].astype(np.float64)),
+                None if b is None else b[cols].astype(np.float64),
+            )
+            got = [matrix_scores(clients, rows, b, columns)]
+            got += [
+                stream_scores(
+                    clients,
+                    lambda i: [rows[i, x:y] for x, y in slices_of(reference)],
+                    reference,
+                    b,
+                    keep=keep,
+                    columns=columns,
+                )
+                for keep in (True, False)
+            ]
+            for scores in got:
+                np.testing.assert_allclose(scores.cos_to_mean, want[COS_TO_MEAN], rtol=1e-5)
+                np.testing.assert_allclose(scores.update_norm, want[UPDATE_NORM], rtol=1e-5)
+                np.testing.assert_allclose(
+                    scores.contribution, want[CONTRIBUTION], rtol=1e-4, atol=1e-5
+                )
+    in_place = rows.copy()
+    matrix_scores(clients, in_place, base, job_columns(reference, None), in_place=True)
+    np.testing.assert_array_equal(in_place[:, 3000:3041], rows[:, 3000:3041])  # not read
+
+
+def bn_round(seed: int, clients: int, *, buffers: bool) -> tuple[Update, dict[str, Update]]:
+    """A base and ``clients`` updates of a small BatchNorm CNN (state-dict order), with its
+    running statistics and integer counters when ``buffers``; the parameters do not depend on
+    ``buffers``."""
+    rng = np.random.default_rng(seed)
+    extra = np.random.default_rng(seed + 1000)
+
+    def model(shift: dict[str, np.ndarray] | None, examples: int) -> Update:
+        tensors = {
+            k: (v + (shift or {}).get(k, 0.0)).astype(np.float32) for k, v in base_params.items()
+        }
+        if buffers:  # BatchNorm's buffers, after its weight and bias as in a state dict
+            after = {
+                "bn.running_mean": (50.0 + 10 * extra.standard_normal(4)).astype(np.float32),
+                "bn.running_var": (200.0 + extra.random(4)).astype(np.float32),
+                "bn.num_batches_tracked": np.array(1000 + extra.integers(0, 500), np.int64),
+            }
+            fc = tensors.pop("fc.weight")
+            tensors = {**tensors, **after, "fc.weight": fc}
+        return Update(tensors, num_examples=examples)
+
+    shapes = {"conv.weight": (4, 1, 3, 3), "bn.weight": (4,), "bn.bias": (4,), "fc.weight": (10, 4)}
+    base_params = {k: rng.standard_normal(v) for k, v in shapes.items()}
+    common = {k: 0.05 * rng.standard_normal(v) for k, v in shapes.items()}
+    updates = {}
+    for i in range(clients):
+        sign = -1.0 if i == clients - 1 else 1.0  # one sign-flipper
+        shift = {k: sign * (common[k] + 0.03 * rng.standard_normal(v)) for k, v in shapes.items()}
+        updates[f"c{i}"] = model(shift, 10 + i)
+    return model(None, 0), updates
+
+
+def test_cos_to_mean_is_cosine_selects_score_and_ignores_counters_and_running_stats(
+    bucket: ObjectStore, s3_server: LocalS3, tmp_path: Path
+) -> None:
+    """Round 0 has a base (the initial model: deltas), round 1 none (weights, where a counter
+    of ~1000 would swamp weights of ~1). The same parameters with and without BatchNorm
+    buffers give the same summaries, equal to cosine_select's scores and to a float64
+    reference over the parameters; backfill (streamed) agrees too."""
+    sent: dict[str, dict[int, dict[str, Update]]] = {}
+    for job, buffers in (("plain", False), ("bn", True)):
+        base, round0 = bn_round(7, 5, buffers=buffers)
+        sent[job] = {0: round0, 1: bn_round(8, 5, buffers=buffers)[1]}
+        root = tmp_path / job
+        drop(root / "initial.safetensors", base, job=job, kind="initial")
+        for r, updates in sent[job].items():
+            for c, u in updates.items():
+                drop(root / f"r{r}" / f"{c}.safetensors", u, job=job, round=r, client=c)
+        ingest(bucket, s3_server, root, job=job)
+    assert [t.name for t in bucket.get_manifest("bn", 0).tensors][3:6] == [
+        "bn.running_mean",
+        "bn.running_var",
+        "bn.num_batches_tracked",
+    ]
+    node = CacheNode(bucket, budget_bytes=10**8)
+
+    def summaries(job: str, r: int, name: str) -> np.ndarray:
+        manifest = bucket.get_manifest(job, r)
+        return np.array([manifest.updates[c].summary[name] for c in manifest.clients])
+
+    for r in (0, 1):
+        clients = bucket.get_manifest("bn", r).clients
+        base = trainable(bn_round(7, 5, buffers=False)[0]) if r == 0 else None
+        want = direct_scores([trainable(sent["bn"][r][c]) for c in clients], base)
+        for job in ("plain", "bn"):
+            answer = node.handle(
+                {"op": "run", "workload": "cosine_select", "job": job, "round": r, "params": {}}
+            )
+            scores = answer["result"]["scores"]
+            cos = summaries(job, r, COS_TO_MEAN)
+            np.testing.assert_allclose(cos, [scores[c] for c in clients], atol=1e-6)
+            np.testing.assert_allclose(cos, want[COS_TO_MEAN], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(summaries(job, r, UPDATE_NORM), want[UPDATE_NORM], rtol=1e-5)
+        if r == 0:  # deltas: the sign-flipper points away from the mean, counters or not
+            assert cos[-1] < 0.0 < cos[:-1].min()
+
+    for job in ("plain", "bn"):  # backfill, streamed one update at a time
+        run_backfill(job, s3_endpoint=s3_server.url, bucket=bucket.bucket, max_round_bytes=1)
+    for r in (0, 1):
+        for name in (COS_TO_MEAN, UPDATE_NORM, CONTRIBUTION):
+            np.testing.assert_allclose(
+                summaries("bn", r, name), summaries("plain", r, name), rtol=1e-5, atol=1e-6
+            )
 
 
 def test_rounds_argument_is_a_half_open_range() -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from flstore_core.data.codec import TensorSpec
-from flstore_core.data.columns import ColumnSplit, Runs, split_columns
+from flstore_core.data.columns import ColumnSplit, Runs, job_columns
 from flstore_core.data.manifest import JobSpec
 from flstore_core.data.rows import unflatten
 from flstore_core.errors import InvalidParamsError, NotFoundError
@@ -222,7 +222,7 @@ class RoundData:
         name/dtype rule)."""
         if self._columns is None:
             spec = self._context.spec if self._context is not None else None
-            self._columns = split_columns(self.specs, spec.parameters if spec else None)
+            self._columns = job_columns(self.specs, spec)
         return self._columns
 
     def _block_sums(self, runs: Runs) -> GramParts:

@@ -34,6 +34,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from flstore_core.data.codec import TensorSpec, np_dtype, slices_of
+from flstore_core.data.manifest import JobSpec
 
 BUFFER_SUFFIXES = ("running_mean", "running_var")
 NEVER_SUFFIXES = ("num_batches_tracked",)
@@ -119,3 +120,14 @@ def split_columns(
         buffer_runs=merge_runs([ranges[i] for i in buffers]),
         source="names" if names is None else "model",
     )
+
+
+def job_columns(specs: Sequence[TensorSpec], job: JobSpec | None) -> ColumnSplit:
+    """The split of a job's rows: by the parameter names its ``job.json`` recorded, else by the
+    name/dtype rule (``job`` None or without a list).
+
+    The one entry point for every layer that scores a round — the cache node's Gram
+    (``RoundData.columns``), ingestion's and backfill's summaries, the Flower sink — so
+    ``cos_to_mean`` in a manifest and ``cosine_select``'s score read the same columns.
+    """
+    return split_columns(specs, job.parameters if job is not None else None)

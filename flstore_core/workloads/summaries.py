@@ -6,8 +6,13 @@ and never holds a round matrix) and backfill (which may) compute exactly the sam
 
 * ``x_i`` — client i's update as a flat float32 row in the round's tensor order, as a delta
   ``w_i − base`` when the round's base model is stored (ARCHITECTURE §2: ``global/{r-1}`` or the
-  initial model; the same rule as the cache node, so ``cos_to_mean`` equals ``cosine_select``'s
-  score with its defaults), else the stored tensors;
+  initial model), else the stored tensors — restricted to the job's floating-point *trainable
+  parameters* (:func:`flstore_core.data.columns.job_columns`: integer tensors such as
+  BatchNorm's ``num_batches_tracked`` never, running statistics not). These are the cache
+  node's rules for the base and for the columns, so ``cos_to_mean`` equals ``cosine_select``'s
+  score with its defaults, and appending counters or running statistics to a round does not
+  move any summary (a counter that grows by one per batch would otherwise make every cosine
+  ≈ 1 and dominate every norm);
 * ``S = Σ_j x_j`` and ``n``, the round's sum and size (the mean is ``m = S / n``);
 * ``x_i·S`` and ``‖x_i‖²``.
 
@@ -39,6 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from flstore_core.data.codec import TensorSpec, slices_of
+from flstore_core.data.columns import ColumnSplit, split_columns
 from flstore_core.data.manifest import CONTRIBUTION, COS_TO_MEAN, UPDATE_NORM
 
 INGEST_SUMMARIES = (COS_TO_MEAN, UPDATE_NORM)
@@ -71,19 +77,35 @@ def delta_parts(
     return [part - base[a:b] for part, (a, b) in zip(parts, ranges, strict=True)]
 
 
-class RoundProjector:
-    """Pass two of a streamed round: ``x_i·S`` and ``‖x_i‖²`` of one update at a time."""
+def read_parts(
+    parts: Sequence[F32], base: F32 | None, ranges: Sequence[tuple[int, int]], read: Sequence[int]
+) -> list[tuple[F32, tuple[int, int]]]:
+    """The deltas (or stored parts) of the tensors ``read``, each with its column range."""
+    picked = [ranges[i] for i in read]
+    return list(zip(delta_parts([parts[i] for i in read], base, picked), picked, strict=True))
 
-    def __init__(self, direction: F32, base: F32 | None, reference: Sequence[TensorSpec]) -> None:
+
+class RoundProjector:
+    """Pass two of a streamed round: ``x_i·S`` and ``‖x_i‖²`` of one update at a time, over
+    the tensors ``read`` (indices into ``reference``; the job's parameters)."""
+
+    def __init__(
+        self,
+        direction: F32,
+        base: F32 | None,
+        reference: Sequence[TensorSpec],
+        read: Sequence[int] | None = None,
+    ) -> None:
         self.base = base
         self.ranges = slices_of(reference)
-        self.direction = direction  # S = Σ x_j
+        self.read = tuple(range(len(reference))) if read is None else tuple(read)
+        self.direction = direction  # S = Σ x_j (zero outside the columns read)
         self.sum_sq = blocked_dot(direction, direction)
 
     def project(self, parts: Sequence[F32]) -> tuple[float, float]:
         """``(x·S, ‖x‖²)`` of one update given as its stored parts in the round's order."""
         dot = sq = 0.0
-        for x, (a, b) in zip(delta_parts(parts, self.base, self.ranges), self.ranges, strict=True):
+        for x, (a, b) in read_parts(parts, self.base, self.ranges, self.read):
             dot += blocked_dot(x, self.direction[a:b])
             sq += blocked_dot(x, x)
         return dot, sq
@@ -148,9 +170,14 @@ def stream_scores(
     base: F32 | None,
     threads: int = 2,
     keep: bool = False,
+    columns: ColumnSplit | None = None,
 ) -> RoundScores:
     """Scores of a round read one update at a time: ``load(i)`` gives client i's stored parts
     (:func:`flstore_core.data.rows.flat_parts`).
+
+    ``columns`` is the job's split of ``reference``
+    (:func:`flstore_core.data.columns.job_columns`); None applies the name/dtype rule. Only its
+    parameters are read.
 
     Pass one adds the deltas into one float32 sum per thread; pass two projects every update on
     the sum. ``keep`` holds the loaded parts from pass one to pass two (one read per update, the
@@ -160,6 +187,7 @@ def stream_scores(
     n = len(clients)
     ranges = slices_of(reference)
     width = ranges[-1][1] if ranges else 0
+    read = (columns or split_columns(reference)).parameters
     threads = max(1, min(threads, n))
     kept: dict[int, Sequence[F32]] = {}
 
@@ -169,7 +197,7 @@ def stream_scores(
             parts = load(i)
             if keep:
                 kept[i] = parts
-            for x, (a, b) in zip(delta_parts(parts, base, ranges), ranges, strict=True):
+            for x, (a, b) in read_parts(parts, base, ranges, read):
                 np.add(total[a:b], x, out=total[a:b])
         return total
 
@@ -183,7 +211,7 @@ def stream_scores(
         for other in partials[1:]:
             direction += other
         del partials
-        projector = RoundProjector(direction, base, reference)
+        projector = RoundProjector(direction, base, reference, read)
         projected = list(pool.map(project, range(n)))
     return round_scores(
         clients,
@@ -195,14 +223,32 @@ def stream_scores(
 
 
 def matrix_scores(
-    clients: Sequence[str], rows: F32, base: F32 | None, *, in_place: bool = False
+    clients: Sequence[str],
+    rows: F32,
+    base: F32 | None,
+    columns: ColumnSplit,
+    *,
+    in_place: bool = False,
 ) -> RoundScores:
-    """Scores of a round held as an ``(n, d)`` float32 matrix of stored rows (backfill)."""
-    x = rows if in_place else rows.copy()
-    if base is not None:
-        x -= base
-    s = x.sum(axis=0, dtype=np.float64)
-    direction = s.astype(np.float32)
-    dots = [blocked_dot(x[i], direction) for i in range(x.shape[0])]
-    sq = [blocked_dot(x[i], x[i]) for i in range(x.shape[0])]
-    return round_scores(clients, dots, sq, float(np.dot(s, s)), delta=base is not None)
+    """Scores of a round held as an ``(n, d)`` float32 matrix of stored rows (backfill, the
+    Flower sink), over the parameter columns of ``columns`` (the job's split of the rows'
+    specs: :func:`flstore_core.data.columns.job_columns`).
+
+    ``in_place`` lets the base be subtracted from ``rows`` itself (no copy of the round).
+    """
+    n = rows.shape[0]
+    dots = np.zeros(n)
+    sq = np.zeros(n)
+    sum_sq = 0.0
+    for a, b in columns.parameter_runs:  # runs are disjoint: every sum adds over them
+        x = rows[:, a:b] if in_place else rows[:, a:b].copy()
+        if base is not None:
+            x -= base[a:b]
+        s = x.sum(axis=0, dtype=np.float64)
+        sum_sq += float(np.dot(s, s))
+        direction = s.astype(np.float32)
+        for i in range(n):
+            row = x[i]
+            dots[i] += blocked_dot(row, direction)
+            sq[i] += blocked_dot(row, row)
+    return round_scores(clients, dots.tolist(), sq.tolist(), sum_sq, delta=base is not None)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from flstore_core.data.codec import TensorSpec, Update
+from flstore_core.data.columns import job_columns
 from flstore_core.data.rows import base_vector, flat_parts
 from flstore_core.errors import ConflictError, ValidationError
 from flstore_core.routing.placement import ShardKey, client_shard, meta_shard, round_shard
@@ -100,11 +101,12 @@ class StoreSink:
 
     Per round: every update (in parallel), then the global model, then the manifest — with the
     ingest summaries (``cos_to_mean``, ``update_norm``; computed as ingestion computes them, on
-    deltas from the round's base) — so a reader that sees the round committed also finds its
-    global model, the base of the next. Then, given a ``prefetch`` target (a
-    :class:`~flstore_core.routing.router.Router`), the cache nodes that own the round, the job's
-    meta shard and the round's client histories are asked to load them, so the first request
-    is warm; warming is best effort (a node that cannot load is logged, the round stays stored).
+    deltas from the round's base, over the job's trainable parameters) — so a reader that sees
+    the round committed also finds its global model, the base of the next. Then, given a
+    ``prefetch`` target (a :class:`~flstore_core.routing.router.Router`), the cache nodes that
+    own the round, the job's meta shard and the round's client histories are asked to load
+    them, so the first request is warm; warming is best effort (a node that cannot load is
+    logged, the round stays stored).
 
     Parameters
     ----------
@@ -177,7 +179,9 @@ class StoreSink:
             by_name = {s.name: s for s in specs}
             specs = [by_name[name] for name in base.tensors]  # the base's order, so it fits
         rows = np.stack([np.concatenate(flat_parts(updates[c].tensors, specs)) for c in clients])
-        scores = matrix_scores(clients, rows, base_vector(base, specs), in_place=True)
+        # the job's trainable parameters, as the cache node's cosine_select reads them
+        columns = job_columns(specs, self.store.get_job_spec(job))
+        scores = matrix_scores(clients, rows, base_vector(base, specs), columns, in_place=True)
         return scores.summaries(INGEST_SUMMARIES)
 
     def _warm(self, job: str, round_: int, clients: list[str]) -> None:
