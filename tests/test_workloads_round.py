@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.server.strategy.aggregate import aggregate_krum, aggregate_trimmed_avg
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import select_multikrum
@@ -23,7 +23,7 @@ from sklearn.cluster import AgglomerativeClustering, KMeans
 
 from flstore_core.cache.node import CacheNode
 from flstore_core.cache.round_data import RoundData
-from flstore_core.data.codec import decode_update
+from flstore_core.data.codec import Update, decode_update
 from flstore_core.errors import InvalidParamsError
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import WorkloadResult, catalogue, get
@@ -392,6 +392,112 @@ def test_model_results_are_stored_as_weights_through_a_cache_node(store: ObjectS
     np.testing.assert_allclose(
         model_of(trimmed), np.where(is_int, np.rint(expect), expect), atol=1e-5
     )
+
+
+# a BatchNorm layer's state dict from four clients (examples 1, 1, 2, 4): every tensor is
+# aggregated like the weights, the integer counter rounded to the nearest integer
+BN_CLIENTS = {
+    "c0": (1, [1.0, 0.0], [0.0, 4.0], [1.0, 1.0], 10),
+    "c1": (1, [0.0, 1.0], [2.0, 4.0], [3.0, 1.0], 11),
+    "c2": (2, [1.0, 1.0], [4.0, 0.0], [2.0, 5.0], 12),
+    "c3": (4, [2.0, 2.0], [1.0, 1.0], [9.0, 1.0], 14),
+}
+# fedavg, weights 1/8, 1/8, 2/8, 4/8:
+#   weight       (1 + 0 + 2 + 8, 0 + 1 + 2 + 8) / 8 = (11/8, 11/8)
+#   running_mean (0 + 2 + 8 + 4, 4 + 4 + 0 + 4) / 8 = (14/8, 12/8)
+#   running_var  (1 + 3 + 4 + 36, 1 + 1 + 10 + 4) / 8 = (44/8, 16/8)
+#   counter      (10 + 11 + 24 + 56) / 8 = 101/8 = 12.625 → 13 (load_state_dict would truncate: 12)
+BN_FEDAVG = {
+    "bn.weight": [11 / 8, 11 / 8],
+    "bn.running_mean": [14 / 8, 12 / 8],
+    "bn.running_var": [44 / 8, 16 / 8],
+    "bn.num_batches_tracked": 13,
+}
+# trimmed_mean β = 0.25: ⌊0.25·4⌋ = 1 cut per end, the middle two of each coordinate averaged
+#   weight (0, 1, 1, 2) → (1 + 1)/2 = 1; (0, 1, 1, 2) → 1
+#   running_mean (0, 1, 2, 4) → 1.5; (0, 1, 4, 4) → 2.5
+#   running_var (1, 2, 3, 9) → 2.5; (1, 1, 1, 5) → 1
+#   counter (10, 11, 12, 14) → 11.5 → 12
+# β = 0 (nothing cut: the plain mean) — weight (1, 1); running_mean (7/4, 9/4);
+#   running_var (15/4, 8/4); counter 47/4 = 11.75 → 12
+BN_TRIMMED = {
+    0.25: {
+        "bn.weight": [1.0, 1.0],
+        "bn.running_mean": [1.5, 2.5],
+        "bn.running_var": [2.5, 1.0],
+        "bn.num_batches_tracked": 12,
+    },
+    0.0: {
+        "bn.weight": [1.0, 1.0],
+        "bn.running_mean": [7 / 4, 9 / 4],
+        "bn.running_var": [15 / 4, 8 / 4],
+        "bn.num_batches_tracked": 12,
+    },
+}
+
+
+def _bn_update(weight: list[float], mean: list[float], var: list[float], count: int) -> Update:
+    return Update(
+        {
+            "bn.weight": np.array(weight, np.float32),
+            "bn.running_mean": np.array(mean, np.float32),
+            "bn.running_var": np.array(var, np.float32),
+            "bn.num_batches_tracked": np.array(count, np.int64),
+        }
+    )
+
+
+@pytest.mark.parametrize("with_base", [False, True], ids=["weights", "deltas"])
+def test_aggregates_average_running_stats_and_round_the_counters(
+    store: ObjectStore, with_base: bool
+) -> None:
+    if with_base:  # the node holds deltas and adds the base back: the same state dict
+        store.put_initial("bn", _bn_update([0.5, -1.0], [3.0, 0.0], [1.0, 2.0], 7))
+    records = []
+    for client, (examples, *tensors) in BN_CLIENTS.items():
+        update = _bn_update(*tensors)
+        update.num_examples = examples
+        store.put_update("bn", 0, client, update)
+        records.append(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({k: Array(v) for k, v in update.tensors.items()}),
+                    "metrics": MetricRecord({"num-examples": examples}),
+                }
+            )
+        )
+    store.commit_round("bn", 0)
+    node = CacheNode(store, budget_bytes=10**8)
+
+    def model(workload: str, **params: Any) -> dict[str, npt.NDArray[Any]]:
+        answer = node.handle(
+            {"op": "run", "workload": workload, "job": "bn", "round": 0, "params": params}
+        )
+        assert "error" not in answer, answer
+        return decode_update(store.get_object(answer["result"]["model_key"])).tensors
+
+    flower_avg = aggregate_arrayrecords(records, "num-examples")  # every array, counters too
+
+    def flower_trim(beta: float) -> dict[str, npt.NDArray[Any]]:
+        return {
+            k: trim_mean(np.stack([r["arrays"][k].numpy() for r in records]), beta)
+            for k in BN_FEDAVG
+        }
+
+    cases = [(model("fedavg"), BN_FEDAVG, {k: flower_avg[k].numpy() for k in BN_FEDAVG})]
+    cases += [
+        (model("trimmed_mean", beta=beta), by_hand, flower_trim(beta))
+        for beta, by_hand in BN_TRIMMED.items()
+    ]
+    for got, by_hand, flower in cases:
+        assert list(got) == list(by_hand)  # a complete state dict, in state-dict order
+        for name, want in by_hand.items():
+            if name == "bn.num_batches_tracked":
+                assert got[name].dtype == np.int64 and got[name].shape == ()
+                assert int(got[name]) == want == int(np.rint(flower[name]))
+            else:
+                np.testing.assert_allclose(got[name], want, rtol=1e-6)
+                np.testing.assert_allclose(got[name], flower[name], rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- validation

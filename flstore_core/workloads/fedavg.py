@@ -2,6 +2,15 @@
 
 Reference: McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
 Data", AISTATS 2017 — ``w = Σ_k (n_k / n) w_k`` with ``n_k`` the client's examples.
+
+Buffers: every tensor of the state dict is averaged this way, not only the trainable
+parameters — BatchNorm's running statistics get the same example-weighted mean, and integer
+tensors (``num_batches_tracked``) the weighted mean rounded to the nearest integer (``np.rint``,
+halves to even) in their own dtype. The result is a complete state dict, as Flower's FedAvg
+returns (``aggregate_arrayrecords`` averages every array with the same weights) and as a
+PyTorch user loads with ``load_state_dict``; Flower leaves an averaged counter as a float,
+which ``load_state_dict`` would truncate (10.75 → 10), hence the rounding. Which tensors the
+*similarity* workloads read is another matter: :mod:`flstore_core.data.columns`.
 """
 
 from __future__ import annotations
@@ -14,7 +23,11 @@ from flstore_core.workloads import Param, Workload, WorkloadResult, register
 
 
 def fedavg(data: RoundData, weighted: bool = True) -> WorkloadResult:
-    """Average the round's models, weighted by ``num_examples`` unless ``weighted`` is false."""
+    """Average the round's models, weighted by ``num_examples`` unless ``weighted`` is false.
+
+    Every tensor is averaged, buffers included; integer tensors are rounded to the nearest
+    integer (module docstring).
+    """
     weights = data.num_examples.astype(np.float64) if weighted else np.ones(data.n)
     if weights.sum() <= 0:  # every client reported 0 examples: fall back to the plain mean
         weights = np.ones(data.n)

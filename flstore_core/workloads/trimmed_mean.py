@@ -9,6 +9,14 @@ Optimal Statistical Rates", ICML 2018, Definition 2 — for ``β ∈ [0, 1/2)`` 
 
 with ``x_(i)[k]`` the i-th smallest value. The base model is the same constant for every client,
 so trimming deltas and adding the base back equals trimming the weights themselves.
+
+Buffers: every coordinate of the state dict is trimmed this way, not only the trainable
+parameters — BatchNorm's running statistics get the same coordinate-wise trimmed mean, and
+integer tensors (``num_batches_tracked``) the trimmed mean rounded to the nearest integer
+(``np.rint``, halves to even) in their own dtype. The result is a complete state dict, as
+Flower's FedTrimmedAvg returns (its ``trim_mean`` runs over every array) and as a PyTorch user
+loads with ``load_state_dict`` (which would truncate a float counter, 10.5 → 10, hence the
+rounding).
 """
 
 from __future__ import annotations
@@ -63,7 +71,8 @@ def trimmed_mean(data: RoundData, beta: float = 0.1) -> WorkloadResult:
     -------
     WorkloadResult
         ``beta``, ``cut`` (values cut per end), ``kept`` (values averaged per coordinate),
-        ``clients``; the model is the trimmed mean.
+        ``clients``; the model is the trimmed mean of every tensor, buffers included, integer
+        tensors rounded to the nearest integer (module docstring).
     """
     if not 0.0 <= beta < 0.5:
         raise InvalidParamsError(
