@@ -24,6 +24,7 @@ from flstore_core.routing.placement import node_name, rank_nodes, round_shard
 from flstore_core.routing.request_body import MAX_BODY_BYTES
 from flstore_core.routing.router import Router, RouterConfig
 from flstore_core.storage.object_store import ObjectStore
+from flstore_core.workloads import get as get_workload
 from lambdas.router import build_app, handle
 
 TOKEN = "fls_every-job"
@@ -184,7 +185,7 @@ def test_result_and_meta_come_from_the_node_that_answered(call: Call, nodes: Fak
         "workload": "cosine_select",
         "job": "demo",
         "round": 1,
-        "params": {"k": 2, "use_delta": True},
+        "params": get_workload("cosine_select").validate({"k": 2}),
     }
 
 
