@@ -35,9 +35,32 @@ def cosine_to_mean(gram: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return np.clip(cos, -1.0, 1.0)
 
 
-def rank_by_score(clients: list[str], scores: npt.NDArray[np.float64]) -> list[str]:
-    """Clients by descending score; ties broken by client id so the order is deterministic."""
-    return [c for _, c in sorted(zip(-scores, clients, strict=True))]
+# Scores built on float32 rows (Gram entries, distances) carry rounding of ~1e-7 of their
+# scale, so mathematically equal scores — identical or parallel updates — come out a few ulps
+# apart, in an order set by where each row sits in the GEMM. Scores closer than this fraction
+# of the largest |score| are ties, broken by client id.
+FLOAT32_TIE = 1e-6
+
+
+def rank_by_score(
+    clients: list[str], scores: npt.NDArray[np.float64], tie: float = 0.0
+) -> list[str]:
+    """Clients by descending score; ties broken by client id so the order is deterministic.
+
+    With ``tie > 0``, scores within ``tie · max|score|`` of their neighbour in the sorted
+    order (chained) count as tied: the float32 rounding of equal scores then never decides.
+    """
+    order = sorted(range(len(clients)), key=lambda i: (-scores[i], clients[i]))
+    if tie <= 0 or not order:
+        return [clients[i] for i in order]
+    tol = tie * float(np.max(np.abs(scores)))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and scores[groups[-1][-1]] - scores[i] <= tol:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return [clients[i] for group in groups for i in sorted(group, key=clients.__getitem__)]
 
 
 def cosine_select(
@@ -50,7 +73,7 @@ def cosine_select(
     """
     check_k(k, data.n)
     cos = cosine_to_mean(data.gram(use_delta, include_buffers))
-    order = rank_by_score(data.clients, cos)
+    order = rank_by_score(data.clients, cos, FLOAT32_TIE)
     return WorkloadResult(
         {
             "selected": order[:k],

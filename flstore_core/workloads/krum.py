@@ -23,7 +23,7 @@ import numpy.typing as npt
 from flstore_core.cache.round_data import RoundData
 from flstore_core.errors import InvalidParamsError
 from flstore_core.workloads import INCLUDE_BUFFERS, Param, Workload, WorkloadResult, register
-from flstore_core.workloads.cosine_select import rank_by_score
+from flstore_core.workloads.cosine_select import FLOAT32_TIE, rank_by_score
 
 
 def check_f(f: int, n: int, workload: str = "krum") -> None:
@@ -53,8 +53,9 @@ def krum_scores(distances: npt.NDArray[np.float64], f: int) -> npt.NDArray[np.fl
 
 
 def rank_ascending(clients: list[str], scores: npt.NDArray[np.float64]) -> list[str]:
-    """Clients by ascending score (best Krum score first), ties broken by client id."""
-    return rank_by_score(clients, -scores)
+    """Clients by ascending score (best Krum score first), ties broken by client id (scores
+    within float32 rounding of each other count as tied: identical updates score the same)."""
+    return rank_by_score(clients, -scores, FLOAT32_TIE)
 
 
 def krum(data: RoundData, f: int = 1, include_buffers: bool = False) -> WorkloadResult:

@@ -20,7 +20,7 @@ from flstore_core.workloads import (
     check_k,
     register,
 )
-from flstore_core.workloads.cosine_select import cosine_to_mean, rank_by_score
+from flstore_core.workloads.cosine_select import FLOAT32_TIE, cosine_to_mean, rank_by_score
 
 
 def malicious_cosine(
@@ -52,8 +52,8 @@ def malicious_cosine(
         ``flagged`` (worst first), ``scores`` (client -> cosine to the mean), ``rule``.
     """
     cos = cosine_to_mean(data.gram(use_delta, include_buffers))
-    # ascending similarity = descending -cos; ties broken by client id, as in cosine_select
-    worst_first = rank_by_score(data.clients, -cos)
+    # ascending similarity = descending -cos; ties (also float32 ones) broken by client id
+    worst_first = rank_by_score(data.clients, -cos, FLOAT32_TIE)
     if threshold is None:
         check_k(k, data.n)
         flagged = worst_first[:k]

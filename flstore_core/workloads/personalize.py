@@ -30,7 +30,7 @@ from flstore_core.workloads import (
     register,
 )
 from flstore_core.workloads.accuracy_select import ValidationScorer
-from flstore_core.workloads.cosine_select import rank_by_score
+from flstore_core.workloads.cosine_select import FLOAT32_TIE, rank_by_score
 
 F64 = npt.NDArray[np.float64]
 
@@ -99,7 +99,9 @@ def personalize(
         for i in others:
             score_all[i] = scorer.accuracy(data.client_weights(i))
     other_ids = [data.clients[i] for i in others]
-    chosen = rank_by_score(other_ids, score_all[others])[:peers]
+    # cosines from the float32 Gram tie within FLOAT32_TIE; accuracies are exact fractions
+    tie = FLOAT32_TIE if by == "similarity" else 0.0
+    chosen = rank_by_score(other_ids, score_all[others], tie)[:peers]
     members = [row] + [data.clients.index(c) for c in chosen]
     sizes = data.num_examples.astype(np.float64)
     w = np.zeros(data.n)
