@@ -25,9 +25,10 @@ _BUILDERS: dict[str, Callable[[], nn.Module]] = {}
 _STATE_NAMES: dict[str, tuple[str, ...]] = {}
 INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "digits_cnn": (1, 8, 8),
+    "digits_bn_cnn": (1, 8, 8),
     "resnet18_cifar": (3, 32, 32),
 }
-NUM_CLASSES = {"digits_cnn": 10, "resnet18_cifar": 10}
+NUM_CLASSES = {"digits_cnn": 10, "digits_bn_cnn": 10, "resnet18_cifar": 10}
 
 
 def names() -> list[str]:
@@ -167,6 +168,29 @@ def _register_builders() -> None:
             x = torch.relu(self.fc1(x.flatten(1)))
             return self.fc2(x)  # type: ignore[no-any-return]
 
+    class DigitsBNCNN(nn.Module):
+        """A small BatchNorm CNN for 1×8×8 digits, 10 classes: conv → BN → ReLU twice, then
+        max-pool and a linear layer (3,842 parameters).
+
+        Its state dict has what real BatchNorm jobs carry (``running_mean``, ``running_var``
+        and the integer ``num_batches_tracked`` per BN layer) at a size that trains in
+        milliseconds, so tests can run a BatchNorm job end to end; convolutions have no bias,
+        as is usual before BatchNorm (and as in ``resnet18_cifar``).
+        """
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(8)
+            self.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(16)
+            self.fc = nn.Linear(16 * 4 * 4, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.bn1(self.conv1(x)))
+            x = torch.max_pool2d(torch.relu(self.bn2(self.conv2(x))), 2)
+            return self.fc(x.flatten(1))  # type: ignore[no-any-return]
+
     class BasicBlock(nn.Module):
         def __init__(self, cin: int, cout: int, stride: int) -> None:
             super().__init__()
@@ -210,4 +234,5 @@ def _register_builders() -> None:
             return self.linear(out)  # type: ignore[no-any-return]
 
     _BUILDERS["digits_cnn"] = DigitsCNN
+    _BUILDERS["digits_bn_cnn"] = DigitsBNCNN
     _BUILDERS["resnet18_cifar"] = ResNet18Cifar
