@@ -280,7 +280,7 @@ def run_demo(
                 store,
                 app,
                 workdir,
-                (out_dir / "flower").resolve(),
+                out_dir / "flower",
                 job=job,
                 clients=clients,
                 rounds=rounds,
