@@ -32,13 +32,16 @@ F64 = npt.NDArray[np.float64]
 # the centred copy in cache; never fewer than 4 Ki columns, so BLAS calls stay large.
 BLOCK_ELEMENTS = 1 << 20
 MIN_BLOCK_COLUMNS = 1 << 12
+# a block whose closest pair of rows is nearer than this share of ‖x_i‖² + ‖x_j‖² is centred
+# before its GEMM (a raw float32 Gram would lose the distance's digits to cancellation)
+OFFSET_RATIO = 0.05
 
 
 @dataclass(frozen=True)
 class GramParts:
     """Pieces from which the Gram matrices of a column subset are rebuilt, all float64.
 
-    With ``z_i = x_i − c`` (rows centred on their mean ``c``) and ``b`` the base:
+    With ``z_i = x_i − c`` (rows centred on a common centre ``c``) and ``b`` the base:
 
     * ``x_i·x_j = Z_ij + z_i·c + z_j·c + c·c``  (Gram of the rows as stored: deltas with a base)
     * ``w_i·w_j = x_i·x_j + x_i·b + x_j·b + b·b`` with ``x_i·b = z_i·b + c·b``  (of weights)
@@ -70,6 +73,16 @@ class GramParts:
             x_b = self.z_b + self.c_b
             g = g + x_b[:, None] + x_b[None, :] + self.b_b
         return g
+
+
+def _offset_dominated(gram: F64) -> bool:
+    """Whether some pair of rows is so close, relative to their norms, that distances taken
+    from this (uncentred) Gram would lose digits: ``d_ij < OFFSET_RATIO · (G_ii + G_jj)``."""
+    d = np.diag(gram)
+    scale = d[:, None] + d[None, :]
+    dist = scale - 2.0 * gram
+    off = ~np.eye(len(d), dtype=bool)
+    return bool(np.any(dist[off] < OFFSET_RATIO * scale[off]))
 
 
 @dataclass
@@ -226,43 +239,77 @@ class RoundData:
         return self._columns
 
     def _block_sums(self, runs: Runs) -> GramParts:
-        """One blocked pass over the columns ``runs``: the centred Gram and the dot products
-        that turn it back into the Gram of deltas or of weights.
+        """One blocked pass over the columns ``runs``: the Gram pieces (see :class:`GramParts`)
+        that give the Gram of deltas or of weights and the pairwise distances.
 
-        Each block of columns is centred on its own mean ``c`` before its float32 GEMM, and
-        the blocks' results are summed in float64: the GEMM then sees only the clients'
-        differences, so distances keep their digits however large the common offset (a raw
-        float32 Gram of ‖w‖² ≈ 1e3 loses offsets of 1e-4 entirely). Any centre would do — it is
-        added back exactly — the mean keeps ``Z`` smallest.
+        Blocks are summed in float64, and each block's pieces are taken with a centre ``c`` of
+        its own (the pieces of any centre add back exactly, so blocks may differ):
+
+        * ``c = 0`` — one float32 GEMM straight on the matrix, no copy — when the block's rows
+          are not dominated by a common offset, i.e. every pairwise distance is at least
+          :data:`OFFSET_RATIO` of ``‖x_i‖² + ‖x_j‖²`` (cancellation then costs < 1e-5 relative);
+        * ``c`` = the block's mean otherwise (raw weights with no stored base: ‖w‖² ≈ 1e3 and
+          offsets of 1e-4 vanish in a raw float32 Gram), so the GEMM sees only the clients'
+          differences.
+
+        The first block decides which to try first for the rest: a round of deltas pays one
+        GEMM per block, as an uncentred Gram would; a round of raw weights pays the mean and the
+        centred GEMM, not a wasted raw one.
         """
         n = self.n
         base = self.base
-        # one float32 GEMM per block on the stacked rows [Z; c; b]: its (k, k) product holds
-        # Z·Zᵀ, Z·c, c·c, Z·b, c·b and b·b at once (a GEMV for Z·c costs more than the GEMM);
-        # k is padded to a multiple of 4 with zero rows, which OpenBLAS runs markedly faster
+        # the centred GEMM runs on the stacked rows [Z; c; b]: its (k, k) product holds Z·Zᵀ,
+        # Z·c, c·c, Z·b, c·b and b·b at once; k is padded to a multiple of 4 with zero rows,
+        # which OpenBLAS runs markedly faster
         k = n + (1 if base is None else 2)
         k += -k % 4
         step = max(MIN_BLOCK_COLUMNS, BLOCK_ELEMENTS // k)
-        buf = np.zeros((k, min(step, max((b - a for a, b in runs), default=0))), np.float32)
-        acc = np.zeros((k, k))
+        width = min(step, max((b - a for a, b in runs), default=0))
+        buf = np.zeros((k, width), np.float32)
+        total = GramParts(np.zeros((n, n)), np.zeros(n), 0.0, np.zeros(n), 0.0, 0.0)
+        centre_first: bool | None = None
         for a, b in runs:
             for start in range(a, b, step):
                 stop = min(start + step, b)
                 x = self.matrix[:, start:stop]
-                rows = buf[:, : stop - start]
-                c = rows[n]
-                np.mean(x, axis=0, dtype=np.float32, out=c)
-                np.subtract(x, c, out=rows[:n])
-                if base is not None:
-                    rows[n + 1] = base[start:stop]
-                acc += rows @ rows.T
-        centred = acc[:n, :n]
-        z_c, c_c = acc[:n, n].copy(), float(acc[n, n])
+                bb = None if base is None else base[start:stop]
+                part = None
+                if not centre_first:
+                    part = self._raw_block(x, bb)
+                    if _offset_dominated(part.centred):
+                        part = None
+                    if centre_first is None:
+                        centre_first = part is None
+                if part is None:
+                    part = self._centred_block(x, bb, buf[:, : stop - start])
+                total = total + part
+        centred = (total.centred + total.centred.T) / 2.0  # exactly symmetric whatever BLAS did
+        return GramParts(centred, total.z_c, total.c_c, total.z_b, total.c_b, total.b_b)
+
+    @staticmethod
+    def _raw_block(x: F32, base: F32 | None) -> GramParts:
+        """Pieces of one block with ``c = 0``: ``x·xᵀ`` (and ``x·b``) straight from the matrix."""
+        n = x.shape[0]
+        g = (x @ x.T).astype(np.float64)
+        if base is None:
+            return GramParts(g, np.zeros(n), 0.0, np.zeros(n), 0.0, 0.0)
+        x_b = (x @ base).astype(np.float64)
+        return GramParts(g, np.zeros(n), 0.0, x_b, 0.0, float(np.dot(base, base)))
+
+    @staticmethod
+    def _centred_block(x: F32, base: F32 | None, rows: F32) -> GramParts:
+        """Pieces of one block centred on its mean ``c``, from one GEMM of ``[Z; c; b]``."""
+        n = x.shape[0]
+        c = rows[n]
+        np.mean(x, axis=0, dtype=np.float32, out=c)
+        np.subtract(x, c, out=rows[:n])
+        if base is not None:
+            rows[n + 1] = base
+        acc = (rows @ rows.T).astype(np.float64)
         z_b = acc[:n, n + 1].copy() if base is not None else np.zeros(n)
         c_b = float(acc[n, n + 1]) if base is not None else 0.0
         b_b = float(acc[n + 1, n + 1]) if base is not None else 0.0
-        centred = (centred + centred.T) / 2.0  # exactly symmetric whatever BLAS did
-        return GramParts(centred, z_c, c_c, z_b, c_b, b_b)
+        return GramParts(acc[:n, :n].copy(), acc[:n, n].copy(), float(acc[n, n]), z_b, c_b, b_b)
 
     def _parts(self, include_buffers: bool) -> GramParts:
         """The Gram pieces of the column subset: parameters, plus buffers when asked (each
@@ -275,8 +322,8 @@ class RoundData:
         return parts
 
     def centred_gram(self, include_buffers: bool = False) -> F64:
-        """``Z·Zᵀ`` of the rows centred on their mean (translation-invariant workloads: k-means,
-        distances); the same for deltas and stored tensors."""
+        """``Z·Zᵀ`` of the rows centred on a common centre (translation-invariant workloads:
+        k-means, distances); the same for deltas and stored tensors."""
         return self._parts(include_buffers).centred
 
     def gram(self, use_delta: bool = True, include_buffers: bool = False) -> F64:
