@@ -14,6 +14,7 @@ model results, and a real mismatch is reported with the tensor's name.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,9 +29,11 @@ from flstore_core import models
 from flstore_core.cache.node import CacheNode
 from flstore_core.cache.round_data import ArtifactStats, RoundData
 from flstore_core.cache.round_loading import load_round
+from flstore_core.data import layout as layout_keys
 from flstore_core.data.codec import TensorSpec, Update, decode_update, parse_safetensors
 from flstore_core.data.manifest import JobSpec
 from flstore_core.errors import InvalidParamsError
+from flstore_core.sdk.jobs import create_job
 from flstore_core.storage.commit import check_agreement, majority_specs
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import WorkloadResult, get
@@ -358,3 +361,93 @@ def test_a_model_loads_from_a_row_in_any_order(rounds: dict[str, RoundData]) -> 
     want.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
     for name, value in want.state_dict().items():
         assert torch.equal(got[name], value)
+
+
+# --- the canonical order recorded at ``job create`` (commits where torch is not installed) ---
+
+
+def _model_updates(n: int) -> list[Update]:
+    """``n`` updates of ``MODEL`` as the ``safetensors`` library hands them back (sorted)."""
+    reference = models.build(MODEL).state_dict()
+    rng = np.random.default_rng(7)
+    out = []
+    for i in range(n):
+        tensors = {
+            k: v.numpy() + rng.standard_normal(tuple(v.shape)).astype(v.numpy().dtype)
+            if v.is_floating_point()
+            else v.numpy().copy()
+            for k, v in reference.items()
+        }
+        out.append(_sorted(Update(tensors, num_examples=10 + i, metrics={})))
+    return out
+
+
+def _without_torch(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """As on an ingestion worker or the router: ``import torch`` fails, and so does the
+    registry (it needs torch); the models it was asked for are returned."""
+    monkeypatch.setitem(sys.modules, "torch", None)
+    asked: list[str] = []
+
+    def no_torch(name: str) -> Any:
+        asked.append(name)
+        raise ImportError("No module named 'torch'")
+
+    monkeypatch.setattr(models, "state_names", no_torch)
+    monkeypatch.setattr(models, "build", no_torch)
+    return asked
+
+
+def test_job_create_records_the_models_state_dict_order(store: ObjectStore) -> None:
+    spec = create_job(store, "order-recorded", model=MODEL)
+    expected = tuple(models.build(MODEL).state_dict())  # the reference: torch's own order
+    assert spec.state_names == expected
+    read = ObjectStore(blobs=store.blobs).get_job_spec("order-recorded")
+    assert read.state_names == expected
+    assert list(expected) != sorted(expected)  # else the commit below would prove nothing
+    assert create_job(store, "order-no-model-spec").state_names is None
+
+
+def test_a_commit_without_torch_lays_out_a_model_jobs_first_round_in_the_models_order(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = "order-recorded-commit"
+    create_job(store, job, model=MODEL)
+    expected = tuple(models.build(MODEL).state_dict())
+    updates = _model_updates(3)
+    asked = _without_torch(monkeypatch)
+    worker = ObjectStore(blobs=store.blobs)  # a fresh process: nothing cached
+    assert worker.tensor_order(job) == expected
+    for i, u in enumerate(updates):
+        worker.put_update(job, 0, f"c{i}", u)
+    manifest = worker.commit_round(job, 0)
+    assert tuple(s.name for s in manifest.tensors) == expected  # not the majority's (sorted)
+    data = load_round(worker, job, 0, ArtifactStats())
+    for row, client in enumerate(data.clients):
+        tensors = data.tensors_of(data.matrix[row])
+        assert tuple(tensors) == expected
+        for name, value in updates[int(client[1:])].tensors.items():
+            assert np.array_equal(tensors[name], value)
+    assert asked == []  # the recorded order, not the registry
+
+
+def test_an_old_job_json_without_the_order_still_reads_and_commits(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = "order-old-spec"
+    old = {"format": "flstore-job/1", "job": job, "model": MODEL, "precision": "float32"}
+    store.blobs.put(layout_keys.job_spec_key(job), json.dumps(old).encode())
+    spec = ObjectStore(blobs=store.blobs).get_job_spec(job)
+    assert (spec.model, spec.state_names, spec.parameters) == (MODEL, None, None)
+    expected = tuple(models.build(MODEL).state_dict())
+    updates = _model_updates(2)
+    for i, u in enumerate(updates):
+        store.put_update(job, 0, f"c{i}", u)
+    # with torch: the registry's order, as before the field existed
+    assert ObjectStore(blobs=store.blobs).tensor_order(job) == expected
+    # without torch: the first committed round's order (here the majority's, sorted by name)
+    _without_torch(monkeypatch)
+    worker = ObjectStore(blobs=store.blobs)
+    assert worker.tensor_order(job) is None
+    manifest = worker.commit_round(job, 0)
+    assert [s.name for s in manifest.tensors] == sorted(expected)
+    assert ObjectStore(blobs=store.blobs).tensor_order(job) == tuple(sorted(expected))

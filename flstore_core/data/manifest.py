@@ -35,6 +35,11 @@ class JobSpec:
     (``named_parameters()``), recorded at ``job create`` so that cache nodes split a row into
     parameters and buffers without torch (:mod:`flstore_core.data.columns`); ``None`` for a job
     without a model and for ``job.json`` files written before the field existed.
+    ``state_names`` are the names of the model's whole state dict in state-dict order — the job's
+    canonical tensor order (ARCHITECTURE §2) — recorded at ``job create`` so that a commit
+    where torch is not installed (an ingestion worker, the router) lays out a model job's first
+    round in the model's order, not the majority's (``ObjectStore.tensor_order``); ``None``
+    likewise.
     """
 
     job: str
@@ -43,6 +48,7 @@ class JobSpec:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     parameters: tuple[str, ...] | None = None
+    state_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         validate_job(self.job)
@@ -61,6 +67,7 @@ class JobSpec:
                 "hyperparameters": self.hyperparameters,
                 "description": self.description,
                 "parameters": None if self.parameters is None else list(self.parameters),
+                "state_names": None if self.state_names is None else list(self.state_names),
             },
             indent=1,
             sort_keys=True,
@@ -76,18 +83,19 @@ class JobSpec:
                 precision=obj.get("precision", "float32"),
                 hyperparameters=dict(obj.get("hyperparameters") or {}),
                 description=str(obj.get("description", "")),
-                parameters=_names(obj.get("parameters")),
+                parameters=_names(obj.get("parameters"), "parameters"),
+                state_names=_names(obj.get("state_names"), "state_names"),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise StoredObjectCorruptError(f"job.json is not a valid job spec: {exc}") from exc
 
 
-def _names(value: Any) -> tuple[str, ...] | None:
+def _names(value: Any, field_name: str) -> tuple[str, ...] | None:
     """A recorded list of tensor names (``None`` when absent, as in older ``job.json``)."""
     if value is None:
         return None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise TypeError("parameters must be a list of tensor names")
+        raise TypeError(f"{field_name} must be a list of tensor names")
     return tuple(value)
 
 

@@ -61,6 +61,8 @@ def create_job(
         precision=parse_precision(precision),
         hyperparameters=hyperparameters or {},
         parameters=None if model is None else parameter_names(model),
+        # the canonical tensor order, for commits without torch (ObjectStore.tensor_order)
+        state_names=None if model is None else models.state_names(model),
     )
     data = None
     if validation is not None:

@@ -348,16 +348,20 @@ class ObjectStore:
         """The job's canonical tensor order (ARCHITECTURE §2, :mod:`~flstore_core.storage.commit`),
         ``None`` while the job has none yet (its first round sets it).
 
-        It is the registry model's state-dict order when the job declares a model (built once
-        per process; where torch is not installed, the rule below stands in for it), else the
-        tensor order of the job's first committed round — the lowest-numbered one, found with
-        one delimited LIST — so every later round takes the order of the rounds before it.
+        It is the registry model's state-dict order when the job declares a model: as recorded
+        in ``job.json`` at ``job create`` (:attr:`JobSpec.state_names`, so no torch is needed
+        here), else — a ``job.json`` written before that field existed — built from the
+        registry once per process where torch is installed. Otherwise (no model, or an old
+        spec and no torch) it is the tensor order of the job's first committed round — the
+        lowest-numbered one, found with one delimited LIST — so every later round takes the
+        order of the rounds before it.
         """
         with self._lock:
             known = self._orders.get(job)
         if known is not None:
             return known
-        order = self._model_order(self.get_job_spec(job).model)
+        spec = self.get_job_spec(job)
+        order = spec.state_names if spec.state_names else self._model_order(spec.model)
         if order is None:
             for prefix in self.blobs.list_prefixes(layout.rounds_prefix(job), "/"):
                 r = layout.parse_round_from_key(job, prefix + "manifest.json")
