@@ -47,6 +47,11 @@ Utility = Callable[[frozenset[int]], float]
 AUTO_EXACT_MAX = 8  # method "auto" enumerates exactly up to this many clients
 EXACT_MAX = 14  # beyond this, 2^n evaluations are refused: use gtg
 LAST_K = 10  # running estimates compared by the convergence test (authors' code)
+# Equal values summed in a different order differ by a few ulps (two symmetric clients get
+# -0.1444…45 and -0.1444…46): values within SUM_TIE · max|value| are tied and ordered by client
+# id. Accuracy utilities put distinct values at least 1/(|V| · n!) (exact) or 1/(|V| · T) (T
+# permutations) apart, far above this.
+SUM_TIE = 1e-9
 
 
 class MemoUtility:
@@ -240,7 +245,7 @@ def contribution_shapley(
         )
     result: dict[str, object] = {
         "values": {c: float(v) for c, v in zip(data.clients, est.values, strict=True)},
-        "selected": rank_by_score(data.clients, est.values),
+        "selected": rank_by_score(data.clients, est.values, SUM_TIE),
         "method": use,
         "evaluations": est.evaluations,
         "utility_all": est.utility_all,
