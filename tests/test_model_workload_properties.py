@@ -15,12 +15,15 @@ The references never call the workloads' helpers: every model is evaluated by a 
 the architecture holding float64 copies of the float32 values written (aggregates
 ``Σ n_j w_j / Σ n_j`` computed here in float64), ``U(∅)`` is the stored base or the documented
 fresh seed-0 model, leave-one-out is ``U(N) − U(N∖{i})`` and Shapley values average marginal
-contributions over all ``n!`` orderings. The workloads evaluate in float32: a prediction whose
-two largest float64 logits are within ``MARGIN`` (relative) could fall either side, so each
-accuracy is checked to lie in the interval those undecided predictions allow, and rankings are
-asserted (exactly, ties by client id) only on examples without undecided predictions (counted).
-The largest deviation from the float64 value is kept in ``DEVIATIONS`` and printed at the end
-(``pytest -s``).
+contributions over all ``n!`` orderings. FedDebug's reference writes the model's forward out
+(``torch.nn.functional`` in float64) to take every Conv2d/Linear output, and counts
+``|∩_{j ∈ R∖{i}} A_j|`` with explicit intersections (activations within ``FEDDEBUG_TOL`` of
+the threshold are undecided: an input with one is left out of the exact vote count). The
+workloads evaluate in float32: a prediction whose two largest float64 logits are within
+``MARGIN`` (relative) could fall either side, so each accuracy is checked to lie in the interval
+those undecided predictions allow, and rankings are asserted (exactly, ties by client id) only
+on examples without undecided predictions (counted). The largest deviation from the float64
+value is kept in ``DEVIATIONS`` and printed at the end (``pytest -s``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from flstore_core.cache.results import run_round_workload
 from flstore_core.cache.round_data import ArtifactStats, RoundData
 from flstore_core.cache.round_loading import load_round
 from flstore_core.data.codec import Update, decode_update
+from flstore_core.errors import InvalidParamsError
 from flstore_core.sdk.jobs import create_job
 from flstore_core.storage.memory import MemoryBlobStore
 from flstore_core.storage.object_store import ObjectStore
@@ -59,7 +63,7 @@ MARGIN = 2e-5
 
 DEVIATIONS: dict[str, float] = {}
 CHECKED: dict[str, int] = {}  # examples whose rankings were asserted, by workload
-UNDECIDED_SEEN: dict[str, int] = {}  # …and those left out (an undecided prediction)
+UNDECIDED_SEEN: dict[str, int] = {}  # …and those left out (an undecided prediction/activation)
 
 PROPS = settings(
     max_examples=25,
@@ -84,7 +88,7 @@ def report() -> Iterator[None]:
     print("\nlargest deviation from the float64 torch reference, by workload:")
     for name, dev in sorted(DEVIATIONS.items()):
         print(f"  {name:<22} {dev:.3e}")
-    print("rankings asserted (left out: an undecided prediction), by workload:")
+    print("rankings asserted (left out: an undecided prediction or activation), by workload:")
     for name in sorted(set(CHECKED) | set(UNDECIDED_SEEN)):
         print(f"  {name:<22} {CHECKED.get(name, 0)} ({UNDECIDED_SEEN.get(name, 0)})")
 
@@ -191,8 +195,8 @@ class Round:
 
 
 @st.composite
-def rounds(draw: st.DrawFn, max_clients: int = 4) -> Round:
-    n = draw(st.integers(1, max_clients))
+def rounds(draw: st.DrawFn, min_clients: int = 1, max_clients: int = 4) -> Round:
+    n = draw(st.integers(min_clients, max_clients))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     base = fresh_state(draw(st.integers(0, 3)))
     scale = draw(st.sampled_from([0.05, 0.2, 0.6]))
@@ -391,3 +395,93 @@ def test_personalize_by_accuracy_averages_the_most_accurate_peers(
             mdev = max(mdev, float(np.abs(got - v).max()) / mag)
     assert mdev <= 1e-6
     record("personalize", max(dev, mdev))
+
+
+# --------------------------------------------------------------------------- FedDebug
+
+
+def layer_outputs(state: dict[str, F64], x: Any) -> list[F64]:
+    """Float64 outputs of digits_bn_cnn's Conv2d and Linear layers, its forward written out:
+    conv1 → BN → ReLU → conv2 → BN → ReLU → max-pool 2 → fc (BatchNorm in eval mode, ε 1e-5)."""
+    f = torch.nn.functional
+    t = {k: torch.from_numpy(v) for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+    def bn(h: Any, p: str) -> Any:
+        return f.batch_norm(
+            h, t[f"{p}.running_mean"], t[f"{p}.running_var"], t[f"{p}.weight"], t[f"{p}.bias"]
+        )
+
+    c1 = f.conv2d(x, t["conv1.weight"], padding=1)
+    c2 = f.conv2d(torch.relu(bn(c1, "bn1")), t["conv2.weight"], padding=1)
+    h = f.max_pool2d(torch.relu(bn(c2, "bn2")), 2)
+    fc = f.linear(h.flatten(1), t["fc.weight"], t["fc.bias"])
+    return [o.flatten(1).numpy() for o in (c1, c2, fc)]
+
+
+# a scaled activation within FEDDEBUG_TOL of the threshold could fall either side in float32
+FEDDEBUG_TOL = 1e-5
+
+
+def activations(state: dict[str, F64], x: Any, threshold: float) -> tuple[Any, Any]:
+    """``(active, decided)``, each ``(inputs, neurons)``: ReLU, min-max per layer and input,
+    ``> threshold``; decided unless within FEDDEBUG_TOL of it (or a layer's span ≈ 0)."""
+    active, decided = [], []
+    for out in layer_outputs(state, x):
+        a = np.maximum(out, 0.0)
+        lo = a.min(axis=1, keepdims=True)
+        span = a.max(axis=1, keepdims=True) - lo
+        scaled = np.where(span > 0, (a - lo) / np.where(span > 0, span, 1.0), 0.0)
+        active.append(scaled > threshold)
+        ok = np.abs(scaled - threshold) > FEDDEBUG_TOL
+        decided.append(
+            ok & ((span > 1e-5 * (1.0 + np.abs(out).max(axis=1, keepdims=True))) | (span == 0))
+        )
+    return np.concatenate(active, axis=1), np.concatenate(decided, axis=1)
+
+
+@PROPS
+@given(
+    r=rounds(min_clients=3),
+    num_inputs=st.integers(1, 4),
+    threshold=st.sampled_from([0.003, 0.1, 0.5]),
+    num_faulty=st.integers(1, 2),
+    seed=st.integers(0, 5),
+)
+def test_feddebug_localizes_by_the_largest_common_activation(
+    r: Round, num_inputs: int, threshold: float, num_faulty: int, seed: int
+) -> None:
+    params = {"num_inputs": num_inputs, "threshold": threshold, "num_faulty": num_faulty}
+    params["seed"] = seed
+    if r.n < 3 or num_faulty > r.n - 2:
+        with pytest.raises(InvalidParamsError):
+            run(r, "feddebug", **params)
+        return
+    out = run(r, "feddebug", **params)
+    # the documented inputs: uniform in [0, 1) from a torch generator seeded with ``seed``
+    x = torch.rand((num_inputs, 1, 8, 8), generator=torch.Generator().manual_seed(seed)).double()
+    acts = [activations(r.weights[c], x, threshold) for c in r.clients]
+    votes = np.zeros(r.n, dtype=np.int64)
+    undecided_inputs = 0
+    for t in range(num_inputs):
+        if not all(d[t].all() for _, d in acts):
+            undecided_inputs += 1
+            continue
+        remaining = list(range(r.n))
+        for _ in range(num_faulty):
+            # |∩_{j ∈ R∖{i}} A_j| for each remaining i; the first largest (client order) is faulty
+            common = [
+                int(np.logical_and.reduce([acts[j][0][t] for j in remaining if j != i]).sum())
+                for i in remaining
+            ]
+            faulty = remaining[common.index(max(common))]
+            votes[faulty] += 1
+            remaining.remove(faulty)
+    got = np.array([out["votes"][c] for c in r.clients])
+    assert out["num_inputs"] == num_inputs and got.sum() == num_inputs * num_faulty
+    # inputs with an undecided activation add num_faulty votes somewhere, never remove one
+    assert np.all(got >= votes) and (got - votes).sum() == undecided_inputs * num_faulty
+    if checked("feddebug", undecided_inputs == 0):
+        assert list(got) == list(votes)
+        expect = by_score(r.clients, {c: float(v) for c, v in zip(r.clients, votes, strict=True)})
+        assert out["flagged"] == expect[:num_faulty]
+    record("feddebug", float(np.abs(got - votes).max()) if undecided_inputs == 0 else 0.0)
