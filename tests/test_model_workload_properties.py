@@ -23,7 +23,8 @@ workloads evaluate in float32: a prediction whose two largest float64 logits are
 ``MARGIN`` (relative) could fall either side, so each accuracy is checked to lie in the interval
 those undecided predictions allow, and rankings are asserted (exactly, ties by client id) only
 on examples without undecided predictions (counted). The largest deviation from the float64
-value is kept in ``DEVIATIONS`` and printed at the end (``pytest -s``).
+value is kept in ``LOG`` (a ``tests.deviation_log.DeviationLog``) and printed at the end
+(``pytest -s``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from flstore_core.sdk.jobs import create_job
 from flstore_core.storage.memory import MemoryBlobStore
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get
+from tests.deviation_log import DeviationLog
 
 torch = pytest.importorskip("torch")
 
@@ -61,9 +63,7 @@ VALIDATION = 30
 # ~20x the float32 error of these logits (≲ 1e-6)
 MARGIN = 2e-5
 
-DEVIATIONS: dict[str, float] = {}
-CHECKED: dict[str, int] = {}  # examples whose rankings were asserted, by workload
-UNDECIDED_SEEN: dict[str, int] = {}  # …and those left out (an undecided prediction/activation)
+LOG = DeviationLog("the float64 torch reference", "rankings")
 
 PROPS = settings(
     max_examples=25,
@@ -72,25 +72,10 @@ PROPS = settings(
 )
 
 
-def record(workload: str, deviation: float) -> None:
-    DEVIATIONS[workload] = max(DEVIATIONS.get(workload, 0.0), float(deviation))
-
-
-def checked(workload: str, asserted: bool) -> bool:
-    counts = CHECKED if asserted else UNDECIDED_SEEN
-    counts[workload] = counts.get(workload, 0) + 1
-    return asserted
-
-
 @pytest.fixture(scope="module", autouse=True)
 def report() -> Iterator[None]:
     yield
-    print("\nlargest deviation from the float64 torch reference, by workload:")
-    for name, dev in sorted(DEVIATIONS.items()):
-        print(f"  {name:<22} {dev:.3e}")
-    print("rankings asserted (left out: an undecided prediction or activation), by workload:")
-    for name in sorted(set(CHECKED) | set(UNDECIDED_SEEN)):
-        print(f"  {name:<22} {CHECKED.get(name, 0)} ({UNDECIDED_SEEN.get(name, 0)})")
+    print("\n" + "\n".join(LOG.lines()))
 
 
 # --------------------------------------------------------------------------- the reference
@@ -276,10 +261,10 @@ def test_accuracy_select_is_each_client_models_validation_accuracy(r: Round, k: 
         assert verdicts[c].admits(got), (c, got, verdicts[c].accuracy)
         dev = max(dev, abs(got - verdicts[c].accuracy))
     assert out["validation_size"] == VALIDATION
-    if checked("accuracy_select", all(v.all_decided for v in verdicts.values())):
+    if LOG.checked("accuracy_select", all(v.all_decided for v in verdicts.values())):
         ref = {c: v.accuracy for c, v in verdicts.items()}
         assert out["selected"] == by_score(r.clients, ref)[:k], ref
-    record("accuracy_select", dev)
+    LOG.record("accuracy_select", dev)
 
 
 # --------------------------------------------------------------------------- contribution_loo
@@ -302,10 +287,10 @@ def test_contribution_loo_is_u_all_minus_u_without(r: Round) -> None:
         assert out["values"][c] == out["utility_all"] - out["utility_without"][c]
     assert out["evaluations"] == r.n + 1
     decided = total.all_decided and all(v.all_decided for v in without.values())
-    if checked("contribution_loo", decided):
+    if LOG.checked("contribution_loo", decided):
         assert dev == 0.0
         assert out["selected"] == by_score(r.clients, ref_values), ref_values
-    record("contribution_loo", dev)
+    LOG.record("contribution_loo", dev)
 
 
 # --------------------------------------------------------------------------- Shapley (exact)
@@ -339,14 +324,14 @@ def test_exact_shapley_is_the_average_marginal_contribution(r: Round) -> None:
     assert sum(out["values"].values()) == pytest.approx(
         out["utility_all"] - out["utility_empty"], abs=1e-12
     )
-    if checked("contribution_shapley", decided):
+    if LOG.checked("contribution_shapley", decided):
         assert dev <= 1e-12, (out["values"], ref)
         # φ_i is a multiple of 1/(|V| · n!) (weights s!(n−s−1)!/n!, accuracies k/|V|): ordered
         # on that grid, equal values (symmetric clients) tie exactly and go by client id
         grid = VALIDATION * math.factorial(r.n)
         exact = {c: float(round(v * grid)) for c, v in ref.items()}
         assert out["selected"] == by_score(r.clients, exact), (out["values"], ref)
-    record("contribution_shapley", dev)
+    LOG.record("contribution_shapley", dev)
 
 
 # --------------------------------------------------------------------------- personalize
@@ -369,8 +354,8 @@ def test_personalize_by_accuracy_averages_the_most_accurate_peers(
     assert r.utility(frozenset([client])).admits(out["client_accuracy"])
     assert r.utility(frozenset(r.clients)).admits(out["global_accuracy"])
     decided = all(v.all_decided for v in verdicts.values())
-    if not checked("personalize", decided):
-        record("personalize", dev)
+    if not LOG.checked("personalize", decided):
+        LOG.record("personalize", dev)
         return
     chosen = by_score(others, {c: v.accuracy for c, v in verdicts.items()})[:peers]
     assert out["peers"] == chosen
@@ -394,7 +379,7 @@ def test_personalize_by_accuracy_averages_the_most_accurate_peers(
         else:
             mdev = max(mdev, float(np.abs(got - v).max()) / mag)
     assert mdev <= 1e-6
-    record("personalize", max(dev, mdev))
+    LOG.record("personalize", max(dev, mdev))
 
 
 # --------------------------------------------------------------------------- FedDebug
@@ -480,8 +465,8 @@ def test_feddebug_localizes_by_the_largest_common_activation(
     assert out["num_inputs"] == num_inputs and got.sum() == num_inputs * num_faulty
     # inputs with an undecided activation add num_faulty votes somewhere, never remove one
     assert np.all(got >= votes) and (got - votes).sum() == undecided_inputs * num_faulty
-    if checked("feddebug", undecided_inputs == 0):
+    if LOG.checked("feddebug", undecided_inputs == 0):
         assert list(got) == list(votes)
         expect = by_score(r.clients, {c: float(v) for c, v in zip(r.clients, votes, strict=True)})
         assert out["flagged"] == expect[:num_faulty]
-    record("feddebug", float(np.abs(got - votes).max()) if undecided_inputs == 0 else 0.0)
+    LOG.record("feddebug", float(np.abs(got - votes).max()) if undecided_inputs == 0 else 0.0)

@@ -17,13 +17,14 @@ matched by tensor name, and never calls the workloads' helpers:
   whose reference has a gap within a factor 4 of that threshold is not asserted on (counted);
 * tolerances: selections, labels and flags exact; numbers 1e-6 relative to the magnitude of
   their inputs; squared distances (and Krum scores) 1e-4 relative plus 1e-6 of the round's
-  largest squared distance from the mean (float32 GEMM on the centred rows).
+  largest squared distance from the mean (a float32 GEMM per column block, on the raw rows or,
+  where a common offset dominates, on rows centred on their mean).
 
-The largest deviation each workload showed is kept in ``DEVIATIONS`` and printed at the end of
-the module (``pytest -s``). Model-based workloads (accuracy_select, contribution_loo/shapley,
-feddebug, and fltrust with a server update trained on the root dataset) need torch and a
-validation set and are covered in ``test_workloads_model.py`` / ``test_tensor_order.py``;
-fltrust's trust formula and norm scaling are covered here with ``server_client``.
+The largest deviation each workload showed is kept in ``LOG`` (a ``DeviationLog``) and printed
+at the end of the module (``pytest -s``). The model-based workloads (accuracy_select,
+contribution_loo/shapley, feddebug, personalize by accuracy) are property-tested in
+``test_model_workload_properties.py``; fltrust's trust formula and norm scaling are covered here
+with ``server_client``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from flstore_core.errors import InvalidParamsError
 from flstore_core.storage.memory import MemoryBlobStore
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import WorkloadResult, get
+from tests.deviation_log import DeviationLog
 
 F64 = npt.NDArray[np.float64]
 
@@ -77,9 +79,7 @@ FLOATS = PARAMS + BUFFERS
 TIE = 1e-6
 UNDECIDED = 4.0
 
-DEVIATIONS: dict[str, float] = {}
-CHECKED: dict[str, int] = {}  # examples whose selection/labels were asserted, by property
-UNDECIDED_SEEN: dict[str, int] = {}  # …and those left out (a gap at the tie threshold)
+LOG = DeviationLog("the float64 reference", "selections/labels")
 
 PROPS = settings(
     max_examples=40,
@@ -88,25 +88,10 @@ PROPS = settings(
 )
 
 
-def record(workload: str, deviation: float) -> None:
-    DEVIATIONS[workload] = max(DEVIATIONS.get(workload, 0.0), float(deviation))
-
-
-def checked(prop: str, asserted: bool = True) -> bool:
-    counts = CHECKED if asserted else UNDECIDED_SEEN
-    counts[prop] = counts.get(prop, 0) + 1
-    return asserted
-
-
 @pytest.fixture(scope="module", autouse=True)
 def report() -> Iterator[None]:
     yield
-    print("\nlargest deviation from the float64 reference, by workload:")
-    for name, dev in sorted(DEVIATIONS.items()):
-        print(f"  {name:<28} {dev:.3e}")
-    print("selections/labels asserted (left out at the tie threshold), by property:")
-    for name in sorted(set(CHECKED) | set(UNDECIDED_SEEN)):
-        print(f"  {name:<28} {CHECKED.get(name, 0)} ({UNDECIDED_SEEN.get(name, 0)})")
+    print("\n" + "\n".join(LOG.lines()))
 
 
 # --------------------------------------------------------------------------- random rounds
@@ -302,7 +287,7 @@ def test_fedavg_is_the_example_weighted_mean(r: Round, weighted: bool) -> None:
     # w = Σ_k (n_k / n) w_k over the full state dict
     mdev = model_deviation(r, out.model_vector(), weighted_mean(r, r.clients, w))
     assert mdev <= 1e-6
-    record("fedavg", max(dev, mdev))
+    LOG.record("fedavg", max(dev, mdev))
 
 
 # --------------------------------------------------------------------------- cosine selection
@@ -329,9 +314,9 @@ def test_cosine_select_ranks_by_cosine_to_the_mean(
     got = np.array([out.result["scores"][c] for c in r.clients])
     dev = float(np.abs(got - ref).max())
     assert dev <= 1e-6, (got, ref)
-    record("cosine_select", dev)
+    LOG.record("cosine_select", dev)
     ranked = ranking(r.clients, ref, descending=True)
-    if checked("cosine_select", ranked is not None):
+    if LOG.checked("cosine_select", ranked is not None):
         assert ranked is not None
         assert out.result["selected"] == ranked[:k], (ref, got)
 
@@ -360,9 +345,9 @@ def test_malicious_cosine_flags_the_least_similar(
     got = np.array([out.result["scores"][c] for c in r.clients])
     dev = float(np.abs(got - ref).max())
     assert dev <= 1e-6, (got, ref)
-    record("malicious_cosine", dev)
+    LOG.record("malicious_cosine", dev)
     ranked = ranking(r.clients, ref, descending=False)
-    if not checked("malicious_cosine", ranked is not None):
+    if not LOG.checked("malicious_cosine", ranked is not None):
         return
     assert ranked is not None
     if threshold is None:
@@ -415,15 +400,15 @@ def test_krum_selects_the_least_score(r: Round, f: int, include_buffers: bool) -
     got = np.array([out.result["scores"][c] for c in r.clients])
     dev = scores_deviation(got, ref, scale)
     assert dev <= 1e-4, (got, ref)
-    record("krum (scores)", dev)
+    LOG.record("krum (scores)", dev)
     ranked = ranking(r.clients, ref, descending=False)
-    if checked("krum", ranked is not None):
+    if LOG.checked("krum", ranked is not None):
         assert ranked is not None
         assert out.result["selected"] == ranked[:1]
         best = r.clients.index(ranked[0])
         mdev = model_deviation(r, out.model_vector(), r.weights[r.clients[best]])
         assert mdev <= 1e-6
-        record("krum (model)", mdev)
+        LOG.record("krum (model)", mdev)
 
 
 @PROPS
@@ -442,9 +427,9 @@ def test_multi_krum_averages_the_m_best(
     got = np.array([out.result["scores"][c] for c in r.clients])
     dev = scores_deviation(got, ref, scale)
     assert dev <= 1e-4
-    record("multi_krum (scores)", dev)
+    LOG.record("multi_krum (scores)", dev)
     ranked = ranking(r.clients, ref, descending=False)
-    if not checked("multi_krum", ranked is not None):
+    if not LOG.checked("multi_krum", ranked is not None):
         return
     assert ranked is not None
     chosen = ranked[: r.n - f if m is None else m]
@@ -455,7 +440,7 @@ def test_multi_krum_averages_the_m_best(
     assert wdev <= 1e-12
     mdev = model_deviation(r, out.model_vector(), weighted_mean(r, chosen, w))
     assert mdev <= 1e-6
-    record("multi_krum (model)", max(wdev, mdev))
+    LOG.record("multi_krum (model)", max(wdev, mdev))
 
 
 # --------------------------------------------------------------------------- trimmed mean
@@ -473,7 +458,7 @@ def test_trimmed_mean_is_the_coordinatewise_trimmed_mean(r: Round, beta: float) 
         expect[name] = values[cut : r.n - cut].mean(axis=0)  # trmean_β per coordinate
     dev = model_deviation(r, out.model_vector(), expect)
     assert dev <= 1e-6
-    record("trimmed_mean", dev)
+    LOG.record("trimmed_mean", dev)
 
 
 # --------------------------------------------------------------------------- kmeans
@@ -532,8 +517,8 @@ def test_kmeans_matches_scikit_learn_on_the_float64_rows(
     gap = (out.result["inertia"] - ref.inertia_) / (ref.inertia_ + 1e-6 * scale)
     assert own <= 1e-4, (out.result["inertia"], inertia_of(x, labels))
     assert gap <= 1e-4, (out.result["inertia"], ref.inertia_)
-    record("kmeans (inertia)", max(own, abs(gap)))
-    if checked("kmeans (well separated)", well_separated(x, ref.labels_, k)):
+    LOG.record("kmeans (inertia)", max(own, abs(gap)))
+    if LOG.checked("kmeans (well separated)", well_separated(x, ref.labels_, k)):
         assert same_partition(labels, ref.labels_.tolist())
 
 
@@ -574,7 +559,7 @@ def test_cfl_split_is_the_authors_rule(
     condensed = squareform(dissimilarity, checks=False)
     ref = fcluster(linkage(condensed, method="complete"), t=2, criterion="maxclust")
     near_ties = np.diff(np.sort(condensed))
-    if checked("cfl_split (no near ties)", len(condensed) < 2 or near_ties.min() > 1e-6):
+    if LOG.checked("cfl_split (no near ties)", len(condensed) < 2 or near_ties.min() > 1e-6):
         assert same_partition(labels.tolist(), ref.tolist())
     # α_max^cross of the returned partition, and the criterion on example-weighted norms
     cross = alpha[np.ix_(labels == 0, labels == 1)]
@@ -588,7 +573,7 @@ def test_cfl_split_is_the_authors_rule(
         abs(out["max_norm"] - max_norm) / mag,
     ]
     assert max(devs) <= 1e-6, devs
-    record("cfl_split", max(devs))
+    LOG.record("cfl_split", max(devs))
     if abs(mean_norm - eps_1) > 1e-6 * mag and abs(max_norm - eps_2) > 1e-6 * mag:
         assert out["split"] == (mean_norm < eps_1 and max_norm > eps_2)
 
@@ -636,8 +621,8 @@ def test_personalize_by_similarity_averages_the_closest_peers(
     dev = float(np.abs(got - ref).max()) if others else 0.0
     assert dev <= 1e-6
     ranked = ranking(others, ref, descending=True) if others else []
-    if not checked("personalize", ranked is not None):
-        record("personalize", dev)
+    if not LOG.checked("personalize", ranked is not None):
+        LOG.record("personalize", dev)
         return
     assert ranked is not None
     chosen = ranked[:peers]
@@ -646,7 +631,7 @@ def test_personalize_by_similarity_averages_the_closest_peers(
     w = example_weights(r, members)
     mdev = model_deviation(r, out.model_vector(), weighted_mean(r, members, w))
     assert mdev <= 1e-6
-    record("personalize", max(dev, mdev))
+    LOG.record("personalize", max(dev, mdev))
 
 
 # --------------------------------------------------------------------------- FLTrust
@@ -681,7 +666,7 @@ def test_fltrust_with_a_server_entry_is_the_papers_rule(
     dev = float(np.abs(got - trust).max())
     assert dev <= 1e-6, (got, trust)
     clear = bool(np.all((trust == 0) | (trust > 1e-6)))
-    if checked("fltrust", clear):
+    if LOG.checked("fltrust", clear):
         assert out.result["flagged"] == [c for c, t in zip(clients, trust, strict=True) if t <= 0]
     norm0 = float(np.linalg.norm(g0))
     assert abs(out.result["server_norm"] - norm0) <= 1e-6 * max(norm0, 1e-12)
@@ -703,4 +688,4 @@ def test_fltrust_with_a_server_entry_is_the_papers_rule(
     # near-zero trust decided by float32 noise changes the aggregate: only clear cases
     if clear:
         assert mdev <= 1e-6
-    record("fltrust", max(dev, mdev if clear else 0.0))
+    LOG.record("fltrust", max(dev, mdev if clear else 0.0))
