@@ -25,9 +25,23 @@ class ShardKey:
     job: str
     cls: ShardClass
     part: str  # the round number as text, the client id, "global" or "meta"
+    # a column block of a round too large for one node: block ``block`` of ``blocks``
+    # (:mod:`flstore_core.data.blocks`); a whole round is block 0 of 1
+    block: int = 0
+    blocks: int = 1
 
     def __str__(self) -> str:
-        return f"{self.job}/{self.cls}/{self.part}"
+        text = f"{self.job}/{self.cls}/{self.part}"
+        return text if self.blocks == 1 else f"{text}/{self.block}of{self.blocks}"
+
+    @property
+    def is_block(self) -> bool:
+        """Whether this is one column block of a sharded round."""
+        return self.blocks > 1
+
+    def whole(self) -> ShardKey:
+        """The shard of the whole round this block belongs to (itself if not a block)."""
+        return ShardKey(self.job, self.cls, self.part)
 
     @property
     def round(self) -> int:
@@ -38,10 +52,16 @@ class ShardKey:
     @classmethod
     def parse(cls, text: str) -> ShardKey:
         """Inverse of ``str()``; validates every part."""
-        try:
-            job, kind, part = text.split("/")
-        except ValueError:
-            raise ValueError(f"shard key {text!r} is not job/class/part") from None
+        pieces = text.split("/") if isinstance(text, str) else []
+        if len(pieces) == 4 and pieces[1] == "round":
+            job, kind, part, block = pieces
+            index, of, count = block.partition("of")
+            if not (of and index.isdigit() and count.isdigit()):
+                raise ValueError(f"shard key {text!r}: a block is written iofK, e.g. 0of4")
+            return block_shard(job, int(part) if part.isdigit() else -1, int(index), int(count))
+        if len(pieces) != 3:
+            raise ValueError(f"shard key {text!r} is not job/class/part")
+        job, kind, part = pieces
         if kind == "round":
             return round_shard(job, int(part) if part.isdigit() else -1)
         if kind == "client":
@@ -55,6 +75,13 @@ class ShardKey:
 
 def round_shard(job: str, round_: int) -> ShardKey:
     return ShardKey(validate_job(job), "round", str(validate_round(round_)))
+
+
+def block_shard(job: str, round_: int, block: int, blocks: int) -> ShardKey:
+    """Column block ``block`` of ``blocks`` of a round (the whole round when ``blocks`` is 1)."""
+    if blocks < 1 or not 0 <= block < blocks:
+        raise ValueError(f"block {block} of {blocks} does not exist")
+    return ShardKey(validate_job(job), "round", str(validate_round(round_)), block, blocks)
 
 
 def client_shard(job: str, client: str) -> ShardKey:

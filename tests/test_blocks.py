@@ -1,0 +1,146 @@
+"""Column blocks and the planner: cut points, owners, room and refusals (ARCHITECTURE §3)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flstore_core.data.blocks import (
+    BLOCK_SHARE,
+    SNAP,
+    block_ranges,
+    block_slices,
+    block_specs,
+    blocks_needed,
+    column_bytes,
+    footprint,
+)
+from flstore_core.data.codec import TensorSpec, slices_of
+from flstore_core.routing.placement import ShardKey, block_shard, round_shard
+from flstore_core.routing.planner import NoLayoutError, plan_round
+
+MiB = 1024 * 1024
+
+
+def specs_of(sizes: list[int]) -> list[TensorSpec]:
+    return [TensorSpec(f"t{i}", "F32", (n,)) for i, n in enumerate(sizes)]
+
+
+@given(st.lists(st.integers(1, 5000), min_size=1, max_size=30), st.integers(1, 12))
+@settings(max_examples=200, deadline=None)
+def test_ranges_cover_the_row_in_order_and_snap_to_tensor_boundaries(
+    sizes: list[int], count: int
+) -> None:
+    specs = specs_of(sizes)
+    total = sum(sizes)
+    count = min(count, total)
+    ranges = block_ranges(specs, count)
+    assert len(ranges) == count
+    assert ranges[0][0] == 0 and ranges[-1][1] == total
+    assert all(a < b for a, b in ranges)
+    assert all(ranges[i][1] == ranges[i + 1][0] for i in range(count - 1))
+    width = total / count
+    boundaries = {b for _, b in slices_of(specs)}
+    for k, (_, cut) in enumerate(ranges[:-1], start=1):
+        near = [b for b in boundaries if abs(b - k * width) <= SNAP * width]
+        if near:  # a boundary near the ideal cut: the cut is the nearest one
+            assert cut in boundaries
+            assert abs(cut - k * width) == min(abs(b - k * width) for b in near)
+    # the blocks' slices rebuild every tensor exactly once
+    seen: dict[int, int] = Counter()
+    for columns in ranges:
+        parts = block_slices(specs, columns)
+        assert sum(p.stop - p.start for p in parts) == columns[1] - columns[0]
+        for p in parts:
+            seen[p.tensor] += p.stop - p.start
+    assert [seen[i] for i in range(len(sizes))] == sizes
+
+
+def test_block_specs_keep_names_and_dtypes_of_partial_tensors() -> None:
+    specs = [TensorSpec("a", "F32", (2, 3)), TensorSpec("b.num_batches_tracked", "I64", ())]
+    assert block_specs(specs, (4, 7)) == (
+        TensorSpec("a", "F32", (2,)),
+        TensorSpec("b.num_batches_tracked", "I64", (1,)),
+    )
+
+
+def test_a_round_that_fits_a_node_is_one_block() -> None:
+    n, p = 10, 1000
+    assert blocks_needed(n, p, footprint(n, p)) == 1
+    assert blocks_needed(n, p, footprint(n, p) - 1) >= 2
+
+
+def test_blocks_are_at_most_a_share_of_the_budget() -> None:
+    n, p = 40, 2_000_000
+    budget = 64 * MiB
+    count = blocks_needed(n, p, budget)
+    specs = specs_of([p // 7] * 7 + [p - 7 * (p // 7)])
+    for a, b in block_ranges(specs, count):
+        # the snapped width is at most (1 + 2·SNAP) ideal widths, which blocks_needed allows for
+        assert (b - a) * column_bytes(n) <= budget * BLOCK_SHARE + 2 * column_bytes(n)
+
+
+def test_block_keys_round_trip_and_a_whole_round_keeps_its_key() -> None:
+    key = block_shard("job", 3, 2, 6)
+    assert str(key) == "job/round/3/2of6"
+    assert ShardKey.parse(str(key)) == key
+    assert key.is_block and key.whole() == round_shard("job", 3)
+    assert block_shard("job", 3, 0, 1) == round_shard("job", 3)
+    assert str(block_shard("job", 3, 0, 1)) == "job/round/3"
+    for bad in ("job/round/3/6of6", "job/round/3/x", "job/round/3/1of"):
+        with pytest.raises(ValueError):
+            ShardKey.parse(bad)
+
+
+def test_plan_of_a_small_round_is_the_rendezvous_placement() -> None:
+    from flstore_core.routing.placement import place_shard, rank_nodes
+
+    plan = plan_round("job", 0, specs_of([100, 200]), 5, nodes=6, replication=2, budget=MiB)
+    assert not plan.sharded
+    (block,) = plan.blocks
+    assert list(block.owners) == place_shard(round_shard("job", 0), 6, 2)
+    assert block.order == rank_nodes(round_shard("job", 0), 6)
+
+
+def test_plan_of_a_large_round_respects_every_budget_and_places_replicas() -> None:
+    n, budget, nodes = 40, 4 * MiB, 8
+    p = 3 * budget // column_bytes(n)  # three budgets' worth
+    plan = plan_round(
+        "job", 7, specs_of([p // 9] * 9), n, nodes=nodes, replication=2, budget=budget
+    )
+    assert plan.sharded
+    load = Counter[int]()
+    for block in plan.blocks:
+        assert len(block.owners) == 2 and len(set(block.owners)) == 2
+        for node in block.owners:
+            load[node] += block.nbytes
+        assert not set(block.fallback) & set(block.owners)
+    assert max(load.values()) <= budget
+    # the plan is a pure function: ingestion, the router and the nodes get the same
+    again = plan_round(
+        "job", 7, specs_of([p // 9] * 9), n, nodes=nodes, replication=2, budget=budget
+    )
+    assert again == plan
+
+
+def test_plan_places_one_copy_when_replicas_do_not_fit() -> None:
+    n, budget, nodes = 10, 2 * MiB, 4
+    p = 3 * budget // column_bytes(n)
+    plan = plan_round("j", 0, specs_of([p]), n, nodes=nodes, replication=2, budget=budget)
+    assert all(len(b.owners) >= 1 for b in plan.blocks)
+    assert sum(len(b.owners) for b in plan.blocks) < 2 * len(plan.blocks)
+
+
+def test_a_round_no_layout_can_hold_is_refused_with_its_size_and_the_budget() -> None:
+    n, budget, nodes = 10, 2 * MiB, 4
+    p = 5 * budget // column_bytes(n)
+    with pytest.raises(NoLayoutError) as err:
+        plan_round("j", 2, specs_of([p]), n, nodes=nodes, replication=2, budget=budget)
+    assert err.value.status == 503
+    message = err.value.message
+    assert f"{footprint(n, p) / MiB:.1f} MB" in message and "2.0 MB" in message
+    assert "round 2" in message and math.isfinite(float(message.split(" MB")[0].split()[-1]))
