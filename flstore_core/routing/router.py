@@ -33,6 +33,7 @@ from typing import Any
 
 from flstore_core import config
 from flstore_core.aws import lambda_client
+from flstore_core.cache.budget import stack_budget
 from flstore_core.cache.shards import ManifestReader
 from flstore_core.cost import DEFAULT_PRICES, Invocation, Prices, flstore_request_cost
 from flstore_core.data import layout
@@ -67,6 +68,9 @@ class RouterConfig:
     nodes: int = 8
     replication: int = 2
     node_memory_mb: int = 3008
+    # bytes of data a node holds (FLSTORE_CACHE_BUDGET_BYTES, else what its memory leaves once
+    # its runtime is loaded): the planner cuts rounds into blocks that fit it
+    cache_budget_bytes: int | None = None
     response_limit: int = RESPONSE_LIMIT
     max_attempts: int = 4
     throttle_passes: int = 40
@@ -78,7 +82,13 @@ class RouterConfig:
             nodes=config.CACHE_NODES.get_int(),
             replication=config.REPLICATION.get_int(),
             node_memory_mb=config.CACHE_MEMORY_MB.get_int(),
+            cache_budget_bytes=stack_budget(config.CACHE_MEMORY_MB.get_int()),
         )
+
+    @property
+    def budget(self) -> int:
+        """The node budget the planner plans with."""
+        return self.cache_budget_bytes or stack_budget(self.node_memory_mb)
 
     def failover_policy(self) -> FailoverPolicy:
         """The failover and back-off policy these settings describe."""
