@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.cluster import AgglomerativeClustering
 
 from flstore_core.cache.round_data import RoundData
 from flstore_core.errors import InvalidParamsError
@@ -46,6 +45,10 @@ def pairwise_cosine(gram: F64) -> F64:
 
 def bipartition(cos: F64) -> npt.NDArray[np.int64]:
     """Labels 0/1 of the complete-linkage bipartition on the dissimilarity ``1 − α``."""
+    # imported here, not with the module: the registry imports every workload module, and a
+    # node that never splits clusters should not carry scikit-learn (flstore_core.cache.budget)
+    from sklearn.cluster import AgglomerativeClustering
+
     dissimilarity = 1.0 - cos
     np.fill_diagonal(dissimilarity, 0.0)
     model = AgglomerativeClustering(n_clusters=2, metric="precomputed", linkage="complete")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.cluster import KMeans
 
 from flstore_core.cache.round_data import RoundData
 from flstore_core.errors import InvalidParamsError
@@ -89,6 +88,10 @@ def kmeans(
     check_k(k, data.n)
     rows = gram_embedding(data.centred_gram(include_buffers))
     d = max(data.columns.width(include_buffers), 1)
+    # scikit-learn (with scipy, ~100 MB resident) only where k-means runs: a node serving
+    # only the other round workloads stays at the base runtime (flstore_core.cache.budget)
+    from sklearn.cluster import KMeans
+
     tol = TOL * rows.shape[1] / d  # same absolute threshold as on the (n, d) rows
     model = KMeans(n_clusters=k, n_init=N_INIT, random_state=seed, tol=tol).fit(rows)
     labels = np.asarray(model.labels_, dtype=np.int64)
