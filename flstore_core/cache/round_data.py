@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from flstore_core.data.blocks import footprint
 from flstore_core.data.codec import TensorSpec
 from flstore_core.data.columns import ColumnSplit, Runs, job_columns
 from flstore_core.data.manifest import JobSpec
@@ -28,8 +29,8 @@ T = TypeVar("T")
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 
-# Columns per block of the centred Gram pass: ~1 Mi elements (4 MiB of float32) a block keeps
-# the centred copy in cache; never fewer than 4 Ki columns, so BLAS calls stay large.
+# Columns per block of the Gram pass: ~1 Mi elements (4 MiB of float32) a block keeps the
+# centred copy in cache; never fewer than 4 Ki columns, so BLAS calls stay large.
 BLOCK_ELEMENTS = 1 << 20
 MIN_BLOCK_COLUMNS = 1 << 12
 # a block whose closest pair of rows is nearer than this share of ‖x_i‖² + ‖x_j‖² is centred
@@ -83,6 +84,13 @@ def _offset_dominated(gram: F64) -> bool:
     dist = scale - 2.0 * gram
     off = ~np.eye(len(d), dtype=bool)
     return bool(np.any(dist[off] < OFFSET_RATIO * scale[off]))
+
+
+def _central_row(gram: F64) -> int:
+    """The row nearest the rows' mean by this Gram, the first on a tie:
+    ``argmin_r Σ_j d_rj``, since ``Σ_j ‖x_r − x_j‖² = n‖x_r − x̄‖² + Σ_j ‖x_j − x̄‖²``."""
+    d = np.diag(gram)
+    return int(np.argmin(d * len(d) - 2.0 * gram.sum(axis=1)))  # Σ_j d_rj less Σ_j G_jj
 
 
 @dataclass
@@ -143,6 +151,20 @@ class JobContext:
     def nbytes(self) -> int:
         v = self._validation
         return 0 if v is None else int(v[0].nbytes + v[1].nbytes)
+
+
+# coordinate-wise functions of a round's rows, by name (:meth:`RoundData.columnwise`); the
+# workloads that need one register it, so that a node evaluating a block finds it
+COLUMNWISE: dict[str, Callable[..., F32]] = {}
+
+
+def register_columnwise(name: str, function: Callable[..., F32]) -> None:
+    """Register ``function(data, **args)``, a coordinate-wise function of a round's rows."""
+    COLUMNWISE[name] = function
+
+
+def _zeros(data: RoundData) -> F32:
+    return np.zeros(data.matrix.shape[1], np.float32)
 
 
 class RoundData:
@@ -207,9 +229,10 @@ class RoundData:
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self.base is None else int(self.base.nbytes)
-        # the mean vector is an artifact worth as much as one row; account for it up front
-        return int(self.matrix.nbytes) + extra + int(self.matrix.shape[1]) * 4
+        # the rows, and what a node keeps beside them per column whether or not it exists yet
+        # (the base, the mean artifact, a model result being written): the same figure the
+        # planner cuts rounds into blocks by, so a block it sends a node fits
+        return footprint(self.n, int(self.matrix.shape[1]))
 
     def _artifact(self, name: str, compute: Callable[[], T]) -> T:
         with self._lock:
@@ -248,26 +271,32 @@ class RoundData:
         * ``c = 0`` — one float32 GEMM straight on the matrix, no copy — when the block's rows
           are not dominated by a common offset, i.e. every pairwise distance is at least
           :data:`OFFSET_RATIO` of ``‖x_i‖² + ‖x_j‖²`` (cancellation then costs < 1e-5 relative);
-        * ``c`` = the block's mean otherwise (raw weights with no stored base: ‖w‖² ≈ 1e3 and
-          offsets of 1e-4 vanish in a raw float32 Gram), so the GEMM sees only the clients'
-          differences.
+        * ``c = x_r``, one of the rows, otherwise (raw weights with no stored base: ‖w‖² ≈ 1e3
+          and offsets of 1e-4 vanish in a raw float32 Gram), so the GEMM sees only the clients'
+          differences ``x_i − x_r``. The row is the one nearest the rows' mean by the block's
+          raw Gram (:func:`_central_row`): as good a centre as the mean when every row is the
+          offset plus a small difference (``‖z_i‖² = d_ir`` instead of ``‖x_i − x̄‖²``), better
+          when an outlier (a sign-flipped or scaled client) drags the mean away from the
+          others, and it costs no mean pass: ``x_i − x_r`` is one subtraction into the buffer.
 
-        The first block decides which to try first for the rest: a round of deltas pays one
-        GEMM per block, as an uncentred Gram would; a round of raw weights pays the mean and the
-        centred GEMM, not a wasted raw one.
+        The first block decides which to try first for the rest, and its row ``r`` is the
+        centre of the blocks that follow it centred: a round of deltas pays one GEMM per block,
+        as an uncentred Gram would; a round of raw weights pays the subtraction and the centred
+        GEMM, not a wasted raw one.
         """
         n = self.n
         base = self.base
-        # the centred GEMM runs on the stacked rows [Z; c; b]: its (k, k) product holds Z·Zᵀ,
-        # Z·c, c·c, Z·b, c·b and b·b at once; k is padded to a multiple of 4 with zero rows,
-        # which OpenBLAS runs markedly faster
-        k = n + (1 if base is None else 2)
-        k += -k % 4
+        # the centred GEMM runs on the stacked rows [Z with row r replaced by c; b]: z_r = 0, so
+        # its (k, k) product holds Z·Zᵀ, Z·c, c·c, Z·b, c·b and b·b at once; k is padded to a
+        # multiple of 4 with zero rows, which OpenBLAS runs markedly faster (but for k = 10)
+        k = n + (0 if base is None else 1)
+        k += 0 if k == 10 else -k % 4
         step = max(MIN_BLOCK_COLUMNS, BLOCK_ELEMENTS // k)
         width = min(step, max((b - a for a, b in runs), default=0))
         buf = np.zeros((k, width), np.float32)
         total = GramParts(np.zeros((n, n)), np.zeros(n), 0.0, np.zeros(n), 0.0, 0.0)
         centre_first: bool | None = None
+        r = 0
         for a, b in runs:
             for start in range(a, b, step):
                 stop = min(start + step, b)
@@ -277,11 +306,12 @@ class RoundData:
                 if not centre_first:
                     part = self._raw_block(x, bb)
                     if _offset_dominated(part.centred):
+                        r = _central_row(part.centred)
                         part = None
                     if centre_first is None:
                         centre_first = part is None
                 if part is None:
-                    part = self._centred_block(x, bb, buf[:, : stop - start])
+                    part = self._centred_block(x, bb, buf[:, : stop - start], r)
                 total = total + part
         centred = (total.centred + total.centred.T) / 2.0  # exactly symmetric whatever BLAS did
         return GramParts(centred, total.z_c, total.c_c, total.z_b, total.c_b, total.b_b)
@@ -297,29 +327,45 @@ class RoundData:
         return GramParts(g, np.zeros(n), 0.0, x_b, 0.0, float(np.dot(base, base)))
 
     @staticmethod
-    def _centred_block(x: F32, base: F32 | None, rows: F32) -> GramParts:
-        """Pieces of one block centred on its mean ``c``, from one GEMM of ``[Z; c; b]``."""
+    def _centred_block(x: F32, base: F32 | None, rows: F32, r: int) -> GramParts:
+        """Pieces of one block centred on its row ``c = x_r``, from one GEMM of the buffer
+        ``rows`` holding ``z_i = x_i − c`` for ``i ≠ r``, ``c`` in row ``r`` (``z_r = 0``) and
+        ``b`` in row ``n``; rows beyond stay zero."""
         n = x.shape[0]
-        c = rows[n]
-        np.mean(x, axis=0, dtype=np.float32, out=c)
-        np.subtract(x, c, out=rows[:n])
+        np.subtract(x, x[r], out=rows[:n])  # x_i − x_r: exact where the two are within 2×
+        rows[r] = x[r]
         if base is not None:
-            rows[n + 1] = base
+            rows[n] = base
         acc = (rows @ rows.T).astype(np.float64)
-        z_b = acc[:n, n + 1].copy() if base is not None else np.zeros(n)
-        c_b = float(acc[n, n + 1]) if base is not None else 0.0
-        b_b = float(acc[n + 1, n + 1]) if base is not None else 0.0
-        return GramParts(acc[:n, :n].copy(), acc[:n, n].copy(), float(acc[n, n]), z_b, c_b, b_b)
+        zz = acc[:n, :n].copy()
+        z_c = zz[:, r].copy()
+        c_c = float(z_c[r])
+        zz[r, :] = zz[:, r] = z_c[r] = 0.0  # z_r = 0: row r of the product was c's
+        if base is None:
+            return GramParts(zz, z_c, c_c, np.zeros(n), 0.0, 0.0)
+        z_b = acc[:n, n].copy()
+        c_b = float(z_b[r])
+        z_b[r] = 0.0
+        return GramParts(zz, z_c, c_c, z_b, c_b, float(acc[n, n]))
+
+    def gram_parts(self, buffers: bool = False) -> GramParts | None:
+        """The Gram pieces of the parameters' columns, or of the buffers' (``None`` if the
+        rows have no buffer columns); each computed once. A sharded round sums these over its
+        column blocks (:mod:`flstore_core.cache.sharded`)."""
+        cols = self.columns
+        if not buffers:
+            return self._artifact("gram", lambda: self._block_sums(cols.parameter_runs))
+        if not cols.buffer_runs:
+            return None
+        return self._artifact("gram+buffers", lambda: self._block_sums(cols.buffer_runs))
 
     def _parts(self, include_buffers: bool) -> GramParts:
         """The Gram pieces of the column subset: parameters, plus buffers when asked (each
         subset's pass is computed once; pieces add over disjoint columns)."""
-        cols = self.columns
-        parts = self._artifact("gram", lambda: self._block_sums(cols.parameter_runs))
-        if include_buffers and cols.buffer_runs:
-            extra = self._artifact("gram+buffers", lambda: self._block_sums(cols.buffer_runs))
-            parts = parts + extra
-        return parts
+        parts = self.gram_parts()
+        assert parts is not None
+        extra = self.gram_parts(buffers=True) if include_buffers else None
+        return parts if extra is None else parts + extra
 
     def centred_gram(self, include_buffers: bool = False) -> F64:
         """``Z·Zᵀ`` of the rows centred on a common centre (translation-invariant workloads:
@@ -367,6 +413,15 @@ class RoundData:
             total += float(np.dot(part, part))
         return total
 
+    def columnwise(self, name: str, **args: Any) -> F32:
+        """A coordinate-wise function of the rows registered under ``name`` (e.g.
+        ``trimmed_mean``): column ``k`` of the result depends on column ``k`` of the rows (and
+        of the base) only, so a sharded round computes it block by block."""
+        function = COLUMNWISE.get(name)
+        if function is None:
+            raise InvalidParamsError(f"no coordinate-wise function {name!r}")
+        return function(self, **args)
+
     def mean_vector(self) -> F32:
         """Unweighted mean of the rows as stored (deltas when ``is_delta``)."""
         return self._artifact("mean", lambda: self.matrix.mean(axis=0, dtype=np.float32))
@@ -387,3 +442,6 @@ class RoundData:
     def tensors_of(self, vector: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:
         """Unflatten a weights vector into named tensors with their source dtypes."""
         return unflatten(vector, self.specs)
+
+
+register_columnwise("zeros", _zeros)

@@ -142,6 +142,14 @@ class Workload:
     params: Mapping[str, Param] = field(default_factory=dict)
     # client class only: combines what every node returned for its clients into the result
     finalize: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
+    # round class: whether the workload evaluates whole client models (a model built from a
+    # row, run on the validation set) for these params — its unit is a client, not a column
+    # block (ARCHITECTURE §3, workload affinity); either a constant or a function of params
+    per_client: bool | Callable[[Mapping[str, Any]], bool] = False
+
+    def evaluates_clients(self, params: Mapping[str, Any]) -> bool:
+        """Whether a run with ``params`` evaluates whole client models (see ``per_client``)."""
+        return bool(self.per_client(params) if callable(self.per_client) else self.per_client)
 
     def validate(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
         """Params with defaults filled in; unknown or ill-typed ones raise a 400."""

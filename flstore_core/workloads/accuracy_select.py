@@ -96,6 +96,7 @@ WORKLOAD = register(
     Workload(
         name="accuracy_select",
         cls="round",
+        per_client=True,
         description="Top-k clients by the accuracy of their model on the job's validation set.",
         reference="FLStore artifact (client-scheduling)",
         run=lambda data, params: accuracy_select(data, **params),

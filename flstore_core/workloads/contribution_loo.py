@@ -130,6 +130,7 @@ WORKLOAD = register(
     Workload(
         name="contribution_loo",
         cls="round",
+        per_client=True,
         description=(
             "Leave-one-out contribution U(N) - U(N minus i), U = validation accuracy of the "
             "aggregate of a subset of the round's clients."

@@ -265,6 +265,7 @@ WORKLOAD = register(
     Workload(
         name="contribution_shapley",
         cls="round",
+        per_client=True,
         description=(
             "Shapley value of each client, U = validation accuracy of the aggregate of a subset: "
             "exact enumeration for n <= 8 (method auto), GTG-Shapley estimate otherwise."

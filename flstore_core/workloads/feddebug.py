@@ -176,6 +176,7 @@ WORKLOAD = register(
     Workload(
         name="feddebug",
         cls="round",
+        per_client=True,
         description=(
             "Faulty-client localization by differential testing: on random inputs, the "
             "leave-one-out subset with the most commonly active neurons marks the left-out "

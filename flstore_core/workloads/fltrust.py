@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from flstore_core import models
-from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_data import RoundData, register_columnwise
 from flstore_core.data.rows import flat_parts
 from flstore_core.errors import InvalidParamsError, NotFoundError
 from flstore_core.workloads import INCLUDE_BUFFERS, Param, Workload, WorkloadResult, register
@@ -144,7 +144,7 @@ def fltrust(
         ``server_update`` (``"root_dataset"`` or the entry used) and, when no client is
         trusted, a ``note``; the model is ``base + α g``.
     """
-    if data.base is None:
+    if not data.is_delta:
         raise InvalidParamsError(
             f"fltrust works on updates relative to the round's base model, and job "
             f"{data.job!r} stores none for round {data.round}: store the initial model "
@@ -183,23 +183,44 @@ def fltrust(
     }
     if trust.sum() <= 0:
         result["note"] = "no client update has positive cosine with g_0: the base is unchanged"
-        return WorkloadResult(result, model=data.base.copy())
+        return WorkloadResult(result, model=data.to_weights(data.columnwise("zeros")))
     full = np.zeros(data.n)
     full[rows] = coef
-    aggregate = (full.astype(np.float32) @ data.matrix).astype(np.float32)
-    # the other columns (buffers): trust-weighted mean of the deltas, Σ TS_i d_i / Σ TS_i
     share = np.zeros(data.n)
     share[rows] = trust / trust.sum()
+    # w = base + α g
+    step = data.columnwise(
+        "fltrust",
+        coef=full.tolist(),
+        share=share.tolist(),
+        include_buffers=include_buffers,
+        factor=global_lr,
+    )
+    return WorkloadResult(result, model=data.to_weights(step))
+
+
+def fltrust_step(
+    data: RoundData, coef: list[float], share: list[float], include_buffers: bool, factor: float
+) -> npt.NDArray[np.float32]:
+    """``α g``, column by column: the aggregate ``g`` of the deltas is ``Σ coef_i d_i`` over the
+    columns trust is measured on and the trust-weighted mean ``Σ TS_i d_i / Σ TS_i``
+    (``share``) over the others (buffers)."""
+    aggregate = (np.asarray(coef).astype(np.float32) @ data.matrix).astype(np.float32)
+    weights = np.asarray(share).astype(np.float32)
     for a, b in complement(data.columns.runs(include_buffers), int(data.matrix.shape[1])):
-        aggregate[a:b] = share.astype(np.float32) @ data.matrix[:, a:b]
-    model = (data.base + np.float32(global_lr) * aggregate).astype(np.float32)
-    return WorkloadResult(result, model=model)
+        aggregate[a:b] = weights @ data.matrix[:, a:b]
+    return np.float32(factor) * aggregate
+
+
+register_columnwise("fltrust", fltrust_step)
 
 
 WORKLOAD = register(
     Workload(
         name="fltrust",
         cls="round",
+        # g_0 trained on the validation set from the base model; a round entry is just a row
+        per_client=lambda params: params.get("server_client") is None,
         description=(
             "FLTrust: trust ReLU(cos(g_i, g_0)) against a server update from the job's "
             "validation set (or a round entry), norm-scaled trust-weighted aggregate; model_key."

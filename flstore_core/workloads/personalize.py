@@ -131,6 +131,7 @@ WORKLOAD = register(
     Workload(
         name="personalize",
         cls="round",
+        per_client=True,
         description=(
             "Personalized model for one client: example-weighted average of its model and its "
             "most similar (cosine of updates) or most accurate peers; returns model_key."

@@ -26,7 +26,7 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_data import RoundData, register_columnwise
 from flstore_core.errors import InvalidParamsError
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
 
@@ -83,7 +83,7 @@ def trimmed_mean(data: RoundData, beta: float = 0.1) -> WorkloadResult:
 
     def model() -> npt.NDArray[np.float32]:  # deferred: skipped when already stored
         # with nothing cut the trimmed mean is the plain mean, a shared artifact of the round
-        vector = data.mean_vector() if cut == 0 else trimmed_mean_rows(data.matrix, cut)
+        vector = data.mean_vector() if cut == 0 else data.columnwise("trimmed_mean", cut=cut)
         return data.to_weights(vector)
 
     return WorkloadResult(
@@ -96,6 +96,13 @@ def trimmed_mean(data: RoundData, beta: float = 0.1) -> WorkloadResult:
         model=model,
     )
 
+
+def _trimmed_rows(data: RoundData, cut: int) -> npt.NDArray[np.float32]:
+    return trimmed_mean_rows(data.matrix, cut)
+
+
+# coordinate-wise: a sharded round computes it block by block on the blocks' holders
+register_columnwise("trimmed_mean", _trimmed_rows)
 
 WORKLOAD = register(
     Workload(
