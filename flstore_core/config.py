@@ -59,7 +59,9 @@ CACHE_NODES = Setting("FLSTORE_CACHE_NODES", "8", "number of cache-node function
 REPLICATION = Setting("FLSTORE_REPLICATION", "2", "replicas of every shard (R)")
 CACHE_MEMORY_MB = Setting("FLSTORE_CACHE_MEMORY_MB", "3008", "memory of a cache-node function")
 CACHE_BUDGET_BYTES = Setting(
-    "FLSTORE_CACHE_BUDGET_BYTES", None, "a node's cache budget; unset: 70% of its memory"
+    "FLSTORE_CACHE_BUDGET_BYTES",
+    None,
+    "bytes of data a node holds; unset: its memory less its runtime (flstore_core.cache.budget)",
 )
 HOT_ROUNDS = Setting("FLSTORE_HOT_ROUNDS", "2", "latest rounds of a job kept hot (W)")
 NODE_INDEX = Setting("FLSTORE_NODE_INDEX", "-1", "this cache node's index (set per function)")

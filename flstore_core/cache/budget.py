@@ -16,11 +16,16 @@ from __future__ import annotations
 from flstore_core import config
 
 MiB = 1024 * 1024
-# resident memory of a node's runtime by the heaviest library its workloads import, measured
-# with `python benchmarks/node_runtime.py` on Python 3.11 (rounded up)
+# peak resident memory of a cold node process (lambdas.cache_node imported, then its
+# workloads run on a tiny round) by the heaviest library they import, the p95 of 5 rounded up
+# to 16 MB: `python benchmarks/node_runtime.py --json bench-out/node_runtime.json` on Python
+# 3.11, numpy 2.4, scikit-learn 1.9, torch 2.13+cpu (x86-64 Linux) measured 67 MB for
+# cosine_select/fedavg/krum/trimmed_mean (64 MB for the import alone), 160 MB for kmeans,
+# 277 MB for accuracy_select
 RUNTIME_MB = {"base": 80, "sklearn": 176, "torch": 288}
 # working memory of one request beyond its shards: decode buffers, a trimmed-mean sort chunk,
-# JSON in and out
+# JSON in and out. The same benchmark's `working` case — trimmed_mean on a cold 40 x 2M
+# float32 round (305 MB) — peaks 56 MB above the import and the bytes the cache then holds
 WORKING_MB = 64
 # the floor of a budget (a function too small for its runtime still holds something)
 MIN_BUDGET_MB = 16

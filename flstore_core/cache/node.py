@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flstore_core import config
+from flstore_core.cache.budget import stack_budget
 from flstore_core.cache.results import run_round_workload
 from flstore_core.cache.round_data import ArtifactStats, JobContext, RoundData
 from flstore_core.cache.round_loading import job_context, load_round
@@ -58,7 +59,6 @@ from flstore_core.workloads import Workload, WorkloadResult, get
 
 Operation = Callable[[dict[str, Any]], dict[str, Any]]  # an event in, the node's answer out
 
-BUDGET_SHARE = 0.70  # of the function's memory, when no explicit budget is configured
 # meta and client shards are refreshed from new manifests when older than this (prefetch
 # after ingestion refreshes them at once)
 REFRESH_S = 30.0
@@ -68,11 +68,11 @@ PREFETCH_MODELS = config.PREFETCH_MODELS.get_list()
 
 
 def default_budget() -> int:
-    """Cache budget in bytes: ``FLSTORE_CACHE_BUDGET_BYTES`` or 70% of the function memory."""
-    if config.CACHE_BUDGET_BYTES.get():
-        return config.CACHE_BUDGET_BYTES.get_int()
-    memory_mb = config.LAMBDA_MEMORY_MB.get_int()
-    return int(memory_mb * 1024 * 1024 * BUDGET_SHARE)
+    """Cache budget in bytes: ``FLSTORE_CACHE_BUDGET_BYTES``, else what this function's memory
+    (``AWS_LAMBDA_FUNCTION_MEMORY_SIZE``) leaves once the runtime of every workload class —
+    torch included — is loaded (:func:`flstore_core.cache.budget.stack_budget`, the figure the
+    router plans blocks with)."""
+    return stack_budget(config.LAMBDA_MEMORY_MB.get_int())
 
 
 class CacheNode:

@@ -88,17 +88,31 @@ def local_up(
     replication: int = typer.Option(2, min=1, help="Replicas per shard."),
     hot_rounds: int = typer.Option(2, min=1, help="Latest rounds per job kept hot (W)."),
     memory_mb: int = typer.Option(3008, min=128, help="Memory of each cache node."),
+    cache_budget_mb: int = typer.Option(
+        None,
+        min=1,
+        help="Data each cache node holds, in MB (default: what --memory-mb leaves once the "
+        "node's runtime is loaded). A small budget makes a test round span many nodes.",
+    ),
     bucket: str = typer.Option("flstore-local", help="S3 bucket."),
     s3_endpoint: str = typer.Option(None, help="Use this S3 endpoint instead of starting moto."),
 ) -> None:
     """Start the local stack in the foreground until interrupted; writes .flstore/local.json."""
+    from flstore_core.cache.budget import MiB
     from lambdas.local_runtime.stack import LocalStack, StackConfig
 
+    if cache_budget_mb is not None and cache_budget_mb >= memory_mb:
+        raise typer.BadParameter(
+            f"{cache_budget_mb} MB does not fit a node of --memory-mb {memory_mb}: give a "
+            "budget below the node's memory (the rest holds its runtime)",
+            param_hint="'--cache-budget-mb'",
+        )
     config = StackConfig(
         nodes=nodes,
         replication=replication,
         hot_rounds=hot_rounds,
         memory_mb=memory_mb,
+        budget_bytes=None if cache_budget_mb is None else cache_budget_mb * MiB,
         bucket=bucket,
         s3_endpoint=s3_endpoint,
     )

@@ -17,7 +17,8 @@ from typing import Any
 
 from flstore_core import config
 from flstore_core.aws import lambda_client
-from flstore_core.cache.node import BUDGET_SHARE
+from flstore_core.cache.budget import MiB, stack_budget
+from flstore_core.errors import ValidationError
 from flstore_core.routing.auth import TokenTable, new_token
 from flstore_core.routing.invoker import NodeInvoker
 from flstore_core.routing.placement import node_name
@@ -40,6 +41,9 @@ class StackConfig:
     replication: int = 2
     hot_rounds: int = 2
     memory_mb: int = 3008
+    # bytes of data each node holds; None: what memory_mb leaves once the node's runtime is
+    # loaded (flstore_core.cache.budget.stack_budget). Set small in tests, so that the runtime
+    # fits beside a round several times the budget
     budget_bytes: int | None = None
     prefix: str = "flstore"
     bucket: str = "flstore-local"
@@ -48,6 +52,21 @@ class StackConfig:
     concurrency: int = 1  # one warm instance per node: its memory is the cache
     s3_endpoint: str | None = None  # reuse a running S3 instead of starting moto
     tokens: dict[str, list[str]] = field(default_factory=dict)  # extra tokens -> granted jobs
+
+    def __post_init__(self) -> None:
+        if self.budget_bytes is not None and not 0 < self.budget_bytes < self.memory_mb * MiB:
+            raise ValidationError(
+                f"a cache budget of {self.budget_bytes} bytes does not fit a node of "
+                f"{self.memory_mb} MB: give a positive budget below the node's memory (the "
+                f"rest holds its runtime), or none for the default "
+                f"({stack_budget(self.memory_mb) // MiB} MB)"
+            )
+
+    @property
+    def node_budget(self) -> int:
+        """Bytes of data every node holds and the router plans blocks with: one figure for
+        both, so a block the router sends a node always fits."""
+        return self.budget_bytes or stack_budget(self.memory_mb)
 
 
 class LocalStack:
@@ -75,7 +94,7 @@ class LocalStack:
             self.s3_endpoint = self._s3.url
         self.store = ObjectStore(cfg.bucket, endpoint_url=self.s3_endpoint)
         self.store.ensure_bucket()
-        budget = cfg.budget_bytes or int(cfg.memory_mb * 1024 * 1024 * BUDGET_SHARE)
+        budget = cfg.node_budget
         functions = [
             FunctionSpec(
                 name=node_name(cfg.prefix, i),
@@ -109,6 +128,7 @@ class LocalStack:
                 nodes=cfg.nodes,
                 replication=cfg.replication,
                 node_memory_mb=cfg.memory_mb,
+                cache_budget_bytes=budget,
             ),
         )
         router = self.router
