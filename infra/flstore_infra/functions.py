@@ -11,8 +11,8 @@ Environment contract with ``lambdas/`` (ARCHITECTURE §3):
 | ``FLSTORE_BUCKET`` | yes | yes | |
 | ``FLSTORE_PREFIX`` | yes | yes | yes |
 | ``FLSTORE_CACHE_NODES``, ``FLSTORE_REPLICATION``, ``FLSTORE_HOT_ROUNDS`` | yes | yes | |
-| ``FLSTORE_CACHE_MEMORY_MB`` | yes | yes | |
-| ``FLSTORE_NODE_INDEX``, ``FLSTORE_CACHE_BUDGET_BYTES`` | yes | | |
+| ``FLSTORE_CACHE_MEMORY_MB``, ``FLSTORE_CACHE_BUDGET_BYTES`` | yes | yes | |
+| ``FLSTORE_NODE_INDEX`` | yes | | |
 | ``FLSTORE_TOKENS`` (secret) | | yes | yes |
 """
 
@@ -71,6 +71,9 @@ def placement_environment(settings: StackSettings, bucket_name: str) -> dict[str
         "FLSTORE_HOT_ROUNDS": str(settings.hot_rounds),
         # The router prices node invocations with it (cost_usd in every answer).
         "FLSTORE_CACHE_MEMORY_MB": str(settings.cache_memory_mb),
+        # One figure for both: the nodes hold data under it and the router cuts rounds into
+        # column blocks that fit it.
+        "FLSTORE_CACHE_BUDGET_BYTES": str(settings.cache_budget_bytes),
     }
 
 
@@ -109,7 +112,6 @@ class CacheNodes(pulumi.ComponentResource):
             variables = {
                 **shared,
                 "FLSTORE_NODE_INDEX": str(index),
-                "FLSTORE_CACHE_BUDGET_BYTES": str(settings.cache_budget_bytes),
             }
             self.functions.append(
                 aws.lambda_.Function(

@@ -3,7 +3,8 @@
 | key | default | meaning |
 |---|---|---|
 | ``cacheNodes`` | 8 | N cache-node functions ``{prefix}-cache-{i}`` |
-| ``cacheMemoryMb`` | 3008 | memory of each cache node; 70 % of it is the cache budget |
+| ``cacheMemoryMb`` | 3008 | memory of each cache node; what its runtime leaves is the budget |
+| ``cacheBudgetMb`` | unset | MB of data per node, ``< cacheMemoryMb``; unset: memory − 352 MB |
 | ``cacheTimeoutSeconds`` | 120 | timeout of a cache-node invocation |
 | ``replication`` | 2 | R, replicas of each shard (``1 <= R <= N``) |
 | ``hotRounds`` | 2 | W, latest rounds kept hot |
@@ -21,7 +22,9 @@
 | ``throttleBurstLimit`` | 100 | API stage burst |
 | ``forceDestroy`` | false | let ``pulumi destroy`` delete a non-empty bucket and image repository |
 
-plus ``aws:region``. ``artifactDir`` is no longer read: the program builds what it deploys
+plus ``aws:region``. The 352 MB a node keeps back are its runtime with torch loaded (288 MB)
+and one request's working memory (64 MB), as ``flstore_core.cache.budget`` measured them.
+``artifactDir`` is no longer read: the program builds what it deploys
 (``packaging``), in a cache on the deployer's machine rather than in the stack's config.
 """
 
@@ -48,8 +51,14 @@ _PREFIX = re.compile(r"^[a-z](?:[a-z0-9-]{0,22}[a-z0-9])?$")
 _KMS_KEY_ARN = re.compile(r"^arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:key/[A-Za-z0-9-]+$")
 _TOKEN_HASH = re.compile(r"^[0-9a-f]{64}$")
 _JOB = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-# Share of a cache node's memory given to the tensor cache; the rest is Python, numpy, torch.
-CACHE_BUDGET_SHARE = 0.7
+# A cache node's budget is what its memory leaves once its runtime (Python, numpy, boto3,
+# scikit-learn, torch) and one request's working memory are resident: the figures of
+# flstore_core.cache.budget (RUNTIME_MB["torch"], WORKING_MB, MIN_BUDGET_MB), measured by
+# benchmarks/node_runtime.py. Mirrored, not imported: nothing here imports the runtime code;
+# tests/infra checks that both derive the same budget.
+NODE_RUNTIME_MB = 288
+NODE_WORKING_MB = 64
+MIN_CACHE_BUDGET_MB = 16
 
 
 class ConfigError(ValueError):
@@ -96,6 +105,7 @@ class StackSettings:
     prefix: str = "flstore"
     cache_nodes: int = 8
     cache_memory_mb: int = 3008
+    cache_budget_mb: int | None = None
     cache_timeout_s: int = 120
     replication: int = 2
     hot_rounds: int = 2
@@ -144,6 +154,14 @@ class StackSettings:
         for key, mb in memory.items():
             if not 128 <= mb <= 10240:
                 out.append(f"flstore:{key} must be 128..10240 (Lambda's range), not {mb}")
+        if (
+            self.cache_budget_mb is not None
+            and not 1 <= self.cache_budget_mb < self.cache_memory_mb
+        ):
+            out.append(
+                f"flstore:cacheBudgetMb must be 1..cacheMemoryMb - 1 ({self.cache_memory_mb - 1}): "
+                f"the rest holds the node's runtime; not {self.cache_budget_mb}"
+            )
         if not 1 <= self.cache_timeout_s <= 900:
             out.append(f"flstore:cacheTimeoutSeconds must be 1..900, not {self.cache_timeout_s}")
         if not 1 <= self.router_timeout_s <= 30:
@@ -184,7 +202,11 @@ class StackSettings:
 
     @property
     def cache_budget_bytes(self) -> int:
-        return int(self.cache_memory_mb * 2**20 * CACHE_BUDGET_SHARE)
+        """Bytes of data every cache node holds, and the router plans column blocks with."""
+        if self.cache_budget_mb is not None:
+            return self.cache_budget_mb * 2**20
+        free = self.cache_memory_mb - NODE_RUNTIME_MB - NODE_WORKING_MB
+        return max(free, MIN_CACHE_BUDGET_MB) * 2**20
 
     def tokens_json(self) -> str:
         """``FLSTORE_TOKENS`` as the router and authorizer read it."""
@@ -210,6 +232,7 @@ def load_settings(config: pulumi.Config | None = None) -> StackSettings:
         prefix=cfg.get("prefix") or defaults.prefix,
         cache_nodes=cfg.get_int("cacheNodes", defaults.cache_nodes),
         cache_memory_mb=cfg.get_int("cacheMemoryMb", defaults.cache_memory_mb),
+        cache_budget_mb=cfg.get_int("cacheBudgetMb"),
         cache_timeout_s=cfg.get_int("cacheTimeoutSeconds", defaults.cache_timeout_s),
         replication=cfg.get_int("replication", defaults.replication),
         hot_rounds=cfg.get_int("hotRounds", defaults.hot_rounds),

@@ -321,7 +321,8 @@ def test_cache_nodes_get_placement_and_budget_from_config() -> None:
             assert env["FLSTORE_HOT_ROUNDS"] == "3"
             assert env["FLSTORE_PREFIX"] == "fltest"
             assert env["FLSTORE_BUCKET"] == f"fltest-{ACCOUNT}-eu-west-1"
-            assert env["FLSTORE_CACHE_BUDGET_BYTES"] == str(int(4096 * 2**20 * 0.7))
+            # 4096 MB less the torch runtime (288 MB) and one request's working memory (64 MB)
+            assert env["FLSTORE_CACHE_BUDGET_BYTES"] == str((4096 - 288 - 64) * 2**20)
             assert "FLSTORE_TOKENS" not in env
             assert node.inputs["memorySize"] == 4096
             assert node.inputs["architectures"] == ["arm64"]
@@ -376,6 +377,8 @@ def test_router_and_authorizer_ship_the_zip_with_the_token_hashes() -> None:
         assert router_env["FLSTORE_CACHE_NODES"] == "5"
         assert router_env["FLSTORE_REPLICATION"] == "3"
         assert router_env["FLSTORE_CACHE_MEMORY_MB"] == "4096"
+        # the router plans column blocks with the budget the nodes hold data under
+        assert router_env["FLSTORE_CACHE_BUDGET_BYTES"] == str((4096 - 288 - 64) * 2**20)
         assert router_env["FLSTORE_BUCKET"] == f"fltest-{ACCOUNT}-eu-west-1"
 
     return deploy(FIVE_NODES).apply(check)
@@ -742,6 +745,44 @@ def test_replication_above_node_count_is_rejected() -> None:
     config = {**DEFAULTS, "flstore:cacheNodes": "2", "flstore:replication": "3"}
     with pytest.raises(ConfigError, match="flstore:replication"):
         run_program(config)
+
+
+@pulumi.runtime.test
+def test_an_explicit_cache_budget_goes_to_every_node_and_the_router() -> None:
+    config = {**FIVE_NODES, "flstore:cacheBudgetMb": "200"}
+
+    def check(d: Deployment) -> None:
+        budgets = {
+            f.inputs["name"]: f.inputs["environment"]["variables"]["FLSTORE_CACHE_BUDGET_BYTES"]
+            for f in d.of_type(FUNCTION)
+            if f.inputs["name"] != "fltest-authorizer"
+        }
+        assert sorted(budgets) == sorted(
+            [*(f"fltest-cache-{i}" for i in range(5)), "fltest-router"]
+        )
+        assert set(budgets.values()) == {str(200 * 2**20)}
+
+    return deploy(config).apply(check)
+
+
+@pytest.mark.parametrize("budget_mb", ["0", "-5", "4096", "5000"])
+@pulumi.runtime.test
+def test_a_cache_budget_not_below_the_node_memory_is_rejected(budget_mb: str) -> None:
+    config = {**FIVE_NODES, "flstore:cacheBudgetMb": budget_mb}
+    with pytest.raises(
+        ConfigError, match=r"flstore:cacheBudgetMb must be 1\.\.cacheMemoryMb - 1 \(4095\)"
+    ):
+        run_program(config)
+
+
+@pytest.mark.parametrize("memory_mb", [128, 256, 512, 1024, 3008, 4096, 10240])
+def test_the_stack_derives_the_budget_the_runtime_code_derives(memory_mb: int) -> None:
+    """infra mirrors flstore_core.cache.budget rather than importing the runtime code: the two
+    must agree, or the router and the nodes would plan with another budget than Pulumi set."""
+    from flstore_core.cache import budget
+
+    settings = StackSettings(cache_memory_mb=memory_mb)
+    assert settings.cache_budget_bytes == budget.cache_budget(memory_mb, "torch")
 
 
 @pulumi.runtime.test
