@@ -21,7 +21,7 @@ import json
 import math
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -34,6 +34,9 @@ from flstore_core.ids import validate_client, validate_job, validate_round
 
 Precision = Literal["float32", "bfloat16", "float16"]
 PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16", "float16")
+# the stored dtype of a float32 tensor in each precision, and back
+_STORED_AS: dict[Precision, str] = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_PRECISION_OF: dict[str, Precision] = {v: k for k, v in _STORED_AS.items()}
 Kind = Literal["update", "global", "initial"]
 KINDS: tuple[Kind, ...] = ("update", "global", "initial")
 
@@ -198,7 +201,9 @@ def bfloat16_bits_to_float32(
 # --------------------------------------------------------------------------- encoding
 
 
-def _metadata(update: Update, precision: Precision) -> dict[str, str]:
+def update_metadata(update: Update, precision: Precision = "float32") -> dict[str, str]:
+    """The ``__metadata__`` that :func:`serialize` writes for ``update`` (its tensors aside):
+    what a writer of a file in parts (:func:`header_prefix`) passes for the same header."""
     if update.kind not in KINDS:
         raise ValidationError(f"unknown update kind {update.kind!r}: use one of {KINDS}")
     meta: dict[str, str] = {"kind": update.kind, "format": "flstore/1"}
@@ -247,6 +252,66 @@ def _who(update: Update) -> str:
     return f"{update.kind} model" if update.kind != "update" else "update"
 
 
+def stored_specs(
+    specs: Sequence[TensorSpec], precision: Precision = "float32"
+) -> tuple[TensorSpec, ...]:
+    """The specs as :func:`serialize` stores them: float32 tensors in ``precision`` (``BF16`` or
+    ``F16``), every other dtype as it is."""
+    st = _STORED_AS[precision]
+    return tuple(TensorSpec(s.name, st if s.dtype == "F32" else s.dtype, s.shape) for s in specs)
+
+
+def header_prefix(specs: Sequence[TensorSpec], metadata: Mapping[str, str]) -> bytes:
+    """The bytes a safetensors file of these tensors has before its data section: the 8-byte
+    little-endian header length, then the JSON header (``__metadata__`` first, the tensors in
+    ``specs`` order, the data section padded to 8 bytes with spaces).
+
+    ``specs`` carry the *stored* dtypes (:func:`stored_specs`). :func:`serialize` writes its
+    header through this function, so a file written in parts — this prefix, then
+    :func:`tensor_bytes` of consecutive column blocks — is byte-identical to the whole-file
+    encoding, with the same sha256.
+    """
+    if not specs:
+        raise ValidationError("an update needs at least one tensor")
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for spec in specs:
+        name = spec.name
+        if not isinstance(name, str) or not name or name == "__metadata__" or name in header:
+            raise ValidationError(f"invalid or repeated tensor name {name!r}")
+        if spec.dtype not in _ITEMSIZE:
+            raise ValidationError(f"tensor {name!r}: unsupported dtype {spec.dtype!r}")
+        nbytes = spec.numel * _ITEMSIZE[spec.dtype]
+        header[name] = {
+            "dtype": spec.dtype,
+            "shape": [int(s) for s in spec.shape],
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # align the data section to 8 bytes
+    return struct.pack("<Q", len(head)) + head
+
+
+def _stored(
+    name: str, arr: npt.NDArray[Any], precision: Precision, allow_nonfinite: bool, who: str
+) -> npt.NDArray[Any]:
+    """A tensor as stored: float32 cast to ``precision``, anything else little-endian as is."""
+    if not allow_nonfinite:
+        _check_finite(name, arr, who)
+    if arr.dtype == np.float32 and precision == "bfloat16":
+        return float32_to_bfloat16_bits(arr)
+    if arr.dtype == np.float32 and precision == "float16":
+        with np.errstate(over="ignore"):
+            half = arr.astype("<f2")
+        if not allow_nonfinite and not np.isfinite(half).all():
+            raise ValidationError(
+                f"{who}: tensor {name!r} overflows float16; store this job as float32 or bfloat16"
+            )
+        return half
+    return np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False)
+
+
 def serialize(
     update: Update,
     precision: Precision = "float32",
@@ -258,49 +323,60 @@ def serialize(
         raise ValidationError(f"unknown precision {precision!r}: use one of {PRECISIONS}")
     if not update.tensors:
         raise ValidationError(f"{_who(update)}: an update needs at least one tensor")
-    header: dict[str, Any] = {"__metadata__": _metadata(update, precision)}
+    meta = update_metadata(update, precision)
     chunks: list[npt.NDArray[Any]] = []
-    offset = 0
+    specs: list[TensorSpec] = []
     for name, value in update.tensors.items():
         if not isinstance(name, str) or not name or name == "__metadata__":
             raise ValidationError(f"{_who(update)}: invalid tensor name {name!r}")
         arr = np.asarray(value)
-        dtype_name(arr.dtype)  # rejects unsupported dtypes early
-        if not allow_nonfinite:
-            _check_finite(name, arr, _who(update))
-        if arr.dtype == np.float32 and precision == "bfloat16":
-            stored: npt.NDArray[Any] = float32_to_bfloat16_bits(arr)
-            st = "BF16"
-        elif arr.dtype == np.float32 and precision == "float16":
-            with np.errstate(over="ignore"):
-                stored = arr.astype("<f2")
-            if not allow_nonfinite and not np.isfinite(stored).all():
-                raise ValidationError(
-                    f"{_who(update)}: tensor {name!r} overflows float16; store this job as "
-                    "float32 or bfloat16"
-                )
-            st = "F16"
-        else:
-            stored = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False)
-            st = dtype_name(arr.dtype)
-        header[name] = {
-            "dtype": st,
-            "shape": [int(s) for s in arr.shape],
-            "data_offsets": [offset, offset + stored.nbytes],
-        }
-        offset += stored.nbytes
+        st = dtype_name(arr.dtype)  # rejects unsupported dtypes early
+        stored = _stored(name, arr, precision, allow_nonfinite, _who(update))
+        if stored.dtype != arr.dtype:
+            st = "BF16" if precision == "bfloat16" else "F16"
+        specs.append(TensorSpec(name, st, tuple(int(s) for s in arr.shape)))
         chunks.append(stored)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # align the data section to 8 bytes
-    out = bytearray(8 + len(head) + offset)
-    struct.pack_into("<Q", out, 0, len(head))
-    out[8 : 8 + len(head)] = head
-    pos = 8 + len(head)
+    head = header_prefix(specs, meta)
+    out = bytearray(len(head) + sum(c.nbytes for c in chunks))
+    out[: len(head)] = head
+    pos = len(head)
     for chunk in chunks:
         n = chunk.nbytes
         out[pos : pos + n] = memoryview(chunk.reshape(-1)).cast("B")  # type: ignore[arg-type]
         pos += n
     return bytes(out)
+
+
+def tensor_bytes(
+    vector: npt.NDArray[np.float32],
+    specs: Sequence[TensorSpec],
+    *,
+    allow_nonfinite: bool = False,
+    who: str = "model result",
+) -> bytearray:
+    """The data-section bytes of consecutive tensors (or parts of tensors: a column block's
+    :func:`~flstore_core.data.blocks.block_specs`) taken from a float32 ``vector``, in the
+    specs' *stored* dtypes exactly as :func:`serialize` writes the update
+    :func:`~flstore_core.data.rows.unflatten` makes of the vector: float32 as is, ``BF16`` /
+    ``F16`` converted as :func:`serialize` converts, other floats widened, integers and booleans
+    rounded to the nearest integer (``np.rint``, as ``unflatten``)."""
+    vec = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
+    if vec.size != sum(s.numel for s in specs):
+        raise ValueError(f"{vec.size} values for tensors of {sum(s.numel for s in specs)}")
+    out = bytearray(sum(s.numel * _ITEMSIZE[s.dtype] for s in specs))
+    pos = 0
+    for spec, (a, b) in zip(specs, slices_of(specs), strict=True):
+        part = vec[a:b]
+        if spec.dtype in ("F32", "BF16", "F16"):
+            stored = _stored(spec.name, part, _PRECISION_OF[spec.dtype], allow_nonfinite, who)
+        elif np_dtype(spec.dtype).kind == "f":
+            wide = part.astype(np_dtype(spec.dtype))
+            stored = _stored(spec.name, wide, "float32", allow_nonfinite, who)
+        else:
+            stored = np.rint(part).astype(np_dtype(spec.dtype))
+        out[pos : pos + stored.nbytes] = memoryview(stored).cast("B")  # type: ignore[arg-type]
+        pos += stored.nbytes
+    return out
 
 
 _tls = threading.local()
@@ -319,6 +395,13 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     if dctx is None:
         dctx = _tls.dctx = zstandard.ZstdDecompressor()
     return cast(zstandard.ZstdDecompressor, dctx)
+
+
+def compress_frame(raw: bytes | bytearray | memoryview, level: int = ZSTD_LEVEL) -> bytes:
+    """``raw`` as one zstd frame that records its content size. Frames concatenate: a stored
+    update written in parts (:func:`header_prefix`, :func:`tensor_bytes`) is the concatenation
+    of its parts' frames, and every reader here decodes it as one file."""
+    return _compressor(level).compress(raw)
 
 
 def encode_update(
@@ -498,20 +581,123 @@ def update_from_metadata(tensors: dict[str, npt.NDArray[Any]], meta: dict[str, s
     )
 
 
-def decompress(data: bytes | memoryview, limits: CodecLimits = DEFAULT_LIMITS) -> bytes:
-    """Decompress one zstd frame, refusing frames that decode past ``max_file_bytes``."""
+_ZSTD_MAGIC = 0xFD2FB528
+_SKIPPABLE_MASK, _SKIPPABLE_MAGIC = 0xFFFFFFF0, 0x184D2A50
+
+
+@dataclass(frozen=True)
+class ZstdFrame:
+    """One zstd frame of a stored object: its byte range and its declared content size
+    (``-1`` when the frame does not record it)."""
+
+    start: int
+    end: int
+    content_size: int
+
+
+def zstd_frames(data: bytes | bytearray | memoryview) -> tuple[ZstdFrame, ...]:
+    """The zstd frames ``data`` is made of, found by walking the frame and block headers
+    (RFC 8878 §3.1) without decompressing; skippable frames are left out.
+
+    A stored update may be several frames concatenated (a model result written in parts); this
+    tells the readers its total size before they decode anything, so the file cap holds.
+    """
+    buf = memoryview(data).cast("B")
+    n = len(buf)
+    frames: list[ZstdFrame] = []
+    pos = 0
     try:
-        size = zstandard.frame_content_size(data)
-        if size > limits.max_file_bytes:
-            raise LimitExceededError(
-                f"update of {size} bytes exceeds the cap of {limits.max_file_bytes}"
-            )
-        dctx = _decompressor()
-        if size >= 0:
-            return dctx.decompress(data)
-        return dctx.decompress(data, max_output_size=limits.max_file_bytes)
+        while pos < n:
+            if n - pos < 4:
+                raise CorruptUpdateError("not a complete zstd frame: trailing bytes")
+            magic = int.from_bytes(buf[pos : pos + 4], "little")
+            if magic & _SKIPPABLE_MASK == _SKIPPABLE_MAGIC:
+                if n - pos < 8:
+                    raise CorruptUpdateError("not a complete zstd frame: truncated skippable frame")
+                pos += 8 + int.from_bytes(buf[pos + 4 : pos + 8], "little")
+                if pos > n:
+                    raise CorruptUpdateError("not a complete zstd frame: truncated skippable frame")
+                continue
+            if magic != _ZSTD_MAGIC:
+                raise CorruptUpdateError("not a complete zstd frame: bad magic number")
+            rest = buf[pos:]
+            params = zstandard.get_frame_parameters(rest)
+            size = zstandard.frame_content_size(rest)
+            p = pos + zstandard.frame_header_size(rest)
+            while True:  # Block_Header: Last_Block (bit 0), Block_Type (2 bits), Block_Size
+                if p + 3 > n:
+                    raise CorruptUpdateError("not a complete zstd frame: truncated")
+                block = int.from_bytes(buf[p : p + 3], "little")
+                kind = (block >> 1) & 3
+                if kind == 3:
+                    raise CorruptUpdateError("not a complete zstd frame: reserved block type")
+                p += 3 + (1 if kind == 1 else block >> 3)  # an RLE block stores one byte
+                if block & 1:
+                    break
+            p += 4 if params.has_checksum else 0
+            if p > n:
+                raise CorruptUpdateError("not a complete zstd frame: truncated")
+            frames.append(ZstdFrame(pos, p, int(size)))
+            pos = p
     except zstandard.ZstdError as exc:
         raise CorruptUpdateError(f"not a complete zstd frame: {exc}") from exc
+    if not frames:
+        raise CorruptUpdateError("not a complete zstd frame: no data")
+    return tuple(frames)
+
+
+def _known_total(frames: Sequence[ZstdFrame], limits: CodecLimits) -> int | None:
+    """The decompressed size of all frames when each records it (checked against the cap)."""
+    if any(f.content_size < 0 for f in frames):
+        return None
+    total = sum(f.content_size for f in frames)
+    if total > limits.max_file_bytes:
+        raise LimitExceededError(
+            f"update of {total} bytes exceeds the cap of {limits.max_file_bytes}"
+        )
+    return total
+
+
+def decompress(
+    data: bytes | bytearray | memoryview, limits: CodecLimits = DEFAULT_LIMITS
+) -> bytes | bytearray:
+    """Decompress a stored object — one zstd frame or several concatenated, decoded as their
+    concatenation — refusing anything that decodes past ``max_file_bytes``."""
+    view = memoryview(data).cast("B")
+    frames = zstd_frames(view)
+    total = _known_total(frames, limits)
+    dctx = _decompressor()
+    try:
+        if total is not None and len(frames) == 1:
+            return dctx.decompress(view[frames[0].start : frames[0].end])
+        if total is not None:  # one buffer of the known size, filled across the frames
+            out = bytearray(total)
+            got = _fill(dctx.stream_reader(view, read_across_frames=True), memoryview(out))
+            if got != total:
+                raise CorruptUpdateError("not a complete zstd frame: shorter than it declares")
+            return out
+        parts: list[bytes] = []
+        room = limits.max_file_bytes
+        for f in frames:
+            part = dctx.decompress(view[f.start : f.end], max_output_size=max(room, 1))
+            room -= len(part)
+            if room < 0:
+                raise LimitExceededError(f"update exceeds the cap of {limits.max_file_bytes}")
+            parts.append(part)
+        return b"".join(parts)
+    except zstandard.ZstdError as exc:
+        raise CorruptUpdateError(f"not a complete zstd frame: {exc}") from exc
+
+
+def _fill(reader: Any, view: memoryview) -> int:
+    """Read from a zstd stream reader until ``view`` is full or the stream ends."""
+    got = 0
+    while got < len(view):
+        k = reader.readinto(view[got:])
+        if not k:
+            break
+        got += k
+    return int(got)
 
 
 def decode_update(
@@ -552,19 +738,24 @@ def decode_into(
     decompressed straight into ``out``; otherwise each tensor is converted into its slice.
     The checksum, the tensor names and shapes, and finiteness are verified; the squared L2 norm
     is returned because computing it is the cheapest finiteness test and workloads reuse it.
+    A stored update of several zstd frames decodes as their concatenation.
     """
     if out.dtype != np.float32 or out.ndim != 1 or not out.flags.c_contiguous:
         raise ValueError("decode_into needs a contiguous 1-D float32 output")
-    total = zstandard.frame_content_size(data) if len(data) >= 4 else -1
     try:
-        reader = _decompressor().stream_reader(data, read_across_frames=False)
+        total = _known_total(zstd_frames(data), limits)
+    except CorruptUpdateError as exc:
+        raise CorruptUpdateError(f"{who}: {exc.message}") from exc
+    try:
+        reader = _decompressor().stream_reader(data, read_across_frames=True)
         prefix = reader.read(8)
-        n = header_length(prefix, limits, total if total >= 0 else None)
+        n = header_length(prefix, limits, total)
         head = reader.read(n)
         if len(head) != n:
             raise CorruptUpdateError(f"{who}: truncated header")
-        header = parse_header(head, total if total >= 0 else None, limits)
+        header = parse_header(head, total, limits)
         _check_specs(header, specs, who)
+        data_len = _data_len(header, n, limits)
         digest = hashlib.sha256(prefix)
         digest.update(head)
         fast = [e.dtype for e in header.entries] == ["F32"] * len(specs) and [
@@ -572,21 +763,17 @@ def decode_into(
         ] == [s.name for s in specs]
         if fast and header.entries[-1].end == out.nbytes:
             view = memoryview(out).cast("B")  # type: ignore[arg-type]
-            got = 0
-            while got < len(view):
-                k = reader.readinto(view[got:])
-                if not k:
-                    break
-                got += k
+            got = _fill(reader, view)
             if got != len(view) or reader.read(1):
                 raise CorruptUpdateError(f"{who}: data section does not match its header")
             digest.update(view)
-            raw_bytes = 8 + n + got
         else:
-            rest = reader.read()
+            rest = bytearray(data_len)
+            if _fill(reader, memoryview(rest)) != data_len or reader.read(1):
+                raise CorruptUpdateError(f"{who}: data section does not match its header")
             digest.update(rest)
-            raw_bytes = 8 + n + len(rest)
             _fill_row(rest, header, specs, out, who)
+        raw_bytes = 8 + n + data_len
     except zstandard.ZstdError as exc:
         raise CorruptUpdateError(f"{who}: not a complete zstd frame: {exc}") from exc
     sha = digest.hexdigest()
@@ -594,19 +781,145 @@ def decode_into(
         raise CorruptUpdateError(
             f"{who}: checksum mismatch, the object does not match its manifest"
         )
+    return DecodedRow(
+        sha, raw_bytes, _block_sq_norm(out, specs, (0, len(out)), limits, who), header.metadata
+    )
+
+
+def decode_columns_into(
+    stream: Any,
+    out: npt.NDArray[np.float32],
+    specs: Sequence[TensorSpec],
+    columns: tuple[int, int],
+    *,
+    expected_sha256: str | None = None,
+    limits: CodecLimits = DEFAULT_LIMITS,
+    who: str = "update",
+    chunk_bytes: int = 1 << 20,
+) -> DecodedRow:
+    """Decode the columns ``[a, b)`` of a stored update's flattened row (``specs`` order, the
+    round's canonical order) into ``out``, streaming: a column block of a round too large for
+    one node (:mod:`flstore_core.data.blocks`) is read without holding the whole file.
+
+    ``stream`` is a readable binary file object (an S3 body, a file) at the start of the stored
+    object, one zstd frame or several. It is decompressed in reads of ``chunk_bytes``; every
+    byte is hashed (checked against ``expected_sha256`` at the end, like :func:`decode_into`),
+    the header is validated against ``specs`` (matched by name: the file may store tensors in
+    any order), and the data section is walked in file order, converting the elements that fall
+    in ``[a, b)`` as :func:`decode_into` does and skipping the rest. Memory is ``out`` plus
+    O(``chunk_bytes``) (and the zstd window, at most the frame size). The returned
+    ``sq_norm`` is the block's; non-finite values are refused in the block's columns only.
+    """
+    a, b = columns
+    total_cols = sum(s.numel for s in specs)
+    if not 0 <= a <= b <= total_cols:
+        raise ValueError(f"columns [{a}, {b}) are outside a row of {total_cols}")
+    if out.dtype != np.float32 or out.shape != (b - a,) or not out.flags.c_contiguous:
+        raise ValueError(f"decode_columns_into needs a contiguous float32 output of {b - a}")
+    if chunk_bytes < 1:
+        raise ValueError("chunk_bytes must be positive")
+    digest = hashlib.sha256()
+    scratch = memoryview(bytearray(max(chunk_bytes, 8)))
+    try:
+        reader = _decompressor().stream_reader(
+            stream, read_size=chunk_bytes, read_across_frames=True, closefd=False
+        )
+        prefix = reader.read(8)
+        n = header_length(prefix, limits, None)
+        head = reader.read(n)
+        if len(head) != n:
+            raise CorruptUpdateError(f"{who}: truncated header")
+        header = parse_header(head, None, limits)
+        _check_specs(header, specs, who)
+        data_len = _data_len(header, n, limits)
+        digest.update(prefix)
+        digest.update(head)
+        index = {s.name: i for i, s in enumerate(specs)}
+        ranges = slices_of(specs)
+
+        def take(view: memoryview) -> None:
+            if _fill(reader, view) != len(view):
+                raise CorruptUpdateError(
+                    f"{who}: data section is shorter than its header says ({data_len} bytes)"
+                )
+            digest.update(view)
+
+        def skip(nbytes: int) -> None:
+            while nbytes > 0:
+                step = min(nbytes, len(scratch))
+                take(scratch[:step])
+                nbytes -= step
+
+        pos = 0  # in the data section
+        for e in header.entries:  # file order
+            skip(e.start - pos)
+            size = _ITEMSIZE[e.dtype]
+            lo, hi = ranges[index[e.name]]
+            first, last = max(lo, a), min(hi, b)
+            if first >= last:
+                skip(e.end - e.start)
+            else:
+                skip((first - lo) * size)
+                dst = out[first - a : last - a]
+                if e.dtype == "F32":
+                    take(memoryview(dst).cast("B"))  # type: ignore[arg-type]
+                else:
+                    per = max(1, len(scratch) // size)
+                    for k in range(0, last - first, per):
+                        m = min(per, last - first - k)
+                        take(scratch[: m * size])
+                        _convert_into(scratch[: m * size], e.dtype, dst[k : k + m])
+                skip((hi - last) * size)
+            pos = e.end
+        if reader.read(1):
+            raise CorruptUpdateError(
+                f"{who}: data section is longer than its header says ({data_len} bytes)"
+            )
+    except zstandard.ZstdError as exc:
+        raise CorruptUpdateError(f"{who}: not a complete zstd frame: {exc}") from exc
+    sha = digest.hexdigest()
+    if expected_sha256 is not None and sha != expected_sha256:
+        raise CorruptUpdateError(
+            f"{who}: checksum mismatch, the object does not match its manifest"
+        )
+    sq = _block_sq_norm(out, specs, columns, limits, who)
+    return DecodedRow(sha, 8 + n + data_len, sq, header.metadata)
+
+
+def _data_len(header: Header, head_len: int, limits: CodecLimits) -> int:
+    """The data section's length by the header, the whole file checked against the cap before
+    a byte of data is decoded (a multi-frame object does not declare its total)."""
+    data_len = max((e.end for e in header.entries), default=0)
+    if 8 + head_len + data_len > limits.max_file_bytes:
+        raise LimitExceededError(
+            f"update of {8 + head_len + data_len} bytes exceeds the cap of {limits.max_file_bytes}"
+        )
+    return data_len
+
+
+def _block_sq_norm(
+    out: npt.NDArray[np.float32],
+    specs: Sequence[TensorSpec],
+    columns: tuple[int, int],
+    limits: CodecLimits,
+    who: str,
+) -> float:
+    """``out``'s squared norm; a non-finite one names the first tensor with a NaN or Inf in
+    the columns (a finite row can still overflow the float32 sum, which is no error)."""
     sq = float(np.dot(out, out))
     if not math.isfinite(sq) and not limits.allow_nonfinite:
-        bad = next(
-            (
-                s.name
-                for s, (a, b) in zip(specs, slices_of(specs), strict=True)
-                if not np.isfinite(out[a:b]).all()
-            ),
-            None,
-        )
-        if bad is not None:
-            raise CorruptUpdateError(f"{who}: tensor {bad!r} contains NaN or Inf values")
-    return DecodedRow(sha, raw_bytes, sq, header.metadata)
+        a, b = columns
+        for s, (lo, hi) in zip(specs, slices_of(specs), strict=True):
+            first, last = max(lo, a), min(hi, b)
+            if first < last and not np.isfinite(out[first - a : last - a]).all():
+                raise CorruptUpdateError(f"{who}: tensor {s.name!r} contains NaN or Inf values")
+    return sq
+
+
+class TensorMismatchError(CorruptUpdateError):
+    """A well-formed file whose tensors are not the expected ones (a name missing or extra, a
+    shape differs): what a reader that may skip such a file (a base model that does not fit
+    the round) tells apart from damaged bytes."""
 
 
 def _check_specs(header: Header, specs: Any, who: str) -> None:
@@ -615,18 +928,18 @@ def _check_specs(header: Header, specs: Any, who: str) -> None:
     for s in specs:
         e = by_name.get(s.name)
         if e is None:
-            raise CorruptUpdateError(f"{who}: tensor {s.name!r} is missing")
+            raise TensorMismatchError(f"{who}: tensor {s.name!r} is missing")
         if e.shape != s.shape:
-            raise CorruptUpdateError(
+            raise TensorMismatchError(
                 f"{who}: tensor {s.name!r} has shape {list(e.shape)}, expected {list(s.shape)}"
             )
     extra = sorted(set(by_name) - want)
     if extra:
-        raise CorruptUpdateError(f"{who}: unexpected tensor {extra[0]!r}")
+        raise TensorMismatchError(f"{who}: unexpected tensor {extra[0]!r}")
 
 
 def _fill_row(
-    data: bytes, header: Header, specs: Any, out: npt.NDArray[np.float32], who: str
+    data: bytes | bytearray, header: Header, specs: Any, out: npt.NDArray[np.float32], who: str
 ) -> None:
     by_name = {e.name: e for e in header.entries}
     buf = memoryview(data)
@@ -635,12 +948,16 @@ def _fill_row(
         e = by_name[spec.name]
         if e.end > data_len:
             raise CorruptUpdateError(f"{who}: tensor {e.name!r} is truncated")
-        if e.dtype == "BF16":
-            bits = np.frombuffer(buf, dtype="<u2", count=b - a, offset=e.start)
-            bfloat16_bits_to_float32(bits, out[a:b])
-        else:
-            dt = _NP_BY_ST[e.dtype]
-            out[a:b] = np.frombuffer(buf, dtype=dt, count=b - a, offset=e.start)
+        _convert_into(buf[e.start : e.end], e.dtype, out[a:b])
+
+
+def _convert_into(buf: memoryview, st_dtype: str, dst: npt.NDArray[np.float32]) -> None:
+    """Widen stored elements of a safetensors dtype into float32 ``dst`` (BF16 exactly, other
+    dtypes by numpy's cast: round to nearest)."""
+    if st_dtype == "BF16":
+        bfloat16_bits_to_float32(np.frombuffer(buf, dtype="<u2"), dst)
+    else:
+        dst[...] = np.frombuffer(buf, dtype=_NP_BY_ST[st_dtype])
 
 
 def slices_of(specs: Any) -> list[tuple[int, int]]:
