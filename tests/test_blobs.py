@@ -117,3 +117,27 @@ def test_s3_refusals_become_unavailable_errors(store: ObjectStore) -> None:
     broken = ObjectStore("no-such-bucket-here", client=store.blobs.client)  # type: ignore[attr-defined]
     with pytest.raises(UnavailableError, match="S3 refused"):
         broken.blobs.put("jobs/j/x", b"1")
+
+
+def test_open_streams_the_blob_in_pieces(blobs: BlobStore) -> None:
+    body = bytes(range(256)) * 40
+    blobs.put("jobs/j/big", body)
+    stream = blobs.open("jobs/j/big")
+    assert stream is not None
+    pieces = []
+    while piece := stream.read(1000):
+        pieces.append(piece)
+    stream.close()
+    assert b"".join(pieces) == body and max(map(len, pieces)) <= 1000
+    assert blobs.open("jobs/j/none") is None
+
+
+def test_wrappers_stream_like_they_get() -> None:
+    mirror, durable = MemoryBlobStore(), MemoryBlobStore()
+    mirror.put("k", b"mirrored")
+    durable.put("k", b"durable")
+    counted = CountingBlobStore(ReadThroughBlobStore(reads=mirror, writes=durable))
+    stream = counted.open("k")
+    assert stream is not None and stream.read() == b"mirrored"
+    assert counted.open("missing") is None
+    assert counted.gets == 2  # a streamed read is one GET

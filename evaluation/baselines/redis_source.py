@@ -19,6 +19,7 @@ server sends (~1 GB/s on loopback). ``reader="redis-py"`` keeps the library path
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 from collections.abc import Iterator, Mapping
@@ -42,7 +43,7 @@ from flstore_core.errors import (
     UnavailableError,
     ValidationError,
 )
-from flstore_core.storage.blobs import BlobInfo, ReadThroughBlobStore
+from flstore_core.storage.blobs import BlobInfo, BlobStream, ReadThroughBlobStore
 from flstore_core.storage.object_store import ObjectStore
 
 Buffer = bytes | memoryview
@@ -227,6 +228,11 @@ class RedisObjects:
             raise UnavailableError(f"Redis at {self.url} failed: {exc}") from exc
         assert value is None or isinstance(value, bytes)
         return value
+
+    def open(self, key: str) -> BlobStream | None:
+        """The mirrored blob as a stream (Redis sends a value whole: it is read, then streamed)."""
+        value = self.get(key)
+        return None if value is None else io.BytesIO(value)
 
     def head(self, key: str) -> BlobInfo | None:
         try:

@@ -16,6 +16,19 @@ from typing import Protocol
 Buffer = bytes | memoryview
 
 
+class BlobStream(Protocol):
+    """A readable binary stream of one blob (an S3 body, a ``BytesIO``): read it in pieces,
+    then close it."""
+
+    def read(self, size: int = -1, /) -> bytes:
+        """Up to ``size`` bytes (all that is left when ``size`` is negative); ``b""`` at the end."""
+        ...
+
+    def close(self) -> None:
+        """Release the stream (for S3, its connection)."""
+        ...
+
+
 @dataclass(frozen=True)
 class BlobInfo:
     """What a listing or a HEAD tells of one blob.
@@ -36,6 +49,11 @@ class BlobStore(Protocol):
 
     def get(self, key: str) -> Buffer | None:
         """The blob's bytes, or ``None`` if there is no such key."""
+        ...
+
+    def open(self, key: str) -> BlobStream | None:
+        """The blob as a stream, or ``None`` if there is no such key: a reader that must not
+        hold a whole blob (a column block of a large update) reads it in pieces."""
         ...
 
     def put(
@@ -88,6 +106,11 @@ class CountingBlobStore:
             self.gets += 1
         return self.inner.get(key)
 
+    def open(self, key: str) -> BlobStream | None:
+        with self._lock:
+            self.gets += 1  # a streamed read is one GET too
+        return self.inner.open(key)
+
     def put(
         self,
         key: str,
@@ -129,6 +152,9 @@ class ReadThroughBlobStore:
 
     def get(self, key: str) -> Buffer | None:
         return self.reads.get(key)
+
+    def open(self, key: str) -> BlobStream | None:
+        return self.reads.open(key)
 
     def put(
         self,

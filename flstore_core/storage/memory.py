@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import threading
 from collections.abc import Iterator, Mapping
 
-from flstore_core.storage.blobs import BlobInfo, Buffer
+from flstore_core.storage.blobs import BlobInfo, BlobStream, Buffer
 
 
 class MemoryBlobStore:
@@ -23,6 +24,11 @@ class MemoryBlobStore:
         with self._lock:
             entry = self._blobs.get(key)
         return None if entry is None else entry[0]
+
+    def open(self, key: str) -> BlobStream | None:
+        with self._lock:
+            entry = self._blobs.get(key)
+        return None if entry is None else io.BytesIO(entry[0])
 
     def put(
         self,

@@ -27,13 +27,16 @@ import numpy.typing as npt
 from flstore_core import config
 from flstore_core.aws import s3_client
 from flstore_core.data import layout
+from flstore_core.data.blocks import block_specs
 from flstore_core.data.codec import (
     DEFAULT_LIMITS,
     CodecLimits,
     EncodedUpdate,
     Precision,
+    TensorMismatchError,
     TensorSpec,
     Update,
+    decode_columns_into,
     decode_into,
     decode_update,
     decompress,
@@ -51,7 +54,7 @@ from flstore_core.errors import (
     ValidationError,
 )
 from flstore_core.ids import validate_client, validate_job, validate_round
-from flstore_core.storage.blobs import BlobInfo, BlobStore
+from flstore_core.storage.blobs import BlobInfo, BlobStore, BlobStream
 from flstore_core.storage.commit import (
     check_agreement,
     committed_entry,
@@ -181,6 +184,14 @@ class ObjectStore:
         with self._lock:
             self.gets += 1
         return bytes(data) if isinstance(data, memoryview) else data
+
+    def _open(self, key: str, what: str) -> BlobStream:
+        stream = self.blobs.open(key)
+        if stream is None:
+            raise NotFoundError(f"{what} not found")
+        with self._lock:
+            self.gets += 1
+        return stream
 
     def _exists(self, key: str) -> bool:
         return self.blobs.head(key) is not None
@@ -499,6 +510,113 @@ class ObjectStore:
             metrics=[manifest.updates[c].metrics for c in order],
             sq_norms=sq,
         )
+
+    def read_round_block(
+        self,
+        job: str,
+        round_: int,
+        columns: tuple[int, int],
+        *,
+        manifest: RoundManifest | None = None,
+        clients: Sequence[str] | None = None,
+        chunk_bytes: int = 1 << 20,
+    ) -> RoundMatrix:
+        """The columns ``[a, b)`` of a committed round (a column block, :mod:`~flstore_core.
+        data.blocks`) as a ``(clients, b - a)`` :class:`RoundMatrix`.
+
+        Each client's update is streamed (one GET) and decoded with
+        :func:`~flstore_core.data.codec.decode_columns_into`: verified whole against the
+        manifest's checksum and tensor specs, only the block's columns kept. Clients are read in
+        parallel on the store's pool, so at most ``max_workers`` streams are open: memory is the
+        block plus ``max_workers`` × ``chunk_bytes`` (and a zstd window each). ``specs`` are the
+        block's (:func:`~flstore_core.data.blocks.block_specs`), ``sq_norms`` the rows' parts.
+        """
+        manifest = manifest or self.get_manifest(job, round_)
+        order = list(manifest.clients if clients is None else clients)
+        for c in order:
+            if c not in manifest.updates:
+                raise NotFoundError(f"client {c!r} is not in round {round_} of job {job!r}")
+        a, b = columns
+        if not 0 <= a < b <= manifest.n_params:
+            raise ValidationError(
+                f"columns [{a}, {b}) are not a block of round {round_}'s "
+                f"{manifest.n_params} parameters"
+            )
+        specs = manifest.tensors
+        matrix = np.empty((len(order), b - a), dtype=np.float32)
+        sq = np.empty(len(order), dtype=np.float64)
+
+        def load(i: int) -> None:
+            entry = manifest.updates[order[i]]
+            stream = self._open(entry.key, f"update of client {order[i]!r}")
+            try:
+                row = decode_columns_into(
+                    stream,
+                    matrix[i],
+                    specs,
+                    columns,
+                    expected_sha256=entry.sha256,
+                    limits=self.limits,
+                    who=f"client {order[i]!r}",
+                    chunk_bytes=chunk_bytes,
+                )
+            except CorruptUpdateError as exc:
+                raise StoredObjectCorruptError(f"{entry.key}: {exc.message}") from exc
+            finally:
+                stream.close()
+            sq[i] = row.sq_norm
+
+        list(self._executor().map(load, range(len(order))))
+        return RoundMatrix(
+            job=job,
+            round=round_,
+            clients=order,
+            matrix=matrix,
+            specs=block_specs(specs, columns),
+            num_examples=np.array(
+                [manifest.updates[c].num_examples for c in order], dtype=np.int64
+            ),
+            metrics=[manifest.updates[c].metrics for c in order],
+            sq_norms=sq,
+        )
+
+    def read_base_block(
+        self,
+        job: str,
+        round_: int,
+        specs: Sequence[TensorSpec],
+        columns: tuple[int, int],
+        *,
+        chunk_bytes: int = 1 << 20,
+    ) -> npt.NDArray[np.float32] | None:
+        """The columns ``[a, b)`` of a round's base model (ARCHITECTURE §2: ``global/{round-1}``,
+        or the initial model at round 0), streamed like :meth:`read_round_block`; ``None`` when
+        there is no base or it does not fit ``specs`` (the rule of
+        :func:`~flstore_core.data.rows.base_vector`)."""
+        key = layout.global_key(job, round_ - 1) if round_ > 0 else layout.initial_key(job)
+        stream = self.blobs.open(key)
+        if stream is None or not specs:
+            return None
+        with self._lock:
+            self.gets += 1
+        out = np.empty(columns[1] - columns[0], dtype=np.float32)
+        try:
+            decode_columns_into(
+                stream,
+                out,
+                specs,
+                columns,
+                limits=self.limits,
+                who=f"base model of round {round_}",
+                chunk_bytes=chunk_bytes,
+            )
+        except TensorMismatchError:
+            return None
+        except CorruptUpdateError as exc:
+            raise StoredObjectCorruptError(f"{key}: {exc.message}") from exc
+        finally:
+            stream.close()
+        return out
 
     # ------------------------------------------------------------------ models and data
 

@@ -6,10 +6,10 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from flstore_core.errors import UnavailableError
-from flstore_core.storage.blobs import BlobInfo, Buffer
+from flstore_core.storage.blobs import BlobInfo, BlobStream, Buffer
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -33,6 +33,15 @@ class S3BlobStore:
                 return None
             raise UnavailableError(f"S3 refused GET {key}: {error_code(exc)}") from exc
         return data
+
+    def open(self, key: str) -> BlobStream | None:
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if error_code(exc) in _MISSING:
+                return None
+            raise UnavailableError(f"S3 refused GET {key}: {error_code(exc)}") from exc
+        return S3Stream(key, obj["Body"])
 
     def put(
         self,
@@ -104,6 +113,25 @@ class S3BlobStore:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError:
             self.client.create_bucket(Bucket=self.bucket)
+
+
+class S3Stream:
+    """An S3 object's body (botocore's ``StreamingBody``) read in pieces; a connection lost
+    or cut short mid-read is an :class:`UnavailableError` naming the key, as a refused GET is."""
+
+    def __init__(self, key: str, body: Any) -> None:
+        self.key = key
+        self.body = body
+
+    def read(self, size: int = -1, /) -> bytes:
+        try:
+            data: bytes = self.body.read(None if size < 0 else size)
+        except BotoCoreError as exc:  # ReadTimeoutError, IncompleteReadError, ...
+            raise UnavailableError(f"S3 GET {self.key} failed while reading: {exc}") from exc
+        return data
+
+    def close(self) -> None:
+        self.body.close()
 
 
 def error_code(exc: ClientError) -> str:
