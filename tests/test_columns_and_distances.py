@@ -243,6 +243,45 @@ def test_large_offsets_keep_distances_krum_and_kmeans_right(seed: int, with_base
     np.testing.assert_allclose([got[f"c{i}"] for i in range(10)], _cos_to_mean(x), rtol=1e-5)
 
 
+@pytest.mark.parametrize("outlier", ["sign-flipped", "scaled x10"])
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("seed", range(3))
+def test_large_offsets_with_an_outlier_keep_distances_and_cosines_right(
+    seed: int, with_base: bool, outlier: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An offset-dominated round (‖w‖² ≈ 1000, differences ≈ 1e-3) with one client far off:
+    the centred blocks must not take a centre the outlier drags away from the others (the
+    rows' mean did: distances off by 1e-4 with a sign flip, 5e-3 with a scaled client)."""
+    import flstore_core.cache.round_data as round_data
+
+    # several column blocks, so the first block's choice carries to the others
+    monkeypatch.setattr(round_data, "BLOCK_ELEMENTS", 1 << 14)
+    monkeypatch.setattr(round_data, "MIN_BLOCK_COLUMNS", 256)
+    rng = np.random.default_rng(seed)
+    n, d = 10, 20_000
+    w = rng.standard_normal(d) * np.sqrt(1000.0 / d)
+    x = w + 1e-3 * rng.standard_normal((n, d))
+    if outlier == "sign-flipped":
+        x[0] = -x[0]
+    else:
+        x[3] *= 10.0
+    base = 0.5 * w if with_base else None  # deltas x − b still dominated by w / 2
+    data = _one_tensor_round(x, base)
+    # float64 references on the float32 values stored (rows as stored: x − b with a base)
+    x32 = x.astype(np.float32)
+    stored = x32.astype(np.float64)
+    if base is not None:
+        stored = (x32 - base.astype(np.float32)).astype(np.float64)
+    d2 = ((stored[:, None, :] - stored[None, :, :]) ** 2).sum(-1)
+    off = ~np.eye(n, dtype=bool)
+    np.testing.assert_allclose(data.distances()[off], d2[off], rtol=1e-5)
+    got = data.gram(True)
+    expect = stored @ stored.T
+    norms = np.sqrt(np.diag(expect))
+    cos = got / np.sqrt(np.outer(np.diag(got), np.diag(got)))
+    np.testing.assert_allclose(cos, expect / np.outer(norms, norms), atol=1e-6)
+
+
 def test_kmeans_with_one_client_says_it_needs_two() -> None:
     from flstore_core.errors import InvalidParamsError
 

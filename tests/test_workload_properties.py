@@ -18,7 +18,7 @@ matched by tensor name, and never calls the workloads' helpers:
 * tolerances: selections, labels and flags exact; numbers 1e-6 relative to the magnitude of
   their inputs; squared distances (and Krum scores) 1e-4 relative plus 1e-6 of the round's
   largest squared distance from the mean (a float32 GEMM per column block, on the raw rows or,
-  where a common offset dominates, on rows centred on their mean).
+  where a common offset dominates, on rows centred on the row nearest their mean).
 
 The largest deviation each workload showed is kept in ``LOG`` (a ``DeviationLog``) and printed
 at the end of the module (``pytest -s``). The model-based workloads (accuracy_select,

@@ -288,7 +288,8 @@ class RoundData:
         base = self.base
         # the centred GEMM runs on the stacked rows [Z with row r replaced by c; b]: z_r = 0, so
         # its (k, k) product holds Z·Zᵀ, Z·c, c·c, Z·b, c·b and b·b at once; k is padded to a
-        # multiple of 4 with zero rows, which OpenBLAS runs markedly faster (but for k = 10)
+        # multiple of 4 with zero rows, which OpenBLAS runs markedly faster, but for k = 10
+        # (measured on 10 x 11.7M float32: 10 rows 71 ms, padded to 12 77 ms, raw GEMM 64 ms)
         k = n + (0 if base is None else 1)
         k += 0 if k == 10 else -k % 4
         step = max(MIN_BLOCK_COLUMNS, BLOCK_ELEMENTS // k)

@@ -8,8 +8,9 @@ are Byzantine (``n > 2f + 2``), the score of update ``i`` is
 
 where ``N_i`` holds the ``n − f − 2`` updates nearest to ``x_i`` *other than* ``x_i`` itself;
 Krum outputs the update of least score. The squared distances are the round's shared artifact
-(derived from the Gram matrix of the rows centred on their mean, so a common offset that dwarfs
-the clients' differences costs no digits), which are the same for deltas and for stored weights.
+(derived from the Gram matrix of the rows centred on one of them where a common offset
+dominates — the row nearest their mean — so an offset that dwarfs the clients' differences
+costs no digits), which are the same for deltas and for stored weights.
 Like the paper, distances are over the model's parameters: the float trainable parameters,
 BatchNorm running statistics only with ``include_buffers``, integer tensors never
 (:mod:`flstore_core.data.columns`); the selected client's model is returned whole.
