@@ -141,3 +141,31 @@ def test_wrappers_stream_like_they_get() -> None:
     assert stream is not None and stream.read() == b"mirrored"
     assert counted.open("missing") is None
     assert counted.gets == 2  # a streamed read is one GET
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [10, 20, 30],  # smaller than S3's minimum part: one PUT
+        [6 << 20, 100, 6 << 20, 7],  # large parts copied, a small one joined with its neighbour
+        [100, 200, 6 << 20],  # small parts first: joined until they reach the minimum
+        [6 << 20],
+    ],
+    ids=["small", "mixed", "small-first", "one"],
+)
+def test_compose_concatenates_the_parts_in_order(blobs: BlobStore, sizes: list[int]) -> None:
+    rng = np.random.default_rng(len(sizes))
+    parts = [f"jobs/j/results/x.parts/{i:05d}" for i in range(len(sizes))]
+    bodies = [rng.integers(0, 256, size, dtype=np.uint8).tobytes() for size in sizes]
+    for key, body in zip(parts, bodies, strict=True):
+        blobs.put(key, body)
+    blobs.compose("jobs/j/results/x", parts, tags={"flstore:kind": "result"})
+    assert bytes(blobs.get("jobs/j/results/x") or b"") == b"".join(bodies)
+    assert all(blobs.get(p) is not None for p in parts)  # the parts stay until deleted
+
+
+def test_compose_of_a_missing_part_is_unavailable(blobs: BlobStore) -> None:
+    blobs.put("jobs/j/results/y.parts/0", b"abc")
+    with pytest.raises(UnavailableError, match="does not exist"):
+        blobs.compose("jobs/j/results/y", ["jobs/j/results/y.parts/0", "jobs/j/results/y.parts/1"])
+    assert blobs.get("jobs/j/results/y") is None

@@ -9,8 +9,8 @@ import pytest
 from flstore_core.cache.node import CacheNode
 from flstore_core.storage.object_store import ObjectStore
 
-OPS = ["load", "run", "stats", "evict", "ping"]
-UNKNOWN = "use load, run, stats, evict or ping"
+OPS = ["load", "run", "partial", "model_part", "stats", "evict", "ping"]
+UNKNOWN = "use load, run, partial, model_part, stats, evict or ping"
 
 
 @pytest.fixture
@@ -35,6 +35,12 @@ class RecordingNode(CacheNode):
     def op_run(self, event: dict[str, Any]) -> dict[str, Any]:
         return self._record("run", event)
 
+    def op_partial(self, event: dict[str, Any]) -> dict[str, Any]:
+        return self._record("partial", event)
+
+    def op_model_part(self, event: dict[str, Any]) -> dict[str, Any]:
+        return self._record("model_part", event)
+
     def op_stats(self, event: dict[str, Any]) -> dict[str, Any]:
         return self._record("stats", event)
 
@@ -45,7 +51,7 @@ class RecordingNode(CacheNode):
         return self._record("ping", event)
 
 
-def test_the_table_holds_exactly_the_five_ops_in_order(node: CacheNode) -> None:
+def test_the_table_holds_exactly_the_seven_ops_in_order(node: CacheNode) -> None:
     assert list(node.ops) == OPS
 
 
@@ -122,3 +128,18 @@ def test_run_checks_the_workload_and_job(node: CacheNode) -> None:
     bad_job = {"op": "run", "workload": "fedavg", "job": "J!", "round": 0}
     assert node.handle(unknown_workload)["status"] == 404
     assert node.handle(bad_job)["status"] == 400
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"op": "partial", "job": "j", "round": 0},
+        {"op": "partial", "job": "j", "round": 0, "block": "1", "blocks": 4},
+        {"op": "partial", "job": "j", "round": 0, "block": 4, "blocks": 4},
+        {"op": "model_part", "job": "j", "round": 0, "block": 0, "blocks": 2, "expr": {}},
+        {"op": "model_part", "job": "j", "round": 0, "block": 0, "blocks": 2, "part_key": 3},
+    ],
+)
+def test_block_ops_with_bad_arguments_are_400s(node: CacheNode, event: dict[str, Any]) -> None:
+    answer = node.handle(event)
+    assert answer["status"] == 400, answer

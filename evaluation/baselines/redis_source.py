@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, Protocol
 from urllib.parse import unquote, urlsplit
@@ -270,6 +270,16 @@ class RedisObjects:
         self,
         key: str,
         body: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        raise UnavailableError("the Redis mirror is read-only: write through S3")
+
+    def compose(
+        self,
+        key: str,
+        parts: Sequence[str],
         *,
         content_type: str = "application/octet-stream",
         tags: Mapping[str, str] | None = None,

@@ -7,6 +7,11 @@ One :class:`CacheNode` lives in the module state of one warm Lambda instance
   round artifacts are computed at once so the first request finds them;
 * ``run``   — ``{"op": "run", "workload", "job", "round" | "rounds", "params"}``: run a
   workload on the cached data, loading what is missing;
+* ``partial`` — ``{"op": "partial", "job", "round", "block", "blocks", "buffers"}``: the Gram
+  pieces of one column block of a sharded round (:mod:`flstore_core.cache.sharded`);
+* ``model_part`` — ``{"op": "model_part", "job", "round", "block", "blocks", "expr",
+  "part_key", "metadata"}``: one block of a model result, written as one zstd frame to
+  ``part_key`` (block 0 carries the safetensors header); the router joins the frames;
 * ``stats`` — hits, misses, loads, bytes held, evictions, S3 GETs, artifact reuse;
 * ``evict`` — ``{"op": "evict", "shards": [...]}`` or ``{"op": "evict", "all": true}`` (which
   also drops the node's cached manifests and job contexts);
@@ -33,10 +38,11 @@ from typing import Any
 
 from flstore_core import config
 from flstore_core.cache.budget import stack_budget
-from flstore_core.cache.results import run_round_workload
+from flstore_core.cache.results import result_specs, run_round_workload
 from flstore_core.cache.round_data import ArtifactStats, JobContext, RoundData
-from flstore_core.cache.round_loading import job_context, load_round
+from flstore_core.cache.round_loading import job_context, load_round, load_round_block
 from flstore_core.cache.shard_cache import ShardCache
+from flstore_core.cache.sharded import block_parts_json, evaluate
 from flstore_core.cache.shards import (
     ClientHistory,
     GlobalModels,
@@ -45,10 +51,12 @@ from flstore_core.cache.shards import (
     load_client,
     load_meta,
 )
+from flstore_core.data.codec import compress_frame, header_prefix, stored_specs, tensor_bytes
 from flstore_core.errors import FLStoreError, NotFoundError, ValidationError
 from flstore_core.ids import validate_job, validate_round
 from flstore_core.routing.placement import (
     ShardKey,
+    block_shard,
     client_shard,
     meta_shard,
     model_shard,
@@ -102,6 +110,8 @@ class CacheNode:
         self.ops: dict[str, Operation] = {
             "load": self.op_load,
             "run": self.op_run,
+            "partial": self.op_partial,
+            "model_part": self.op_model_part,
             "stats": self.op_stats,
             "evict": self.op_evict,
             "ping": self.op_ping,
@@ -119,6 +129,16 @@ class CacheNode:
         return cached[1]
 
     def _loader(self, key: ShardKey) -> Any:
+        if key.is_block:
+            return lambda: load_round_block(
+                self.store,
+                key.job,
+                key.round,
+                key.block,
+                key.blocks,
+                self.artifacts,
+                self.context(key.job),
+            )
         if key.cls == "round":
             return lambda: load_round(
                 self.store, key.job, key.round, self.artifacts, self.context(key.job)
@@ -169,7 +189,8 @@ class CacheNode:
                     self._drop_if_rewritten(key, listed)
                 with self.cache.using(key, self._loader(key)) as (value, hit):
                     if isinstance(value, RoundData):
-                        self._warm_round(value, text in with_models)
+                        # a block's default models are written by the router, block by block
+                        self._warm_round(value, text in with_models and not key.is_block)
                     elif hit:
                         self._refresh(key, value, force=True)
                 (already if hit else loaded).append(text)
@@ -263,6 +284,73 @@ class CacheNode:
             partial = workload.run(histories, params)
         return dict(partial), hits, t1
 
+    # ------------------------------------------------------------------ column blocks
+
+    @staticmethod
+    def _block_key(event: dict[str, Any]) -> ShardKey:
+        job = validate_job(event.get("job"))
+        round_ = validate_round(event.get("round"))
+        block, blocks = event.get("block"), event.get("blocks")
+        if not isinstance(block, int) or not isinstance(blocks, int):
+            raise ValidationError("a block op needs integer 'block' and 'blocks'")
+        try:
+            return block_shard(job, round_, block, blocks)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from exc
+
+    def partial(self, event: dict[str, Any]) -> dict[str, Any]:
+        """The Gram pieces of one block: of its parameters' columns, or of its buffers'."""
+        key = self._block_key(event)
+        gets_before = self.store.gets
+        t0 = time.perf_counter()
+        with self.cache.using(key, self._loader(key)) as (data, hit):
+            t1 = time.perf_counter()
+            parts = block_parts_json(data, bool(event.get("buffers")))
+            delta = data.is_delta
+        t2 = time.perf_counter()
+        return {
+            "parts": parts,
+            "is_delta": delta,
+            "cache": "hit" if hit else "miss",
+            "node": self.node_index,
+            "timing_ms": {"load": (t1 - t0) * 1000, "compute": (t2 - t1) * 1000},
+            "s3_gets": self.store.gets - gets_before,
+        }
+
+    def model_part(self, event: dict[str, Any]) -> dict[str, Any]:
+        """One block of a model result: the expression evaluated on the block, in the stored
+        dtypes, as one zstd frame at ``part_key`` (block 0 first writes the header)."""
+        key = self._block_key(event)
+        part_key = event.get("part_key")
+        expr = event.get("expr")
+        metadata = event.get("metadata")
+        if not isinstance(part_key, str) or not isinstance(expr, dict):
+            raise ValidationError("model_part needs 'part_key' (a string) and 'expr'")
+        gets_before = self.store.gets
+        t0 = time.perf_counter()
+        with self.cache.using(key, self._loader(key)) as (data, hit):
+            t1 = time.perf_counter()
+            vector = evaluate(expr, data)
+            raw = tensor_bytes(vector, stored_specs(data.specs))
+            del vector
+        if key.block == 0:
+            if not isinstance(metadata, dict):
+                raise ValidationError("model_part of block 0 needs the result's 'metadata'")
+            specs = self.manifests.get(key.job, key.round).tensors
+            raw[:0] = header_prefix(result_specs(specs), metadata)
+        frame = compress_frame(raw)
+        del raw
+        self.store.put_result(part_key, frame, "application/octet-stream")
+        t2 = time.perf_counter()
+        return {
+            "part_key": part_key,
+            "bytes": len(frame),
+            "cache": "hit" if hit else "miss",
+            "node": self.node_index,
+            "timing_ms": {"load": (t1 - t0) * 1000, "compute": (t2 - t1) * 1000},
+            "s3_gets": self.store.gets - gets_before,
+        }
+
     # ------------------------------------------------------------------ the rest
 
     def stats(self) -> dict[str, Any]:
@@ -305,6 +393,16 @@ class CacheNode:
     def op_run(self, event: dict[str, Any]) -> dict[str, Any]:
         """``{"op": "run", "workload", "job", "round" | "rounds", "params"}``: see :meth:`run`."""
         return self.run(event)
+
+    def op_partial(self, event: dict[str, Any]) -> dict[str, Any]:
+        """``{"op": "partial", "job", "round", "block", "blocks", "buffers"}``: see
+        :meth:`partial`."""
+        return self.partial(event)
+
+    def op_model_part(self, event: dict[str, Any]) -> dict[str, Any]:
+        """``{"op": "model_part", "job", "round", "block", "blocks", "expr", "part_key",
+        "metadata"}``: see :meth:`model_part`."""
+        return self.model_part(event)
 
     def op_stats(self, event: dict[str, Any]) -> dict[str, Any]:
         """``{"op": "stats"}``: see :meth:`stats`."""

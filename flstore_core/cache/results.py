@@ -14,7 +14,14 @@ from typing import Any
 
 from flstore_core.cache.round_data import RoundData
 from flstore_core.data import layout
-from flstore_core.data.codec import Update, encode_update
+from flstore_core.data.codec import (
+    TensorSpec,
+    Update,
+    dtype_name,
+    encode_update,
+    np_dtype,
+    update_metadata,
+)
 from flstore_core.data.rows import unflatten
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import Workload, WorkloadResult
@@ -27,6 +34,31 @@ def result_key(workload: str, data: RoundData, params: dict[str, Any]) -> str:
     ).encode()
     digest = hashlib.sha256(ident).hexdigest()[:16]
     return f"{layout.results_prefix(data.job, workload, data.round)}{digest}.safetensors.zst"
+
+
+def result_specs(specs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+    """The tensors of a model result of a round with these tensors, as stored: each in the
+    dtype :func:`~flstore_core.data.rows.unflatten` gives it (bfloat16 sources widen to
+    float32), written at float32 precision."""
+    return tuple(TensorSpec(s.name, dtype_name(np_dtype(s.dtype)), s.shape) for s in specs)
+
+
+def result_update(workload: str, data: RoundData, tensors: dict[str, Any]) -> Update:
+    """The update a model result is stored as (its metadata names the workload and round)."""
+    return Update(
+        tensors,
+        num_examples=int(data.num_examples.sum()),
+        metrics={"workload": workload},
+        job=data.job,
+        round=data.round,
+        kind="global",
+    )
+
+
+def result_metadata(workload: str, data: RoundData) -> dict[str, str]:
+    """The safetensors metadata of a model result of ``workload`` on ``data``: what a result
+    written in parts puts in its header (:func:`store_model` writes the same)."""
+    return update_metadata(result_update(workload, data, {}))
 
 
 def store_model(
@@ -48,14 +80,7 @@ def store_model(
         return key
     if callable(model):
         model = model()
-    update = Update(
-        unflatten(model, data.specs),
-        num_examples=int(data.num_examples.sum()),
-        metrics={"workload": workload},
-        job=data.job,
-        round=data.round,
-        kind="global",
-    )
+    update = result_update(workload, data, unflatten(model, data.specs))
     store.put_result(key, encode_update(update).data, "application/octet-stream")
     if written is not None:
         written.add(key)

@@ -8,6 +8,7 @@ system fetched it, and a model result is written under the same key.
 from __future__ import annotations
 
 from flstore_core.cache.round_data import ArtifactStats, JobContext, RoundData
+from flstore_core.data.blocks import block_ranges
 from flstore_core.data.rows import base_vector
 from flstore_core.storage.object_store import ObjectStore
 
@@ -37,6 +38,41 @@ def load_round(
         rm.num_examples,
         rm.metrics,
         base=base_vec,
+        stats=stats,
+        sha256={c: manifest.updates[c].sha256 for c in rm.clients},
+        context=context or job_context(store, job),
+    )
+
+
+def load_round_block(
+    store: ObjectStore,
+    job: str,
+    round_: int,
+    block: int,
+    blocks: int,
+    stats: ArtifactStats,
+    context: JobContext | None = None,
+) -> RoundData:
+    """Read column block ``block`` of ``blocks`` of a committed round (its columns follow from
+    the manifest's tensors: :func:`flstore_core.data.blocks.block_ranges`), with the same
+    columns of its base model, into a :class:`RoundData` over the block's columns.
+
+    Each client's update is streamed and only the block's columns are kept, so the node holds
+    the block plus bounded buffers, never a whole update.
+    """
+    manifest = store.get_manifest(job, round_)
+    columns = block_ranges(manifest.tensors, blocks)[block]
+    rm = store.read_round_block(job, round_, columns, manifest=manifest)
+    base = store.read_base_block(job, round_, manifest.tensors, columns)
+    return RoundData(
+        job,
+        round_,
+        rm.clients,
+        rm.matrix,
+        rm.specs,
+        rm.num_examples,
+        rm.metrics,
+        base=base,
         stats=stats,
         sha256={c: manifest.updates[c].sha256 for c in rm.clients},
         context=context or job_context(store, job),

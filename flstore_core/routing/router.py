@@ -28,16 +28,28 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import cachetools
+import numpy as np
 
 from flstore_core import config
 from flstore_core.aws import lambda_client
 from flstore_core.cache.budget import stack_budget
+from flstore_core.cache.results import result_key, result_metadata
+from flstore_core.cache.round_data import GramParts, JobContext
+from flstore_core.cache.sharded import ShardedRound, model_expr, parts_from_json
 from flstore_core.cache.shards import ManifestReader
 from flstore_core.cost import DEFAULT_PRICES, Invocation, Prices, flstore_request_cost
 from flstore_core.data import layout
-from flstore_core.errors import NotFoundError, ValidationError, error_from_dict
+from flstore_core.data.manifest import RoundManifest
+from flstore_core.errors import (
+    NotFoundError,
+    UnavailableError,
+    ValidationError,
+    error_from_dict,
+)
 from flstore_core.ids import validate_client, validate_job, validate_round
 from flstore_core.routing.auth import TokenTable
 from flstore_core.routing.failover import Answered, FailoverPolicy
@@ -52,12 +64,16 @@ from flstore_core.routing.placement import (
     rank_nodes,
     round_shard,
 )
+from flstore_core.routing.planner import RoundPlan, plan_round
 from flstore_core.routing.request_body import parse_body
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import Workload, catalogue, get
 
 RESPONSE_LIMIT = 6 * 1024 * 1024  # Lambda's synchronous response limit
 ROUNDS_TTL_S = 5.0
+# sharded rounds whose gathered Gram pieces the router keeps (n x n numbers each), so a second
+# similarity workload on a sharded round costs no scatter
+SHARDED_VIEWS = 32
 
 
 @dataclass(frozen=True)
@@ -103,6 +119,24 @@ class Plan:
     order: list[int]
 
 
+@dataclass
+class Scatter:
+    """What one request's invocations of a sharded round answered, tried and cost."""
+
+    answers: list[dict[str, Any]] = field(default_factory=list)
+    tried: list[str] = field(default_factory=list)
+    invocations: list[Invocation] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, answered: Answered) -> dict[str, Any]:
+        payload = Router._checked(answered.answer.payload)
+        with self.lock:
+            self.answers.append(payload)
+            self.tried.extend(answered.tried)
+            self.invocations.extend(answered.invocations)
+        return payload
+
+
 class Router:
     """The logic behind every route of the HTTP API (ARCHITECTURE §4)."""
 
@@ -130,6 +164,12 @@ class Router:
         self.manifests = ManifestReader(store, list_ttl_s=ROUNDS_TTL_S)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="router")
+        # a sharded round's gathered Gram pieces, by round and content (see SHARDED_VIEWS)
+        self._views: cachetools.LRUCache[tuple[Any, ...], ShardedRound] = cachetools.LRUCache(
+            SHARDED_VIEWS
+        )
+        self._request = threading.local()  # the Scatter of the request this thread serves
+        self._written: set[str] = set()  # model results of sharded rounds already in S3
 
     @classmethod
     def from_env(cls) -> Router:
@@ -194,16 +234,23 @@ class Router:
             result, answers, tried, invocations = self._scatter_clients(
                 workload, job, params, rounds, event
             )
+        elif workload.cls == "round" and (plan := self._round_plan(job, round_)) is not None:
+            assert round_ is not None
+            result, answers, tried, invocations = self._run_sharded(
+                workload, job, round_, params, plan
+            )
         else:
             if workload.cls == "round":
                 assert round_ is not None
                 shard = round_shard(job, round_)
                 event["round"] = round_
+                order = self.plan(str(shard))
             else:
                 shard = meta_shard(job) if workload.cls == "meta" else model_shard(job)
                 if rounds is not None:
                     event["rounds"] = rounds
-            answer, tried, invocations = self._invoke_in_order(self.plan(str(shard)), event)
+                order = self.plan(str(shard))
+            answer, tried, invocations = self._invoke_in_order(order, event)
             answers = [self._checked(answer.payload)]
             result = answers[0]["result"]
         result = self._maybe_offload(job, name, round_ or 0, result)
@@ -277,6 +324,187 @@ class Router:
         invocations = [i for _, _, inv in outcomes for i in inv]
         return result, answers, tried, invocations
 
+    # ------------------------------------------------------------------ sharded rounds
+
+    def plan_round(self, job: str, round_: int | None) -> RoundPlan:
+        """Where the round's blocks live on this stack (:mod:`flstore_core.routing.planner`);
+        404 if the round is not committed, 503 if no layout can hold it."""
+        assert round_ is not None
+        manifest = self.manifests.get(job, round_)
+        return plan_round(
+            job,
+            round_,
+            manifest.tensors,
+            len(manifest.updates),
+            nodes=self.config.nodes,
+            replication=self.config.replication,
+            budget=self.config.budget,
+        )
+
+    def _round_plan(self, job: str, round_: int | None) -> RoundPlan | None:
+        """The plan of a round served in blocks, or ``None`` for a round one node serves (as
+        is, or not committed: its node answers the 404, as for any round)."""
+        try:
+            plan = self.plan_round(job, round_)
+        except NotFoundError:
+            return None
+        return plan if plan.sharded else None
+
+    def _run_sharded(
+        self,
+        workload: Workload,
+        job: str,
+        round_: int,
+        params: dict[str, Any],
+        plan: RoundPlan,
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[str], list[Invocation]]:
+        """Run a round workload on a round held in column blocks: Gram pieces gathered from the
+        blocks' holders, a model written block by block (:mod:`flstore_core.cache.sharded`)."""
+        if workload.evaluates_clients(params):
+            raise UnavailableError(
+                f"workload {workload.name!r} evaluates whole client models, and round {round_} "
+                f"of job {job!r} ({plan.footprint / 2**20:.0f} MB in memory) is held in "
+                f"{len(plan.blocks)} column blocks, which do not serve it yet"
+            )
+        scatter = Scatter()
+        self._request.scatter = scatter
+        try:
+            view = self._sharded_view(job, round_, plan)
+            out = workload.run(view, params)
+            result = dict(out.result)
+            if out.model is not None:
+                result["model_key"] = self._write_model(
+                    view, workload.name, params, out.model, plan
+                )
+        finally:
+            self._request.scatter = None
+        if not scatter.answers:  # everything came from the router's gathered pieces
+            scatter.answers.append({"cache": "hit", "s3_gets": 0})
+        return result, scatter.answers, scatter.tried, scatter.invocations
+
+    def _sharded_view(self, job: str, round_: int, plan: RoundPlan) -> ShardedRound:
+        manifest = self.manifests.get(job, round_)
+        content = tuple(sorted((c, e.sha256) for c, e in manifest.updates.items()))
+        key = (job, round_, len(plan.blocks), hashlib.sha256(repr(content).encode()).hexdigest())
+        with self._lock:
+            view = self._views.get(key)
+        if view is not None:
+            return view
+        view = self._new_view(job, round_, manifest, plan)
+        with self._lock:
+            return self._views.setdefault(key, view)
+
+    def _new_view(
+        self, job: str, round_: int, manifest: RoundManifest, plan: RoundPlan
+    ) -> ShardedRound:
+        clients = manifest.clients
+
+        def fetch(buffers: bool) -> tuple[list[GramParts | None], bool]:
+            def one(index: int) -> dict[str, Any]:
+                block = plan.blocks[index]
+                event = {
+                    "op": "partial",
+                    "job": job,
+                    "round": round_,
+                    "block": block.key.block,
+                    "blocks": block.key.blocks,
+                    "buffers": buffers,
+                }
+                return self._scatter_one(block.key, block.order, event)
+
+            answers = self._gather(one, len(plan.blocks))
+            deltas = {bool(a["is_delta"]) for a in answers}
+            if len(deltas) != 1:
+                raise UnavailableError(
+                    f"the blocks of round {round_} of job {job!r} disagree on its base model"
+                )
+            parts = [None if a["parts"] is None else parts_from_json(a["parts"]) for a in answers]
+            return parts, deltas.pop()
+
+        return ShardedRound(
+            job,
+            round_,
+            clients,
+            manifest.tensors,
+            np.array([manifest.updates[c].num_examples for c in clients], dtype=np.int64),
+            [manifest.updates[c].metrics for c in clients],
+            len(plan.blocks),
+            fetch,
+            sha256={c: manifest.updates[c].sha256 for c in clients},
+            context=JobContext(self.store.get_job_spec(job), self._no_validation),
+        )
+
+    @staticmethod
+    def _no_validation() -> Any:
+        raise UnavailableError("the router holds no validation set")
+
+    def _gather(self, one: Any, count: int) -> list[dict[str, Any]]:
+        """``one(i)`` for every block, in parallel; the answers in block order."""
+        scatter = getattr(self._request, "scatter", None)
+
+        def run(index: int) -> dict[str, Any]:
+            self._request.scatter = scatter  # the pool thread works for the same request
+            try:
+                result: dict[str, Any] = one(index)
+                return result
+            finally:
+                self._request.scatter = None
+
+        return list(self._pool.map(run, range(count)))
+
+    def _scatter_one(
+        self, shard: ShardKey, order: list[int], event: dict[str, Any]
+    ) -> dict[str, Any]:
+        answered = self._invoke_in_order(Plan(str(shard), order), event)
+        scatter: Scatter | None = getattr(self._request, "scatter", None)
+        if scatter is None:
+            return self._checked(answered.answer.payload)
+        return scatter.add(answered)
+
+    def _write_model(
+        self,
+        view: ShardedRound,
+        workload: str,
+        params: dict[str, Any],
+        model: Any,
+        plan: RoundPlan,
+    ) -> str:
+        """Write a model result of a sharded round as one object in the canonical format: each
+        block holder writes its block as one zstd frame (block 0 with the header), and the
+        frames are joined into the result's key without passing through any function; the
+        key is the one an unsharded round's result has (:func:`result_key`)."""
+        key = result_key(workload, view, params)
+        with self._lock:
+            if key in self._written:
+                return key
+        if self.store.stat(key) is None:
+            expr = model_expr(model)
+            metadata = result_metadata(workload, view)
+            part_keys = [f"{key}.parts/{i:05d}" for i in range(len(plan.blocks))]
+
+            def one(index: int) -> dict[str, Any]:
+                block = plan.blocks[index]
+                event = {
+                    "op": "model_part",
+                    "job": view.job,
+                    "round": view.round,
+                    "block": block.key.block,
+                    "blocks": block.key.blocks,
+                    "expr": expr,
+                    "part_key": part_keys[index],
+                    "metadata": metadata if index == 0 else None,
+                }
+                return self._scatter_one(block.key, block.order, event)
+
+            try:
+                self._gather(one, len(plan.blocks))
+                self.store.compose_result(key, part_keys)
+            finally:
+                self.store.delete_results(part_keys)
+        with self._lock:
+            self._written.add(key)
+        return key
+
     # ------------------------------------------------------------------ planning and invoking
 
     def plan(self, shard: str) -> Plan:
@@ -320,7 +548,21 @@ class Router:
         """
         by_node: dict[int, list[str]] = {}
         primary_of: dict[int, list[str]] = {}
+        sharded: list[tuple[ShardKey, RoundPlan]] = []
         for shard in shards:
+            if shard.cls == "round":
+                try:
+                    plan = self.plan_round(shard.job, shard.round)
+                except NotFoundError:
+                    plan = None  # not committed: the owners answer "failed" as before
+                if plan is not None and plan.sharded:
+                    # each block to its owners; the default models are written afterwards,
+                    # block by block
+                    for block in plan.blocks:
+                        for index in block.owners:
+                            by_node.setdefault(index, []).append(str(block.key))
+                    sharded.append((shard, plan))
+                    continue
             owners = place_shard(shard, self.config.nodes, self.config.replication)
             for index in owners:
                 by_node.setdefault(index, []).append(str(shard))
@@ -334,7 +576,21 @@ class Router:
             except NodeFailure as exc:
                 return function, {"error": {"code": "unavailable", "message": str(exc)}}
 
-        return dict(self._pool.map(load, sorted(by_node)))
+        answers = dict(self._pool.map(load, sorted(by_node)))
+        for shard, plan in sharded:
+            self._prefetch_models(shard, plan)
+        return answers
+
+    def _prefetch_models(self, shard: ShardKey, plan: RoundPlan) -> None:
+        """Write a sharded round's default aggregate models (``FLSTORE_PREFETCH_MODELS``), as
+        a round's primary does for an unsharded one; a failure leaves them to the first
+        request."""
+        for name in config.PREFETCH_MODELS.get_list():
+            workload = get(name)
+            try:
+                self._run_sharded(workload, shard.job, shard.round, workload.validate({}), plan)
+            except (UnavailableError, NodeFailure):
+                continue
 
     def node_op(self, index: int, event: dict[str, Any]) -> dict[str, Any]:
         """Send one operation to one node (stats, evict, load); used by the CLI and ingestion."""

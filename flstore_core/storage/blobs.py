@@ -9,7 +9,7 @@ from elsewhere — is a wrapper, never an override of the object store's interna
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,6 +65,18 @@ class BlobStore(Protocol):
         tags: Mapping[str, str] | None = None,
     ) -> None:
         """Write (or replace) a blob; ``tags`` are lifecycle tags where the backend has them."""
+        ...
+
+    def compose(
+        self,
+        key: str,
+        parts: Sequence[str],
+        *,
+        content_type: str = "application/octet-stream",
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        """Write ``key`` as the concatenation of the blobs ``parts``, in order, without holding
+        it whole (S3: a multipart upload copying the parts server-side); the parts stay."""
         ...
 
     def head(self, key: str) -> BlobInfo | None:
@@ -123,6 +135,18 @@ class CountingBlobStore:
             self.puts += 1
         self.inner.put(key, body, content_type=content_type, tags=tags)
 
+    def compose(
+        self,
+        key: str,
+        parts: Sequence[str],
+        *,
+        content_type: str = "application/octet-stream",
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        with self._lock:
+            self.puts += 1
+        self.inner.compose(key, parts, content_type=content_type, tags=tags)
+
     def head(self, key: str) -> BlobInfo | None:
         return self.inner.head(key)
 
@@ -165,6 +189,16 @@ class ReadThroughBlobStore:
         tags: Mapping[str, str] | None = None,
     ) -> None:
         self.writes.put(key, body, content_type=content_type, tags=tags)
+
+    def compose(
+        self,
+        key: str,
+        parts: Sequence[str],
+        *,
+        content_type: str = "application/octet-stream",
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        self.writes.compose(key, parts, content_type=content_type, tags=tags)
 
     def head(self, key: str) -> BlobInfo | None:
         return self.reads.head(key)

@@ -6,8 +6,9 @@ import hashlib
 import io
 import itertools
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
+from flstore_core.errors import UnavailableError
 from flstore_core.storage.blobs import BlobInfo, BlobStream, Buffer
 
 
@@ -41,6 +42,21 @@ class MemoryBlobStore:
         etag = hashlib.md5(body, usedforsecurity=False).hexdigest()
         with self._lock:
             self._blobs[key] = (bytes(body), etag, f"{next(self._clock):012d}")
+
+    def compose(
+        self,
+        key: str,
+        parts: Sequence[str],
+        *,
+        content_type: str = "application/octet-stream",
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        with self._lock:
+            missing = [p for p in parts if p not in self._blobs]
+            body = b"".join(self._blobs[p][0] for p in parts if p in self._blobs)
+        if missing:
+            raise UnavailableError(f"cannot compose {key}: part {missing[0]} does not exist")
+        self.put(key, body, content_type=content_type, tags=tags)
 
     def head(self, key: str) -> BlobInfo | None:
         with self._lock:

@@ -698,6 +698,26 @@ class ObjectStore:
         self._put(key, body, content_type, tags=RESULT_TAGS)
         return key
 
+    def compose_result(
+        self, key: str, parts: Sequence[str], content_type: str = "application/octet-stream"
+    ) -> str:
+        """Write a result object as the concatenation of result objects ``parts`` (a model
+        result written block by block: each part one zstd frame), without holding it whole."""
+        for name in (key, *parts):
+            if "/results/" not in name or not name.startswith("jobs/"):
+                raise ValidationError(f"result key {name!r} is not under a job's results/ prefix")
+        self.blobs.compose(key, parts, content_type=content_type, tags=RESULT_TAGS)
+        with self._lock:
+            self.puts += 1
+        return key
+
+    def delete_results(self, keys: Sequence[str]) -> None:
+        """Remove result objects (the parts of a composed result once it is written)."""
+        for key in keys:
+            if "/results/" not in key or not key.startswith("jobs/"):
+                raise ValidationError(f"result key {key!r} is not under a job's results/ prefix")
+            self.blobs.delete(key)
+
     def put_object(
         self, key: str, body: bytes, content_type: str = "application/octet-stream"
     ) -> str:

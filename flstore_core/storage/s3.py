@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+# S3's smallest part of a multipart upload but the last
+MIN_PART_BYTES = 5 * 1024 * 1024
 
 
 class S3BlobStore:
@@ -63,6 +65,82 @@ class S3BlobStore:
             self.client.put_object(**kwargs)
         except ClientError as exc:
             raise UnavailableError(f"S3 refused PUT {key}: {error_code(exc)}") from exc
+
+    def compose(
+        self,
+        key: str,
+        parts: Sequence[str],
+        *,
+        content_type: str = "application/octet-stream",
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        """One multipart upload: a part of at least S3's minimum part size is copied
+        server-side (``UploadPartCopy``); smaller ones are read and joined with their
+        neighbours until they reach it (the last part may be smaller). So nothing holds more
+        than the minimum part size plus one part, and a composition smaller than the minimum
+        is one PUT."""
+        sizes = []
+        for part in parts:
+            info = self.head(part)
+            if info is None:
+                raise UnavailableError(f"cannot compose {key}: part {part} does not exist")
+            sizes.append(info.size)
+        if sum(sizes) < MIN_PART_BYTES or (len(parts) == 1 and sizes[0] < MIN_PART_BYTES):
+            self.put(
+                key,
+                b"".join(self._must_get(p) for p in parts),
+                content_type=content_type,
+                tags=tags,
+            )
+            return
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "ContentType": content_type}
+        if tags:
+            kwargs["Tagging"] = urlencode(dict(tags))
+        try:
+            upload = self.client.create_multipart_upload(**kwargs)["UploadId"]
+        except ClientError as exc:
+            raise UnavailableError(
+                f"S3 refused a multipart upload of {key}: {error_code(exc)}"
+            ) from exc
+        done: list[Any] = []
+        target: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "UploadId": upload}
+        try:
+            pending = bytearray()
+            for part, size in zip(parts, sizes, strict=True):
+                if not pending and size >= MIN_PART_BYTES:
+                    copied = self.client.upload_part_copy(
+                        **target,
+                        PartNumber=len(done) + 1,
+                        CopySource={"Bucket": self.bucket, "Key": part},
+                    )
+                    done.append(
+                        {"PartNumber": len(done) + 1, "ETag": copied["CopyPartResult"]["ETag"]}
+                    )
+                    continue
+                pending += self._must_get(part)
+                if len(pending) >= MIN_PART_BYTES:
+                    sent = self.client.upload_part(
+                        **target, PartNumber=len(done) + 1, Body=bytes(pending)
+                    )
+                    done.append({"PartNumber": len(done) + 1, "ETag": sent["ETag"]})
+                    pending = bytearray()
+            if pending:
+                sent = self.client.upload_part(
+                    **target, PartNumber=len(done) + 1, Body=bytes(pending)
+                )
+                done.append({"PartNumber": len(done) + 1, "ETag": sent["ETag"]})
+            self.client.complete_multipart_upload(**target, MultipartUpload={"Parts": done})
+        except (ClientError, UnavailableError) as exc:
+            self.client.abort_multipart_upload(**target)
+            if isinstance(exc, UnavailableError):
+                raise
+            raise UnavailableError(f"S3 refused composing {key}: {error_code(exc)}") from exc
+
+    def _must_get(self, key: str) -> bytes:
+        data = self.get(key)
+        if data is None:
+            raise UnavailableError(f"part {key} disappeared while composing")
+        return bytes(data)
 
     def head(self, key: str) -> BlobInfo | None:
         try:

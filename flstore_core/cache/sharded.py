@@ -1,0 +1,251 @@
+"""A round served in column blocks: what the router computes from its blocks' partial results.
+
+When the planner (:mod:`flstore_core.routing.planner`) cuts a round into column blocks, no
+function holds the round. Its round-class workloads still run unchanged, on a
+:class:`ShardedRound` in the router — a :class:`RoundData` whose data lives on the block
+holders:
+
+* **Gram pieces add over columns** (:class:`GramParts`): each block holder computes the pieces
+  of its columns (the same blocked pass a whole round takes), and the sum over blocks, in block
+  order, is the round's. Every similarity workload — cosine_select, malicious_cosine, krum and
+  multi_krum's selection, kmeans, cfl_split, fltrust's trust against a round entry — reads only
+  these, so it answers from ``n × n`` numbers per block.
+* **Models are expressions over rows, evaluated column by column.** A workload builds its model
+  with :meth:`RoundData.weighted_mean`, :meth:`~RoundData.mean_vector`,
+  :meth:`~RoundData.client_weights`, :meth:`~RoundData.columnwise` (trimmed mean, FLTrust's
+  aggregate) and :meth:`~RoundData.to_weights`; on a sharded round these return a
+  :class:`VectorExpr` instead of a vector, and each block holder evaluates the expression on its
+  block with the same methods (:func:`evaluate`): column ``k`` of every such model depends on
+  column ``k`` of the rows only, so the blocks of the model are the model of the blocks.
+
+What a workload cannot do on a sharded round is read ``matrix`` itself or evaluate a whole
+client model: such workloads declare ``per_client`` and are routed by client, not by block.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from flstore_core.cache.round_data import F32, F64, ArtifactStats, GramParts, JobContext, RoundData
+from flstore_core.data.codec import TensorSpec
+from flstore_core.errors import UnavailableError, ValidationError
+
+Json = dict[str, Any]
+
+
+# ---------------------------------------------------------------------- Gram pieces as JSON
+
+
+def _array_to_json(a: F64) -> Json:
+    data = np.ascontiguousarray(a, dtype="<f8")
+    return {"shape": list(data.shape), "f8": base64.b64encode(data.tobytes()).decode()}
+
+
+def _array_from_json(obj: Json) -> F64:
+    raw = base64.b64decode(obj["f8"])
+    out: F64 = np.frombuffer(raw, dtype="<f8").astype(np.float64).reshape(obj["shape"])
+    return out
+
+
+def parts_to_json(parts: GramParts) -> Json:
+    """Gram pieces as JSON, bit for bit (float64 arrays as base64, scalars as JSON numbers,
+    which Python writes and reads back exactly)."""
+    return {
+        "centred": _array_to_json(parts.centred),
+        "z_c": _array_to_json(parts.z_c),
+        "c_c": parts.c_c,
+        "z_b": _array_to_json(parts.z_b),
+        "c_b": parts.c_b,
+        "b_b": parts.b_b,
+    }
+
+
+def parts_from_json(obj: Json) -> GramParts:
+    """Inverse of :func:`parts_to_json`."""
+    return GramParts(
+        _array_from_json(obj["centred"]),
+        _array_from_json(obj["z_c"]),
+        float(obj["c_c"]),
+        _array_from_json(obj["z_b"]),
+        float(obj["c_b"]),
+        float(obj["b_b"]),
+    )
+
+
+# ---------------------------------------------------------------------- model expressions
+
+
+@dataclass(frozen=True)
+class VectorExpr:
+    """A vector of a sharded round, not computed: the RoundData call that computes it.
+
+    ``spec`` is its JSON form, sent to every block holder (:func:`evaluate`).
+    """
+
+    spec: Json
+
+
+def evaluate(spec: Json, data: RoundData) -> F32:
+    """The vector an expression describes, on ``data`` (a block, or a whole round)."""
+    if not isinstance(spec, dict):
+        raise ValidationError("a model expression must be a JSON object")
+    op = spec.get("op")
+    if op == "to_weights":
+        return data.to_weights(evaluate(spec["of"], data))
+    if op == "weighted_mean":
+        return data.weighted_mean(np.asarray(spec["weights"], dtype=np.float64))
+    if op == "mean":
+        return data.mean_vector()
+    if op == "row":
+        row: F32 = data.matrix[int(spec["row"])]
+        return row
+    if op == "columnwise":
+        args = spec.get("args", {})
+        if not isinstance(args, dict):
+            raise ValidationError("a columnwise expression's args must be an object")
+        return data.columnwise(str(spec["name"]), **args)
+    raise ValidationError(f"unknown model expression {op!r}")
+
+
+def _spec(vector: Any) -> Json:
+    if not isinstance(vector, VectorExpr):
+        raise UnavailableError(
+            "this workload combines vectors of a sharded round in a way that cannot be computed "
+            "block by block"
+        )
+    return vector.spec
+
+
+# ---------------------------------------------------------------------- the sharded round
+
+# Gram pieces of every block, for the parameters' columns or the buffers' (``None`` where a
+# block has none), and whether the blocks hold deltas (a base is stored)
+PartsFetch = Callable[[bool], tuple[list[GramParts | None], bool]]
+
+
+class ShardedRound(RoundData):
+    """A round held in column blocks by other functions (module docstring).
+
+    ``fetch(buffers)`` gathers the blocks' Gram pieces — of the parameters' columns, or of the
+    buffers' — once each; the router passes a function that scatters to the block holders.
+    """
+
+    def __init__(
+        self,
+        job: str,
+        round_: int,
+        clients: list[str],
+        specs: tuple[TensorSpec, ...],
+        num_examples: npt.NDArray[np.int64],
+        metrics: list[dict[str, Any]],
+        blocks: int,
+        fetch: PartsFetch,
+        sha256: dict[str, str] | None = None,
+        context: JobContext | None = None,
+    ) -> None:
+        super().__init__(
+            job,
+            round_,
+            clients,
+            np.zeros((len(clients), 0), np.float32),
+            specs,
+            num_examples,
+            metrics,
+            stats=ArtifactStats(),
+            sha256=sha256,
+            context=context,
+        )
+        self.blocks = blocks
+        self._fetch = fetch
+        self._delta: bool | None = None
+        self._fetch_lock = threading.Lock()
+
+    # the data is not here -------------------------------------------------------------
+
+    @property
+    def matrix(self) -> F32:
+        raise UnavailableError(
+            f"round {self.round} of job {self.job!r} is held in {self.blocks} column blocks and "
+            "this workload reads the whole matrix"
+        )
+
+    @matrix.setter
+    def matrix(self, value: F32) -> None:
+        pass  # RoundData.__init__ assigns the (empty) rows; a sharded round keeps none
+
+    @property
+    def nbytes(self) -> int:
+        return 1024 + 8 * (self.n * self.n + 2 * self.n)
+
+    @property
+    def is_delta(self) -> bool:
+        if self._delta is None:
+            self.gram_parts()
+        assert self._delta is not None
+        return self._delta
+
+    def gram_parts(self, buffers: bool = False) -> GramParts | None:
+        name = "gram+buffers" if buffers else "gram"
+
+        def gather() -> GramParts | None:
+            with self._fetch_lock:
+                parts, delta = self._fetch(buffers)
+                self._delta = delta
+            present = [p for p in parts if p is not None]
+            if not present:
+                return None
+            total = present[0]
+            for p in present[1:]:
+                total = total + p
+            centred = (total.centred + total.centred.T) / 2.0
+            return GramParts(centred, total.z_c, total.c_c, total.z_b, total.c_b, total.b_b)
+
+        parts = self._artifact(name, gather)
+        if not buffers and parts is None:
+            raise UnavailableError(f"round {self.round} of job {self.job!r} has no columns")
+        return parts
+
+    def dots_with(self, vector: F32, include_buffers: bool = False) -> F64:
+        raise UnavailableError("dots with a vector of a sharded round are not served")
+
+    # models are expressions -------------------------------------------------------------
+
+    def mean_vector(self) -> F32:
+        return VectorExpr({"op": "mean"})  # type: ignore[return-value]
+
+    def weighted_mean(self, weights: F64) -> F32:
+        w = np.asarray(weights, dtype=np.float64)
+        if float(w.sum()) <= 0:
+            raise ValueError("weights must sum to a positive number")
+        return VectorExpr({"op": "weighted_mean", "weights": w.tolist()})  # type: ignore[return-value]
+
+    def client_weights(self, row: int) -> F32:
+        return VectorExpr({"op": "to_weights", "of": {"op": "row", "row": int(row)}})  # type: ignore[return-value]
+
+    def to_weights(self, vector: F32) -> F32:
+        return VectorExpr({"op": "to_weights", "of": _spec(vector)})  # type: ignore[return-value]
+
+    def columnwise(self, name: str, **args: Any) -> F32:
+        return VectorExpr({"op": "columnwise", "name": name, "args": args})  # type: ignore[return-value]
+
+    def tensors_of(self, vector: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:
+        raise UnavailableError("a model of a sharded round is written block by block")
+
+
+def model_expr(model: Any) -> Json:
+    """The expression of a workload's model on a sharded round (its ``model`` may be deferred:
+    a function returning the expression)."""
+    return _spec(model() if callable(model) else model)
+
+
+def block_parts_json(data: RoundData, buffers: bool) -> Json | None:
+    """What a block holder answers for its Gram pieces (``None``: no such columns)."""
+    parts = data.gram_parts(buffers)
+    return None if parts is None else parts_to_json(parts)

@@ -1,0 +1,286 @@
+"""A round several times one node's budget, served in column blocks by many nodes (issue 12).
+
+The nodes are real :class:`CacheNode` objects with a small explicit budget, invoked in process
+through a JSON round trip (what ``lambda.invoke`` carries); the store is in memory. Every round
+workload that decomposes over blocks is compared with the same workload on the whole round,
+run as a single node runs it: selections, labels and flags identical, numbers within 1e-6
+relative, model results decoded and compared tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+
+from flstore_core.cache.node import CacheNode
+from flstore_core.cache.results import run_round_workload
+from flstore_core.cache.round_data import ArtifactStats
+from flstore_core.cache.round_loading import load_round
+from flstore_core.data.blocks import footprint
+from flstore_core.data.codec import Update, decode_update
+from flstore_core.data.manifest import JobSpec
+from flstore_core.errors import UnavailableError
+from flstore_core.routing.auth import TokenTable
+from flstore_core.routing.failover import FailoverPolicy
+from flstore_core.routing.invoker import NodeAnswer, NodeFailure
+from flstore_core.routing.placement import node_name, round_shard
+from flstore_core.routing.planner import NoLayoutError
+from flstore_core.routing.router import Router, RouterConfig
+from flstore_core.storage.memory import MemoryBlobStore
+from flstore_core.storage.object_store import ObjectStore
+from flstore_core.workloads import get
+
+JOB = "big"
+TOKEN = "fls_sharded-tests"
+AUTH = f"Bearer {TOKEN}"
+PREFIX = "fl"
+NODES = 8
+N_CLIENTS = 9
+
+SHAPES: dict[str, tuple[tuple[int, ...], Any]] = {
+    "conv.weight": ((16, 8, 3, 3), np.float32),
+    "conv.bias": ((16,), np.float32),
+    "bn.weight": ((16,), np.float32),
+    "bn.bias": ((16,), np.float32),
+    "bn.running_mean": ((16,), np.float32),
+    "bn.running_var": ((16,), np.float32),
+    "bn.num_batches_tracked": ((), np.int64),
+    "fc.weight": ((10, 1500), np.float32),
+    "fc.bias": ((10,), np.float32),
+}
+N_PARAMS = sum(int(np.prod(shape)) for shape, _ in SHAPES.values())
+FOOTPRINT = footprint(N_CLIENTS, N_PARAMS)
+BUDGET = FOOTPRINT // 3  # the round is three nodes' budgets
+
+
+def state(rng: np.random.Generator, base: dict[str, Any] | None, k: int) -> dict[str, Any]:
+    """A client's model: the base plus a client-specific step; clients 7 and 8 push the other
+    way (a cluster apart, the ones robust aggregators should drop)."""
+    out: dict[str, Any] = {}
+    for name, (shape, dtype) in SHAPES.items():
+        if dtype == np.int64:
+            out[name] = np.array(100 + k, dtype=np.int64).reshape(shape)
+            continue
+        start = np.zeros(shape, np.float32) if base is None else base[name]
+        step = rng.normal(0.05, 0.02, size=shape).astype(np.float32)
+        sign = -1.0 if k >= 7 else 1.0
+        out[name] = (start + np.float32(sign) * step).astype(np.float32)
+    return out
+
+
+def write_job(store: ObjectStore) -> None:
+    rng = np.random.default_rng(12)
+    store.put_job_spec(JobSpec(job=JOB))
+    initial = state(rng, None, 0)
+    store.put_initial(JOB, Update(initial))
+    entries = [
+        store.put_update(JOB, 0, f"c{k}", Update(state(rng, initial, k), num_examples=10 + 7 * k))
+        for k in range(N_CLIENTS)
+    ]
+    store.commit_round(JOB, 0, entries)
+
+
+class InProcessNodes:
+    """Cache nodes as an invoker: ``{prefix}-cache-{i}`` is ``nodes[i]``, events and answers
+    pass through JSON as over ``lambda.invoke``; a node in ``down`` fails like a dead one."""
+
+    def __init__(self, store: ObjectStore, budget: int) -> None:
+        self.nodes = [
+            CacheNode(store.view(), budget_bytes=budget, node_index=i) for i in range(NODES)
+        ]
+        self.down: set[int] = set()
+        self.calls: list[tuple[int, dict[str, Any]]] = []
+
+    def invoke(self, function: str, event: Mapping[str, Any]) -> NodeAnswer:
+        index = int(function.rsplit("-", 1)[1])
+        self.calls.append((index, dict(event)))
+        if index in self.down:
+            raise NodeFailure(f"{function}: Unhandled")
+        payload = json.loads(json.dumps(self.nodes[index].handle(json.loads(json.dumps(event)))))
+        return NodeAnswer(function, payload, 5.0, 512)
+
+
+def make_router(store: ObjectStore, nodes: InProcessNodes, budget: int = BUDGET) -> Router:
+    return Router(
+        store,
+        nodes,
+        TokenTable.with_tokens({TOKEN: ["*"]}),
+        RouterConfig(prefix=PREFIX, nodes=NODES, replication=2, cache_budget_bytes=budget),
+        failover=FailoverPolicy(sleep=lambda _s: None),
+    )
+
+
+@pytest.fixture(scope="module")
+def store() -> Iterator[ObjectStore]:
+    st = ObjectStore("mem", blobs=MemoryBlobStore())
+    write_job(st)
+    yield st
+    st.close()
+
+
+def reference(store: ObjectStore, name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The workload on the whole round, as one node runs it (its model written, then read
+    back and removed so the sharded run writes its own)."""
+    data = load_round(store, JOB, 0, ArtifactStats())
+    workload = get(name)
+    return run_round_workload(store, workload, data, workload.validate(params))
+
+
+def assert_close(got: Any, want: Any, path: str = "result") -> None:
+    """Selections, labels and flags identical; numbers within 1e-6 relative."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), path
+        for key in want:
+            assert_close(got[key], want[key], f"{path}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_close(g, w, f"{path}[{i}]")
+    elif isinstance(want, float) and not isinstance(want, bool):
+        assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9), (path, got, want)
+    else:
+        assert got == want, (path, got, want)
+
+
+def model_tensors(store: ObjectStore, key: str) -> dict[str, Any]:
+    return decode_update(store.get_object(key)).tensors
+
+
+CASES: list[tuple[str, dict[str, Any]]] = [
+    ("cosine_select", {"k": 3}),
+    ("cosine_select", {"k": 4, "include_buffers": True, "use_delta": False}),
+    ("malicious_cosine", {}),
+    ("krum", {"f": 2}),
+    ("krum", {"f": 1, "include_buffers": True}),
+    ("multi_krum", {"f": 2, "m": 4}),
+    ("kmeans", {"k": 2}),
+    ("cfl_split", {}),
+    ("fltrust", {"server_client": "c0"}),
+    ("fedavg", {}),
+    ("fedavg", {"weighted": False}),
+    ("trimmed_mean", {"beta": 0.2}),
+    ("trimmed_mean", {"beta": 0.0}),
+]
+
+
+def test_the_round_is_several_node_budgets_and_is_planned_in_blocks(store: ObjectStore) -> None:
+    router = make_router(store, InProcessNodes(store, BUDGET))
+    plan = router.plan_round(JOB, 0)
+    assert plan.sharded and len(plan.blocks) >= 4
+    assert plan.footprint >= 3 * BUDGET
+    assert all(block.nbytes <= BUDGET for block in plan.blocks)
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=[f"{n}-{p}" for n, p in CASES])
+def test_every_decomposable_workload_agrees_with_the_whole_round(
+    store: ObjectStore, name: str, params: dict[str, Any]
+) -> None:
+    nodes = InProcessNodes(store, BUDGET)
+    router = make_router(store, nodes)
+    answer = router.run(AUTH, JOB, name, json.dumps({"round": 0, "params": params}))
+    got = answer["result"]
+    ops = {event["op"] for _, event in nodes.calls}
+    assert ops <= {"partial", "model_part"}, ops  # no node was sent the whole round
+    # every node kept within its budget
+    for node in nodes.nodes:
+        assert node.cache.bytes_held <= BUDGET
+        assert not any(not k.is_block for k in node.cache.shard_keys() if k.cls == "round")
+    sharded_model = None
+    if "model_key" in got:
+        sharded_model = model_tensors(store, got["model_key"])
+        store.blobs.delete(got["model_key"])
+    want = reference(store, name, params)
+    assert_close(got, want)
+    if sharded_model is not None:
+        whole = model_tensors(store, want["model_key"])
+        assert list(sharded_model) == list(whole)
+        for tensor, value in whole.items():
+            assert sharded_model[tensor].dtype == value.dtype, tensor
+            np.testing.assert_allclose(sharded_model[tensor], value, rtol=1e-6, atol=1e-7)
+    assert answer["meta"]["cost_usd"] > 0
+    assert len(answer["meta"]["nodes"]) >= len(router.plan_round(JOB, 0).blocks)
+
+
+def test_any_replica_of_the_layout_answers_byte_identically_and_a_dead_node_is_survived(
+    store: ObjectStore,
+) -> None:
+    body = json.dumps({"round": 0, "params": {"f": 2}})
+    first = make_router(store, InProcessNodes(store, BUDGET)).run(AUTH, JOB, "krum", body)
+    nodes = InProcessNodes(store, BUDGET)
+    router = make_router(store, nodes)
+    plan = router.plan_round(JOB, 0)
+    # the primary of the first block dies before the request: its replica answers
+    nodes.down.add(plan.blocks[0].owners[0])
+    second = router.run(AUTH, JOB, "krum", body)
+    assert json.dumps(second["result"], sort_keys=True) == json.dumps(
+        first["result"], sort_keys=True
+    )
+    assert node_name(PREFIX, plan.blocks[0].owners[0]) in second["meta"]["nodes"]
+
+
+def test_a_node_killed_during_a_scattered_request_still_yields_the_right_answer(
+    store: ObjectStore,
+) -> None:
+    nodes = InProcessNodes(store, BUDGET)
+    router = make_router(store, nodes)
+    plan = router.plan_round(JOB, 0)
+    victim = plan.blocks[-1].owners[0]
+    original = nodes.invoke
+
+    def dying(function: str, event: Mapping[str, Any]) -> NodeAnswer:
+        # the victim answers its first block, then dies for the rest of the request
+        answer = original(function, event)
+        if function == node_name(PREFIX, victim):
+            nodes.down.add(victim)
+        return answer
+
+    nodes.invoke = dying  # type: ignore[method-assign]
+    got = router.run(AUTH, JOB, "cosine_select", json.dumps({"round": 0, "params": {"k": 3}}))
+    assert victim in nodes.down
+    assert_close(got["result"], reference(store, "cosine_select", {"k": 3}))
+
+
+def test_prefetch_loads_each_block_on_its_owners_and_writes_the_default_model(
+    store: ObjectStore,
+) -> None:
+    nodes = InProcessNodes(store, BUDGET)
+    router = make_router(store, nodes)
+    plan = router.plan_round(JOB, 0)
+    router.prefetch([round_shard(JOB, 0)])
+    for block in plan.blocks:
+        for owner in block.owners:
+            assert block.key in nodes.nodes[owner].cache.shard_keys()
+    # the request after prefetch is warm: every block answers from memory
+    answer = router.run(AUTH, JOB, "krum", json.dumps({"round": 0, "params": {"f": 2}}))
+    assert answer["meta"]["cache"] == "hit"
+    assert answer["meta"]["s3_gets"] == 0
+    fedavg = router.run(AUTH, JOB, "fedavg", json.dumps({"round": 0}))
+    assert store.stat(fedavg["result"]["model_key"]) is not None
+    assert not any(e["op"] == "model_part" for _, e in nodes.calls[-len(plan.blocks) :])
+
+
+def test_a_round_no_layout_can_hold_is_a_503_naming_its_size_before_any_node_is_invoked(
+    store: ObjectStore,
+) -> None:
+    nodes = InProcessNodes(store, BUDGET // 4)
+    router = make_router(store, nodes, budget=BUDGET // 4)
+    with pytest.raises(NoLayoutError) as err:
+        router.run(AUTH, JOB, "cosine_select", json.dumps({"round": 0}))
+    assert err.value.status == 503 and isinstance(err.value, UnavailableError)
+    assert f"{FOOTPRINT / 2**20:.1f} MB" in err.value.message
+    assert nodes.calls == []
+
+
+def test_a_workload_that_evaluates_client_models_is_refused_on_a_sharded_round(
+    store: ObjectStore,
+) -> None:
+    nodes = InProcessNodes(store, BUDGET)
+    router = make_router(store, nodes)
+    with pytest.raises(UnavailableError, match="whole client models"):
+        router.run(AUTH, JOB, "fltrust", json.dumps({"round": 0}))
+    assert nodes.calls == []
