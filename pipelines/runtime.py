@@ -11,6 +11,7 @@ Beam metrics report (the summary is built from those either way).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import secrets
 import threading
@@ -93,6 +94,9 @@ class PrefetchTarget:
     replication: int = 2
     lambda_endpoint: str | None = None  # None: AWS Lambda of the workers' ambient region
     hot_rounds: int = 2  # only the latest W rounds of a job are worth warming (ARCHITECTURE §3)
+    # the nodes' cache budget, which the planner cuts large rounds into blocks by (None: the
+    # environment's FLSTORE_CACHE_BUDGET_BYTES, else what the default node memory leaves)
+    budget_bytes: int | None = None
 
     @classmethod
     def from_router(cls, router: Router, hot_rounds: int = 2) -> PrefetchTarget:
@@ -108,6 +112,7 @@ class PrefetchTarget:
             replication=router.config.replication,
             lambda_endpoint=None if ".amazonaws.com" in endpoint else endpoint,
             hot_rounds=hot_rounds,
+            budget_bytes=router.config.budget,
         )
 
     @classmethod
@@ -122,6 +127,7 @@ class PrefetchTarget:
             replication=int(state.get("replication", 2)),
             lambda_endpoint=str(state["lambda_endpoint"]),
             hot_rounds=hot_rounds,
+            budget_bytes=int(state["budget_bytes"]) if state.get("budget_bytes") else None,
         )
 
     def with_nodes(self, nodes: int | None) -> PrefetchTarget:
@@ -129,9 +135,7 @@ class PrefetchTarget:
             return self
         if nodes < 1:
             raise ValidationError("--nodes must be at least 1")
-        return PrefetchTarget(
-            self.prefix, nodes, self.replication, self.lambda_endpoint, self.hot_rounds
-        )
+        return dataclasses.replace(self, nodes=nodes)
 
     def router(self, store: ObjectStore) -> Router:
         """A :class:`Router` wired like the deployed one; only its placement and invoker are
@@ -145,7 +149,12 @@ class PrefetchTarget:
             store,
             NodeInvoker(lambda_client(self.lambda_endpoint)),
             TokenTable.with_tokens({}),
-            RouterConfig(prefix=self.prefix, nodes=self.nodes, replication=self.replication),
+            RouterConfig(
+                prefix=self.prefix,
+                nodes=self.nodes,
+                replication=self.replication,
+                cache_budget_bytes=self.budget_bytes,
+            ),
         )
 
 

@@ -63,7 +63,7 @@ from flstore_core.routing.placement import (
     round_shard,
 )
 from flstore_core.storage.object_store import ObjectStore
-from flstore_core.workloads import Workload, WorkloadResult, get
+from flstore_core.workloads import Workload, WorkloadResult, get, load_all
 
 Operation = Callable[[dict[str, Any]], dict[str, Any]]  # an event in, the node's answer out
 
@@ -330,6 +330,7 @@ class CacheNode:
         t0 = time.perf_counter()
         with self.cache.using(key, self._loader(key)) as (data, hit):
             t1 = time.perf_counter()
+            load_all()  # the coordinate-wise functions the expression may name
             vector = evaluate(expr, data)
             raw = tensor_bytes(vector, stored_specs(data.specs))
             del vector

@@ -190,14 +190,16 @@ def register(workload: Workload) -> Workload:
     return workload
 
 
-def _load_all() -> None:
+def load_all() -> None:
+    """Import every workload module, so the registry and the coordinate-wise functions they
+    register (:meth:`RoundData.columnwise`) are complete."""
     for module in _MODULES:
         importlib.import_module(f"flstore_core.workloads.{module}")
 
 
 def get(name: str) -> Workload:
     """The workload called ``name``; :class:`NotFoundError` lists the known ones."""
-    _load_all()
+    load_all()
     if not isinstance(name, str) or name not in _REGISTRY:
         raise NotFoundError(
             f"unknown workload {name!r}; known workloads: {', '.join(sorted(_REGISTRY))}"
@@ -207,7 +209,7 @@ def get(name: str) -> Workload:
 
 def catalogue() -> list[dict[str, Any]]:
     """Every workload's description, sorted by name."""
-    _load_all()
+    load_all()
     return [_REGISTRY[n].describe() for n in sorted(_REGISTRY)]
 
 

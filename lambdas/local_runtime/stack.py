@@ -179,6 +179,8 @@ class LocalStack:
             "prefix": self.config.prefix,
             "nodes": self.config.nodes,
             "replication": self.config.replication,
+            "memory_mb": self.config.memory_mb,
+            "budget_bytes": self.config.node_budget,
             "pid": os.getpid(),
         }
 
