@@ -144,3 +144,55 @@ def test_a_round_no_layout_can_hold_is_refused_with_its_size_and_the_budget() ->
     message = err.value.message
     assert f"{footprint(n, p) / MiB:.1f} MB" in message and "2.0 MB" in message
     assert "round 2" in message and math.isfinite(float(message.split(" MB")[0].split()[-1]))
+
+
+def test_plan_command_prints_the_layout_or_the_refusal() -> None:
+    from typer.testing import CliRunner
+
+    from flstore_core.cli import app
+
+    runner = CliRunner()
+    out = runner.invoke(
+        app,
+        [
+            "plan",
+            "--clients",
+            "40",
+            "--params",
+            "2000000",
+            "--nodes",
+            "8",
+            "--memory-mb",
+            "512",
+            "--cache-budget-mb",
+            "64",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.split())
+    assert f"{footprint(40, 2_000_000) / MiB:,.1f} MB in memory" in text
+    count = blocks_needed(40, 2_000_000, 64 * MiB)
+    assert f"{count} block(s)" in text
+    refused = runner.invoke(
+        app,
+        [
+            "plan",
+            "--clients",
+            "40",
+            "--params",
+            "2000000",
+            "--nodes",
+            "2",
+            "--cache-budget-mb",
+            "64",
+        ],
+    )
+    assert refused.exit_code != 0
+    assert "no layout can hold" in " ".join(refused.output.split())
+
+
+def test_stats_summarises_blocks_per_round() -> None:
+    from flstore_core.cli import block_summary
+
+    shards = ["j/round/3/2of6", "j/round/3/0of6", "j/round/4", "j/meta/meta", "k/round/1/1of2"]
+    assert block_summary(shards) == ["j/round 3: 0,2 of 6", "k/round 1: 1 of 2"]

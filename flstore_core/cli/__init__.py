@@ -24,6 +24,7 @@ from rich.table import Table
 from flstore_core import __version__, config
 from flstore_core.cli.logs import configure_logging
 from flstore_core.errors import FLStoreError, ValidationError
+from flstore_core.routing.placement import ShardKey
 
 app = typer.Typer(
     name="flstore",
@@ -247,24 +248,115 @@ def stats() -> None:
     state = json.loads(STATE.read_text())
     client = lambda_client(state["lambda_endpoint"], read_timeout=60)
     table = Table(title="cache nodes")
-    cols = ("node", "shards", "hits", "misses", "loads", "evictions", "MB held", "S3 GETs")
+    cols = (
+        "node",
+        "shards",
+        "blocks",
+        "hits",
+        "misses",
+        "loads",
+        "evictions",
+        "MB held",
+        "MB budget",
+        "S3 GETs",
+    )
     for col in cols:
         table.add_column(col, justify="right")
+    held: dict[str, list[str]] = {}
     for i in range(int(state["nodes"])):
         name = f"{state['prefix']}-cache-{i}"
         resp = client.invoke(FunctionName=name, Payload=b'{"op": "stats"}')
         s = json.loads(resp["Payload"].read())
+        blocks = block_summary(s["shards"])
+        held[name] = blocks
         table.add_row(
             name,
             str(len(s["shards"])),
+            str(sum(len(b.split(": ", 1)[1].split(",")) for b in blocks)),
             str(s["hits"]),
             str(s["misses"]),
             str(s["loads"]),
             str(s["evictions"]),
             f"{s['bytes_held'] / 1e6:.1f}",
+            f"{s['budget_bytes'] / 1e6:.1f}",
             str(s["s3_gets"]),
         )
     console.print(table)
+    for name, blocks in held.items():
+        for line in blocks:
+            console.print(f"{name}  {line}")
+
+
+def block_summary(shards: list[str]) -> list[str]:
+    """The column blocks among a node's shard keys, one line per round: ``job/round R: 0,3,7
+    of 15``."""
+    rounds: dict[tuple[str, int], list[int]] = {}
+    for text in shards:
+        key = ShardKey.parse(text)
+        if key.is_block:
+            rounds.setdefault((f"{key.job}/round {key.part}", key.blocks), []).append(key.block)
+    return [
+        f"{where}: {','.join(str(b) for b in sorted(blocks))} of {count}"
+        for (where, count), blocks in sorted(rounds.items())
+    ]
+
+
+@app.command()
+def plan(
+    clients: int = typer.Option(..., "--clients", min=1, help="Clients in the round."),
+    params: int = typer.Option(
+        None, "--params", min=1, help="Parameters a client update has (float32 each)."
+    ),
+    model: str = typer.Option(None, "--model", help="A registry model instead of --params."),
+    nodes: int = typer.Option(8, "--nodes", min=1, help="Cache nodes of the stack."),
+    memory_mb: int = typer.Option(3008, "--memory-mb", min=128, help="Memory of each node."),
+    budget_mb: int = typer.Option(
+        None, "--cache-budget-mb", min=1, help="Cache budget (default: what the memory leaves)."
+    ),
+    replication: int = typer.Option(2, "--replication", min=1, help="Replicas per shard."),
+) -> None:
+    """How a round of this size is laid out on a stack: blocks, owners, load per node — or why
+    no layout holds it (the 503 the router would answer)."""
+    from flstore_core.cache.budget import MiB, cache_budget
+    from flstore_core.data.codec import TensorSpec
+    from flstore_core.routing.planner import plan_round
+
+    if (params is None) == (model is None):
+        console.print("give exactly one of --params or --model")
+        raise typer.Exit(2)
+    if model is not None:
+        from flstore_core import models
+
+        try:
+            specs = tuple(models.state_specs(models.build(model)))
+        except FLStoreError as exc:
+            _fail(exc)
+            return
+    else:
+        specs = (TensorSpec("params", "F32", (params,)),)
+    budget = budget_mb * MiB if budget_mb else cache_budget(memory_mb)
+    try:
+        layout = plan_round(
+            "plan", 0, specs, clients, nodes=nodes, replication=replication, budget=budget
+        )
+    except FLStoreError as exc:
+        _fail(exc)
+        return
+    load: dict[int, int] = {}
+    for block in layout.blocks:
+        for node in block.owners:
+            load[node] = load.get(node, 0) + block.nbytes
+    copies = [len(b.owners) for b in layout.blocks]
+    console.print(
+        f"round of {clients} clients x {layout.n_params:,} parameters: "
+        f"{layout.footprint / MiB:,.1f} MB in memory; node budget {budget / MiB:,.1f} MB"
+    )
+    console.print(
+        f"{len(layout.blocks)} block(s) of up to {max(b.nbytes for b in layout.blocks) / MiB:,.1f}"
+        f" MB; copies per block {min(copies)}-{max(copies)} (replication {replication}); "
+        f"{len(load)} of {nodes} nodes hold some, the fullest "
+        f"{max(load.values()) / MiB:,.1f} MB"
+    )
 
 
 def _store() -> Any:
