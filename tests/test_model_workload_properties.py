@@ -15,7 +15,8 @@ The references never call the workloads' helpers: every model is evaluated by a 
 the architecture holding float64 copies of the float32 values written (aggregates
 ``Σ n_j w_j / Σ n_j`` computed here in float64), ``U(∅)`` is the stored base or the documented
 fresh seed-0 model, leave-one-out is ``U(N) − U(N∖{i})`` and Shapley values average marginal
-contributions over all ``n!`` orderings. FedDebug's reference writes the model's forward out
+contributions over all ``n!`` orderings (GTG-Shapley: whole cycles, efficiency within ``eps``,
+exact for one or two clients). FedDebug's reference writes the model's forward out
 (``torch.nn.functional`` in float64) to take every Conv2d/Linear output, and counts
 ``|∩_{j ∈ R∖{i}} A_j|`` with explicit intersections (activations within ``FEDDEBUG_TOL`` of
 the threshold are undecided: an input with one is left out of the exact vote count). The
@@ -332,6 +333,39 @@ def test_exact_shapley_is_the_average_marginal_contribution(r: Round) -> None:
         exact = {c: float(round(v * grid)) for c, v in ref.items()}
         assert out["selected"] == by_score(r.clients, exact), (out["values"], ref)
     LOG.record("contribution_shapley", dev)
+
+
+# --------------------------------------------------------------------------- Shapley (GTG)
+
+
+@PROPS
+@given(r=rounds(), eps=st.sampled_from([0.0, 0.001]), cycles=st.integers(1, 40))
+def test_gtg_shapley_keeps_efficiency_and_is_exact_for_two_clients(
+    r: Round, eps: float, cycles: int
+) -> None:
+    """GTG-Shapley on real rounds (its guarantees on arbitrary games are property-tested in
+    ``test_gtg_shapley_properties.py``): whole cycles, U(N) and U(∅) as the float64 reference
+    admits, Σφ within eps of U(N) − U(∅), and the exact values (all n! orderings, float64)
+    for one or two clients without within-round truncation."""
+    out = run(
+        r,
+        "contribution_shapley",
+        method="gtg",
+        eps=eps,
+        min_permutations=cycles * r.n,
+        max_permutations=cycles * r.n,
+    )
+    ref, decided = shapley_by_permutations(r)
+    assert out["method"] == "gtg" and out["permutations"] == cycles * r.n
+    assert not out["round_truncated"] and out["evaluations"] <= 2**r.n
+    assert r.utility(frozenset(r.clients)).admits(out["utility_all"])
+    assert r.utility(frozenset()).admits(out["utility_empty"])
+    gain = out["utility_all"] - out["utility_empty"]
+    assert abs(sum(out["values"].values()) - gain) < eps + 1e-12
+    if r.n <= 2 and eps == 0.0 and LOG.checked("contribution_shapley gtg", decided):
+        dev = max(abs(out["values"][c] - ref[c]) for c in r.clients)
+        assert dev <= 1e-12, (out["values"], ref)
+        LOG.record("contribution_shapley gtg", dev)
 
 
 # --------------------------------------------------------------------------- personalize

@@ -19,9 +19,19 @@ the round started from (see :class:`~flstore_core.workloads.contribution_loo.Sub
   remaining marginal gains of the permutation are taken as 0 without evaluating), and a
   *convergence stop*: after at least ``max(min_permutations, n)`` permutations, at the end of a
   cycle, stop when every one of the last 10 running estimates is within ``tolerance`` of the
-  current one in mean relative change (``mean_i |φ_t,i − φ_i| / |φ_i|``), or after
-  ``max_permutations``. These defaults (``eps`` 0.001, 10 estimates, tolerance 0.05,
-  30 permutations minimum) are those of the authors' released code.
+  current one in mean relative change (``mean_i |φ_t,i − φ_i| / |φ_i|``), or when another
+  cycle would exceed ``max_permutations``. Sampling runs in whole cycles — at least one, even
+  when ``max_permutations < n`` — so every client leads equally often (the authors' code tests
+  convergence and its cap between cycles too). These defaults (``eps`` 0.001, 10 estimates,
+  tolerance 0.05, 30 permutations minimum) are those of the authors' released code.
+
+What the estimate guarantees (``tests/test_gtg_shapley_properties.py`` checks each against
+exact values): ``|Σ_i φ_i − (U(N) − U(∅))| < eps`` (each permutation's marginals sum to
+``U(N) − U(∅)`` but for a prefix truncated within ``eps`` of ``U(N)``; an individual value is
+not bounded by ``eps``, the truncated gains can cancel); 0 for a client whose joining never
+changes ``U``; with ``eps = 0``, the exact values for one or two clients (a cycle of two is both
+orderings) and for additive utilities, and otherwise an unbiased estimate (one permutation per
+leader, the rest uniform) whose error shrinks as ``1/√cycles``.
 
 Both estimators take any ``utility(subset) -> float`` (subset: a frozenset of client indices)
 and memoise it by subset bitmask; ``evaluations`` counts the distinct subsets evaluated.
@@ -140,7 +150,8 @@ def gtg_shapley(
     tolerance : float, default 0.05
         Convergence: mean relative change of the estimates over the last 10 permutations.
     min_permutations, max_permutations : int, default 30, 100
-        Bounds on the number of sampled permutations (at least one guided cycle of ``n``).
+        Bounds on the number of sampled permutations, taken in whole guided cycles of ``n``:
+        at most ``max_permutations`` rounded down to whole cycles, never less than one cycle.
     round_threshold : float, default 0.0
         Between-round truncation: all values 0 when ``|U(N) − U(∅)| < round_threshold``.
     seed : int, default 0
@@ -158,7 +169,9 @@ def gtg_shapley(
     history: list[F64] = []
     k = 0
     converged = False
-    while k < max_permutations and not converged:
+    # whole cycles only: a cut-off cycle would let some clients lead once more than others
+    cycles = max(1, max_permutations // n)
+    for _ in range(cycles):
         for first in range(n):  # guided sampling: each client leads one permutation per cycle
             others = np.array([i for i in range(n) if i != first], dtype=np.int64)
             order = [first, *rng.permutation(others).tolist()]
@@ -173,10 +186,10 @@ def gtg_shapley(
             k += 1
             estimate += (marginal - estimate) / k  # running mean over permutations
             history.append(estimate.copy())
-            if k >= max_permutations:
-                break
         if k >= max(min_permutations, n, LAST_K):
             converged = _converged(history, tolerance)
+            if converged:
+                break
     return ShapleyEstimate(estimate, memo.evaluations, "gtg", v_empty, v_full, k, converged)
 
 
