@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,6 +23,8 @@ from flstore_core.data.blocks import (
 from flstore_core.data.codec import TensorSpec, slices_of
 from flstore_core.routing.placement import ShardKey, block_shard, round_shard
 from flstore_core.routing.planner import NoLayoutError, plan_round
+from lambdas.local_runtime.s3_server import LocalS3
+from lambdas.local_runtime.stack import LocalStack, StackConfig
 
 MiB = 1024 * 1024
 
@@ -196,3 +199,76 @@ def test_stats_summarises_blocks_per_round() -> None:
 
     shards = ["j/round/3/2of6", "j/round/3/0of6", "j/round/4", "j/meta/meta", "k/round/1/1of2"]
     assert block_summary(shards) == ["j/round 3: 0,2 of 6", "k/round 1: 1 of 2"]
+
+
+# ---------------------------------------------------------------------- forced block counts
+
+
+def test_a_forced_block_count_cuts_a_round_that_fits_one_node_by_the_same_rules() -> None:
+    n, budget, nodes = 10, 4 * MiB, 8
+    specs = specs_of([3000, 5000, 700, 9000])
+    p = sum(s.numel for s in specs)
+    assert footprint(n, p) <= budget  # one node holds it: one block unless forced
+    assert not plan_round("j", 1, specs, n, nodes=nodes, replication=2, budget=budget).sharded
+    for k in (2, 4, 8):
+        plan = plan_round("j", 1, specs, n, nodes=nodes, replication=2, budget=budget, blocks=k)
+        assert len(plan.blocks) == k
+        # the cuts are block_ranges' for that count, the keys block keys of that count
+        assert tuple(b.columns for b in plan.blocks) == block_ranges(specs, k)
+        assert [b.key for b in plan.blocks] == [block_shard("j", 1, i, k) for i in range(k)]
+        assert all(b.nbytes == (b.columns[1] - b.columns[0]) * column_bytes(n) for b in plan.blocks)
+        # placement unchanged: both replicas fit (the whole round fits one node), on two nodes
+        load = Counter[int]()
+        for block in plan.blocks:
+            assert len(block.owners) == 2 and len(set(block.owners)) == 2
+            for node in block.owners:
+                load[node] += block.nbytes
+        assert max(load.values()) <= budget
+
+
+def test_a_forced_count_never_lowers_the_count_a_round_needs_nor_exceeds_its_columns() -> None:
+    n, budget, nodes = 40, 4 * MiB, 8
+    specs = specs_of([3 * budget // column_bytes(n)])
+    needed = plan_round("j", 0, specs, n, nodes=nodes, replication=2, budget=budget)
+    assert len(needed.blocks) > 2
+    assert plan_round("j", 0, specs, n, nodes=nodes, replication=2, budget=budget, blocks=2) == (
+        needed
+    )
+    tiny = plan_round("j", 0, specs_of([3]), 2, nodes=4, replication=1, budget=budget, blocks=8)
+    assert [b.columns for b in tiny.blocks] == [(0, 1), (1, 2), (2, 3)]
+    one = plan_round("j", 0, specs_of([3]), 2, nodes=4, replication=1, budget=budget, blocks=1)
+    assert one == plan_round("j", 0, specs_of([3]), 2, nodes=4, replication=1, budget=budget)
+    with pytest.raises(ValueError):
+        plan_round("j", 0, specs_of([3]), 2, nodes=4, replication=1, budget=budget, blocks=0)
+
+
+def test_the_router_and_the_local_stack_plan_with_min_blocks() -> None:
+    from flstore_core.data.codec import Update
+    from flstore_core.routing.auth import TokenTable
+    from flstore_core.routing.router import Router, RouterConfig
+    from flstore_core.storage.memory import MemoryBlobStore
+    from flstore_core.storage.object_store import ObjectStore
+
+    store = ObjectStore("mem", blobs=MemoryBlobStore())
+    tensors = {"a": np.arange(600, dtype=np.float32), "b": np.ones(400, np.float32)}
+    for c in ("c0", "c1", "c2"):
+        store.put_update("j", 0, c, Update(dict(tensors), num_examples=1))
+    manifest = store.commit_round("j", 0)
+
+    def router(min_blocks: int | None) -> Router:
+        config = RouterConfig(nodes=4, replication=2, cache_budget_bytes=MiB, min_blocks=min_blocks)
+        return Router(store, object(), TokenTable.with_tokens({}), config)  # type: ignore[arg-type]
+
+    assert not router(None).plan_round("j", 0).sharded
+    plan = router(3).plan_round("j", 0)
+    assert plan == plan_round(
+        "j", 0, manifest.tensors, 3, nodes=4, replication=2, budget=MiB, blocks=3
+    )
+    assert len(plan.blocks) == 3
+    assert StackConfig().min_blocks is None
+
+
+def test_a_local_stack_gives_its_router_min_blocks(s3_server: LocalS3) -> None:
+    config = StackConfig(nodes=2, min_blocks=4, bucket="min-blocks", s3_endpoint=s3_server.url)
+    with LocalStack(config) as stack:
+        assert stack.router is not None and stack.router.config.min_blocks == 4

@@ -115,10 +115,20 @@ def plan_round(
     nodes: int,
     replication: int,
     budget: int,
+    blocks: int | None = None,
 ) -> RoundPlan:
-    """The round's blocks and their owners on this stack (module docstring)."""
+    """The round's blocks and their owners on this stack (module docstring).
+
+    ``blocks`` forces at least that many blocks (never more than the round has columns) on a
+    round that would need fewer: the strong-scaling benchmark serves a round that fits one
+    node from several. The cuts and the placement follow the same rules as for any count.
+    """
     n_params = sum(s.numel for s in specs)
     count = blocks_needed(n_clients, n_params, budget)
+    if blocks is not None:
+        if blocks < 1:
+            raise ValueError(f"a round has at least one block, not {blocks}")
+        count = max(count, min(blocks, n_params))
     ranges = block_ranges(specs, count) if n_params else ((0, 0),)
     per_column = column_bytes(n_clients)
     sizes = [(b - a) * per_column for a, b in ranges]
@@ -154,7 +164,7 @@ def plan_round(
                 continue  # no room for this replica: the block is held fewer times
             owners[i].append(node)
             load[node] += sizes[i]
-    blocks = tuple(
+    placed = tuple(
         BlockPlan(
             keys[i],
             ranges[i],
@@ -164,4 +174,4 @@ def plan_round(
         )
         for i in range(count)
     )
-    return RoundPlan(job, round_, n_clients, n_params, budget, blocks)
+    return RoundPlan(job, round_, n_clients, n_params, budget, placed)

@@ -87,6 +87,9 @@ class RouterConfig:
     # bytes of data a node holds (FLSTORE_CACHE_BUDGET_BYTES, else what its memory leaves once
     # its runtime is loaded): the planner cuts rounds into blocks that fit it
     cache_budget_bytes: int | None = None
+    # serve every round in at least this many column blocks (None: as many as its size
+    # needs); the strong-scaling benchmark spreads a round that fits one node over several
+    min_blocks: int | None = None
     response_limit: int = RESPONSE_LIMIT
     max_attempts: int = 4
     throttle_passes: int = 40
@@ -339,6 +342,7 @@ class Router:
             nodes=self.config.nodes,
             replication=self.config.replication,
             budget=self.config.budget,
+            blocks=self.config.min_blocks,
         )
 
     def _round_plan(self, job: str, round_: int | None) -> RoundPlan | None:

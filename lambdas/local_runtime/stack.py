@@ -45,6 +45,8 @@ class StackConfig:
     # loaded (flstore_core.cache.budget.stack_budget). Set small in tests, so that the runtime
     # fits beside a round several times the budget
     budget_bytes: int | None = None
+    # the router serves every round in at least this many column blocks (RouterConfig)
+    min_blocks: int | None = None
     prefix: str = "flstore"
     bucket: str = "flstore-local"
     idle_timeout_s: float = 900.0
@@ -129,6 +131,7 @@ class LocalStack:
                 replication=cfg.replication,
                 node_memory_mb=cfg.memory_mb,
                 cache_budget_bytes=budget,
+                min_blocks=cfg.min_blocks,
             ),
         )
         router = self.router
