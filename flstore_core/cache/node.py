@@ -355,6 +355,13 @@ class CacheNode:
     # ------------------------------------------------------------------ the rest
 
     def stats(self) -> dict[str, Any]:
+        # the process's peak resident set so far: VmHWM starts afresh at exec (ru_maxrss would
+        # carry the spawning process's peak over; benchmarks/node_runtime.py); None off Linux
+        peak_rss_mb: float | None = None
+        with contextlib.suppress(OSError), open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    peak_rss_mb = round(int(line.split()[1]) / 1024, 1)  # kB
         return {
             "node": self.node_index,
             **self.cache.stats.to_dict(),
@@ -367,6 +374,7 @@ class CacheNode:
             "invocations": self.invocations,
             "uptime_s": time.time() - self.started,
             "pid": os.getpid(),
+            "peak_rss_mb": peak_rss_mb,
         }
 
     def evict(self, event: dict[str, Any]) -> dict[str, Any]:
