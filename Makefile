@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/warm_vs_cold.py --json bench-out/warm_vs_cold.json
 	$(BIN)/python benchmarks/workloads.py --json bench-out/workloads.json
 	$(BIN)/python benchmarks/ingest.py --json bench-out/ingest.json
+	$(BIN)/python benchmarks/scale.py --json bench-out/scale.json
 
 clean:
 	rm -rf $(VENV) .flstore demo-out bench-out .pytest_cache .mypy_cache .ruff_cache
