@@ -9,8 +9,8 @@ import pytest
 from flstore_core.cache.node import CacheNode
 from flstore_core.storage.object_store import ObjectStore
 
-OPS = ["load", "run", "partial", "model_part", "stats", "evict", "ping"]
-UNKNOWN = "use load, run, partial, model_part, stats, evict or ping"
+OPS = ["load", "run", "partial", "model_part", "run_clients", "stats", "evict", "ping"]
+UNKNOWN = "use load, run, partial, model_part, run_clients, stats, evict or ping"
 
 
 @pytest.fixture
@@ -41,6 +41,9 @@ class RecordingNode(CacheNode):
     def op_model_part(self, event: dict[str, Any]) -> dict[str, Any]:
         return self._record("model_part", event)
 
+    def op_run_clients(self, event: dict[str, Any]) -> dict[str, Any]:
+        return self._record("run_clients", event)
+
     def op_stats(self, event: dict[str, Any]) -> dict[str, Any]:
         return self._record("stats", event)
 
@@ -51,7 +54,7 @@ class RecordingNode(CacheNode):
         return self._record("ping", event)
 
 
-def test_the_table_holds_exactly_the_seven_ops_in_order(node: CacheNode) -> None:
+def test_the_table_holds_exactly_the_eight_ops_in_order(node: CacheNode) -> None:
     assert list(node.ops) == OPS
 
 
@@ -138,6 +141,23 @@ def test_run_checks_the_workload_and_job(node: CacheNode) -> None:
         {"op": "partial", "job": "j", "round": 0, "block": 4, "blocks": 4},
         {"op": "model_part", "job": "j", "round": 0, "block": 0, "blocks": 2, "expr": {}},
         {"op": "model_part", "job": "j", "round": 0, "block": 0, "blocks": 2, "part_key": 3},
+        {"op": "run_clients", "workload": "accuracy_select", "job": "j", "round": 0},
+        {
+            "op": "run_clients",
+            "workload": "fedavg",
+            "job": "j",
+            "round": 0,
+            "gram": {},
+            "rows": [0],
+        },
+        {
+            "op": "run_clients",
+            "workload": "accuracy_select",
+            "job": "j",
+            "round": 0,
+            "gram": {},
+            "rows": ["0"],
+        },
     ],
 )
 def test_block_ops_with_bad_arguments_are_400s(node: CacheNode, event: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from flstore_core.cache.round_loading import load_round
 from flstore_core.data.blocks import footprint
 from flstore_core.data.codec import Update, decode_update
 from flstore_core.data.manifest import JobSpec
-from flstore_core.errors import UnavailableError
+from flstore_core.errors import InvalidParamsError, UnavailableError
 from flstore_core.routing.auth import TokenTable
 from flstore_core.routing.failover import FailoverPolicy
 from flstore_core.routing.invoker import NodeAnswer, NodeFailure
@@ -276,11 +276,13 @@ def test_a_round_no_layout_can_hold_is_a_503_naming_its_size_before_any_node_is_
     assert nodes.calls == []
 
 
-def test_a_workload_that_evaluates_client_models_is_refused_on_a_sharded_round(
+def test_a_workload_that_evaluates_client_models_runs_on_a_node_reading_the_clients(
     store: ObjectStore,
 ) -> None:
-    nodes = InProcessNodes(store, BUDGET)
-    router = make_router(store, nodes)
-    with pytest.raises(UnavailableError, match="whole client models"):
+    # per-client workloads (tests/test_sharded_clients.py) are sent to a node that reads the
+    # clients one at a time; this job declares no model, and that node answers the 400
+    nodes = InProcessNodes(store, BUDGET * 2)
+    router = make_router(store, nodes, budget=BUDGET * 2)
+    with pytest.raises(InvalidParamsError, match="declares no model"):
         router.run(AUTH, JOB, "fltrust", json.dumps({"round": 0}))
-    assert nodes.calls == []
+    assert [e["op"] for _, e in nodes.calls].count("run_clients") == 1

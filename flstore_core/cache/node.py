@@ -12,6 +12,13 @@ One :class:`CacheNode` lives in the module state of one warm Lambda instance
 * ``model_part`` — ``{"op": "model_part", "job", "round", "block", "blocks", "expr",
   "part_key", "metadata"}``: one block of a model result, written as one zstd frame to
   ``part_key`` (block 0 carries the safetensors header); the router joins the frames;
+* ``run_clients`` — ``{"op": "run_clients", "workload", "job", "round", "params", "gram",
+  "buffers", "is_delta", "rows"}``: a per-client model workload on a round this node does not
+  hold (a sharded round), read one client at a time from S3 on a
+  :class:`~flstore_core.cache.streamed.StreamedRound` with the Gram pieces the router sent;
+  with ``rows``, only that group's scores (:class:`~flstore_core.workloads.ClientSplit`). A
+  model that is a mean of rows is written here whole; a coordinate-wise one comes back as
+  ``model_expr`` for the block holders to write;
 * ``stats`` — hits, misses, loads, bytes held, evictions, S3 GETs, artifact reuse;
 * ``evict`` — ``{"op": "evict", "shards": [...]}`` or ``{"op": "evict", "all": true}`` (which
   also drops the node's cached manifests and job contexts);
@@ -38,11 +45,11 @@ from typing import Any
 
 from flstore_core import config
 from flstore_core.cache.budget import stack_budget
-from flstore_core.cache.results import result_specs, run_round_workload
+from flstore_core.cache.results import result_specs, run_round_workload, store_model
 from flstore_core.cache.round_data import ArtifactStats, JobContext, RoundData
 from flstore_core.cache.round_loading import job_context, load_round, load_round_block
 from flstore_core.cache.shard_cache import ShardCache
-from flstore_core.cache.sharded import block_parts_json, evaluate
+from flstore_core.cache.sharded import VectorExpr, block_parts_json, evaluate, parts_from_json
 from flstore_core.cache.shards import (
     ClientHistory,
     GlobalModels,
@@ -51,6 +58,7 @@ from flstore_core.cache.shards import (
     load_client,
     load_meta,
 )
+from flstore_core.cache.streamed import StreamedRound, working_bytes
 from flstore_core.data.codec import compress_frame, header_prefix, stored_specs, tensor_bytes
 from flstore_core.errors import FLStoreError, NotFoundError, ValidationError
 from flstore_core.ids import validate_job, validate_round
@@ -105,6 +113,7 @@ class CacheNode:
         self._contexts: dict[str, tuple[float, JobContext]] = {}
         self.started = time.time()
         self.invocations = 0
+        self._streamed_written: set[str] = set()  # model results run_clients wrote
         # op name -> the method that checks its arguments and runs it (in the order the
         # unknown-op error lists them)
         self.ops: dict[str, Operation] = {
@@ -112,6 +121,7 @@ class CacheNode:
             "run": self.op_run,
             "partial": self.op_partial,
             "model_part": self.op_model_part,
+            "run_clients": self.op_run_clients,
             "stats": self.op_stats,
             "evict": self.op_evict,
             "ping": self.op_ping,
@@ -352,6 +362,66 @@ class CacheNode:
             "s3_gets": self.store.gets - gets_before,
         }
 
+    # ------------------------------------------------------------------ per-client workloads
+
+    def run_clients(self, event: dict[str, Any]) -> dict[str, Any]:
+        """A per-client model workload on a sharded round, one client at a time
+        (:mod:`flstore_core.cache.streamed`): the rows read are kept while the budget this
+        node's cache leaves free holds them, and dropped with the request."""
+        workload = get(event.get("workload", ""))
+        job = validate_job(event.get("job"))
+        round_ = validate_round(event.get("round"))
+        params = workload.validate(event.get("params"))
+        gram, buffers, rows = event.get("gram"), event.get("buffers"), event.get("rows")
+        if not isinstance(gram, dict) or not (buffers is None or isinstance(buffers, dict)):
+            raise ValidationError("run_clients needs the round's Gram pieces ('gram', 'buffers')")
+        if rows is not None:
+            if workload.split is None:
+                raise ValidationError(f"workload {workload.name!r} is not run in client groups")
+            if not isinstance(rows, list) or not all(isinstance(r, int) for r in rows):
+                raise ValidationError("run_clients' 'rows' must be a list of row indices")
+        gets_before = self.store.gets
+        t0 = time.perf_counter()
+        manifest = self.manifests.get(job, round_)
+        if rows is not None and not all(0 <= r < len(manifest.clients) for r in rows):
+            raise ValidationError(f"row indices must be below {len(manifest.clients)}")
+        free = self.cache.budget - self.cache.bytes_held - working_bytes(manifest.n_params)
+        data = StreamedRound(
+            self.store,
+            manifest,
+            parts_from_json(gram),
+            None if buffers is None else parts_from_json(buffers),
+            bool(event.get("is_delta")),
+            capacity=free,
+            context=self.context(job),
+            stats=self.artifacts,
+        )
+        t1 = time.perf_counter()
+        answer: dict[str, Any] = {}
+        if rows is not None:
+            assert workload.split is not None
+            result = workload.split.score(data, params, rows)
+        else:
+            out = workload.run(data, params)
+            result = dict(out.result)
+            model = out.model_vector()
+            if isinstance(model, VectorExpr):  # coordinate-wise: the block holders write it
+                answer["model_expr"] = model.spec
+            elif model is not None:
+                result["model_key"] = store_model(
+                    self.store, workload.name, data, params, model, self._streamed_written
+                )
+        t2 = time.perf_counter()
+        return {
+            "result": result,
+            **answer,
+            "cache": "miss",
+            "node": self.node_index,
+            "rows_read": data.rows_read,
+            "timing_ms": {"load": (t1 - t0) * 1000, "compute": (t2 - t1) * 1000},
+            "s3_gets": self.store.gets - gets_before,
+        }
+
     # ------------------------------------------------------------------ the rest
 
     def stats(self) -> dict[str, Any]:
@@ -412,6 +482,11 @@ class CacheNode:
         """``{"op": "model_part", "job", "round", "block", "blocks", "expr", "part_key",
         "metadata"}``: see :meth:`model_part`."""
         return self.model_part(event)
+
+    def op_run_clients(self, event: dict[str, Any]) -> dict[str, Any]:
+        """``{"op": "run_clients", "workload", "job", "round", "params", "gram", "buffers",
+        "is_delta", "rows"}``: see :meth:`run_clients`."""
+        return self.run_clients(event)
 
     def op_stats(self, event: dict[str, Any]) -> dict[str, Any]:
         """``{"op": "stats"}``: see :meth:`stats`."""

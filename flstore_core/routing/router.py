@@ -39,8 +39,15 @@ from flstore_core.aws import lambda_client
 from flstore_core.cache.budget import stack_budget
 from flstore_core.cache.results import result_key, result_metadata
 from flstore_core.cache.round_data import GramParts, JobContext
-from flstore_core.cache.sharded import ShardedRound, model_expr, parts_from_json
+from flstore_core.cache.sharded import (
+    ShardedRound,
+    VectorExpr,
+    model_expr,
+    parts_from_json,
+    parts_to_json,
+)
 from flstore_core.cache.shards import ManifestReader
+from flstore_core.cache.streamed import working_bytes
 from flstore_core.cost import DEFAULT_PRICES, Invocation, Prices, flstore_request_cost
 from flstore_core.data import layout
 from flstore_core.data.manifest import RoundManifest
@@ -364,27 +371,96 @@ class Router:
     ) -> tuple[dict[str, Any], list[dict[str, Any]], list[str], list[Invocation]]:
         """Run a round workload on a round held in column blocks: Gram pieces gathered from the
         blocks' holders, a model written block by block (:mod:`flstore_core.cache.sharded`)."""
-        if workload.evaluates_clients(params):
-            raise UnavailableError(
-                f"workload {workload.name!r} evaluates whole client models, and round {round_} "
-                f"of job {job!r} ({plan.footprint / 2**20:.0f} MB in memory) is held in "
-                f"{len(plan.blocks)} column blocks, which do not serve it yet"
-            )
         scatter = Scatter()
         self._request.scatter = scatter
         try:
             view = self._sharded_view(job, round_, plan)
-            out = workload.run(view, params)
-            result = dict(out.result)
-            if out.model is not None:
-                result["model_key"] = self._write_model(
-                    view, workload.name, params, out.model, plan
-                )
+            if workload.evaluates_clients(params):
+                result = self._run_streamed(view, workload, params, plan)
+            else:
+                out = workload.run(view, params)
+                result = dict(out.result)
+                if out.model is not None:
+                    result["model_key"] = self._write_model(
+                        view, workload.name, params, out.model, plan
+                    )
         finally:
             self._request.scatter = None
         if not scatter.answers:  # everything came from the router's gathered pieces
             scatter.answers.append({"cache": "hit", "s3_gets": 0})
         return result, scatter.answers, scatter.tried, scatter.invocations
+
+    def _run_streamed(
+        self, view: ShardedRound, workload: Workload, params: dict[str, Any], plan: RoundPlan
+    ) -> dict[str, Any]:
+        """A workload that evaluates whole client models, on a sharded round (workload
+        affinity, :mod:`flstore_core.cache.streamed`): its unit is a client, not a block, so a
+        node reads the clients it evaluates from S3 one at a time, with the round's Gram
+        pieces (gathered from the blocks, kept here) sent along.
+
+        A workload with a :class:`~flstore_core.workloads.ClientSplit` (accuracy_select: one
+        evaluation per client, independent of the others) is scored in groups of clients on
+        as many nodes in parallel, and merged here; the others (contribution_loo/shapley's
+        aggregates of subsets, feddebug's leave-one-out over every client's activations,
+        personalize, fltrust's trained ``g_0``) run whole on the round's affinity node. A
+        coordinate-wise model (fltrust's) comes back as an expression the block holders write.
+        """
+        job, round_ = view.job, view.round
+        shard = round_shard(job, round_)
+        order = self._affinity_order(shard, plan)  # a 503 before any node is invoked
+        if workload.split is not None:
+            workload.split.check(view.clients, params)
+        parts = view.gram_parts()
+        buffers = view.gram_parts(buffers=True)
+        assert parts is not None
+        event: dict[str, Any] = {
+            "op": "run_clients",
+            "workload": workload.name,
+            "job": job,
+            "round": round_,
+            "params": params,
+            "gram": parts_to_json(parts),
+            "buffers": None if buffers is None else parts_to_json(buffers),
+            "is_delta": view.is_delta,
+        }
+        if workload.split is not None:
+            split = workload.split
+            groups = [g.tolist() for g in np.array_split(np.arange(view.n), len(order)) if len(g)]
+
+            def one(index: int) -> dict[str, Any]:
+                # group g starts at the g-th node of the order and fails over along it
+                rotated = order[index:] + order[:index]
+                return self._scatter_one(shard, rotated, {**event, "rows": groups[index]})
+
+            answers = self._gather(one, len(groups))
+            return split.merge(view.clients, params, [a["result"] for a in answers])
+        answer = self._scatter_one(shard, order, event)
+        result = dict(answer["result"])
+        if answer.get("model_expr") is not None:
+            result["model_key"] = self._write_model(
+                view, workload.name, params, VectorExpr(answer["model_expr"]), plan
+            )
+        return result
+
+    def _affinity_order(self, shard: ShardKey, plan: RoundPlan) -> list[int]:
+        """The nodes to run a per-client workload of a sharded round on: the whole round's
+        rendezvous ranking, nodes whose budget the plan's blocks leave room for the streamed
+        round's working memory first (:func:`~flstore_core.cache.streamed.working_bytes`);
+        503 when no node's budget holds it."""
+        need = working_bytes(plan.n_params)
+        if need > self.config.budget:
+            raise UnavailableError(
+                f"round {plan.round} of job {plan.job!r} has {plan.n_params} parameters: "
+                f"evaluating one client model needs {need / 2**20:.1f} MB of a node's "
+                f"{self.config.budget / 2**20:.1f} MB budget; deploy nodes with more memory"
+            )
+        held = {i: 0 for i in range(self.config.nodes)}
+        for block in plan.blocks:
+            for owner in block.owners:
+                held[owner] += block.nbytes
+        ranked = rank_nodes(str(shard), self.config.nodes)
+        roomy = [i for i in ranked if self.config.budget - held[i] >= need]
+        return roomy + [i for i in ranked if i not in roomy]
 
     def _sharded_view(self, job: str, round_: int, plan: RoundPlan) -> ShardedRound:
         manifest = self.manifests.get(job, round_)

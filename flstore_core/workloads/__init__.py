@@ -131,6 +131,22 @@ class WorkloadResult:
 
 
 @dataclass(frozen=True)
+class ClientSplit:
+    """How a per-client workload runs over groups of a round's clients in parallel (issue 12,
+    workload affinity): each group's node scores its rows, the router merges.
+
+    ``check(clients, params)`` raises a caller error before any node is invoked;
+    ``score(data, params, rows)`` is what one node answers for the rows ``rows`` of ``data``
+    (JSON-able); ``merge(clients, params, parts)`` builds the workload's result from every
+    group's answer — the same result the workload gives on the whole round.
+    """
+
+    check: Callable[[list[str], dict[str, Any]], None]
+    score: Callable[[Any, dict[str, Any], list[int]], dict[str, Any]]
+    merge: Callable[[list[str], dict[str, Any], list[dict[str, Any]]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class Workload:
     """A registered workload."""
 
@@ -146,6 +162,8 @@ class Workload:
     # row, run on the validation set) for these params — its unit is a client, not a column
     # block (ARCHITECTURE §3, workload affinity); either a constant or a function of params
     per_client: bool | Callable[[Mapping[str, Any]], bool] = False
+    # per-client workloads whose clients can be evaluated in groups on several nodes
+    split: ClientSplit | None = None
 
     def evaluates_clients(self, params: Mapping[str, Any]) -> bool:
         """Whether a run with ``params`` evaluates whole client models (see ``per_client``)."""

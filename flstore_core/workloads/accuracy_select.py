@@ -12,14 +12,21 @@ instance per request, weights vectors loaded into it in turn.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from flstore_core import models
 from flstore_core.cache.round_data import RoundData
-from flstore_core.workloads import Param, Workload, WorkloadResult, check_k, register
+from flstore_core.workloads import (
+    ClientSplit,
+    Param,
+    Workload,
+    WorkloadResult,
+    check_k,
+    register,
+)
 from flstore_core.workloads.cosine_select import rank_by_score
 
 if TYPE_CHECKING:
@@ -63,6 +70,29 @@ class ValidationScorer:
         return np.array([self.accuracy(data.client_weights(i)) for i in range(data.n)])
 
 
+def client_scores(data: RoundData, rows: list[int]) -> dict[str, Any]:
+    """The validation accuracy of the models of clients ``rows`` (one group of a round split
+    over several nodes): ``scores`` (client -> accuracy) and ``validation_size``."""
+    scorer = ValidationScorer(data)
+    return {
+        "scores": {data.clients[i]: scorer.accuracy(data.client_weights(i)) for i in rows},
+        "validation_size": len(scorer.y),
+    }
+
+
+def select(
+    clients: list[str], k: int, scores: dict[str, float], validation_size: int
+) -> dict[str, Any]:
+    """The result from every client's score: the ``k`` best (ties by client id)."""
+    acc = np.array([scores[c] for c in clients])
+    order = rank_by_score(clients, acc)
+    return {
+        "selected": order[:k],
+        "scores": {c: float(a) for c, a in zip(clients, acc, strict=True)},
+        "validation_size": validation_size,
+    }
+
+
 def accuracy_select(data: RoundData, k: int = 3) -> WorkloadResult:
     """Top-``k`` clients by the validation accuracy of their own model.
 
@@ -80,16 +110,17 @@ def accuracy_select(data: RoundData, k: int = 3) -> WorkloadResult:
         ``validation_size``.
     """
     check_k(k, data.n)
-    scorer = ValidationScorer(data)
-    acc = scorer.client_accuracies(data)
-    order = rank_by_score(data.clients, acc)
-    return WorkloadResult(
-        {
-            "selected": order[:k],
-            "scores": {c: float(a) for c, a in zip(data.clients, acc, strict=True)},
-            "validation_size": len(scorer.y),
-        }
-    )
+    part = client_scores(data, list(range(data.n)))
+    return WorkloadResult(select(data.clients, k, part["scores"], part["validation_size"]))
+
+
+def _merge(
+    clients: list[str], params: dict[str, Any], parts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    scores: dict[str, float] = {}
+    for part in parts:
+        scores.update(part["scores"])
+    return select(clients, params["k"], scores, int(parts[0]["validation_size"]))
 
 
 WORKLOAD = register(
@@ -97,6 +128,13 @@ WORKLOAD = register(
         name="accuracy_select",
         cls="round",
         per_client=True,
+        # one model evaluation per client, independent of the others: groups of clients are
+        # scored on several nodes in parallel and the router selects (sharded rounds)
+        split=ClientSplit(
+            check=lambda clients, params: check_k(params["k"], len(clients)),
+            score=lambda data, params, rows: client_scores(data, rows),
+            merge=_merge,
+        ),
         description="Top-k clients by the accuracy of their model on the job's validation set.",
         reference="FLStore artifact (client-scheduling)",
         run=lambda data, params: accuracy_select(data, **params),
