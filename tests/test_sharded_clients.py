@@ -58,9 +58,8 @@ def trained_base() -> tuple[dict[str, Any], Any, Any]:
     for _ in range(1):
         for start in range(0, 1400, 20):
             opt.zero_grad()
-            torch.nn.functional.cross_entropy(
-                model(xt[start : start + 20]), yt[start : start + 20]
-            ).backward()
+            loss = torch.nn.CrossEntropyLoss()
+            loss(model(xt[start : start + 20]), yt[start : start + 20]).backward()
             opt.step()
     return models.state_arrays(model), x[1400:1700], y[1400:1700]
 
