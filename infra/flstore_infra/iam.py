@@ -101,6 +101,18 @@ def _write_results(bucket_arn: str) -> dict[str, Any]:
     }
 
 
+def _compose_results(bucket_arn: str) -> dict[str, Any]:
+    # the router joins a sharded round's model result from the frames its block holders wrote
+    # (a multipart upload copying them: PutObject on the result, GetObject on the parts), then
+    # deletes the frames, and aborts the upload if a part fails
+    return {
+        "Sid": "ComposeResults",
+        "Effect": "Allow",
+        "Action": ["s3:AbortMultipartUpload", "s3:DeleteObject"],
+        "Resource": [f"{bucket_arn}/{RESULT_OBJECTS}"],
+    }
+
+
 def _use_bucket_key(kms_key_arn: str) -> dict[str, Any]:
     region = kms_key_arn.split(":")[3]
     return {
@@ -131,7 +143,8 @@ def router_policy(
     cache_function_arns: Sequence[str],
     kms_key_arn: str | None = None,
 ) -> Policy:
-    """The router role: invoke exactly the cache nodes, read job data, write results."""
+    """The router role: invoke exactly the cache nodes, read job data, write results (and
+    join and delete the frames of a sharded round's model result)."""
     statements = [
         {
             "Sid": "InvokeCacheNodes",
@@ -141,6 +154,7 @@ def router_policy(
         },
         *_read_job_data(bucket_arn),
         _write_results(bucket_arn),
+        _compose_results(bucket_arn),
     ]
     if kms_key_arn:
         statements.append(_use_bucket_key(kms_key_arn))

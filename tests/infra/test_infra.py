@@ -465,6 +465,10 @@ def test_role_policies_are_scoped_to_bucket_nodes_and_own_logs(config: dict) -> 
             assert resources_of(policy, "s3:GetObject") == {f"{bucket}/jobs/*"}
             assert resources_of(policy, "s3:PutObject") == {f"{bucket}/jobs/*/results/*"}
             assert resources_of(policy, "s3:ListBucket") == {bucket}
+        results = {f"{bucket}/jobs/*/results/*"}
+        assert resources_of(router, "s3:DeleteObject") == results
+        assert resources_of(router, "s3:AbortMultipartUpload") == results
+        assert resources_of(cache, "s3:DeleteObject") == set()
         actions = {a for s in authorizer["Statement"] for a in s["Action"]}
         assert actions == set(iam.LOG_ACTIONS)
         for role in d.of_type(ROLE):
@@ -678,8 +682,8 @@ def test_audit_catches_a_wildcard_statement_slipped_into_a_role() -> None:
     def check(d: Deployment) -> None:
         findings = security_findings(d)
         assert findings == [
-            "flstore-router-policy: statement 5: wildcard action 's3:*'",
-            "flstore-router-policy: statement 5: resource '*' is every resource ('*')",
+            "flstore-router-policy: statement 6: wildcard action 's3:*'",
+            "flstore-router-policy: statement 6: resource '*' is every resource ('*')",
         ]
 
     return deployment.apply(check)
