@@ -21,6 +21,7 @@ from flstore_core.cache.node import CacheNode
 from flstore_core.cache.results import run_round_workload
 from flstore_core.cache.round_data import ArtifactStats
 from flstore_core.cache.round_loading import load_round
+from flstore_core.cost import DEFAULT_PRICES
 from flstore_core.data.blocks import footprint
 from flstore_core.data.codec import Update, decode_update
 from flstore_core.data.manifest import JobSpec
@@ -286,3 +287,36 @@ def test_a_workload_that_evaluates_client_models_runs_on_a_node_reading_the_clie
     with pytest.raises(InvalidParamsError, match="declares no model"):
         router.run(AUTH, JOB, "fltrust", json.dumps({"round": 0}))
     assert [e["op"] for _, e in nodes.calls].count("run_clients") == 1
+
+
+def test_a_model_result_is_charged_for_every_invocation_and_put(store: ObjectStore) -> None:
+    nodes = InProcessNodes(store, BUDGET)
+    router = make_router(store, nodes)
+    blocks = len(router.plan_round(JOB, 0).blocks)
+    answer = router.run(
+        AUTH, JOB, "trimmed_mean", json.dumps({"round": 0, "params": {"beta": 0.3}})
+    )
+    meta = answer["meta"]
+    # one frame per block, then the multipart upload: creation, a part per frame at most, completion
+    assert meta["s3_puts"] == blocks + blocks + 2
+    assert len(meta["nodes"]) == blocks
+    puts = DEFAULT_PRICES.s3_put_per_thousand / 1e3 * meta["s3_puts"]
+    assert meta["cost_usd"] >= puts + blocks * DEFAULT_PRICES.lambda_requests_per_million / 1e6
+    store.blobs.delete(answer["result"]["model_key"])
+
+
+def test_a_round_rewritten_under_the_router_is_a_retryable_503_then_the_new_round() -> None:
+    st = ObjectStore("mem", blobs=MemoryBlobStore())
+    write_job(st)
+    router = make_router(st, InProcessNodes(st, BUDGET))
+    router.plan_round(JOB, 0)  # the router has read the manifest of nine clients
+    rng = np.random.default_rng(99)
+    late = st.put_update(JOB, 0, "c9", Update(state(rng, None, 3), num_examples=5))
+    st.commit_round(JOB, 0, [late])
+    assert len(st.get_manifest(JOB, 0).updates) == N_CLIENTS + 1
+    router.invoker = InProcessNodes(st, BUDGET)  # nodes that read the rewritten round
+    body = json.dumps({"round": 0, "params": {"k": 3}})
+    with pytest.raises(UnavailableError, match="changed while it was read"):
+        router.run(AUTH, JOB, "cosine_select", body)
+    again = router.run(AUTH, JOB, "cosine_select", body)
+    assert "c9" in again["result"]["scores"]

@@ -49,7 +49,13 @@ from flstore_core.cache.results import result_specs, run_round_workload, store_m
 from flstore_core.cache.round_data import ArtifactStats, JobContext, RoundData
 from flstore_core.cache.round_loading import job_context, load_round, load_round_block
 from flstore_core.cache.shard_cache import ShardCache
-from flstore_core.cache.sharded import VectorExpr, block_parts_json, evaluate, parts_from_json
+from flstore_core.cache.sharded import (
+    VectorExpr,
+    block_parts_json,
+    content_digest,
+    evaluate,
+    parts_from_json,
+)
 from flstore_core.cache.shards import (
     ClientHistory,
     GlobalModels,
@@ -317,10 +323,12 @@ class CacheNode:
             t1 = time.perf_counter()
             parts = block_parts_json(data, bool(event.get("buffers")))
             delta = data.is_delta
+            content = content_digest(data.sha256)
         t2 = time.perf_counter()
         return {
             "parts": parts,
             "is_delta": delta,
+            "content": content,
             "cache": "hit" if hit else "miss",
             "node": self.node_index,
             "timing_ms": {"load": (t1 - t0) * 1000, "compute": (t2 - t1) * 1000},
@@ -356,6 +364,7 @@ class CacheNode:
         return {
             "part_key": part_key,
             "bytes": len(frame),
+            "s3_puts": 1,
             "cache": "hit" if hit else "miss",
             "node": self.node_index,
             "timing_ms": {"load": (t1 - t0) * 1000, "compute": (t2 - t1) * 1000},

@@ -25,6 +25,8 @@ client model: such workloads declare ``per_client`` and are routed by client, no
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -243,6 +245,13 @@ def model_expr(model: Any) -> Json:
     """The expression of a workload's model on a sharded round (its ``model`` may be deferred:
     a function returning the expression)."""
     return _spec(model() if callable(model) else model)
+
+
+def content_digest(sha256: dict[str, str]) -> str:
+    """A fingerprint of a round's content (its clients and their updates' checksums): what a
+    block holder read and what the router planned must be the same round."""
+    text = json.dumps(sorted(sha256.items()), separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def block_parts_json(data: RoundData, buffers: bool) -> Json | None:

@@ -42,6 +42,7 @@ from flstore_core.cache.round_data import GramParts, JobContext
 from flstore_core.cache.sharded import (
     ShardedRound,
     VectorExpr,
+    content_digest,
     model_expr,
     parts_from_json,
     parts_to_json,
@@ -137,6 +138,12 @@ class Scatter:
     tried: list[str] = field(default_factory=list)
     invocations: list[Invocation] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    s3_puts: int = 0
+
+    def add_puts(self, count: int) -> None:
+        with self.lock:
+            self.s3_puts += count
 
     def add(self, answered: Answered) -> dict[str, Any]:
         payload = Router._checked(answered.answer.payload)
@@ -265,8 +272,11 @@ class Router:
             result = answers[0]["result"]
         result = self._maybe_offload(job, name, round_ or 0, result)
         s3_gets = sum(int(a.get("s3_gets", 0)) for a in answers)
+        s3_puts = sum(int(a.get("s3_puts", 0)) for a in answers)
         states = {a.get("cache", "miss") for a in answers}
-        cost = flstore_request_cost(invocations, s3_gets=s3_gets, prices=self.prices)
+        cost = flstore_request_cost(
+            invocations, s3_gets=s3_gets, s3_puts=s3_puts, prices=self.prices
+        )
         return {
             "job": job,
             "workload": name,
@@ -279,6 +289,7 @@ class Router:
                 "cost_usd": cost.total,
                 "node_timing_ms": answers[0].get("timing_ms", {}) if len(answers) == 1 else {},
                 "s3_gets": s3_gets,
+                "s3_puts": s3_puts,
             },
         }
 
@@ -340,6 +351,9 @@ class Router:
         """Where the round's blocks live on this stack (:mod:`flstore_core.routing.planner`);
         404 if the round is not committed, 503 if no layout can hold it."""
         assert round_ is not None
+        # the listing (at most every ROUNDS_TTL_S) drops cached manifests that were rewritten
+        # (a late client, a backfill), so a plan is never older than that
+        self.manifests.rounds(job)
         manifest = self.manifests.get(job, round_)
         return plan_round(
             job,
@@ -388,6 +402,9 @@ class Router:
             self._request.scatter = None
         if not scatter.answers:  # everything came from the router's gathered pieces
             scatter.answers.append({"cache": "hit", "s3_gets": 0})
+        if scatter.s3_puts:  # the router's own requests to S3, in the state of the others
+            state = scatter.answers[0].get("cache", "miss")
+            scatter.answers.append({"cache": state, "s3_puts": scatter.s3_puts})
         return result, scatter.answers, scatter.tried, scatter.invocations
 
     def _run_streamed(
@@ -464,8 +481,8 @@ class Router:
 
     def _sharded_view(self, job: str, round_: int, plan: RoundPlan) -> ShardedRound:
         manifest = self.manifests.get(job, round_)
-        content = tuple(sorted((c, e.sha256) for c, e in manifest.updates.items()))
-        key = (job, round_, len(plan.blocks), hashlib.sha256(repr(content).encode()).hexdigest())
+        content = content_digest({c: e.sha256 for c, e in manifest.updates.items()})
+        key = (job, round_, len(plan.blocks), content)
         with self._lock:
             view = self._views.get(key)
         if view is not None:
@@ -493,6 +510,19 @@ class Router:
                 return self._scatter_one(block.key, block.order, event)
 
             answers = self._gather(one, len(plan.blocks))
+            expected = content_digest({c: manifest.updates[c].sha256 for c in clients})
+            if any(a.get("content") != expected for a in answers):
+                # a block holder read another version of the round (a late client joined it
+                # between the router's manifest and the node's): nothing of this view is kept
+                with self._lock:
+                    for key in [
+                        k for k, v in self._views.items() if v.job == job and v.round == round_
+                    ]:
+                        self._views.pop(key, None)
+                self.manifests.forget(job)
+                raise UnavailableError(
+                    f"round {round_} of job {job!r} changed while it was read: retry the request"
+                )
             deltas = {bool(a["is_delta"]) for a in answers}
             if len(deltas) != 1:
                 raise UnavailableError(
@@ -579,6 +609,11 @@ class Router:
             try:
                 self._gather(one, len(plan.blocks))
                 self.store.compose_result(key, part_keys)
+                # the multipart upload: its creation, one copied or uploaded part per frame at
+                # most, its completion (S3 bills each as a PUT-class request)
+                scatter: Scatter | None = getattr(self._request, "scatter", None)
+                if scatter is not None:
+                    scatter.add_puts(len(part_keys) + 2)
             finally:
                 self.store.delete_results(part_keys)
         with self._lock:
