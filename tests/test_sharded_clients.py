@@ -177,7 +177,7 @@ def test_fltrust_with_a_trained_server_update_equals_float64_numpy(store: Object
     got = answer["result"]
     plan = router.plan_round(JOB, 0)
     parts = [e for _, e in nodes.calls if e["op"] == "model_part"]  # written on the blocks
-    assert sorted(e["block"] for e in parts) == list(range(len(plan.blocks)))
+    assert sorted(i for e in parts for i in e["indices"]) == list(range(len(plan.blocks)))
     data = load_round(store, JOB, 0, ArtifactStats())
     assert data.base is not None and not data.columns.buffer_runs
     g0, _ = server_update(data, 1, 0.05, 10, 5)

@@ -7,11 +7,12 @@ One :class:`CacheNode` lives in the module state of one warm Lambda instance
   round artifacts are computed at once so the first request finds them;
 * ``run``   — ``{"op": "run", "workload", "job", "round" | "rounds", "params"}``: run a
   workload on the cached data, loading what is missing;
-* ``partial`` — ``{"op": "partial", "job", "round", "block", "blocks", "buffers"}``: the Gram
-  pieces of one column block of a sharded round (:mod:`flstore_core.cache.sharded`);
-* ``model_part`` — ``{"op": "model_part", "job", "round", "block", "blocks", "expr",
-  "part_key", "metadata"}``: one block of a model result, written as one zstd frame to
-  ``part_key`` (block 0 carries the safetensors header); the router joins the frames;
+* ``partial`` — ``{"op": "partial", "job", "round", "indices", "blocks", "buffers"}``: the
+  Gram pieces of column blocks of a sharded round (:mod:`flstore_core.cache.sharded`), every
+  block the router gives this node in one invocation;
+* ``model_part`` — ``{"op": "model_part", "job", "round", "indices", "blocks", "expr",
+  "part_keys", "metadata"}``: blocks of a model result, each written as one zstd frame to its
+  part key (block 0 carries the safetensors header); the router joins the frames;
 * ``run_clients`` — ``{"op": "run_clients", "workload", "job", "round", "params", "gram",
   "buffers", "is_delta", "rows"}``: a per-client model workload on a round this node does not
   hold (a sharded round), read one client at a time from S3 on a
@@ -303,71 +304,116 @@ class CacheNode:
     # ------------------------------------------------------------------ column blocks
 
     @staticmethod
-    def _block_key(event: dict[str, Any]) -> ShardKey:
+    def _block_keys(event: dict[str, Any]) -> list[ShardKey]:
+        """The blocks a block op names: ``"indices": [i, …]`` (or one ``"block": i``) of
+        ``"blocks": K`` of the round."""
         job = validate_job(event.get("job"))
         round_ = validate_round(event.get("round"))
-        block, blocks = event.get("block"), event.get("blocks")
-        if not isinstance(block, int) or not isinstance(blocks, int):
-            raise ValidationError("a block op needs integer 'block' and 'blocks'")
+        indices, blocks = event.get("indices"), event.get("blocks")
+        if indices is None and "block" in event:
+            indices = [event.get("block")]
+        if (
+            not isinstance(indices, list)
+            or not indices
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices)
+            or not isinstance(blocks, int)
+            or isinstance(blocks, bool)
+        ):
+            raise ValidationError(
+                "a block op needs 'blocks' (the round's block count) and 'indices' (a non-empty "
+                "list of block numbers) or 'block'"
+            )
         try:
-            return block_shard(job, round_, block, blocks)
+            return [block_shard(job, round_, i, blocks) for i in indices]
         except ValueError as exc:
             raise ValidationError(str(exc)) from exc
 
+    @staticmethod
+    def _state(hits: list[bool]) -> str:
+        return "hit" if all(hits) else "miss" if not any(hits) else "partial"
+
     def partial(self, event: dict[str, Any]) -> dict[str, Any]:
-        """The Gram pieces of one block: of its parameters' columns, or of its buffers'."""
-        key = self._block_key(event)
+        """The Gram pieces of each block named: of its parameters' columns, or of its buffers'.
+        One invocation serves every block the router gives this node, one after the other (a
+        node runs one invocation at a time)."""
+        keys = self._block_keys(event)
         gets_before = self.store.gets
-        t0 = time.perf_counter()
-        with self.cache.using(key, self._loader(key)) as (data, hit):
-            t1 = time.perf_counter()
-            parts = block_parts_json(data, bool(event.get("buffers")))
-            delta = data.is_delta
-            content = content_digest(data.sha256)
-        t2 = time.perf_counter()
+        load_ms = compute_ms = 0.0
+        results: list[dict[str, Any]] = []
+        hits: list[bool] = []
+        deltas: set[bool] = set()
+        contents: set[str] = set()
+        for key in keys:
+            t0 = time.perf_counter()
+            with self.cache.using(key, self._loader(key)) as (data, hit):
+                t1 = time.perf_counter()
+                parts = block_parts_json(data, bool(event.get("buffers")))
+                deltas.add(data.is_delta)
+                contents.add(content_digest(data.sha256))
+            load_ms += (t1 - t0) * 1000
+            compute_ms += (time.perf_counter() - t1) * 1000
+            hits.append(hit)
+            results.append({"index": key.block, "parts": parts})
         return {
-            "parts": parts,
-            "is_delta": delta,
-            "content": content,
-            "cache": "hit" if hit else "miss",
+            "results": results,
+            "is_delta": deltas.pop() if len(deltas) == 1 else None,
+            "content": contents.pop() if len(contents) == 1 else None,
+            "cache": self._state(hits),
             "node": self.node_index,
-            "timing_ms": {"load": (t1 - t0) * 1000, "compute": (t2 - t1) * 1000},
+            "timing_ms": {"load": load_ms, "compute": compute_ms},
             "s3_gets": self.store.gets - gets_before,
         }
 
     def model_part(self, event: dict[str, Any]) -> dict[str, Any]:
-        """One block of a model result: the expression evaluated on the block, in the stored
-        dtypes, as one zstd frame at ``part_key`` (block 0 first writes the header)."""
-        key = self._block_key(event)
-        part_key = event.get("part_key")
+        """Each named block of a model result: the expression evaluated on the block, in the
+        stored dtypes, as one zstd frame at ``part_keys[i]`` (block 0 first writes the header);
+        blocks are written one after the other, so the node holds one block's frame at a
+        time."""
+        keys = self._block_keys(event)
+        part_keys = event.get("part_keys")
+        if part_keys is None and "part_key" in event:
+            part_keys = [event.get("part_key")]
         expr = event.get("expr")
         metadata = event.get("metadata")
-        if not isinstance(part_key, str) or not isinstance(expr, dict):
-            raise ValidationError("model_part needs 'part_key' (a string) and 'expr'")
+        if (
+            not isinstance(part_keys, list)
+            or len(part_keys) != len(keys)
+            or not all(isinstance(k, str) for k in part_keys)
+            or not isinstance(expr, dict)
+        ):
+            raise ValidationError(
+                "model_part needs 'expr' and 'part_keys': one string per block in 'indices'"
+            )
+        load_all()  # the coordinate-wise functions the expression may name
         gets_before = self.store.gets
-        t0 = time.perf_counter()
-        with self.cache.using(key, self._loader(key)) as (data, hit):
-            t1 = time.perf_counter()
-            load_all()  # the coordinate-wise functions the expression may name
-            vector = evaluate(expr, data)
-            raw = tensor_bytes(vector, stored_specs(data.specs))
-            del vector
-        if key.block == 0:
-            if not isinstance(metadata, dict):
-                raise ValidationError("model_part of block 0 needs the result's 'metadata'")
-            specs = self.manifests.get(key.job, key.round).tensors
-            raw[:0] = header_prefix(result_specs(specs), metadata)
-        frame = compress_frame(raw)
-        del raw
-        self.store.put_result(part_key, frame, "application/octet-stream")
-        t2 = time.perf_counter()
+        load_ms = compute_ms = 0.0
+        results: list[dict[str, Any]] = []
+        hits: list[bool] = []
+        for key, part_key in zip(keys, part_keys, strict=True):
+            t0 = time.perf_counter()
+            with self.cache.using(key, self._loader(key)) as (data, hit):
+                t1 = time.perf_counter()
+                vector = evaluate(expr, data)
+                raw = tensor_bytes(vector, stored_specs(data.specs))
+                del vector
+            if key.block == 0:
+                if not isinstance(metadata, dict):
+                    raise ValidationError("model_part of block 0 needs the result's 'metadata'")
+                specs = self.manifests.get(key.job, key.round).tensors
+                raw[:0] = header_prefix(result_specs(specs), metadata)
+            frame = compress_frame(raw)
+            del raw
+            self.store.put_result(part_key, frame, "application/octet-stream")
+            load_ms += (t1 - t0) * 1000
+            compute_ms += (time.perf_counter() - t1) * 1000
+            hits.append(hit)
+            results.append({"index": key.block, "part_key": part_key, "bytes": len(frame)})
         return {
-            "part_key": part_key,
-            "bytes": len(frame),
-            "s3_puts": 1,
-            "cache": "hit" if hit else "miss",
+            "results": results,
+            "s3_puts": len(results),
+            "cache": self._state(hits),
             "node": self.node_index,
-            "timing_ms": {"load": (t1 - t0) * 1000, "compute": (t2 - t1) * 1000},
+            "timing_ms": {"load": load_ms, "compute": compute_ms},
             "s3_gets": self.store.gets - gets_before,
         }
 
@@ -483,12 +529,12 @@ class CacheNode:
         return self.run(event)
 
     def op_partial(self, event: dict[str, Any]) -> dict[str, Any]:
-        """``{"op": "partial", "job", "round", "block", "blocks", "buffers"}``: see
+        """``{"op": "partial", "job", "round", "indices", "blocks", "buffers"}``: see
         :meth:`partial`."""
         return self.partial(event)
 
     def op_model_part(self, event: dict[str, Any]) -> dict[str, Any]:
-        """``{"op": "model_part", "job", "round", "block", "blocks", "expr", "part_key",
+        """``{"op": "model_part", "job", "round", "indices", "blocks", "expr", "part_keys",
         "metadata"}``: see :meth:`model_part`."""
         return self.model_part(event)
 

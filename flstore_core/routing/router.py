@@ -27,6 +27,7 @@ import hashlib
 import json
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -497,21 +498,19 @@ class Router:
         clients = manifest.clients
 
         def fetch(buffers: bool) -> tuple[list[GramParts | None], bool]:
-            def one(index: int) -> dict[str, Any]:
-                block = plan.blocks[index]
-                event = {
+            answers = self._scatter_blocks(
+                plan,
+                lambda indices: {
                     "op": "partial",
                     "job": job,
                     "round": round_,
-                    "block": block.key.block,
-                    "blocks": block.key.blocks,
+                    "indices": indices,
+                    "blocks": len(plan.blocks),
                     "buffers": buffers,
-                }
-                return self._scatter_one(block.key, block.order, event)
-
-            answers = self._gather(one, len(plan.blocks))
+                },
+            )
             expected = content_digest({c: manifest.updates[c].sha256 for c in clients})
-            if any(a.get("content") != expected for a in answers):
+            if any(a.get("content") != expected for _, a in answers):
                 # a block holder read another version of the round (a late client joined it
                 # between the router's manifest and the node's): nothing of this view is kept
                 with self._lock:
@@ -523,13 +522,16 @@ class Router:
                 raise UnavailableError(
                     f"round {round_} of job {job!r} changed while it was read: retry the request"
                 )
-            deltas = {bool(a["is_delta"]) for a in answers}
-            if len(deltas) != 1:
+            deltas = {a.get("is_delta") for _, a in answers}
+            if len(deltas) != 1 or None in deltas:
                 raise UnavailableError(
                     f"the blocks of round {round_} of job {job!r} disagree on its base model"
                 )
-            parts = [None if a["parts"] is None else parts_from_json(a["parts"]) for a in answers]
-            return parts, deltas.pop()
+            parts = [
+                None if item["parts"] is None else parts_from_json(item["parts"])
+                for item, _ in answers
+            ]
+            return parts, bool(deltas.pop())
 
         return ShardedRound(
             job,
@@ -562,6 +564,68 @@ class Router:
 
         return list(self._pool.map(run, range(count)))
 
+    def _scatter_blocks(
+        self, plan: RoundPlan, event: Callable[[list[int]], dict[str, Any]]
+    ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Ask the block holders for every block of ``plan``: each node gets ONE invocation
+        carrying all the blocks assigned to it (a cache node runs one invocation at a time: two
+        concurrent ones would be throttled), blocks spread over their owners; a node that fails
+        has its blocks reassigned along their orders in the next pass. Returns, in block order,
+        each block's item of its node's answer and that answer."""
+        count = len(plan.blocks)
+        pending = list(range(count))
+        failed: dict[int, set[int]] = {i: set() for i in pending}
+        out: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+        scatter: Scatter | None = getattr(self._request, "scatter", None)
+        while pending:
+            assigned: dict[int, list[int]] = {}
+            for i in pending:
+                block = plan.blocks[i]
+                candidates = [n for n in block.order if n not in failed[i]]
+                candidates = candidates[: self.failover.max_attempts]
+                if not candidates:
+                    raise UnavailableError(
+                        f"no cache node could answer for block {block.key}: tried "
+                        + ", ".join(node_name(self.config.prefix, n) for n in sorted(failed[i]))
+                    )
+                owners = [n for n in candidates if n in block.owners] or candidates[:1]
+                node = min(owners, key=lambda n: (len(assigned.get(n, [])), owners.index(n)))
+                assigned.setdefault(node, []).append(i)
+
+            def call(job: tuple[int, list[int]]) -> tuple[int, Answered | None]:
+                node, indices = job
+                function = node_name(self.config.prefix, node)
+                payload = event(indices)
+                try:
+                    answered = self.failover.invoke(
+                        f"{plan.job}/round/{plan.round} blocks {indices}",
+                        [function],
+                        lambda f: self.invoker.invoke(f, payload),
+                    )
+                except UnavailableError:
+                    if scatter is not None:
+                        with scatter.lock:
+                            scatter.tried.append(function)
+                    return node, None
+                return node, answered
+
+            pending = []
+            for node, answered in self._pool.map(call, sorted(assigned.items())):
+                if answered is None:
+                    for i in assigned[node]:
+                        failed[i].add(node)
+                    pending.extend(assigned[node])
+                    continue
+                payload = (
+                    scatter.add(answered)
+                    if scatter is not None
+                    else self._checked(answered.answer.payload)
+                )
+                for item in payload["results"]:
+                    out[int(item["index"])] = (item, payload)
+            pending.sort()
+        return [out[i] for i in range(count)]
+
     def _scatter_one(
         self, shard: ShardKey, order: list[int], event: dict[str, Any]
     ) -> dict[str, Any]:
@@ -592,22 +656,20 @@ class Router:
             metadata = result_metadata(workload, view)
             part_keys = [f"{key}.parts/{i:05d}" for i in range(len(plan.blocks))]
 
-            def one(index: int) -> dict[str, Any]:
-                block = plan.blocks[index]
-                event = {
+            def event(indices: list[int]) -> dict[str, Any]:
+                return {
                     "op": "model_part",
                     "job": view.job,
                     "round": view.round,
-                    "block": block.key.block,
-                    "blocks": block.key.blocks,
+                    "indices": indices,
+                    "blocks": len(plan.blocks),
                     "expr": expr,
-                    "part_key": part_keys[index],
-                    "metadata": metadata if index == 0 else None,
+                    "part_keys": [part_keys[i] for i in indices],
+                    "metadata": metadata if 0 in indices else None,
                 }
-                return self._scatter_one(block.key, block.order, event)
 
             try:
-                self._gather(one, len(plan.blocks))
+                self._scatter_blocks(plan, event)
                 self.store.compose_result(key, part_keys)
                 # the multipart upload: its creation, one copied or uploaded part per frame at
                 # most, its completion (S3 bills each as a PUT-class request)
