@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/workloads.py --json bench-out/workloads.json
 	$(BIN)/python benchmarks/ingest.py --json bench-out/ingest.json
 	$(BIN)/python benchmarks/scale.py --json bench-out/scale.json
+	$(BIN)/python benchmarks/block_costs.py --json bench-out/block_costs.json
 
 clean:
 	rm -rf $(VENV) .flstore demo-out bench-out .pytest_cache .mypy_cache .ruff_cache
