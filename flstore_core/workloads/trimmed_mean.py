@@ -21,7 +21,10 @@ rounding).
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import numpy.typing as npt
@@ -30,29 +33,170 @@ from flstore_core.cache.round_data import RoundData, register_columnwise
 from flstore_core.errors import InvalidParamsError
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
 
-# elements of the matrix sorted at a time: bounds the sort's copy (~4 MB of float32) whatever
-# the model size, while keeping the number of Python-level chunks small (~30 for 10 x 11.7M)
-CHUNK_ELEMENTS = 1 << 20
+# elements of the matrix processed at a time: a chunk's rows, the scratch row and its float64
+# accumulator stay in one core's L2 (1 MB on the EPYC measured: 16,384 columns of 10 rows),
+# which is what makes the network's ~30 min/max passes cost less than reading the matrix twice
+CHUNK_ELEMENTS = 10 * 32768
+
+
+@functools.lru_cache(maxsize=512)
+def _batcher(n: int) -> tuple[tuple[int, int], ...]:
+    """Batcher's odd-even merge sort on ``n`` wires: the network for the next power of two
+    ``p``, without its comparators that touch a wire ``>= n`` (padding with +inf on the top
+    wires, which such a comparator never moves). Knuth, TAOCP vol. 3, §5.3.4, Algorithm M."""
+    p = 1
+    while p < n:
+        p *= 2
+    out: list[tuple[int, int]] = []
+    t = 1
+    while t < p:
+        k = t
+        while k >= 1:
+            for j in range(k % t, p - k, 2 * k):
+                for i in range(min(k, p - j - k)):
+                    a, b = i + j, i + j + k
+                    if a // (2 * t) == b // (2 * t) and b < n:
+                        out.append((a, b))
+            k //= 2
+        t *= 2
+    return tuple(out)
+
+
+def _bubble(n: int, cut: int) -> tuple[tuple[int, int], ...]:
+    """``cut`` bubble passes carrying the minima to wires ``0..cut-1``, then ``cut`` carrying
+    the maxima to the top ``cut`` wires: ``~2·cut·n`` comparators, fewer than a sort for
+    ``cut = 1``."""
+    net = [(i - 1, i) for k in range(cut) for i in range(n - 1, k, -1)]
+    net += [(i, i + 1) for k in range(cut) for i in range(cut, n - 1 - k)]
+    return tuple(net)
+
+
+def _prune(net: tuple[tuple[int, int], ...], n: int, cut: int) -> tuple[tuple[int, int], ...]:
+    """``net`` without the comparators the trimmed sum does not need: it needs the *sets* of
+    values on the low ``cut`` wires, the middle ones and the top ``cut``, not their order. A
+    comparator whose two wires end in the same set and are touched by no later comparator kept
+    only orders values within that set, so it goes (scanning from the end)."""
+
+    def group(w: int) -> int:
+        return 0 if w < cut else 2 if w >= n - cut else 1
+
+    touched: set[int] = set()
+    kept: list[tuple[int, int]] = []
+    for a, b in reversed(net):
+        if group(a) == group(b) and a not in touched and b not in touched:
+            continue
+        kept.append((a, b))
+        touched.update((a, b))
+    return tuple(reversed(kept))
+
+
+@functools.lru_cache(maxsize=512)
+def trim_network(n: int, cut: int) -> tuple[tuple[int, int, bool, bool], ...]:
+    """A comparator network after which wires ``cut .. n-cut-1`` hold the values of ranks
+    ``cut .. n-cut-1`` of the ``n`` inputs (as a set): the shorter of pruned Batcher and pruned
+    bubble passes (for n = 10: 17 comparators for cut 1, 29 for cut 2, 26 for 3, 29 for 4).
+
+    Each comparator ``(a, b, lo, hi)`` says which of its outputs is used later (``lo``: the
+    minimum left on wire ``a``, ``hi``: the maximum on ``b``) — by a later comparator, or by the
+    sum when the wire is kept; an unused one is not computed (a minimum carried onto a wire that
+    is cut, say), which saves one vector pass in ten.
+    """
+    sort = _prune(_batcher(n), n, cut)
+    bubble = _prune(_bubble(n, cut), n, cut)
+    net = sort if len(sort) <= len(bubble) else bubble
+    needed = set(range(cut, n - cut))  # wires whose value is read after this point
+    out: list[tuple[int, int, bool, bool]] = []
+    for a, b in reversed(net):
+        lo, hi = a in needed, b in needed
+        out.append((a, b, lo, hi))
+        needed |= {a, b}  # a kept comparator reads both wires (pruning left no useless one)
+    return tuple(reversed(out))
+
+
+def _trim_chunk(
+    sources: list[npt.NDArray[np.float32]],
+    net: tuple[tuple[int, int, bool, bool], ...],
+    cut: int,
+    scratch: list[npt.NDArray[np.float32]],
+    acc: npt.NDArray[np.float64],
+    out: npt.NDArray[np.float32],
+) -> None:
+    """The trimmed mean of one column chunk, ``sources`` being its rows (views of the matrix,
+    only read). Each comparator ``(a, b)`` is at most two vector passes, ``min`` onto a free
+    scratch row and ``max`` onto ``b``'s own scratch row (or another free one while ``b`` still
+    is the matrix); the wires then name the scratch rows, so nothing is copied."""
+    n = len(sources)
+    rows = list(sources)
+    owned = [False] * n
+    free = list(scratch)
+    for a, b, need_lo, need_hi in net:
+        ra, rb = rows[a], rows[b]
+        lo = hi = ra  # placeholders for an output nobody reads
+        if need_lo:
+            lo = free.pop()
+            np.minimum(ra, rb, out=lo)
+        if need_hi:
+            hi = rb if owned[b] else free.pop()
+            np.maximum(ra, rb, out=hi)
+        elif owned[b]:
+            free.append(rb)
+        if owned[a]:
+            free.append(ra)
+        rows[a], rows[b] = lo, hi
+        owned[a], owned[b] = need_lo, need_hi
+    # (1 / (n − 2c)) Σ_{i=c}^{n−c−1} x_(i)[k], the kept values summed in float64
+    np.copyto(acc, rows[cut])
+    for k in range(cut + 1, n - cut):
+        np.add(acc, rows[k], out=acc)
+    np.divide(acc, n - 2 * cut, out=out, casting="same_kind")
 
 
 def trimmed_mean_rows(
-    matrix: npt.NDArray[np.float32], cut: int, chunk_elements: int = CHUNK_ELEMENTS
+    matrix: npt.NDArray[np.float32],
+    cut: int,
+    chunk_elements: int = CHUNK_ELEMENTS,
+    rows: Sequence[int] | None = None,
+    threads: int = 1,
 ) -> npt.NDArray[np.float32]:
-    """Coordinate-wise mean of the rows of ``matrix`` without the ``cut`` lowest and highest.
+    """Coordinate-wise mean of the rows of ``matrix`` (or of its rows ``rows``) without the
+    ``cut`` lowest and highest.
 
-    Sorted along axis 0 in column chunks so the extra memory stays ``O(chunk_elements)``
-    instead of a full copy of the ``(n, d)`` matrix.
+    A comparator network (:func:`trim_network`) moves, column by column, the ``cut`` smallest
+    values onto the first wires and the ``cut`` largest onto the last; the middle wires are
+    summed in float64. Comparators are elementwise ``np.minimum``/``np.maximum`` over a chunk of
+    contiguous columns, so the work is ~30 branch-free passes over a cache-resident chunk for
+    n = 10 instead of one small sort per column (``np.sort(axis=0)``, ~20x slower). min and max
+    return one of their inputs exactly, so the kept values are the sorted ranks bit for bit and
+    the result equals the sort's up to the float64 summation order; the values are removed, never
+    subtracted, so an outlier of 1e30 costs the kept ones no digits. Memory beyond the output
+    is ``O(chunk_elements)``; ``threads`` split the chunks (column ranges: deterministic).
     """
-    n, d = matrix.shape
+    index = list(range(matrix.shape[0])) if rows is None else [int(r) for r in rows]
+    n, d = len(index), matrix.shape[1]
     if not 0 <= 2 * cut < n:
         raise ValueError(f"cannot cut {cut} values from each end of {n}")
-    kept = n - 2 * cut
+    net = trim_network(n, cut)
     out = np.empty(d, dtype=np.float32)
-    cols = max(1, chunk_elements // max(n, 1))
-    for start in range(0, d, cols):  # chunks of columns, each one vectorised sort
-        block = np.sort(matrix[:, start : start + cols], axis=0)
-        # (1 / (n − 2c)) Σ_{i=c}^{n−c−1} x_(i)[k], accumulated in float64
-        out[start : start + cols] = block[cut : n - cut].sum(axis=0, dtype=np.float64) / kept
+    cols = max(1, chunk_elements // n)
+
+    def run(lo: int, hi: int) -> None:
+        width = min(cols, hi - lo)
+        buf = np.empty((n + 1, width), np.float32)
+        scratch, acc = list(buf), np.empty(width, np.float64)
+        for start in range(lo, hi, cols):
+            stop = min(start + cols, hi)
+            if stop - start < width:  # the last, narrower chunk
+                scratch, acc = [r[: stop - start] for r in buf], acc[: stop - start]
+            sources = [matrix[r, start:stop] for r in index]
+            _trim_chunk(sources, net, cut, scratch, acc, out[start:stop])
+
+    if threads <= 1 or d <= cols:
+        run(0, d)
+        return out
+    # contiguous ranges of whole chunks, a few per thread so a slower core does not idle the other
+    per = -(-d // (4 * threads) // cols) * cols or cols
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda a: run(a, min(a + per, d)), range(0, d, per)))
     return out
 
 
