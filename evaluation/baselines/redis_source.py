@@ -234,6 +234,22 @@ class RedisObjects:
         value = self.get(key)
         return None if value is None else io.BytesIO(value)
 
+    def get_range(self, key: str, start: int, end: int) -> Buffer | None:
+        """The mirrored blob's bytes ``[start, end)`` (GETRANGE; a missing key is ``None``)."""
+        if not 0 <= start < end:
+            return b"" if self.head(key) is not None else None
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.exists(key)
+                pipe.getrange(key, start, end - 1)
+                exists, value = pipe.execute()
+        except redis.RedisError as exc:
+            raise UnavailableError(f"Redis at {self.url} failed: {exc}") from exc
+        if not exists:
+            return None
+        assert isinstance(value, bytes)
+        return value
+
     def head(self, key: str) -> BlobInfo | None:
         try:
             size = int(self.client.strlen(key))

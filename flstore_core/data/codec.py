@@ -2,8 +2,11 @@
 
 Objects in S3 are untrusted input, so nothing here unpickles: an update is a safetensors file
 (an 8-byte little-endian header length, a JSON header with ``__metadata__``, then the raw
-tensor bytes) compressed as one zstandard frame. The sha256 of the *uncompressed* bytes goes to
-the round manifest and is checked on read.
+tensor bytes) compressed with zstandard — one frame for a small update, else the header in one
+frame and the data section in frames of at most ``FRAME_BYTES`` (:func:`frame_plan`), whose
+concatenation decodes to the same bytes. The sha256 of the *uncompressed* bytes goes to the
+round manifest and is checked on read; so do the frames' offsets and digests, with which a
+column block is read by ranged GETs of its frames (:func:`decode_frames_columns_into`).
 
 The writer is our own, not ``safetensors.numpy.save``: the format is a dozen lines to write, the
 library reorders tensors by dtype and name (we keep the state-dict order, which is the column
@@ -21,7 +24,7 @@ import json
 import math
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -72,6 +75,18 @@ PRECISION_ALIASES: dict[str, Precision] = {
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 ZSTD_LEVEL = 1
+# A stored update is several zstd frames (:func:`frame_plan`) so that a column block is read
+# with range GETs of the frames holding its bytes, not the whole object: the header alone, then
+# the data section cut every ``FRAME_BYTES`` of raw bytes — fewer, larger frames for a large
+# update (a manifest records one offset pair and digest per frame), smaller ones for a small
+# update (so a block of it is still a fraction of it), at most ``MAX_FRAMES`` data frames until
+# the frames reach ``FRAME_BYTES``; an update of at most ``MIN_FRAME_BYTES`` stays one frame.
+FRAME_BYTES = 1 << 20
+MIN_FRAME_BYTES = 64 << 10
+MAX_FRAMES = 64
+# hex digits kept of each frame's sha256 in a manifest: 128 bits, a second preimage (changing a
+# frame's bytes without changing its digest) costs 2^128 hashes; the whole-file sha256 stays 64
+FRAME_DIGEST_HEX = 32
 
 
 @dataclass(frozen=True)
@@ -144,6 +159,11 @@ class EncodedUpdate:
     num_examples: int
     metrics: dict[str, Any]
     norm: float
+    # the frames of ``data`` when it is several (:func:`frame_plan`): cumulative
+    # ``(raw_end, stored_end)`` offsets and each frame's raw-bytes digest (:func:`frame_digest`);
+    # empty for a one-frame update (read whole, as before frames existed)
+    frames: tuple[tuple[int, int], ...] = ()
+    frame_digests: tuple[str, ...] = ()
 
     @property
     def stored_bytes(self) -> int:
@@ -404,25 +424,107 @@ def compress_frame(raw: bytes | bytearray | memoryview, level: int = ZSTD_LEVEL)
     return _compressor(level).compress(raw)
 
 
+def frame_digest(raw: bytes | bytearray | memoryview) -> str:
+    """The digest a manifest records of one frame's raw bytes: sha256, its first
+    ``FRAME_DIGEST_HEX`` hex digits."""
+    return hashlib.sha256(raw).hexdigest()[:FRAME_DIGEST_HEX]
+
+
+def frame_plan(raw_len: int, data_start: int, frame_bytes: int | None = None) -> list[int]:
+    """The raw offsets where the frames of a file of ``raw_len`` bytes end, its data section
+    starting at ``data_start``: ``[raw_len]`` (one frame) for a file of at most
+    ``MIN_FRAME_BYTES``, else the header (``data_start``) then the data section every
+    ``max(MIN_FRAME_BYTES, min(frame_bytes, ceil(data / MAX_FRAMES)))`` bytes.
+
+    ``frame_bytes`` (default ``FRAME_BYTES``) caps the frame size; tests pass a small one.
+    Sizes: a 1 MB update is 16 data frames of 64 KiB; ResNet-18's 46 MB, 64 frames of 720 KB
+    (about 3.6 KB of manifest per client); ResNet-50's 100 MB, 96 frames of 1 MiB.
+    """
+    cap = FRAME_BYTES if frame_bytes is None else frame_bytes
+    if cap < 1:
+        raise ValueError("frame_bytes must be positive")
+    if raw_len <= min(MIN_FRAME_BYTES, cap) or raw_len <= data_start:
+        return [raw_len]
+    data = raw_len - data_start
+    step = max(min(MIN_FRAME_BYTES, cap), min(cap, -(-data // MAX_FRAMES)))
+    return [data_start, *range(data_start + step, raw_len, step), raw_len]
+
+
 def encode_update(
     update: Update,
     precision: Precision = "float32",
     *,
     level: int = ZSTD_LEVEL,
     allow_nonfinite: bool = False,
+    frame_bytes: int | None = None,
 ) -> EncodedUpdate:
-    """Serialize, checksum and compress ``update`` into its stored form."""
+    """Serialize, checksum and compress ``update`` into its stored form: the frames of
+    :func:`frame_plan`, each compressed alone (:func:`compress_frame`), concatenated. The raw
+    bytes, and so the sha256, are those of the one-frame encoding; every reader decodes the
+    frames as their concatenation, and a column-block reader fetches only the frames it needs
+    (:func:`decode_frames_columns_into`)."""
     raw = serialize(update, precision, allow_nonfinite=allow_nonfinite)
     sq = row_sq_norm(update)
+    (head_len,) = struct.unpack("<Q", raw[:8])
+    ends = frame_plan(len(raw), 8 + head_len, frame_bytes)
+    view = memoryview(raw)
+    parts: list[bytes] = []
+    frames: list[tuple[int, int]] = []
+    digests: list[str] = []
+    start = stored = 0
+    for end in ends:
+        part = _compressor(level).compress(view[start:end])
+        parts.append(part)
+        stored += len(part)
+        frames.append((end, stored))
+        digests.append(frame_digest(view[start:end]))
+        start = end
+    several = len(frames) > 1
     return EncodedUpdate(
-        data=_compressor(level).compress(raw),
+        data=parts[0] if not several else b"".join(parts),
         sha256=hashlib.sha256(raw).hexdigest(),
         raw_bytes=len(raw),
         specs=tuple(update.specs()),
         num_examples=int(update.num_examples),
         metrics=dict(update.metrics),
         norm=math.sqrt(sq),
+        frames=tuple(frames) if several else (),
+        frame_digests=tuple(digests) if several else (),
     )
+
+
+def describe_frames(
+    data: bytes | bytearray | memoryview, limits: CodecLimits = DEFAULT_LIMITS
+) -> tuple[bytes, tuple[tuple[int, int], ...], tuple[str, ...]]:
+    """The raw bytes of a stored object and its frame index (as :func:`encode_update` records
+    it), decompressing each frame alone: what a commit that did not write an object (another
+    process did) records of it. An object of one frame, or with skippable frames between its
+    frames, has no index (``()``): it is read whole."""
+    view = memoryview(data).cast("B")
+    found = zstd_frames(view)
+    _known_total(found, limits)
+    dctx = _decompressor()
+    parts: list[bytes] = []
+    room = limits.max_file_bytes
+    try:
+        for f in found:
+            part = dctx.decompress(view[f.start : f.end], max_output_size=max(room, 1))
+            room -= len(part)
+            if room < 0:
+                raise LimitExceededError(f"update exceeds the cap of {limits.max_file_bytes}")
+            parts.append(part)
+    except zstandard.ZstdError as exc:
+        raise CorruptUpdateError(f"not a complete zstd frame: {exc}") from exc
+    raw = b"".join(parts)
+    contiguous = found[0].start == 0 and all(a.end == b.start for a, b in itertools.pairwise(found))
+    if len(found) == 1 or not contiguous or found[-1].end != len(view):
+        return raw, (), ()
+    frames: list[tuple[int, int]] = []
+    pos = 0
+    for f, part in zip(found, parts, strict=True):
+        pos += len(part)
+        frames.append((pos, f.end))
+    return raw, tuple(frames), tuple(frame_digest(p) for p in parts)
 
 
 def row_sq_norm(update: Update) -> float:
@@ -884,6 +986,191 @@ def decode_columns_into(
         )
     sq = _block_sq_norm(out, specs, columns, limits, who)
     return DecodedRow(sha, 8 + n + data_len, sq, header.metadata)
+
+
+class _Sink:
+    """Where the stored bytes ``[lo, hi)`` of the file (part of one tensor) go: the float32
+    ``dst``, converted as they arrive in file order — float32 bytes copied straight in, other
+    dtypes converted by whole elements (an element may straddle two frames)."""
+
+    def __init__(self, lo: int, hi: int, dtype: str, dst: npt.NDArray[np.float32]) -> None:
+        self.lo, self.hi, self.dtype, self.dst = lo, hi, dtype, dst
+        self.size = _ITEMSIZE[dtype]
+        self.done = 0  # elements written
+        self.carry = b""
+        self.fed = 0  # bytes received
+
+    def feed(self, chunk: memoryview) -> None:
+        if self.dtype == "F32":
+            target = memoryview(self.dst).cast("B")  # type: ignore[arg-type]
+            target[self.fed : self.fed + len(chunk)] = chunk
+            self.fed += len(chunk)
+            return
+        self.fed += len(chunk)
+        buf = memoryview(self.carry + bytes(chunk)) if self.carry else chunk
+        whole = len(buf) // self.size
+        if whole:
+            _convert_into(
+                buf[: whole * self.size], self.dtype, self.dst[self.done : self.done + whole]
+            )
+            self.done += whole
+        self.carry = bytes(buf[whole * self.size :])
+
+
+def frame_starts(frames: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Each frame's ``(raw_start, stored_start)``, from the cumulative ends."""
+    return [(0, 0), *frames[:-1]]
+
+
+def check_frames(
+    frames: Sequence[tuple[int, int]], digests: Sequence[str], raw: int, stored: int
+) -> None:
+    """Raise ``ValueError`` unless ``frames`` (cumulative ``(raw_end, stored_end)``) increase
+    strictly to ``(raw, stored)`` with one digest each: a manifest's frame index is checked
+    when it is read, so a reader never plans a range outside the object."""
+    if len(frames) != len(digests) or not frames:
+        raise ValueError("frames and frame digests must be non-empty lists of equal length")
+    prev = (0, 0)
+    for r, st in frames:
+        if r <= prev[0] or st <= prev[1]:
+            raise ValueError(f"frame offsets {[r, st]} do not increase")
+        prev = (r, st)
+    if prev != (raw, stored):
+        raise ValueError(f"the frames end at {list(prev)}, the object has {[raw, stored]} bytes")
+    if not all(
+        len(d) == FRAME_DIGEST_HEX and all(c in "0123456789abcdef" for c in d) for d in digests
+    ):
+        raise ValueError(f"frame digests must be {FRAME_DIGEST_HEX} hex digits")
+
+
+def decode_frames_columns_into(
+    fetch: Callable[[int, int], bytes | bytearray | memoryview],
+    frames: Sequence[tuple[int, int]],
+    digests: Sequence[str],
+    out: npt.NDArray[np.float32],
+    specs: Sequence[TensorSpec],
+    columns: tuple[int, int],
+    *,
+    limits: CodecLimits = DEFAULT_LIMITS,
+    who: str = "update",
+    run_bytes: int = 8 << 20,
+) -> DecodedRow:
+    """Decode the columns ``[a, b)`` of a stored update (``specs`` order) into ``out`` from
+    the frames that hold them, fetched by stored byte range: ``fetch(start, end)`` returns the
+    stored bytes ``[start, end)`` (one ranged GET). ``frames`` and ``digests`` are the update's
+    frame index from its manifest entry (:func:`encode_update`, :func:`check_frames`).
+
+    The header is read from the first frame(s) (validated against ``specs`` by name, its
+    offsets against the file's size), so the file's own tensor order is used; the block's
+    columns map to byte ranges of the data section, the frames covering them are fetched with
+    one range per run of consecutive frames (at most ``run_bytes`` stored bytes each: memory
+    is ``out`` plus a run and a frame), each decompressed alone and checked against its
+    digest before a byte of it is used. The whole-file sha256 cannot be checked without
+    reading every frame, so the returned ``sha256`` is ``""``; the frames read are verified.
+    """
+    a, b = columns
+    total_cols = sum(s.numel for s in specs)
+    if not 0 <= a <= b <= total_cols:
+        raise ValueError(f"columns [{a}, {b}) are outside a row of {total_cols}")
+    if out.dtype != np.float32 or out.shape != (b - a,) or not out.flags.c_contiguous:
+        raise ValueError(f"decode_frames_columns_into needs a contiguous float32 output of {b - a}")
+    raw_len = frames[-1][0]
+    if raw_len > limits.max_file_bytes:
+        raise LimitExceededError(
+            f"update of {raw_len} bytes exceeds the cap of {limits.max_file_bytes}"
+        )
+    starts = frame_starts(frames)
+    dctx = _decompressor()
+
+    def frame_raw(i: int, stored: memoryview) -> bytes:
+        want = frames[i][0] - starts[i][0]
+        try:
+            size = zstandard.frame_content_size(stored)
+            if size not in (-1, want):
+                raise CorruptUpdateError(
+                    f"{who}: frame {i} declares {size} bytes, its index {want}"
+                )
+            raw = dctx.decompress(stored, max_output_size=want)
+        except zstandard.ZstdError as exc:
+            raise CorruptUpdateError(f"{who}: frame {i} is not a zstd frame: {exc}") from exc
+        if len(raw) != want or frame_digest(raw) != digests[i]:
+            raise CorruptUpdateError(
+                f"{who}: frame {i} (raw bytes {starts[i][0]}-{frames[i][0]}) does not match its "
+                "digest in the manifest"
+            )
+        return raw
+
+    def runs(needed: Sequence[int]) -> Iterator[list[int]]:
+        run: list[int] = []
+        for i in needed:
+            if run and (i != run[-1] + 1 or frames[i][1] - starts[run[0]][1] > run_bytes):
+                yield run
+                run = []
+            run.append(i)
+        if run:
+            yield run
+
+    def read_frames(needed: Sequence[int]) -> Iterator[tuple[int, bytes]]:
+        for run in runs(needed):
+            lo, hi = starts[run[0]][1], frames[run[-1]][1]
+            got = memoryview(fetch(lo, hi)).cast("B")
+            if len(got) != hi - lo:
+                raise CorruptUpdateError(
+                    f"{who}: the object is shorter than its frame index ({lo + len(got)} of {hi})"
+                )
+            for i in run:
+                yield i, frame_raw(i, got[starts[i][1] - lo : frames[i][1] - lo])
+
+    # the header: the frame(s) holding the first 8 bytes, then those holding the rest of it
+    head_raw = bytearray()
+    k = 0  # frames read so far
+    need = 8
+    while len(head_raw) < need and k < len(frames):
+        ahead = [j for j in range(k, len(frames)) if starts[j][0] < need]
+        for _, raw in read_frames(ahead):
+            head_raw += raw
+        k += len(ahead)
+        if need == 8 and len(head_raw) >= 8:
+            need = 8 + header_length(bytes(head_raw[:8]), limits, raw_len)
+    n = header_length(bytes(head_raw[:8]), limits, raw_len)
+    header = parse_header(bytes(head_raw[8 : 8 + n]), raw_len, limits)
+    _check_specs(header, specs, who)
+    ranges = slices_of(specs)
+    by_name = {e.name: e for e in header.entries}
+    sinks: list[_Sink] = []
+    for s, (lo, hi) in zip(specs, ranges, strict=True):
+        first, last = max(lo, a), min(hi, b)
+        if first < last:
+            e = by_name[s.name]
+            size = _ITEMSIZE[e.dtype]
+            start = header.data_start + e.start + (first - lo) * size
+            sinks.append(
+                _Sink(start, start + (last - first) * size, e.dtype, out[first - a : last - a])
+            )
+    sinks.sort(key=lambda sk: sk.lo)
+    # bytes the header frames already hold (a one-frame update, or a header frame with data)
+    have = len(head_raw)
+    for sk in sinks:
+        if sk.lo < have:
+            sk.feed(memoryview(head_raw)[sk.lo : min(sk.hi, have)])
+    needed = [
+        i
+        for i in range(k, len(frames))
+        if any(sk.lo < frames[i][0] and starts[i][0] < sk.hi for sk in sinks)
+    ]
+    pending = [sk for sk in sinks if sk.hi > have]
+    for i, raw in read_frames(needed):
+        r0, r1 = starts[i][0], frames[i][0]
+        view = memoryview(raw)
+        for sk in pending:
+            lo, hi = max(sk.lo, r0, have), min(sk.hi, r1)
+            if lo < hi:
+                sk.feed(view[lo - r0 : hi - r0])
+    for sk in sinks:
+        if sk.fed != sk.hi - sk.lo or sk.carry:
+            raise CorruptUpdateError(f"{who}: a tensor's bytes are missing from its frames")
+    sq = _block_sq_norm(out, specs, columns, limits, who)
+    return DecodedRow("", raw_len, sq, header.metadata)
 
 
 def _data_len(header: Header, head_len: int, limits: CodecLimits) -> int:

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from flstore_core.data.codec import PRECISIONS, Precision, TensorSpec
+from flstore_core.data.codec import PRECISIONS, Precision, TensorSpec, check_frames
 from flstore_core.errors import StoredObjectCorruptError, ValidationError
 from flstore_core.ids import validate_client, validate_job, validate_round
 
@@ -101,7 +101,16 @@ def _names(value: Any, field_name: str) -> tuple[str, ...] | None:
 
 @dataclass
 class UpdateEntry:
-    """One client's row in a round manifest."""
+    """One client's row in a round manifest.
+
+    ``frames`` and ``frame_sha256`` index a stored update of several zstd frames
+    (:func:`~flstore_core.data.codec.encode_update`): cumulative ``(raw_end, stored_end)``
+    offsets and each frame's truncated digest, so that a column block is read with range GETs
+    of its frames (:meth:`~flstore_core.storage.object_store.ObjectStore.read_round_block`).
+    Both are empty for a one-frame update and in manifests written before frames existed:
+    such an update is read whole. About 55 bytes of JSON per frame: 3.6 KB per client for
+    ResNet-18's 64 frames.
+    """
 
     client: str
     key: str
@@ -111,9 +120,11 @@ class UpdateEntry:
     num_examples: int
     metrics: dict[str, Any]
     summary: dict[str, float] = field(default_factory=dict)
+    frames: tuple[tuple[int, int], ...] = ()
+    frame_sha256: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        obj: dict[str, Any] = {
             "key": self.key,
             "sha256": self.sha256,
             "raw_bytes": self.raw_bytes,
@@ -122,10 +133,14 @@ class UpdateEntry:
             "metrics": self.metrics,
             "summary": self.summary,
         }
+        if self.frames:
+            obj["frames"] = [list(f) for f in self.frames]
+            obj["frame_sha256"] = list(self.frame_sha256)
+        return obj
 
     @classmethod
     def from_json(cls, client: str, obj: dict[str, Any]) -> UpdateEntry:
-        return cls(
+        entry = cls(
             client=validate_client(client),
             key=str(obj["key"]),
             sha256=str(obj["sha256"]),
@@ -134,7 +149,13 @@ class UpdateEntry:
             num_examples=int(obj["num_examples"]),
             metrics=dict(obj.get("metrics") or {}),
             summary={k: float(v) for k, v in (obj.get("summary") or {}).items()},
+            frames=tuple((int(r), int(s)) for r, s in obj.get("frames") or ()),
+            frame_sha256=tuple(str(d) for d in obj.get("frame_sha256") or ()),
         )
+        if entry.frames or entry.frame_sha256:
+            # a reader plans range GETs from these: refuse an index outside the object
+            check_frames(entry.frames, entry.frame_sha256, entry.raw_bytes, entry.stored_bytes)
+        return entry
 
 
 @dataclass

@@ -56,6 +56,11 @@ class BlobStore(Protocol):
         hold a whole blob (a column block of a large update) reads it in pieces."""
         ...
 
+    def get_range(self, key: str, start: int, end: int) -> Buffer | None:
+        """The blob's bytes ``[start, end)`` (fewer when the blob is shorter), or ``None`` if
+        there is no such key: a reader of a stored update's frames (S3: a ranged GET)."""
+        ...
+
     def put(
         self,
         key: str,
@@ -123,6 +128,11 @@ class CountingBlobStore:
             self.gets += 1  # a streamed read is one GET too
         return self.inner.open(key)
 
+    def get_range(self, key: str, start: int, end: int) -> Buffer | None:
+        with self._lock:
+            self.gets += 1  # a ranged read is one GET too
+        return self.inner.get_range(key, start, end)
+
     def put(
         self,
         key: str,
@@ -179,6 +189,9 @@ class ReadThroughBlobStore:
 
     def open(self, key: str) -> BlobStream | None:
         return self.reads.open(key)
+
+    def get_range(self, key: str, start: int, end: int) -> Buffer | None:
+        return self.reads.get_range(key, start, end)
 
     def put(
         self,

@@ -116,4 +116,6 @@ def entry_of(client: str, key: str, encoded: EncodedUpdate) -> UpdateEntry:
         num_examples=encoded.num_examples,
         metrics=encoded.metrics,
         summary={NORM: encoded.norm},
+        frames=encoded.frames,
+        frame_sha256=encoded.frame_digests,
     )

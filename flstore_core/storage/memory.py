@@ -31,6 +31,11 @@ class MemoryBlobStore:
             entry = self._blobs.get(key)
         return None if entry is None else io.BytesIO(entry[0])
 
+    def get_range(self, key: str, start: int, end: int) -> Buffer | None:
+        with self._lock:
+            entry = self._blobs.get(key)
+        return None if entry is None else memoryview(entry[0])[start:end]
+
     def put(
         self,
         key: str,

@@ -37,9 +37,10 @@ from flstore_core.data.codec import (
     TensorSpec,
     Update,
     decode_columns_into,
+    decode_frames_columns_into,
     decode_into,
     decode_update,
-    decompress,
+    describe_frames,
     encode_update,
     parse_safetensors,
     row_sq_norm,
@@ -54,7 +55,7 @@ from flstore_core.errors import (
     ValidationError,
 )
 from flstore_core.ids import validate_client, validate_job, validate_round
-from flstore_core.storage.blobs import BlobInfo, BlobStore, BlobStream
+from flstore_core.storage.blobs import BlobInfo, BlobStore, BlobStream, Buffer
 from flstore_core.storage.commit import (
     check_agreement,
     committed_entry,
@@ -140,6 +141,7 @@ class ObjectStore:
         self._pending_specs: dict[tuple[str, int, str], tuple[TensorSpec, ...]] = {}
         self.gets = 0  # counted for cache statistics and tests
         self.puts = 0
+        self.range_bytes = 0  # stored bytes read by ranged GETs (framed column blocks)
 
     # ------------------------------------------------------------------ primitives
 
@@ -401,7 +403,8 @@ class ObjectStore:
     ) -> tuple[UpdateEntry, tuple[TensorSpec, ...]]:
         key = layout.update_key(job, round_, client)
         data = self._get(key, f"update of client {client!r}")
-        raw = decompress(data, self.limits)
+        # written by another process: its frame index is read off the object
+        raw, frames, digests = describe_frames(data, self.limits)
         try:
             update = parse_safetensors(raw, self.limits)
         except CorruptUpdateError as exc:
@@ -416,6 +419,8 @@ class ObjectStore:
             num_examples=update.num_examples,
             metrics=update.metrics,
             summary={NORM: float(np.sqrt(sq))},
+            frames=frames,
+            frame_sha256=digests,
         )
         # reduced-precision storage widens back to float32, so specs carry the source dtypes
         return entry, tuple(update.specs())
@@ -524,7 +529,14 @@ class ObjectStore:
         """The columns ``[a, b)`` of a committed round (a column block, :mod:`~flstore_core.
         data.blocks`) as a ``(clients, b - a)`` :class:`RoundMatrix`.
 
-        Each client's update is streamed (one GET) and decoded with
+        A client whose manifest entry indexes its frames (an update stored in several zstd
+        frames, :func:`~flstore_core.data.codec.encode_update`) is read by ranged GETs: its
+        header frame, then the frames holding the block's bytes (one GET per run of
+        consecutive frames), each verified against its digest in the manifest — a block costs
+        its share of the stored bytes plus a frame or two at its edges, not the whole object
+        (:func:`~flstore_core.data.codec.decode_frames_columns_into`). The whole row, and an
+        entry without frames (one-frame updates, manifests from before frames), is streamed
+        (one GET) and decoded with
         :func:`~flstore_core.data.codec.decode_columns_into`: verified whole against the
         manifest's checksum and tensor specs, only the block's columns kept. Clients are read in
         parallel on the store's pool, so at most ``max_workers`` streams are open: memory is the
@@ -546,8 +558,13 @@ class ObjectStore:
         matrix = np.empty((len(order), b - a), dtype=np.float32)
         sq = np.empty(len(order), dtype=np.float64)
 
+        whole = (a, b) == (0, manifest.n_params)
+
         def load(i: int) -> None:
             entry = manifest.updates[order[i]]
+            if entry.frames and not whole:
+                sq[i] = self._read_frames(entry, matrix[i], specs, columns, f"client {order[i]!r}")
+                return
             stream = self._open(entry.key, f"update of client {order[i]!r}")
             try:
                 row = decode_columns_into(
@@ -580,6 +597,42 @@ class ObjectStore:
             sq_norms=sq,
         )
 
+    def _read_frames(
+        self,
+        entry: UpdateEntry,
+        out: npt.NDArray[np.float32],
+        specs: Sequence[TensorSpec],
+        columns: tuple[int, int],
+        who: str,
+    ) -> float:
+        """Columns of a framed update by ranged GETs of the frames that hold them (the header
+        frame, then one GET per run of consecutive frames), each checked against its digest in
+        the manifest; the block's squared norm."""
+
+        def fetch(start: int, end: int) -> Buffer:
+            data = self.blobs.get_range(entry.key, start, end)
+            if data is None:
+                raise NotFoundError(f"update of {who} not found")
+            with self._lock:
+                self.gets += 1
+                self.range_bytes += len(data)
+            return data
+
+        try:
+            row = decode_frames_columns_into(
+                fetch,
+                entry.frames,
+                entry.frame_sha256,
+                out,
+                specs,
+                columns,
+                limits=self.limits,
+                who=who,
+            )
+        except CorruptUpdateError as exc:
+            raise StoredObjectCorruptError(f"{entry.key}: {exc.message}") from exc
+        return row.sq_norm
+
     def read_base_block(
         self,
         job: str,
@@ -592,7 +645,11 @@ class ObjectStore:
         """The columns ``[a, b)`` of a round's base model (ARCHITECTURE §2: ``global/{round-1}``,
         or the initial model at round 0), streamed like :meth:`read_round_block`; ``None`` when
         there is no base or it does not fit ``specs`` (the rule of
-        :func:`~flstore_core.data.rows.base_vector`)."""
+        :func:`~flstore_core.data.rows.base_vector`).
+
+        The base is read whole (streamed), not by frames: it is in no manifest, so its frame
+        index is unknown without reading it, and it is one object per block against a round's
+        many clients."""
         key = layout.global_key(job, round_ - 1) if round_ > 0 else layout.initial_key(job)
         stream = self.blobs.open(key)
         if stream is None or not specs:

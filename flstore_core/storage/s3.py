@@ -45,6 +45,25 @@ class S3BlobStore:
             raise UnavailableError(f"S3 refused GET {key}: {error_code(exc)}") from exc
         return S3Stream(key, obj["Body"])
 
+    def get_range(self, key: str, start: int, end: int) -> Buffer | None:
+        """A ranged GET (``Range: bytes=start-(end-1)``, RFC 9110 §14.1.2)."""
+        if not 0 <= start < end:
+            return b""
+        try:
+            obj = self.client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
+            )
+            data: bytes = obj["Body"].read()
+        except ClientError as exc:
+            if error_code(exc) in _MISSING:
+                return None
+            if error_code(exc) == "InvalidRange":  # start past the end of the object
+                return b""
+            raise UnavailableError(f"S3 refused GET {key} (range): {error_code(exc)}") from exc
+        except BotoCoreError as exc:
+            raise UnavailableError(f"S3 GET {key} (range) failed while reading: {exc}") from exc
+        return data
+
     def put(
         self,
         key: str,
