@@ -1054,6 +1054,7 @@ def decode_frames_columns_into(
     limits: CodecLimits = DEFAULT_LIMITS,
     who: str = "update",
     run_bytes: int = 8 << 20,
+    header: bytes | None = None,
 ) -> DecodedRow:
     """Decode the columns ``[a, b)`` of a stored update (``specs`` order) into ``out`` from
     the frames that hold them, fetched by stored byte range: ``fetch(start, end)`` returns the
@@ -1067,6 +1068,11 @@ def decode_frames_columns_into(
     is ``out`` plus a run and a frame), each decompressed alone and checked against its
     digest before a byte of it is used. The whole-file sha256 cannot be checked without
     reading every frame, so the returned ``sha256`` is ``""``; the frames read are verified.
+
+    ``header`` is the header frame the caller expects (:func:`header_prefix` of the round's
+    specs and the update's metadata, both in its manifest): when the first frame is exactly
+    those bytes by its digest, the file's layout is known without reading it and the header
+    GET is saved; otherwise the header frame is read.
     """
     a, b = columns
     total_cols = sum(s.numel for s in specs)
@@ -1125,6 +1131,8 @@ def decode_frames_columns_into(
     head_raw = bytearray()
     k = 0  # frames read so far
     need = 8
+    if header is not None and frames[0][0] == len(header) and frame_digest(header) == digests[0]:
+        head_raw, k, need = bytearray(header), 1, len(header)
     while len(head_raw) < need and k < len(frames):
         ahead = [j for j in range(k, len(frames)) if starts[j][0] < need]
         for _, raw in read_frames(ahead):
@@ -1133,17 +1141,17 @@ def decode_frames_columns_into(
         if need == 8 and len(head_raw) >= 8:
             need = 8 + header_length(bytes(head_raw[:8]), limits, raw_len)
     n = header_length(bytes(head_raw[:8]), limits, raw_len)
-    header = parse_header(bytes(head_raw[8 : 8 + n]), raw_len, limits)
-    _check_specs(header, specs, who)
+    parsed = parse_header(bytes(head_raw[8 : 8 + n]), raw_len, limits)
+    _check_specs(parsed, specs, who)
     ranges = slices_of(specs)
-    by_name = {e.name: e for e in header.entries}
+    by_name = {e.name: e for e in parsed.entries}
     sinks: list[_Sink] = []
     for s, (lo, hi) in zip(specs, ranges, strict=True):
         first, last = max(lo, a), min(hi, b)
         if first < last:
             e = by_name[s.name]
             size = _ITEMSIZE[e.dtype]
-            start = header.data_start + e.start + (first - lo) * size
+            start = parsed.data_start + e.start + (first - lo) * size
             sinks.append(
                 _Sink(start, start + (last - first) * size, e.dtype, out[first - a : last - a])
             )
@@ -1170,7 +1178,7 @@ def decode_frames_columns_into(
         if sk.fed != sk.hi - sk.lo or sk.carry:
             raise CorruptUpdateError(f"{who}: a tensor's bytes are missing from its frames")
     sq = _block_sq_norm(out, specs, columns, limits, who)
-    return DecodedRow("", raw_len, sq, header.metadata)
+    return DecodedRow("", raw_len, sq, parsed.metadata)
 
 
 def _data_len(header: Header, head_len: int, limits: CodecLimits) -> int:

@@ -42,9 +42,12 @@ from flstore_core.data.codec import (
     decode_update,
     describe_frames,
     encode_update,
+    header_prefix,
     parse_safetensors,
     row_sq_norm,
     slices_of,
+    stored_specs,
+    update_metadata,
 )
 from flstore_core.data.manifest import NORM, JobSpec, RoundManifest, UpdateEntry
 from flstore_core.data.rows import unflatten
@@ -563,7 +566,10 @@ class ObjectStore:
         def load(i: int) -> None:
             entry = manifest.updates[order[i]]
             if entry.frames and not whole:
-                sq[i] = self._read_frames(entry, matrix[i], specs, columns, f"client {order[i]!r}")
+                head = expected_header(manifest, entry)
+                sq[i] = self._read_frames(
+                    entry, matrix[i], specs, columns, f"client {order[i]!r}", head
+                )
                 return
             stream = self._open(entry.key, f"update of client {order[i]!r}")
             try:
@@ -604,6 +610,7 @@ class ObjectStore:
         specs: Sequence[TensorSpec],
         columns: tuple[int, int],
         who: str,
+        header: bytes | None = None,
     ) -> float:
         """Columns of a framed update by ranged GETs of the frames that hold them (the header
         frame, then one GET per run of consecutive frames), each checked against its digest in
@@ -628,6 +635,7 @@ class ObjectStore:
                 columns,
                 limits=self.limits,
                 who=who,
+                header=header,
             )
         except CorruptUpdateError as exc:
             raise StoredObjectCorruptError(f"{entry.key}: {exc.message}") from exc
@@ -805,3 +813,24 @@ class ObjectStore:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def expected_header(manifest: RoundManifest, entry: UpdateEntry) -> bytes | None:
+    """The header frame :func:`~flstore_core.data.codec.encode_update` writes for ``entry``'s
+    update when its tensors are in the round's order: the manifest's specs in its storage
+    precision and the metadata the manifest records. A framed block read compares it with the
+    first frame's digest and, when they agree, skips the header GET; ``None`` when the
+    metadata cannot be rebuilt (the header is then read)."""
+    update = Update(
+        {},
+        num_examples=entry.num_examples,
+        metrics=entry.metrics,
+        job=manifest.job,
+        round=manifest.round,
+        client=entry.client,
+    )
+    try:
+        meta = update_metadata(update, manifest.precision)
+        return header_prefix(stored_specs(manifest.tensors, manifest.precision), meta)
+    except ValidationError:
+        return None
