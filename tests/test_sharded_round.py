@@ -166,6 +166,11 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("fedavg", {"weighted": False}),
     ("trimmed_mean", {"beta": 0.2}),
     ("trimmed_mean", {"beta": 0.0}),
+    # over a subset of the clients (issue 13): zero weights, or the subset's rows per block
+    ("fedavg", {"clients": ["c8", "c0", "c3", "c7"]}),
+    ("trimmed_mean", {"beta": 0.2, "clients": ["c1", "c2", "c4", "c5", "c7", "c8"]}),
+    ("trimmed_mean", {"beta": 0.0, "clients": ["c6", "c2"]}),
+    ("multi_krum", {"f": 1, "clients": ["c0", "c2", "c4", "c6", "c7", "c8"]}),
 ]
 
 

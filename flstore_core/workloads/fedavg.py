@@ -20,29 +20,39 @@ import numpy.typing as npt
 
 from flstore_core.cache.round_data import RoundData
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
+from flstore_core.workloads.subset import CLIENTS_PARAM, client_rows
 
 
-def fedavg(data: RoundData, weighted: bool = True) -> WorkloadResult:
+def fedavg(
+    data: RoundData, weighted: bool = True, clients: list[str] | None = None
+) -> WorkloadResult:
     """Average the round's models, weighted by ``num_examples`` unless ``weighted`` is false.
 
     Every tensor is averaged, buffers included; integer tensors are rounded to the nearest
-    integer (module docstring).
+    integer (module docstring). ``clients`` restricts the average to those clients (a subset
+    of the round, :mod:`flstore_core.workloads.subset`): the others get weight 0.
     """
-    weights = data.num_examples.astype(np.float64) if weighted else np.ones(data.n)
+    rows = client_rows(data, clients)
+    mask = np.ones(data.n, bool)
+    if rows is not None:
+        mask = np.zeros(data.n, bool)
+        mask[rows] = True
+    examples = np.where(mask, data.num_examples, 0)
+    weights = examples.astype(np.float64) if weighted else mask.astype(np.float64)
     if weights.sum() <= 0:  # every client reported 0 examples: fall back to the plain mean
-        weights = np.ones(data.n)
+        weights = mask.astype(np.float64)
 
     # averaging deltas and adding the base equals averaging the models: Σ w_i (b + d_i) / Σ w_i
     def model() -> npt.NDArray[np.float32]:
         return data.to_weights(data.weighted_mean(weights))
 
+    members = [c for c, m in zip(data.clients, mask, strict=True) if m]
+    share = dict(zip(data.clients, weights / weights.sum(), strict=True))
     return WorkloadResult(
         {
-            "clients": list(data.clients),
-            "weights": {
-                c: float(w / weights.sum()) for c, w in zip(data.clients, weights, strict=True)
-            },
-            "total_examples": int(data.num_examples.sum()),
+            "clients": members,
+            "weights": {c: float(share[c]) for c in members},
+            "total_examples": int(examples.sum()),
         },
         model=model,
     )
@@ -55,6 +65,9 @@ WORKLOAD = register(
         description="Example-weighted average of the round's client models; returns model_key.",
         reference="McMahan et al. 2017",
         run=lambda data, params: fedavg(data, **params),
-        params={"weighted": Param("bool", True, "weight clients by num_examples")},
+        params={
+            "weighted": Param("bool", True, "weight clients by num_examples"),
+            "clients": CLIENTS_PARAM,
+        },
     )
 )

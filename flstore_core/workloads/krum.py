@@ -27,17 +27,18 @@ from flstore_core.workloads import INCLUDE_BUFFERS, Param, Workload, WorkloadRes
 from flstore_core.workloads.cosine_select import FLOAT32_TIE, rank_by_score
 
 
-def check_f(f: int, n: int, workload: str = "krum") -> None:
-    """Krum's guarantee needs ``n > 2f + 2``; otherwise a 400 naming the largest valid f."""
+def check_f(f: int, n: int, workload: str = "krum", among: str = "the round has") -> None:
+    """Krum's guarantee needs ``n > 2f + 2``; otherwise a 400 naming the largest valid f
+    (``among`` says whose clients: the round's, or a subset's)."""
     if n > 2 * f + 2:
         return
     if n < 3:
         raise InvalidParamsError(
-            f"{workload} needs at least 3 clients (n > 2f + 2) but the round has {n}"
+            f"{workload} needs at least 3 clients (n > 2f + 2) but {among} {n}"
         )
     max_f = (n - 3) // 2
     raise InvalidParamsError(
-        f"{workload} needs n > 2f + 2 but f={f} and the round has n={n} clients: use f <= {max_f}"
+        f"{workload} needs n > 2f + 2 but f={f} and {among} n={n} clients: use f <= {max_f}"
     )
 
 

@@ -21,10 +21,15 @@ from flstore_core.cache.round_data import RoundData
 from flstore_core.errors import InvalidParamsError
 from flstore_core.workloads import INCLUDE_BUFFERS, Param, Workload, WorkloadResult, register
 from flstore_core.workloads.krum import F_PARAM, check_f, krum_scores, rank_ascending
+from flstore_core.workloads.subset import CLIENTS_PARAM, client_rows
 
 
 def multi_krum(
-    data: RoundData, f: int = 1, m: int | None = None, include_buffers: bool = False
+    data: RoundData,
+    f: int = 1,
+    m: int | None = None,
+    include_buffers: bool = False,
+    clients: list[str] | None = None,
 ) -> WorkloadResult:
     """Select the ``m`` updates of least Krum score and return their example-weighted mean.
 
@@ -38,6 +43,10 @@ def multi_krum(
         How many updates to average, ``1 <= m <= n``; ``None`` means ``n - f``.
     include_buffers : bool, default False
         Krum distances also over BatchNorm running statistics.
+    clients : list of str or None, default None
+        Run Multi-Krum among these clients only (:mod:`flstore_core.workloads.subset`): ``n``
+        is their number, scores use the distances between them (the round's shared distances,
+        restricted), and only they can be selected.
 
     Returns
     -------
@@ -46,16 +55,21 @@ def multi_krum(
         ``weights`` (selected client -> share of the average), ``f``, ``m``; the model is the
         weighted mean of the selected clients' weights.
     """
-    check_f(f, data.n, "multi_krum")
+    rows = client_rows(data, clients)
+    idx = list(range(data.n)) if rows is None else rows
+    n = len(idx)
+    among = "the round has" if rows is None else "param 'clients' lists"
+    check_f(f, n, "multi_krum", among)
     if m is None:
-        m = data.n - f
-    if m > data.n:
+        m = n - f
+    if m > n:
         raise InvalidParamsError(
-            f"m={m} but the round has only {data.n} clients: use m <= {data.n} "
-            f"(or omit m for n - f = {data.n - f})"
+            f"m={m} but {among} only {n} clients: use m <= {n} (or omit m for n - f = {n - f})"
         )
-    scores = krum_scores(data.distances(include_buffers), f)
-    selected = rank_ascending(data.clients, scores)[:m]
+    names = [data.clients[i] for i in idx]
+    distances = data.distances(include_buffers)
+    scores = krum_scores(distances if rows is None else distances[np.ix_(idx, idx)], f)
+    selected = rank_ascending(names, scores)[:m]
     chosen = set(selected)
     mask = np.array([c in chosen for c in data.clients])
     weights = np.where(mask, data.num_examples.astype(np.float64), 0.0)
@@ -70,7 +84,7 @@ def multi_krum(
     return WorkloadResult(
         {
             "selected": selected,
-            "scores": {c: float(s) for c, s in zip(data.clients, scores, strict=True)},
+            "scores": {c: float(s) for c, s in zip(names, scores, strict=True)},
             "weights": {c: float(share[c]) for c in selected},
             "f": f,
             "m": m,
@@ -93,6 +107,7 @@ WORKLOAD = register(
             "f": F_PARAM,
             "m": Param("int", None, "updates to average (default n - f)", minimum=1, nullable=True),
             "include_buffers": INCLUDE_BUFFERS,
+            "clients": CLIENTS_PARAM,
         },
     )
 )
