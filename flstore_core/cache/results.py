@@ -17,14 +17,24 @@ from flstore_core.data import layout
 from flstore_core.data.codec import (
     TensorSpec,
     Update,
+    compress_frame,
     dtype_name,
-    encode_update,
     np_dtype,
+    serialize,
     update_metadata,
 )
 from flstore_core.data.rows import unflatten
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import Workload, WorkloadResult
+
+# zstd level of a model result. Dense float32 weights barely compress (the exponent bytes are
+# the only redundancy): on a ResNet-18 state dict (44.7 MB) level 1 gains 8.7% in 120-175 ms and
+# readers decompress it in 130-140 ms; level -5 stores it nearly raw (ratio 1.0002-1.0015) in
+# 25-55 ms and decompresses in 22-44 ms — the compression saves more time than uploading 8%
+# more bytes costs at S3 PUT throughput (~3.7 MB, 40-70 ms at 50-100 MB/s), and every reader
+# gains ~100 ms. Levels below -5 measured no faster. A result is one zstd frame: it has no
+# manifest to index frames by, and no checksum to compute (nothing records one).
+RESULT_LEVEL = -5
 
 
 def result_key(workload: str, data: RoundData, params: dict[str, Any]) -> str:
@@ -71,6 +81,10 @@ def store_model(
 ) -> str:
     """Write a model result in the canonical update format; returns its key.
 
+    Encoded as one zstd frame at :data:`RESULT_LEVEL`, without the checksum and frame index a
+    stored client update carries (``encode_update``): nothing reads a result by frames or
+    records its digest, and hashing 46 MB twice cost ~50 ms of a ResNet-18 krum request.
+
     The key is a function of the workload, its params and the round's content, so the object
     is the same every time: a caller that remembers what it wrote (``written``) skips the
     encode-and-PUT of a model that is already in S3.
@@ -81,7 +95,9 @@ def store_model(
     if callable(model):
         model = model()
     update = result_update(workload, data, unflatten(model, data.specs))
-    store.put_result(key, encode_update(update).data, "application/octet-stream")
+    raw = serialize(update)  # the canonical update format, float32, tensors in the job's order
+    del update, model
+    store.put_result(key, compress_frame(raw, RESULT_LEVEL), "application/octet-stream")
     if written is not None:
         written.add(key)
     return key

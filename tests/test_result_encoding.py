@@ -1,0 +1,57 @@
+"""A model result as stored (cache/results.py): the canonical update format — ``kind: global``,
+the workload in its metrics, the job's tensor order, float32 — in one zstd frame at
+RESULT_LEVEL. Checked against the codec's own reader (decode_update) and against the bytes the
+sharded path assembles from parts (header_prefix + tensor_bytes), as zstd sees them."""
+
+from __future__ import annotations
+
+import numpy as np
+import zstandard
+
+from flstore_core.cache.results import (
+    RESULT_LEVEL,
+    result_metadata,
+    result_specs,
+    run_round_workload,
+    store_model,
+)
+from flstore_core.data.codec import decode_update, header_prefix, stored_specs, tensor_bytes
+from flstore_core.data.rows import unflatten
+from flstore_core.storage.memory import MemoryBlobStore
+from flstore_core.storage.object_store import ObjectStore
+from flstore_core.workloads import get
+from tests.conftest import make_round
+
+
+def test_a_result_decodes_to_the_model_and_is_the_parts_bytes_in_one_frame() -> None:
+    store = ObjectStore("mem", blobs=MemoryBlobStore())
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((5, 4099)).astype(np.float32)
+    data = make_round(weights, num_examples=[3, 1, 4, 1, 5])
+    out = run_round_workload(store, get("krum"), data, get("krum").validate({"f": 1}))
+    blob = store.get_object(out["model_key"])
+    chosen = int(out["selected"][0][1:])
+    update = decode_update(blob)
+    assert update.kind == "global" and update.metrics == {"workload": "krum"}
+    assert update.num_examples == 14 and list(update.tensors) == ["w"]
+    np.testing.assert_array_equal(update.tensors["w"], weights[chosen])  # krum: the row, exactly
+    # one frame recording its content size, and it is the bytes the sharded path writes in parts
+    params = zstandard.get_frame_parameters(blob)
+    raw = zstandard.ZstdDecompressor().decompress(blob)
+    assert params.content_size == len(raw)
+    parts = header_prefix(result_specs(data.specs), result_metadata("krum", data))
+    parts += tensor_bytes(weights[chosen], stored_specs(data.specs))
+    assert raw == parts
+    assert zstandard.ZstdCompressor(level=RESULT_LEVEL).compress(raw) == blob
+
+
+def test_store_model_writes_a_vector_as_its_tensors() -> None:
+    store = ObjectStore("mem", blobs=MemoryBlobStore())
+    data = make_round(np.arange(12, dtype=np.float32).reshape(3, 4))
+    vector = np.array([0.5, -1.0, 2.25, 1e30], np.float32)
+    key = store_model(store, "fedavg", data, {"x": 1}, lambda: vector)
+    got = decode_update(store.get_object(key)).tensors
+    want = unflatten(vector, data.specs)
+    assert list(got) == list(want)
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value)
