@@ -1,8 +1,13 @@
 """API Gateway HTTP API Lambda authorizer (simple responses, payload 2.0).
 
-It shares :class:`flstore_core.routing.auth.TokenTable` with the router: a request is authorized
-when its bearer token is known and, for ``/v1/jobs/{job}/…`` routes, granted that job. The router
-checks again (defence in depth, and the local gateway calls the router directly).
+It shares :class:`flstore_core.routing.auth.TokenTable` with the router and answers one
+question: is the bearer token one we issued? A known token is authorized on every route, with
+the jobs it is granted in the ``context`` (the router sees it as
+``requestContext.authorizer.lambda``); whether it is granted the job in the path is the
+router's to say, so that a valid token not granted a job gets the contract's 403
+``{"error": …}`` (ARCHITECTURE §4) rather than API Gateway's bare ``{"message": "Forbidden"}``,
+which is kept for tokens the authorizer refuses. The decision depends on the token alone, so API
+Gateway caches it by the ``Authorization`` header alone (``infra/flstore_infra/api.py``).
 """
 
 from __future__ import annotations
@@ -17,12 +22,16 @@ TOKENS = TokenTable.from_env()
 
 def decide(tokens: TokenTable, event: dict[str, Any]) -> dict[str, Any]:
     """The simple-response decision for one authorizer event."""
-    headers = {k.lower(): v for k, v in (event.get("headers") or {}).items()}
-    job = (event.get("pathParameters") or {}).get("job")
+    headers = event.get("headers")
+    if not isinstance(headers, dict):
+        headers = {}
+    header = next(
+        (v for k, v in headers.items() if str(k).lower() == "authorization" and isinstance(v, str)),
+        None,
+    )
     try:
-        header = headers.get("authorization")
-        grant = tokens.authorize(header, job) if job else tokens.authenticate(header)
-    except FLStoreError:
+        grant = tokens.authenticate(header)
+    except (FLStoreError, UnicodeError):  # a header no token hashes from
         return {"isAuthorized": False, "context": {}}
     return {"isAuthorized": True, "context": {"jobs": ",".join(sorted(grant.jobs))}}
 

@@ -8,6 +8,8 @@ logged and answered as a 500 without internals.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
 
-from flstore_core.errors import FLStoreError, NotFoundError, PayloadTooLargeError
+from flstore_core.errors import FLStoreError, NotFoundError, PayloadTooLargeError, ValidationError
 from flstore_core.routing.request_body import MAX_BODY_BYTES
 from flstore_core.routing.router import Router
 
@@ -41,6 +43,18 @@ def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
     def auth() -> str | None:
         return app.current_event.headers.get("authorization")
 
+    def body() -> bytes | str:
+        # the raw bytes, not Powertools' decoded_body: a body that is not UTF-8 arrives
+        # base64-encoded and is the client's 400 (parse_body), not a UnicodeDecodeError
+        event = app.current_event
+        raw = event.body or ""
+        if not event.is_base64_encoded:
+            return raw
+        try:
+            return base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValidationError("request body is not valid base64") from exc
+
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
         return r().health()
@@ -55,8 +69,7 @@ def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
 
     @app.post("/v1/jobs/<job>/workloads/<name>")
     def run(job: str, name: str) -> dict[str, Any]:
-        body = app.current_event.decoded_body
-        return r().run(auth(), job, name, body)
+        return r().run(auth(), job, name, body())
 
     @app.exception_handler(FLStoreError)  # type: ignore[untyped-decorator]
     def flstore_error(exc: FLStoreError) -> Response[str]:
@@ -64,7 +77,9 @@ def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
 
     @app.not_found
     def not_found(exc: Exception) -> Response[str]:
-        return _json(404, NotFoundError(f"no route {app.current_event.path}").to_dict())
+        event = app.current_event
+        message = f"no route {event.http_method} {event.path}"
+        return _json(404, NotFoundError(message).to_dict())
 
     @app.exception_handler(Exception)  # type: ignore[untyped-decorator]
     def unexpected(exc: Exception) -> Response[str]:
@@ -88,6 +103,10 @@ def handle(app_: APIGatewayHttpResolver, event: dict[str, Any], context: Any) ->
             "body": json.dumps(exc.to_dict()),
             "isBase64Encoded": False,
         }
+    if event.get("requestContext", {}).get("http", {}).get("method") == "HEAD":
+        # HEAD is GET without the content (RFC 9110 §9.3.2); the gateway drops the body
+        http = {**event["requestContext"]["http"], "method": "GET"}
+        event = {**event, "requestContext": {**event["requestContext"], "http": http}}
     return app_.resolve(event, context)
 
 

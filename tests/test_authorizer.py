@@ -99,12 +99,36 @@ def test_token_granted_the_job_is_authorized_on_its_routes() -> None:
         assert decide(TOKENS, event) == {"isAuthorized": True, "context": {"jobs": "demo"}}
 
 
-def test_token_not_granted_the_job_is_refused() -> None:
+def test_token_not_granted_the_job_is_authorized_for_the_router_to_refuse() -> None:
+    # ARCHITECTURE §4: a valid token not granted the job gets the router's 403 {"error": ...},
+    # so the authorizer lets it through with its grants in the context
     for method, path in [
         ("POST", "/v1/jobs/demo/workloads/fedavg"),
         ("GET", "/v1/jobs/demo/rounds"),
     ]:
-        assert decide(TOKENS, authorizer_event(method, path, headers=bearer(OTHER_ONLY))) == REFUSED
+        event = authorizer_event(method, path, headers=bearer(OTHER_ONLY))
+        assert decide(TOKENS, event) == {"isAuthorized": True, "context": {"jobs": "other"}}
+
+
+def test_decision_depends_on_the_token_alone() -> None:
+    # what lets API Gateway cache it by the Authorization header alone
+    for token in (ADMIN, DEMO_ONLY, OTHER_ONLY, "fls_nope"):
+        answers = {
+            str(decide(TOKENS, authorizer_event(method, path, headers=bearer(token))))
+            for method, path in [
+                ("POST", "/v1/jobs/demo/workloads/fedavg"),
+                ("GET", "/v1/jobs/other/rounds"),
+                ("GET", "/v1/workloads"),
+            ]
+        }
+        assert len(answers) == 1, token
+
+
+@pytest.mark.parametrize("headers", [None, [], "authorization", {"authorization": 7}])
+def test_malformed_event_headers_are_refused(headers: Any) -> None:
+    event = authorizer_event()
+    event["headers"] = headers
+    assert decide(TOKENS, event) == REFUSED
 
 
 def test_routes_without_a_job_need_only_a_known_token() -> None:
@@ -133,5 +157,5 @@ def test_handler_decides_with_the_module_token_table(
     monkeypatch.setattr(authorizer, "TOKENS", TOKENS)
     granted = handler(authorizer_event(headers=bearer(DEMO_ONLY)), None)
     assert granted == {"isAuthorized": True, "context": {"jobs": "demo"}}
-    assert handler(authorizer_event(headers=bearer(OTHER_ONLY)), None) == REFUSED
+    assert handler(authorizer_event(headers=bearer("fls_nope")), None) == REFUSED
     assert handler(authorizer_event(headers={}), None) == REFUSED

@@ -3,8 +3,8 @@
 :class:`LocalStack` is what ``flstore local up``, the demo, the tests and the benchmarks start:
 a moto S3 server (or any S3 endpoint), a local Lambda endpoint serving ``{prefix}-cache-{i}``
 (one OS process per warm instance, as on AWS), the router wired to that endpoint through boto3,
-and the local API Gateway in front of the router. It writes ``.flstore/local.json``
-(ARCHITECTURE §6) when given a working directory.
+and the local API Gateway in front of the router, running the Lambda authorizer first. It
+writes ``.flstore/local.json`` (ARCHITECTURE §6) when given a working directory.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from flstore_core.routing.invoker import NodeInvoker
 from flstore_core.routing.placement import node_name
 from flstore_core.routing.router import Router, RouterConfig
 from flstore_core.storage.object_store import ObjectStore
-from lambdas.local_runtime.gateway import LocalGateway
+from lambdas.authorizer import decide
+from lambdas.local_runtime.gateway import AUTHORIZER_CACHE_TTL_S, LocalGateway
 from lambdas.local_runtime.lambda_endpoint import FunctionSpec, LocalLambda
 from lambdas.local_runtime.s3_server import LocalS3
 from lambdas.router import build_app, handle
@@ -54,6 +55,8 @@ class StackConfig:
     concurrency: int = 1  # one warm instance per node: its memory is the cache
     s3_endpoint: str | None = None  # reuse a running S3 instead of starting moto
     tokens: dict[str, list[str]] = field(default_factory=dict)  # extra tokens -> granted jobs
+    # how long the gateway caches the authorizer's answers (authorizerResultTtlInSeconds)
+    authorizer_ttl_s: float = AUTHORIZER_CACHE_TTL_S
 
     def __post_init__(self) -> None:
         if self.budget_bytes is not None and not 0 < self.budget_bytes < self.memory_mb * MiB:
@@ -121,10 +124,11 @@ class LocalStack:
             for i in range(cfg.nodes)
         ]
         self.lam = LocalLambda(functions, cwd=REPO_ROOT, sys_path=[REPO_ROOT]).start()
+        tokens = TokenTable.with_tokens({self.token: ["*"], **cfg.tokens})
         self.router = Router(
             self.store,
             NodeInvoker(lambda_client(self.lam.url), cfg.memory_mb),
-            TokenTable.with_tokens({self.token: ["*"], **cfg.tokens}),
+            tokens,
             RouterConfig(
                 prefix=cfg.prefix,
                 nodes=cfg.nodes,
@@ -136,7 +140,12 @@ class LocalStack:
         )
         router = self.router
         app = build_app(lambda: router)
-        self.gateway = LocalGateway(lambda event, ctx: handle(app, event, ctx)).start()
+        # the authorizer runs first, as API Gateway's Lambda authorizer does on AWS
+        self.gateway = LocalGateway(
+            lambda event, ctx: handle(app, event, ctx),
+            authorizer=lambda event, ctx: decide(tokens, event),
+            authorizer_ttl_s=cfg.authorizer_ttl_s,
+        ).start()
         if self.workdir is not None:
             self.write_state(self.workdir)
         return self
