@@ -1,9 +1,10 @@
 """The public face: an API Gateway HTTP API whose routes (ARCHITECTURE §4) go to the router.
 
-Every route but ``GET /v1/health`` passes the Lambda REQUEST authorizer first. Its answer
-depends on the job in the path (a token is granted some jobs), so API Gateway caches it
-per ``Authorization`` header *and* request path: keyed by the header alone, a "no" for one
-job would be replayed for the token's other jobs until the cache expired.
+Every route but ``GET /v1/health`` passes the Lambda REQUEST authorizer first. It answers
+whether the bearer token is known, whatever the path (whether the token is granted the job in
+the path is the router's 403, ARCHITECTURE §4), so API Gateway caches its answer by the
+``Authorization`` header alone. The local gateway (``lambdas/local_runtime/gateway.py``) serves
+the same routes, identity sources and cache TTL; ``tests/infra`` checks they agree.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ ROUTES = (
 )
 AUTHORIZER_CACHE_TTL_S = 300
 # Also the cache key of the authorizer's answers (see the module docstring).
-IDENTITY_SOURCES = ("$request.header.Authorization", "$context.path")
+IDENTITY_SOURCES = ("$request.header.Authorization",)
 INTEGRATION_TIMEOUT_MS = 30_000
 ACCESS_LOG_FORMAT = json.dumps(
     {

@@ -149,7 +149,7 @@ MOCKS = RecordingMocks()
 pulumi.runtime.set_mocks(MOCKS, project="flstore", stack="test", preview=False)
 
 # The program is imported only now that the mocks are in place.
-from flstore_infra import iam, keepwarm, packaging, target  # noqa: E402
+from flstore_infra import api, iam, keepwarm, packaging, target  # noqa: E402
 from flstore_infra.settings import ConfigError, StackSettings, parse_token_hashes  # noqa: E402
 from flstore_infra.stack import OUTPUTS, FLStoreStack, create_stack  # noqa: E402
 
@@ -572,11 +572,8 @@ def test_every_route_but_health_requires_the_authorizer() -> None:
             assert route["authorizationType"] == "CUSTOM", key
             assert route["authorizerId"] == f"{authorizer.name}-id", key
         assert authorizer.inputs["authorizerType"] == "REQUEST"
-        # Cached per token *and* path: the answer depends on the job in the path.
-        assert authorizer.inputs["identitySources"] == [
-            "$request.header.Authorization",
-            "$context.path",
-        ]
+        # Cached per token: the answer does not depend on the path (the router checks jobs).
+        assert authorizer.inputs["identitySources"] == ["$request.header.Authorization"]
         assert authorizer.inputs["authorizerResultTtlInSeconds"] == 300
         assert authorizer.inputs["enableSimpleResponses"] is True
         assert authorizer.inputs["authorizerPayloadFormatVersion"] == "2.0"
@@ -827,3 +824,13 @@ def test_rerunning_the_program_on_an_unchanged_tree_deploys_the_same_artifacts()
     second = run_program(DEFAULTS).artifacts
     assert second == first
     assert second.router_zip.read_bytes() == zip_bytes
+
+
+def test_local_gateway_serves_the_routes_and_authorizer_settings_deployed() -> None:
+    # infra imports no runtime code: the two tables are kept apart and checked here
+    from lambdas.local_runtime import gateway
+
+    deployed = {(r.key, r.authorized) for r in api.ROUTES}
+    assert {(r.key, r.authorized) for r in gateway.ROUTES} == deployed
+    assert gateway.IDENTITY_SOURCES == api.IDENTITY_SOURCES
+    assert gateway.AUTHORIZER_CACHE_TTL_S == api.AUTHORIZER_CACHE_TTL_S
