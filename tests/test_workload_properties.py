@@ -590,6 +590,9 @@ class NoAccuracy:
     def accuracy(self, weights: Any) -> float:
         return 0.0
 
+    def client_accuracy(self, row: int) -> float:
+        return 0.0
+
 
 @PROPS
 @given(

@@ -244,6 +244,27 @@ class RoundData:
             self.stats.computed[name] = self.stats.computed.get(name, 0) + 1
             return value
 
+    def memo(self, name: str, key: str, compute: Callable[[], T]) -> T:
+        """A small value derived from this round and ``key``, computed at most once per round
+        on this node and reused by every workload and request after (issue 13: model
+        evaluations, shared like the Gram).
+
+        The round's content (clients, rows, base) is this object's: a rewritten round is a new
+        :class:`RoundData`. ``key`` must name everything else the value depends on (a model
+        evaluation: the weights' content hash, the architecture, the validation set's digest).
+        Counted in ``stats`` under ``name``; values are meant to be small (scores, dots), so
+        they are not part of ``nbytes``.
+        """
+        full = f"{name}:{key}"
+        with self._lock:
+            if full in self._artifacts:
+                self.stats.reused[name] = self.stats.reused.get(name, 0) + 1
+                return self._artifacts[full]  # type: ignore[no-any-return]
+            value = compute()
+            self._artifacts[full] = value
+            self.stats.computed[name] = self.stats.computed.get(name, 0) + 1
+            return value
+
     def warm(self) -> None:
         """Compute the shared artifacts now (prefetch does, so the first request is cheap)."""
         self.gram(True)

@@ -6,18 +6,18 @@ evaluated on the server-side validation set ``(x, y)`` of the job;
 ``score_i = (1/|V|) Σ_{(x, y) ∈ V} [argmax f(x; w_i) = y]`` and the ``k`` clients of highest
 score are selected (ties broken by client id).
 
-:class:`ValidationScorer` is shared by every model-based workload of the catalogue: one model
-instance per request, weights vectors loaded into it in turn.
+:class:`~flstore_core.workloads.evaluation.ValidationScorer` is shared by every model-based
+workload of the catalogue, and so are its results: each client model's accuracy is computed once
+per round on a node and an identical request is answered from memory
+(:mod:`flstore_core.workloads.evaluation`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
-from flstore_core import models
 from flstore_core.cache.round_data import RoundData
 from flstore_core.workloads import (
     ClientSplit,
@@ -28,46 +28,7 @@ from flstore_core.workloads import (
     register,
 )
 from flstore_core.workloads.cosine_select import rank_by_score
-
-if TYPE_CHECKING:
-    from torch import nn
-
-F32 = npt.NDArray[np.float32]
-
-
-class ValidationScorer:
-    """Validation accuracy of weights vectors of a round's model.
-
-    Building it checks, before any work, that the job declares a model and has a validation
-    set (:class:`~flstore_core.errors.InvalidParamsError`, a 400 that says how to add them).
-
-    Parameters
-    ----------
-    data : RoundData
-        The round; its job context gives the architecture and the validation set, its tensor
-        specs the layout of the weights vectors.
-    """
-
-    def __init__(self, data: RoundData) -> None:
-        context = data.context
-        self.model_name = context.model_name()
-        self.x, self.y = context.validation()
-        self.specs = data.specs
-        self.model: nn.Module = models.build(self.model_name)
-        self.evaluations = 0
-
-    def load(self, weights: F32) -> nn.Module:
-        """The scorer's model holding ``weights``."""
-        return models.load_vector(self.model, weights, self.specs)
-
-    def accuracy(self, weights: F32) -> float:
-        """Fraction of the validation set the model with ``weights`` classifies correctly."""
-        self.evaluations += 1
-        return models.accuracy(self.load(weights), self.x, self.y)
-
-    def client_accuracies(self, data: RoundData) -> npt.NDArray[np.float64]:
-        """Accuracy of every client's own model, in ``data.clients`` order."""
-        return np.array([self.accuracy(data.client_weights(i)) for i in range(data.n)])
+from flstore_core.workloads.evaluation import ValidationScorer
 
 
 def client_scores(data: RoundData, rows: list[int]) -> dict[str, Any]:
@@ -75,7 +36,7 @@ def client_scores(data: RoundData, rows: list[int]) -> dict[str, Any]:
     over several nodes): ``scores`` (client -> accuracy) and ``validation_size``."""
     scorer = ValidationScorer(data)
     return {
-        "scores": {data.clients[i]: scorer.accuracy(data.client_weights(i)) for i in rows},
+        "scores": {data.clients[i]: scorer.client_accuracy(i) for i in rows},
         "validation_size": len(scorer.y),
     }
 

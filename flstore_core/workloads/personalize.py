@@ -11,6 +11,10 @@ or by the validation accuracy of their own model (``by="accuracy"``); the ``peer
 averaged with ``c`` itself, example-weighted: ``w_c' = Σ_{j ∈ {c} ∪ P} n_j w_j / Σ n_j``. The
 result reports the personalized model's validation accuracy next to the client's own model's
 and the round's FedAvg model's, and stores the model (``model_key``).
+
+Accuracies are the round's shared evaluations (:mod:`flstore_core.workloads.evaluation`): the
+clients' own models are those accuracy_select scores, the FedAvg model is contribution_loo's
+``U(N)`` (the same float32 weights), and a repeated request evaluates nothing.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from flstore_core.workloads import (
     check_k,
     register,
 )
-from flstore_core.workloads.accuracy_select import ValidationScorer
 from flstore_core.workloads.cosine_select import FLOAT32_TIE, rank_by_score
+from flstore_core.workloads.evaluation import ValidationScorer
 
 F64 = npt.NDArray[np.float64]
 
@@ -97,7 +101,7 @@ def personalize(
     else:
         score_all = np.zeros(data.n)
         for i in others:
-            score_all[i] = scorer.accuracy(data.client_weights(i))
+            score_all[i] = scorer.client_accuracy(i)
     other_ids = [data.clients[i] for i in others]
     # cosines from the float32 Gram tie within FLOAT32_TIE; accuracies are exact fractions
     tie = FLOAT32_TIE if by == "similarity" else 0.0
@@ -120,7 +124,7 @@ def personalize(
             "scores": {data.clients[i]: float(score_all[i]) for i in others},
             "weights": {data.clients[i]: float(w[i] / w.sum()) for i in members},
             "accuracy": scorer.accuracy(model),
-            "client_accuracy": scorer.accuracy(data.client_weights(row)),
+            "client_accuracy": scorer.client_accuracy(row),
             "global_accuracy": scorer.accuracy(global_model),
         },
         model=model,
