@@ -15,7 +15,8 @@ from flstore_core.cache.results import (
     run_round_workload,
     store_model,
 )
-from flstore_core.data.codec import decode_update, header_prefix, stored_specs, tensor_bytes
+from flstore_core.cache.round_data import RoundData
+from flstore_core.data.codec import TensorSpec, decode_update, header_prefix, tensor_bytes
 from flstore_core.data.rows import unflatten
 from flstore_core.storage.memory import MemoryBlobStore
 from flstore_core.storage.object_store import ObjectStore
@@ -40,7 +41,7 @@ def test_a_result_decodes_to_the_model_and_is_the_parts_bytes_in_one_frame() -> 
     raw = zstandard.ZstdDecompressor().decompress(blob)
     assert params.content_size == len(raw)
     parts = header_prefix(result_specs(data.specs), result_metadata("krum", data))
-    parts += tensor_bytes(weights[chosen], stored_specs(data.specs))
+    parts += tensor_bytes(weights[chosen], result_specs(data.specs))
     assert raw == parts
     assert zstandard.ZstdCompressor(level=RESULT_LEVEL).compress(raw) == blob
 
@@ -55,3 +56,17 @@ def test_store_model_writes_a_vector_as_its_tensors() -> None:
     assert list(got) == list(want)
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value)
+
+
+def test_a_bfloat16_jobs_result_is_float32_and_integer_tensors_are_rounded() -> None:
+    """results/ hold float32 whatever the job stores (result_specs): a BF16 tensor's result is
+    F32, an integer buffer the rounded mean in its dtype — what unflatten makes of the vector."""
+    store = ObjectStore("mem", blobs=MemoryBlobStore())
+    specs = (TensorSpec("w", "BF16", (2, 2)), TensorSpec("steps", "I64", ()))
+    rows = np.array([[1.0, 2.0, 3.0, 4.0, 10.0], [2.0, 3.0, 4.0, 5.0, 11.0]], np.float32)
+    data = RoundData("j", 0, ["a", "b"], rows, specs, np.array([1, 1]), [{}, {}])
+    vector = np.array([1.5, 2.5, 3.5, 4.5, 10.5], np.float32)
+    got = decode_update(store.get_object(store_model(store, "fedavg", data, {}, vector))).tensors
+    assert got["w"].dtype == np.float32 and got["steps"].dtype == np.int64
+    np.testing.assert_array_equal(got["w"], [[1.5, 2.5], [3.5, 4.5]])
+    assert int(got["steps"]) == 10  # np.rint: halves to even
