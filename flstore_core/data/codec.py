@@ -564,7 +564,8 @@ def parse_header(head: bytes, total_len: int | None, limits: CodecLimits) -> Hea
     """Validate a safetensors JSON header; ``total_len`` is the whole file's size when known."""
     try:
         obj = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError: also integers past Python's digit limit; RecursionError: nesting too deep
+    except (ValueError, RecursionError) as exc:
         raise CorruptUpdateError(f"not a safetensors file: header is not JSON ({exc})") from exc
     if not isinstance(obj, dict):
         raise CorruptUpdateError("not a safetensors file: header is not a JSON object")
@@ -582,7 +583,7 @@ def parse_header(head: bytes, total_len: int | None, limits: CodecLimits) -> Hea
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise CorruptUpdateError(f"tensor {name!r}: header entry needs dtype, shape, offsets")
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _ITEMSIZE:
+        if not isinstance(dtype, str) or dtype not in _ITEMSIZE:  # a list is not hashable
             raise CorruptUpdateError(f"tensor {name!r}: unsupported dtype {dtype!r}")
         if not isinstance(shape, list) or not all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape

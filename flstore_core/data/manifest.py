@@ -86,7 +86,8 @@ class JobSpec:
                 parameters=_names(obj.get("parameters"), "parameters"),
                 state_names=_names(obj.get("state_names"), "state_names"),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        # AttributeError: JSON that is not an object; RecursionError: nesting too deep
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise StoredObjectCorruptError(f"job.json is not a valid job spec: {exc}") from exc
 
 
@@ -215,5 +216,12 @@ class RoundManifest:
                 tensors=tuple(TensorSpec.from_json(t) for t in obj["tensors"]),
                 updates={c: UpdateEntry.from_json(c, e) for c, e in dict(obj["updates"]).items()},
             )
-        except (ValueError, KeyError, TypeError, ValidationError) as exc:
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,  # JSON that is not an object where one is expected
+            RecursionError,  # nesting too deep
+            ValidationError,
+        ) as exc:
             raise StoredObjectCorruptError(f"manifest is not valid: {exc}") from exc
