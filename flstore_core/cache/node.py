@@ -46,7 +46,7 @@ from typing import Any
 
 from flstore_core import config
 from flstore_core.cache.budget import stack_budget
-from flstore_core.cache.results import result_specs, run_round_workload, store_model
+from flstore_core.cache.results import RESULT_LEVEL, result_specs, run_round_workload, store_model
 from flstore_core.cache.round_data import ArtifactStats, JobContext, RoundData
 from flstore_core.cache.round_loading import job_context, load_round, load_round_block
 from flstore_core.cache.shard_cache import ShardCache
@@ -401,7 +401,7 @@ class CacheNode:
                     raise ValidationError("model_part of block 0 needs the result's 'metadata'")
                 specs = self.manifests.get(key.job, key.round).tensors
                 raw[:0] = header_prefix(result_specs(specs), metadata)
-            frame = compress_frame(raw)
+            frame = compress_frame(raw, RESULT_LEVEL)
             del raw
             self.store.put_result(part_key, frame, "application/octet-stream")
             load_ms += (t1 - t0) * 1000
