@@ -4,6 +4,15 @@ Routes are declared with aws-lambda-powertools' ``APIGatewayHttpResolver``; ever
 one-line call into :class:`flstore_core.routing.router.Router`, which holds all the logic. Typed
 errors become ``{"error": {"code", "message"}}`` with their status; anything unexpected is
 logged and answered as a 500 without internals.
+
+The routes' annotations (the models of ``flstore_core.routing.openapi``) are what the OpenAPI
+3.1 document served at ``GET /v1/openapi.json`` (Swagger UI at ``GET /v1/docs``) is generated
+from, so it lists exactly the routes served (issue 15 item 1). Validation is on
+(``enable_validation=True``): an answer of the GET routes that does not match its model is a
+bug caught here, and a request Powertools refuses is the contract's 400 ``{"error": …}``, not its
+default 422. The workload route does not let Powertools read its body: the router authenticates
+before it parses (a 401/403 comes before a 400, ARCHITECTURE §4) and refuses a body that is not
+UTF-8 or JSON with its own 400, so the body model there documents and the router decides.
 """
 
 from __future__ import annotations
@@ -12,12 +21,32 @@ import base64
 import binascii
 import json
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
+from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
+from aws_lambda_powertools.event_handler.openapi.models import (
+    HTTPBearer,
+    Server,
+)
+from aws_lambda_powertools.event_handler.openapi.params import Body
+from aws_lambda_powertools.event_handler.openapi.params import Path as PathParam
 
 from flstore_core.errors import FLStoreError, NotFoundError, PayloadTooLargeError, ValidationError
+from flstore_core.routing.openapi import (
+    JOB_PATTERN,
+    ErrorAnswer,
+    GatewayMessage,
+    Health,
+    RoundsAnswer,
+    RunAnswer,
+    WorkloadsAnswer,
+    run_request_model,
+    workload_names,
+    workload_params_models,
+)
 from flstore_core.routing.request_body import MAX_BODY_BYTES
 from flstore_core.routing.router import Router
 
@@ -30,10 +59,64 @@ def _json(status: int, body: dict[str, Any]) -> Response[str]:
     )
 
 
+TITLE = "FLStore API"
+API_VERSION = "1"
+OPENAPI_PATH = "/v1/openapi.json"
+DOCS_PATH = "/v1/docs"
+RunRequest = run_request_model()
+
+
+def _error(description: str, *, gateway: bool = False) -> dict[str, Any]:
+    """A documented error answer: the contract's body, or also API Gateway's own."""
+    model: Any = ErrorAnswer | GatewayMessage if gateway else ErrorAnswer
+    return {"description": description, "content": {"application/json": {"model": model}}}
+
+
+# Every authenticated route: the authorizer's 401/403 and the router's own, and its 503s.
+_AUTHENTICATED: dict[int, Any] = {
+    401: _error(
+        "no bearer token: API Gateway's {'message': 'Unauthorized'} (the router answers "
+        "{'error': …} when invoked without the gateway)",
+        gateway=True,
+    ),
+    403: _error(
+        "API Gateway's {'message': 'Forbidden'} for a token the authorizer refuses, the "
+        "router's {'error': …} for a token not granted this job",
+        gateway=True,
+    ),
+    503: _error("no cache node could answer in time; retry (the error says when)"),
+}
+_JOB: dict[int, Any] = {
+    400: _error("an invalid job id, body or param (code says which)"),
+    404: _error("an unknown job, round, client or workload"),
+}
+_RUN: dict[int, Any] = {413: _error("a request body past 256 KiB, or an answer too large")}
+_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}]
+DESCRIPTION = (
+    "Serverless storage and compute for the non-training workloads of federated learning "
+    "(ARCHITECTURE §4). Every route but health and this documentation takes a bearer token. "
+    'Errors have one of two shapes: the router\'s {"error": {"code", "message"}} '
+    '(400, 401, 403, 404, 413, 503) and API Gateway\'s own {"message": ...} (401 without a '
+    "token, 403 when the authorizer refuses it). Generated from the router's routes "
+    "(lambdas/router.py) and the workload registry: it cannot drift from what is served."
+)
+
+
+def _ok(description: str, content: dict[str, Any] | None = None) -> dict[int, Any]:
+    """The documented 200; without ``content`` its schema is the route's return annotation."""
+    return {200: {"description": description, **({"content": content} if content else {})}}
+
+
+def _job_param(description: str) -> Any:
+    # the pattern is documented, not enforced here: flstore_core.ids answers the contract's 400
+    return PathParam(description=description, json_schema_extra={"pattern": JOB_PATTERN})
+
+
 def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
     """The resolver with every route, bound to a router factory (called once, lazily)."""
-    app = APIGatewayHttpResolver()
+    app = APIGatewayHttpResolver(enable_validation=True)
     holder: list[Router] = []
+    document: list[str] = []
 
     def r() -> Router:
         if not holder:
@@ -55,21 +138,88 @@ def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
         except (binascii.Error, ValueError) as exc:
             raise ValidationError("request body is not valid base64") from exc
 
-    @app.get("/v1/health")
-    def health() -> dict[str, Any]:
-        return r().health()
+    @app.get(
+        "/v1/health",
+        summary="Liveness of the router",
+        tags=["service"],
+        responses=_ok("the router is up"),
+    )
+    def health() -> Health:
+        return Health.model_validate(r().health())
 
-    @app.get("/v1/workloads")
-    def workloads() -> dict[str, Any]:
-        return r().workloads(auth())
+    @app.get(
+        "/v1/workloads",
+        summary="The workload catalogue: names, classes, params with types, defaults, bounds",
+        tags=["workloads"],
+        responses={**_ok("every registered workload"), **_AUTHENTICATED},
+        security=_SECURITY,
+    )
+    def workloads() -> WorkloadsAnswer:
+        return WorkloadsAnswer.model_validate(r().workloads(auth()))
 
-    @app.get("/v1/jobs/<job>/rounds")
-    def rounds(job: str) -> dict[str, Any]:
-        return r().rounds(auth(), job)
+    @app.get(
+        "/v1/jobs/<job>/rounds",
+        summary="The committed rounds of a job",
+        tags=["jobs"],
+        responses={**_ok("the job's committed rounds"), **_JOB, **_AUTHENTICATED},
+        security=_SECURITY,
+    )
+    def rounds(job: Annotated[str, _job_param("the job id")]) -> RoundsAnswer:
+        return RoundsAnswer.model_validate(r().rounds(auth(), job))
 
-    @app.post("/v1/jobs/<job>/workloads/<name>")
-    def run(job: str, name: str) -> dict[str, Any]:
-        return r().run(auth(), job, name, body())
+    @app.post(
+        "/v1/jobs/<job>/workloads/<name>",
+        summary="Run a workload on a job's rounds",
+        description=(
+            "The body's params are those of the workload named in the path (components "
+            "<Workload>Params, listed by name under components.x-workload-params)."
+        ),
+        tags=["workloads"],
+        responses={**_ok("the workload's answer"), **_JOB, **_RUN, **_AUTHENTICATED},
+        security=_SECURITY,
+        # the router reads the body itself, after authenticating (see the module docstring)
+        enable_validation=False,
+    )
+    def run(
+        job: Annotated[str, _job_param("the job id")],
+        name: Annotated[
+            str,
+            PathParam(
+                description="the workload (GET /v1/workloads)",
+                json_schema_extra={"enum": workload_names()},
+            ),
+        ],
+        request: Annotated[RunRequest | None, Body(embed=False)] = None,  # type: ignore[valid-type]
+    ) -> RunAnswer:
+        return r().run(auth(), job, name, body())  # type: ignore[return-value]
+
+    @app.get(
+        OPENAPI_PATH,
+        summary="This document (OpenAPI 3.1)",
+        tags=["service"],
+        responses=_ok("the document", {"application/json": {"schema": {"type": "object"}}}),
+    )
+    def openapi() -> Response[str]:
+        if not document:
+            document.append(json.dumps(openapi_document(app), separators=(",", ":")))
+        return Response(200, content_types.APPLICATION_JSON, document[0])
+
+    @app.get(
+        DOCS_PATH,
+        summary="Swagger UI of this document",
+        tags=["service"],
+        responses=_ok("an HTML page", {"text/html": {"schema": {"type": "string"}}}),
+    )
+    def docs() -> Response[str]:
+        return Response(200, "text/html; charset=utf-8", swagger_html())
+
+    @app.exception_handler(RequestValidationError)  # type: ignore[untyped-decorator]
+    def invalid(exc: RequestValidationError) -> Response[str]:
+        # the contract's 400, not Powertools' default 422 (issue 15 item 1)
+        errors = exc.errors()
+        where = ".".join(str(p) for p in errors[0].get("loc", ())) if errors else "request"
+        what = errors[0].get("msg", "invalid") if errors else "invalid"
+        return _json(400, ValidationError(f"invalid {where}: {what}").to_dict())
 
     @app.exception_handler(FLStoreError)  # type: ignore[untyped-decorator]
     def flstore_error(exc: FLStoreError) -> Response[str]:
@@ -87,6 +237,52 @@ def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
         return _json(500, {"error": {"code": "internal", "message": "internal error"}})
 
     return app
+
+
+def openapi_document(app: APIGatewayHttpResolver) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``app``'s routes, as Powertools generates it from their
+    declarations, with the contract's 400 instead of Powertools' 422 and each workload's
+    params model named under ``components.x-workload-params``."""
+    from aws_lambda_powertools.event_handler.openapi.compat import model_json
+
+    schema = app.get_openapi_schema(
+        title=TITLE,
+        version=API_VERSION,
+        description=DESCRIPTION,
+        servers=[Server(url="/")],
+        security_schemes={"bearer": HTTPBearer(description="the job's bearer token")},
+    )
+    doc: dict[str, Any] = json.loads(model_json(schema, by_alias=True, exclude_none=True))
+    for operations in doc.get("paths", {}).values():
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    # Powertools' 422 bodies: this API answers its 400 {"error": …} instead
+    for unused in ("HTTPValidationError", "ValidationError", "ResponseValidationError"):
+        schemas.pop(unused, None)
+    doc["components"]["x-workload-params"] = {
+        name: {"$ref": f"#/components/schemas/{model.__name__}"}
+        for name, model in workload_params_models().items()
+    }
+    return doc
+
+
+def swagger_html() -> str:
+    """Swagger UI on ``OPENAPI_PATH``, with the UI's script and style Powertools ships inlined
+    (no third-party host is needed to read the API's documentation)."""
+    from aws_lambda_powertools.event_handler.openapi import swagger_ui
+
+    here = Path(swagger_ui.__file__).parent
+    js = (here / "swagger-ui-bundle.min.js").read_text(encoding="utf-8")
+    css = (here / "swagger-ui.min.css").read_text(encoding="utf-8")
+    return SWAGGER_PAGE.format(css=css, js=js, url=OPENAPI_PATH, title=TITLE)
+
+
+SWAGGER_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{title}</title><style>{css}</style></head>
+<body><div id="swagger-ui"></div><script>{js}</script>
+<script>SwaggerUIBundle({{url: "{url}", dom_id: "#swagger-ui"}});</script></body></html>
+"""
 
 
 app = build_app(Router.from_env)

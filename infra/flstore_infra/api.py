@@ -1,6 +1,7 @@
 """The public face: an API Gateway HTTP API whose routes (ARCHITECTURE §4) go to the router.
 
-Every route but ``GET /v1/health`` passes the Lambda REQUEST authorizer first. It answers
+Every route but ``GET /v1/health`` and the API's documentation (``GET /v1/openapi.json``, its
+Swagger UI at ``GET /v1/docs``) passes the Lambda REQUEST authorizer first. It answers
 whether the bearer token is known, whatever the path (whether the token is granted the job in
 the path is the router's 403, ARCHITECTURE §4), so API Gateway caches its answer by the
 ``Authorization`` header alone. The local gateway (``lambdas/local_runtime/gateway.py``) serves
@@ -34,6 +35,9 @@ ROUTES = (
     Route("GET", "/v1/workloads"),
     Route("GET", "/v1/jobs/{job}/rounds"),
     Route("POST", "/v1/jobs/{job}/workloads/{name}"),
+    # the OpenAPI document and its Swagger UI, readable without a token (issue 15 item 1)
+    Route("GET", "/v1/openapi.json", authorized=False),
+    Route("GET", "/v1/docs", authorized=False),
 )
 AUTHORIZER_CACHE_TTL_S = 300
 # Also the cache key of the authorizer's answers (see the module docstring).

@@ -35,8 +35,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE_SOURCE = REPO_ROOT / "infra" / "Dockerfile.cache_node"
 PACKAGES = ("flstore_core", "lambdas")
 # What the router and authorizer import beyond the runtime's boto3; versions come from
-# requirements.lock so the zip runs what the tests ran.
-ZIP_DEPENDENCIES = ("aws-lambda-powertools", "cachetools")
+# requirements.lock so the zip runs what the tests ran. pydantic: the router's OpenAPI models
+# and Powertools' validation (flstore_core/routing/openapi.py).
+ZIP_DEPENDENCIES = ("aws-lambda-powertools", "cachetools", "pydantic")
 # Never in the zip: the router must stay light, and these alone exceed the 250 MB limit.
 HEAVY_DISTRIBUTIONS = frozenset({"numpy", "torch", "scipy", "scikit-learn", "pandas"})
 MAX_UNZIPPED_BYTES = 250 * 2**20

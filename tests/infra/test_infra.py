@@ -557,7 +557,7 @@ def test_results_expire_by_the_tag_results_are_written_with() -> None:
 
 
 @pulumi.runtime.test
-def test_every_route_but_health_requires_the_authorizer() -> None:
+def test_every_route_but_health_and_the_docs_requires_the_authorizer() -> None:
     def check(d: Deployment) -> None:
         routes = {r.inputs["routeKey"]: r.inputs for r in d.of_type(ROUTE)}
         assert set(routes) == {
@@ -565,8 +565,13 @@ def test_every_route_but_health_requires_the_authorizer() -> None:
             "GET /v1/workloads",
             "GET /v1/jobs/{job}/rounds",
             "POST /v1/jobs/{job}/workloads/{name}",
+            "GET /v1/openapi.json",
+            "GET /v1/docs",
         }
-        assert routes.pop("GET /v1/health")["authorizationType"] == "NONE"
+        for public in ("GET /v1/health", "GET /v1/openapi.json", "GET /v1/docs"):
+            route = routes.pop(public)
+            assert route["authorizationType"] == "NONE", public
+            assert "authorizerId" not in route, public
         (authorizer,) = d.of_type("aws:apigatewayv2/authorizer:Authorizer")
         for key, route in routes.items():
             assert route["authorizationType"] == "CUSTOM", key
@@ -834,3 +839,15 @@ def test_local_gateway_serves_the_routes_and_authorizer_settings_deployed() -> N
     assert {(r.key, r.authorized) for r in gateway.ROUTES} == deployed
     assert gateway.IDENTITY_SOURCES == api.IDENTITY_SOURCES
     assert gateway.AUTHORIZER_CACHE_TTL_S == api.AUTHORIZER_CACHE_TTL_S
+
+
+def test_every_route_the_router_serves_is_deployed() -> None:
+    # the router's OpenAPI document lists its resolver's routes (issue 15 item 1)
+    from lambdas.router import app, openapi_document
+
+    served = {
+        f"{method.upper()} {path}"
+        for path, operations in openapi_document(app)["paths"].items()
+        for method in operations
+    }
+    assert served == {r.key for r in api.ROUTES}

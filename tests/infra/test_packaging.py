@@ -162,7 +162,7 @@ def test_zip_holds_the_packages_and_the_locked_numpy_free_dependencies(
         names = set(archive.namelist())
     for module in ("lambdas/router.py", "lambdas/authorizer.py", "flstore_core/__init__.py"):
         assert module in names
-    for package in ("aws_lambda_powertools", "cachetools", "jmespath"):
+    for package in ("aws_lambda_powertools", "cachetools", "jmespath", "pydantic", "pydantic_core"):
         assert f"{package}/__init__.py" in names
     # The versions are the lock's.
     for pin in locked_requirements(packaging.ZIP_DEPENDENCIES, LOCK):
@@ -237,7 +237,7 @@ def test_wheels_are_cached_by_lock_and_target_and_not_downloaded_again(
     assert manifest["lock_sha256"] == hashlib.sha256(lock).hexdigest()
     assert manifest["wheels"] == [w.name for w in locked.wheels]
     # Their own dependencies come along, pinned by the lock as a constraints file.
-    assert {"aws-lambda-powertools", "cachetools", "jmespath"} <= locked.distributions()
+    assert {"aws-lambda-powertools", "cachetools", "jmespath", "pydantic"} <= locked.distributions()
 
 
 # --- the image context -----------------------------------------------------------------------

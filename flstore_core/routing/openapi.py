@@ -1,0 +1,192 @@
+"""The pydantic models the HTTP API's OpenAPI 3.1 document is generated from (issue 15 item 1).
+
+``lambdas/router.py`` annotates each route with these models (request body, answer, error
+answers), so the document Powertools generates from the resolver's routes cannot drift from the
+routes served. The workloads' param schemas are generated from the registry's :class:`Param`
+definitions (:func:`flstore_core.workloads.catalogue` names them): a new workload or param
+appears in the document without editing it.
+
+The models document; they do not decide. The router's own checks (``flstore_core.ids``,
+``request_body.parse_body``, ``Workload.validate``) stay the source of truth and answer with the
+contract's ``{"error": {"code", "message"}}`` (ARCHITECTURE §4); where JSON Schema cannot say as
+much (a float must be finite, an array holds at most ``MAX_ARRAY_ITEMS`` values in all) the
+models are more permissive than the router.
+
+Two error shapes reach a client: the contract's ``{"error": …}`` from the router (400, 401,
+403, 404, 413, 503), and API Gateway's own ``{"message": …}`` (401 without a token, 403 when the
+Lambda authorizer refuses it, 404/413/429 it answers itself).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from flstore_core.ids import MAX_ROUND
+from flstore_core.workloads import Param, catalogue, get
+
+JOB_PATTERN = "^[a-z0-9][a-z0-9-]{0,62}$"
+
+_TYPES: dict[str, Any] = {"int": int, "float": float, "bool": bool, "str": str, "array": list[Any]}
+
+
+class _Open(BaseModel):
+    """An answer that may gain fields: clients must ignore what they do not know."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class _Closed(BaseModel):
+    """A request object: the router refuses unknown fields with a 400."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable error code, e.g. invalid_params, not_found")
+    message: str = Field(description="what went wrong and what to change")
+
+
+class ErrorAnswer(BaseModel):
+    """The contract's error body (ARCHITECTURE §4), answered by the router."""
+
+    model_config = ConfigDict(title="Error")
+    error: ErrorDetail
+
+
+class GatewayMessage(BaseModel):
+    """API Gateway's own error body: 401 without a token, 403 when the authorizer refuses it."""
+
+    message: str = Field(examples=["Unauthorized", "Forbidden"])
+
+
+class Health(_Open):
+    status: Literal["ok"]
+
+
+class ParamSpec(_Open):
+    """One workload param as ``GET /v1/workloads`` lists it (``Param.to_json``)."""
+
+    type: Literal["int", "float", "bool", "str", "array"]
+    default: Any = None
+    description: str | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_maximum: float | None = None
+    choices: list[str] | None = None
+
+
+class WorkloadEntry(_Open):
+    name: str
+    class_: Literal["round", "client", "model", "meta"] = Field(alias="class")
+    params: dict[str, ParamSpec]
+    description: str
+    reference: str
+
+
+class WorkloadsAnswer(_Open):
+    workloads: list[WorkloadEntry]
+
+
+class RoundEntry(_Open):
+    round: Annotated[int, Field(ge=0, le=MAX_ROUND)]
+    clients: list[str] = Field(description="the client ids of the round")
+    bytes: Annotated[int, Field(ge=0)]
+
+
+class RoundsAnswer(_Open):
+    job: str
+    rounds: list[RoundEntry]
+
+
+class RunMeta(_Open):
+    nodes: list[Any] = Field(description="the cache nodes tried, in order")
+    cache: str = Field(description="hit, miss, or partial when several nodes answered")
+    latency_ms: float
+    cost_usd: float
+    node_timing_ms: dict[str, Any]
+    s3_gets: int
+    s3_puts: int
+
+
+class RunAnswer(_Open):
+    job: str
+    workload: str
+    round: int | None
+    result: dict[str, Any] = Field(
+        description="the workload's result; a model result is stored and named by model_key"
+    )
+    meta: RunMeta
+
+
+def _param_field(param: Param) -> tuple[Any, Any]:
+    """The pydantic field of one registry param: its JSON type, default and bounds."""
+    kind: Any = _TYPES[param.type]
+    if param.choices:
+        kind = Literal[param.choices]
+    if param.nullable:
+        kind = kind | None
+    return kind, Field(
+        default=param.default,
+        description=param.description or None,
+        ge=param.minimum,
+        le=param.maximum,
+        lt=param.exclusive_maximum,
+    )
+
+
+def _model_name(workload: str) -> str:
+    return "".join(part.capitalize() for part in workload.split("_")) + "Params"
+
+
+def workload_params_models() -> dict[str, type[BaseModel]]:
+    """One closed model per workload of the registry, named ``<Workload>Params``."""
+    models: dict[str, type[BaseModel]] = {}
+    for entry in catalogue():
+        workload = get(entry["name"])
+        fields = {name: _param_field(p) for name, p in workload.params.items()}
+        models[workload.name] = create_model(  # type: ignore[call-overload]
+            _model_name(workload.name),
+            __config__=ConfigDict(
+                extra="forbid", title=_model_name(workload.name), json_schema_extra=None
+            ),
+            __doc__=f"Params of {workload.name} ({workload.cls} class): {workload.description}",
+            **fields,
+        )
+    return models
+
+
+def run_request_model() -> type[BaseModel]:
+    """The body of ``POST /v1/jobs/{job}/workloads/{name}``: its ``params`` are one of the
+    workloads' param objects (the one of the workload in the path; JSON Schema cannot tie a
+    body to a path parameter, so the document lists them all with ``anyOf``)."""
+    models = tuple(workload_params_models().values())
+    params_type: Any = models[0]
+    for model in models[1:]:
+        params_type = params_type | model
+    return create_model(
+        "RunRequest",
+        __base__=_Closed,
+        __doc__=(
+            "A workload request. Round-class workloads need 'round'; the others span rounds "
+            "and take 'rounds' (a list) or nothing."
+        ),
+        round=(
+            int | None,
+            Field(default=None, ge=0, le=MAX_ROUND, description="the round (round class)"),
+        ),
+        rounds=(
+            list[Annotated[int, Field(ge=0, le=MAX_ROUND)]] | None,
+            Field(default=None, description="rounds to span (client, model, meta classes)"),
+        ),
+        params=(
+            params_type | None,
+            Field(default=None, description="the workload's params; defaults fill the rest"),
+        ),
+    )
+
+
+def workload_names() -> list[str]:
+    """Every registered workload name, sorted (the ``name`` path parameter's values)."""
+    return [entry["name"] for entry in catalogue()]
