@@ -1,0 +1,208 @@
+"""A fault-injecting HTTP proxy in front of the local S3 (the chaos benchmark's S3 faults).
+
+S3 misbehaves in a few documented ways that FLStore's clients must survive: a request that is
+slow to answer, ``503 SlowDown`` when a prefix is over its request rate, ``500 InternalError``
+("retry the request", S3 error responses reference), and a connection reset before any answer.
+:class:`FaultProxy` sits between the cache nodes (their ``FLSTORE_S3_ENDPOINT`` points at it:
+``StackConfig(s3_endpoint=proxy.url)``) and the moto server, forwarding every request unchanged
+— method, path, query, headers (``Host`` included, so SigV4 signatures still match) and body —
+and, while :attr:`FaultProxy.faults` says so, injecting each fault with its probability before
+the request reaches S3. Injected errors happen *instead of* forwarding, as S3's do (a throttled
+or failed PUT stored nothing); a *lost answer* is forwarded and then the connection is closed
+unanswered, so the client retries a request S3 already carried out (a PUT done twice, a commit
+whose answer never came: what idempotent writes are for).
+
+It counts what it did (:meth:`FaultProxy.counts`), so a benchmark reports the faults its
+clients survived. boto3's retry modes (``legacy``/``standard``/``adaptive``) retry all four.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import random
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from urllib.parse import urlsplit
+
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+}
+
+# S3's error bodies (S3 API reference, "Error responses"): boto3 reads the Code element
+SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+INTERNAL_ERROR = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
+    b"<Message>We encountered an internal error. Please try again.</Message></Error>"
+)
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Probabilities of each fault per request (they add up to at most 1), and the delay of a
+    slow answer. ``Faults()`` injects nothing: the proxy is transparent."""
+
+    slow: float = 0.0
+    slow_s: tuple[float, float] = (0.5, 2.0)  # uniform delay before forwarding
+    slow_down: float = 0.0  # 503 SlowDown
+    internal: float = 0.0  # 500 InternalError
+    drop: float = 0.0  # the connection closed without an answer, the request never forwarded
+    lost_answer: float = 0.0  # forwarded (S3 did it), then the connection closed unanswered
+
+    def __post_init__(self) -> None:
+        shares = (self.slow, self.slow_down, self.internal, self.drop, self.lost_answer)
+        if any(p < 0 for p in shares) or sum(shares) > 1.0:
+            raise ValueError(f"fault probabilities must be >= 0 and add up to <= 1: {shares}")
+
+    def pick(self, rng: random.Random) -> str | None:
+        """The fault for one request (a field's name) or None."""
+        x = rng.random()
+        for name in ("slow", "slow_down", "internal", "drop", "lost_answer"):
+            p = float(getattr(self, name))
+            if x < p:
+                return name
+            x -= p
+        return None
+
+
+class FaultProxy:
+    """``with FaultProxy(upstream) as proxy:`` — ``proxy.url`` forwards to ``upstream``;
+    assign ``proxy.faults`` at any time to change what is injected."""
+
+    def __init__(self, upstream: str, host: str = "127.0.0.1", seed: int = 0) -> None:
+        parts = urlsplit(upstream)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"upstream must be an http:// URL, got {upstream!r}")
+        self.upstream = (parts.hostname, parts.port or 80)
+        self.faults = Faults()
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._server = ThreadingHTTPServer((host, 0), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def counts(self) -> dict[str, int]:
+        """Requests seen (``requests``) and faults injected, by kind."""
+        with self._lock:
+            return dict(self._counts)
+
+    def _decide(self) -> str | None:
+        with self._lock:
+            self._counts["requests"] += 1
+            fault = self.faults.pick(self._rng)
+            if fault is not None:
+                self._counts[fault] += 1
+            return fault
+
+    def start(self) -> FaultProxy:
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # one line per S3 request otherwise
+
+            def _body(self) -> bytes:
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length > 0 else b""
+
+            def _error(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _hang_up(self) -> None:
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+
+            def _forward(self) -> None:
+                body = self._body()
+                fault = proxy._decide()
+                if fault == "drop":  # reset: the client sees a connection error, S3 saw nothing
+                    self._hang_up()
+                    return
+                if fault == "slow_down":
+                    self._error(503, SLOW_DOWN)
+                    return
+                if fault == "internal":
+                    self._error(500, INTERNAL_ERROR)
+                    return
+                if fault == "slow":
+                    low, high = proxy.faults.slow_s
+                    time.sleep(low + (high - low) * proxy._rng.random())
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=120)
+                try:
+                    conn.request(self.command, self.path, body=body or None, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    out_headers = resp.getheaders()
+                    status = resp.status
+                finally:
+                    conn.close()
+                if fault == "lost_answer":
+                    self._hang_up()
+                    return
+                self.send_response(status)
+                for k, v in out_headers:
+                    if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
+                        self.send_header(k, v)
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
+                else:
+                    length = dict((k.lower(), v) for k, v in out_headers).get("content-length")
+                    if length is not None:
+                        self.send_header("Content-Length", length)
+                self.end_headers()
+                if self.command != "HEAD":
+                    with contextlib.suppress(OSError):  # the client gave up waiting
+                        self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        return Handler

@@ -1,0 +1,59 @@
+"""benchmarks/chaos.py starts (its options parse; the run itself takes minutes, ``--quick`` ~2),
+and the fault proxy it puts in front of S3 forwards transparently and injects each fault."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+from flstore_core.aws import s3_client
+from lambdas.local_runtime.fault_proxy import FaultProxy, Faults
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_chaos_benchmark_help() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "chaos.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    for option in ("--json", "--quick", "--seconds", "--clients", "--budget-mb", "--phases"):
+        assert option in out
+
+
+def test_fault_proxy_is_transparent_then_injects(s3_server: Any) -> None:
+    with FaultProxy(s3_server.url) as proxy:
+        s3 = s3_client(proxy.url)
+        s3.create_bucket(Bucket="proxy-test")
+        s3.put_object(Bucket="proxy-test", Key="k", Body=b"x" * 100_000)
+        body = s3.get_object(Bucket="proxy-test", Key="k", Range="bytes=10-19")["Body"].read()
+        assert body == b"x" * 10
+        assert proxy.counts().get("requests", 0) >= 3 and len(proxy.counts()) == 1
+        for faults, code in (
+            (Faults(slow_down=1.0), "SlowDown"),
+            (Faults(internal=1.0), "InternalError"),
+        ):
+            proxy.faults = faults
+            with pytest.raises(ClientError) as err:
+                s3.get_object(Bucket="proxy-test", Key="k")
+            assert err.value.response["Error"]["Code"] == code
+        proxy.faults = Faults(drop=1.0)
+        with pytest.raises((EndpointConnectionError, ConnectionError, Exception)):
+            s3.head_object(Bucket="proxy-test", Key="k")
+        proxy.faults = Faults()
+        assert s3.get_object(Bucket="proxy-test", Key="k")["Body"].read() == b"x" * 100_000
+        counts = proxy.counts()
+        assert counts["slow_down"] >= 1 and counts["internal"] >= 1 and counts["drop"] >= 1
+
+
+def test_fault_probabilities_are_checked() -> None:
+    with pytest.raises(ValueError):
+        Faults(slow=0.6, drop=0.6)
