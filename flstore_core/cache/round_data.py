@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from flstore_core.cache.blas import one_blas_thread
 from flstore_core.data.blocks import footprint
 from flstore_core.data.codec import TensorSpec
 from flstore_core.data.columns import ColumnSplit, Runs, job_columns
@@ -376,10 +377,16 @@ class RoundData:
         column blocks (:mod:`flstore_core.cache.sharded`)."""
         cols = self.columns
         if not buffers:
-            return self._artifact("gram", lambda: self._block_sums(cols.parameter_runs))
+            return self._artifact("gram", lambda: self._one_thread_sums(cols.parameter_runs))
         if not cols.buffer_runs:
             return None
-        return self._artifact("gram+buffers", lambda: self._block_sums(cols.buffer_runs))
+        return self._artifact("gram+buffers", lambda: self._one_thread_sums(cols.buffer_runs))
+
+    def _one_thread_sums(self, runs: Runs) -> GramParts:
+        """:meth:`_block_sums` on one BLAS thread: the same bits on any host
+        (:mod:`flstore_core.cache.blas`)."""
+        with one_blas_thread():
+            return self._block_sums(runs)
 
     def _parts(self, include_buffers: bool) -> GramParts:
         """The Gram pieces of the column subset: parameters, plus buffers when asked (each
@@ -421,18 +428,20 @@ class RoundData:
         """``x_i · v`` for every row over the column subset (float32 BLAS per run, float64
         sums)."""
         out = np.zeros(self.n)
-        for a, b in self.columns.runs(include_buffers):
-            for start in range(a, b, BLOCK_ELEMENTS):
-                stop = min(start + BLOCK_ELEMENTS, b)
-                out += self.matrix[:, start:stop] @ vector[start:stop]
+        with one_blas_thread():  # the same bits on any host (flstore_core.cache.blas)
+            for a, b in self.columns.runs(include_buffers):
+                for start in range(a, b, BLOCK_ELEMENTS):
+                    stop = min(start + BLOCK_ELEMENTS, b)
+                    out += self.matrix[:, start:stop] @ vector[start:stop]
         return out
 
     def sq_norm_of(self, vector: F32, include_buffers: bool = False) -> float:
         """``‖v‖²`` over the column subset, in float64."""
         total = 0.0
-        for a, b in self.columns.runs(include_buffers):
-            part = vector[a:b].astype(np.float64)
-            total += float(np.dot(part, part))
+        with one_blas_thread():
+            for a, b in self.columns.runs(include_buffers):
+                part = vector[a:b].astype(np.float64)
+                total += float(np.dot(part, part))
         return total
 
     def columnwise(self, name: str, **args: Any) -> F32:
@@ -454,7 +463,8 @@ class RoundData:
         total = float(w.sum())
         if total <= 0:
             raise ValueError("weights must sum to a positive number")
-        out: F32 = (w / total).astype(np.float32) @ self.matrix
+        with one_blas_thread():  # the same bits on any host (flstore_core.cache.blas)
+            out: F32 = (w / total).astype(np.float32) @ self.matrix
         return out
 
     def to_weights(self, vector: F32) -> F32:
