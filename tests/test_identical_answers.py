@@ -69,3 +69,32 @@ def test_answers_do_not_depend_on_blas_threads(n: int, cols: int, with_base: boo
             got = answers(n, cols, with_base)
         differing = [k for k in reference if got[k] != reference[k]]
         assert differing == [], f"{threads} BLAS threads change {differing}"
+
+
+def test_every_node_cold_or_warm_answers_the_same_bytes(s3_server: Any) -> None:
+    """The same request run on each node of a local stack — cold (evicted), warm, and cold again
+    after its instance is killed — gives the same ``json.dumps(result, sort_keys=True)``."""
+    from lambdas.local_runtime.stack import LocalStack, StackConfig
+    from tests.conftest import small_update
+
+    config = StackConfig(
+        nodes=2, replication=2, memory_mb=1024, bucket="identical", s3_endpoint=s3_server.url
+    )
+    with LocalStack(config) as stack:
+        assert stack.store is not None and stack.router is not None and stack.lam is not None
+        stack.store.put_initial("same", small_update(99))
+        for i in range(6):
+            stack.store.put_update("same", 0, f"c{i}", small_update(i))
+        stack.store.commit_round("same", 0)
+        seen: dict[str, set[str]] = {name: set() for name in ("cosine_select", "krum")}
+        for node in range(2):
+            for step in ("cold", "warm", "killed"):
+                if step == "cold":
+                    stack.router.node_op(node, {"op": "evict", "all": True})
+                if step == "killed":
+                    stack.lam.kill_instances(stack.node_function(node))
+                for name in seen:
+                    event = {"op": "run", "workload": name, "job": "same", "round": 0}
+                    answer = stack.router.node_op(node, {**event, "params": {}})
+                    seen[name].add(json.dumps(answer["result"], sort_keys=True))
+        assert {name: len(results) for name, results in seen.items()} == dict.fromkeys(seen, 1)
