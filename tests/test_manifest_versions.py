@@ -205,3 +205,32 @@ def test_a_late_client_reloads_a_held_round_at_the_next_load() -> None:
     assert isinstance(held, RoundData)
     assert list(held.clients) == ObjectStore(blobs=store.blobs).get_manifest(JOB, 0).clients
     assert "late" in held.clients
+
+
+def test_current_checks_one_manifest_with_a_head_at_most_every_max_age() -> None:
+    import time
+
+    store, blobs = committed()
+    heads: list[str] = []
+    inner_head = blobs.head
+
+    def head(key: str) -> BlobInfo | None:
+        heads.append(key)
+        return inner_head(key)
+
+    blobs.head = head  # type: ignore[method-assign]
+    lists = blobs.lists  # the commits listed; the reader must not
+    reader = ManifestReader(store)
+    first = reader.current(JOB, 1, max_age_s=0.2)
+    gets = blobs.gets
+    assert reader.current(JOB, 1, max_age_s=0.2) is first  # within max_age: no call at all
+    assert len(heads) == 1 and blobs.gets == gets and blobs.lists == lists
+    time.sleep(0.25)
+    assert reader.current(JOB, 1, max_age_s=0.2) is first  # unchanged: a HEAD, no GET
+    assert len(heads) == 2 and blobs.gets == gets
+    backfill(store, 1, {"c0": 0.5, "c1": 0.25, "c2": 0.125})
+    time.sleep(0.25)
+    fresh = reader.current(JOB, 1, max_age_s=0.2)  # rewritten: read again
+    assert fresh is not first
+    assert {c: e.summary.get(CONTRIBUTION) for c, e in fresh.updates.items()} == stored(store, 1)
+    assert all(k.endswith("/00000001/manifest.json") for k in heads)

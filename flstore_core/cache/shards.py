@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from flstore_core.cache.round_data import JobContext
+from flstore_core.data import layout
 from flstore_core.data.codec import TensorSpec
 from flstore_core.data.manifest import JobSpec, RoundManifest
 from flstore_core.data.rows import flatten
@@ -128,6 +129,7 @@ class ManifestReader:
         self._cache: dict[tuple[str, int], tuple[str, RoundManifest]] = {}
         self._listed: dict[str, tuple[float, dict[int, str]]] = {}
         self._generation: dict[str, int] = {}
+        self._checked: dict[tuple[str, int], float] = {}  # when current() last checked a copy
         self._lock = threading.Lock()
 
     def rounds(self, job: str) -> list[int]:
@@ -168,6 +170,32 @@ class ManifestReader:
             self._cache[(job, round_)] = (version, manifest)
         return manifest
 
+    def current(self, job: str, round_: int, max_age_s: float) -> RoundManifest:
+        """The round's manifest, its version checked against the stored object at most every
+        ``max_age_s`` seconds with one HEAD of that manifest (not a LIST of the job, whose cost
+        grows with every update object under it): what a request path uses to see a rewritten
+        manifest (a late client, a backfill) within ``max_age_s``; 404 if not committed."""
+        now = time.monotonic()
+        key = (job, round_)
+        with self._lock:
+            cached = self._cache.get(key)
+            checked = self._checked.get(key)
+        if cached is not None and checked is not None and now - checked < max_age_s:
+            return cached[1]
+        info = self.store.stat(layout.manifest_key(job, round_))
+        version = "" if info is None else info.etag or f"{info.size}@{info.modified}"
+        if cached is not None and version and cached[0] == version:
+            with self._lock:
+                self._checked[key] = now
+            return cached[1]
+        manifest = self.store.get_manifest(job, round_)  # 404 when not committed
+        with self._lock:
+            if cached is not None:
+                self._generation[job] = self._generation.get(job, 0) + 1
+            self._cache[key] = (version, manifest)
+            self._checked[key] = now
+        return manifest
+
     def version(self, job: str, round_: int) -> str:
         """The version tag of the cached copy of the round's manifest ("" if none or unknown)."""
         with self._lock:
@@ -188,6 +216,7 @@ class ManifestReader:
                 self._listed.pop(name, None)
             for key in [k for k in self._cache if job is None or k[0] == job]:
                 del self._cache[key]
+                self._checked.pop(key, None)
 
 
 @dataclass

@@ -352,10 +352,9 @@ class Router:
         """Where the round's blocks live on this stack (:mod:`flstore_core.routing.planner`);
         404 if the round is not committed, 503 if no layout can hold it."""
         assert round_ is not None
-        # the listing (at most every ROUNDS_TTL_S) drops cached manifests that were rewritten
-        # (a late client, a backfill), so a plan is never older than that
-        self.manifests.rounds(job)
-        manifest = self.manifests.get(job, round_)
+        # one HEAD of the manifest at most every ROUNDS_TTL_S: a rewritten manifest (a late
+        # client, a backfill) is seen within that, and a plan is never older
+        manifest = self.manifests.current(job, round_, ROUNDS_TTL_S)
         return plan_round(
             job,
             round_,
