@@ -389,7 +389,9 @@ class Router:
         self._request.scatter = scatter
         try:
             view = self._sharded_view(job, round_, plan)
-            if workload.evaluates_clients(params):
+            # a workload that evaluates client models, or imports a library the router does
+            # not carry (scikit-learn), runs on a node with the round's Gram pieces
+            if workload.evaluates_clients(params) or workload.needs:
                 result = self._run_streamed(view, workload, params, plan)
             else:
                 out = workload.run(view, params)
@@ -424,7 +426,8 @@ class Router:
         """
         job, round_ = view.job, view.round
         shard = round_shard(job, round_)
-        order = self._affinity_order(shard, plan)  # a 503 before any node is invoked
+        # a 503 before any node is invoked
+        order = self._affinity_order(shard, plan, workload.evaluates_clients(params))
         if workload.split is not None:
             workload.split.check(view.clients, params)
         parts = view.gram_parts()
@@ -459,12 +462,14 @@ class Router:
             )
         return result
 
-    def _affinity_order(self, shard: ShardKey, plan: RoundPlan) -> list[int]:
+    def _affinity_order(self, shard: ShardKey, plan: RoundPlan, clients: bool = True) -> list[int]:
         """The nodes to run a per-client workload of a sharded round on: the whole round's
         rendezvous ranking, nodes whose budget the plan's blocks leave room for the streamed
         round's working memory first (:func:`~flstore_core.cache.streamed.working_bytes`);
-        503 when no node's budget holds it."""
-        need = working_bytes(plan.n_params)
+        503 when no node's budget holds it. A workload that evaluates no client model
+        (``clients`` false: kmeans, cfl_split, which only need a library the router lacks)
+        reads no row and needs only the Gram pieces."""
+        need = working_bytes(plan.n_params) if clients else 0
         if need > self.config.budget:
             raise UnavailableError(
                 f"round {plan.round} of job {plan.job!r} has {plan.n_params} parameters: "

@@ -165,6 +165,10 @@ class Workload:
     # per-client workloads whose clients can be evaluated in groups on several nodes
     split: ClientSplit | None = None
 
+    # libraries the workload imports beyond numpy (e.g. ``("sklearn",)``): the router does not
+    # carry them, so on a sharded round such a workload runs on a node, not in the router
+    needs: tuple[str, ...] = ()
+
     def evaluates_clients(self, params: Mapping[str, Any]) -> bool:
         """Whether a run with ``params`` evaluates whole client models (see ``per_client``)."""
         return bool(self.per_client(params) if callable(self.per_client) else self.per_client)

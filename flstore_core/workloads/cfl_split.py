@@ -125,6 +125,7 @@ WORKLOAD = register(
     Workload(
         name="cfl_split",
         cls="round",
+        needs=("sklearn",),
         description=(
             "Clustered-FL bipartition by pairwise cosine of updates (complete linkage), the "
             "cross-cluster max similarity and the split criterion on mean and max update norms."

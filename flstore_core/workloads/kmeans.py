@@ -110,6 +110,7 @@ WORKLOAD = register(
     Workload(
         name="kmeans",
         cls="round",
+        needs=("sklearn",),
         description="k-means (scikit-learn, k-means++ seeding, 10 inits) labels of the updates.",
         reference="scikit-learn KMeans",
         run=lambda data, params: kmeans(data, **params),
