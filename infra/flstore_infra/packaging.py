@@ -1,17 +1,20 @@
 """The Lambda artifacts, built by the program itself on every ``pulumi up`` and preview.
 
 - **The router zip** (router and authorizer): the tracked files of ``flstore_core`` and
-  ``lambdas`` (``sources``) plus the files of their numpy-free dependencies' wheels
-  (``wheels``; boto3 is in the runtime), checked to unpack to less than Lambda's 250 MB.
+  ``lambdas`` (``sources``) plus the files of their dependencies' wheels (``wheels``; boto3 is
+  in the runtime), numpy and zstandard included but not scikit-learn, scipy or torch, checked
+  to unpack to less than Lambda's 250 MB and to be at most the 50 MB uploaded with the function.
 - **The cache-node image's Docker context**: ``Dockerfile`` (``infra/Dockerfile.cache_node``),
   ``pyproject.toml``, ``requirements.lock``, a stub ``README.md`` and the two packages; the
   ``docker-build`` provider builds it. A clean copy keeps ``.venv`` and tests out of it.
 
 Both are deterministic: members in sorted order, fixed timestamps and modes, so the same
-tree gives the same bytes and Pulumi sees no change (the zip's archive hash and the
-context's hash are both computed over contents). Both are named by a hash of their inputs
-under the build cache (``default_cache_dir``), so an unchanged tree reuses them, a changed
-one gets new ones, and a few recent builds are kept.
+tree gives the same bytes and Pulumi sees no change (Pulumi hashes the zip file's bytes, the
+image context's files). The zip is deflated at a fixed level, so its bytes also depend on the
+zlib that compresses them: a deployer whose Python links another zlib build (zlib-ng) gets
+another zip of the same files, which Pulumi shows as a code update of equal contents.
+Both are named by a hash of their inputs under the build cache (``default_cache_dir``), so an
+unchanged tree reuses them, a changed one gets new ones, and a few recent builds are kept.
 
 Standard library only (pip runs as a subprocess), so building does not need Pulumi.
 """
@@ -36,10 +39,38 @@ DOCKERFILE_SOURCE = REPO_ROOT / "infra" / "Dockerfile.cache_node"
 PACKAGES = ("flstore_core", "lambdas")
 # What the router and authorizer import beyond the runtime's boto3; versions come from
 # requirements.lock so the zip runs what the tests ran. pydantic: the router's OpenAPI models
-# and Powertools' validation (flstore_core/routing/openapi.py).
-ZIP_DEPENDENCIES = ("aws-lambda-powertools", "cachetools", "pydantic")
-# Never in the zip: the router must stay light, and these alone exceed the 250 MB limit.
-HEAVY_DISTRIBUTIONS = frozenset({"numpy", "torch", "scipy", "scikit-learn", "pandas"})
+# and Powertools' validation (flstore_core/routing/openapi.py). numpy and zstandard:
+# `import lambdas.router` needs them (the workload catalogue, the codec, the object store), and
+# the router runs a sharded round's own math in numpy (flstore_core/cache/sharded.py: summing
+# Gram pieces, the selections); threadpoolctl: that math runs on one BLAS thread
+# (flstore_core/cache/blas.py). Measured for cp312 (numpy 2.4.6, zstandard 0.25.0): the wheels
+# unpack to 54 + 23 MB on x86_64 (52 + 21 on arm64), the whole zip to 88 MB of Lambda's 250;
+# stored, the zip would be past the 50 MB uploaded with the function; deflated it is 25 MB
+# (24 on arm64). The alternative, the router in the cache-node image, was not taken: every
+# router cold start would pull an image estimated at ~1.5 GB (the base image, CPU torch,
+# scipy, scikit-learn; not built here) for modules the router never imports.
+ZIP_DEPENDENCIES = (
+    "aws-lambda-powertools",
+    "cachetools",
+    "numpy",
+    "pydantic",
+    "threadpoolctl",
+    "zstandard",
+)
+# Never in the zip: the router must stay light (the workloads needing scikit-learn run on a
+# cache node), and torch or scipy with scikit-learn alone exceed the 250 MB limit.
+HEAVY_DISTRIBUTIONS = frozenset({"torch", "scipy", "scikit-learn", "pandas"})
+# What the python3.12 runtime provides beside the standard library, so the zip leaves it out:
+# boto3 and its dependencies.
+RUNTIME_DISTRIBUTIONS = (
+    "boto3",
+    "botocore",
+    "jmespath",
+    "python-dateutil",
+    "s3transfer",
+    "six",
+    "urllib3",
+)
 MAX_UNZIPPED_BYTES = 250 * 2**20
 # The zip is uploaded with the function (no S3 staging), which Lambda allows up to 50 MB.
 MAX_ZIP_BYTES = 50 * 2**20
@@ -52,8 +83,10 @@ CONTEXT_README = b"# FLStore\n\nThe cache-node image of FLStore.\n"
 CACHE_ENV = "FLSTORE_BUILD_CACHE"
 # Builds kept per kind in the cache (most recently used first); older ones are deleted.
 KEEP_BUILDS = 5
-# Bump when what goes into an artifact changes without its inputs changing.
-BUILD_FORMAT = 1
+# Bump when what goes into an artifact changes without its inputs changing. 2: deflated zip.
+BUILD_FORMAT = 2
+# zlib's default level, pinned: the same zlib gives the same bytes at the same level.
+ZIP_COMPRESSLEVEL = 6
 # 1980-01-01, the earliest time a zip can hold, for every member and staged file.
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 _EPOCH_SECONDS = 315532800
@@ -98,9 +131,11 @@ class BuildArtifacts:
 def write_zip(members: Iterable[tuple[str, bytes]], zip_path: Path) -> None:
     """A deterministic zip of ``(name in archive, content)`` pairs, written in the given order.
 
-    Fixed timestamp, mode (0644) and creator system, and stored uncompressed: deflate's output
-    depends on the zlib build (zlib, zlib-ng), so only stored members make the bytes depend on
-    the contents alone, on every deployer's machine.
+    Fixed timestamp, mode (0644) and creator system, deflated at ``ZIP_COMPRESSLEVEL``.
+    Deflated, not stored: numpy and zstandard make the files 88 MB, past the 50 MB Lambda takes
+    uploaded with the function; deflated they are 25 MB (x86_64). Deflate's output depends
+    on the zlib build (zlib, zlib-ng), so the bytes are the same for the same contents on
+    machines with the same zlib (see the module docstring).
     """
     zip_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=zip_path.parent, prefix=f".{zip_path.name}-")
@@ -111,8 +146,8 @@ def write_zip(members: Iterable[tuple[str, bytes]], zip_path: Path) -> None:
                 info = zipfile.ZipInfo(name, date_time=_EPOCH)
                 info.create_system = 3  # Unix, whatever builds it
                 info.external_attr = 0o100644 << 16
-                info.compress_type = zipfile.ZIP_STORED
-                archive.writestr(info, content)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                archive.writestr(info, content, compresslevel=ZIP_COMPRESSLEVEL)
         tmp.replace(zip_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -187,7 +222,10 @@ def build_router_zip(
     """``<out_dir>/router-<arch>-<input hash>.zip``, built unless it already is."""
     heavy = sorted(wheels.distributions() & HEAVY_DISTRIBUTIONS)
     if heavy:
-        raise PackageTooLargeError(f"the router zip must stay numpy-free; it pulled in {heavy}")
+        raise PackageTooLargeError(
+            f"the router zip must not ship {heavy}: the workloads needing them run on the cache "
+            "nodes, and they would take the zip past Lambda's 250 MB"
+        )
     digest = _input_digest(architecture, wheels.key, sources.digest())
     zip_path = out_dir / f"router-{architecture}-{digest}.zip"
     if not _reuse_or_prune(zip_path, "router-*.zip"):

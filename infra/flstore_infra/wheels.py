@@ -1,7 +1,8 @@
 """The dependency wheels of the router zip: downloaded once per lock and target, then cached.
 
 ``pip download`` fetches the manylinux wheels of the zip's dependencies for the Lambda
-runtime (whatever the deployer's machine is), at the versions ``requirements.lock`` pins;
+runtime (whatever the deployer's machine is; every manylinux tag its glibc loads, see
+``target.platform_tags``), at the versions ``requirements.lock`` pins;
 the lock is also the constraints file, so their own dependencies are pinned too. The wheels
 land in ``<cache>/wheels/<key>/``, where the key is a hash of the lock's content, the
 requested names, the platform tag and the Python version: a run with the same lock and
@@ -26,10 +27,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .target import LAMBDA_PYTHON, MANYLINUX
+from .target import LAMBDA_PYTHON, MANYLINUX, platform_tags
 
-# Bump when what a key directory holds changes, so old caches are not reused.
-CACHE_FORMAT = 1
+# Bump when what a key directory holds changes, so old caches are not reused. 2: every
+# manylinux tag of the runtime's glibc is asked for (``target.platform_tags``), not manylinux2014.
+CACHE_FORMAT = 2
 MANIFEST = "wheels.json"
 
 
@@ -90,8 +92,7 @@ def _pip_download(requirements: list[str], lock: Path, dest: Path, architecture:
         "off",
         "--dest",
         str(dest),
-        "--platform",
-        MANYLINUX[architecture],
+        *(arg for tag in platform_tags(architecture) for arg in ("--platform", tag)),
         "--implementation",
         "cp",
         "--python-version",
@@ -125,7 +126,7 @@ def locked_wheels(
             _pip_download(requirements, lock, staging, architecture)
             manifest = {
                 "requirements": requirements,
-                "platform": MANYLINUX[architecture],
+                "platforms": platform_tags(architecture),
                 "python": LAMBDA_PYTHON,
                 "lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest(),
                 "wheels": sorted(p.name for p in staging.glob("*.whl")),
@@ -141,6 +142,21 @@ def locked_wheels(
     return WheelSet(directory, key, tuple(sorted(directory.glob("*.whl"))))
 
 
+def _install_path(info: zipfile.ZipInfo) -> PurePosixPath | None:
+    """Where installing a wheel puts one of its members, relative to ``sys.path``; None for
+    what ``wheel_files`` leaves out."""
+    if info.is_dir():
+        return None
+    path = PurePosixPath(info.filename)
+    if path.parts[0].endswith(".data"):
+        if len(path.parts) < 3 or path.parts[1] not in {"purelib", "platlib"}:
+            return None
+        path = PurePosixPath(*path.parts[2:])
+    if "__pycache__" in path.parts or path.suffix in {".pyc", ".pyo"}:
+        return None
+    return path
+
+
 def wheel_files(wheel: Path) -> Iterator[tuple[str, bytes]]:
     """``(path, content)`` of what installing ``wheel`` puts on ``sys.path``.
 
@@ -149,13 +165,25 @@ def wheel_files(wheel: Path) -> Iterator[tuple[str, bytes]]:
     """
     with zipfile.ZipFile(wheel) as archive:
         for info in archive.infolist():
-            if info.is_dir():
+            path = _install_path(info)
+            if path is not None:
+                yield path.as_posix(), archive.read(info)
+
+
+def import_names(wheel: Path) -> set[str]:
+    """The top-level modules and packages ``wheel`` makes importable (``numpy``, ``yaml``,
+    ``_cffi_backend``): its top-level directories and ``.py``/extension modules, not its
+    ``.dist-info`` or bundled ``.libs``."""
+    names = set()
+    with zipfile.ZipFile(wheel) as archive:
+        for info in archive.infolist():
+            path = _install_path(info)
+            if path is None:
                 continue
-            path = PurePosixPath(info.filename)
-            if path.parts[0].endswith(".data"):
-                if len(path.parts) < 3 or path.parts[1] not in {"purelib", "platlib"}:
-                    continue
-                path = PurePosixPath(*path.parts[2:])
-            if "__pycache__" in path.parts or path.suffix in {".pyc", ".pyo"}:
-                continue
-            yield path.as_posix(), archive.read(info)
+            top = path.parts[0]
+            if len(path.parts) > 1:
+                if not top.endswith((".dist-info", ".libs", ".data")):
+                    names.add(top)
+            elif path.suffix in {".py", ".so", ".pyd"}:
+                names.add(top.split(".", 1)[0])
+    return names

@@ -23,7 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "infra"))
 
-from flstore_infra import packaging  # noqa: E402
+from flstore_infra import packaging, target  # noqa: E402
 from flstore_infra import wheels as wheel_cache  # noqa: E402
 from flstore_infra.sources import source_tree  # noqa: E402
 from flstore_infra.wheels import WheelSet, cache_key, locked_requirements, locked_wheels  # noqa: E402
@@ -143,18 +143,19 @@ def test_outside_a_git_checkout_every_file_but_bytecode_is_used(checkout: Path) 
     assert sources.untracked == () and not sources.from_git
 
 
-def test_zip_members_are_sorted_with_fixed_time_mode_and_no_compression(
+def test_zip_members_are_sorted_with_fixed_time_mode_and_deflated(
     checkout: Path, locked: WheelSet, tmp_path: Path
 ) -> None:
     with zipfile.ZipFile(build_zip(checkout, locked, tmp_path)) as archive:
         infos = archive.infolist()
+        assert archive.testzip() is None  # every member's CRC checks out
     assert [i.filename for i in infos] == sorted(i.filename for i in infos)
     assert {i.date_time for i in infos} == {(1980, 1, 1, 0, 0, 0)}
     assert {i.external_attr >> 16 for i in infos} == {0o100644}
-    assert {i.compress_type for i in infos} == {zipfile.ZIP_STORED}
+    assert {i.compress_type for i in infos} == {zipfile.ZIP_DEFLATED}
 
 
-def test_zip_holds_the_packages_and_the_locked_numpy_free_dependencies(
+def test_zip_holds_the_packages_and_the_locked_dependencies_under_lambdas_limits(
     locked: WheelSet, tmp_path: Path
 ) -> None:
     zip_path = build_zip(REPO, locked, tmp_path)
@@ -162,8 +163,19 @@ def test_zip_holds_the_packages_and_the_locked_numpy_free_dependencies(
         names = set(archive.namelist())
     for module in ("lambdas/router.py", "lambdas/authorizer.py", "flstore_core/__init__.py"):
         assert module in names
-    for package in ("aws_lambda_powertools", "cachetools", "jmespath", "pydantic", "pydantic_core"):
+    for package in (
+        "aws_lambda_powertools",
+        "cachetools",
+        "jmespath",
+        "numpy",
+        "pydantic",
+        "pydantic_core",
+        "zstandard",
+    ):
         assert f"{package}/__init__.py" in names
+    assert "threadpoolctl.py" in names
+    # numpy's compiled core, for the runtime's Python
+    assert any(n.startswith("numpy/_core/_multiarray_umath.cpython-312-") for n in names)
     # The versions are the lock's.
     for pin in locked_requirements(packaging.ZIP_DEPENDENCIES, LOCK):
         name, version = pin.split("==")
@@ -171,6 +183,7 @@ def test_zip_holds_the_packages_and_the_locked_numpy_free_dependencies(
     assert not any(n.split("/")[0] in packaging.HEAVY_DISTRIBUTIONS for n in names)
     assert not any("__pycache__" in n or n.startswith((".venv/", "tests/")) for n in names)
     assert packaging.check_unzipped_size(zip_path) < packaging.MAX_UNZIPPED_BYTES
+    assert zip_path.stat().st_size <= packaging.MAX_ZIP_BYTES  # uploaded with the function
 
 
 def test_zip_size_is_checked_against_lambdas_limit(tmp_path: Path) -> None:
@@ -182,11 +195,23 @@ def test_zip_size_is_checked_against_lambdas_limit(tmp_path: Path) -> None:
 
 
 def test_a_heavy_dependency_is_refused(checkout: Path, tmp_path: Path) -> None:
-    numpy = fake_wheel(
-        tmp_path, "numpy-2.4.0-cp312-cp312-manylinux2014_x86_64.whl", {"numpy/__init__.py": ""}
+    sklearn = fake_wheel(
+        tmp_path,
+        "scikit_learn-1.9.1-cp312-cp312-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl",
+        {"sklearn/__init__.py": ""},
     )
-    with pytest.raises(packaging.PackageTooLargeError, match="numpy-free"):
-        build_zip(checkout, WheelSet(tmp_path, "fake", (numpy,)), tmp_path / "out")
+    with pytest.raises(packaging.PackageTooLargeError, match=r"must not ship \['scikit-learn'\]"):
+        build_zip(checkout, WheelSet(tmp_path, "fake", (sklearn,)), tmp_path / "out")
+
+
+def test_zip_size_is_checked_against_the_upload_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    zip_path = tmp_path / "a.zip"
+    packaging.write_zip([("pkg/data.bin", bytes(range(256)) * 64)], zip_path)
+    monkeypatch.setattr(packaging, "MAX_ZIP_BYTES", zip_path.stat().st_size - 1)
+    with pytest.raises(packaging.PackageTooLargeError, match="takes zips of up to"):
+        packaging.check_unzipped_size(zip_path)
 
 
 def test_a_wheel_shipping_a_file_of_ours_is_refused(checkout: Path, tmp_path: Path) -> None:
@@ -238,6 +263,48 @@ def test_wheels_are_cached_by_lock_and_target_and_not_downloaded_again(
     assert manifest["wheels"] == [w.name for w in locked.wheels]
     # Their own dependencies come along, pinned by the lock as a constraints file.
     assert {"aws-lambda-powertools", "cachetools", "jmespath", "pydantic"} <= locked.distributions()
+    assert {"numpy", "threadpoolctl", "zstandard"} <= locked.distributions()
+    assert not locked.distributions() & packaging.HEAVY_DISTRIBUTIONS
+
+
+def test_every_locked_wheel_runs_on_the_lambda_runtime(locked: WheelSet) -> None:
+    # pure Python, or CPython 3.12 (abi3 or cp312) on a manylinux tag glibc 2.34 loads
+    accepted = set(target.platform_tags("x86_64"))
+    for wheel in locked.wheels:
+        _, _, python, abi, platforms = wheel.name.removesuffix(".whl").rsplit("-", 4)
+        if platforms == "any":
+            continue
+        assert python in {"cp312", "cp37", "cp38", "cp39", "cp310", "cp311"}, wheel.name
+        assert abi in {"cp312", "abi3"}, wheel.name
+        assert set(platforms.split(".")) & accepted, wheel.name
+    # numpy 2.3+ ships manylinux_2_27/2_28 wheels only: manylinux2014 alone finds none
+    (numpy,) = (w for w in locked.wheels if w.name.startswith("numpy-"))
+    assert "manylinux2014_x86_64" not in numpy.name
+
+
+def test_platform_tags_are_the_runtimes_glibc_down_to_manylinux2014() -> None:
+    tags = target.platform_tags("arm64")
+    assert tags[0] == "manylinux_2_34_aarch64" == target.MANYLINUX["arm64"]
+    assert {"manylinux_2_28_aarch64", "manylinux_2_17_aarch64"} <= set(tags)
+    assert tags[-1] == "manylinux2014_aarch64"
+    assert not any("2_35" in t or "x86_64" in t for t in tags)
+
+
+def test_import_names_are_a_wheels_top_level_modules(tmp_path: Path) -> None:
+    wheel = fake_wheel(
+        tmp_path,
+        "pkg-1.0-cp312-cp312-manylinux_2_28_x86_64.whl",
+        {
+            "pkg/__init__.py": "",
+            "single.py": "",
+            "_ext.cpython-312-x86_64-linux-gnu.so": "",
+            "pkg.libs/libfoo.so": "",
+            "pkg-1.0.dist-info/METADATA": "Name: pkg\n",
+            "pkg-1.0.data/platlib/plat/__init__.py": "",
+            "pkg-1.0.data/scripts/tool": "",
+        },
+    )
+    assert wheel_cache.import_names(wheel) == {"pkg", "single", "_ext", "plat"}
 
 
 # --- the image context -----------------------------------------------------------------------
