@@ -488,3 +488,74 @@ def test_random_request_figures(capsys: pytest.CaptureFixture[str]) -> None:
     """Prints the figures of the random-request run above (run with -s to see them)."""
     with capsys.disabled():
         print("\nrandom requests:", dict(sorted(STATS.items())))
+
+
+def test_concurrent_requests_never_swap_their_arguments(stack: LocalStack) -> None:
+    """Each request is resolved by a resolver of its own: 8 threads sending requests for two
+    jobs and three routes at once each get the answer to their own request (the resolver keeps
+    the request it resolves on itself, so sharing one across threads mixed them up)."""
+    import threading
+
+    assert stack.store is not None
+    for i in range(2):
+        stack.store.put_update("solo", 0, f"s{i}", small_update(50 + i))
+    stack.store.commit_round("solo", 0)
+    auth = bearer(stack.token)
+    wrong: list[str] = []
+
+    def worker(k: int) -> None:
+        for j in range(25):
+            job = ("demo", "solo")[(k + j) % 2]
+            if j % 3 == 0:
+                status, _, body = request(stack, "GET", f"/v1/jobs/{job}/rounds", headers=auth)
+                ok = status == 200 and json.loads(body)["job"] == job
+            else:
+                name = ("cosine_select", "fedavg")[j % 2]
+                payload = json.dumps({"round": 0, "params": {"k": 1} if j % 2 == 0 else {}})
+                status, _, body = request(
+                    stack, "POST", f"/v1/jobs/{job}/workloads/{name}", payload.encode(), auth
+                )
+                answer = json.loads(body)
+                ok = status == 200 and (answer["job"], answer["workload"]) == (job, name)
+            if not ok:
+                wrong.append(f"{job}: {status} {body[:200]!r}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+def test_two_requests_in_flight_are_resolved_by_two_resolvers(
+    stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard for the race above, made deterministic: two requests held inside the handler
+    at the same time must each have a resolver of their own."""
+    import threading
+
+    import lambdas.local_runtime.stack as stack_module
+
+    real = stack_module.handle
+    both_inside = threading.Barrier(2, timeout=30)
+    seen: list[int] = []
+
+    def held(app: Any, event: dict[str, Any], context: Any) -> dict[str, Any]:
+        seen.append(id(app))
+        both_inside.wait()  # neither request leaves before the other is in
+        return real(app, event, context)
+
+    monkeypatch.setattr(stack_module, "handle", held)
+    statuses: list[int] = []
+
+    def call() -> None:
+        statuses.append(request(stack, "GET", "/v1/health")[0])
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [200, 200]
+    assert len(set(seen)) == 2

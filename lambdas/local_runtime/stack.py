@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,10 +140,26 @@ class LocalStack:
             ),
         )
         router = self.router
-        app = build_app(lambda: router)
+        # A resolver app keeps the request it is resolving on itself (the current event, the
+        # route's arguments): on AWS an instance serves one request at a time, but the local
+        # gateway serves requests on many threads, so each request borrows an app of its own
+        # from a pool (apps share the one router), else two requests could swap arguments or
+        # headers.
+        apps: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+        def serve(event: dict[str, Any], ctx: Any) -> dict[str, Any]:
+            try:
+                app = apps.get_nowait()
+            except queue.Empty:
+                app = build_app(lambda: router)
+            try:
+                return handle(app, event, ctx)
+            finally:
+                apps.put(app)
+
         # the authorizer runs first, as API Gateway's Lambda authorizer does on AWS
         self.gateway = LocalGateway(
-            lambda event, ctx: handle(app, event, ctx),
+            serve,
             authorizer=lambda event, ctx: decide(tokens, event),
             authorizer_ttl_s=cfg.authorizer_ttl_s,
         ).start()
