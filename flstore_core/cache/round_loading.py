@@ -7,10 +7,11 @@ system fetched it, and a model result is written under the same key.
 
 from __future__ import annotations
 
-from flstore_core.cache.round_data import ArtifactStats, JobContext, RoundData
+from flstore_core.cache.round_data import F32, ArtifactStats, JobContext, RoundData
 from flstore_core.data.blocks import block_ranges
+from flstore_core.data.manifest import RoundManifest
 from flstore_core.data.rows import base_vector
-from flstore_core.storage.object_store import ObjectStore
+from flstore_core.storage.object_store import ObjectStore, RoundMatrix
 
 
 def job_context(store: ObjectStore, job: str) -> JobContext:
@@ -29,18 +30,30 @@ def load_round(
     manifest = store.get_manifest(job, round_)
     rm = store.read_round(job, round_, manifest=manifest)
     base_vec = base_vector(store.get_base(job, round_), manifest.tensors)
+    return _round_data(store, manifest, rm, base_vec, stats, context)
+
+
+def _round_data(
+    store: ObjectStore,
+    manifest: RoundManifest,
+    rm: RoundMatrix,
+    base: F32 | None,
+    stats: ArtifactStats,
+    context: JobContext | None,
+) -> RoundData:
+    """The :class:`RoundData` of rows read from a round (whole or a block of columns)."""
     return RoundData(
-        job,
-        round_,
+        manifest.job,
+        manifest.round,
         rm.clients,
         rm.matrix,
         rm.specs,
         rm.num_examples,
         rm.metrics,
-        base=base_vec,
+        base=base,
         stats=stats,
         sha256={c: manifest.updates[c].sha256 for c in rm.clients},
-        context=context or job_context(store, job),
+        context=context or job_context(store, manifest.job),
     )
 
 
@@ -64,16 +77,4 @@ def load_round_block(
     columns = block_ranges(manifest.tensors, blocks)[block]
     rm = store.read_round_block(job, round_, columns, manifest=manifest)
     base = store.read_base_block(job, round_, manifest.tensors, columns)
-    return RoundData(
-        job,
-        round_,
-        rm.clients,
-        rm.matrix,
-        rm.specs,
-        rm.num_examples,
-        rm.metrics,
-        base=base,
-        stats=stats,
-        sha256={c: manifest.updates[c].sha256 for c in rm.clients},
-        context=context or job_context(store, job),
-    )
+    return _round_data(store, manifest, rm, base, stats, context)
