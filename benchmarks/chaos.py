@@ -387,6 +387,7 @@ def run_phase(
         "status_counts": dict(statuses),
         "differing": len(differing),
         "differing_requests": sorted({"/".join(map(str, s.key)) for s in differing}),
+        "differing_detail": [difference(reference[s.key], s.result) for s in differing[:3]],
         "lost": checked["lost"],
         "duplicated": checked["duplicated"],
         "rounds_ingested": len(new_rounds),
@@ -401,6 +402,27 @@ def run_phase(
 
 
 PHASES = ("baseline", "node_kills", "total_outage", "s3_faults", "ingest_kill")
+
+
+def difference(want: str, got: str | None) -> dict[str, Any]:
+    """Where an answer differs from its reference: the result fields that differ and, for
+    numbers, the largest relative difference (what a reader needs to tell a wrong answer from
+    a last-bit difference)."""
+    a, b = json.loads(want), json.loads(got or "null")
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return {"fields": ["<whole>"]}
+    fields = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    worst = 0.0
+    for k in fields:
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            pairs = [(x[c], y[c]) for c in x if c in y]
+        else:
+            pairs = [(x, y)]
+        for u, v in pairs:
+            if isinstance(u, int | float) and isinstance(v, int | float) and u != v:
+                worst = max(worst, abs(u - v) / max(abs(u), abs(v), 1e-300))
+    return {"fields": fields, "max_rel_diff": worst}
 
 
 def main() -> None:

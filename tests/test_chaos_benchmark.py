@@ -57,3 +57,16 @@ def test_fault_proxy_is_transparent_then_injects(s3_server: Any) -> None:
 def test_fault_probabilities_are_checked() -> None:
     with pytest.raises(ValueError):
         Faults(slow=0.6, drop=0.6)
+
+
+def test_a_differing_answer_is_described_by_its_fields_and_largest_relative_difference() -> None:
+    import json
+
+    from benchmarks.chaos import difference
+
+    want = json.dumps({"selected": ["c1"], "scores": {"c1": 1.0, "c2": 2.0}, "f": 1})
+    got = json.dumps({"selected": ["c1"], "scores": {"c1": 1.0, "c2": 2.000002}, "f": 1})
+    detail = difference(want, got)
+    assert detail["fields"] == ["scores"]
+    assert abs(detail["max_rel_diff"] - 1e-6) < 1e-9
+    assert difference(want, want) == {"fields": [], "max_rel_diff": 0.0}
