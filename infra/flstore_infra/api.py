@@ -39,6 +39,10 @@ ROUTES = (
     Route("GET", "/v1/openapi.json", authorized=False),
     Route("GET", "/v1/docs", authorized=False),
 )
+# Any other method and path goes to the router unauthenticated, which answers the contract's
+# JSON 404 (ARCHITECTURE §4) instead of API Gateway's own {"message": "Not Found"}; the local
+# gateway sends unmatched requests the same way.
+DEFAULT_ROUTE_KEY = "$default"
 AUTHORIZER_CACHE_TTL_S = 300
 # Also the cache key of the authorizer's answers (see the module docstring).
 IDENTITY_SOURCES = ("$request.header.Authorization",)
@@ -123,6 +127,14 @@ class HttpApi(pulumi.ComponentResource):
                 opts=child,
                 **auth,
             )
+        self.routes[DEFAULT_ROUTE_KEY] = aws.apigatewayv2.Route(
+            f"{resource_name}-unmatched",
+            api_id=self.api.id,
+            route_key=DEFAULT_ROUTE_KEY,
+            target=target,
+            authorization_type="NONE",
+            opts=child,
+        )
         access_logs = aws.cloudwatch.LogGroup(
             f"{resource_name}-access-logs",
             name=f"/aws/apigateway/{resource_name}",
@@ -152,6 +164,14 @@ class HttpApi(pulumi.ComponentResource):
             function=router.name,
             principal="apigateway.amazonaws.com",
             source_arn=pulumi.Output.concat(self.api.execution_arn, "/*/*/v1/*"),
+            opts=child,
+        )
+        aws.lambda_.Permission(
+            f"{resource_name}-invokes-router-unmatched",
+            action="lambda:InvokeFunction",
+            function=router.name,
+            principal="apigateway.amazonaws.com",
+            source_arn=pulumi.Output.concat(self.api.execution_arn, "/*/$default"),
             opts=child,
         )
         aws.lambda_.Permission(

@@ -303,7 +303,10 @@ def test_five_nodes_make_five_functions_targets_and_permissions() -> None:
         api = [
             p for p in d.of_type(PERMISSION) if p.inputs["principal"] == "apigateway.amazonaws.com"
         ]
-        assert len(api) == 2  # router and authorizer
+        # the router for the /v1 routes and for $default (unmatched requests), the authorizer
+        assert len(api) == 3
+        arns = sorted(str(p.inputs["sourceArn"]).split(":")[-1].split("/", 1)[1] for p in api)
+        assert arns == ["*/$default", "*/*/v1/*", "authorizers/" + arns[2].split("/")[1]]
         assert len(d.of_type(LOG_GROUP)) == 5 + 2 + 1  # cache nodes, router/authorizer, API
 
     return deploy(FIVE_NODES).apply(check)
@@ -567,8 +570,9 @@ def test_every_route_but_health_and_the_docs_requires_the_authorizer() -> None:
             "POST /v1/jobs/{job}/workloads/{name}",
             "GET /v1/openapi.json",
             "GET /v1/docs",
+            "$default",  # anything else: the router's JSON 404, as the local gateway answers
         }
-        for public in ("GET /v1/health", "GET /v1/openapi.json", "GET /v1/docs"):
+        for public in ("GET /v1/health", "GET /v1/openapi.json", "GET /v1/docs", "$default"):
             route = routes.pop(public)
             assert route["authorizationType"] == "NONE", public
             assert "authorizerId" not in route, public
