@@ -287,9 +287,11 @@ def test_prefetch_loads_each_block_on_its_owners_and_writes_the_default_model(
     answer = router.run(AUTH, JOB, "krum", json.dumps({"round": 0, "params": {"f": 2}}))
     assert answer["meta"]["cache"] == "hit"
     assert answer["meta"]["s3_gets"] == 0
+    before = len(nodes.calls)
     fedavg = router.run(AUTH, JOB, "fedavg", json.dumps({"round": 0}))
     assert store.stat(fedavg["result"]["model_key"]) is not None
-    assert not any(e["op"] == "model_part" for _, e in nodes.calls[-len(plan.blocks) :])
+    # written at prefetch: the request invoked no node at all
+    assert nodes.calls[before:] == []
 
 
 def test_a_round_no_layout_can_hold_is_a_503_naming_its_size_before_any_node_is_invoked(
@@ -348,3 +350,17 @@ def test_a_round_rewritten_under_the_router_is_a_retryable_503_then_the_new_roun
         router.run(AUTH, JOB, "cosine_select", body)
     again = router.run(AUTH, JOB, "cosine_select", body)
     assert "c9" in again["result"]["scores"]
+
+
+def test_prefetch_of_a_round_no_layout_holds_loads_nothing_and_reports_the_refusal(
+    store: ObjectStore,
+) -> None:
+    from pipelines.prefetch import tally_prefetch
+
+    nodes = InProcessNodes(store, BUDGET // 4)
+    router = make_router(store, nodes, budget=BUDGET // 4)
+    answers = router.prefetch([round_shard(JOB, 0)])
+    assert nodes.calls == []  # no node was sent a round it cannot hold
+    (refusal,) = answers.values()
+    assert refusal["error"]["code"] == "no_layout"
+    assert tally_prefetch(answers)["errors"] == 1

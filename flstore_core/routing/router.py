@@ -73,7 +73,7 @@ from flstore_core.routing.placement import (
     rank_nodes,
     round_shard,
 )
-from flstore_core.routing.planner import RoundPlan, plan_round
+from flstore_core.routing.planner import NoLayoutError, RoundPlan, plan_round
 from flstore_core.routing.request_body import parse_body
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import Workload, catalogue, get
@@ -730,12 +730,18 @@ class Router:
         by_node: dict[int, list[str]] = {}
         primary_of: dict[int, list[str]] = {}
         sharded: list[tuple[ShardKey, RoundPlan]] = []
+        refused: dict[str, Any] = {}
         for shard in shards:
             if shard.cls == "round":
                 try:
                     plan = self.plan_round(shard.job, shard.round)
                 except NotFoundError:
                     plan = None  # not committed: the owners answer "failed" as before
+                except NoLayoutError as exc:
+                    # no node is sent a round it cannot hold; the run that committed it does
+                    # not fail for it (requests get the same 503)
+                    refused[f"planner:{shard}"] = exc.to_dict()
+                    continue
                 if plan is not None and plan.sharded:
                     # each block to its owners; the default models are written afterwards,
                     # block by block
@@ -760,7 +766,7 @@ class Router:
         answers = dict(self._pool.map(load, sorted(by_node)))
         for shard, plan in sharded:
             self._prefetch_models(shard, plan)
-        return answers
+        return {**answers, **refused}
 
     def _prefetch_models(self, shard: ShardKey, plan: RoundPlan) -> None:
         """Write a sharded round's default aggregate models (``FLSTORE_PREFETCH_MODELS``), as
