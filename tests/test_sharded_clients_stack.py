@@ -5,16 +5,14 @@ killed (each still answers ``stats``, its peak RSS under its memory)."""
 
 from __future__ import annotations
 
-import http.client
-import json
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
 from flstore_core.cache.round_data import ArtifactStats
 from flstore_core.cache.round_loading import load_round
+from flstore_core.client import FLStoreClient
 from flstore_core.data.blocks import footprint
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get
@@ -43,17 +41,8 @@ def stack(s3_server: LocalS3) -> Iterator[LocalStack]:
 
 
 def post(stack: LocalStack, name: str, params: dict[str, Any]) -> dict[str, Any]:
-    url = urlsplit(stack.gateway_url)
-    assert url.hostname is not None
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=300)
-    body = json.dumps({"round": 0, "params": params}).encode()
-    headers = {"Authorization": f"Bearer {stack.token}", "Content-Type": "application/json"}
-    conn.request("POST", f"/v1/jobs/{JOB}/workloads/{name}", body=body, headers=headers)
-    resp = conn.getresponse()
-    answer: dict[str, Any] = json.loads(resp.read())
-    conn.close()
-    assert resp.status == 200, answer
-    return answer
+    """The workload on round 0 through the gateway, as a user calls it (the SDK client)."""
+    return FLStoreClient(stack.gateway_url, stack.token).run(JOB, name, round=0, **params)
 
 
 def test_accuracy_select_on_a_sharded_model_round_answers_and_no_node_is_killed(

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
+from flstore_core.client import FLStoreClient
 from flstore_core.data.blocks import footprint
 from flstore_core.data.codec import Update, decode_update
 from flstore_core.data.rawfile import write_raw_update
@@ -68,17 +69,8 @@ def stack(s3_server: LocalS3, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 def post(stack: LocalStack, name: str, params: dict[str, Any]) -> dict[str, Any]:
-    url = urlsplit(stack.gateway_url)
-    assert url.hostname is not None
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=300)
-    body = json.dumps({"round": 0, "params": params}).encode()
-    headers = {"Authorization": f"Bearer {stack.token}", "Content-Type": "application/json"}
-    conn.request("POST", f"/v1/jobs/{JOB}/workloads/{name}", body=body, headers=headers)
-    resp = conn.getresponse()
-    answer: dict[str, Any] = json.loads(resp.read())
-    conn.close()
-    assert resp.status == 200, answer
-    return answer
+    """The workload on round 0 through the gateway, as a user calls it (the SDK client)."""
+    return FLStoreClient(stack.gateway_url, stack.token).run(JOB, name, round=0, **params)
 
 
 def rows(floats_only: bool) -> np.ndarray:

@@ -481,10 +481,7 @@ class ObjectStore:
         manifest's checksum and tensor specs.
         """
         manifest = manifest or self.get_manifest(job, round_)
-        order = list(manifest.clients if clients is None else clients)
-        for c in order:
-            if c not in manifest.updates:
-                raise NotFoundError(f"client {c!r} is not in round {round_} of job {job!r}")
+        order = _clients_of(manifest, clients)
         specs = manifest.tensors
         matrix = np.empty((len(order), manifest.n_params), dtype=np.float32)
         sq = np.empty(len(order), dtype=np.float64)
@@ -506,18 +503,7 @@ class ObjectStore:
             sq[i] = row.sq_norm
 
         list(self._executor().map(load, range(len(order))))
-        return RoundMatrix(
-            job=job,
-            round=round_,
-            clients=order,
-            matrix=matrix,
-            specs=specs,
-            num_examples=np.array(
-                [manifest.updates[c].num_examples for c in order], dtype=np.int64
-            ),
-            metrics=[manifest.updates[c].metrics for c in order],
-            sq_norms=sq,
-        )
+        return _round_matrix(manifest, order, matrix, specs, sq)
 
     def read_round_block(
         self,
@@ -547,10 +533,7 @@ class ObjectStore:
         block's (:func:`~flstore_core.data.blocks.block_specs`), ``sq_norms`` the rows' parts.
         """
         manifest = manifest or self.get_manifest(job, round_)
-        order = list(manifest.clients if clients is None else clients)
-        for c in order:
-            if c not in manifest.updates:
-                raise NotFoundError(f"client {c!r} is not in round {round_} of job {job!r}")
+        order = _clients_of(manifest, clients)
         a, b = columns
         if not 0 <= a < b <= manifest.n_params:
             raise ValidationError(
@@ -590,18 +573,7 @@ class ObjectStore:
             sq[i] = row.sq_norm
 
         list(self._executor().map(load, range(len(order))))
-        return RoundMatrix(
-            job=job,
-            round=round_,
-            clients=order,
-            matrix=matrix,
-            specs=block_specs(specs, columns),
-            num_examples=np.array(
-                [manifest.updates[c].num_examples for c in order], dtype=np.int64
-            ),
-            metrics=[manifest.updates[c].metrics for c in order],
-            sq_norms=sq,
-        )
+        return _round_matrix(manifest, order, matrix, block_specs(specs, columns), sq)
 
     def _read_frames(
         self,
@@ -834,3 +806,34 @@ def expected_header(manifest: RoundManifest, entry: UpdateEntry) -> bytes | None
         return header_prefix(stored_specs(manifest.tensors, manifest.precision), meta)
     except ValidationError:
         return None
+
+
+def _clients_of(manifest: RoundManifest, clients: Sequence[str] | None) -> list[str]:
+    """The rows to read: ``clients`` (every client of the round if None), each in the round."""
+    order = list(manifest.clients if clients is None else clients)
+    for c in order:
+        if c not in manifest.updates:
+            raise NotFoundError(
+                f"client {c!r} is not in round {manifest.round} of job {manifest.job!r}"
+            )
+    return order
+
+
+def _round_matrix(
+    manifest: RoundManifest,
+    order: list[str],
+    matrix: npt.NDArray[np.float32],
+    specs: tuple[TensorSpec, ...],
+    sq: npt.NDArray[np.float64],
+) -> RoundMatrix:
+    """The :class:`RoundMatrix` of rows read in ``order`` (whole rows or a block's columns)."""
+    return RoundMatrix(
+        job=manifest.job,
+        round=manifest.round,
+        clients=order,
+        matrix=matrix,
+        specs=specs,
+        num_examples=np.array([manifest.updates[c].num_examples for c in order], dtype=np.int64),
+        metrics=[manifest.updates[c].metrics for c in order],
+        sq_norms=sq,
+    )

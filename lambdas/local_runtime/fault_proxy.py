@@ -107,7 +107,7 @@ class FaultProxy:
         with self._lock:
             return dict(self._counts)
 
-    def _decide(self) -> str | None:
+    def decide(self) -> str | None:
         with self._lock:
             self._counts["requests"] += 1
             fault = self.faults.pick(self._rng)
@@ -162,7 +162,7 @@ class FaultProxy:
 
             def _forward(self) -> None:
                 body = self._body()
-                fault = proxy._decide()
+                fault = proxy.decide()
                 if fault == "drop":  # reset: the client sees a connection error, S3 saw nothing
                     self._hang_up()
                     return
