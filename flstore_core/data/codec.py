@@ -851,16 +851,8 @@ def decode_into(
         raise CorruptUpdateError(f"{who}: {exc.message}") from exc
     try:
         reader = _decompressor().stream_reader(data, read_across_frames=True)
-        prefix = reader.read(8)
-        n = header_length(prefix, limits, total)
-        head = reader.read(n)
-        if len(head) != n:
-            raise CorruptUpdateError(f"{who}: truncated header")
-        header = parse_header(head, total, limits)
-        _check_specs(header, specs, who)
-        data_len = _data_len(header, n, limits)
-        digest = hashlib.sha256(prefix)
-        digest.update(head)
+        digest = hashlib.sha256()
+        header, head_bytes, data_len = _read_header(reader, total, limits, specs, who, digest)
         fast = [e.dtype for e in header.entries] == ["F32"] * len(specs) and [
             e.name for e in header.entries
         ] == [s.name for s in specs]
@@ -876,7 +868,7 @@ def decode_into(
                 raise CorruptUpdateError(f"{who}: data section does not match its header")
             digest.update(rest)
             _fill_row(rest, header, specs, out, who)
-        raw_bytes = 8 + n + data_len
+        raw_bytes = head_bytes + data_len
     except zstandard.ZstdError as exc:
         raise CorruptUpdateError(f"{who}: not a complete zstd frame: {exc}") from exc
     sha = digest.hexdigest()
@@ -927,16 +919,7 @@ def decode_columns_into(
         reader = _decompressor().stream_reader(
             stream, read_size=chunk_bytes, read_across_frames=True, closefd=False
         )
-        prefix = reader.read(8)
-        n = header_length(prefix, limits, None)
-        head = reader.read(n)
-        if len(head) != n:
-            raise CorruptUpdateError(f"{who}: truncated header")
-        header = parse_header(head, None, limits)
-        _check_specs(header, specs, who)
-        data_len = _data_len(header, n, limits)
-        digest.update(prefix)
-        digest.update(head)
+        header, head_bytes, data_len = _read_header(reader, None, limits, specs, who, digest)
         index = {s.name: i for i, s in enumerate(specs)}
         ranges = slices_of(specs)
 
@@ -986,7 +969,7 @@ def decode_columns_into(
             f"{who}: checksum mismatch, the object does not match its manifest"
         )
     sq = _block_sq_norm(out, specs, columns, limits, who)
-    return DecodedRow(sha, 8 + n + data_len, sq, header.metadata)
+    return DecodedRow(sha, head_bytes + data_len, sq, header.metadata)
 
 
 class _Sink:
@@ -1180,6 +1163,29 @@ def decode_frames_columns_into(
             raise CorruptUpdateError(f"{who}: a tensor's bytes are missing from its frames")
     sq = _block_sq_norm(out, specs, columns, limits, who)
     return DecodedRow("", raw_len, sq, parsed.metadata)
+
+
+def _read_header(
+    reader: Any,
+    total: int | None,
+    limits: CodecLimits,
+    specs: Any,
+    who: str,
+    digest: Any,
+) -> tuple[Header, int, int]:
+    """Read and validate a stored update's header from a decompressing ``reader`` (checked
+    against ``specs`` by name), feed its bytes to ``digest``; the header, the number of bytes
+    before the data section, and the data section's length."""
+    prefix = reader.read(8)
+    n = header_length(prefix, limits, total)
+    head = reader.read(n)
+    if len(head) != n:
+        raise CorruptUpdateError(f"{who}: truncated header")
+    header = parse_header(head, total, limits)
+    _check_specs(header, specs, who)
+    digest.update(prefix)
+    digest.update(head)
+    return header, 8 + n, _data_len(header, n, limits)
 
 
 def _data_len(header: Header, head_len: int, limits: CodecLimits) -> int:
