@@ -329,3 +329,176 @@ def idle_monthly_cost(
         prices.lambda_requests_per_million / 1e6
     )
     return pings * per_ping
+
+
+# ---------------------------------------------------------------------- amortised accounting
+#
+# The published FLStore evaluation compares systems at a stated load: one request per workload
+# per round, one round a minute. These functions turn measured requests into cost per request
+# under that load (``cost_usd``, the always-on servers' price spread over the requests they
+# serve) and under the duration-only view (``cost_usd_duration``, the servers paid only while
+# they serve a request: the figure most favourable to the baselines). benchmarks/paper.py uses
+# them; each is a plain formula over the price table, tested in tests/test_cost.py.
+
+ROUTER_MEMORY_MB = 512  # infra's routerMemoryMb default: the router function's memory
+
+
+@dataclass(frozen=True)
+class RequestLoad:
+    """The load the amortised costs are stated at.
+
+    ``requests_per_round`` requests (one per workload) every round, ``rounds_per_minute`` rounds a
+    minute: ``requests_per_hour = requests_per_round × rounds_per_minute × 60``.
+    """
+
+    requests_per_round: int
+    rounds_per_minute: float = 1.0
+
+    def __post_init__(self) -> None:
+        n = self.requests_per_round
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ValidationError(f"requests_per_round must be a positive integer, got {n!r}")
+        rate = self.rounds_per_minute
+        if isinstance(rate, bool) or not isinstance(rate, int | float):
+            raise ValidationError(f"rounds_per_minute must be a number, got {rate!r}")
+        if not math.isfinite(rate) or rate <= 0:
+            raise ValidationError(f"rounds_per_minute must be > 0, got {rate!r}")
+
+    @property
+    def requests_per_hour(self) -> float:
+        """``requests_per_round × rounds_per_minute × 60``."""
+        return self.requests_per_round * self.rounds_per_minute * 60.0
+
+    @property
+    def rounds_per_month(self) -> float:
+        """``rounds_per_minute × MINUTES_PER_MONTH`` (a 30-day month)."""
+        return self.rounds_per_minute * MINUTES_PER_MONTH
+
+
+def s3_requests_cost(s3_gets: int = 0, s3_puts: int = 0, prices: Prices = DEFAULT_PRICES) -> float:
+    """``s3_gets × GET price + s3_puts × PUT price`` (S3 Standard, per request)."""
+    _count("s3_gets", s3_gets)
+    _count("s3_puts", s3_puts)
+    return s3_gets * prices.s3_get_per_thousand / 1e3 + s3_puts * prices.s3_put_per_thousand / 1e3
+
+
+def aggregator_hourly(system: str, prices: Prices = DEFAULT_PRICES) -> float:
+    """The always-on servers' hourly price of a baseline: ``objstore-agg`` is the EC2 aggregator,
+    ``cache-agg`` the aggregator plus the ElastiCache node."""
+    if system == "objstore-agg":
+        return prices.ec2_aggregator_hourly
+    if system == "cache-agg":
+        return prices.ec2_aggregator_hourly + prices.elasticache_node_hourly
+    raise ValidationError(f"unknown baseline {system!r}: objstore-agg or cache-agg")
+
+
+def aggregator_amortised_cost(
+    system: str,
+    load: RequestLoad,
+    s3_gets: int = 0,
+    s3_puts: int = 0,
+    prices: Prices = DEFAULT_PRICES,
+) -> float:
+    """``cost_usd`` of one baseline request at ``load``:
+    ``hourly(system) / load.requests_per_hour + s3_gets × GET + s3_puts × PUT``.
+
+    The servers are paid every hour whether busy or not, so each request carries its share of
+    the hour at the stated rate (:func:`amortised_server_cost`), plus the S3 requests it made
+    (the round's GETs for ``objstore-agg``; the PUT of a model result it writes, for both).
+    """
+    server = amortised_server_cost(aggregator_hourly(system, prices), load.requests_per_hour)
+    return server + s3_requests_cost(s3_gets, s3_puts, prices)
+
+
+def aggregator_duration_cost(
+    system: str,
+    duration_ms: float,
+    s3_gets: int = 0,
+    s3_puts: int = 0,
+    prices: Prices = DEFAULT_PRICES,
+) -> float:
+    """``cost_usd_duration`` of one baseline request:
+    ``duration_ms / 3.6e6 × hourly(system) + s3_gets × GET + s3_puts × PUT``.
+
+    The servers are charged only while they serve the request (:func:`server_request_cost`):
+    idle hours are free, the view most favourable to the baselines.
+    """
+    server = server_request_cost(duration_ms, aggregator_hourly(system, prices))
+    return server + s3_requests_cost(s3_gets, s3_puts, prices)
+
+
+def invocations_cost(invocations: Sequence[Invocation], prices: Prices = DEFAULT_PRICES) -> float:
+    """Lambda charges of some invocations: ``Σ ceil(ms)/1000 × memory_mb/1024 × GB-s price``
+    plus the per-invocation fee for each (no API Gateway, no S3)."""
+    return flstore_request_cost(invocations, api_requests=0, prices=prices).total
+
+
+def router_invocation(duration_ms: float, memory_mb: int = ROUTER_MEMORY_MB) -> Invocation:
+    """The router function's own invocation for a request that took ``duration_ms`` in it.
+
+    An answer's ``meta.cost_usd`` charges the cache-node invocations, the API Gateway request
+    and the S3 requests; on AWS the router is a Lambda function too, billed for the request's
+    duration at its memory (``routerMemoryMb``, default 512)."""
+    return Invocation("router", duration_ms, memory_mb)
+
+
+def round_work_cost(
+    invocations: Sequence[Invocation],
+    s3_gets: int = 0,
+    s3_puts: int = 0,
+    prices: Prices = DEFAULT_PRICES,
+) -> float:
+    """FLStore's per-round work outside requests — ingestion's prefetch: the cache nodes'
+    ``load`` invocations (loading the round, computing its shared artifacts, writing its default
+    models) — ``invocations_cost(invocations) + s3_gets × GET + s3_puts × PUT``."""
+    return invocations_cost(invocations, prices) + s3_requests_cost(s3_gets, s3_puts, prices)
+
+
+def flstore_overhead_per_request(
+    round_work_usd: float, idle_monthly_usd: float, load: RequestLoad
+) -> float:
+    """FLStore's cost outside requests, per request at ``load``:
+    ``(round_work_usd + idle_monthly_usd / load.rounds_per_month) / load.requests_per_round``.
+
+    Each round's prefetch and artifact work, and the keep-warm pings of the month
+    (:func:`idle_monthly_cost`) spread over its rounds, are shared by the round's requests.
+    """
+    for name, value in (("round_work_usd", round_work_usd), ("idle_monthly_usd", idle_monthly_usd)):
+        if not math.isfinite(value) or value < 0:
+            raise ValidationError(f"{name} must be >= 0, got {value!r}")
+    per_round = round_work_usd + idle_monthly_usd / load.rounds_per_month
+    return per_round / load.requests_per_round
+
+
+def flstore_amortised_cost(
+    request_usd: float,
+    router_ms: float,
+    overhead_per_request_usd: float,
+    prices: Prices = DEFAULT_PRICES,
+) -> float:
+    """``cost_usd`` of one FLStore request:
+    ``request_usd + invocations_cost([router_invocation(router_ms)]) + overhead_per_request_usd``
+    — what the answer's ``meta.cost_usd`` bills (node invocations, API Gateway, S3), the router
+    function's own invocation, and the request's share of the round's prefetch and the idle
+    keep-warm cost (:func:`flstore_overhead_per_request`)."""
+    if not math.isfinite(request_usd) or request_usd < 0:
+        raise ValidationError(f"request_usd must be >= 0, got {request_usd!r}")
+    router = invocations_cost([router_invocation(router_ms)], prices)
+    return request_usd + router + overhead_per_request_usd
+
+
+def reduction(system_value: float, baseline_value: float) -> float:
+    """``1 − system_value / baseline_value``: the share of the baseline's latency or cost saved
+    (negative when the system is worse)."""
+    if not math.isfinite(baseline_value) or baseline_value <= 0:
+        raise ValidationError(f"a baseline value must be > 0, got {baseline_value!r}")
+    return 1.0 - system_value / baseline_value
+
+
+def reduction_summary(pairs: Sequence[tuple[float, float]]) -> dict[str, float]:
+    """``{"avg", "peak"}`` of :func:`reduction` over ``(system, baseline)`` pairs: the mean over
+    the pairs (workloads) and the largest."""
+    if not pairs:
+        raise ValidationError("no (system, baseline) pairs to summarise")
+    values = [reduction(s, b) for s, b in pairs]
+    return {"avg": sum(values) / len(values), "peak": max(values)}

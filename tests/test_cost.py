@@ -12,12 +12,23 @@ from flstore_core.cost import (
     PRICES_FILE_ENV,
     Invocation,
     Prices,
+    RequestLoad,
+    aggregator_amortised_cost,
+    aggregator_duration_cost,
+    aggregator_hourly,
     amortised_server_cost,
     cache_agg_cost,
+    flstore_amortised_cost,
+    flstore_overhead_per_request,
     flstore_request_cost,
     idle_monthly_cost,
+    invocations_cost,
     load_prices,
     objstore_agg_cost,
+    reduction,
+    reduction_summary,
+    round_work_cost,
+    s3_requests_cost,
     server_request_cost,
 )
 from flstore_core.errors import ValidationError
@@ -187,3 +198,103 @@ def test_idle_cost_rounds_the_ping_up_to_a_millisecond() -> None:
 def test_idle_cost_rejects_a_zero_interval() -> None:
     with pytest.raises(ValidationError):
         idle_monthly_cost(8, 3008, 0)
+
+
+# ---------------------------------------------------------------------- amortised accounting
+
+PAPER_LOAD = RequestLoad(requests_per_round=18, rounds_per_minute=1.0)
+
+
+def test_the_paper_load_is_1080_requests_an_hour_and_43200_rounds_a_month() -> None:
+    assert PAPER_LOAD.requests_per_hour == 18 * 60
+    assert PAPER_LOAD.rounds_per_month == 30 * 24 * 60
+    assert RequestLoad(10, 0.5).requests_per_hour == 300
+
+
+@pytest.mark.parametrize("args", [(0, 1.0), (18, 0.0), (18, -1.0), (18, float("nan")), (1.5, 1.0)])
+def test_a_load_needs_positive_rates(args: tuple[object, object]) -> None:
+    with pytest.raises(ValidationError):
+        RequestLoad(*args)  # type: ignore[arg-type]
+
+
+def test_s3_requests_cost_gets_and_puts_at_their_prices() -> None:
+    assert s3_requests_cost(10, 2) == pytest.approx(10 * S3_GET + 2 * S3_PUT, rel=1e-12)
+    with pytest.raises(ValidationError):
+        s3_requests_cost(-1, 0)
+
+
+def test_baseline_hourly_prices_are_the_aggregator_and_the_cache_node() -> None:
+    assert aggregator_hourly("objstore-agg") == 0.192
+    assert aggregator_hourly("cache-agg") == pytest.approx(0.192 + 0.206)
+    with pytest.raises(ValidationError):
+        aggregator_hourly("flstore-warm")
+
+
+def test_amortised_baseline_request_is_the_hour_over_1080_requests_plus_its_s3_requests() -> None:
+    # objstore-agg at one round a minute, 18 workloads: $0.192 / 1080 + 10 GETs + 1 PUT
+    got = aggregator_amortised_cost("objstore-agg", PAPER_LOAD, s3_gets=10, s3_puts=1)
+    assert got == pytest.approx(0.192 / 1080 + 10 * S3_GET + S3_PUT, rel=1e-12)
+    # cache-agg pays both servers and, reading Redis, no GET
+    assert aggregator_amortised_cost("cache-agg", PAPER_LOAD) == pytest.approx(0.398 / 1080)
+    # independent of how long the request took: the servers are paid either way
+    slower = RequestLoad(18, 0.5)
+    assert aggregator_amortised_cost("cache-agg", slower) == pytest.approx(0.398 / 540)
+
+
+def test_duration_baseline_request_pays_the_servers_for_its_duration_only() -> None:
+    # 3.6 s on objstore-agg: a thousandth of an hour of $0.192, plus 10 GETs
+    got = aggregator_duration_cost("objstore-agg", 3600.0, s3_gets=10)
+    assert got == pytest.approx(0.192 / 1000 + 10 * S3_GET, rel=1e-12)
+    assert aggregator_duration_cost("cache-agg", 36.0) == pytest.approx(0.398 / 100_000)
+    # the baseline's own per-request figure is the same formula (objstore_agg_cost)
+    assert aggregator_duration_cost("objstore-agg", 1234.0, 7) == pytest.approx(
+        objstore_agg_cost(1234.0, 7)
+    )
+
+
+def test_invocations_cost_is_lambda_only() -> None:
+    inv = [Invocation("cache-0", 1000.0, 2048), Invocation("cache-1", 500.0, 1024)]
+    assert invocations_cost(inv) == pytest.approx(2.5 * GB_S + 2 * LAMBDA_REQ, rel=1e-12)
+    assert invocations_cost([]) == 0.0
+
+
+def test_round_work_is_the_prefetch_invocations_and_their_s3_requests() -> None:
+    # two nodes each load for 4 s at 3008 MB, 20 GETs and the default model's PUT
+    inv = [Invocation("cache-0", 4000.0, 3008), Invocation("cache-1", 4000.0, 3008)]
+    expected = 2 * 4 * 3008 / 1024 * GB_S + 2 * LAMBDA_REQ + 20 * S3_GET + S3_PUT
+    assert round_work_cost(inv, s3_gets=20, s3_puts=1) == pytest.approx(expected, rel=1e-12)
+
+
+def test_overhead_per_request_spreads_the_round_and_the_keep_warm_month() -> None:
+    idle = idle_monthly_cost(2, 3008, 5)
+    got = flstore_overhead_per_request(1.8e-3, idle, PAPER_LOAD)
+    assert got == pytest.approx((1.8e-3 + idle / 43_200) / 18, rel=1e-12)
+    # half as many rounds a month: each carries twice the keep-warm share
+    half = flstore_overhead_per_request(0.0, idle, RequestLoad(18, 0.5))
+    assert half == pytest.approx(idle / 21_600 / 18, rel=1e-12)
+    with pytest.raises(ValidationError):
+        flstore_overhead_per_request(-1.0, idle, PAPER_LOAD)
+
+
+def test_flstore_request_adds_the_router_invocation_and_its_overhead_share() -> None:
+    # meta.cost_usd of $2e-6, 100 ms in the 512 MB router, $1e-5 of round work per request
+    got = flstore_amortised_cost(2e-6, 100.0, 1e-5)
+    router = 0.1 * 0.5 * GB_S + LAMBDA_REQ
+    assert got == pytest.approx(2e-6 + router + 1e-5, rel=1e-12)
+    with pytest.raises(ValidationError):
+        flstore_amortised_cost(-1e-6, 1.0, 0.0)
+
+
+def test_reduction_is_one_minus_the_ratio() -> None:
+    assert reduction(25.0, 100.0) == pytest.approx(0.75)
+    assert reduction(200.0, 100.0) == pytest.approx(-1.0)  # twice as slow: -100 %
+    with pytest.raises(ValidationError):
+        reduction(1.0, 0.0)
+
+
+def test_reduction_summary_is_the_mean_and_the_largest_over_workloads() -> None:
+    summary = reduction_summary([(10.0, 100.0), (50.0, 100.0), (120.0, 100.0)])
+    assert summary["avg"] == pytest.approx((0.9 + 0.5 - 0.2) / 3)
+    assert summary["peak"] == pytest.approx(0.9)
+    with pytest.raises(ValidationError):
+        reduction_summary([])
