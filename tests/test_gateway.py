@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import socketserver
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -559,3 +560,48 @@ def test_two_requests_in_flight_are_resolved_by_two_resolvers(
         t.join()
     assert statuses == [200, 200]
     assert len(set(seen)) == 2
+
+
+@pytest.mark.parametrize(
+    "server",
+    ["gateway", "lambda endpoint", "fault proxy"],
+)
+def test_a_burst_of_new_connections_is_queued_not_dropped(server: str) -> None:
+    """64 clients connecting at once while no thread accepts yet are all let in: the kernel's
+    accept queue holds them (socketserver's default backlog of 5 let 6 in, and Linux dropped the
+    others' handshakes — a client then waits for its 1 s SYN retransmit, the chaos benchmark's
+    ~1,050 ms p99, or sees its connection reset)."""
+    from lambdas.local_runtime.fault_proxy import FaultProxy
+    from lambdas.local_runtime.invoke_api import InvokeApiServer
+
+    listener: socketserver.TCPServer
+    if server == "gateway":
+        listener = LocalGateway(lambda event, ctx: {"statusCode": 200})._server
+    elif server == "lambda endpoint":
+        listener = InvokeApiServer(("127.0.0.1", 0), backend=None)  # type: ignore[arg-type]
+    else:
+        listener = FaultProxy("http://127.0.0.1:9")._server
+    host, port = listener.server_address[:2]
+    sockets: list[socket.socket] = []
+    refused = 0
+    try:
+        for _ in range(64):  # nothing serves the listener: only the accept queue holds them
+            s = socket.socket()
+            s.settimeout(0.5)
+            try:
+                s.connect((str(host), int(port)))
+                s.send(b"x")  # a connection the kernel dropped is reset by this (or the next)
+            except OSError:
+                refused += 1
+            sockets.append(s)
+        time.sleep(0.2)
+        for s in sockets:
+            try:
+                s.send(b"y")
+            except OSError:
+                refused += 1
+    finally:
+        for s in sockets:
+            s.close()
+        listener.server_close()
+    assert refused == 0

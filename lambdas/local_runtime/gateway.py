@@ -53,6 +53,12 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 UNAUTHORIZED = b'{"message":"Unauthorized"}'
 FORBIDDEN = b'{"message":"Forbidden"}'
 INTERNAL = b'{"message":"Internal Server Error"}'
+# connections the kernel queues until a thread accepts them (listen(2)'s backlog, capped by
+# net.core.somaxconn). socketserver's default is 5: a burst of more new connections than that
+# (16 chaos clients, one connection per request) overflows the accept queue, Linux drops the
+# SYN or the handshake's ACK, and the client's TCP retransmits after 1 s — the ~1,050 ms p99
+# of the chaos benchmark — or, when the retransmits run out, sees the connection reset.
+LISTEN_BACKLOG = 1024
 
 
 @dataclass(frozen=True)
@@ -241,6 +247,13 @@ def _too_large(size: str) -> _Refusal:
     )
 
 
+class GatewayServer(ThreadingHTTPServer):
+    """The gateway's threaded HTTP server: a thread per connection, a deep accept queue."""
+
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+
+
 class LocalGateway:
     """A threaded HTTP server in front of ``handler`` (the router) and ``authorizer``.
 
@@ -369,8 +382,7 @@ class LocalGateway:
                 if self.command != "HEAD":  # RFC 9110 §9.3.2: GET's headers, no content
                     self.wfile.write(data)
 
-        self._server = ThreadingHTTPServer((host, port), RequestHandler)
-        self._server.daemon_threads = True
+        self._server = GatewayServer((host, port), RequestHandler)
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ one request

@@ -27,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from lambdas.local_runtime.gateway import LISTEN_BACKLOG
 from lambdas.local_runtime.instance_pool import FunctionSpec
 from lambdas.local_runtime.invocation_outcome import SYNC_PAYLOAD_LIMIT, InvocationResult
 from lambdas.local_runtime.invoke_errors import InvokeApiError
@@ -75,6 +76,9 @@ class InvokeApiServer(ThreadingHTTPServer):
     """A threaded HTTP server answering the Invoke API from ``backend``."""
 
     daemon_threads = True
+    # the router's invocations come from many threads at once: socketserver's backlog of 5
+    # overflows under a burst and the kernel drops connections (see gateway.LISTEN_BACKLOG)
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address: tuple[str, int], backend: InvokeBackend) -> None:
         super().__init__(address, _InvokeRequestHandler)
