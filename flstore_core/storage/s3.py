@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import contextlib
+import io
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
@@ -15,6 +17,8 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+# reads of one object's body: the first and the resumptions after it was cut short
+READ_ATTEMPTS = 4
 # S3's smallest part of a multipart upload but the last
 MIN_PART_BYTES = 5 * 1024 * 1024
 
@@ -27,42 +31,71 @@ class S3BlobStore:
         self.client = client
 
     def get(self, key: str) -> Buffer | None:
+        stream = self.open(key)
+        if stream is None:
+            return None
         try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=key)
-            data: bytes = obj["Body"].read()
-        except ClientError as exc:
-            if error_code(exc) in _MISSING:
-                return None
-            raise UnavailableError(f"S3 refused GET {key}: {error_code(exc)}") from exc
-        return data
+            return stream.read()
+        finally:
+            stream.close()
 
     def open(self, key: str) -> BlobStream | None:
+        obj = self._get_object(key)
+        if obj is None:
+            return None
+        etag = str(obj.get("ETag", ""))
+
+        def rest(offset: int) -> Any:
+            """The body from ``offset`` on, of the same version of the object (``If-Match``:
+            a rewritten object is S3's 412, an UnavailableError, never a splice of two)."""
+            if offset >= int(obj.get("ContentLength", -1)) >= 0:
+                return io.BytesIO(b"")
+            again = self._get_object(key, Range=f"bytes={offset}-", **_if_match(etag))
+            if again is None:
+                raise UnavailableError(f"S3 GET {key}: the object went away while it was read")
+            return again["Body"]
+
+        return S3Stream(key, obj["Body"], rest)
+
+    def _get_object(self, key: str, **extra: Any) -> Any:
+        """``GetObject`` (None for a missing key); S3's refusals, and connection failures
+        botocore's retries did not overcome, are :class:`UnavailableError` (a 503)."""
         try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=key)
+            obj: Any = self.client.get_object(Bucket=self.bucket, Key=key, **extra)
         except ClientError as exc:
             if error_code(exc) in _MISSING:
                 return None
             raise UnavailableError(f"S3 refused GET {key}: {error_code(exc)}") from exc
-        return S3Stream(key, obj["Body"])
+        except BotoCoreError as exc:
+            raise UnavailableError(f"S3 GET {key} failed: {exc}") from exc
+        return obj
 
     def get_range(self, key: str, start: int, end: int) -> Buffer | None:
         """A ranged GET (``Range: bytes=start-(end-1)``, RFC 9110 §14.1.2)."""
         if not 0 <= start < end:
             return b""
-        try:
-            obj = self.client.get_object(
-                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
-            )
-            data: bytes = obj["Body"].read()
-        except ClientError as exc:
-            if error_code(exc) in _MISSING:
-                return None
-            if error_code(exc) == "InvalidRange":  # start past the end of the object
-                return b""
-            raise UnavailableError(f"S3 refused GET {key} (range): {error_code(exc)}") from exc
-        except BotoCoreError as exc:
-            raise UnavailableError(f"S3 GET {key} (range) failed while reading: {exc}") from exc
-        return data
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                obj = self.client.get_object(
+                    Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
+                )
+            except ClientError as exc:
+                if error_code(exc) in _MISSING:
+                    return None
+                if error_code(exc) == "InvalidRange":  # start past the end of the object
+                    return b""
+                raise UnavailableError(f"S3 refused GET {key} (range): {error_code(exc)}") from exc
+            except BotoCoreError as exc:
+                raise UnavailableError(f"S3 GET {key} (range) failed: {exc}") from exc
+            try:
+                data: bytes = obj["Body"].read()
+                return data
+            except BotoCoreError as exc:  # the body cut short: botocore does not retry that
+                if attempt + 1 == READ_ATTEMPTS:
+                    raise UnavailableError(
+                        f"S3 GET {key} (range) failed while reading: {exc}"
+                    ) from exc
+        raise AssertionError("unreachable")
 
     def put(
         self,
@@ -84,6 +117,8 @@ class S3BlobStore:
             self.client.put_object(**kwargs)
         except ClientError as exc:
             raise UnavailableError(f"S3 refused PUT {key}: {error_code(exc)}") from exc
+        except BotoCoreError as exc:
+            raise UnavailableError(f"S3 PUT {key} failed: {exc}") from exc
 
     def compose(
         self,
@@ -121,6 +156,8 @@ class S3BlobStore:
             raise UnavailableError(
                 f"S3 refused a multipart upload of {key}: {error_code(exc)}"
             ) from exc
+        except BotoCoreError as exc:
+            raise UnavailableError(f"S3 multipart upload of {key} failed: {exc}") from exc
         done: list[Any] = []
         target: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "UploadId": upload}
         try:
@@ -149,10 +186,13 @@ class S3BlobStore:
                 )
                 done.append({"PartNumber": len(done) + 1, "ETag": sent["ETag"]})
             self.client.complete_multipart_upload(**target, MultipartUpload={"Parts": done})
-        except (ClientError, UnavailableError) as exc:
-            self.client.abort_multipart_upload(**target)
+        except (ClientError, BotoCoreError, UnavailableError) as exc:
+            with contextlib.suppress(ClientError, BotoCoreError):  # S3 expires it otherwise
+                self.client.abort_multipart_upload(**target)
             if isinstance(exc, UnavailableError):
                 raise
+            if isinstance(exc, BotoCoreError):
+                raise UnavailableError(f"S3 composing {key} failed: {exc}") from exc
             raise UnavailableError(f"S3 refused composing {key}: {error_code(exc)}") from exc
 
     def _must_get(self, key: str) -> bytes:
@@ -168,6 +208,8 @@ class S3BlobStore:
             if error_code(exc) in _MISSING:
                 return None
             raise UnavailableError(f"S3 refused HEAD {key}: {error_code(exc)}") from exc
+        except BotoCoreError as exc:
+            raise UnavailableError(f"S3 HEAD {key} failed: {exc}") from exc
         return BlobInfo(
             key,
             int(head.get("ContentLength", -1)),
@@ -198,12 +240,16 @@ class S3BlobStore:
             yield from self.client.get_paginator("list_objects_v2").paginate(**kwargs)
         except ClientError as exc:
             raise UnavailableError(f"S3 refused LIST {prefix}: {error_code(exc)}") from exc
+        except BotoCoreError as exc:
+            raise UnavailableError(f"S3 LIST {prefix} failed: {exc}") from exc
 
     def delete(self, key: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
             raise UnavailableError(f"S3 refused DELETE {key}: {error_code(exc)}") from exc
+        except BotoCoreError as exc:
+            raise UnavailableError(f"S3 DELETE {key} failed: {exc}") from exc
 
     def prepare(self) -> None:
         try:
@@ -213,22 +259,44 @@ class S3BlobStore:
 
 
 class S3Stream:
-    """An S3 object's body (botocore's ``StreamingBody``) read in pieces; a connection lost
-    or cut short mid-read is an :class:`UnavailableError` naming the key, as a refused GET is."""
+    """An S3 object's body (botocore's ``StreamingBody``) read in pieces.
 
-    def __init__(self, key: str, body: Any) -> None:
+    botocore retries a request whose answer never came, but not a body cut short once the
+    answer began (a connection reset mid-transfer, a read timeout, ``IncompleteReadError``):
+    with ``rest`` (the body from an offset on, of the same version), such a read goes on from
+    where it stopped, at most :data:`READ_ATTEMPTS` - 1 times in all; past that, or without
+    ``rest``, it is an :class:`UnavailableError` naming the key, as a refused GET is."""
+
+    def __init__(self, key: str, body: Any, rest: Callable[[int], Any] | None = None) -> None:
         self.key = key
         self.body = body
+        self._rest = rest
+        self._offset = 0  # bytes handed out so far
+        self._resumed = 0
 
     def read(self, size: int = -1, /) -> bytes:
-        try:
-            data: bytes = self.body.read(None if size < 0 else size)
-        except BotoCoreError as exc:  # ReadTimeoutError, IncompleteReadError, ...
-            raise UnavailableError(f"S3 GET {self.key} failed while reading: {exc}") from exc
-        return data
+        while True:
+            try:
+                data: bytes = self.body.read(None if size < 0 else size)
+            except BotoCoreError as exc:  # ReadTimeoutError, IncompleteReadError, ...
+                if self._rest is None or self._resumed + 1 >= READ_ATTEMPTS:
+                    raise UnavailableError(
+                        f"S3 GET {self.key} failed while reading: {exc}"
+                    ) from exc
+                self._resumed += 1
+                with contextlib.suppress(Exception):
+                    self.body.close()
+                self.body = self._rest(self._offset)
+                continue
+            self._offset += len(data)
+            return data
 
     def close(self) -> None:
         self.body.close()
+
+
+def _if_match(etag: str) -> dict[str, str]:
+    return {"IfMatch": etag} if etag else {}
 
 
 def error_code(exc: ClientError) -> str:

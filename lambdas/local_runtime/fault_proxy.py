@@ -10,10 +10,14 @@ and, while :attr:`FaultProxy.faults` says so, injecting each fault with its prob
 the request reaches S3. Injected errors happen *instead of* forwarding, as S3's do (a throttled
 or failed PUT stored nothing); a *lost answer* is forwarded and then the connection is closed
 unanswered, so the client retries a request S3 already carried out (a PUT done twice, a commit
-whose answer never came: what idempotent writes are for).
+whose answer never came: what idempotent writes are for); a *cut* answer is sent with its full
+``Content-Length`` but only half its body before the connection is closed (a reset
+mid-transfer), which botocore's retries do not cover: the reader must resume or fail typed
+(:class:`flstore_core.storage.s3.S3Stream`).
 
 It counts what it did (:meth:`FaultProxy.counts`), so a benchmark reports the faults its
-clients survived. boto3's retry modes (``legacy``/``standard``/``adaptive``) retry all four.
+clients survived. boto3's retry modes (``legacy``/``standard``/``adaptive``) retry all but the
+cut answer.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import urlsplit
+
+from lambdas.local_runtime.gateway import LISTEN_BACKLOG
 
 HOP_BY_HOP = {
     "connection",
@@ -52,6 +58,11 @@ INTERNAL_ERROR = (
 )
 
 
+class _ProxyServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG  # a burst of S3 requests is not a fault to inject
+
+
 @dataclass(frozen=True)
 class Faults:
     """Probabilities of each fault per request (they add up to at most 1), and the delay of a
@@ -63,16 +74,17 @@ class Faults:
     internal: float = 0.0  # 500 InternalError
     drop: float = 0.0  # the connection closed without an answer, the request never forwarded
     lost_answer: float = 0.0  # forwarded (S3 did it), then the connection closed unanswered
+    cut: float = 0.0  # forwarded and answered, the body cut off halfway (a reset mid-transfer)
 
     def __post_init__(self) -> None:
-        shares = (self.slow, self.slow_down, self.internal, self.drop, self.lost_answer)
+        shares = (self.slow, self.slow_down, self.internal, self.drop, self.lost_answer, self.cut)
         if any(p < 0 for p in shares) or sum(shares) > 1.0:
             raise ValueError(f"fault probabilities must be >= 0 and add up to <= 1: {shares}")
 
     def pick(self, rng: random.Random) -> str | None:
         """The fault for one request (a field's name) or None."""
         x = rng.random()
-        for name in ("slow", "slow_down", "internal", "drop", "lost_answer"):
+        for name in ("slow", "slow_down", "internal", "drop", "lost_answer", "cut"):
             p = float(getattr(self, name))
             if x < p:
                 return name
@@ -93,8 +105,7 @@ class FaultProxy:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
-        self._server = ThreadingHTTPServer((host, 0), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = _ProxyServer((host, 0), self._handler_class())
         self._thread: threading.Thread | None = None
 
     @property
@@ -200,6 +211,12 @@ class FaultProxy:
                         self.send_header("Content-Length", length)
                 self.end_headers()
                 if self.command != "HEAD":
+                    if fault == "cut" and len(data) > 1:  # the answer began: botocore does
+                        with contextlib.suppress(OSError):  # not retry a body cut short
+                            self.wfile.write(data[: len(data) // 2])
+                            self.wfile.flush()
+                        self._hang_up()
+                        return
                     with contextlib.suppress(OSError):  # the client gave up waiting
                         self.wfile.write(data)
 
