@@ -22,7 +22,6 @@ from flstore_core.routing.failover import FailoverPolicy
 from flstore_core.routing.invoker import NodeAnswer, NodeFailure, NodeInvoker, NodeThrottled
 from flstore_core.routing.placement import (
     ShardKey,
-    client_shard,
     meta_shard,
     node_name,
     place_shard,
@@ -239,51 +238,46 @@ def test_a_meta_request_goes_to_the_meta_shard_with_its_rounds(make_router: Make
     assert answer["round"] is None
 
 
-def client_replies(hit_clients: set[str]) -> Reply:
-    """A node answering a reputation partial: one series point per client it was sent."""
+def test_a_client_request_is_one_invocation_on_the_meta_shard(make_router: MakeRouter) -> None:
+    """Every client's rows are in the job's meta shard: the router sends the whole request to
+    its owner, which answers for every client asked, finalised; no scatter, nothing merged."""
+    clients = [f"c{i}" for i in range(8)]
+    final = {"values": {c: int(c[1:]) / 10 for c in clients}, "selected": clients[::-1]}
 
     def reply(function: str, event: dict[str, Any]) -> dict[str, Any]:
-        members = event["clients"]
-        return {
-            "result": {
-                "per_client": {
-                    c: {"series": [[0, int(c[1:]) / 10]], "missing": []} for c in members
-                }
-            },
-            "cache": "hit" if set(members) <= hit_clients else "miss",
-            "s3_gets": 0 if set(members) <= hit_clients else len(members),
-        }
+        return {"result": final, "cache": "hit", "s3_gets": 0}
 
-    return reply
-
-
-def test_client_requests_are_grouped_by_owner_node_and_merged(make_router: MakeRouter) -> None:
-    clients = [f"c{i}" for i in range(8)]
-    router, nodes = make_router(client_replies(set()))
-    answer = router.run(AUTH, JOB, "reputation", json.dumps({"params": {"clients": clients}}))
-    expected: dict[str, list[str]] = {}
-    for c in clients:
-        owner = ranked_functions(client_shard(JOB, c))[0]
-        expected.setdefault(owner, []).append(c)
-    assert {f: e["clients"] for f, e in nodes.calls} == expected
-    assert len(nodes.calls) == len(expected)
-    values = answer["result"]["values"]
-    assert values == {c: int(c[1:]) / 10 for c in clients}
-    assert answer["result"]["selected"] == sorted(clients, key=lambda c: -int(c[1:]))
-    assert sorted(answer["meta"]["nodes"]) == sorted(expected)
-    assert answer["meta"]["s3_gets"] == len(clients)
+    router, nodes = make_router(reply)
+    body = {"params": {"clients": clients}, "rounds": [0, 1]}
+    answer = router.run(AUTH, JOB, "reputation", json.dumps(body))
+    assert nodes.functions == ranked_functions(meta_shard(JOB))[:1]
+    _, event = nodes.calls[0]
+    assert event["params"]["clients"] == clients and event["rounds"] == [0, 1]
+    assert "clients" not in event  # the node reads them from the params
+    assert answer["result"] == final and answer["meta"]["cache"] == "hit"
+    assert answer["meta"]["nodes"] == ranked_functions(meta_shard(JOB))[:1]
 
 
-def test_client_groups_that_disagree_on_the_cache_state_are_partial(
-    make_router: MakeRouter,
-) -> None:
-    clients = [f"c{i}" for i in range(8)]
-    first_group_owner = ranked_functions(client_shard(JOB, "c0"))[0]
-    warm = {c for c in clients if ranked_functions(client_shard(JOB, c))[0] == first_group_owner}
-    assert warm != set(clients)  # the eight clients span more than one node
-    router, _ = make_router(client_replies(warm))
-    answer = router.run(AUTH, JOB, "reputation", json.dumps({"params": {"clients": clients}}))
-    assert answer["meta"]["cache"] == "partial"
+def test_a_client_request_fails_over_to_the_meta_shards_replica(make_router: MakeRouter) -> None:
+    primary, replica = ranked_functions(meta_shard(JOB))[:2]
+
+    def reply(function: str, event: dict[str, Any]) -> dict[str, Any]:
+        if function == primary:
+            raise NodeFailure(f"{function}: Unhandled")
+        return {"result": {"values": {"c0": 1.0}}, "cache": "miss", "s3_gets": 2}
+
+    router, nodes = make_router(reply)
+    answer = router.run(AUTH, JOB, "incentive", json.dumps({}))
+    assert nodes.functions == [primary, replica]
+    assert answer["result"] == {"values": {"c0": 1.0}}
+    assert answer["meta"]["nodes"] == [primary, replica]
+
+
+def test_a_bad_client_id_is_refused_before_any_invocation(make_router: MakeRouter) -> None:
+    router, nodes = make_router()
+    with pytest.raises(ValidationError):
+        router.run(AUTH, JOB, "reputation", json.dumps({"params": {"clients": ["c0", "../x"]}}))
+    assert nodes.calls == []
 
 
 # ---------------------------------------------------------------------- prefetch

@@ -18,10 +18,9 @@ from flstore_core.data.codec import Update
 from flstore_core.data.manifest import JobSpec, RoundManifest, UpdateEntry
 from flstore_core.routing.auth import TokenTable
 from flstore_core.routing.invoker import NodeAnswer, NodeInvoker
-from flstore_core.routing.placement import node_name
+from flstore_core.routing.placement import meta_shard, node_name, rank_nodes
 from flstore_core.routing.router import Router, RouterConfig
 from flstore_core.storage.object_store import ObjectStore
-from flstore_core.workloads import get
 from flstore_core.workloads.oort_select import oort_select, statistical_utility
 from flstore_core.workloads.reputation import reputation_series
 from tests.conftest import small_update
@@ -263,7 +262,10 @@ def test_incentive_pays_a_client_the_same_whoever_else_is_asked(store: ObjectSto
 
     want, units = incentive_reference(manifests, 100.0)
     everyone = ask({})
-    assert len({f for f, _ in nodes.calls}) > 1  # scattered over several nodes
+    # one invocation, on the node holding the job's meta shard (every client's rows)
+    assert [f for f, _ in nodes.calls] == [
+        node_name("fl", rank_nodes(str(meta_shard("inc")), 4)[0])
+    ]
     assert everyone["values"] == pytest.approx(want, rel=1e-12)
     # one unit per round, the first every participant has: never a cosine beside a count
     assert (
@@ -300,16 +302,21 @@ def test_client_workloads_run_on_a_node_from_summaries_only(store: ObjectStore) 
     node = CacheNode(store, budget_bytes=10**8)
     before = store.gets
     ans = node.handle(
-        {"op": "run", "workload": "reputation", "job": "j", "clients": ["c0", "c3"], "params": {}}
+        {
+            "op": "run",
+            "workload": "reputation",
+            "job": "j",
+            "params": {"clients": ["c0", "c3"], "threshold": 0.5},
+        }
     )
     assert "error" not in ans, ans
-    per = ans["result"]["per_client"]
-    assert per["c0"]["series"][-1][1] == pytest.approx(0.9)
-    assert per["c3"]["series"][-1][1] == pytest.approx(0.0, abs=1e-9)
-    # only manifests (and the job listing) were read: no update object
-    assert store.gets - before <= 3 + 1
-    final = get("reputation").finalize(ans["result"], {"threshold": 0.5})  # type: ignore[misc]
+    # the node answers for every client asked, finalised: the router has nothing to merge
+    final = ans["result"]
+    assert final["values"]["c0"] == pytest.approx(0.9)
+    assert final["values"]["c3"] == pytest.approx(0.0, abs=1e-9)
     assert final["selected"] == ["c0", "c3"] and final["flagged"] == ["c3"]
+    # only the job spec and the manifests were read: no update object
+    assert store.gets - before <= 1 + 3
 
 
 def test_meta_workload_runs_on_a_node(store: ObjectStore) -> None:

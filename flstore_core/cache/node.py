@@ -46,6 +46,7 @@ from typing import Any
 
 from flstore_core import config
 from flstore_core.cache.budget import stack_budget
+from flstore_core.cache.memo import ResultMemo
 from flstore_core.cache.results import RESULT_LEVEL, result_specs, run_round_workload, store_model
 from flstore_core.cache.round_data import ArtifactStats, JobContext, RoundData
 from flstore_core.cache.round_loading import job_context, load_round, load_round_block
@@ -68,11 +69,10 @@ from flstore_core.cache.shards import (
 from flstore_core.cache.streamed import StreamedRound, working_bytes
 from flstore_core.data.codec import compress_frame, header_prefix, stored_specs, tensor_bytes
 from flstore_core.errors import FLStoreError, NotFoundError, ValidationError
-from flstore_core.ids import validate_job, validate_round
+from flstore_core.ids import validate_client, validate_job, validate_round
 from flstore_core.routing.placement import (
     ShardKey,
     block_shard,
-    client_shard,
     meta_shard,
     model_shard,
     round_shard,
@@ -121,6 +121,8 @@ class CacheNode:
         self.started = time.time()
         self.invocations = 0
         self._streamed_written: set[str] = set()  # model results run_clients wrote
+        # answers of meta, client and model workloads computed, and reused from a shard's memo
+        self.answers = {"computed": 0, "reused": 0}
         # op name -> the method that checks its arguments and runs it (in the order the
         # unknown-op error lists them)
         self.ops: dict[str, Operation] = {
@@ -263,8 +265,11 @@ class CacheNode:
             with self.cache.using(key, self._loader(key)) as (value, hit):
                 value = self._refresh(key, value)
                 t1 = time.perf_counter()
-                out = workload.run(value, params)
-                result = dict(out.result if isinstance(out, WorkloadResult) else out)
+                if isinstance(value, GlobalModels) and params.get("round", 0) is None:
+                    # the latest stored global model, named: the answer is that round's
+                    params = {**params, "round": value.latest_round()}
+                request = {"params": params, "rounds": event.get("rounds")}
+                result = self._memoised(value.memo, workload.name, request, value, params)
                 if isinstance(value, GlobalModels):
                     self.cache.put(key, value)  # models loaded on demand: re-account its size
             hits = [hit]
@@ -278,28 +283,62 @@ class CacheNode:
             "s3_gets": self.store.gets - gets_before,
         }
 
+    def _memoised(
+        self,
+        memo: ResultMemo,
+        name: str,
+        request: dict[str, Any],
+        shard: Any,
+        params: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The workload's answer on ``shard``: kept from an identical earlier request on this
+        version of the shard, else run and kept (:mod:`flstore_core.cache.memo`)."""
+        workload = get(name)
+
+        def compute() -> dict[str, Any]:
+            out = workload.run(shard, params)
+            result = dict(out.result if isinstance(out, WorkloadResult) else out)
+            if workload.cls == "client" and workload.finalize is not None:
+                result = workload.finalize(result, params)
+            return result
+
+        result, reused = memo.answer(ResultMemo.key(name, request), compute)
+        self.answers["reused" if reused else "computed"] += 1
+        return result
+
     def _run_clients(
         self, workload: Workload, job: str, event: dict[str, Any], params: dict[str, Any]
     ) -> tuple[dict[str, Any], list[bool], float]:
-        clients = event.get("clients")
-        if not isinstance(clients, list) or not clients:
-            raise ValidationError("a client-class run needs 'clients': a non-empty list")
+        """A client-class workload on the job's meta shard, which holds every client's rows
+        of every committed round: one node answers for all the clients asked (``clients`` of
+        the params, else every client of the job), finalised here."""
+        clients = event.get("clients") or params.get("clients") or None  # [] asks for all
+        if clients is not None and not isinstance(clients, list):
+            raise ValidationError("a client-class run's 'clients' must be a list of client ids")
+        names = None if clients is None else [validate_client(c) for c in clients]
         rounds = event.get("rounds")
         wanted = None if rounds is None else {validate_round(r) for r in rounds}
-        histories: dict[str, ClientHistory] = {}
-        hits: list[bool] = []
-        with contextlib.ExitStack() as pins:
-            for client in clients:
-                key = client_shard(job, client)
-                value, hit = pins.enter_context(self.cache.using(key, self._loader(key)))
-                value = self._refresh(key, value)
-                if wanted is not None:
-                    value = ClientHistory(job, client, [r for r in value.rows if r.round in wanted])
-                histories[client] = value
-                hits.append(hit)
+        key = meta_shard(job)
+        with self.cache.using(key, self._loader(key)) as (meta, hit):
+            meta = self._refresh(key, meta)
             t1 = time.perf_counter()
-            partial = workload.run(histories, params)
-        return dict(partial), hits, t1
+            if names is None:
+                names = meta.clients
+                if not names:
+                    raise NotFoundError(f"job {job!r} has no committed round with clients yet")
+            histories = {
+                c: ClientHistory(
+                    job, c, [r for r in meta.history(c) if wanted is None or r.round in wanted]
+                )
+                for c in names
+            }
+            request = {
+                "params": params,
+                "clients": names,
+                "rounds": None if wanted is None else sorted(wanted),
+            }
+            result = self._memoised(meta.memo, workload.name, request, histories, params)
+        return result, [hit], t1
 
     # ------------------------------------------------------------------ column blocks
 
@@ -496,6 +535,7 @@ class CacheNode:
             "s3_gets": self.store.gets,
             "s3_puts": self.store.puts,
             "artifacts": self.artifacts.to_dict(),
+            "answers": dict(self.answers),
             "invocations": self.invocations,
             "uptime_s": time.time() - self.started,
             "pid": os.getpid(),

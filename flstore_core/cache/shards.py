@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from flstore_core.cache.memo import ResultMemo
 from flstore_core.cache.round_data import JobContext
 from flstore_core.data import layout
 from flstore_core.data.codec import TensorSpec
@@ -230,6 +231,9 @@ class JobMeta:
     # of the job when they were (see ManifestReader)
     versions: dict[int, str] = field(default_factory=dict)
     generation: int = 0
+    # answers of meta and client workloads run on this version of the shard (a refresh builds
+    # a new JobMeta, with an empty memo)
+    memo: ResultMemo = field(default_factory=ResultMemo, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -315,6 +319,8 @@ class GlobalModels:
     specs: dict[int, tuple[TensorSpec, ...]] = field(default_factory=dict)
     vectors: dict[int, npt.NDArray[np.float32]] = field(default_factory=dict)
     modules: dict[int, Any] = field(default_factory=dict)  # built torch models, by round
+    # answers of model workloads, keyed with the round of the global model they used
+    memo: ResultMemo = field(default_factory=ResultMemo, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:

@@ -62,10 +62,9 @@ from flstore_core.errors import (
 from flstore_core.ids import validate_client, validate_job, validate_round
 from flstore_core.routing.auth import TokenTable
 from flstore_core.routing.failover import Answered, FailoverPolicy
-from flstore_core.routing.invoker import Invoker, NodeAnswer, NodeFailure, NodeInvoker
+from flstore_core.routing.invoker import Invoker, NodeFailure, NodeInvoker
 from flstore_core.routing.placement import (
     ShardKey,
-    client_shard,
     meta_shard,
     model_shard,
     node_name,
@@ -246,13 +245,12 @@ class Router:
             if not isinstance(request["rounds"], list):
                 raise ValidationError("'rounds' must be a list of round numbers")
             rounds = [validate_round(r) for r in request["rounds"]]
+        if workload.cls == "client" and params.get("clients"):
+            for client in params["clients"]:
+                validate_client(client)
         self._require_job(job)
         event: dict[str, Any] = {"op": "run", "workload": name, "job": job, "params": params}
-        if workload.cls == "client":
-            result, answers, tried, invocations = self._scatter_clients(
-                workload, job, params, rounds, event
-            )
-        elif workload.cls == "round" and (plan := self._round_plan(job, round_)) is not None:
+        if workload.cls == "round" and (plan := self._round_plan(job, round_)) is not None:
             assert round_ is not None
             result, answers, tried, invocations = self._run_sharded(
                 workload, job, round_, params, plan
@@ -264,7 +262,9 @@ class Router:
                 event["round"] = round_
                 order = self.plan(str(shard))
             else:
-                shard = meta_shard(job) if workload.cls == "meta" else model_shard(job)
+                # a client-class request is answered from the job's meta shard, which holds
+                # every client's rows: one invocation, not a scatter over client shards
+                shard = model_shard(job) if workload.cls == "model" else meta_shard(job)
                 if rounds is not None:
                     event["rounds"] = rounds
                 order = self.plan(str(shard))
@@ -299,52 +299,6 @@ class Router:
         if "error" in payload:
             raise error_from_dict(payload, int(payload.get("status", 500)))
         return payload
-
-    def job_clients(self, job: str) -> list[str]:
-        """Every client that took part in a committed round of the job."""
-        return sorted(
-            {c for r in self.manifests.rounds(job) for c in self.manifests.get(job, r).updates}
-        )
-
-    def _scatter_clients(
-        self,
-        workload: Workload,
-        job: str,
-        params: dict[str, Any],
-        rounds: list[int] | None,
-        event: dict[str, Any],
-    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[str], list[Invocation]]:
-        """Send each node the clients whose history it owns; merge what they return."""
-        wanted = params.get("clients")
-        clients = [validate_client(c) for c in wanted] if wanted else self.job_clients(job)
-        if not clients:
-            raise NotFoundError(f"job {job!r} has no committed round with clients yet")
-        groups: dict[int, list[str]] = {}
-        for c in clients:
-            groups.setdefault(
-                rank_nodes(str(client_shard(job, c)), self.config.nodes)[0], []
-            ).append(c)
-
-        def one(members: list[str]) -> tuple[NodeAnswer, list[str], list[Invocation]]:
-            sub = {**event, "clients": members}
-            if rounds is not None:
-                sub["rounds"] = rounds
-            # every member has this node as primary; the plan of the first is the group's
-            return self._invoke_in_order(self.plan(str(client_shard(job, members[0]))), sub)
-
-        outcomes = list(self._pool.map(one, [groups[i] for i in sorted(groups)]))
-        answers = [self._checked(a.payload) for a, _, _ in outcomes]
-        merged: dict[str, Any] = {}
-        for a in answers:
-            for key, value in a["result"].items():
-                if isinstance(value, dict):
-                    merged.setdefault(key, {}).update(value)
-                else:
-                    merged.setdefault(key, value)
-        result = workload.finalize(merged, params) if workload.finalize else merged
-        tried = [t for _, ts, _ in outcomes for t in ts]
-        invocations = [i for _, _, inv in outcomes for i in inv]
-        return result, answers, tried, invocations
 
     # ------------------------------------------------------------------ sharded rounds
 

@@ -1,0 +1,64 @@
+"""Answers of workloads already run on one version of a shard: an identical request is
+answered from the node's memory.
+
+A :class:`ResultMemo` belongs to one shard *object* — a job's
+:class:`~flstore_core.cache.shards.JobMeta` or its
+:class:`~flstore_core.cache.shards.GlobalModels` — and lives exactly as long as it: a node
+replaces a meta shard by a new object whenever it refreshes it (a newly committed round, a
+rewritten manifest, a prefetch's ``load``, its ``REFRESH_S`` age), so the answers kept are
+those of the data the node would compute from, never older. The model shard's answers are
+keyed by the round of the global model they used (a stored global model is never rewritten).
+
+Keys are the SHA-256 of the workload name and the request that decides the answer (its
+validated params, with defaults filled in, and the clients or rounds it spans) in canonical
+JSON, so a request with an input batch keys by its digest, not by a copy of the batch. Only
+deterministic workloads are kept — every catalogue workload is: the randomised ones take a
+``seed`` param, which is part of the key. Answers are kept as returned and must not be
+mutated by their readers (the node serialises them, nothing else touches them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import cachetools
+
+# answers kept per shard (least recently used dropped): each is a JSON object a response can
+# carry inline, so at most a few MB per shard even for inference's predictions
+MEMO_ANSWERS = 64
+
+
+class ResultMemo:
+    """Answers by request digest, for one version of one shard."""
+
+    def __init__(self, capacity: int = MEMO_ANSWERS) -> None:
+        self._answers: cachetools.LRUCache[str, dict[str, Any]] = cachetools.LRUCache(capacity)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(workload: str, request: dict[str, Any]) -> str:
+        """The digest of a workload and the request that decides its answer."""
+        text = json.dumps([workload, request], sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def answer(
+        self, key: str, compute: Callable[[], dict[str, Any]]
+    ) -> tuple[dict[str, Any], bool]:
+        """``(answer, reused)``: the kept answer for ``key``, else ``compute()`` kept and
+        returned. An exception of ``compute`` keeps nothing."""
+        with self._lock:
+            kept = self._answers.get(key)
+        if kept is not None:
+            return kept, True
+        value = compute()
+        with self._lock:
+            self._answers[key] = value
+        return value, False
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._answers)
