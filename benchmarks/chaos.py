@@ -28,7 +28,12 @@ Each phase reports ``requests``, ``status_counts``, ``differing`` (answers whose
 ``json.dumps(result, sort_keys=True)`` differs from the reference's), ``lost`` and
 ``duplicated`` (the updates sent in that phase against S3: every sent update committed exactly
 once with the same tensors; orphan update objects a manifest does not list count as
-duplicated), ``p50``/``p99`` latency (ms, all requests of the phase) and ``recovery_s``.
+duplicated), ``p50``/``p99`` latency (ms, all requests of the phase) and ``recovery_s``; and,
+to diagnose, ``unexpected_statuses`` (no answer, or any status but 200 except a 503 of the
+declared outage), the first ``non_200`` answers (status, body or exception, latency) and each
+differing answer's ``differing_detail`` (fields that differ, largest relative difference, the
+answer's ``meta``, both results, and the requests whose reference it equals — an answer to
+another request rather than other bits of this one).
 Output: ARCHITECTURE §9 (``--json OUT``). ``--quick`` shortens every phase (~2 minutes).
 """
 
@@ -75,9 +80,11 @@ JOBS: dict[str, tuple[int, int, int, bool]] = {
     "gamma": (10, 400_000, 1, True),
 }
 S3_FAULTS = Faults(slow=0.05, slow_s=(0.3, 1.5), slow_down=0.05, internal=0.03, drop=0.02,
-                   lost_answer=0.02)  # fmt: skip
+                   lost_answer=0.02, cut=0.02)  # fmt: skip
 INGESTED_CLIENTS = 4  # per background round
-KILLED_CLIENTS = 24  # the round whose ingestion is killed
+FIRST_INGESTED = 100  # rounds ingested in the background: 100, 101, ... across all phases
+KILLED_ROUND = 100_000  # the round whose ingestion is killed
+KILLED_CLIENTS = 24
 KILLED_PARAMS = 200_000
 
 
@@ -123,6 +130,9 @@ class Sample:
     status: int  # 0: no HTTP answer
     key: tuple[str, str, int]
     result: str | None  # json.dumps(result, sort_keys=True) of a 200
+    # what a reader needs to diagnose an odd answer: the exception of a status 0, the body of
+    # another non-200, the answer's ``meta`` (nodes tried, cache state) of a 200
+    note: str | None = None
 
 
 def call(gateway: str, token: str, key: tuple[str, str, int], timeout: float = 120) -> Sample:
@@ -144,10 +154,14 @@ def call(gateway: str, token: str, key: tuple[str, str, int], timeout: float = 1
         status = resp.status
         result = None
         if status == 200:
-            result = json.dumps(json.loads(data)["result"], sort_keys=True)
-    except (OSError, http.client.HTTPException, ValueError):
-        status, result = 0, None
-    return Sample(t0, time.monotonic(), status, key, result)
+            answer = json.loads(data)
+            result = json.dumps(answer["result"], sort_keys=True)
+            note = json.dumps(answer.get("meta"), sort_keys=True)
+        else:
+            note = data[:500].decode("utf-8", "replace")
+    except (OSError, http.client.HTTPException, ValueError, KeyError) as exc:
+        status, result, note = 0, None, f"{type(exc).__name__}: {exc}"[:500]
+    return Sample(t0, time.monotonic(), status, key, result, note)
 
 
 class Clients:
@@ -207,7 +221,13 @@ class Ingester:
 
     def __init__(self, s3: str, root: Path, sent: Sent) -> None:
         self.s3, self.root, self.sent = s3, root, sent
-        self.next_round = {"alpha": 100, "beta": 100}
+        # each phase ingests new rounds: a round ingested again would count neither as lost
+        # nor as duplicated (the phase checks the rounds it sent first)
+        self.next_round = {
+            job: 1 + max((r for j, r in sent.rounds if j == job and r < KILLED_ROUND),
+                         default=FIRST_INGESTED - 1)
+            for job in ("alpha", "beta")
+        }  # fmt: skip
         self.errors: list[str] = []
         self.ingested = 0
         self._stop = threading.Event()
@@ -269,7 +289,7 @@ def check_updates(store: ObjectStore, sent: Sent, keys: list[tuple[str, int]]) -
 def killed_ingestion(stack: LocalStack, s3: str, root: Path, sent: Sent) -> dict[str, Any]:
     """Run ``flstore ingest`` on a new round, SIGKILL it once some updates are in S3, run it
     again to completion."""
-    job, round_ = "alpha", 1000
+    job, round_ = "alpha", KILLED_ROUND
     src = write_drop(root, job, round_, KILLED_CLIENTS, KILLED_PARAMS, sent)
     cmd = [str(Path(sys.executable).parent / "flstore"), "ingest", src, "--job", job,
            "--s3-endpoint", s3, "--bucket", BUCKET, "--no-prefetch", "--json"]  # fmt: skip
@@ -387,7 +407,38 @@ def run_phase(
         "status_counts": dict(statuses),
         "differing": len(differing),
         "differing_requests": sorted({"/".join(map(str, s.key)) for s in differing}),
-        "differing_detail": [difference(reference[s.key], s.result) for s in differing[:3]],
+        "differing_detail": [
+            {
+                **difference(reference[s.key], s.result),
+                "meta": s.note,
+                "got": s.result[:1500],
+                "want": reference[s.key][:1500],
+                # an answer to another request (a mix-up) rather than other bits of this one
+                "matches_reference_of": sorted(
+                    "/".join(map(str, k)) for k, v in reference.items() if v == s.result
+                ),
+            }
+            for s in differing[:3]
+            if s.result is not None
+        ],
+        # answers the issue's bar refuses: no answer (status 0) or any status but 200, except
+        # a 503 during the declared total outage
+        "unexpected_statuses": sum(
+            1
+            for s in samples
+            if s.status != 200 and not (name == "total_outage" and s.status == 503)
+        ),
+        # the first few answers other than 200 (a 503 of the declared outage included)
+        "non_200": [
+            {
+                "request": "/".join(map(str, s.key)),
+                "status": s.status,
+                "note": s.note,
+                "ms": round((s.end - s.start) * 1000, 1),
+            }
+            for s in samples
+            if s.status != 200
+        ][:5],
         "lost": checked["lost"],
         "duplicated": checked["duplicated"],
         "rounds_ingested": len(new_rounds),

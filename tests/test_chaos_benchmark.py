@@ -70,3 +70,21 @@ def test_a_differing_answer_is_described_by_its_fields_and_largest_relative_diff
     assert detail["fields"] == ["scores"]
     assert abs(detail["max_rel_diff"] - 1e-6) < 1e-9
     assert difference(want, want) == {"fields": [], "max_rel_diff": 0.0}
+
+
+def test_each_phase_ingests_rounds_no_earlier_phase_sent(tmp_path: Path) -> None:
+    """A phase's background ingestion goes on from the rounds earlier phases sent (it started
+    at round 100 in every phase, so later phases re-ingested rounds whose updates they did not
+    check for loss or duplication), and never reaches the killed ingestion's round."""
+    import numpy as np
+
+    from benchmarks.chaos import FIRST_INGESTED, KILLED_ROUND, Ingester, Sent
+
+    sent = Sent()
+    assert Ingester("http://s3", tmp_path, sent).next_round == {
+        "alpha": FIRST_INGESTED,
+        "beta": FIRST_INGESTED,
+    }
+    for job, round_ in (("alpha", 100), ("alpha", 101), ("beta", 100), ("alpha", KILLED_ROUND)):
+        sent.rounds[(job, round_)] = {"c": {"w": np.zeros(1, np.float32)}}
+    assert Ingester("http://s3", tmp_path, sent).next_round == {"alpha": 102, "beta": 101}
