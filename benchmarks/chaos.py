@@ -17,7 +17,8 @@ Then, for each phase, ``--clients`` threads send those requests through the HTTP
 1. ``baseline`` — nothing injected;
 2. ``node_kills`` — one cache node's instances SIGKILLed every ``--kill-every`` seconds;
 3. ``total_outage`` — every node killed at once (a declared total outage), a quarter into the
-   phase: ``recovery_s`` is the time from the kill until a request sent after it succeeds;
+   phase: ``recovery_s`` is the time from the kill until a request sent after it succeeds,
+   ``recovery_all_s`` until every request of the mix sent after it has succeeded once;
 4. ``s3_faults`` — the proxy answers slowly, 503 SlowDown, 500 InternalError, drops connections
    before forwarding and after (a lost answer), and every node's cache is evicted every few
    seconds so that rounds are read again through it;
@@ -399,6 +400,11 @@ def run_phase(
         after = [s for s in samples if s.start >= kill_at and s.status == 200]
         recovery = round(min(s.end for s in after) - kill_at, 3) if after else None
         extra["failed_after_kill"] = sum(1 for s in samples if s.end >= kill_at and s.status != 200)
+        # until every request of the mix has been answered again (recovery_s: until any was)
+        firsts = {s.key: s.end for s in sorted(after, key=lambda s: -s.end)}  # earliest wins
+        extra["recovery_all_s"] = (
+            round(max(firsts.values()) - kill_at, 3) if len(firsts) == len(reference) else None
+        )
     latencies = [(s.end - s.start) * 1000 for s in samples]
     run = {
         "name": name,
