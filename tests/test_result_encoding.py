@@ -1,7 +1,8 @@
 """A model result as stored (cache/results.py): the canonical update format — ``kind: global``,
-the workload in its metrics, the job's tensor order, float32 — in one zstd frame at
-RESULT_LEVEL. Checked against the codec's own reader (decode_update) and against the bytes the
-sharded path assembles from parts (header_prefix + tensor_bytes), as zstd sees them."""
+the workload in its metrics, the job's tensor order, float32 — in one zstd frame of raw blocks.
+Checked against the codec's own reader (decode_update), against the bytes the sharded path
+assembles from parts (header_prefix + tensor_bytes), as zstd sees them, and the raw-block frame
+against zstd's own decoder at the block boundaries."""
 
 from __future__ import annotations
 
@@ -9,14 +10,22 @@ import numpy as np
 import zstandard
 
 from flstore_core.cache.results import (
-    RESULT_LEVEL,
+    result_frame,
     result_metadata,
     result_specs,
     run_round_workload,
     store_model,
 )
 from flstore_core.cache.round_data import RoundData
-from flstore_core.data.codec import TensorSpec, decode_update, header_prefix, tensor_bytes
+from flstore_core.data.codec import (
+    RAW_BLOCK_BYTES,
+    TensorSpec,
+    decode_update,
+    header_prefix,
+    raw_frame,
+    raw_frame_size,
+    tensor_bytes,
+)
 from flstore_core.data.rows import unflatten
 from flstore_core.storage.memory import MemoryBlobStore
 from flstore_core.storage.object_store import ObjectStore
@@ -40,10 +49,33 @@ def test_a_result_decodes_to_the_model_and_is_the_parts_bytes_in_one_frame() -> 
     params = zstandard.get_frame_parameters(blob)
     raw = zstandard.ZstdDecompressor().decompress(blob)
     assert params.content_size == len(raw)
-    parts = header_prefix(result_specs(data.specs), result_metadata("krum", data))
-    parts += tensor_bytes(weights[chosen], result_specs(data.specs))
+    header = header_prefix(result_specs(data.specs), result_metadata("krum", data))
+    parts = header + tensor_bytes(weights[chosen], result_specs(data.specs))
     assert raw == parts
-    assert zstandard.ZstdCompressor(level=RESULT_LEVEL).compress(raw) == blob
+    # stored, not compressed: 13 bytes of frame header and 3 per 128 KiB block
+    assert len(blob) == raw_frame_size(len(raw)) and blob == bytes(raw_frame([raw]))
+    assert blob == bytes(result_frame(weights[chosen], result_specs(data.specs), header))
+
+
+def test_a_raw_frame_is_what_zstd_decodes_at_every_block_boundary() -> None:
+    dec = zstandard.ZstdDecompressor()
+    rng = np.random.default_rng(1)
+    for n in (0, 1, RAW_BLOCK_BYTES - 1, RAW_BLOCK_BYTES, RAW_BLOCK_BYTES + 1, 3 * RAW_BLOCK_BYTES):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        for cut in sorted({0, n // 3, n}):  # the parts' boundary inside a block, or at an end
+            frame = bytes(raw_frame([data[:cut], memoryview(data)[cut:]]))
+            assert len(frame) == raw_frame_size(n)
+            assert zstandard.get_frame_parameters(frame).content_size == n
+            assert dec.decompress(frame) == data
+            # frames concatenate: a raw frame then a compressed one read as one stream
+            tail = zstandard.ZstdCompressor().compress(b"tail")
+            assert dec.decompressobj().decompress(frame + tail)[:n] == data
+    # a model result with a float32 tensor bigger than a block, an integer one, a header
+    specs = (TensorSpec("w", "F32", (70_000,)), TensorSpec("n", "I64", ()))
+    vector = rng.standard_normal(70_001).astype(np.float32)
+    vector[-1] = 7.0
+    frame = bytes(result_frame(vector, specs, b"head"))
+    assert dec.decompress(frame) == b"head" + bytes(tensor_bytes(vector, specs))
 
 
 def test_store_model_writes_a_vector_as_its_tensors() -> None:

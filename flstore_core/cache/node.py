@@ -47,7 +47,13 @@ from typing import Any
 from flstore_core import config
 from flstore_core.cache.budget import stack_budget
 from flstore_core.cache.memo import ResultMemo
-from flstore_core.cache.results import RESULT_LEVEL, result_specs, run_round_workload, store_model
+from flstore_core.cache.results import (
+    as_body,
+    result_frame,
+    result_specs,
+    run_round_workload,
+    store_model,
+)
 from flstore_core.cache.round_data import ArtifactStats, JobContext, RoundData
 from flstore_core.cache.round_loading import job_context, load_round, load_round_block
 from flstore_core.cache.shard_cache import ShardCache
@@ -67,7 +73,7 @@ from flstore_core.cache.shards import (
     load_meta,
 )
 from flstore_core.cache.streamed import StreamedRound, working_bytes
-from flstore_core.data.codec import compress_frame, header_prefix, stored_specs, tensor_bytes
+from flstore_core.data.codec import header_prefix, stored_specs
 from flstore_core.errors import FLStoreError, NotFoundError, ValidationError
 from flstore_core.ids import validate_client, validate_job, validate_round
 from flstore_core.routing.placement import (
@@ -250,12 +256,13 @@ class CacheNode:
         params = workload.validate(event.get("params"))
         gets_before = self.store.gets
         t0 = time.perf_counter()
+        timing: dict[str, float] = {}  # "write": encoding and PUT of a model result
         if workload.cls == "round":
             key = round_shard(job, validate_round(event.get("round")))
             with self.cache.using(key, self._loader(key)) as (data, hit):
                 t1 = time.perf_counter()
                 result = run_round_workload(
-                    self.store, workload, data, params, data.results_written
+                    self.store, workload, data, params, data.results_written, timing
                 )
             hits = [hit]
         elif workload.cls == "client":
@@ -279,7 +286,7 @@ class CacheNode:
             "result": result,
             "cache": state,
             "node": self.node_index,
-            "timing_ms": {"load": (t1 - t0) * 1000, "compute": (t2 - t1) * 1000},
+            "timing_ms": {"load": (t1 - t0) * 1000, "compute": (t2 - t1) * 1000, **timing},
             "s3_gets": self.store.gets - gets_before,
         }
 
@@ -433,16 +440,16 @@ class CacheNode:
             with self.cache.using(key, self._loader(key)) as (data, hit):
                 t1 = time.perf_counter()
                 vector = evaluate(expr, data)
-                raw = tensor_bytes(vector, stored_specs(data.specs))
-                del vector
+                block_specs = stored_specs(data.specs)
+            header = b""
             if key.block == 0:
                 if not isinstance(metadata, dict):
                     raise ValidationError("model_part of block 0 needs the result's 'metadata'")
                 specs = self.manifests.get(key.job, key.round).tensors
-                raw[:0] = header_prefix(result_specs(specs), metadata)
-            frame = compress_frame(raw, RESULT_LEVEL)
-            del raw
-            self.store.put_result(part_key, frame, "application/octet-stream")
+                header = header_prefix(result_specs(specs), metadata)
+            frame = result_frame(vector, block_specs, header)
+            del vector
+            self.store.put_result(part_key, as_body(frame), "application/octet-stream")
             load_ms += (t1 - t0) * 1000
             compute_ms += (time.perf_counter() - t1) * 1000
             hits.append(hit)

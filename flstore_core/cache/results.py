@@ -10,31 +10,33 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+import time
+from collections.abc import Sequence
+from typing import Any, cast
 
 from flstore_core.cache.round_data import RoundData
 from flstore_core.data import layout
 from flstore_core.data.codec import (
     TensorSpec,
     Update,
-    compress_frame,
     dtype_name,
     header_prefix,
     np_dtype,
-    tensor_bytes,
+    raw_frame,
+    tensor_parts,
     update_metadata,
 )
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import Workload, WorkloadResult
 
-# zstd level of a model result. Dense float32 weights barely compress (the exponent bytes are
-# the only redundancy): on a ResNet-18 state dict (44.7 MB) level 1 gains 8.7% in 120-175 ms and
-# readers decompress it in 130-140 ms; level -5 stores it nearly raw (ratio 1.0002-1.0015) in
-# 25-55 ms and decompresses in 22-44 ms — the compression saves more time than uploading 8%
-# more bytes costs at S3 PUT throughput (~3.7 MB, 40-70 ms at 50-100 MB/s), and every reader
-# gains ~100 ms. Levels below -5 measured no faster. A result is one zstd frame: it has no
-# manifest to index frames by, and no checksum to compute (nothing records one).
-RESULT_LEVEL = -5
+# A model result is one zstd frame of raw blocks (codec.raw_frame): dense float32 weights barely
+# compress (the exponent bytes are the only redundancy). Measured on a ResNet-18 state dict
+# (44.7 MB, 2 loaded cores, 10 interleaved runs): level -5 stored it at ratio 1.0013 for
+# 54-164 ms (min-median) of tensor_bytes, header insert and compression; raw blocks write the
+# header and the tensors' own memory into the frame in one copy, 25-46 ms, for 0.15% more bytes
+# (~70 KB, 1 ms of PUT). Level 1 gains 8.7% in 120-175 ms. Readers decode raw blocks at memcpy
+# speed. A result has no manifest to index frames by and no checksum to compute (nothing
+# records one).
 
 
 def result_key(workload: str, data: RoundData, params: dict[str, Any]) -> str:
@@ -51,6 +53,19 @@ def result_specs(specs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
     dtype :func:`~flstore_core.data.rows.unflatten` gives it (bfloat16 sources widen to
     float32), written at float32 precision."""
     return tuple(TensorSpec(s.name, dtype_name(np_dtype(s.dtype)), s.shape) for s in specs)
+
+
+def result_frame(vector: Any, specs: Sequence[TensorSpec], header: bytes = b"") -> bytearray:
+    """``header`` then the tensor bytes of ``vector`` (:func:`tensor_parts`: float32 tensors
+    straight from the vector's memory) as one zstd frame of raw blocks: a whole model result
+    (``header`` its safetensors prefix), or one column block's part of it (the sharded path)."""
+    return raw_frame([header, *tensor_parts(vector, specs)])
+
+
+def as_body(frame: bytearray) -> bytes:
+    """A frame as a PUT body, not copied: every blob store takes a bytearray (boto3 sends any
+    bytes-like body; the memory store keeps ``bytes(body)``), only the annotation says bytes."""
+    return cast(bytes, frame)
 
 
 def result_update(workload: str, data: RoundData, tensors: dict[str, Any]) -> Update:
@@ -78,32 +93,36 @@ def store_model(
     params: dict[str, Any],
     model: Any,
     written: set[str] | None = None,
+    timing: dict[str, float] | None = None,
 ) -> str:
     """Write a model result in the canonical update format; returns its key.
 
-    Encoded as one zstd frame at :data:`RESULT_LEVEL`, without the checksum and frame index a
-    stored client update carries (``encode_update``): nothing reads a result by frames or
-    records its digest, and hashing 46 MB twice cost ~50 ms of a ResNet-18 krum request.
+    Encoded as one zstd frame of raw blocks (:func:`result_frame`), without the checksum and
+    frame index a stored client update carries (``encode_update``): nothing reads a result by
+    frames or records its digest, and hashing 46 MB twice cost ~50 ms of a ResNet-18 krum
+    request.
 
     The key is a function of the workload, its params and the round's content, so the object
     is the same every time: a caller that remembers what it wrote (``written``) skips the
-    encode-and-PUT of a model that is already in S3.
+    encode-and-PUT of a model that is already in S3. ``timing`` (when given) receives ``write``:
+    the milliseconds spent encoding and PUT-ting the model, after computing it.
     """
     key = result_key(workload, data, params)
     if written is not None and key in written:
         return key
     if callable(model):
         model = model()
+    t0 = time.perf_counter()
     # the bytes serialize() writes for the update unflatten() makes of the vector, built as the
-    # sharded path builds them (one copy of the vector, not unflatten's tensors and their join:
-    # 73 ms instead of 112 for a ResNet-18)
+    # sharded path builds them, copied once: into the frame
     specs = result_specs(data.specs)
-    raw = tensor_bytes(model, specs)
+    frame = result_frame(model, specs, header_prefix(specs, result_metadata(workload, data)))
     del model
-    raw[:0] = header_prefix(specs, result_metadata(workload, data))
-    store.put_result(key, compress_frame(raw, RESULT_LEVEL), "application/octet-stream")
+    store.put_result(key, as_body(frame), "application/octet-stream")
     if written is not None:
         written.add(key)
+    if timing is not None:
+        timing["write"] = (time.perf_counter() - t0) * 1000
     return key
 
 
@@ -114,11 +133,14 @@ def finish(
     params: dict[str, Any],
     out: WorkloadResult,
     written: set[str] | None = None,
+    timing: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The JSON result of a workload run, with its model (if any) stored and keyed."""
     result = dict(out.result)
     if out.model is not None:
-        result["model_key"] = store_model(store, workload.name, data, params, out.model, written)
+        result["model_key"] = store_model(
+            store, workload.name, data, params, out.model, written, timing
+        )
     return result
 
 
@@ -128,6 +150,8 @@ def run_round_workload(
     data: RoundData,
     params: dict[str, Any],
     written: set[str] | None = None,
+    timing: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Run a ``round``-class workload on a round: the code path nodes and baselines share."""
-    return finish(store, workload, data, params, workload.run(data, params), written)
+    """Run a ``round``-class workload on a round: the code path nodes and baselines share
+    (``timing``: see :func:`store_model`)."""
+    return finish(store, workload, data, params, workload.run(data, params), written, timing)
