@@ -189,7 +189,8 @@ def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
                 json_schema_extra={"enum": workload_names()},
             ),
         ],
-        request: Annotated[RunRequest | None, Body(embed=False)] = None,  # type: ignore[valid-type]
+        # optional, but an object when sent: parse_body refuses a JSON null (so no "| None")
+        request: Annotated[RunRequest, Body(embed=False)] = None,  # type: ignore[valid-type]
     ) -> RunAnswer:
         return r().run(auth(), job, name, body())  # type: ignore[return-value]
 

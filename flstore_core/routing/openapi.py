@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from flstore_core.ids import MAX_ROUND
-from flstore_core.workloads import Param, catalogue, get
+from flstore_core.workloads import INT_MAX, INT_MIN, Param, catalogue, get
 
 JOB_PATTERN = "^[a-z0-9][a-z0-9-]{0,62}$"
 
@@ -127,11 +127,15 @@ def _param_field(param: Param) -> tuple[Any, Any]:
         kind = Literal[param.choices]
     if param.nullable:
         kind = kind | None
+    minimum, maximum = param.minimum, param.maximum
+    if param.type == "int":  # Param.coerce refuses integers past 2**53 - 1
+        minimum = INT_MIN if minimum is None else max(minimum, INT_MIN)
+        maximum = INT_MAX if maximum is None else min(maximum, INT_MAX)
     return kind, Field(
         default=param.default,
         description=param.description or None,
-        ge=param.minimum,
-        le=param.maximum,
+        ge=minimum,
+        le=maximum,
         lt=param.exclusive_maximum,
     )
 

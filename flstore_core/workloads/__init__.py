@@ -48,6 +48,12 @@ _MODULES = (
 )
 
 
+# the range of an "int" param: the integers JSON carries exactly everywhere (I-JSON, RFC 7493,
+# §2.2); a larger one would also overflow numpy's and torch's 64-bit integers in a workload
+INT_MAX = 2**53 - 1
+INT_MIN = -INT_MAX
+
+
 @dataclass(frozen=True)
 class Param:
     """One workload parameter: JSON type, default and bounds."""
@@ -84,12 +90,19 @@ class Param:
         }[self.type]
         if not ok:
             raise InvalidParamsError(f"param {name!r} must be of type {self.type}, got {value!r}")
+        if self.type == "int" and not INT_MIN <= value <= INT_MAX:
+            raise InvalidParamsError(
+                f"param {name!r} must be an integer from {INT_MIN} to {INT_MAX} (2**53 - 1)"
+            )
         if self.type == "array" and _count_items(value) > MAX_ARRAY_ITEMS:
             raise InvalidParamsError(
                 f"param {name!r} has more than {MAX_ARRAY_ITEMS} values: send fewer per request"
             )
         if self.type == "float":
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an int past the largest double
+                value = math.inf
             if not math.isfinite(value):
                 raise InvalidParamsError(f"param {name!r} must be finite")
         if self.minimum is not None and value < self.minimum:

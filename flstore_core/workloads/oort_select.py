@@ -158,7 +158,7 @@ WORKLOAD = register(
             ),
             "candidates": Param("array", None, "client ids to choose from", nullable=True),
             "round": Param("int", None, "round being planned (default latest+1)", nullable=True),
-            "seed": Param("int", 0, "random seed"),
+            "seed": Param("int", 0, "random seed", minimum=0),
         },
     )
 )
