@@ -20,7 +20,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -51,6 +53,51 @@ from flstore_core.routing.request_body import MAX_BODY_BYTES
 from flstore_core.routing.router import Router
 
 logger = Logger(service="flstore-router")
+
+
+class _Resolving:
+    """One request at a time inside Powertools' resolver, but not inside the router.
+
+    Powertools keeps the event it resolves in a *class* attribute (``BaseRouter.current_event``,
+    set by ``resolve``): every resolver of the process shares it, so two requests resolved at
+    once on two threads — the local gateway serves each connection on a thread of its own —
+    could match one request's path and read the other's body and headers (the chaos run's
+    answers for the wrong round: ``alpha/krum/0`` answered for round 1, ``beta/fedavg/0`` a 404
+    for round 1; a resolver per request does not help). So :func:`handle` resolves under this
+    lock, and a route releases it (:meth:`released`) only once it has read what it needs of
+    the request, for the router's work, which is where the time goes. On Lambda an instance
+    serves one request at a time: the lock is never contended there.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    @contextmanager
+    def resolving(self) -> Iterator[None]:
+        with self._lock:
+            self._local.held = True
+            try:
+                yield
+            finally:
+                self._local.held = False
+
+    @contextmanager
+    def released(self) -> Iterator[None]:
+        """Let other requests resolve meanwhile (a no-op outside :meth:`resolving`)."""
+        if not getattr(self._local, "held", False):
+            yield
+            return
+        self._local.held = False
+        self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.acquire()
+            self._local.held = True
+
+
+_RESOLVING = _Resolving()
 
 
 def _json(status: int, body: dict[str, Any]) -> Response[str]:
@@ -165,7 +212,9 @@ def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
         security=_SECURITY,
     )
     def rounds(job: Annotated[str, _job_param("the job id")]) -> RoundsAnswer:
-        return RoundsAnswer.model_validate(r().rounds(auth(), job))
+        authorization = auth()
+        with _RESOLVING.released():
+            return RoundsAnswer.model_validate(r().rounds(authorization, job))
 
     @app.post(
         "/v1/jobs/<job>/workloads/<name>",
@@ -189,10 +238,11 @@ def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
                 json_schema_extra={"enum": workload_names()},
             ),
         ],
-        # optional, but an object when sent: parse_body refuses a JSON null (so no "| None")
-        request: Annotated[RunRequest, Body(embed=False)] = None,  # type: ignore[valid-type]
+        request: Annotated[RunRequest | None, Body(embed=False)] = None,  # type: ignore[valid-type]
     ) -> RunAnswer:
-        return r().run(auth(), job, name, body())  # type: ignore[return-value]
+        authorization, raw = auth(), body()  # read while this request is the current event
+        with _RESOLVING.released():
+            return r().run(authorization, job, name, raw)  # type: ignore[return-value]
 
     @app.get(
         OPENAPI_PATH,
@@ -304,7 +354,8 @@ def handle(app_: APIGatewayHttpResolver, event: dict[str, Any], context: Any) ->
         # HEAD is GET without the content (RFC 9110 §9.3.2); the gateway drops the body
         http = {**event["requestContext"]["http"], "method": "GET"}
         event = {**event, "requestContext": {**event["requestContext"], "http": http}}
-    return app_.resolve(event, context)
+    with _RESOLVING.resolving():  # Powertools' current event is one per process
+        return app_.resolve(event, context)
 
 
 @logger.inject_lambda_context(log_event=False)
