@@ -238,7 +238,8 @@ def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
                 json_schema_extra={"enum": workload_names()},
             ),
         ],
-        request: Annotated[RunRequest | None, Body(embed=False)] = None,  # type: ignore[valid-type]
+        # optional, but an object when sent: parse_body refuses a JSON null (so no "| None")
+        request: Annotated[RunRequest, Body(embed=False)] = None,  # type: ignore[valid-type]
     ) -> RunAnswer:
         authorization, raw = auth(), body()  # read while this request is the current event
         with _RESOLVING.released():
