@@ -144,7 +144,8 @@ class LocalStack:
         # route's arguments): on AWS an instance serves one request at a time, but the local
         # gateway serves requests on many threads, so each request borrows an app of its own
         # from a pool (apps share the one router), else two requests could swap arguments or
-        # headers.
+        # headers. The event being resolved is Powertools' per process, not per app: that one
+        # lambdas.router.handle guards (one request at a time inside the resolver).
         apps: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
         def serve(event: dict[str, Any], ctx: Any) -> dict[str, Any]:
