@@ -648,6 +648,11 @@ def run(args: Any) -> None:
             comp = "-" if fl.get("compute_ms") is None else f"{fl['compute_ms']:.0f}"
             wr = "-" if fl.get("write_ms") is None else f"{fl['write_ms']:.0f}"
             bad = " DIFFER" if check["differ"] else ""
+            if args.json:  # what is measured so far, should the run be stopped
+                partial = write_report("novel", runs, None)
+                partial["checks"] = checks
+                partial["partial"] = True
+                Path(args.json).write_text(json.dumps(partial, indent=2))
             print(
                 f"{name:>21} {p50['flstore-warm']:9.1f} {p50['objstore-agg']:9.1f}"
                 f" {p50['cache-agg']:9.1f} {p50['flstore-warm'] / p50['objstore-agg']:7.3f}"
