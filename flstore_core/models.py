@@ -8,7 +8,9 @@ lazily: nothing else in ``flstore_core`` needs it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -126,16 +128,53 @@ def load_vector(
     return model
 
 
+# parameters × inputs under which a forward pass runs on one torch thread: splitting a small
+# pass over threads costs more in synchronisation than it saves, and a busy host makes it far
+# worse (measured on 2 shared cores, load average ~16: digits_cnn, 38k parameters, on its 360
+# validation inputs — 1.4e7 — 24-56 ms on one thread, 190-220 ms on two). A ResNet-18 pass
+# (1.1e7 parameters) on any batch is above it and keeps the process's thread count
+SMALL_PASS = 5e7
+
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_saved = 0
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run the block on one torch intra-op thread (reentrant, thread-safe: the first to enter
+    sets one thread, the last to leave restores the previous count; as with
+    :func:`flstore_core.cache.blas.one_blas_thread`, other threads' passes meanwhile also run
+    on one thread)."""
+    import torch
+
+    global _threads_users, _threads_saved
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_users += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_saved)
+
+
 def predict(
     model: nn.Module, x: npt.NDArray[np.float32], batch: int = 512
 ) -> npt.NDArray[np.int64]:
     """Class predictions of ``model`` on ``x`` (evaluation mode; inference mode: no autograd
-    bookkeeping at all, the same values as ``no_grad``)."""
+    bookkeeping at all, the same values as ``no_grad``); a small pass (``SMALL_PASS``) on one
+    thread."""
     import torch
 
     model.eval()
     out = []
-    with torch.inference_mode():
+    work = len(x) * sum(p.numel() for p in model.parameters())
+    with one_torch_thread() if work < SMALL_PASS else nullcontext(), torch.inference_mode():
         for i in range(0, len(x), batch):
             logits = model(torch.from_numpy(np.array(x[i : i + batch], dtype=np.float32)))
             out.append(logits.argmax(dim=1).numpy())

@@ -214,7 +214,7 @@ def run_backfill(
     """Recompute the summaries of ``job``'s committed rounds in ``rounds`` (``"A:B"``).
 
     With ``prefetch`` (a live :class:`Router` or a :class:`PrefetchTarget`) the owners of the
-    job's hot rounds, meta and client shards are re-warmed afterwards — with ``nodes`` as the
+    job's hot rounds, meta and model shards are re-warmed afterwards — with ``nodes`` as the
     cache's node count when it changed.
     """
     job = validate_job(job)

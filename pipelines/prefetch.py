@@ -10,7 +10,7 @@ from typing import Any
 
 import apache_beam as beam
 
-from flstore_core.routing.placement import client_shard, meta_shard, round_shard
+from flstore_core.routing.placement import meta_shard, model_shard, round_shard
 from pipelines.metrics import counter
 from pipelines.records import CommittedRound
 from pipelines.runtime import PrefetchTarget, ProgressEvent, StoreTarget, report
@@ -20,15 +20,12 @@ def prefetch_shards(
     job: str, rounds: Iterable[CommittedRound], hot_rounds: int
 ) -> tuple[list[Any], list[Any]]:
     """``(round shards, other shards)`` to warm for a job after a run: its latest
-    ``hot_rounds`` committed rounds, then its meta shard and the client shards of every client
-    the run touched (client-class summaries changed for them)."""
+    ``hot_rounds`` committed rounds, then its meta shard (which answers meta and client
+    workloads: every client's rows) and its model shard (so that it names the run's last global
+    model as the latest)."""
     ordered = sorted(rounds, key=lambda r: r.round)
     hot = ordered[-hot_rounds:] if hot_rounds > 0 else []
-    clients = sorted({c for r in ordered for c in r.clients})
-    return (
-        [round_shard(job, r.round) for r in hot],
-        [meta_shard(job)] + [client_shard(job, c) for c in clients],
-    )
+    return [round_shard(job, r.round) for r in hot], [meta_shard(job), model_shard(job)]
 
 
 def tally_prefetch(answers: dict[str, Any]) -> dict[str, int]:

@@ -4,6 +4,7 @@ meta shard (one node, every client), and identical requests answered from the sh
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from evaluation import digits_job
 from flstore_core import models
 from flstore_core.cache.memo import ResultMemo
-from flstore_core.cache.node import CacheNode
+from flstore_core.cache.node import REFRESH_S, CacheNode
 from flstore_core.cache.shards import ClientHistory, ManifestReader, load_client
 from flstore_core.data.codec import Update
 from flstore_core.data.manifest import JobSpec
@@ -164,6 +165,10 @@ def test_inference_is_answered_from_the_memo_until_a_new_global_model(
     rng = np.random.default_rng(3)
     moved = {k: (v + rng.standard_normal(v.shape)).astype(v.dtype) for k, v in state.items()}
     store.put_global("j", 1, Update(moved))
+    # named by the node's listing, taken again at a load of the model shard (ingestion's
+    # prefetch) or REFRESH_S after the last one
+    assert run(node, "inference", {})["result"] == first["result"]
+    node.handle({"op": "load", "shards": ["j/model/global"]})
     latest = run(node, "inference", {})["result"]
     assert latest["round"] == 1
     want = models.accuracy(
@@ -175,7 +180,7 @@ def test_inference_is_answered_from_the_memo_until_a_new_global_model(
     assert (
         asked["predictions"] == run(node, "inference", {"inputs": inputs})["result"]["predictions"]
     )
-    assert node.stats()["answers"] == {"computed": 3, "reused": 3}
+    assert node.stats()["answers"] == {"computed": 3, "reused": 4}
 
 
 def _vector(state: dict[str, Any]) -> tuple[Any, Any]:
@@ -200,3 +205,19 @@ def test_memo_keys_are_canonical_and_failures_keep_nothing() -> None:
     for key in ("k2", "k3"):
         memo.answer(key, lambda: {})
     assert len(memo) == 2  # bounded: the least recently used dropped
+
+
+def test_the_model_shards_listing_expires(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.put_job_spec(JobSpec("j", model=digits_job.MODEL))
+    state = models.state_arrays(models.build(digits_job.MODEL, seed=0))
+    store.put_global("j", 0, Update(dict(state)))
+    node = CacheNode(store, budget_bytes=10**8)
+    assert run(node, "inference", {"inputs": [[[[0.0] * 8] * 8]]})["result"]["round"] == 0
+    store.put_global("j", 1, Update(dict(state)))
+    clock = [time.monotonic()]
+    monkeypatch.setattr("flstore_core.cache.shards.time.monotonic", lambda: clock[0])
+    assert run(node, "inference", {"inputs": [[[[0.0] * 8] * 8]]})["result"]["round"] == 0
+    clock[0] += REFRESH_S + 1
+    assert run(node, "inference", {"inputs": [[[[0.0] * 8] * 8]]})["result"]["round"] == 1

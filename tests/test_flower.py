@@ -392,7 +392,7 @@ def test_the_store_sinks_summaries_ignore_batchnorm_counters_and_running_stats(
                 )
 
 
-def test_the_store_sink_warms_the_round_then_the_meta_and_client_shards(
+def test_the_store_sink_warms_the_round_then_the_meta_and_model_shards(
     store: ObjectStore,
 ) -> None:
     prefetcher = RecordingPrefetcher()
@@ -402,8 +402,8 @@ def test_the_store_sink_warms_the_round_then_the_meta_and_client_shards(
 
     round_shards, others = prefetcher.calls
     assert [str(s) for s in round_shards] == [str(ShardKey("warm", "round", "3"))]
-    assert {s.cls for s in others} == {"meta", "client"}
-    assert sorted(s.part for s in others if s.cls == "client") == ["1000", "1001", "1002"]
+    # client workloads are answered from the meta shard: no client shard is warmed
+    assert [str(s) for s in others] == ["warm/meta/meta", "warm/model/global"]
 
 
 def test_a_new_run_under_a_job_that_holds_rounds_is_refused_before_training(

@@ -172,7 +172,9 @@ class CacheNode:
             return lambda: load_meta(self.manifests, key.job)
         if key.cls == "client":
             return lambda: load_client(self.manifests, key.job, key.part)
-        return lambda: GlobalModels(key.job, self.store, self.context(key.job))
+        return lambda: GlobalModels(
+            key.job, self.store, self.context(key.job), list_ttl_s=REFRESH_S
+        )
 
     def _refresh(self, key: ShardKey, value: Any, force: bool = False) -> Any:
         """Bring a meta or client shard up to date with newly committed rounds and rewritten
@@ -181,8 +183,13 @@ class CacheNode:
         The refresh points are ``load`` (``force``: the re-warm after ingestion or a backfill),
         a shard older than ``REFRESH_S``, and a shard read before a listing of this node found
         a rewritten manifest of its job (the reader's generation moved on): a dictionary
-        lookup, so a warm request costs no S3 call.
+        lookup, so a warm request costs no S3 call. The model shard's listing of stored global
+        models (which names the latest) is kept ``REFRESH_S`` and taken again at every ``load``.
         """
+        if isinstance(value, GlobalModels):
+            if force:
+                value.relist()  # the latest global model named anew (a new round's)
+            return value
         if not isinstance(value, JobMeta | ClientHistory):
             return value
         fresh_enough = time.monotonic() - value.loaded_at < REFRESH_S

@@ -321,6 +321,11 @@ class GlobalModels:
     modules: dict[int, Any] = field(default_factory=dict)  # built torch models, by round
     # answers of model workloads, keyed with the round of the global model they used
     memo: ResultMemo = field(default_factory=ResultMemo, repr=False, compare=False)
+    # how long a listing of the stored global models is used to name the latest one (0: list
+    # on every call, as a fresh shard per request does); a node keeps it as long as its meta
+    # shard's rows (REFRESH_S) and lists again at every load of the shard (prefetch)
+    list_ttl_s: float = 0.0
+    _listed: tuple[float, list[int]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -338,11 +343,22 @@ class GlobalModels:
         return self.modules[round_]
 
     def latest_round(self) -> int:
-        """The latest round that has a stored global model; 404 if none has."""
-        rounds = self.store.list_global_rounds(self.job)
+        """The latest round that has a stored global model, as listed at most ``list_ttl_s``
+        seconds ago; 404 if none has."""
+        now = time.monotonic()
+        listed = self._listed
+        if listed is not None and now - listed[0] < self.list_ttl_s:
+            rounds = listed[1]
+        else:
+            rounds = self.store.list_global_rounds(self.job)
+            self._listed = (now, rounds)
         if not rounds:
             raise NotFoundError(f"job {self.job!r} has no stored global model yet")
         return rounds[-1]
+
+    def relist(self) -> None:
+        """Forget the listing: the next :meth:`latest_round` lists the stored models again."""
+        self._listed = None
 
     def get(self, round_: int) -> tuple[npt.NDArray[np.float32], tuple[TensorSpec, ...]]:
         """The global model after ``round_`` as a weights vector (loaded on demand)."""

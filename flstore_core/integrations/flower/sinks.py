@@ -21,7 +21,7 @@ from flstore_core.data.codec import TensorSpec, Update
 from flstore_core.data.columns import job_columns
 from flstore_core.data.rows import base_vector, flat_parts
 from flstore_core.errors import ConflictError, ValidationError
-from flstore_core.routing.placement import ShardKey, client_shard, meta_shard, round_shard
+from flstore_core.routing.placement import ShardKey, meta_shard, model_shard, round_shard
 from flstore_core.sdk.round_writer import RoundWriter
 from flstore_core.workloads.summaries import INGEST_SUMMARIES, matrix_scores
 
@@ -104,8 +104,9 @@ class StoreSink:
     deltas from the round's base, over the job's trainable parameters) — so a reader that sees
     the round committed also finds its global model, the base of the next. Then, given a
     ``prefetch`` target (a :class:`~flstore_core.routing.router.Router`), the cache nodes that
-    own the round, the job's meta shard and the round's client histories are asked to load
-    them, so the first request is warm; warming is best effort (a node that cannot load is
+    own the round, the job's meta shard (every client's rows: meta and client workloads) and
+    its model shard (which then names this round's global model as the latest) are asked to
+    load them, so the first request is warm; warming is best effort (a node that cannot load is
     logged, the round stays stored).
 
     Parameters
@@ -165,7 +166,7 @@ class StoreSink:
         summaries = self._summaries(job, round, updates) if self.summaries else None
         self.store.commit_round(job, round, entries, summaries=summaries)
         if self.prefetch is not None:
-            self._warm(job, round, sorted(updates))
+            self._warm(job, round)
 
     def _summaries(
         self, job: str, round_: int, updates: dict[str, Update]
@@ -184,12 +185,14 @@ class StoreSink:
         scores = matrix_scores(clients, rows, base_vector(base, specs), columns, in_place=True)
         return scores.summaries(INGEST_SUMMARIES)
 
-    def _warm(self, job: str, round_: int, clients: list[str]) -> None:
+    def _warm(self, job: str, round_: int) -> None:
         assert self.prefetch is not None
         # the round first and on its own: it is what the next request needs
         batches: list[list[ShardKey]] = [
             [round_shard(job, round_)],
-            [meta_shard(job), *(client_shard(job, c) for c in clients)],
+            # the meta shard answers meta and client workloads; loading the model shard makes
+            # it name this round's global model as the latest
+            [meta_shard(job), model_shard(job)],
         ]
         for shards in batches:
             try:
