@@ -35,6 +35,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py --json bench-out/ingest.json
 	$(BIN)/python benchmarks/scale.py --json bench-out/scale.json
 	$(BIN)/python benchmarks/block_costs.py --json bench-out/block_costs.json
+	$(BIN)/python benchmarks/node_runtime.py --json bench-out/node_runtime.json
+	$(BIN)/python benchmarks/novel.py --json bench-out/novel.json
+	$(BIN)/python benchmarks/paper.py --json bench-out/paper.json
+	$(BIN)/python benchmarks/chaos.py --json bench-out/chaos.json
 
 clean:
 	rm -rf $(VENV) .flstore demo-out bench-out .pytest_cache .mypy_cache .ruff_cache
