@@ -27,8 +27,8 @@
 
 * ``flstore-warm`` — the first request after ingestion's prefetch: untimed, every node is
   emptied (``evict all``) and the workload's job prefetched as ingestion prefetches a committed
-  round (:class:`~flstore_core.integrations.flower.sinks.StoreSink`, ``pipelines.prefetch``: the
-  round shard first, then the meta shard and the round's client shards); then one request
+  round (``pipelines.prefetch.prefetch_shards``, which the Flower sink follows too: the round
+  shard first, then the job's other shards); then one request
   through the local API Gateway → router → cache node, timed;
 * ``objstore-agg`` — the always-on aggregator reading the request's data from S3;
 * ``cache-agg`` — the aggregator reading it from a real Redis.
@@ -105,7 +105,7 @@ from flstore_core.data.codec import Update
 from flstore_core.errors import FLStoreError
 from flstore_core.integrations.flower.sinks import StoreSink
 from flstore_core.routing.invoker import Invoker, NodeAnswer
-from flstore_core.routing.placement import ShardKey, client_shard, meta_shard, round_shard
+from flstore_core.routing.placement import ShardKey
 from flstore_core.sdk.client import FLStoreClient
 from flstore_core.sdk.jobs import create_job
 from flstore_core.storage.object_store import ObjectStore
@@ -337,13 +337,15 @@ class Prefetch:
 
 
 def ingestion_shards(job: str, round_: int, clients: list[str]) -> list[list[ShardKey]]:
-    """What ingestion asks the owners to load after committing ``round_`` of ``job``
-    (``StoreSink._warm``, ``pipelines.prefetch.prefetch_shards``): the round on its own first,
-    then the job's meta shard and the round's clients' shards."""
-    return [
-        [round_shard(job, round_)],
-        [meta_shard(job), *(client_shard(job, c) for c in clients)],
-    ]
+    """What ingestion asks the owners to load after committing ``round_`` of ``job``, in its
+    order (``pipelines.prefetch.prefetch_shards``, which the Flower sink follows too): the round
+    on its own first, then the job's other shards."""
+    from pipelines.prefetch import prefetch_shards
+    from pipelines.records import CommittedRound
+
+    committed = CommittedRound(job, round_, tuple(clients), 0, True, True)
+    rounds, others = prefetch_shards(job, [committed], hot_rounds=1)
+    return [rounds, others]
 
 
 class Flstore:
