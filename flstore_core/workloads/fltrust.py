@@ -248,7 +248,8 @@ WORKLOAD = register(
                 "str", None, "round entry to use as the server update g_0", nullable=True
             ),
             "server_epochs": Param("int", 1, "epochs of server training", minimum=1, maximum=100),
-            "lr": Param("float", 0.05, "server learning rate", minimum=0.0),
+            # past ~3.4e38 torch cannot hold the step in float32; past 10 SGD only diverges
+            "lr": Param("float", 0.05, "server learning rate", minimum=0.0, maximum=10.0),
             "batch_size": Param("int", 10, "server mini-batch size", minimum=1),
             "seed": Param("int", 0, "seed of the server's shuffling", minimum=0),
             "global_lr": Param("float", 1.0, "alpha in w = base + alpha g", minimum=0.0),

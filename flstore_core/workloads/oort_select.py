@@ -42,7 +42,7 @@ import numpy as np
 
 from flstore_core.cache.shards import JobMeta
 from flstore_core.errors import InvalidParamsError
-from flstore_core.ids import validate_client
+from flstore_core.ids import MAX_ROUND, validate_client
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
 
 
@@ -157,7 +157,14 @@ WORKLOAD = register(
                 "float", 0.9, "utilities clipped at this quantile", minimum=0, maximum=1
             ),
             "candidates": Param("array", None, "client ids to choose from", nullable=True),
-            "round": Param("int", None, "round being planned (default latest+1)", nullable=True),
+            "round": Param(
+                "int",
+                None,
+                "round being planned (default latest+1)",
+                minimum=0,  # the exploration term takes log(round + 1)
+                maximum=MAX_ROUND,
+                nullable=True,
+            ),
             "seed": Param("int", 0, "random seed", minimum=0),
         },
     )
