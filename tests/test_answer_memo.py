@@ -221,3 +221,25 @@ def test_the_model_shards_listing_expires(
     assert run(node, "inference", {"inputs": [[[[0.0] * 8] * 8]]})["result"]["round"] == 0
     clock[0] += REFRESH_S + 1
     assert run(node, "inference", {"inputs": [[[[0.0] * 8] * 8]]})["result"]["round"] == 1
+
+
+def test_a_round_answer_is_reused_until_the_round_is_read_again(store: ObjectStore) -> None:
+    commit(store, "j", 0, CLIENTS[:4])
+    node = CacheNode(store, budget_bytes=10**8)
+    first = run(node, "kmeans", {"k": 2}, round=0)
+    again = run(node, "kmeans", {"k": 2}, round=0)
+    assert again["result"] == first["result"] and again["cache"] == "hit"
+    assert node.stats()["answers"] == {"computed": 1, "reused": 1}
+    run(node, "kmeans", {"k": 3}, round=0)  # other params: computed
+    assert node.stats()["answers"] == {"computed": 2, "reused": 1}
+    # a late client joins round 0: the prefetch that follows reads the round again, and the
+    # answers kept for the old copy go with it
+    commit(store, "j", 0, CLIENTS[:5])
+    node.handle({"op": "load", "shards": ["j/round/0"]})
+    late = run(node, "kmeans", {"k": 2}, round=0)
+    assert set(late["result"]["labels"]) == set(CLIENTS[:5])
+    assert node.stats()["answers"] == {"computed": 3, "reused": 1}
+    # evicted: read again on the next request, computed again
+    node.handle({"op": "evict", "shards": ["j/round/0"]})
+    assert run(node, "kmeans", {"k": 2}, round=0)["result"] == late["result"]
+    assert node.stats()["answers"] == {"computed": 4, "reused": 1}

@@ -143,10 +143,18 @@ def test_node_errors_are_typed_answers_not_crashes(store: ObjectStore) -> None:
 def test_artifacts_are_computed_once_and_reused(store: ObjectStore) -> None:
     _commit(store, "j", 0)
     node = CacheNode(store, budget_bytes=10**8)
-    for _ in range(3):
-        node.handle({"op": "run", "workload": "cosine_select", "job": "j", "round": 0})
-    art = node.handle({"op": "stats"})["artifacts"]
+    for k in (1, 2, 3):
+        node.handle(
+            {"op": "run", "workload": "cosine_select", "job": "j", "round": 0, "params": {"k": k}}
+        )
+    stats = node.handle({"op": "stats"})
+    art = stats["artifacts"]
     assert art["computed"]["gram"] == 1 and art["reused"]["gram"] == 2
+    # the same request again: answered from the round's memo, no artifact touched
+    node.handle({"op": "run", "workload": "cosine_select", "job": "j", "round": 0})
+    again = node.handle({"op": "stats"})
+    assert again["artifacts"]["reused"]["gram"] == 2
+    assert again["answers"]["reused"] == stats["answers"]["reused"] + 1
 
 
 def test_cosine_select_matches_a_direct_computation(store: ObjectStore) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import pytest
+
 from flstore_core.cache.node import CacheNode
 from flstore_core.cache.round_data import RoundData
 from flstore_core.cache.shards import ClientHistory, JobMeta, ManifestReader, load_meta
@@ -113,14 +115,35 @@ def test_meta_shard_rebuilds_only_the_rounds_whose_manifest_was_rewritten() -> N
     assert meta.rounds[1]["c2"].summary[CONTRIBUTION] == 0.75
 
 
-def contributions(answer: dict[str, object]) -> dict[str, dict[str, float]]:
-    """``{client: {round: value}}`` of a node's partial ``incentive`` answer."""
+def payouts(answer: dict[str, object]) -> dict[str, dict[str, float]]:
+    """``{client: {round: tokens}}`` of a node's ``incentive`` answer."""
     result = answer["result"]
     assert isinstance(result, dict)
-    return {
-        c: {r: cell["value"] for r, cell in rows.items()}
-        for c, rows in result["per_client"].items()
-    }
+    out: dict[str, dict[str, float]] = {c: {} for c in result["values"]}
+    for r, paid in result["rounds"].items():
+        for c, tokens in paid.items():
+            out[c][r] = tokens
+    return out
+
+
+def assert_paid(got: dict[str, dict[str, float]], want: dict[str, dict[str, float]]) -> None:
+    assert got.keys() == want.keys()
+    for c in want:
+        assert got[c] == pytest.approx(want[c]), c
+
+
+def paid(store: ObjectStore, rounds: range, clients: list[str]) -> dict[str, dict[str, float]]:
+    """What ``incentive`` pays ``clients`` with ``metric=contribution`` and the default budget of
+    100 from the stored contributions: each round split by the positive parts of all of them (a
+    client without one is paid nothing there)."""
+    out: dict[str, dict[str, float]] = {c: {} for c in clients}
+    for r in rounds:
+        values = {c: v for c, v in stored(store, r).items() if v is not None}
+        total = sum(max(v, 0.0) for v in values.values())
+        for c in clients:
+            if c in values:
+                out[c][str(r)] = 100.0 * max(values[c], 0.0) / total if total > 0 else 0.0
+    return out
 
 
 def test_a_load_after_a_backfill_serves_the_new_summaries_and_warm_requests_read_nothing() -> None:
@@ -136,7 +159,7 @@ def test_a_load_after_a_backfill_serves_the_new_summaries_and_warm_requests_read
         "clients": clients,
         "params": {"metric": CONTRIBUTION},
     }
-    assert contributions(node.handle(event)) == {c: {} for c in clients}  # no summaries yet
+    assert payouts(node.handle(event)) == {c: {} for c in clients}  # no summaries yet
 
     backfill(store, 0, {"c0": 0.5, "c1": 0.25, "c2": -1.0})
     backfill(store, 1, {"c0": 0.125, "c1": 2.0, "c2": 0.0})
@@ -147,8 +170,7 @@ def test_a_load_after_a_backfill_serves_the_new_summaries_and_warm_requests_read
     answer = node.handle({"op": "load", "shards": shards})  # the backfill's re-warm
     assert sorted(answer["already"]) == sorted(shards)
     assert blobs.gets == gets + 2  # the two rewritten manifests, once each
-    want = {c: {str(r): stored(store, r)[c] for r in (0, 1)} for c in clients}
-    assert contributions(node.handle(event)) == want
+    assert_paid(payouts(node.handle(event)), paid(store, range(2), clients))
     meta = node.cache.get(meta_shard(JOB))
     assert isinstance(meta, JobMeta)
     assert {
@@ -177,7 +199,9 @@ def test_a_rewrite_found_by_one_refresh_makes_the_nodes_other_shards_of_the_job_
         "clients": ["c1"],
         "params": {"metric": CONTRIBUTION},
     }
-    assert contributions(node.handle(event)) == {"c1": {"0": 0.25}}
+    got = payouts(node.handle(event))
+    assert_paid(got, paid(store, range(1), ["c1"]))
+    assert got["c1"]["0"] > 0
 
 
 def test_evict_all_drops_the_cached_manifests() -> None:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -127,8 +128,12 @@ class CacheNode:
         self.started = time.time()
         self.invocations = 0
         self._streamed_written: set[str] = set()  # model results run_clients wrote
-        # answers of meta, client and model workloads computed, and reused from a shard's memo
+        # answers of workloads computed, and reused from the memo of the shard they ran on
         self.answers = {"computed": 0, "reused": 0}
+        # a round's memo lives as long as the round's copy in this node's cache
+        self._round_answers: weakref.WeakKeyDictionary[RoundData, ResultMemo] = (
+            weakref.WeakKeyDictionary()
+        )
         # op name -> the method that checks its arguments and runs it (in the order the
         # unknown-op error lists them)
         self.ops: dict[str, Operation] = {
@@ -268,8 +273,13 @@ class CacheNode:
             key = round_shard(job, validate_round(event.get("round")))
             with self.cache.using(key, self._loader(key)) as (data, hit):
                 t1 = time.perf_counter()
-                result = run_round_workload(
-                    self.store, workload, data, params, data.results_written, timing
+                result = self._answer(
+                    self._round_memo(data),
+                    workload.name,
+                    {"params": params},
+                    lambda: run_round_workload(
+                        self.store, workload, data, params, data.results_written, timing
+                    ),
                 )
             hits = [hit]
         elif workload.cls == "client":
@@ -316,9 +326,27 @@ class CacheNode:
                 result = workload.finalize(result, params)
             return result
 
+        return self._answer(memo, name, request, compute)
+
+    def _answer(
+        self,
+        memo: ResultMemo,
+        name: str,
+        request: dict[str, Any],
+        compute: Callable[[], dict[str, Any]],
+    ) -> dict[str, Any]:
+        """``compute()``, or the answer ``memo`` kept for an identical request."""
         result, reused = memo.answer(ResultMemo.key(name, request), compute)
         self.answers["reused" if reused else "computed"] += 1
         return result
+
+    def _round_memo(self, data: RoundData) -> ResultMemo:
+        """The memo of answers on this copy of a round: it goes with the copy (evicted, or
+        dropped for a rewritten manifest and read again), never outlives it."""
+        memo = self._round_answers.get(data)
+        if memo is None:
+            memo = self._round_answers.setdefault(data, ResultMemo())
+        return memo
 
     def _run_clients(
         self, workload: Workload, job: str, event: dict[str, Any], params: dict[str, Any]

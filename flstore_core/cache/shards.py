@@ -6,10 +6,12 @@
   round's manifest is rewritten (a late client, a backfill: :class:`ManifestReader` keeps each
   manifest with its version).
 * ``client`` (``job/client/{id}``): one client's history across rounds (the same per-round
-  rows, restricted to the client) — what ``reputation`` and ``incentive`` read. Each row carries
-  its round's :class:`RoundTotals` (sums over *every* participant of the round, from the same
-  manifest), so a node sent only some clients — the router scatters a client-class request by
-  owner — still computes shares of the whole round.
+  rows, restricted to the client). Client workloads (``reputation``, ``incentive``) are answered
+  from the meta shard, which holds every client's rows (:meth:`JobMeta.history`; a deviation
+  from ARCHITECTURE §3's client shards, see docs/ARCHITECTURE.md), so requests never read these
+  shards; a node still loads one when asked. Each row carries its round's :class:`RoundTotals`
+  (sums over *every* participant of the round, from the same manifest), so a request for some
+  clients still computes shares of the whole round.
 * ``model`` (``job/model/global``): the job's global models, the latest ones kept.
 """
 

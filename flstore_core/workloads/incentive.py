@@ -8,8 +8,7 @@ Reference: FLStore artifact (incentive distribution). Round t pays ``budget`` to
 and a client's payout is the sum over rounds. A payout does not depend on which clients a
 request asks about: the denominator is the round's, read from the totals every client row
 carries (:class:`~flstore_core.cache.shards.RoundTotals`, summed once per round manifest), so a
-node that holds only some clients' histories — the router scatters a client-class request by
-owner — computes the same shares as one holding them all.
+request for some clients pays them what a request for all of them does.
 
 The contribution ``c`` is the ``contribution`` summary (written by the contribution workloads'
 backfill), the cosine to the round mean (``cos_to_mean``) or ``num_examples``; ``metric``
