@@ -143,3 +143,13 @@ def test_every_numeric_param_at_its_edges_answers_or_refuses_never_crashes(
     for value in _edges(spec.params[param]):
         answer = node.handle({**event, "params": {**base, param: value}})
         assert "error" not in answer or 400 <= answer["status"] < 500, (param, value, answer)
+
+
+def test_fltrust_bounds_its_learning_rates() -> None:
+    """lr 1e308 overflowed torch's float32 SGD step (a 503); global_lr 1e308 stored a model of
+    inf and NaN."""
+    fltrust = get("fltrust")
+    for name in ("lr", "global_lr"):
+        with pytest.raises(InvalidParamsError, match=name):
+            fltrust.validate({name: 1e308})
+        assert fltrust.validate({name: 10.0})[name] == 10.0

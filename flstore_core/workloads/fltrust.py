@@ -252,7 +252,10 @@ WORKLOAD = register(
             "lr": Param("float", 0.05, "server learning rate", minimum=0.0, maximum=10.0),
             "batch_size": Param("int", 10, "server mini-batch size", minimum=1),
             "seed": Param("int", 0, "seed of the server's shuffling", minimum=0),
-            "global_lr": Param("float", 1.0, "alpha in w = base + alpha g", minimum=0.0),
+            # past 10 the aggregate leaves the clients' scale (past ~3.4e38 float32 itself)
+            "global_lr": Param(
+                "float", 1.0, "alpha in w = base + alpha g", minimum=0.0, maximum=10.0
+            ),
             "include_buffers": INCLUDE_BUFFERS,
         },
     )
