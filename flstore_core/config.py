@@ -83,6 +83,11 @@ BUILD_CACHE = Setting(
     "where `pulumi up` caches built zips, image contexts and wheels (default ~/.cache/flstore;"
     " read by infra/, which imports no runtime code)",
 )
+ARTIFACTS_BUDGET_S = Setting(
+    "FLSTORE_ARTIFACTS_BUDGET_S",
+    "60",
+    "seconds a node spends on a prefetched round's model artifacts; the rest is left to requests",
+)
 VERBOSE = Setting("FLSTORE_VERBOSE", None, "any value: the command line also logs INFO records")
 
 SETTINGS: tuple[Setting, ...] = (
@@ -97,6 +102,7 @@ SETTINGS: tuple[Setting, ...] = (
     HOT_ROUNDS,
     NODE_INDEX,
     PREFETCH_MODELS,
+    ARTIFACTS_BUDGET_S,
     TOKENS,
     PRICES_FILE,
     URL,

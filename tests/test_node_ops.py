@@ -9,8 +9,18 @@ import pytest
 from flstore_core.cache.node import CacheNode
 from flstore_core.storage.object_store import ObjectStore
 
-OPS = ["load", "run", "partial", "model_part", "run_clients", "stats", "evict", "ping"]
-UNKNOWN = "use load, run, partial, model_part, run_clients, stats, evict or ping"
+OPS = [
+    "load",
+    "run",
+    "partial",
+    "model_part",
+    "run_clients",
+    "artifacts",
+    "stats",
+    "evict",
+    "ping",
+]
+UNKNOWN = "use load, run, partial, model_part, run_clients, artifacts, stats, evict or ping"
 
 
 @pytest.fixture
@@ -44,6 +54,9 @@ class RecordingNode(CacheNode):
     def op_run_clients(self, event: dict[str, Any]) -> dict[str, Any]:
         return self._record("run_clients", event)
 
+    def op_artifacts(self, event: dict[str, Any]) -> dict[str, Any]:
+        return self._record("artifacts", event)
+
     def op_stats(self, event: dict[str, Any]) -> dict[str, Any]:
         return self._record("stats", event)
 
@@ -54,7 +67,7 @@ class RecordingNode(CacheNode):
         return self._record("ping", event)
 
 
-def test_the_table_holds_exactly_the_eight_ops_in_order(node: CacheNode) -> None:
+def test_the_table_holds_exactly_the_nine_ops_in_order(node: CacheNode) -> None:
     assert list(node.ops) == OPS
 
 
@@ -106,7 +119,12 @@ def test_evict_answers_what_it_dropped(node: CacheNode) -> None:
 
 
 def test_load_of_nothing_loads_nothing(node: CacheNode) -> None:
-    assert node.handle({"op": "load", "shards": []}) == {"loaded": [], "already": [], "failed": {}}
+    assert node.handle({"op": "load", "shards": []}) == {
+        "loaded": [],
+        "already": [],
+        "failed": {},
+        "timing_ms": {"load": 0.0, "warm": 0.0},
+    }
 
 
 @pytest.mark.parametrize(

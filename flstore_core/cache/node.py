@@ -5,6 +5,10 @@ One :class:`CacheNode` lives in the module state of one warm Lambda instance
 
 * ``load``  — ``{"op": "load", "shards": ["job/round/3", …]}``: fetch now (ingestion prefetch);
   round artifacts are computed at once so the first request finds them;
+* ``artifacts`` — ``{"op": "artifacts", "compute": {shard: [share, shares]}}``: this node's
+  share of held rounds' model artifacts (:mod:`flstore_core.workloads.artifacts`), answered
+  for the router to share; ``{"op": "artifacts", "rounds": {shard: {"content", "entries"}}}``:
+  keep those another replica computed (prefetch's second and third steps);
 * ``run``   — ``{"op": "run", "workload", "job", "round" | "rounds", "params"}``: run a
   workload on the cached data, loading what is missing;
 * ``partial`` — ``{"op": "partial", "job", "round", "indices", "blocks", "buffers"}``: the
@@ -85,7 +89,7 @@ from flstore_core.routing.placement import (
     round_shard,
 )
 from flstore_core.storage.object_store import ObjectStore
-from flstore_core.workloads import Workload, WorkloadResult, get, load_all
+from flstore_core.workloads import Workload, WorkloadResult, artifacts, get, load_all
 
 Operation = Callable[[dict[str, Any]], dict[str, Any]]  # an event in, the node's answer out
 
@@ -95,6 +99,8 @@ REFRESH_S = 30.0
 CONTEXT_TTL_S = 60.0
 # aggregate models materialised when a round is prefetched (FLSTORE_PREFETCH_MODELS, comma list)
 PREFETCH_MODELS = config.PREFETCH_MODELS.get_list()
+# seconds a prefetch spends on a round's model artifacts (FLSTORE_ARTIFACTS_BUDGET_S)
+ARTIFACTS_BUDGET_S = float(config.ARTIFACTS_BUDGET_S.get_int())
 
 
 def default_budget() -> int:
@@ -142,6 +148,7 @@ class CacheNode:
             "partial": self.op_partial,
             "model_part": self.op_model_part,
             "run_clients": self.op_run_clients,
+            "artifacts": self.op_artifacts,
             "stats": self.op_stats,
             "evict": self.op_evict,
             "ping": self.op_ping,
@@ -210,11 +217,14 @@ class CacheNode:
 
     def load(self, shards: list[str], models: list[str] | None = None) -> dict[str, Any]:
         """Load shards now; round shards listed in ``models`` also get their default aggregate
-        models written (the router asks only a round's primary, so one node writes them)."""
+        models written (the router asks only a round's primary, so one node writes them). The
+        answer's ``timing_ms`` says how long reading from S3 (``load``) and the shared
+        artifacts and default models (``warm``) took."""
         with_models = set(models or ())
         loaded: list[str] = []
         already: list[str] = []
         failed: dict[str, str] = {}
+        timing = {"load": 0.0, "warm": 0.0}
         listed: set[str] = set()  # jobs whose manifests this load listed (once per job)
         for text in shards:
             try:
@@ -222,18 +232,82 @@ class CacheNode:
             except (ValueError, FLStoreError) as exc:
                 raise ValidationError(f"bad shard key {text!r}: {exc}") from exc
             try:
+                t0 = time.perf_counter()
                 if key.cls == "round":
                     self._drop_if_rewritten(key, listed)
                 with self.cache.using(key, self._loader(key)) as (value, hit):
+                    t1 = time.perf_counter()
+                    timing["load"] += (t1 - t0) * 1000
                     if isinstance(value, RoundData):
                         # a block's default models are written by the router, block by block
                         self._warm_round(value, text in with_models and not key.is_block)
+                        timing["warm"] += (time.perf_counter() - t1) * 1000
                     elif hit:
                         self._refresh(key, value, force=True)
                 (already if hit else loaded).append(text)
             except NotFoundError as exc:
                 failed[text] = exc.message
-        return {"loaded": loaded, "already": already, "failed": failed}
+        return {
+            "loaded": loaded,
+            "already": already,
+            "failed": failed,
+            "timing_ms": {k: round(v, 3) for k, v in timing.items()},
+        }
+
+    def compute_artifacts(self, shares: dict[str, tuple[int, int]]) -> dict[str, Any]:
+        """This node's share ``(share, shares)`` of the model artifacts of each named round it
+        holds (:mod:`flstore_core.workloads.artifacts`), and every value it then holds: round
+        -> its ``content``, ``entries``, the ``tasks`` done, ``errors``, ``deferred``, ``ms``.
+        A round not held here is skipped; an artifact that fails is reported, never raised."""
+        out: dict[str, Any] = {}
+        for text, (share, count) in shares.items():
+            held = self.cache.get(self._whole_round(text))
+            if isinstance(held, RoundData):
+                out[text] = self._round_artifacts(held, share, count)
+            else:
+                out[text] = {"skipped": "round not held"}
+        return out
+
+    @staticmethod
+    def _whole_round(text: str) -> ShardKey:
+        try:
+            key = ShardKey.parse(text)
+        except (ValueError, FLStoreError) as exc:
+            raise ValidationError(f"bad shard key {text!r}: {exc}") from exc
+        if key.cls != "round" or key.is_block:
+            raise ValidationError(f"model artifacts are kept for whole rounds, not {text!r}")
+        return key
+
+    @staticmethod
+    def _round_artifacts(data: RoundData, share: int, shares: int) -> dict[str, Any]:
+        """This node's share of the round's model artifacts, and every value it then holds
+        (never raises: an artifact that fails is reported and left to the request)."""
+        done = artifacts.compute(data, share, shares, ARTIFACTS_BUDGET_S)
+        try:
+            entries = artifacts.export(data)
+        except Exception as exc:  # pragma: no cover - export of values this code computed
+            done["errors"]["export"] = str(exc)
+            entries = []
+        return {"content": content_digest(data.sha256), "entries": entries, **done}
+
+    def adopt_artifacts(self, rounds: dict[str, Any]) -> dict[str, Any]:
+        """Keep model artifacts another replica computed for rounds this node holds (the
+        router's exchange after a prefetch); a round not held here, or held with other content
+        (a late client), is skipped."""
+        adopted: dict[str, int] = {}
+        skipped: dict[str, str] = {}
+        for text, item in rounds.items():
+            key = self._whole_round(text)
+            if not isinstance(item, dict):
+                raise ValidationError(f"artifacts of {text!r} must be {{'content', 'entries'}}")
+            held = self.cache.get(key)
+            if not isinstance(held, RoundData):
+                skipped[text] = "round not held"
+            elif content_digest(held.sha256) != item.get("content"):
+                skipped[text] = "round held with other content"
+            else:
+                adopted[text] = artifacts.adopt(held, item.get("entries"))
+        return {"adopted": adopted, "skipped": skipped, "node": self.node_index}
 
     def _drop_if_rewritten(self, key: ShardKey, listed: set[str]) -> None:
         """Evict a held round whose clients or updates no longer match its manifest (a late
@@ -605,6 +679,39 @@ class CacheNode:
         if models is not None and not isinstance(models, list):
             raise ValidationError("load's 'models' must be a list of shard keys")
         return self.load(shards, models)
+
+    def op_artifacts(self, event: dict[str, Any]) -> dict[str, Any]:
+        """``{"op": "artifacts", "compute": {shard: [share, shares]}}``: see
+        :meth:`compute_artifacts`; ``{"op": "artifacts", "rounds": {shard: {"content",
+        "entries"}}}``: see :meth:`adopt_artifacts`."""
+        compute, rounds = event.get("compute"), event.get("rounds")
+        if compute is None and rounds is None:
+            raise ValidationError(
+                "artifacts needs 'compute' (shard -> [share, shares]) or 'rounds' "
+                "(shard -> {content, entries})"
+            )
+        answer: dict[str, Any] = {"node": self.node_index}
+        if compute is not None:
+            if not isinstance(compute, dict) or not all(
+                isinstance(v, list)
+                and len(v) == 2
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+                and 0 <= v[0] < v[1]
+                for v in compute.values()
+            ):
+                raise ValidationError(
+                    "artifacts' 'compute' must map round shard keys to [share, shares] with "
+                    "0 <= share < shares"
+                )
+            shares = {k: (v[0], v[1]) for k, v in compute.items()}
+            answer["computed"] = self.compute_artifacts(shares)
+        if rounds is not None:
+            if not isinstance(rounds, dict):
+                raise ValidationError(
+                    "artifacts' 'rounds' must map shard keys to {content, entries}"
+                )
+            answer.update(self.adopt_artifacts(rounds))
+        return answer
 
     def op_run(self, event: dict[str, Any]) -> dict[str, Any]:
         """``{"op": "run", "workload", "job", "round" | "rounds", "params"}``: see :meth:`run`."""

@@ -11,7 +11,7 @@ counters say how often each was computed and reused.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -100,9 +100,15 @@ class ArtifactStats:
 
     computed: dict[str, int] = field(default_factory=dict)
     reused: dict[str, int] = field(default_factory=dict)
+    # memoised values received from another replica of the round instead of computed here
+    shared: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, dict[str, int]]:
-        return {"computed": dict(self.computed), "reused": dict(self.reused)}
+        return {
+            "computed": dict(self.computed),
+            "reused": dict(self.reused),
+            "shared": dict(self.shared),
+        }
 
 
 Validation = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
@@ -202,6 +208,7 @@ class RoundData:
         self.matrix = matrix
         self.stats = stats or ArtifactStats()
         self._artifacts: dict[str, Any] = {}
+        self._memo: dict[tuple[str, str], Any] = {}  # small values by (name, key): memo()
         self._columns: ColumnSplit | None = None
         # model results this node already wrote to S3 for this round (their keys are
         # deterministic in params and content), so a repeated request skips the PUT
@@ -256,15 +263,31 @@ class RoundData:
         Counted in ``stats`` under ``name``; values are meant to be small (scores, dots), so
         they are not part of ``nbytes``.
         """
-        full = f"{name}:{key}"
         with self._lock:
-            if full in self._artifacts:
+            if (name, key) in self._memo:
                 self.stats.reused[name] = self.stats.reused.get(name, 0) + 1
-                return self._artifacts[full]  # type: ignore[no-any-return]
+                return self._memo[(name, key)]  # type: ignore[no-any-return]
             value = compute()
-            self._artifacts[full] = value
+            self._memo[(name, key)] = value
             self.stats.computed[name] = self.stats.computed.get(name, 0) + 1
             return value
+
+    def memo_items(self, names: Collection[str]) -> list[tuple[str, str, Any]]:
+        """The memoised values of the kinds ``names``: ``(name, key, value)``, in the order they
+        were computed (a round's replicas share them: :mod:`flstore_core.workloads.artifacts`)."""
+        with self._lock:
+            return [(n, k, v) for (n, k), v in self._memo.items() if n in names]
+
+    def memo_put(self, name: str, key: str, value: Any) -> bool:
+        """Keep ``value`` as the memo ``name``/``key`` computed elsewhere (another replica of
+        this round, by the same code on the same content); ``False`` if one is held already
+        (the value held is kept). Counted in ``stats.shared``."""
+        with self._lock:
+            if (name, key) in self._memo:
+                return False
+            self._memo[(name, key)] = value
+            self.stats.shared[name] = self.stats.shared.get(name, 0) + 1
+            return True
 
     def warm(self) -> None:
         """Compute the shared artifacts now (prefetch does, so the first request is cheap)."""
@@ -436,12 +459,15 @@ class RoundData:
         return out
 
     def sq_norm_of(self, vector: F32, include_buffers: bool = False) -> float:
-        """``‖v‖²`` over the column subset, in float64."""
+        """``‖v‖²`` over the column subset, in float64.
+
+        Summed by numpy's own loop (``einsum``), not BLAS: ``ddot`` answered other bits on
+        different threads of one process even within :func:`one_blas_thread` (fltrust's
+        ``‖g_0‖²`` differed between a node's prefetch and a request)."""
         total = 0.0
-        with one_blas_thread():
-            for a, b in self.columns.runs(include_buffers):
-                part = vector[a:b].astype(np.float64)
-                total += float(np.dot(part, part))
+        for a, b in self.columns.runs(include_buffers):
+            part = vector[a:b].astype(np.float64)
+            total += float(np.einsum("i,i->", part, part))
         return total
 
     def columnwise(self, name: str, **args: Any) -> F32:

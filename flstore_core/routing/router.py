@@ -62,7 +62,7 @@ from flstore_core.errors import (
 from flstore_core.ids import validate_client, validate_job, validate_round
 from flstore_core.routing.auth import TokenTable
 from flstore_core.routing.failover import Answered, FailoverPolicy
-from flstore_core.routing.invoker import Invoker, NodeFailure, NodeInvoker
+from flstore_core.routing.invoker import Invoker, NodeAnswer, NodeFailure, NodeInvoker
 from flstore_core.routing.placement import (
     ShardKey,
     meta_shard,
@@ -679,10 +679,24 @@ class Router:
         """Ask every owner (primary and replicas) of each shard to load it now.
 
         Only the primary also materialises a round's default aggregate models in ``results/``:
-        one writer per object.
+        one writer per object. A whole round's model artifacts
+        (:mod:`flstore_core.workloads.artifacts`: client models' accuracies, leave-one-out
+        aggregates, fltrust's ``g_0``, feddebug's votes) are split over its owners: once every
+        ``load`` answered, each owner computes its share (an ``artifacts`` invocation), then
+        is sent the values the others computed (another), so each replica holds them all.
+
+        Returns each node's answer by function name (and the planner's refusals): what it
+        loaded and its ``timing_ms`` (``load``, ``warm``), ``artifacts`` (round -> ``tasks``
+        done, ``errors``, ``deferred``, ``values`` held, ``ms``), ``shared`` (round -> values
+        received), and what this prefetch cost there: ``invocations``, ``billed_ms`` (their
+        sum) and ``memory_mb`` — the figures a cost model charges the prefetch with. An
+        artifact that could not be computed or shared is reported, never an error of the
+        prefetch.
         """
         by_node: dict[int, list[str]] = {}
         primary_of: dict[int, list[str]] = {}
+        # whole rounds: shard -> its owners, each computing one share of its model artifacts
+        round_owners: dict[str, list[int]] = {}
         sharded: list[tuple[ShardKey, RoundPlan]] = []
         refused: dict[str, Any] = {}
         for shard in shards:
@@ -708,19 +722,120 @@ class Router:
             for index in owners:
                 by_node.setdefault(index, []).append(str(shard))
             primary_of.setdefault(owners[0], []).append(str(shard))
+            if shard.cls == "round" and self._declares_model(shard.job):
+                round_owners[str(shard)] = owners
 
         def load(index: int) -> tuple[str, Any]:
             function = node_name(self.config.prefix, index)
             event = {"op": "load", "shards": by_node[index], "models": primary_of.get(index, [])}
             try:
-                return function, self.invoker.invoke(function, event).payload
+                answer = self.invoker.invoke(function, event)
             except NodeFailure as exc:
                 return function, {"error": {"code": "unavailable", "message": str(exc)}}
+            payload = dict(answer.payload)
+            if "error" not in payload:
+                payload.update(
+                    invocations=1, billed_ms=answer.billed_ms, memory_mb=answer.memory_mb
+                )
+            return function, payload
 
         answers = dict(self._pool.map(load, sorted(by_node)))
+        self._compute_artifacts(round_owners, answers)
+        self._share_artifacts(round_owners, answers)
         for shard, plan in sharded:
             self._prefetch_models(shard, plan)
         return {**answers, **refused}
+
+    def _declares_model(self, job: str) -> bool:
+        """Whether the job declares a model (only then has a round model artifacts)."""
+        try:
+            return self.store.get_job_spec(job).model is not None
+        except NotFoundError:
+            return False
+
+    def _compute_artifacts(
+        self, round_owners: dict[str, list[int]], answers: dict[str, Any]
+    ) -> None:
+        """Ask each owner that loaded a prefetched round for its share of the round's model
+        artifacts (one ``artifacts`` invocation per node, after every ``load`` answered, so a
+        round is held and reported loaded whatever its artifacts cost); what each computed goes
+        into its answer (``artifacts``)."""
+        shares: dict[str, dict[str, list[int]]] = {}
+        for shard, owners in round_owners.items():
+            for k, index in enumerate(owners):
+                function = node_name(self.config.prefix, index)
+                answer = answers.get(function, {})
+                if "error" not in answer and shard in answer.get("loaded", []) + answer.get(
+                    "already", []
+                ):
+                    shares.setdefault(function, {})[shard] = [k, len(owners)]
+
+        def compute(function: str) -> tuple[str, NodeAnswer | str]:
+            try:
+                return function, self.invoker.invoke(
+                    function, {"op": "artifacts", "compute": shares[function]}
+                )
+            except NodeFailure as exc:
+                return function, str(exc)
+
+        for function, outcome in self._pool.map(compute, sorted(shares)):
+            payload = answers[function]
+            if isinstance(outcome, str):
+                payload["artifacts"] = {"error": outcome}
+                continue
+            payload["artifacts"] = outcome.payload.get("computed", outcome.payload)
+            payload["invocations"] = payload.get("invocations", 0) + 1
+            payload["billed_ms"] = payload.get("billed_ms", 0.0) + outcome.billed_ms
+
+    def _share_artifacts(self, round_owners: dict[str, list[int]], answers: dict[str, Any]) -> None:
+        """Send each owner of a prefetched round the model artifacts its other owners computed
+        (only those it does not hold, only from owners that read the same content), then
+        replace the values in ``answers`` by their count. A node that cannot be reached keeps
+        its own share; a request there computes the rest."""
+        sends: dict[str, dict[str, Any]] = {}
+        for shard, owners in round_owners.items():
+            held: dict[str, dict[str, Any]] = {}
+            for index in owners:
+                function = node_name(self.config.prefix, index)
+                item = answers.get(function, {}).get("artifacts", {}).get(shard)
+                if isinstance(item, dict) and isinstance(item.get("entries"), list):
+                    held[function] = item
+            for function, item in held.items():
+                own = {(e[0], e[1]) for e in item["entries"]}
+                give: list[Any] = []
+                for other, theirs in held.items():
+                    if other == function or theirs.get("content") != item.get("content"):
+                        continue
+                    for entry in theirs["entries"]:
+                        if (entry[0], entry[1]) not in own:
+                            own.add((entry[0], entry[1]))
+                            give.append(entry)
+                if give:
+                    sends.setdefault(function, {})[shard] = {
+                        "content": item.get("content"),
+                        "entries": give,
+                    }
+
+        def send(function: str) -> tuple[str, NodeAnswer | str]:
+            try:
+                return function, self.invoker.invoke(
+                    function, {"op": "artifacts", "rounds": sends[function]}
+                )
+            except NodeFailure as exc:
+                return function, str(exc)
+
+        for function, outcome in self._pool.map(send, sorted(sends)):
+            payload = answers[function]
+            if isinstance(outcome, str):
+                payload["shared"] = {"error": outcome}
+                continue
+            payload["shared"] = outcome.payload.get("adopted", outcome.payload.get("error"))
+            payload["invocations"] = payload.get("invocations", 0) + 1
+            payload["billed_ms"] = payload.get("billed_ms", 0.0) + outcome.billed_ms
+        for payload in answers.values():
+            for item in payload.get("artifacts", {}).values() if isinstance(payload, dict) else ():
+                if isinstance(item, dict):
+                    item["values"] = len(item.pop("entries", None) or [])
 
     def _prefetch_models(self, shard: ShardKey, plan: RoundPlan) -> None:
         """Write a sharded round's default aggregate models (``FLSTORE_PREFETCH_MODELS``), as

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 Bool = npt.NDArray[np.bool_]
+VOTES_MEMO = "feddebug_votes"  # RoundData.memo name of a localization's votes
 
 
 def neuron_activations(model: nn.Module, inputs: torch.Tensor, threshold: float) -> Bool:
@@ -112,6 +113,38 @@ def random_inputs(shape: tuple[int, ...], num_inputs: int, seed: int) -> torch.T
     return torch.rand((num_inputs, *shape), generator=generator)
 
 
+def client_votes(
+    data: RoundData, num_inputs: int, threshold: float, num_faulty: int, seed: int
+) -> tuple[npt.NDArray[np.int64], int]:
+    """Votes per client (row order) and neurons per model and input, memoised on the round.
+
+    The votes depend on the round, the model and the knobs only (the inputs are generated from
+    the seed): kept on the round (memo ``feddebug_votes``), an identical request runs no model;
+    prefetch computes them for the default knobs (:mod:`flstore_core.workloads.artifacts`).
+    """
+    name = data.context.model_name()
+
+    def localized() -> tuple[npt.NDArray[np.int64], int]:
+        inputs = random_inputs(models.INPUT_SHAPES[name], num_inputs, seed)
+        model = models.build(name)
+        active = np.stack(
+            [
+                neuron_activations(
+                    models.load_vector(model, data.client_weights(i), data.specs),
+                    inputs,
+                    threshold,
+                )
+                for i in range(data.n)
+            ]
+        )
+        _, votes = localize(active, num_faulty)
+        return votes, int(active.shape[2])
+
+    key = f"{name}/{num_inputs}/{threshold!r}/{num_faulty}/{seed}"
+    value: tuple[npt.NDArray[np.int64], int] = data.memo(VOTES_MEMO, key, localized)
+    return value
+
+
 def feddebug(
     data: RoundData,
     num_inputs: int = 10,
@@ -153,29 +186,7 @@ def feddebug(
             f"removing the faulty ones: the round has {data.n} clients, use num_faulty <= "
             f"{data.n - 2}"
         )
-    name = data.context.model_name()
-
-    def localized() -> tuple[npt.NDArray[np.int64], int]:
-        inputs = random_inputs(models.INPUT_SHAPES[name], num_inputs, seed)
-        model = models.build(name)
-        active = np.stack(
-            [
-                neuron_activations(
-                    models.load_vector(model, data.client_weights(i), data.specs),
-                    inputs,
-                    threshold,
-                )
-                for i in range(data.n)
-            ]
-        )
-        _, votes = localize(active, num_faulty)
-        return votes, int(active.shape[2])
-
-    # the votes depend on the round, the model and the knobs only (the inputs are generated
-    # from the seed): kept on the round, an identical request runs no model
-    votes, neurons = data.memo(
-        "feddebug_votes", f"{name}/{num_inputs}/{threshold!r}/{num_faulty}/{seed}", localized
-    )
+    votes, neurons = client_votes(data, num_inputs, threshold, num_faulty, seed)
     order = rank_by_score(data.clients, votes.astype(np.float64))
     return WorkloadResult(
         {

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
+SERVER_MEMO = "server_update"  # RoundData.memo name of what trust needs of a trained g_0
 
 
 def complement(runs: Sequence[tuple[int, int]], width: int) -> list[tuple[int, int]]:
@@ -100,18 +101,47 @@ def server_update(
     loss_fn = torch.nn.CrossEntropyLoss()
     xt, yt = torch.tensor(x), torch.tensor(y)  # copies: the cached arrays are read-only
     model.train()
-    for _ in range(epochs):
-        order = torch.from_numpy(rng.permutation(len(y)))
-        for start in range(0, len(y), batch_size):
-            idx = order[start : start + batch_size]
-            opt.zero_grad()
-            loss_fn(model(xt[idx]), yt[idx]).backward()
-            opt.step()
+    # training splits its gradient reductions over torch's threads: g_0's last bits depended
+    # on the thread count and even on which thread of the process trained (a node's prefetch
+    # and a request differed); on one thread they are the same on any host and thread
+    with models.one_torch_thread():
+        for _ in range(epochs):
+            order = torch.from_numpy(rng.permutation(len(y)))
+            for start in range(0, len(y), batch_size):
+                idx = order[start : start + batch_size]
+                opt.zero_grad()
+                loss_fn(model(xt[idx]), yt[idx]).backward()
+                opt.step()
     state = model.state_dict()
     trained = np.concatenate(
         flat_parts({s.name: state[s.name].detach().numpy() for s in data.specs}, data.specs)
     )
     return trained - data.base, len(y)
+
+
+def server_trust(
+    data: RoundData, epochs: int, lr: float, batch_size: int, seed: int, include_buffers: bool
+) -> tuple[F64, float]:
+    """What trust needs of the trained ``g_0``: ``g_i·g_0`` for every client and ``‖g_0‖²``.
+
+    ``g_0`` depends on the round's base, the model, the root dataset and the training knobs:
+    these n dots and a norm are kept on the round (memo ``server_update``), not the 4 B/param
+    ``g_0``; prefetch computes them for the default knobs
+    (:mod:`flstore_core.workloads.artifacts`).
+    """
+
+    def trained() -> tuple[F64, float]:
+        g0, _ = server_update(data, epochs, lr, batch_size, seed)
+        return data.dots_with(g0, include_buffers), data.sq_norm_of(g0, include_buffers)
+
+    model_name = data.context.model_name()  # 400s in this order: model, then validation
+    x, y = data.context.validation()
+    key = (
+        f"{model_name}/{validation_digest(x, y)}/{epochs}/{lr!r}/"
+        f"{batch_size}/{seed}/{include_buffers}"
+    )
+    value: tuple[F64, float] = data.memo(SERVER_MEMO, key, trained)
+    return value
 
 
 def fltrust(
@@ -167,20 +197,7 @@ def fltrust(
         dots, sq_norms, server_sq = gram[rows, s], np.diag(gram)[rows], float(gram[s, s])
         source = server_client
     else:
-
-        def trained() -> tuple[F64, float]:
-            g0, _ = server_update(data, server_epochs, lr, batch_size, seed)
-            return data.dots_with(g0, include_buffers), data.sq_norm_of(g0, include_buffers)
-
-        # g_0 depends on the round's base, the model, the root dataset and the training knobs:
-        # what trust needs of it (n dots and a norm) is kept on the round, not the 4 B/param g_0
-        model_name = data.context.model_name()  # 400s in this order: model, then validation
-        x, y = data.context.validation()
-        key = (
-            f"{model_name}/{validation_digest(x, y)}/{server_epochs}/{lr!r}/"
-            f"{batch_size}/{seed}/{include_buffers}"
-        )
-        dots, server_sq = data.memo("server_update", key, trained)
+        dots, server_sq = server_trust(data, server_epochs, lr, batch_size, seed, include_buffers)
         sq_norms = data.sq_norms(True, include_buffers)
         source = "root_dataset"
     if not rows:

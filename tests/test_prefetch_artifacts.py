@@ -1,0 +1,321 @@
+"""Model artifacts computed at prefetch (issue 13 item 4): split over a round's replicas,
+shared between them, and never a different answer.
+
+On a digits_cnn job (10 clients whose models are the initial model plus noise of growing
+scale, a stored base, a validation set of 64 images labelled by the initial model): two real
+cache nodes
+holding the round (replication 2) are invoked in process through JSON, as over
+``lambda.invoke``. After ``Router.prefetch`` each node computed about half the tasks, holds every
+value, and answers every model-based workload with the result a freshly loaded round (no
+memo) gives — the same bytes on both replicas — without evaluating what prefetch evaluated. An
+artifact that fails, or an exchange that does not reach a node, leaves the prefetch answered
+and the requests right.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+
+from flstore_core import models
+from flstore_core.cache.node import CacheNode
+from flstore_core.cache.results import run_round_workload
+from flstore_core.cache.round_data import ArtifactStats, RoundData
+from flstore_core.cache.round_loading import load_round
+from flstore_core.data.codec import Update
+from flstore_core.data.manifest import JobSpec
+from flstore_core.routing.auth import TokenTable
+from flstore_core.routing.failover import FailoverPolicy
+from flstore_core.routing.invoker import NodeAnswer, NodeFailure
+from flstore_core.routing.placement import round_shard
+from flstore_core.routing.router import Router, RouterConfig
+from flstore_core.storage.memory import MemoryBlobStore
+from flstore_core.storage.object_store import ObjectStore
+from flstore_core.workloads import artifacts, get
+
+JOB = "digits"
+ROUND = 0  # the initial model is its base
+PREFIX = "art"
+NODES = 2
+# every model-based workload, with the params a user sends (Shapley on a small budget)
+REQUESTS: dict[str, dict[str, Any]] = {
+    "accuracy_select": {"k": 3},
+    "contribution_loo": {},
+    "contribution_shapley": {"method": "gtg", "min_permutations": 10, "max_permutations": 10},
+    "personalize": {"client": "client-02"},
+    "fltrust": {},
+    "feddebug": {},
+}
+
+
+class Nodes:
+    """Cache nodes as an invoker, events and answers through JSON; ops in ``failing`` (or
+    ``artifacts:compute``, ``artifacts:rounds``) fail like a dead node.
+
+    Each node runs every invocation on one thread of its own, as a node process runs its
+    handler on its main thread: torch's float bits (fltrust's trained ``g_0``) differ between
+    a process's main thread and other threads, so a node must compute at prefetch and at
+    request time on the same kind of thread — and the references here are computed on a
+    thread of their own too.
+    """
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.nodes = [
+            CacheNode(store.view(), budget_bytes=10**8, node_index=i) for i in range(NODES)
+        ]
+        self.threads = [ThreadPoolExecutor(1) for _ in range(NODES)]
+        self.failing: set[str] = set()
+        self.calls: list[tuple[int, str]] = []
+
+    def handle(self, index: int, event: Mapping[str, Any]) -> dict[str, Any]:
+        """``event`` through JSON to node ``index`` on its thread; its answer through JSON."""
+        text = json.dumps(event)
+        answer = self.threads[index].submit(self.nodes[index].handle, json.loads(text)).result()
+        out: dict[str, Any] = json.loads(json.dumps(answer))
+        return out
+
+    def invoke(self, function: str, event: Mapping[str, Any]) -> NodeAnswer:
+        index = int(function.rsplit("-", 1)[1])
+        self.calls.append((index, str(event.get("op"))))
+        step = f"{event.get('op')}:{'compute' if 'compute' in event else 'rounds'}"
+        if event.get("op") in self.failing or step in self.failing:
+            raise NodeFailure(f"{function}: Unhandled")
+        return NodeAnswer(function, self.handle(index, event), 7.0, 1024)
+
+    def round(self, index: int, job: str = JOB) -> RoundData:
+        held = self.nodes[index].cache.get(round_shard(job, ROUND))
+        assert isinstance(held, RoundData)
+        return held
+
+
+def make_router(store: ObjectStore, nodes: Nodes) -> Router:
+    return Router(
+        store,
+        nodes,
+        TokenTable.with_tokens({"t": ["*"]}),
+        RouterConfig(prefix=PREFIX, nodes=NODES, replication=2),
+        failover=FailoverPolicy(sleep=lambda _s: None),
+    )
+
+
+@pytest.fixture(scope="module")
+def store() -> Iterator[ObjectStore]:
+    st = ObjectStore("mem", blobs=MemoryBlobStore())
+    st.put_job_spec(JobSpec(JOB, model="digits_cnn"))
+    base = models.build("digits_cnn", seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 1, 8, 8), dtype=np.float32)
+    st.put_validation_set(JOB, x, models.predict(base, x))
+    initial = models.state_arrays(base)
+    st.put_initial(JOB, Update(dict(initial)))
+    entries = []
+    for i in range(10):
+        noisy = {
+            k: (v + (0.05 + 0.05 * i) * rng.standard_normal(v.shape)).astype(np.float32)
+            for k, v in initial.items()
+        }
+        entries.append(
+            st.put_update(JOB, ROUND, f"client-{i:02d}", Update(noisy, num_examples=20 + 3 * i))
+        )
+    st.commit_round(JOB, ROUND, entries)
+    yield st
+    st.close()
+
+
+def references(store: ObjectStore, nodes: Nodes, index: int) -> dict[str, dict[str, Any]]:
+    """Each request on a freshly loaded round, nothing memoised, on node ``index``'s thread:
+    what that node must answer."""
+
+    def one(name: str) -> dict[str, Any]:
+        workload = get(name)
+        data = load_round(store, JOB, ROUND, ArtifactStats())
+        return run_round_workload(store, workload, data, workload.validate(REQUESTS[name]))
+
+    return {name: nodes.threads[index].submit(one, name).result() for name in REQUESTS}
+
+
+def run(nodes: Nodes, index: int, name: str) -> dict[str, Any]:
+    answer = nodes.handle(
+        index,
+        {"op": "run", "workload": name, "job": JOB, "round": ROUND, "params": REQUESTS[name]},
+    )
+    assert "error" not in answer, answer
+    assert answer["cache"] == "hit"
+    result: dict[str, Any] = answer["result"]
+    return result
+
+
+def test_prefetch_splits_the_artifacts_and_every_replica_answers_from_them(
+    store: ObjectStore,
+) -> None:
+    nodes = Nodes(store)
+    want = [references(store, nodes, i) for i in (0, 1)]
+    answers = make_router(store, nodes).prefetch([round_shard(JOB, ROUND)])
+    shard = str(round_shard(JOB, ROUND))
+    expected = {
+        t.name for t in artifacts.round_tasks(load_round(store, JOB, ROUND, ArtifactStats()))
+    }
+    done: list[str] = []
+    for answer in answers.values():
+        item = answer["artifacts"][shard]
+        assert item["errors"] == {}
+        assert item["tasks"]  # both replicas worked
+        done += item["tasks"]
+        # a load, its share of the artifacts, the others' values: each billed
+        assert answer["invocations"] == 3 and answer["billed_ms"] == 21.0
+        assert answer["memory_mb"] == 1024
+        assert set(answer["timing_ms"]) == {"load", "warm"} and item["ms"] > 0
+        assert answer["shared"][shard] > 0
+    assert sorted(done) == sorted(expected) and len(done) == len(set(done))
+    assert {"client:0", "subset_all", "subset_without:9", "subset_empty"} <= expected
+    assert {"fltrust", "feddebug"} <= expected
+    held = [set(a for a, _, _ in nodes.round(i).memo_items(artifacts.CODECS)) for i in (0, 1)]
+    assert held[0] == held[1] == set(artifacts.CODECS)
+
+    for name in REQUESTS:
+        before = [dict(nodes.round(i).stats.computed) for i in (0, 1)]
+        got = [run(nodes, i, name) for i in (0, 1)]
+        # byte-identical on both replicas, and what a round with nothing memoised answers
+        assert json.dumps(got[0], sort_keys=True) == json.dumps(got[1], sort_keys=True)
+        assert got[0] == want[0][name] and got[1] == want[1][name], name
+        for i in (0, 1):
+            new = {
+                k: v - before[i].get(k, 0)
+                for k, v in nodes.round(i).stats.computed.items()
+                if v != before[i].get(k, 0)
+            }
+            if name == "personalize":  # its own aggregate is the one model it evaluates
+                assert new == {"model_accuracy": 1}, new
+            elif name == "contribution_shapley":  # subsets of 2..n-2 clients are its own
+                assert set(new) <= {"subset_accuracy", "model_accuracy"}
+            else:  # everything it needed was computed at prefetch, on either replica
+                assert new == {}, (name, new)
+
+
+def test_a_failing_artifact_is_reported_and_the_request_computes_it(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = artifacts._Runner.run
+
+    def flaky(self: Any, task: artifacts.Task) -> None:
+        if task.kind in ("fltrust", "client") and task.row in (None, 4):
+            raise RuntimeError(f"injected failure of {task.name}")
+        real(self, task)
+
+    monkeypatch.setattr(artifacts._Runner, "run", flaky)
+    nodes = Nodes(store)
+    want = references(store, nodes, 0)
+    answers = make_router(store, nodes).prefetch([round_shard(JOB, ROUND)])
+    shard = str(round_shard(JOB, ROUND))
+    errors: dict[str, str] = {}
+    for answer in answers.values():
+        assert "error" not in answer and answer["loaded"] == [shard]
+        errors.update(answer["artifacts"][shard]["errors"])
+    assert set(errors) == {"fltrust", "client:4"}
+    assert "injected failure" in errors["fltrust"]
+    monkeypatch.setattr(artifacts._Runner, "run", real)
+    for name in ("accuracy_select", "fltrust"):
+        assert run(nodes, 0, name) == want[name]
+        assert json.dumps(run(nodes, 1, name)) == json.dumps(want[name])
+
+
+def test_an_exchange_that_fails_leaves_each_replica_its_share(store: ObjectStore) -> None:
+    nodes = Nodes(store)
+    want = references(store, nodes, 0)
+    nodes.failing.add("artifacts:rounds")
+    answers = make_router(store, nodes).prefetch([round_shard(JOB, ROUND)])
+    for answer in answers.values():
+        assert "error" not in answer
+        assert "Unhandled" in answer["shared"]["error"]
+        assert answer["invocations"] == 2
+    nodes.failing.clear()
+    # each replica holds only its share; what it lacks it computes, to the same answer
+    assert run(nodes, 0, "contribution_loo") == want["contribution_loo"]
+    assert run(nodes, 1, "accuracy_select") == want["accuracy_select"]
+
+
+def test_a_job_without_a_model_has_no_artifacts_and_no_exchange(store: ObjectStore) -> None:
+    rows = {f"c{i}": Update({"w": np.full(4, i + 1.0, np.float32)}) for i in range(3)}
+    entries = [store.put_update("plain", ROUND, c, u) for c, u in rows.items()]
+    store.commit_round("plain", ROUND, entries)
+    nodes = Nodes(store)
+    answers = make_router(store, nodes).prefetch([round_shard("plain", ROUND)])
+    for answer in answers.values():
+        assert answer["loaded"] == [str(round_shard("plain", ROUND))]
+        assert "artifacts" not in answer and answer["invocations"] == 1
+    assert [op for _, op in nodes.calls] == ["load", "load"]
+
+
+def test_malformed_artifacts_are_refused_with_a_400(store: ObjectStore) -> None:
+    nodes = Nodes(store)
+    make_router(store, nodes).prefetch([round_shard(JOB, ROUND)])
+    shard = str(round_shard(JOB, ROUND))
+    assert nodes.handle(0, {"op": "stats"})["shards"] == [shard]
+    from flstore_core.cache.sharded import content_digest
+
+    digest = content_digest(nodes.round(0).sha256)
+    for bad in (
+        {"op": "artifacts"},
+        {"op": "artifacts", "rounds": {shard: {"content": digest, "entries": [["no", "k", 1]]}}},
+        {"op": "artifacts", "rounds": {shard: {"content": digest, "entries": "x"}}},
+        {"op": "artifacts", "rounds": {"digits/meta": {"content": digest, "entries": []}}},
+        {"op": "artifacts", "compute": {shard: [2, 2]}},
+        {"op": "artifacts", "compute": {shard: "all"}},
+        {"op": "artifacts", "compute": {"digits/meta": [0, 1]}},
+    ):
+        answer = nodes.handle(0, bad)
+        assert answer["status"] == 400, (bad, answer)
+    answer = nodes.handle(
+        0,
+        {
+            "op": "artifacts",
+            "rounds": {shard: {"content": digest, "entries": [["client_accuracy", "0/x", 1.5]]}},
+        },
+    )
+    assert answer["status"] == 400 and "[0, 1]" in answer["error"]["message"]
+    votes = [["feddebug_votes", "k", {"votes": [1, 2], "neurons": 3}]]  # 2 votes, 10 clients
+    answer = nodes.handle(
+        0, {"op": "artifacts", "rounds": {shard: {"content": digest, "entries": votes}}}
+    )
+    assert answer["status"] == 400 and "10 clients" in answer["error"]["message"]
+    other = nodes.handle(
+        0, {"op": "artifacts", "rounds": {shard: {"content": "other", "entries": []}}}
+    )
+    assert other["skipped"] == {shard: "round held with other content"}
+
+
+def test_tasks_past_the_time_budget_are_deferred_to_the_requests(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flstore_core.cache import node as node_module
+
+    monkeypatch.setattr(node_module, "ARTIFACTS_BUDGET_S", 0.0)
+    nodes = Nodes(store)
+    want = references(store, nodes, 1)
+    answers = make_router(store, nodes).prefetch([round_shard(JOB, ROUND)])
+    shard = str(round_shard(JOB, ROUND))
+    deferred: list[str] = []
+    for answer in answers.values():
+        item = answer["artifacts"][shard]
+        assert "error" not in answer and item["tasks"] == [] and item["errors"] == {}
+        deferred += item["deferred"]
+    assert len(deferred) == len(set(deferred)) > 20
+    assert [op for _, op in nodes.calls] == ["load", "load", "artifacts", "artifacts"]
+    assert run(nodes, 1, "contribution_loo") == want["contribution_loo"]
+
+
+def test_a_failing_share_step_leaves_the_round_loaded(store: ObjectStore) -> None:
+    nodes = Nodes(store)
+    want = references(store, nodes, 0)
+    nodes.failing.add("artifacts:compute")
+    answers = make_router(store, nodes).prefetch([round_shard(JOB, ROUND)])
+    for answer in answers.values():
+        assert answer["loaded"] == [str(round_shard(JOB, ROUND))] and "error" not in answer
+        assert "Unhandled" in answer["artifacts"]["error"]
+    nodes.failing.clear()
+    assert run(nodes, 0, "feddebug") == want["feddebug"]
