@@ -522,7 +522,12 @@ def main() -> None:
     p.add_argument("--validation", type=int, default=16, help="validation images")
     p.add_argument("--meta-rounds", type=int, default=30)
     p.add_argument("--meta-clients", type=int, default=60)
-    p.add_argument("--inference-batch", type=int, default=8)
+    p.add_argument(
+        "--inference-batch",
+        type=int,
+        default=4,
+        help="inputs of an inference request (the 256 KiB request body holds ~6 CIFAR images)",
+    )
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--memory-mb", type=int, default=8192)
     p.add_argument("--workloads", help="comma-separated subset of the catalogue")
