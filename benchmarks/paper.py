@@ -46,12 +46,13 @@ round and one round a minute (18 requests a minute; :class:`flstore_core.cost.Re
   work outside requests (:func:`~flstore_core.cost.flstore_overhead_per_request`). That work is
   measured at the end of the run in steady state: with both jobs held warm, a new round of each
   is ingested and prefetched as ingestion prefetches it (``accounting_rounds`` (2) of each),
-  and the prefetch is charged its billed ``load`` invocations — the billed duration and memory
-  of every invocation it made, from each invocation's Lambda REPORT line, as the router's
-  invoker reads them — and the S3 requests the nodes made for it (their ``stats`` before and
-  after); the two jobs' means are added up as one round's work. The keep-warm pings of a month
-  (:func:`~flstore_core.cost.idle_monthly_cost`) are spread over its rounds, and the per-round
-  sum is divided over the round's 18 requests.
+  and the prefetch is charged its billed invocations — each node's billed duration, memory and
+  invocation count as ``Router.prefetch`` reports them (loads and model artifacts; where an
+  answer does not report them, every invocation's Lambda REPORT line as the router's invoker
+  read it, which the JSON also keeps as a cross-check) — and the S3 requests the nodes made
+  for it (their ``stats`` before and after); the two jobs' means are added up as one round's
+  work. The keep-warm pings of a month (:func:`~flstore_core.cost.idle_monthly_cost`) are spread
+  over its rounds, and the per-round sum is divided over the round's 18 requests.
 * ``cost_usd_duration``. Baselines: the servers' price for the request's server-side duration
   only (:func:`~flstore_core.cost.aggregator_duration_cost`, plus S3 requests) — the
   accounting most favourable to them. FLStore's figure is the same as in ``cost_usd``: it pays
@@ -330,6 +331,8 @@ class Prefetch:
     s3_puts: int
     wall_ms: float
     kind: str  # "after_evict" (before a timed request) or "steady" (a new round, nodes warm)
+    source: str = "invoker"  # where the billed durations come from: "router" or "invoker"
+    invoker_billed_ms: float = 0.0  # the same prefetch's invocations as the invoker saw them
 
     @property
     def usd(self) -> float:
@@ -375,6 +378,7 @@ class Flstore:
         """Ingestion's prefetch of ``round_`` of ``job``, with its billed invocations and the S3
         requests the nodes made for it."""
         gets0, puts0 = self.node_counts()
+        reported: list[cost.Invocation] | None = []
         inner = self.router.invoker
         recorder = RecordingInvoker(inner)
         self.router.invoker = recorder  # nothing else is in flight: requests are sequential
@@ -389,16 +393,46 @@ class Flstore:
                 }
                 if failed:
                     raise SystemExit(f"prefetch of {job} failed: {json.dumps(failed)[:500]}")
+                reported = reported_invocations(answers, reported)
         finally:
             self.router.invoker = inner
         wall = (time.perf_counter() - t0) * 1000
         gets1, puts1 = self.node_counts()
-        invocations = [
-            cost.Invocation(a.function, a.billed_ms, a.memory_mb) for a in recorder.answers
-        ]
-        record = Prefetch(job, invocations, gets1 - gets0, puts1 - puts0, wall, kind)
+        seen = [cost.Invocation(a.function, a.billed_ms, a.memory_mb) for a in recorder.answers]
+        # Router.prefetch reports what it cost on each node (6132ad0); the invoker's own record
+        # of every invocation is the fallback and the cross-check
+        invocations, source = (reported, "router") if reported else (seen, "invoker")
+        record = Prefetch(
+            job,
+            invocations,
+            gets1 - gets0,
+            puts1 - puts0,
+            wall,
+            kind,
+            source,
+            sum(i.billed_ms for i in seen),
+        )
         self.prefetches.append(record)
         return record
+
+
+def reported_invocations(
+    answers: Mapping[str, Any], so_far: list[cost.Invocation] | None
+) -> list[cost.Invocation] | None:
+    """``so_far`` plus the invocations a ``Router.prefetch`` answer reports for each node
+    (``invocations``, ``billed_ms``, ``memory_mb``): the node's billed time as one invocation
+    and its other invocations' request fees; None when any node's answer does not say."""
+    if so_far is None:
+        return None
+    out = list(so_far)
+    for function, answer in answers.items():
+        if not isinstance(answer, dict) or "billed_ms" not in answer or "memory_mb" not in answer:
+            return None
+        count = max(1, int(answer.get("invocations", 1)))
+        memory = int(answer["memory_mb"])
+        out.append(cost.Invocation(function, float(answer["billed_ms"]), memory))
+        out.extend(cost.Invocation(function, 0.0, memory) for _ in range(count - 1))
+    return out
 
 
 # ---------------------------------------------------------------------- comparing answers
@@ -716,6 +750,8 @@ def prefetch_stats(records: list[Prefetch]) -> dict[str, Any]:
             sum(i.billed_ms for i in p.invocations) for p in records
         ),
         "memory_mb": sorted({i.memory_mb for p in records for i in p.invocations}),
+        "billed_from": sorted({p.source for p in records}),
+        "invoker_billed_ms_median": statistics.median(p.invoker_billed_ms for p in records),
         "s3_gets_mean": statistics.fmean(p.s3_gets for p in records),
         "s3_puts_mean": statistics.fmean(p.s3_puts for p in records),
     }

@@ -178,6 +178,12 @@ def test_flstore_pays_its_requests_router_and_share_of_the_rounds_prefetch(
         assert measured["prefetches"] == setting["accounting_rounds"]
         assert measured["invocations_per_prefetch"] >= 2 and measured["billed_ms_median"] > 0
         assert measured["memory_mb"] == [setting["memory_mb"]]
+        # billed as Router.prefetch reports it per node, which agrees with every invocation's
+        # own REPORT line as the router's invoker read it
+        assert measured["billed_from"] == ["router"]
+        assert measured["billed_ms_median"] == pytest.approx(
+            measured["invoker_billed_ms_median"], rel=0.05
+        )
         assert measured["usd_mean"] > 0
     assert acc["round_work_usd"] == pytest.approx(sum(m["usd_mean"] for m in steady))
     idle = cost.idle_monthly_cost(
