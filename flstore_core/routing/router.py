@@ -770,22 +770,14 @@ class Router:
                 ):
                     shares.setdefault(function, {})[shard] = [k, len(owners)]
 
-        def compute(function: str) -> tuple[str, NodeAnswer | str]:
-            try:
-                return function, self.invoker.invoke(
-                    function, {"op": "artifacts", "compute": shares[function]}
-                )
-            except NodeFailure as exc:
-                return function, str(exc)
-
-        for function, outcome in self._pool.map(compute, sorted(shares)):
+        events = {f: {"op": "artifacts", "compute": share} for f, share in shares.items()}
+        for function, outcome in self._invoke_each(events):
             payload = answers[function]
             if isinstance(outcome, str):
                 payload["artifacts"] = {"error": outcome}
                 continue
             payload["artifacts"] = outcome.payload.get("computed", outcome.payload)
-            payload["invocations"] = payload.get("invocations", 0) + 1
-            payload["billed_ms"] = payload.get("billed_ms", 0.0) + outcome.billed_ms
+            self._bill(payload, outcome)
 
     def _share_artifacts(self, round_owners: dict[str, list[int]], answers: dict[str, Any]) -> None:
         """Send each owner of a prefetched round the model artifacts its other owners computed
@@ -816,26 +808,36 @@ class Router:
                         "entries": give,
                     }
 
-        def send(function: str) -> tuple[str, NodeAnswer | str]:
-            try:
-                return function, self.invoker.invoke(
-                    function, {"op": "artifacts", "rounds": sends[function]}
-                )
-            except NodeFailure as exc:
-                return function, str(exc)
-
-        for function, outcome in self._pool.map(send, sorted(sends)):
+        events = {f: {"op": "artifacts", "rounds": rounds} for f, rounds in sends.items()}
+        for function, outcome in self._invoke_each(events):
             payload = answers[function]
             if isinstance(outcome, str):
                 payload["shared"] = {"error": outcome}
                 continue
             payload["shared"] = outcome.payload.get("adopted", outcome.payload.get("error"))
-            payload["invocations"] = payload.get("invocations", 0) + 1
-            payload["billed_ms"] = payload.get("billed_ms", 0.0) + outcome.billed_ms
+            self._bill(payload, outcome)
         for payload in answers.values():
             for item in payload.get("artifacts", {}).values() if isinstance(payload, dict) else ():
                 if isinstance(item, dict):
                     item["values"] = len(item.pop("entries", None) or [])
+
+    def _invoke_each(self, events: dict[str, dict[str, Any]]) -> list[tuple[str, NodeAnswer | str]]:
+        """Invoke each function with its event, in parallel, in name order: ``(function, its
+        answer)``, or the failure's message where the node could not answer."""
+
+        def one(function: str) -> tuple[str, NodeAnswer | str]:
+            try:
+                return function, self.invoker.invoke(function, events[function])
+            except NodeFailure as exc:
+                return function, str(exc)
+
+        return list(self._pool.map(one, sorted(events)))
+
+    @staticmethod
+    def _bill(payload: dict[str, Any], outcome: NodeAnswer) -> None:
+        """Count one more invocation of a prefetch's node, and its billed duration."""
+        payload["invocations"] = payload.get("invocations", 0) + 1
+        payload["billed_ms"] = payload.get("billed_ms", 0.0) + outcome.billed_ms
 
     def _prefetch_models(self, shard: ShardKey, plan: RoundPlan) -> None:
         """Write a sharded round's default aggregate models (``FLSTORE_PREFETCH_MODELS``), as
