@@ -51,6 +51,22 @@ def build(name: str, seed: int | None = None) -> nn.Module:
     return _BUILDERS[name]()
 
 
+def blank(name: str) -> nn.Module:
+    """A model of architecture ``name`` with uninitialised tensors, for :func:`load_vector` to
+    fill: every state-dict entry is overwritten by a load, so the random initialisation
+    :func:`build` runs (~50 ms for ``resnet18_cifar``'s 11.2M parameters) would be thrown away.
+    Built on the meta device (shapes only), then given real, uninitialised memory."""
+    import torch
+
+    if name not in INPUT_SHAPES:
+        raise ValidationError(f"unknown model {name!r}; known models: {', '.join(names())}")
+    if not _BUILDERS:
+        _register_builders()
+    with torch.device("meta"):
+        model = _BUILDERS[name]()
+    return model.to_empty(device="cpu")
+
+
 def state_specs(model: nn.Module) -> list[TensorSpec]:
     """Tensor specs (names, dtypes, shapes) of a model's state dict, in order."""
     from flstore_core.data.codec import dtype_name
@@ -95,13 +111,18 @@ def check_names(model_names: Sequence[str], specs: Sequence[TensorSpec]) -> None
 
 
 def load_vector(
-    model: nn.Module, vector: npt.NDArray[Any], specs: Sequence[TensorSpec]
+    model: nn.Module, vector: npt.NDArray[Any], specs: Sequence[TensorSpec], share: bool = False
 ) -> nn.Module:
     """Load a flattened weights vector (a round-matrix row laid out by ``specs``) into ``model``.
 
     Tensors are matched by name, whatever order ``specs`` lists them in (the ``safetensors``
     library stores them sorted by name, a model's state dict in registration order); the names
     must be the model's, and the error names the first tensor that is not.
+
+    With ``share`` the model's float tensors become views of ``vector`` (when it is writable
+    float32; a read-only one is copied, as torch wants writable memory) instead of copies: no
+    4 B/param copy (~60 ms for ResNet-18, far more on a busy host). Only for a model that only
+    evaluates: training it would write into ``vector``.
     """
     import torch
 
@@ -117,23 +138,28 @@ def load_vector(
                 f"{list(target.shape)} in the model"
             )
         if target.dtype.is_floating_point:
-            new_state[spec.name] = torch.from_numpy(np.ascontiguousarray(chunk, np.float32)).to(
-                target.dtype
-            )
+            values = np.ascontiguousarray(chunk, np.float32)
+            if share and not values.flags.writeable:
+                values = values.copy()
+            new_state[spec.name] = torch.from_numpy(values).to(target.dtype)
         else:
             new_state[spec.name] = torch.from_numpy(np.asarray(np.rint(chunk), dtype=np.int64)).to(
                 target.dtype
             )
-    model.load_state_dict(new_state)
+    # assign: the module takes these tensors (views of the vector) rather than copying them
+    model.load_state_dict(new_state, assign=share)
     return model
 
 
-# parameters × inputs under which a forward pass runs on one torch thread: splitting a small
-# pass over threads costs more in synchronisation than it saves, and a busy host makes it far
-# worse (measured on 2 shared cores, load average ~16: digits_cnn, 38k parameters, on its 360
-# validation inputs — 1.4e7 — 24-56 ms on one thread, 190-220 ms on two). A ResNet-18 pass
-# (1.1e7 parameters) on any batch is above it and keeps the process's thread count
-SMALL_PASS = 5e7
+# parameters × inputs under which a forward pass runs on one torch thread: splitting a pass
+# over threads costs more in synchronisation than it saves on a busy host (measured on 2 shared
+# cores, load average ~16: digits_cnn, 38k parameters, on its 360 validation inputs — 1.4e7 —
+# 24-56 ms on one thread, 190-220 ms on two; load average ~4: resnet18_cifar, 1.1e7 parameters,
+# on 16 inputs — 1.8e8 — 0.12-0.15 s on one thread, 0.32-1.47 s on two; on 64, 0.62-0.67 s
+# against 1.27-1.76 s; on 256 — 2.9e9 — 3.5-3.8 s against 4.4-5.0 s). The logits were the same
+# bits on one thread and two in each case. Past it (a validation set of over ~350 CIFAR images
+# for ResNet-18) a pass keeps the process's thread count
+SMALL_PASS = 4e9
 
 _threads_lock = threading.Lock()
 _threads_users = 0

@@ -67,10 +67,13 @@ def test_client_accuracies_are_computed_once_and_shared(
 
     loo = run("contribution_loo", data).result  # U(N) and the 10 leave-one-out aggregates
     assert data.stats.computed["model_accuracy"] == 20 + 1
+    assert data.stats.computed["subset_accuracy"] == 1 + 10
     pers = run("personalize", data, client="client-02", peers=3, by="accuracy").result
-    # peers' and the client's accuracies, and the FedAvg model (= U(N)), come from memory:
-    # only the personalized model is evaluated
-    assert data.stats.computed["model_accuracy"] == 22
+    # peers' and the client's accuracies, and the FedAvg model (= U(N), the same coefficients'
+    # key), come from memory: only the personalized model is evaluated, keyed by its
+    # coefficients as a U(S) is (its weights are not hashed)
+    assert data.stats.computed["model_accuracy"] == 21
+    assert data.stats.computed["subset_accuracy"] == 12
     assert pers["global_accuracy"] == loo["utility_all"]
     assert pers["client_accuracy"] == first["scores"]["client-02"]
     other = fresh(digits)

@@ -190,7 +190,7 @@ def test_prefetch_splits_the_artifacts_and_every_replica_answers_from_them(
                 if v != before[i].get(k, 0)
             }
             if name == "personalize":  # its own aggregate is the one model it evaluates
-                assert new == {"model_accuracy": 1}, new
+                assert new == {"subset_accuracy": 1}, new
             elif name == "contribution_shapley":  # subsets of 2..n-2 clients are its own
                 assert set(new) <= {"subset_accuracy", "model_accuracy"}
             else:  # everything it needed was computed at prefetch, on either replica

@@ -593,6 +593,9 @@ class NoAccuracy:
     def client_accuracy(self, row: int) -> float:
         return 0.0
 
+    def aggregate_accuracy(self, coefficients: Any, weights: Any) -> float:
+        return 0.0
+
 
 @PROPS
 @given(

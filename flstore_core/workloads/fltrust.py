@@ -95,7 +95,7 @@ def server_update(
     assert data.base is not None
     name = data.context.model_name()
     x, y = data.context.validation()
-    model: nn.Module = models.load_vector(models.build(name), data.base, data.specs)
+    model: nn.Module = models.load_vector(models.blank(name), data.base, data.specs)
     rng = np.random.default_rng(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -242,7 +242,8 @@ def fltrust_step(
     weights = np.asarray(share).astype(np.float32)
     for a, b in complement(data.columns.runs(include_buffers), int(data.matrix.shape[1])):
         aggregate[a:b] = weights @ data.matrix[:, a:b]
-    return np.float32(factor) * aggregate
+    aggregate *= np.float32(factor)  # in place: no second 4 B/param array
+    return aggregate
 
 
 register_columnwise("fltrust", fltrust_step)

@@ -14,7 +14,9 @@ and the round's FedAvg model's, and stores the model (``model_key``).
 
 Accuracies are the round's shared evaluations (:mod:`flstore_core.workloads.evaluation`): the
 clients' own models are those accuracy_select scores, the FedAvg model is contribution_loo's
-``U(N)`` (the same float32 weights), and a repeated request evaluates nothing.
+``U(N)`` (the same float32 coefficients, so the same key: read from memory without building the
+model), the personalized model is keyed by its coefficients as a ``U(S)`` is, and a repeated
+request evaluates nothing.
 """
 
 from __future__ import annotations
@@ -115,7 +117,13 @@ def personalize(
     # w_c' = Σ_{j ∈ {c} ∪ P} n_j w_j / Σ n_j  (deltas averaged, then the base added back)
     model = data.to_weights(data.weighted_mean(w))
     everyone = sizes if sizes.sum() > 0 else np.ones(data.n)
-    global_model = data.to_weights(data.weighted_mean(everyone))
+    # both models' accuracies keyed by their coefficients, as contribution's U(S): the FedAvg
+    # model is U(N) (computed at prefetch: built only when not), the personalized one is
+    # evaluated without hashing its 4 B/param weights
+    accuracy = scorer.aggregate_accuracy(w, lambda: model)
+    global_accuracy = scorer.aggregate_accuracy(
+        everyone, lambda: data.to_weights(data.weighted_mean(everyone))
+    )
     return WorkloadResult(
         {
             "client": client,
@@ -123,9 +131,9 @@ def personalize(
             "peers": chosen,
             "scores": {data.clients[i]: float(score_all[i]) for i in others},
             "weights": {data.clients[i]: float(w[i] / w.sum()) for i in members},
-            "accuracy": scorer.accuracy(model),
+            "accuracy": accuracy,
             "client_accuracy": scorer.client_accuracy(row),
-            "global_accuracy": scorer.accuracy(global_model),
+            "global_accuracy": global_accuracy,
         },
         model=model,
     )
