@@ -50,6 +50,38 @@ def test_listings_are_in_key_order_with_common_prefixes(blobs: BlobStore) -> Non
     assert list(blobs.list_prefixes("jobs/a/")) == ["jobs/a/sub/"]
 
 
+def test_a_delimited_listing_leaves_out_what_it_rolls_up(blobs: BlobStore) -> None:
+    keys = ["jobs/j/rounds/00000000/manifest.json", "jobs/j/rounds/00000001/manifest.json"]
+    keys += [
+        f"jobs/j/rounds/0000000{r}/updates/c{i}.safetensors.zst" for r in (0, 1) for i in (1, 2)
+    ]
+    for key in keys:
+        blobs.put(key, b".")
+    listed = [i.key for i in blobs.list("jobs/j/rounds/", delimiter="/updates/")]
+    assert listed == keys[:2]
+    assert len(list(blobs.list("jobs/j/rounds/"))) == len(keys)  # no delimiter: every key
+
+
+def test_manifest_versions_list_one_page_whatever_the_updates(store: ObjectStore) -> None:
+    """A job's rounds are found from its manifests alone: 1,200 update objects (more than one
+    LIST page of 1,000 keys) are not listed."""
+    pages: list[int] = []
+    client = store.blobs.client  # type: ignore[attr-defined]
+
+    def count(**kwargs: object) -> None:
+        pages.append(1)
+
+    client.meta.events.register("before-call.s3.ListObjectsV2", count)
+    for r in range(2):
+        for i in range(600):
+            store.blobs.put(f"jobs/j/rounds/{r:08d}/updates/c{i}.safetensors.zst", b".")
+        store.blobs.put(f"jobs/j/rounds/{r:08d}/manifest.json", b"{}")
+    pages.clear()
+    versions = store.manifest_versions("j")
+    assert list(versions) == [0, 1] and all(versions.values())
+    assert len(pages) == 1
+
+
 def test_delete_removes_and_tolerates_missing(blobs: BlobStore) -> None:
     blobs.put("jobs/j/a", b"1")
     blobs.delete("jobs/j/a")

@@ -37,9 +37,9 @@ class CountingMemory(MemoryBlobStore):
         self.gets += 1
         return super().get(key)
 
-    def list(self, prefix: str) -> Iterator[BlobInfo]:
+    def list(self, prefix: str, delimiter: str | None = None) -> Iterator[BlobInfo]:
         self.lists += 1
-        return super().list(prefix)
+        return super().list(prefix, delimiter)
 
 
 def committed(rounds: int = 2, clients: int = 3) -> tuple[ObjectStore, CountingMemory]:

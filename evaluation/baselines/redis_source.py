@@ -258,9 +258,10 @@ class RedisObjects:
             raise UnavailableError(f"Redis at {self.url} failed: {exc}") from exc
         return BlobInfo(key, size) if exists else None
 
-    def list(self, prefix: str) -> Iterator[BlobInfo]:
+    def list(self, prefix: str, delimiter: str | None = None) -> Iterator[BlobInfo]:
         for key in self._indexed(prefix):
-            yield BlobInfo(key, -1)
+            if not (delimiter and delimiter in key[len(prefix) :]):
+                yield BlobInfo(key, -1)
 
     def list_prefixes(self, prefix: str, delimiter: str = "/") -> Iterator[str]:
         seen: set[str] = set()

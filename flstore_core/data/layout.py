@@ -9,6 +9,9 @@ from __future__ import annotations
 from flstore_core.ids import validate_client, validate_job, validate_round
 
 UPDATE_SUFFIX = ".safetensors.zst"
+# what a listing of a job's rounds is delimited by: every round's update objects roll up into
+# one common prefix, so the listing names the manifests without the updates
+UPDATES_DELIMITER = "/updates/"
 
 
 def job_prefix(job: str) -> str:

@@ -88,8 +88,10 @@ class BlobStore(Protocol):
         """Size and tag of a blob without its bytes, or ``None`` if there is no such key."""
         ...
 
-    def list(self, prefix: str) -> Iterator[BlobInfo]:
-        """Every blob whose key starts with ``prefix``, in key order."""
+    def list(self, prefix: str, delimiter: str | None = None) -> Iterator[BlobInfo]:
+        """Every blob whose key starts with ``prefix``, in key order; with ``delimiter``, only
+        those with no ``delimiter`` after the prefix (S3's ``Contents`` of a delimited LIST:
+        the keys it rolls up into common prefixes are not listed one by one)."""
         ...
 
     def list_prefixes(self, prefix: str, delimiter: str = "/") -> Iterator[str]:
@@ -160,8 +162,8 @@ class CountingBlobStore:
     def head(self, key: str) -> BlobInfo | None:
         return self.inner.head(key)
 
-    def list(self, prefix: str) -> Iterator[BlobInfo]:
-        return self.inner.list(prefix)
+    def list(self, prefix: str, delimiter: str | None = None) -> Iterator[BlobInfo]:
+        return self.inner.list(prefix, delimiter)
 
     def list_prefixes(self, prefix: str, delimiter: str = "/") -> Iterator[str]:
         return self.inner.list_prefixes(prefix, delimiter)
@@ -216,8 +218,8 @@ class ReadThroughBlobStore:
     def head(self, key: str) -> BlobInfo | None:
         return self.reads.head(key)
 
-    def list(self, prefix: str) -> Iterator[BlobInfo]:
-        return self.reads.list(prefix)
+    def list(self, prefix: str, delimiter: str | None = None) -> Iterator[BlobInfo]:
+        return self.reads.list(prefix, delimiter)
 
     def list_prefixes(self, prefix: str, delimiter: str = "/") -> Iterator[str]:
         return self.reads.list_prefixes(prefix, delimiter)

@@ -68,9 +68,13 @@ class MemoryBlobStore:
             entry = self._blobs.get(key)
         return None if entry is None else BlobInfo(key, len(entry[0]), entry[1], entry[2])
 
-    def list(self, prefix: str) -> Iterator[BlobInfo]:
+    def list(self, prefix: str, delimiter: str | None = None) -> Iterator[BlobInfo]:
         with self._lock:
-            items = sorted((k, v) for k, v in self._blobs.items() if k.startswith(prefix))
+            items = sorted(
+                (k, v)
+                for k, v in self._blobs.items()
+                if k.startswith(prefix) and not (delimiter and delimiter in k[len(prefix) :])
+            )
         for key, (body, etag, modified) in items:
             yield BlobInfo(key, len(body), etag, modified)
 

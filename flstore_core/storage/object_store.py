@@ -443,10 +443,14 @@ class ObjectStore:
         """Every committed round of a job, ascending, with its manifest's version tag (the
         object's ETag) — from the one LIST that :meth:`list_rounds` makes anyway, so that a
         cache of manifests can tell a rewritten one (a backfill, a late client) from the copy
-        it holds without a HEAD per manifest."""
+        it holds without a HEAD per manifest.
+
+        The LIST is delimited by ``/updates/``: each round's update objects are rolled up into
+        one common prefix, so the listing grows with the job's rounds, not with its update
+        objects (50 rounds of 100 clients: one page, not six)."""
         prefix = layout.rounds_prefix(job)
         versions: dict[int, str] = {}
-        for info in self.blobs.list(prefix):
+        for info in self.blobs.list(prefix, delimiter=layout.UPDATES_DELIMITER):
             key = info.key
             if key.endswith("/manifest.json"):
                 r = layout.parse_round_from_key(job, key)

@@ -217,8 +217,8 @@ class S3BlobStore:
             str(head.get("LastModified") or ""),
         )
 
-    def list(self, prefix: str) -> Iterator[BlobInfo]:
-        for page in self._pages(prefix, None):
+    def list(self, prefix: str, delimiter: str | None = None) -> Iterator[BlobInfo]:
+        for page in self._pages(prefix, delimiter):
             for item in page.get("Contents", []):
                 yield BlobInfo(
                     str(item["Key"]),
