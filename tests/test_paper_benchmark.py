@@ -202,3 +202,28 @@ def test_flstore_pays_its_requests_router_and_share_of_the_rounds_prefetch(
         )
         assert run["cost_usd_request"] >= api_floor  # every request pays API Gateway
         assert run["cost_usd_duration"] == run["cost_usd"]  # per use in both accountings
+
+
+def test_target_budgets_compare_what_a_target_allows_with_what_flstore_spent(
+    report: dict[str, Any],
+) -> None:
+    acc = report["accounting"]
+    budgets = acc["target_budgets"]
+    runs = by_key(report)
+    names = sorted({r["workload"] for r in report["runs"]})
+    spent = sum(runs[(w, "flstore-warm")]["cost_usd"] for w in names)
+    assert budgets["spent_per_round_usd"] == pytest.approx(spent, rel=1e-9)
+    overhead = acc["flstore_overhead_per_request_usd"] * len(names)
+    assert budgets["requests_usd"] == pytest.approx(spent - overhead, rel=1e-9)
+    # the digits job has a validation set: its prefetch computed model artifacts
+    art_ms = sum(j["steady"]["artifacts_ms_median"] for j in acc["prefetch"].values())
+    assert art_ms > 0 and budgets["artifacts_ms"] == pytest.approx(art_ms)
+    floor = cost.invocations_cost([cost.Invocation("a", art_ms, 1769)])
+    assert budgets["artifacts_floor_usd"] == pytest.approx(floor, rel=1e-9)
+    for baseline in BASELINES:
+        b = budgets[baseline]
+        target = TARGETS[baseline]["cost_reduction_avg"]
+        allowed = (1 - target) * sum(runs[(w, baseline)]["cost_usd"] for w in names)
+        assert b["allowed_per_round_usd"] == pytest.approx(allowed, rel=1e-9)
+        assert b["fits"] == (spent <= allowed)
+        assert b["artifacts_floor_fits"] == (floor <= allowed)
