@@ -11,13 +11,17 @@ requests, interleaved so the machine's drift hits them alike:
 * ``flstore-router``: ``Router.run`` called directly (no gateway, no Powertools);
 * ``flstore-invoke``: the router's invoker alone (boto3 ``lambda.invoke`` to the endpoint);
 * ``flstore-endpoint``: the local Lambda's ``invoke`` in-process (no HTTP, the worker's pipe);
+* ``flstore-http-socket`` (``--socket``): the first layer with the router's ``lambda.invoke``
+  sent over the loopback socket to the endpoint's HTTP server (``StackConfig.in_process_invoke``
+  False), interleaved with the in-process one, for an A/B on one loaded machine;
 * ``cache-agg`` / ``objstore-agg``: the aggregator baselines through the same client, when
   redis-server is installed (``--baselines``).
 
 ``--profile OUT`` also writes a cProfile of the gateway layer (every request in this thread) and
 prints its top functions. Output: ARCHITECTURE §9 (``--json OUT``).
 
-    .venv/bin/python benchmarks/request_floor.py --requests 2000 --json bench-out/floor.json
+    .venv/bin/python benchmarks/request_floor.py --requests 2000 --socket \\
+        --baselines cache-agg,objstore-agg --json bench-out/request_floor.json
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import parser, summarize, write_report
+from flstore_core.aws import lambda_client
+from flstore_core.routing.invoker import NodeInvoker
 from flstore_core.routing.placement import meta_shard, node_name, rank_nodes, round_shard
 from flstore_core.sdk.client import FLStoreClient
 from flstore_core.workloads import get
@@ -49,7 +55,12 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=2000, help="requests per layer")
     p.add_argument("--workloads", default="oort_select,cosine_select")
     p.add_argument("--layers", default="http,gateway,router,invoke,endpoint")
-    p.add_argument("--baselines", action="store_true", help="also time cache-agg, objstore-agg")
+    p.add_argument(
+        "--baselines",
+        default="",
+        help="also time these aggregators through the same client: cache-agg,objstore-agg",
+    )
+    p.add_argument("--socket", action="store_true", help="also time invokes over the socket")
     p.add_argument("--profile", metavar="OUT", help="cProfile of the gateway layer to OUT")
     args = p.parse_args()
     from evaluation.digits_job import simulate
@@ -68,12 +79,14 @@ def main() -> None:
         client = FLStoreClient(stack.gateway_url, stack.token)
         aggs: dict[str, FLStoreClient] = {}
         if args.baselines:
-            aggs = _baselines(stack, cm)
+            aggs = _baselines(stack, cm, args.baselines.split(","))
         for name in workloads:
             cls = get(name).cls
             rnd = last if cls == "round" else None
             calls = layer_calls(stack, client, name, rnd)
             systems = {f"flstore-{layer}": calls[layer] for layer in layers}
+            if args.socket:
+                systems["flstore-http-socket"] = over_socket(stack, calls["http"])
             for system, agg in aggs.items():
                 systems[system] = client_call(agg, name, rnd)
             for fn in systems.values():  # warm-up
@@ -117,6 +130,24 @@ def client_call(client: FLStoreClient, name: str, rnd: int | None) -> Callable[[
     return lambda: client.run(JOB, name, round=rnd, **PARAMS.get(name, {}))
 
 
+def over_socket(stack: LocalStack, call: Callable[[], object]) -> Callable[[], object]:
+    """``call`` with the router invoking its nodes over HTTP (a client without the in-process
+    transport), the router's own invoker put back after it."""
+    router, lam = stack.router, stack.lam
+    assert router is not None and lam is not None
+    socket_invoker = NodeInvoker(lambda_client(lam.url), stack.config.memory_mb)
+
+    def run() -> object:
+        assert router is not None
+        own, router.invoker = router.invoker, socket_invoker
+        try:
+            return call()
+        finally:
+            router.invoker = own
+
+    return run
+
+
 def layer_calls(
     stack: LocalStack, client: FLStoreClient, name: str, rnd: int | None
 ) -> dict[str, Callable[[], object]]:
@@ -156,7 +187,7 @@ def layer_calls(
     }
 
 
-def _baselines(stack: LocalStack, cm: ExitStack) -> dict[str, FLStoreClient]:
+def _baselines(stack: LocalStack, cm: ExitStack, which: list[str]) -> dict[str, FLStoreClient]:
     from evaluation.baselines import (
         Aggregator,
         RedisServer,
@@ -166,9 +197,11 @@ def _baselines(stack: LocalStack, cm: ExitStack) -> dict[str, FLStoreClient]:
     )
 
     assert stack.store is not None
-    s3 = cm.enter_context(Aggregator("s3", stack.s3_endpoint, stack.config.bucket))
-    out = {"objstore-agg": FLStoreClient(s3.url, stack.token)}
-    if redis_server_binary() is not None:
+    out: dict[str, FLStoreClient] = {}
+    if "objstore-agg" in which:
+        s3 = cm.enter_context(Aggregator("s3", stack.s3_endpoint, stack.config.bucket))
+        out["objstore-agg"] = FLStoreClient(s3.url, stack.token)
+    if "cache-agg" in which and redis_server_binary() is not None:
         redis = cm.enter_context(RedisServer())
         rc = redis.client()
         for r in stack.store.list_rounds(JOB):

@@ -16,6 +16,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
+from lambdas.local_runtime.in_process import serve_in_process
 from lambdas.local_runtime.lambda_endpoint import FunctionSpec, LocalLambda, function_name_from
 
 FIXTURES = "fixtures_lambda.echo_handler"
@@ -29,9 +30,11 @@ def endpoint() -> Iterator[LocalLambda]:
         yield lam
 
 
-@pytest.fixture(scope="module")
-def client(endpoint: LocalLambda) -> Any:
-    return boto3.client(
+@pytest.fixture(scope="module", params=["http", "in-process"])
+def client(request: pytest.FixtureRequest, endpoint: LocalLambda) -> Iterator[Any]:
+    """boto3's client over HTTP, and over the in-process transport the local stack's router
+    uses: every test of this module holds for both."""
+    lam = boto3.client(
         "lambda",
         endpoint_url=endpoint.url,
         region_name="us-east-1",
@@ -39,6 +42,12 @@ def client(endpoint: LocalLambda) -> Any:
         aws_secret_access_key="x",
         config=Config(retries={"max_attempts": 0}, read_timeout=30, max_pool_connections=20),
     )
+    if request.param == "http":
+        yield lam
+        return
+    transport = serve_in_process(lam, endpoint)
+    yield lam
+    assert transport.answered > 0  # the module's requests did not go over the socket
 
 
 @pytest.fixture

@@ -85,8 +85,116 @@ class InvokeApiServer(ThreadingHTTPServer):
         self.backend = backend
 
 
+class HeaderLookup(Protocol):
+    """The request headers as both transports hold them: a case-insensitive ``get``."""
+
+    def get(self, name: str, /) -> Any:
+        """The value of header ``name`` (any case), else None."""
+        ...
+
+
+#: An Invoke API answer: HTTP status, headers and body.
+InvokeAnswer = tuple[int, dict[str, str], bytes]
+
+
+def answer_invoke(
+    backend: InvokeBackend, method: str, target: str, headers: HeaderLookup, body: bytes
+) -> InvokeAnswer:
+    """The Invoke API's answer to one request, whatever carried it.
+
+    The HTTP server (:class:`InvokeApiServer`) and the in-process transport
+    (:mod:`lambdas.local_runtime.in_process`) both answer through this, so a request gets the
+    same status, headers and body either way. Errors of the service are answered as
+    :class:`InvokeApiError` responses, and a bug here as a 500 ``ServiceException`` (boto3 must
+    get an answer it can parse, never a dropped connection it would retry blindly).
+    """
+    request_id = str(uuid.uuid4())
+    try:
+        if method != "POST":
+            raise _unknown_operation(method, target)
+        return _dispatch(backend, _function_name(method, target), headers, body)
+    except InvokeApiError as exc:
+        return _error_answer(exc, request_id)
+    except Exception as exc:
+        log.exception("local Lambda endpoint failed on %s", target)
+        error = InvokeApiError(500, "ServiceException", {"Type": "Service", "Message": str(exc)})
+        return _error_answer(error, request_id)
+
+
+def _dispatch(
+    backend: InvokeBackend, name: str, headers: HeaderLookup, body: bytes
+) -> InvokeAnswer:
+    given = headers.get("X-Amz-Invocation-Type")
+    invocation_type = "RequestResponse" if given is None else str(given)
+    if invocation_type not in ("RequestResponse", "Event", "DryRun"):
+        raise InvokeApiError.invalid_parameter(
+            f"1 validation error detected: Value '{invocation_type}' at 'invocationType' "
+            "failed to satisfy constraint: Member must satisfy enum value set: "
+            "[Event, RequestResponse, DryRun]"
+        )
+    limit = ASYNC_PAYLOAD_LIMIT if invocation_type == "Event" else SYNC_PAYLOAD_LIMIT
+    if len(body) > limit:
+        raise InvokeApiError.too_large(limit)
+    if body.strip():
+        try:
+            json.loads(body)
+        except ValueError as exc:
+            raise InvokeApiError.invalid_content(
+                f"Could not parse request body into json: {exc}"
+            ) from exc
+    if invocation_type == "DryRun":
+        backend.function_spec(name)
+        return 204, {"x-amzn-RequestId": str(uuid.uuid4())}, b""
+    if invocation_type == "Event":
+        backend.invoke_event(name, body)
+        return 202, {"x-amzn-RequestId": str(uuid.uuid4())}, b""
+    result = backend.invoke(name, body)
+    out = {
+        "x-amzn-RequestId": result.request_id,
+        "Content-Type": "application/json",
+        "X-Amz-Executed-Version": "$LATEST",
+        "X-Flstore-Billed-Duration-Ms": str(result.billed_duration_ms),
+        "X-Flstore-Max-Memory-Mb": str(result.max_memory_mb),
+    }
+    if result.function_error:
+        out["X-Amz-Function-Error"] = result.function_error
+    if headers.get("X-Amz-Log-Type") == "Tail":
+        out["X-Amz-Log-Result"] = result.log_tail()
+    return 200, out, result.payload
+
+
+def _function_name(method: str, target: str) -> str:
+    parts = urlsplit(target)
+    segments = parts.path.strip("/").split("/")
+    if (
+        len(segments) != 4
+        or segments[0] != "2015-03-31"
+        or segments[1] != "functions"
+        or segments[3] != "invocations"
+    ):
+        raise _unknown_operation(method, target)
+    qualifier = parse_qs(parts.query).get("Qualifier", ["$LATEST"])[0]
+    del qualifier  # one version per function locally; every qualifier is $LATEST
+    return function_name_from(unquote(segments[2]))
+
+
+def _unknown_operation(method: str, target: str) -> InvokeApiError:
+    return InvokeApiError(
+        404, "UnknownOperationException", {"Type": "User", "Message": f"{method} {target}"}
+    )
+
+
+def _error_answer(exc: InvokeApiError, request_id: str) -> InvokeAnswer:
+    headers = {
+        "x-amzn-RequestId": request_id,
+        "x-amzn-ErrorType": exc.error_type,
+        "Content-Type": "application/json",
+    }
+    return exc.status, headers, json.dumps(exc.body).encode()
+
+
 class _InvokeRequestHandler(BaseHTTPRequestHandler):
-    """Parses Invoke requests and writes Lambda responses."""
+    """Reads Invoke requests off HTTP and writes the answers of :func:`answer_invoke`."""
 
     protocol_version = "HTTP/1.1"  # keep-alive, as botocore's connection pool expects
     server_version = "FLStoreLocalLambda/1.0"
@@ -106,86 +214,18 @@ class _InvokeRequestHandler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def do_POST(self) -> None:
-        request_id = str(uuid.uuid4())
         try:
             body = self._read_body()
-            name = self._function_name()
-            self._dispatch(name, body, request_id)
-        except InvokeApiError as exc:
-            self._send_error(exc, request_id)
-        except Exception as exc:  # a bug here must still answer, or boto3 retries blindly
-            log.exception("local Lambda endpoint failed on %s", self.path)
+        except (ValueError, OSError) as exc:  # a malformed length or chunk: still an answer
             error = InvokeApiError(
-                500, "ServiceException", {"Type": "Service", "Message": str(exc)}
+                400, "InvalidRequestContentException", {"Type": "User", "message": str(exc)}
             )
-            self._send_error(error, request_id)
-
-    def do_GET(self) -> None:
-        self._read_body()
-        self._send_error(self._unknown_operation(), str(uuid.uuid4()))
-
-    do_PUT = do_DELETE = do_GET
-
-    def _dispatch(self, name: str, body: bytes, request_id: str) -> None:
-        invocation_type = self.headers.get("X-Amz-Invocation-Type", "RequestResponse")
-        if invocation_type not in ("RequestResponse", "Event", "DryRun"):
-            raise InvokeApiError.invalid_parameter(
-                f"1 validation error detected: Value '{invocation_type}' at 'invocationType' "
-                "failed to satisfy constraint: Member must satisfy enum value set: "
-                "[Event, RequestResponse, DryRun]"
-            )
-        limit = ASYNC_PAYLOAD_LIMIT if invocation_type == "Event" else SYNC_PAYLOAD_LIMIT
-        if len(body) > limit:
-            raise InvokeApiError.too_large(limit)
-        if body.strip():
-            try:
-                json.loads(body)
-            except ValueError as exc:
-                raise InvokeApiError.invalid_content(
-                    f"Could not parse request body into json: {exc}"
-                ) from exc
-        if invocation_type == "DryRun":
-            self.backend.function_spec(name)
-            self._send(204, b"", {"x-amzn-RequestId": request_id})
+            self.close_connection = True
+            self._send(*_error_answer(error, str(uuid.uuid4())))
             return
-        if invocation_type == "Event":
-            self.backend.invoke_event(name, body)
-            self._send(202, b"", {"x-amzn-RequestId": request_id})
-            return
-        result = self.backend.invoke(name, body)
-        headers = {
-            "x-amzn-RequestId": result.request_id,
-            "Content-Type": "application/json",
-            "X-Amz-Executed-Version": "$LATEST",
-            "X-Flstore-Billed-Duration-Ms": str(result.billed_duration_ms),
-            "X-Flstore-Max-Memory-Mb": str(result.max_memory_mb),
-        }
-        if result.function_error:
-            headers["X-Amz-Function-Error"] = result.function_error
-        if self.headers.get("X-Amz-Log-Type", "None") == "Tail":
-            headers["X-Amz-Log-Result"] = result.log_tail()
-        self._send(200, result.payload, headers)
+        self._send(*answer_invoke(self.backend, self.command, self.path, self.headers, body))
 
-    def _function_name(self) -> str:
-        parts = urlsplit(self.path)
-        segments = parts.path.strip("/").split("/")
-        if (
-            len(segments) != 4
-            or segments[0] != "2015-03-31"
-            or segments[1] != "functions"
-            or segments[3] != "invocations"
-        ):
-            raise self._unknown_operation()
-        qualifier = parse_qs(parts.query).get("Qualifier", ["$LATEST"])[0]
-        del qualifier  # one version per function locally; every qualifier is $LATEST
-        return function_name_from(unquote(segments[2]))
-
-    def _unknown_operation(self) -> InvokeApiError:
-        return InvokeApiError(
-            404,
-            "UnknownOperationException",
-            {"Type": "User", "Message": f"{self.command} {self.path}"},
-        )
+    do_GET = do_PUT = do_DELETE = do_POST
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -203,15 +243,7 @@ class _InvokeRequestHandler(BaseHTTPRequestHandler):
             yield self.rfile.read(size)
             self.rfile.readline()
 
-    def _send_error(self, exc: InvokeApiError, request_id: str) -> None:
-        headers = {
-            "x-amzn-RequestId": request_id,
-            "x-amzn-ErrorType": exc.error_type,
-            "Content-Type": "application/json",
-        }
-        self._send(exc.status, json.dumps(exc.body).encode(), headers)
-
-    def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+    def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)

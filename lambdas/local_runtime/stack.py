@@ -27,6 +27,7 @@ from flstore_core.routing.router import Router, RouterConfig
 from flstore_core.storage.object_store import ObjectStore
 from lambdas.authorizer import decide
 from lambdas.local_runtime.gateway import AUTHORIZER_CACHE_TTL_S, LocalGateway
+from lambdas.local_runtime.in_process import InProcessTransport, serve_in_process
 from lambdas.local_runtime.lambda_endpoint import FunctionSpec, LocalLambda
 from lambdas.local_runtime.s3_server import LocalS3
 from lambdas.router import build_app, handle
@@ -58,6 +59,9 @@ class StackConfig:
     tokens: dict[str, list[str]] = field(default_factory=dict)  # extra tokens -> granted jobs
     # how long the gateway caches the authorizer's answers (authorizerResultTtlInSeconds)
     authorizer_ttl_s: float = AUTHORIZER_CACHE_TTL_S
+    # the router's boto3 lambda.invoke reaches the local endpoint in this process, without the
+    # loopback socket (lambdas.local_runtime.in_process); False sends it over HTTP
+    in_process_invoke: bool = True
 
     def __post_init__(self) -> None:
         if self.budget_bytes is not None and not 0 < self.budget_bytes < self.memory_mb * MiB:
@@ -88,6 +92,8 @@ class LocalStack:
         self.gateway: LocalGateway | None = None
         self.router: Router | None = None
         self.store: ObjectStore | None = None
+        # what answers the router's lambda.invoke in this process (None: over HTTP)
+        self.node_transport: InProcessTransport | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -126,9 +132,12 @@ class LocalStack:
         ]
         self.lam = LocalLambda(functions, cwd=REPO_ROOT, sys_path=[REPO_ROOT]).start()
         tokens = TokenTable.with_tokens({self.token: ["*"], **cfg.tokens})
+        nodes = lambda_client(self.lam.url)
+        if cfg.in_process_invoke:
+            self.node_transport = serve_in_process(nodes, self.lam)
         self.router = Router(
             self.store,
-            NodeInvoker(lambda_client(self.lam.url), cfg.memory_mb),
+            NodeInvoker(nodes, cfg.memory_mb),
             tokens,
             RouterConfig(
                 prefix=cfg.prefix,
