@@ -243,3 +243,34 @@ def test_a_round_answer_is_reused_until_the_round_is_read_again(store: ObjectSto
     node.handle({"op": "evict", "shards": ["j/round/0"]})
     assert run(node, "kmeans", {"k": 2}, round=0)["result"] == late["result"]
     assert node.stats()["answers"] == {"computed": 4, "reused": 1}
+
+
+def test_a_load_of_the_model_shard_reads_and_builds_the_latest_global_model(
+    store: ObjectStore,
+) -> None:
+    """Ingestion's prefetch warms the model shard: the first inference after it reads nothing
+    from S3 and answers what a node that loaded the model on demand answers."""
+    _, _, x_val, y_val = digits_job.load_split(0)
+    store.put_job_spec(JobSpec("j", model=digits_job.MODEL))
+    store.put_validation_set("j", x_val[:32], y_val[:32])
+    state = models.state_arrays(models.build(digits_job.MODEL, seed=0))
+    store.put_global("j", 0, Update(dict(state)))
+    rng = np.random.default_rng(5)
+    moved = {k: (v + rng.standard_normal(v.shape)).astype(v.dtype) for k, v in state.items()}
+    store.put_global("j", 1, Update(moved))
+    warmed = CacheNode(store, budget_bytes=10**8)
+    loaded = warmed.handle({"op": "load", "shards": ["j/model/global"]})
+    assert loaded["loaded"] == ["j/model/global"] and loaded["timing_ms"]["warm"] > 0
+    first = run(warmed, "inference", {"inputs": x_val[:4].tolist()})
+    assert first["s3_gets"] == 0 and first["result"]["round"] == 1
+    cold = run(CacheNode(store, budget_bytes=10**8), "inference", {"inputs": x_val[:4].tolist()})
+    assert cold["s3_gets"] > 0 and cold["result"] == first["result"]
+
+
+def test_a_job_without_a_model_loads_its_model_shard_without_building(store: ObjectStore) -> None:
+    store.put_job_spec(JobSpec("j"))
+    store.put_global("j", 0, small_update(1))
+    node = CacheNode(store, budget_bytes=10**8)
+    loaded = node.handle({"op": "load", "shards": ["j/model/global"]})
+    assert loaded["loaded"] == ["j/model/global"] and loaded["failed"] == {}
+    assert loaded["timing_ms"]["warm"] == 0

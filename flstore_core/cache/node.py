@@ -244,6 +244,10 @@ class CacheNode:
                         timing["warm"] += (time.perf_counter() - t1) * 1000
                     elif hit:
                         self._refresh(key, value, force=True)
+                    if isinstance(value, GlobalModels) and value.warm():
+                        # the latest global model read and built: re-account its size
+                        self.cache.put(key, value)
+                        timing["warm"] += (time.perf_counter() - t1) * 1000
                 (already if hit else loaded).append(text)
             except NotFoundError as exc:
                 failed[text] = exc.message

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -32,8 +33,10 @@ from flstore_core.data import layout
 from flstore_core.data.codec import TensorSpec
 from flstore_core.data.manifest import JobSpec, RoundManifest
 from flstore_core.data.rows import flatten
-from flstore_core.errors import NotFoundError
+from flstore_core.errors import FLStoreError, NotFoundError
 from flstore_core.storage.object_store import ObjectStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -340,9 +343,24 @@ class GlobalModels:
             from flstore_core import models
 
             vector, specs = self.get(round_)
-            built = models.build(self.context.model_name())
+            # every state-dict entry is loaded (strictly): build's random init would be wasted
+            built = models.blank(self.context.model_name())
             self.modules[round_] = models.load_vector(built, vector, specs)
         return self.modules[round_]
+
+    def warm(self) -> bool:
+        """Name the latest stored global model, read it and build it — what ingestion's
+        prefetch does after a round, so that the first ``inference`` on the new model runs
+        only its forward pass. Nothing to do (False) for a job without a declared model
+        architecture or without a stored global model yet."""
+        try:
+            self.context.model_name()
+            latest = self.latest_round()
+            self.module(latest)
+        except FLStoreError as exc:  # left to the request, which reports it
+            log.info("global models of %s not warmed: %s", self.job, exc)
+            return False
+        return True
 
     def latest_round(self) -> int:
         """The latest round that has a stored global model, as listed at most ``list_ttl_s``
