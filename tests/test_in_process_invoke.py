@@ -56,6 +56,23 @@ def test_requests_to_another_endpoint_go_over_http(endpoint: LocalLambda) -> Non
     assert own.answered == 1
 
 
+@pytest.mark.parametrize("sign", [False, True])
+def test_requests_answered_in_process_are_signed_only_when_asked(
+    endpoint: LocalLambda, sign: bool
+) -> None:
+    lam = _client(endpoint.url)
+    seen: list[Any] = []
+    lam.meta.events.register("before-send.lambda", lambda request, **kw: seen.append(request))
+    serve_in_process(lam, endpoint, sign=sign)
+    answer = lam.invoke(FunctionName="echo", Payload=b'{"k": 3}')
+    assert json.loads(answer["Payload"].read())["event"] == {"k": 3}
+    authorization = seen[0].headers.get("Authorization")
+    if sign:
+        assert authorization is not None and authorization.startswith(b"AWS4-HMAC-SHA256")
+    else:
+        assert authorization is None
+
+
 def test_in_process_and_http_answers_agree_for_the_invoker(endpoint: LocalLambda) -> None:
     http = NodeInvoker(_client(endpoint.url))
     local_client = _client(endpoint.url)
