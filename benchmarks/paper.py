@@ -806,7 +806,11 @@ def target_budgets(
     ``artifacts_floor_usd`` — the round's model artifacts alone (the nodes' single-threaded
     evaluation time, summed over the steady prefetches' median) billed at the cheapest memory
     that runs them at full speed (:data:`LAMBDA_ONE_VCPU_MB`): a lower bound of any prefetch
-    that computes them, whatever the deployment's memory.
+    that computes them, whatever the deployment's memory — and ``fees_floor_usd``, what the
+    round pays whatever its compute costs: each request's API Gateway request and the Lambda
+    request fees of its router and one node, and the PUT of every model result written (by the
+    requests and by the prefetches; the baselines pay the same PUTs). ``floor_fits`` says
+    whether those two floors alone fit a target's allowance.
     """
     by = {(r["workload"], r["system"]): r for r in runs}
     workloads = sorted({r["workload"] for r in runs})
@@ -822,6 +826,15 @@ def target_budgets(
         for j in accounting["prefetch"].values()
     )
     floor = cost.invocations_cost([cost.Invocation("artifacts", art_ms, LAMBDA_ONE_VCPU_MB)])
+    prices = cost.DEFAULT_PRICES
+    puts = sum(float(by[(w, "flstore-warm")].get("s3_puts") or 0.0) for w in workloads) + sum(
+        (j.get("steady") or j.get("after_evict") or {}).get("s3_puts_mean", 0.0)
+        for j in accounting["prefetch"].values()
+    )
+    per_request = (
+        prices.api_gateway_http_per_million + 2 * prices.lambda_requests_per_million
+    ) / 1e6
+    fees = per_request * len(workloads) + puts * prices.s3_put_per_thousand / 1e3
     out: dict[str, Any] = {
         "requests_per_round": load.requests_per_round,
         "round_work_usd": accounting["round_work_usd"],
@@ -830,6 +843,8 @@ def target_budgets(
         "artifacts_ms": art_ms,
         "artifacts_floor_usd": floor,
         "artifacts_floor_memory_mb": LAMBDA_ONE_VCPU_MB,
+        "model_puts_per_round": puts,
+        "fees_floor_usd": fees,
     }
     for baseline in BASELINES:
         costs = [
@@ -844,6 +859,7 @@ def target_budgets(
             "allowed_per_round_usd": allowed,
             "fits": out["spent_per_round_usd"] <= allowed,
             "artifacts_floor_fits": floor <= allowed,
+            "floor_fits": floor + fees <= allowed,
         }
     return out
 
@@ -954,7 +970,10 @@ def print_report(report: dict[str, Any]) -> None:
             f"(round work ${budgets['round_work_usd']:.2e}); the model artifacts alone, "
             f"{budgets['artifacts_ms']:.0f} ms of one-thread compute at "
             f"{budgets['artifacts_floor_memory_mb']} MB, "
-            f"cost ${budgets['artifacts_floor_usd']:.2e}"
+            f"cost ${budgets['artifacts_floor_usd']:.2e}, and the fees and result PUTs of a round "
+            f"${budgets['fees_floor_usd']:.2e}: "
+            + ("within" if b["floor_fits"] else "beyond")
+            + " the allowance"
         )
     if report["disagreements"]:
         print(f"DISAGREEMENTS: {json.dumps(report['disagreements'])[:1000]}")

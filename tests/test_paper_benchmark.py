@@ -227,3 +227,9 @@ def test_target_budgets_compare_what_a_target_allows_with_what_flstore_spent(
         assert b["allowed_per_round_usd"] == pytest.approx(allowed, rel=1e-9)
         assert b["fits"] == (spent <= allowed)
         assert b["artifacts_floor_fits"] == (floor <= allowed)
+        assert b["floor_fits"] == (floor + budgets["fees_floor_usd"] <= allowed)
+    # every request's API Gateway and two Lambda request fees, and the PUT of each model result
+    puts = sum(runs[(w, "flstore-warm")]["s3_puts"] for w in names)
+    puts += sum(j["steady"]["s3_puts_mean"] for j in acc["prefetch"].values())
+    assert budgets["model_puts_per_round"] == pytest.approx(puts)
+    assert budgets["fees_floor_usd"] == pytest.approx(len(names) * 1.4e-6 + puts * 5e-6, rel=1e-9)
