@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from lambdas.local_runtime.gateway import LISTEN_BACKLOG
+from lambdas.local_runtime.gateway import LISTEN_BACKLOG, WRITE_BUFFER_BYTES
 from lambdas.local_runtime.instance_pool import FunctionSpec
 from lambdas.local_runtime.invocation_outcome import SYNC_PAYLOAD_LIMIT, InvocationResult
 from lambdas.local_runtime.invoke_errors import InvokeApiError
@@ -198,6 +198,7 @@ class _InvokeRequestHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"  # keep-alive, as botocore's connection pool expects
     server_version = "FLStoreLocalLambda/1.0"
+    wbufsize = WRITE_BUFFER_BYTES  # status line, headers and body in one write
 
     @property
     def backend(self) -> InvokeBackend:
