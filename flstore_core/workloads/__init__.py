@@ -225,11 +225,20 @@ def register(workload: Workload) -> Workload:
     return workload
 
 
+_LOADED: list[bool] = []  # set once every workload module imported
+
+
 def load_all() -> None:
     """Import every workload module, so the registry and the coordinate-wise functions they
-    register (:meth:`RoundData.columnwise`) are complete."""
+    register (:meth:`RoundData.columnwise`) are complete.
+
+    Once they all imported, a call returns at once: :func:`get` runs on every request, on the
+    router and on the node, and 18 ``import_module`` look-ups were ~10 µs of each."""
+    if _LOADED:
+        return
     for module in _MODULES:
         importlib.import_module(f"flstore_core.workloads.{module}")
+    _LOADED.append(True)
 
 
 def get(name: str) -> Workload:
