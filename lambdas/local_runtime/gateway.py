@@ -31,6 +31,7 @@ It does what API Gateway's HTTP API does in front of the router on AWS (ARCHITEC
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 import socket
@@ -89,6 +90,7 @@ class Route:
         return None if found is None else found.groupdict()
 
 
+@functools.cache  # a route's pattern, built once (every request tries the routes in turn)
 def _pattern(path: str) -> re.Pattern[str]:
     parts = re.split(r"\{(\w+)\}", path)
     regex = "".join(

@@ -108,17 +108,16 @@ def answer_invoke(
     :class:`InvokeApiError` responses, and a bug here as a 500 ``ServiceException`` (boto3 must
     get an answer it can parse, never a dropped connection it would retry blindly).
     """
-    request_id = str(uuid.uuid4())
     try:
         if method != "POST":
             raise _unknown_operation(method, target)
         return _dispatch(backend, _function_name(method, target), headers, body)
     except InvokeApiError as exc:
-        return _error_answer(exc, request_id)
+        return _error_answer(exc, str(uuid.uuid4()))
     except Exception as exc:
         log.exception("local Lambda endpoint failed on %s", target)
         error = InvokeApiError(500, "ServiceException", {"Type": "Service", "Message": str(exc)})
-        return _error_answer(error, request_id)
+        return _error_answer(error, str(uuid.uuid4()))
 
 
 def _dispatch(
