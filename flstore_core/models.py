@@ -161,32 +161,34 @@ def load_vector(
 # for ResNet-18) a pass keeps the process's thread count
 SMALL_PASS = 4e9
 
-_threads_lock = threading.Lock()
-_threads_users = 0
-_threads_saved = 0
+# torch.set_num_threads sets the *calling* thread's count (OpenMP's nthreads ICV is per thread):
+# a thread that has run a parallel pass keeps its own count whatever another thread sets
+_threads = threading.local()
 
 
 @contextmanager
 def one_torch_thread() -> Iterator[None]:
-    """Run the block on one torch intra-op thread (reentrant, thread-safe: the first to enter
-    sets one thread, the last to leave restores the previous count; as with
-    :func:`flstore_core.cache.blas.one_blas_thread`, other threads' passes meanwhile also run
-    on one thread)."""
+    """Run the block on one torch intra-op thread (reentrant; per thread: each thread that enters
+    sets its own count to one and restores its own on leaving the outermost block).
+
+    The count is the calling thread's, not the process's: with one count for the process, set by
+    the first thread to enter, a second thread entering meanwhile kept its own two threads (two
+    cache nodes in one process, the prefetch-artifacts test: one node trained fltrust's ``g_0``
+    on two threads while the other evaluated a model, in about one run in six)."""
     import torch
 
-    global _threads_users, _threads_saved
-    with _threads_lock:
-        if _threads_users == 0:
-            _threads_saved = torch.get_num_threads()
+    depth = getattr(_threads, "depth", 0)
+    if depth == 0:
+        _threads.saved = torch.get_num_threads()
+        if _threads.saved != 1:
             torch.set_num_threads(1)
-        _threads_users += 1
+    _threads.depth = depth + 1
     try:
         yield
     finally:
-        with _threads_lock:
-            _threads_users -= 1
-            if _threads_users == 0:
-                torch.set_num_threads(_threads_saved)
+        _threads.depth -= 1
+        if _threads.depth == 0 and _threads.saved != 1:
+            torch.set_num_threads(_threads.saved)
 
 
 def predict(
