@@ -39,6 +39,7 @@ import numpy.typing as npt
 
 from flstore_core import models
 from flstore_core.cache.round_data import RoundData, register_columnwise
+from flstore_core.data.codec import slices_of
 from flstore_core.data.rows import flat_parts
 from flstore_core.errors import InvalidParamsError, NotFoundError
 from flstore_core.workloads import INCLUDE_BUFFERS, Param, Workload, WorkloadResult, register
@@ -113,10 +114,16 @@ def server_update(
                 loss_fn(model(xt[idx]), yt[idx]).backward()
                 opt.step()
     state = model.state_dict()
-    trained = np.concatenate(
-        flat_parts({s.name: state[s.name].detach().numpy() for s in data.specs}, data.specs)
-    )
-    return trained - data.base, len(y)
+    # w − base tensor by tensor into one vector: the trained weights are never flattened into a
+    # vector of their own (flat_parts' float32 of each tensor, then the same float32 subtraction)
+    g0 = np.empty(data.base.shape, np.float32)
+    for part, (a, b) in zip(
+        flat_parts({s.name: state[s.name].detach().numpy() for s in data.specs}, data.specs),
+        slices_of(data.specs),
+        strict=True,
+    ):
+        np.subtract(part, data.base[a:b], out=g0[a:b])
+    return g0, len(y)
 
 
 def server_trust(
@@ -222,27 +229,37 @@ def fltrust(
     share = np.zeros(data.n)
     share[rows] = trust / trust.sum()
     # w = base + α g
-    step = data.columnwise(
+    model = data.columnwise(
         "fltrust",
         coef=full.tolist(),
         share=share.tolist(),
         include_buffers=include_buffers,
         factor=global_lr,
+        add_base=True,
     )
-    return WorkloadResult(result, model=data.to_weights(step))
+    return WorkloadResult(result, model=model)
 
 
 def fltrust_step(
-    data: RoundData, coef: list[float], share: list[float], include_buffers: bool, factor: float
+    data: RoundData,
+    coef: list[float],
+    share: list[float],
+    include_buffers: bool,
+    factor: float,
+    add_base: bool = False,
 ) -> npt.NDArray[np.float32]:
     """``α g``, column by column: the aggregate ``g`` of the deltas is ``Σ coef_i d_i`` over the
     columns trust is measured on and the trust-weighted mean ``Σ TS_i d_i / Σ TS_i``
-    (``share``) over the others (buffers)."""
-    aggregate = (np.asarray(coef).astype(np.float32) @ data.matrix).astype(np.float32)
+    (``share``) over the others (buffers). With ``add_base``, the model ``base + α g`` (what
+    :meth:`~RoundData.to_weights` makes of ``α g``), in the same array."""
+    aggregate = (np.asarray(coef).astype(np.float32) @ data.matrix).astype(np.float32, copy=False)
     weights = np.asarray(share).astype(np.float32)
     for a, b in complement(data.columns.runs(include_buffers), int(data.matrix.shape[1])):
         aggregate[a:b] = weights @ data.matrix[:, a:b]
-    aggregate *= np.float32(factor)  # in place: no second 4 B/param array
+    # in place, each the float32 operation a new array would get: no second 4 B/param array
+    aggregate *= np.float32(factor)
+    if add_base and data.base is not None:
+        aggregate += data.base
     return aggregate
 
 
