@@ -2,7 +2,8 @@
 
 A warm ``oort_select`` (or ``cosine_select``) does ~0.1 ms of work on its node, so its latency
 is the path's own cost. The layers, outermost first, each timed with ``--requests`` sequential
-requests, interleaved so the machine's drift hits them alike:
+requests, interleaved so the machine's drift hits them alike (each pass starting one system
+later, so none always follows a slow one):
 
 * ``flstore-http``: :class:`FLStoreClient` -> local gateway -> authorizer (cached) -> router
   (Powertools) -> boto3 ``lambda.invoke`` -> local Lambda endpoint -> worker process; what the
@@ -93,10 +94,12 @@ def main() -> None:
                 for _ in range(20):
                     fn()
             samples: dict[str, list[float]] = {s: [] for s in systems}
-            for _ in range(args.requests):
-                for system, fn in systems.items():
+            order = list(systems)
+            for i in range(args.requests):
+                # each pass starts one system later: no system always follows the slow one
+                for system in order[i % len(order) :] + order[: i % len(order)]:
                     t0 = time.perf_counter()
-                    fn()
+                    systems[system]()
                     samples[system].append((time.perf_counter() - t0) * 1000)
             for system, values in samples.items():
                 runs.append(
