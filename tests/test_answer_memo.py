@@ -274,3 +274,16 @@ def test_a_job_without_a_model_loads_its_model_shard_without_building(store: Obj
     loaded = node.handle({"op": "load", "shards": ["j/model/global"]})
     assert loaded["loaded"] == ["j/model/global"] and loaded["failed"] == {}
     assert loaded["timing_ms"]["warm"] == 0
+
+
+def test_a_model_result_written_is_counted_as_a_put_once(store: ObjectStore) -> None:
+    """The node's answer counts the PUT of a model result it writes (the router bills it in
+    ``meta.cost_usd``); an identical request answered from the memo writes nothing."""
+    commit(store, "j", 0, CLIENTS[:4])
+    node = CacheNode(store, budget_bytes=10**8)
+    first = run(node, "trimmed_mean", {"beta": 0.25}, round=0)
+    assert "model_key" in first["result"] and first["s3_puts"] == 1
+    assert store.get_object(first["result"]["model_key"])
+    again = run(node, "trimmed_mean", {"beta": 0.25}, round=0)
+    assert again["result"] == first["result"] and again["s3_puts"] == 0
+    assert run(node, "cosine_select", {"k": 2}, round=0)["s3_puts"] == 0  # nothing written

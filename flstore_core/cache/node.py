@@ -344,7 +344,7 @@ class CacheNode:
         workload = get(event.get("workload", ""))
         job = validate_job(event.get("job"))
         params = workload.validate(event.get("params"))
-        gets_before = self.store.gets
+        gets_before, puts_before = self.store.gets, self.store.puts
         t0 = time.perf_counter()
         timing: dict[str, float] = {}  # "write": encoding and PUT of a model result
         if workload.cls == "round":
@@ -383,6 +383,7 @@ class CacheNode:
             "node": self.node_index,
             "timing_ms": {"load": (t1 - t0) * 1000, "compute": (t2 - t1) * 1000, **timing},
             "s3_gets": self.store.gets - gets_before,
+            "s3_puts": self.store.puts - puts_before,  # a model result written, if any
         }
 
     def _memoised(
@@ -594,7 +595,7 @@ class CacheNode:
                 raise ValidationError(f"workload {workload.name!r} is not run in client groups")
             if not isinstance(rows, list) or not all(isinstance(r, int) for r in rows):
                 raise ValidationError("run_clients' 'rows' must be a list of row indices")
-        gets_before = self.store.gets
+        gets_before, puts_before = self.store.gets, self.store.puts
         t0 = time.perf_counter()
         manifest = self.manifests.get(job, round_)
         if rows is not None and not all(0 <= r < len(manifest.clients) for r in rows):
@@ -634,6 +635,7 @@ class CacheNode:
             "rows_read": data.rows_read,
             "timing_ms": {"load": (t1 - t0) * 1000, "compute": (t2 - t1) * 1000},
             "s3_gets": self.store.gets - gets_before,
+            "s3_puts": self.store.puts - puts_before,
         }
 
     # ------------------------------------------------------------------ the rest
