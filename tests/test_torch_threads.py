@@ -20,12 +20,16 @@ def run_pass() -> None:
 
 def test_a_thread_entering_while_another_holds_it_runs_on_one_thread() -> None:
     seen: dict[str, int] = {}
+    # a thread's first parallel pass takes the count last set by any thread: the second thread
+    # runs its pass (and has its own count) before the first one enters
+    second_ready = threading.Event()
     first_in = threading.Event()
     second_done = threading.Event()
 
     def first() -> None:
         run_pass()
         seen["first_before"] = torch.get_num_threads()
+        second_ready.wait(30)
         with models.one_torch_thread():
             seen["first"] = torch.get_num_threads()
             first_in.set()
@@ -35,6 +39,8 @@ def test_a_thread_entering_while_another_holds_it_runs_on_one_thread() -> None:
     def second() -> None:
         torch.set_num_threads(2)
         run_pass()
+        seen["second_before"] = torch.get_num_threads()
+        second_ready.set()
         first_in.wait(30)
         with models.one_torch_thread():
             seen["second"] = torch.get_num_threads()
@@ -50,5 +56,5 @@ def test_a_thread_entering_while_another_holds_it_runs_on_one_thread() -> None:
     for t in threads:
         t.join(60)
     assert seen["first"] == seen["second"] == seen["nested"] == seen["second_still"] == 1
-    assert seen["second_after"] == 2  # each thread gets its own count back
+    assert seen["second_before"] == seen["second_after"] == 2  # each gets its own count back
     assert seen["first_after"] == seen["first_before"]
