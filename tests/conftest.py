@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -15,6 +18,28 @@ from flstore_core.storage.object_store import ObjectStore
 from lambdas.local_runtime.s3_server import LocalS3
 
 _buckets = itertools.count()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_quick_benchmark(name: str, out: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``benchmarks/{name}.py --quick --repetitions 1 --json out`` from the repository root
+    and return the finished process (its output captured as text; the caller checks it)."""
+    return subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / f"{name}.py"),
+            "--quick",
+            "--repetitions",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import pytest
 
 from evaluation.baselines import redis_server_binary
 from flstore_core.workloads import catalogue
+from tests.conftest import run_quick_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = {"flstore-warm", "objstore-agg", "cache-agg"}
@@ -35,22 +36,7 @@ def test_novel_benchmark_help() -> None:
 @pytest.mark.skipif(redis_server_binary() is None, reason="cache-agg needs redis-server")
 def test_quick_run_every_workload_new_params_and_agreeing_answers(tmp_path: Path) -> None:
     out = tmp_path / "novel.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "novel.py"),
-            "--quick",
-            "--repetitions",
-            "1",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=ROOT,
-        check=False,
-    )
+    done = run_quick_benchmark("novel", out, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["benchmark"] == "novel"

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,8 +15,8 @@ import pytest
 from benchmarks.paper import BASELINES, SYSTEMS, TARGETS, differences
 from flstore_core import cost
 from flstore_core.workloads import catalogue
+from tests.conftest import run_quick_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 # about a minute on an idle 2-core machine; several when other benchmarks share it
 pytestmark = pytest.mark.timeout(1200)
 RUN_FIELDS = (
@@ -39,21 +36,7 @@ RUN_FIELDS = (
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("paper") / "paper.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "paper.py"),
-            "--quick",
-            "--repetitions",
-            "1",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-    )
+    proc = run_quick_benchmark("paper", out, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "cost_usd_duration" in proc.stdout  # the printed summary names both accountings
     data: dict[str, Any] = json.loads(out.read_text())
