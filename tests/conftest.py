@@ -1,4 +1,9 @@
-"""Shared fixtures: one moto S3 server per test session, a fresh bucket per test."""
+"""Shared fixtures: one moto S3 server per test session, a fresh bucket per test.
+
+Tests live by kind: ``tests/unit/`` runs in this process (a moto server on a thread at most),
+``tests/stack/`` starts processes (a local stack, Lambda instances, Redis, ``flwr run``, a
+benchmark). Every test under ``tests/stack/`` carries the ``stack`` marker, so ``make test-fast``
+(``pytest -m "not stack"``) is the inner loop and ``make test`` runs everything."""
 
 from __future__ import annotations
 
@@ -40,6 +45,21 @@ def run_quick_benchmark(name: str, out: Path, timeout: float) -> subprocess.Comp
         cwd=REPO,
         check=False,
     )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark tests by kind from what they are, not by hand: ``stack`` for every test under
+    ``tests/stack/``, ``property`` for hypothesis tests, ``fuzz`` for the fuzzing modules
+    (``*fuzz*``, the schemathesis run)."""
+    stack_dir = Path(__file__).resolve().parent / "stack"
+    for item in items:
+        path = Path(str(item.path)).resolve()
+        if stack_dir in path.parents:
+            item.add_marker(pytest.mark.stack)
+        if getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+            item.add_marker(pytest.mark.property)
+        if "fuzz" in path.stem or "schemathesis" in path.stem:
+            item.add_marker(pytest.mark.fuzz)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from typing import Any
 import pulumi
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "infra"))
 
 ACCOUNT = "123456789012"

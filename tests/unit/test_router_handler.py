@@ -2,7 +2,7 @@
 
 The Powertools app is called with plain HTTP API v2 proxy event dicts, the way API Gateway calls
 it; S3 is moto in process and the cache nodes are a fake invoker with canned answers, so no
-stack, no subprocess and no network is involved. ``tests/test_api.py`` keeps what needs real
+stack, no subprocess and no network is involved. ``tests/stack/test_api.py`` keeps what needs real
 nodes behind the real gateway.
 """
 

@@ -140,7 +140,7 @@ def test_prefetch_reaches_exactly_the_owners(stack: LocalStack) -> None:
 
 
 # Refusals the router decides alone (401, 403, 400, 404, 413, 503) are tested without a stack in
-# tests/test_router_handler.py; these two are decided by the cache node that holds the round.
+# tests/unit/test_router_handler.py; these two are decided by the cache node that holds the round.
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import pytest
 from flstore_core import config
 from flstore_core.errors import ValidationError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAME = re.compile(r"FLSTORE_[A-Z][A-Z0-9_]*")
 
 

@@ -1,7 +1,7 @@
 """boto3's ``lambda.invoke`` answered in process (lambdas.local_runtime.in_process): the same
 answers as over HTTP, only for the endpoint's own URL, and what the local stack's router uses.
 
-tests/test_lambda_endpoint.py runs every Invoke API behaviour over both transports."""
+tests/stack/test_lambda_endpoint.py runs every Invoke API behaviour over both transports."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _client(url: str) -> Any:
 
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[LocalLambda]:
-    with LocalLambda([FunctionSpec("echo", ECHO)], sys_path=[Path(__file__).parent]) as lam:
+    with LocalLambda([FunctionSpec("echo", ECHO)], sys_path=[Path(__file__).resolve().parents[1]]) as lam:
         yield lam
 
 

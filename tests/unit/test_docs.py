@@ -8,7 +8,7 @@ from pathlib import Path
 from flstore_core.workloads import catalogue
 from flstore_core.workloads.reference import BEGIN, END, catalogue_markdown, replace_section
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LINK = re.compile(r"\]\(([^)#\s]+)")
 
 

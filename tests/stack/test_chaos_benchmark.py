@@ -14,7 +14,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 from flstore_core.aws import s3_client
 from lambdas.local_runtime.fault_proxy import FaultProxy, Faults
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_chaos_benchmark_help() -> None:

@@ -309,7 +309,7 @@ def test_a_round_no_layout_can_hold_is_a_503_naming_its_size_before_any_node_is_
 def test_a_workload_that_evaluates_client_models_runs_on_a_node_reading_the_clients(
     store: ObjectStore,
 ) -> None:
-    # per-client workloads (tests/test_sharded_clients.py) are sent to a node that reads the
+    # per-client workloads (tests/unit/test_sharded_clients.py) are sent to a node that reads the
     # clients one at a time; this job declares no model, and that node answers the 400
     nodes = InProcessNodes(store, BUDGET * 2)
     router = make_router(store, nodes, budget=BUDGET * 2)

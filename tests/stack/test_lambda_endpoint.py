@@ -26,7 +26,7 @@ Deploy = Callable[..., str]
 
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[LocalLambda]:
-    with LocalLambda(sys_path=[Path(__file__).parent]) as lam:
+    with LocalLambda(sys_path=[Path(__file__).resolve().parents[1]]) as lam:
         yield lam
 
 

@@ -21,7 +21,7 @@ from flstore_core.data.manifest import COS_TO_MEAN, UPDATE_NORM
 from flstore_core.sdk.client import FLStoreClient
 from lambdas.local_runtime.stack import LocalStack, StackConfig
 
-APP = Path(__file__).parent / "flower_tiny_app"
+APP = Path(__file__).resolve().parents[1] / "flower_tiny_app"
 JOB = "tiny"
 
 

@@ -302,7 +302,7 @@ def test_prefetch_asks_every_owner_and_only_the_primary_writes_models(
     }
     assert all(e["op"] == "load" for _, e in nodes.calls)
     # the nodes' answers, with what each invocation was billed (the job declares no model:
-    # its rounds have no model artifacts to compute, tests/test_prefetch_artifacts.py)
+    # its rounds have no model artifacts to compute, tests/unit/test_prefetch_artifacts.py)
     billed = {"invocations": 1, "billed_ms": BILLED_MS, "memory_mb": MEMORY_MB}
     assert answers == {f: {"loaded": s, **billed} for f, s in want_shards.items()}
 

@@ -16,7 +16,7 @@ from evaluation.baselines import redis_server_binary
 from flstore_core.workloads import catalogue
 from tests.conftest import run_quick_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SYSTEMS = {"flstore-warm", "objstore-agg", "cache-agg"}
 
 

@@ -32,7 +32,7 @@ from flstore_core.storage.memory import MemoryBlobStore
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get
 from flstore_core.workloads.fltrust import server_update
-from tests.test_sharded_round import NODES, InProcessNodes, assert_close
+from tests.unit.test_sharded_round import NODES, InProcessNodes, assert_close
 
 JOB = "digits-wide"
 TOKEN = "fls_sharded-clients"

@@ -18,8 +18,8 @@ from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get
 from lambdas.local_runtime.s3_server import LocalS3
 from lambdas.local_runtime.stack import LocalStack, StackConfig
-from tests.test_sharded_clients import JOB, N_CLIENTS, N_PARAMS, write_job
-from tests.test_sharded_round import assert_close
+from tests.unit.test_sharded_clients import JOB, N_CLIENTS, N_PARAMS, write_job
+from tests.unit.test_sharded_round import assert_close
 
 BUDGET = footprint(N_CLIENTS, N_PARAMS) * 2 // 3
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("flstore_core", "lambdas", "pipelines", "evaluation", "benchmarks", "infra", "tests")
 FACES = ("flstore_core/cli", "flstore_core/integrations")
 

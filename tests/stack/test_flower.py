@@ -52,7 +52,7 @@ from flstore_core.storage.object_store import ObjectStore  # noqa: E402
 from lambdas.local_runtime.s3_server import LocalS3  # noqa: E402
 
 SERVER_NODE = 1  # flwr's SUPERLINK_NODE_ID
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "flower-app"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flower-app"
 
 
 def train_reply(

@@ -2,7 +2,7 @@
 subset of the round's clients equals the workload's definition applied to those clients' rows
 alone — float64 numpy (FedAvg's weighted mean, Multi-Krum's scores), Flower's ``trim_mean``
 — with and without a stored base; bad subsets are 400s naming the problem, unknown clients
-404s; the model result's key differs by subset. Sharded rounds: tests/test_sharded_round.py
+404s; the model result's key differs by subset. Sharded rounds: tests/unit/test_sharded_round.py
 runs the same params block by block against the whole round."""
 
 from __future__ import annotations
