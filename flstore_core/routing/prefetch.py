@@ -1,0 +1,235 @@
+"""Prefetch: ask every owner of each shard to load it now, and exchange a round's model
+artifacts between its owners (:mod:`flstore_core.workloads.artifacts`).
+
+Ingestion calls it when a round is committed (``Router.prefetch``). A sharded round's blocks go
+to their owners and its default models are written block by block by the sharded runner; a
+whole round is loaded by its R owners, its primary materialises the default models, and its
+model artifacts are split over the owners and then shared between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flstore_core import config
+from flstore_core.errors import NotFoundError, UnavailableError
+from flstore_core.routing.invoker import NodeAnswer, NodeFailure
+from flstore_core.routing.placement import ShardKey, place_shard
+from flstore_core.routing.planner import NoLayoutError, RoundPlan
+from flstore_core.routing.scatter import BlockScatter
+from flstore_core.routing.sharded_runner import ShardedRunner
+from flstore_core.storage.object_store import ObjectStore
+from flstore_core.workloads import get
+
+PlanRound = Callable[[str, int], RoundPlan]
+
+
+class Prefetch:
+    """Loads shards on their owners and spreads a round's model artifacts over them.
+
+    Parameters
+    ----------
+    store : ObjectStore
+        Where job specs are read (only a job that declares a model has model artifacts).
+    scatter : BlockScatter
+        How nodes are invoked.
+    plan_round : callable
+        ``plan_round(job, round)``: the round's blocks on this stack (404, 503 as the router's).
+    runner : ShardedRunner
+        Writes a sharded round's default models.
+    nodes, replication : int
+        The stack's cache nodes and replicas per shard.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        scatter: BlockScatter,
+        plan_round: PlanRound,
+        runner: ShardedRunner,
+        nodes: int,
+        replication: int,
+    ) -> None:
+        self.store = store
+        self.scatter = scatter
+        self.plan_round = plan_round
+        self.runner = runner
+        self.nodes = nodes
+        self.replication = replication
+
+    def __call__(self, shards: list[ShardKey]) -> dict[str, Any]:
+        """Prefetch ``shards``; each node's answer by function name (``Router.prefetch``)."""
+        by_node: dict[int, list[str]] = {}
+        primary_of: dict[int, list[str]] = {}
+        # whole rounds: shard -> its owners, each computing one share of its model artifacts
+        round_owners: dict[str, list[int]] = {}
+        sharded: list[tuple[ShardKey, RoundPlan]] = []
+        refused: dict[str, Any] = {}
+        for shard in shards:
+            if shard.cls == "round":
+                try:
+                    plan = self.plan_round(shard.job, shard.round)
+                except NotFoundError:
+                    plan = None  # not committed: the owners answer "failed" as before
+                except NoLayoutError as exc:
+                    # no node is sent a round it cannot hold; the run that committed it does
+                    # not fail for it (requests get the same 503)
+                    refused[f"planner:{shard}"] = exc.to_dict()
+                    continue
+                if plan is not None and plan.sharded:
+                    # each block to its owners; the default models are written afterwards,
+                    # block by block
+                    for block in plan.blocks:
+                        for index in block.owners:
+                            by_node.setdefault(index, []).append(str(block.key))
+                    sharded.append((shard, plan))
+                    continue
+            owners = place_shard(shard, self.nodes, self.replication)
+            for index in owners:
+                by_node.setdefault(index, []).append(str(shard))
+            primary_of.setdefault(owners[0], []).append(str(shard))
+            if shard.cls == "round" and self._declares_model(shard.job):
+                round_owners[str(shard)] = owners
+
+        answers = self._load(by_node, primary_of)
+        self._compute_artifacts(round_owners, answers)
+        self._share_artifacts(round_owners, answers)
+        for shard, plan in sharded:
+            self._prefetch_models(shard, plan)
+        return {**answers, **refused}
+
+    def _load(
+        self, by_node: dict[int, list[str]], primary_of: dict[int, list[str]]
+    ) -> dict[str, Any]:
+        """One ``load`` invocation per node, in parallel: its answer (and what it was billed)
+        by function name, or the failure as an ``unavailable`` error."""
+
+        def load(index: int) -> tuple[str, Any]:
+            function = self.scatter.function(index)
+            event = {"op": "load", "shards": by_node[index], "models": primary_of.get(index, [])}
+            try:
+                answer = self.scatter.invoker.invoke(function, event)
+            except NodeFailure as exc:
+                return function, {"error": {"code": "unavailable", "message": str(exc)}}
+            payload = dict(answer.payload)
+            if "error" not in payload:
+                payload.update(
+                    invocations=1, billed_ms=answer.billed_ms, memory_mb=answer.memory_mb
+                )
+            return function, payload
+
+        return dict(self.scatter.pool.map(load, sorted(by_node)))
+
+    def _declares_model(self, job: str) -> bool:
+        """Whether the job declares a model (only then has a round model artifacts)."""
+        try:
+            return self.store.get_job_spec(job).model is not None
+        except NotFoundError:
+            return False
+
+    def _compute_artifacts(
+        self, round_owners: dict[str, list[int]], answers: dict[str, Any]
+    ) -> None:
+        """Ask each owner that loaded a prefetched round for its share of the round's model
+        artifacts (one ``artifacts`` invocation per node, after every ``load`` answered, so a
+        round is held and reported loaded whatever its artifacts cost); what each computed goes
+        into its answer (``artifacts``)."""
+        shares: dict[str, dict[str, list[int]]] = {}
+        for shard, owners in round_owners.items():
+            for k, index in enumerate(owners):
+                function = self.scatter.function(index)
+                answer = answers.get(function, {})
+                if "error" not in answer and shard in answer.get("loaded", []) + answer.get(
+                    "already", []
+                ):
+                    shares.setdefault(function, {})[shard] = [k, len(owners)]
+
+        events = {f: {"op": "artifacts", "compute": share} for f, share in shares.items()}
+        for function, outcome in self._invoke_each(events):
+            payload = answers[function]
+            if isinstance(outcome, str):
+                payload["artifacts"] = {"error": outcome}
+                continue
+            payload["artifacts"] = outcome.payload.get("computed", outcome.payload)
+            _bill(payload, outcome)
+
+    def _share_artifacts(self, round_owners: dict[str, list[int]], answers: dict[str, Any]) -> None:
+        """Send each owner of a prefetched round the model artifacts its other owners computed
+        (only those it does not hold, only from owners that read the same content), then
+        replace the values in ``answers`` by their count. A node that cannot be reached keeps
+        its own share; a request there computes the rest."""
+        sends: dict[str, dict[str, Any]] = {}
+        for shard, owners in round_owners.items():
+            held: dict[str, dict[str, Any]] = {}
+            for index in owners:
+                function = self.scatter.function(index)
+                item = answers.get(function, {}).get("artifacts", {}).get(shard)
+                if isinstance(item, dict) and isinstance(item.get("entries"), list):
+                    held[function] = item
+            for function, give in _missing_entries(held).items():
+                sends.setdefault(function, {})[shard] = {
+                    "content": held[function].get("content"),
+                    "entries": give,
+                }
+
+        events = {f: {"op": "artifacts", "rounds": rounds} for f, rounds in sends.items()}
+        for function, outcome in self._invoke_each(events):
+            payload = answers[function]
+            if isinstance(outcome, str):
+                payload["shared"] = {"error": outcome}
+                continue
+            payload["shared"] = outcome.payload.get("adopted", outcome.payload.get("error"))
+            _bill(payload, outcome)
+        for payload in answers.values():
+            for item in payload.get("artifacts", {}).values() if isinstance(payload, dict) else ():
+                if isinstance(item, dict):
+                    item["values"] = len(item.pop("entries", None) or [])
+
+    def _invoke_each(self, events: dict[str, dict[str, Any]]) -> list[tuple[str, NodeAnswer | str]]:
+        """Invoke each function with its event, in parallel, in name order: ``(function, its
+        answer)``, or the failure's message where the node could not answer."""
+
+        def one(function: str) -> tuple[str, NodeAnswer | str]:
+            try:
+                return function, self.scatter.invoker.invoke(function, events[function])
+            except NodeFailure as exc:
+                return function, str(exc)
+
+        return list(self.scatter.pool.map(one, sorted(events)))
+
+    def _prefetch_models(self, shard: ShardKey, plan: RoundPlan) -> None:
+        """Write a sharded round's default aggregate models (``FLSTORE_PREFETCH_MODELS``), as
+        a round's primary does for an unsharded one; a failure leaves them to the first
+        request."""
+        for name in config.PREFETCH_MODELS.get_list():
+            workload = get(name)
+            try:
+                self.runner.run(workload, shard.job, shard.round, workload.validate({}), plan)
+            except (UnavailableError, NodeFailure):
+                continue
+
+
+def _missing_entries(held: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
+    """For each owner, the artifact entries the other owners that read the same content
+    computed and it does not hold (none: not listed)."""
+    out: dict[str, list[Any]] = {}
+    for function, item in held.items():
+        own = {(e[0], e[1]) for e in item["entries"]}
+        give: list[Any] = []
+        for other, theirs in held.items():
+            if other == function or theirs.get("content") != item.get("content"):
+                continue
+            for entry in theirs["entries"]:
+                if (entry[0], entry[1]) not in own:
+                    own.add((entry[0], entry[1]))
+                    give.append(entry)
+        if give:
+            out[function] = give
+    return out
+
+
+def _bill(payload: dict[str, Any], outcome: NodeAnswer) -> None:
+    """Count one more invocation of a prefetch's node, and its billed duration."""
+    payload["invocations"] = payload.get("invocations", 0) + 1
+    payload["billed_ms"] = payload.get("billed_ms", 0.0) + outcome.billed_ms
