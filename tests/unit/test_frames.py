@@ -27,9 +27,9 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flstore_core.data import codec
 from flstore_core.data.blocks import block_ranges
 from flstore_core.data.codec import (
+    FrameIndex,
     TensorSpec,
     Update,
     compress_frame,
@@ -42,6 +42,7 @@ from flstore_core.data.codec import (
     frame_plan,
     serialize,
 )
+from flstore_core.data.codec import frames as codec_frames
 from flstore_core.data.manifest import RoundManifest, UpdateEntry
 from flstore_core.errors import CorruptUpdateError, StoredObjectCorruptError
 from flstore_core.storage.memory import MemoryBlobStore
@@ -125,7 +126,7 @@ def test_frames_are_the_one_frame_bytes_and_every_block_decodes_from_its_frames(
         for a, b in block_ranges(specs, min(k, len(whole))):
             out = np.full(b - a, np.nan, np.float32)
             row = decode_frames_columns_into(
-                lambda s, e: enc.data[s:e], enc.frames, enc.frame_digests, out, specs, (a, b)
+                lambda s, e: enc.data[s:e], enc.frame_index, out, specs, (a, b)
             )
             np.testing.assert_array_equal(out.view(np.uint32), whole[a:b].view(np.uint32))
             assert row.raw_bytes == len(raw)
@@ -146,7 +147,7 @@ def test_frame_sizes_follow_the_plan() -> None:
 
 @pytest.fixture
 def small_frames(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(codec, "FRAME_BYTES", SMALL_FRAMES)
+    monkeypatch.setattr(codec_frames, "FRAME_BYTES", SMALL_FRAMES)
 
 
 def _reordered(update: Update, seed: int) -> Update:
@@ -240,7 +241,7 @@ def test_a_large_float32_block_reads_its_share(monkeypatch: pytest.MonkeyPatch) 
     """100k float32 parameters in 40 tensors, in canonical order, 4 KiB frames: a block of a
     quarter of the columns reads at most a quarter of the stored bytes plus, per client, the
     header frame and two edge frames."""
-    monkeypatch.setattr(codec, "FRAME_BYTES", 4096)
+    monkeypatch.setattr(codec_frames, "FRAME_BYTES", 4096)
     st_ = ObjectStore(blobs=MemoryBlobStore(), max_workers=2)
     rng = np.random.default_rng(3)
     for i in range(3):
@@ -340,7 +341,22 @@ def test_a_commit_of_updates_another_process_wrote_records_their_frames(
 def test_a_one_frame_object_has_no_index() -> None:
     raw = serialize(small_update(0))
     assert describe_frames(compress_frame(raw)) == (raw, (), ())
-    assert encode_update(small_update(0)).frames == ()  # tiny: one frame, as before
+    enc = encode_update(small_update(0))
+    assert enc.frames == () and not enc.frame_index  # tiny: one frame, as before
+
+
+def test_a_frame_index_gives_each_frames_raw_and_stored_range() -> None:
+    index = FrameIndex.from_pairs([(10, 4), (30, 9), (35, 12)], ["a", "b", "c"])
+    assert len(index) == 3 and index.raw_bytes == 35
+    assert [index.raw_range(i) for i in range(3)] == [(0, 10), (10, 30), (30, 35)]
+    assert [index.stored_range(i) for i in range(3)] == [(0, 4), (4, 9), (9, 12)]
+    assert index.pairs == ((10, 4), (30, 9), (35, 12)) and index.digests == ("a", "b", "c")
+
+
+def test_an_encoded_updates_frame_index_is_what_its_manifest_records() -> None:
+    enc = encode_update(small_update(0), frame_bytes=64)
+    assert len(enc.frame_index) >= 2
+    assert FrameIndex.from_pairs(enc.frames, enc.frame_digests) == enc.frame_index
 
 
 @pytest.mark.parametrize("backend", ["memory", "s3"])
@@ -359,8 +375,7 @@ def test_frame_reads_refuse_a_short_object() -> None:
     with pytest.raises(CorruptUpdateError, match="shorter than its frame index"):
         decode_frames_columns_into(
             lambda s, e: enc.data[s : min(e, 200)],
-            enc.frames,
-            enc.frame_digests,
+            enc.frame_index,
             out,
             specs,
             (0, 10),

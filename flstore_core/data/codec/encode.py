@@ -1,0 +1,226 @@
+"""Encoding: an :class:`Update` to safetensors bytes (our own writer, which keeps the
+state-dict order and writes bfloat16 from numpy), a float32 vector to the data-section bytes of
+its tensors (a model result written in parts), and an update to its stored form, the frames of
+:func:`frame_plan` with the index a manifest records of them."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from flstore_core.data.codec.dtypes import (
+    PRECISION_OF,
+    PRECISIONS,
+    Precision,
+    dtype_name,
+    float32_to_bfloat16_bits,
+    np_dtype,
+)
+from flstore_core.data.codec.frames import (
+    ZSTD_LEVEL,
+    FrameIndex,
+    compressor,
+    frame_digest,
+    frame_plan,
+)
+from flstore_core.data.codec.header import header_prefix, update_metadata
+from flstore_core.data.codec.update import TensorSpec, Update, is_nonfinite, slices_of
+from flstore_core.errors import CorruptUpdateError, ValidationError
+
+
+def _check_finite(name: str, arr: npt.NDArray[Any], who: str) -> None:
+    if is_nonfinite(arr):
+        raise CorruptUpdateError(f"{who}: tensor {name!r} contains NaN or Inf values")
+
+
+def _stored(
+    name: str, arr: npt.NDArray[Any], precision: Precision, allow_nonfinite: bool, who: str
+) -> npt.NDArray[Any]:
+    """A tensor as stored: float32 cast to ``precision``, anything else little-endian as is."""
+    if not allow_nonfinite:
+        _check_finite(name, arr, who)
+    if arr.dtype == np.float32 and precision == "bfloat16":
+        return float32_to_bfloat16_bits(arr)
+    if arr.dtype == np.float32 and precision == "float16":
+        with np.errstate(over="ignore"):
+            half = arr.astype("<f2")
+        if not allow_nonfinite and not np.isfinite(half).all():
+            raise ValidationError(
+                f"{who}: tensor {name!r} overflows float16; store this job as float32 or bfloat16"
+            )
+        return half
+    return np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False)
+
+
+def serialize(
+    update: Update,
+    precision: Precision = "float32",
+    *,
+    allow_nonfinite: bool = False,
+) -> bytes:
+    """The uncompressed safetensors bytes of ``update``, float32 tensors cast to ``precision``."""
+    if precision not in PRECISIONS:
+        raise ValidationError(f"unknown precision {precision!r}: use one of {PRECISIONS}")
+    if not update.tensors:
+        raise ValidationError(f"{update.who}: an update needs at least one tensor")
+    meta = update_metadata(update, precision)
+    chunks: list[npt.NDArray[Any]] = []
+    specs: list[TensorSpec] = []
+    for name, value in update.tensors.items():
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise ValidationError(f"{update.who}: invalid tensor name {name!r}")
+        arr = np.asarray(value)
+        st = dtype_name(arr.dtype)  # rejects unsupported dtypes early
+        stored = _stored(name, arr, precision, allow_nonfinite, update.who)
+        if stored.dtype != arr.dtype:
+            st = "BF16" if precision == "bfloat16" else "F16"
+        specs.append(TensorSpec(name, st, tuple(int(s) for s in arr.shape)))
+        chunks.append(stored)
+    head = header_prefix(specs, meta)
+    out = bytearray(len(head) + sum(c.nbytes for c in chunks))
+    out[: len(head)] = head
+    pos = len(head)
+    for chunk in chunks:
+        n = chunk.nbytes
+        out[pos : pos + n] = memoryview(chunk.reshape(-1)).cast("B")  # type: ignore[arg-type]
+        pos += n
+    return bytes(out)
+
+
+def tensor_parts(
+    vector: npt.NDArray[np.float32],
+    specs: Sequence[TensorSpec],
+    *,
+    allow_nonfinite: bool = False,
+    who: str = "model result",
+) -> list[memoryview]:
+    """The bytes :func:`tensor_bytes` returns, as one buffer per tensor, in order: a float32
+    tensor stored as float32 is a view of ``vector`` (no copy), any other a converted copy."""
+    vec = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
+    if vec.size != sum(s.numel for s in specs):
+        raise ValueError(f"{vec.size} values for tensors of {sum(s.numel for s in specs)}")
+    parts: list[memoryview] = []
+    for spec, (a, b) in zip(specs, slices_of(specs), strict=True):
+        part = vec[a:b]
+        if spec.dtype in ("F32", "BF16", "F16"):
+            stored = _stored(spec.name, part, PRECISION_OF[spec.dtype], allow_nonfinite, who)
+        elif np_dtype(spec.dtype).kind == "f":
+            wide = part.astype(np_dtype(spec.dtype))
+            stored = _stored(spec.name, wide, "float32", allow_nonfinite, who)
+        else:
+            stored = np.rint(part).astype(np_dtype(spec.dtype))
+        parts.append(memoryview(np.ascontiguousarray(stored)).cast("B"))  # type: ignore[arg-type]
+    return parts
+
+
+def tensor_bytes(
+    vector: npt.NDArray[np.float32],
+    specs: Sequence[TensorSpec],
+    *,
+    allow_nonfinite: bool = False,
+    who: str = "model result",
+) -> bytearray:
+    """The data-section bytes of consecutive tensors (or parts of tensors: a column block's
+    :func:`~flstore_core.data.blocks.block_specs`) taken from a float32 ``vector``, in the
+    specs' *stored* dtypes exactly as :func:`serialize` writes the update
+    :func:`~flstore_core.data.rows.unflatten` makes of the vector: float32 as is, ``BF16`` /
+    ``F16`` converted as :func:`serialize` converts, other floats widened, integers and booleans
+    rounded to the nearest integer (``np.rint``, as ``unflatten``)."""
+    parts = tensor_parts(vector, specs, allow_nonfinite=allow_nonfinite, who=who)
+    out = bytearray(sum(p.nbytes for p in parts))
+    pos = 0
+    for part in parts:
+        out[pos : pos + part.nbytes] = part
+        pos += part.nbytes
+    return out
+
+
+def row_sq_norm(update: Update) -> float:
+    """Squared L2 norm of the update as a flattened float32 row (every tensor counts)."""
+    sq = 0.0
+    with np.errstate(over="ignore"):
+        for arr in update.tensors.values():
+            flat = np.asarray(arr, dtype=np.float32).reshape(-1)
+            sq += float(np.dot(flat, flat))
+    return sq
+
+
+@dataclass(frozen=True)
+class EncodedUpdate:
+    """The stored form of an update: the zstd frame and what the manifest records of it."""
+
+    data: bytes
+    sha256: str
+    raw_bytes: int
+    specs: tuple[TensorSpec, ...]
+    num_examples: int
+    metrics: dict[str, Any]
+    norm: float
+    # the frames of ``data`` when it is several (:func:`frame_plan`); empty for a one-frame
+    # update (read whole, as before frames existed)
+    frame_index: FrameIndex = field(default_factory=FrameIndex)
+
+    @property
+    def stored_bytes(self) -> int:
+        return len(self.data)
+
+    @property
+    def frames(self) -> tuple[tuple[int, int], ...]:
+        """The frames' cumulative ``(raw_end, stored_end)`` offsets, as a manifest records them."""
+        return self.frame_index.pairs
+
+    @property
+    def frame_digests(self) -> tuple[str, ...]:
+        """Each frame's raw-bytes digest (:func:`frame_digest`), as a manifest records them."""
+        return self.frame_index.digests
+
+
+def encode_update(
+    update: Update,
+    precision: Precision = "float32",
+    *,
+    level: int = ZSTD_LEVEL,
+    allow_nonfinite: bool = False,
+    frame_bytes: int | None = None,
+) -> EncodedUpdate:
+    """Serialize, checksum and compress ``update`` into its stored form: the frames of
+    :func:`frame_plan`, each compressed alone (:func:`compress_frame`), concatenated. The raw
+    bytes, and so the sha256, are those of the one-frame encoding; every reader decodes the
+    frames as their concatenation, and a column-block reader fetches only the frames it needs
+    (:func:`decode_frames_columns_into`)."""
+    raw = serialize(update, precision, allow_nonfinite=allow_nonfinite)
+    sq = row_sq_norm(update)
+    (head_len,) = struct.unpack("<Q", raw[:8])
+    ends = frame_plan(len(raw), 8 + head_len, frame_bytes)
+    view = memoryview(raw)
+    parts: list[bytes] = []
+    stored_ends: list[int] = []
+    digests: list[str] = []
+    start = stored = 0
+    for end in ends:
+        part = compressor(level).compress(view[start:end])
+        parts.append(part)
+        stored += len(part)
+        stored_ends.append(stored)
+        digests.append(frame_digest(view[start:end]))
+        start = end
+    several = len(parts) > 1
+    return EncodedUpdate(
+        data=parts[0] if not several else b"".join(parts),
+        sha256=hashlib.sha256(raw).hexdigest(),
+        raw_bytes=len(raw),
+        specs=tuple(update.specs()),
+        num_examples=int(update.num_examples),
+        metrics=dict(update.metrics),
+        norm=math.sqrt(sq),
+        frame_index=FrameIndex(tuple(ends), tuple(stored_ends), tuple(digests))
+        if several
+        else FrameIndex(),
+    )
