@@ -19,5 +19,5 @@ NODE = CacheNode(ObjectStore())
 
 @logger.inject_lambda_context(log_event=False)
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    """Run one cache-node operation (``load``, ``run``, ``stats``, ``evict``, ``ping``)."""
+    """Run one cache-node operation (:mod:`flstore_core.protocol` lists them)."""
     return NODE.handle(event)

@@ -1,4 +1,4 @@
-"""The cache node's op table: every op reaches its method, argument errors are typed answers."""
+"""The cache node's op table: every op reaches its handler typed, argument errors are answers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from flstore_core import protocol
 from flstore_core.cache.node import CacheNode
 from flstore_core.storage.object_store import ObjectStore
 
@@ -28,55 +29,40 @@ def node(store: ObjectStore) -> CacheNode:
     return CacheNode(store, budget_bytes=10**6, node_index=3)
 
 
-class RecordingNode(CacheNode):
-    """A node whose op methods only record that they were called."""
-
-    def __init__(self, store: ObjectStore) -> None:
-        super().__init__(store, budget_bytes=10**6, node_index=0)
-        self.called: list[tuple[str, dict[str, Any]]] = []
-
-    def _record(self, op: str, event: dict[str, Any]) -> dict[str, Any]:
-        self.called.append((op, event))
-        return {"op": op}
-
-    def op_load(self, event: dict[str, Any]) -> dict[str, Any]:
-        return self._record("load", event)
-
-    def op_run(self, event: dict[str, Any]) -> dict[str, Any]:
-        return self._record("run", event)
-
-    def op_partial(self, event: dict[str, Any]) -> dict[str, Any]:
-        return self._record("partial", event)
-
-    def op_model_part(self, event: dict[str, Any]) -> dict[str, Any]:
-        return self._record("model_part", event)
-
-    def op_run_clients(self, event: dict[str, Any]) -> dict[str, Any]:
-        return self._record("run_clients", event)
-
-    def op_artifacts(self, event: dict[str, Any]) -> dict[str, Any]:
-        return self._record("artifacts", event)
-
-    def op_stats(self, event: dict[str, Any]) -> dict[str, Any]:
-        return self._record("stats", event)
-
-    def op_evict(self, event: dict[str, Any]) -> dict[str, Any]:
-        return self._record("evict", event)
-
-    def op_ping(self, event: dict[str, Any]) -> dict[str, Any]:
-        return self._record("ping", event)
+# one well-formed event per op, in the order of OPS
+EVENTS: list[dict[str, Any]] = [
+    {"op": "load", "shards": []},
+    {"op": "run", "workload": "fedavg", "job": "j", "round": 0},
+    {"op": "partial", "job": "j", "round": 0, "indices": [0], "blocks": 2},
+    {
+        "op": "model_part",
+        "job": "j",
+        "round": 0,
+        "indices": [1],
+        "blocks": 2,
+        "expr": {},
+        "part_keys": ["k"],
+    },
+    {"op": "run_clients", "workload": "krum", "job": "j", "round": 0, "gram": {}},
+    {"op": "artifacts", "compute": {}},
+    {"op": "stats"},
+    {"op": "evict", "all": True},
+    {"op": "ping", "extra": 1},
+]
 
 
 def test_the_table_holds_exactly_the_nine_ops_in_order(node: CacheNode) -> None:
-    assert list(node.ops) == OPS
+    assert [cls.op for cls in node.ops] == OPS == list(protocol.OPS)
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_each_op_is_routed_to_its_method(store: ObjectStore, op: str) -> None:
-    node = RecordingNode(store)
-    event = {"op": op, "extra": 1}
-    assert node.handle(event) == {"op": op}
-    assert node.called == [(op, event)]
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: str(e["op"]))
+def test_each_op_reaches_its_handler_as_a_typed_op(node: CacheNode, event: dict[str, Any]) -> None:
+    called: list[Any] = []
+    for cls in node.ops:
+        node.ops[cls] = lambda op: called.append(op) or {"op": op.op}
+    assert node.handle(event) == {"op": event["op"]}
+    assert called == [protocol.parse_event(event)]
+    assert type(called[0]) is protocol.OPS[event["op"]]
 
 
 def test_an_unknown_op_is_a_400_listing_the_ops(node: CacheNode) -> None:

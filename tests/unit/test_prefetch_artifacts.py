@@ -292,9 +292,9 @@ def test_malformed_artifacts_are_refused_with_a_400(store: ObjectStore) -> None:
 def test_tasks_past_the_time_budget_are_deferred_to_the_requests(
     store: ObjectStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flstore_core.cache import node as node_module
+    from flstore_core.cache import artifact_exchange
 
-    monkeypatch.setattr(node_module, "ARTIFACTS_BUDGET_S", 0.0)
+    monkeypatch.setattr(artifact_exchange, "ARTIFACTS_BUDGET_S", 0.0)
     nodes = Nodes(store)
     want = references(store, nodes, 1)
     answers = make_router(store, nodes).prefetch([round_shard(JOB, ROUND)])

@@ -1,0 +1,170 @@
+"""A node's ``run`` op: a workload on the cached data, its answer kept for an identical request.
+
+:class:`WorkloadAnswers` runs a workload on the shard its class lives on (a round, the job's
+meta shard for a client-class workload, the meta or model shard otherwise), loading what is
+missing, and keeps the answer in the memo of the shard it ran on
+(:mod:`flstore_core.cache.memo`), so a repeated request on the same version of the shard is a
+dictionary lookup. It counts the answers computed and reused for the node's ``stats``.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from flstore_core.cache.memo import ResultMemo
+from flstore_core.cache.results import run_round_workload
+from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.shards import ClientHistory, GlobalModels
+from flstore_core.errors import NotFoundError, ValidationError
+from flstore_core.ids import validate_client, validate_round
+from flstore_core.protocol import RunOp
+from flstore_core.routing.placement import meta_shard, model_shard, round_shard
+from flstore_core.workloads import Workload, WorkloadResult, get
+
+if TYPE_CHECKING:
+    from flstore_core.cache.node import CacheNode
+
+
+def cache_state(hits: list[bool]) -> str:
+    """``hit`` when every shard read was held, ``miss`` when none was, else ``partial``."""
+    return "hit" if all(hits) else "miss" if not any(hits) else "partial"
+
+
+class WorkloadAnswers:
+    """The ``run`` op of one node, and the memo of answers on each round copy it holds."""
+
+    def __init__(self, node: CacheNode) -> None:
+        self.node = node
+        # answers of workloads computed, and reused from the memo of the shard they ran on
+        self.counts = {"computed": 0, "reused": 0}
+        # a round's memo lives as long as the round's copy in this node's cache
+        self._round_answers: weakref.WeakKeyDictionary[RoundData, ResultMemo] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def run(self, op: RunOp) -> dict[str, Any]:
+        """Run ``op``'s workload on the cached data, loading what is missing; the answer says
+        whether the shards were held, the load and compute times and the S3 requests made."""
+        node = self.node
+        workload = get(op.workload)
+        job = op.job
+        params = workload.validate(op.params)
+        gets_before, puts_before = node.store.gets, node.store.puts
+        t0 = time.perf_counter()
+        timing: dict[str, float] = {}  # "write": encoding and PUT of a model result
+        if workload.cls == "round":
+            key = round_shard(job, validate_round(op.round))
+            with node.cache.using(key, node.loader(key)) as (data, hit):
+                t1 = time.perf_counter()
+                result = self.answer(
+                    self.round_memo(data),
+                    workload.name,
+                    {"params": params},
+                    lambda: run_round_workload(
+                        node.store, workload, data, params, data.results_written, timing
+                    ),
+                )
+            hits = [hit]
+        elif workload.cls == "client":
+            result, hits, t1 = self._run_clients(workload, op, params)
+        else:
+            key = meta_shard(job) if workload.cls == "meta" else model_shard(job)
+            with node.cache.using(key, node.loader(key)) as (value, hit):
+                value = node.refresh(key, value)
+                t1 = time.perf_counter()
+                if isinstance(value, GlobalModels) and params.get("round", 0) is None:
+                    # the latest stored global model, named: the answer is that round's
+                    params = {**params, "round": value.latest_round()}
+                rounds = None if op.rounds is None else list(op.rounds)
+                request = {"params": params, "rounds": rounds}
+                result = self.memoised(value.memo, workload.name, request, value, params)
+                if isinstance(value, GlobalModels):
+                    node.cache.put(key, value)  # models loaded on demand: re-account its size
+            hits = [hit]
+        t2 = time.perf_counter()
+        return {
+            "result": result,
+            "cache": cache_state(hits),
+            "node": node.node_index,
+            "timing_ms": {"load": (t1 - t0) * 1000, "compute": (t2 - t1) * 1000, **timing},
+            "s3_gets": node.store.gets - gets_before,
+            "s3_puts": node.store.puts - puts_before,  # a model result written, if any
+        }
+
+    def memoised(
+        self,
+        memo: ResultMemo,
+        name: str,
+        request: dict[str, Any],
+        shard: Any,
+        params: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The workload's answer on ``shard``: kept from an identical earlier request on this
+        version of the shard, else run and kept (:mod:`flstore_core.cache.memo`)."""
+        workload = get(name)
+
+        def compute() -> dict[str, Any]:
+            out = workload.run(shard, params)
+            result = dict(out.result if isinstance(out, WorkloadResult) else out)
+            if workload.cls == "client" and workload.finalize is not None:
+                result = workload.finalize(result, params)
+            return result
+
+        return self.answer(memo, name, request, compute)
+
+    def answer(
+        self,
+        memo: ResultMemo,
+        name: str,
+        request: dict[str, Any],
+        compute: Callable[[], dict[str, Any]],
+    ) -> dict[str, Any]:
+        """``compute()``, or the answer ``memo`` kept for an identical request."""
+        result, reused = memo.answer(ResultMemo.key(name, request), compute)
+        self.counts["reused" if reused else "computed"] += 1
+        return result
+
+    def round_memo(self, data: RoundData) -> ResultMemo:
+        """The memo of answers on this copy of a round: it goes with the copy (evicted, or
+        dropped for a rewritten manifest and read again), never outlives it."""
+        memo = self._round_answers.get(data)
+        if memo is None:
+            memo = self._round_answers.setdefault(data, ResultMemo())
+        return memo
+
+    def _run_clients(
+        self, workload: Workload, op: RunOp, params: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[bool], float]:
+        """A client-class workload on the job's meta shard, which holds every client's rows
+        of every committed round: one node answers for all the clients asked (``clients`` of
+        the op, else of the params, else every client of the job), finalised here."""
+        node, job = self.node, op.job
+        clients = op.clients or params.get("clients") or None  # [] asks for all
+        if clients is not None and not isinstance(clients, list | tuple):
+            raise ValidationError("a client-class run's 'clients' must be a list of client ids")
+        names = None if clients is None else [validate_client(c) for c in clients]
+        wanted = None if op.rounds is None else set(op.rounds)
+        key = meta_shard(job)
+        with node.cache.using(key, node.loader(key)) as (meta, hit):
+            meta = node.refresh(key, meta)
+            t1 = time.perf_counter()
+            if names is None:
+                names = meta.clients
+                if not names:
+                    raise NotFoundError(f"job {job!r} has no committed round with clients yet")
+            histories = {
+                c: ClientHistory(
+                    job, c, [r for r in meta.history(c) if wanted is None or r.round in wanted]
+                )
+                for c in names
+            }
+            request = {
+                "params": params,
+                "clients": names,
+                "rounds": None if wanted is None else sorted(wanted),
+            }
+            result = self.memoised(meta.memo, workload.name, request, histories, params)
+        return result, [hit], t1
