@@ -13,6 +13,7 @@ from typing import Any
 
 from flstore_core.cache.results import result_key, result_metadata
 from flstore_core.cache.sharded import ShardedRound, model_expr
+from flstore_core.protocol import ModelPartOp
 from flstore_core.routing.planner import RoundPlan
 from flstore_core.routing.scatter import BlockScatter, Scatter
 from flstore_core.storage.object_store import ObjectStore
@@ -50,17 +51,16 @@ class ModelResultWriter:
             metadata = result_metadata(workload, view)
             part_keys = [f"{key}.parts/{i:05d}" for i in range(len(plan.blocks))]
 
-            def event(indices: list[int]) -> dict[str, Any]:
-                return {
-                    "op": "model_part",
-                    "job": view.job,
-                    "round": view.round,
-                    "indices": indices,
-                    "blocks": len(plan.blocks),
-                    "expr": expr,
-                    "part_keys": [part_keys[i] for i in indices],
-                    "metadata": metadata if 0 in indices else None,
-                }
+            def event(indices: list[int]) -> ModelPartOp:
+                return ModelPartOp(
+                    view.job,
+                    view.round,
+                    tuple(indices),
+                    len(plan.blocks),
+                    expr,
+                    tuple(part_keys[i] for i in indices),
+                    metadata if 0 in indices else None,
+                )
 
             try:
                 self.scatter.blocks(plan, event, scatter)

@@ -14,6 +14,7 @@ from typing import Any
 
 from flstore_core import config
 from flstore_core.errors import NotFoundError, UnavailableError
+from flstore_core.protocol import ArtifactsOp, LoadOp
 from flstore_core.routing.invoker import NodeAnswer, NodeFailure
 from flstore_core.routing.placement import ShardKey, place_shard
 from flstore_core.routing.planner import NoLayoutError, RoundPlan
@@ -107,9 +108,9 @@ class Prefetch:
 
         def load(index: int) -> tuple[str, Any]:
             function = self.scatter.function(index)
-            event = {"op": "load", "shards": by_node[index], "models": primary_of.get(index, [])}
+            op = LoadOp(tuple(by_node[index]), tuple(primary_of.get(index, [])))
             try:
-                answer = self.scatter.invoker.invoke(function, event)
+                answer = self.scatter.invoker.invoke(function, op.to_event())
             except NodeFailure as exc:
                 return function, {"error": {"code": "unavailable", "message": str(exc)}}
             payload = dict(answer.payload)
@@ -135,7 +136,7 @@ class Prefetch:
         artifacts (one ``artifacts`` invocation per node, after every ``load`` answered, so a
         round is held and reported loaded whatever its artifacts cost); what each computed goes
         into its answer (``artifacts``)."""
-        shares: dict[str, dict[str, list[int]]] = {}
+        shares: dict[str, dict[str, tuple[int, int]]] = {}
         for shard, owners in round_owners.items():
             for k, index in enumerate(owners):
                 function = self.scatter.function(index)
@@ -143,9 +144,9 @@ class Prefetch:
                 if "error" not in answer and shard in answer.get("loaded", []) + answer.get(
                     "already", []
                 ):
-                    shares.setdefault(function, {})[shard] = [k, len(owners)]
+                    shares.setdefault(function, {})[shard] = (k, len(owners))
 
-        events = {f: {"op": "artifacts", "compute": share} for f, share in shares.items()}
+        events = {f: ArtifactsOp(compute=share) for f, share in shares.items()}
         for function, outcome in self._invoke_each(events):
             payload = answers[function]
             if isinstance(outcome, str):
@@ -173,7 +174,7 @@ class Prefetch:
                     "entries": give,
                 }
 
-        events = {f: {"op": "artifacts", "rounds": rounds} for f, rounds in sends.items()}
+        events = {f: ArtifactsOp(rounds=rounds) for f, rounds in sends.items()}
         for function, outcome in self._invoke_each(events):
             payload = answers[function]
             if isinstance(outcome, str):
@@ -186,13 +187,13 @@ class Prefetch:
                 if isinstance(item, dict):
                     item["values"] = len(item.pop("entries", None) or [])
 
-    def _invoke_each(self, events: dict[str, dict[str, Any]]) -> list[tuple[str, NodeAnswer | str]]:
-        """Invoke each function with its event, in parallel, in name order: ``(function, its
+    def _invoke_each(self, events: dict[str, ArtifactsOp]) -> list[tuple[str, NodeAnswer | str]]:
+        """Invoke each function with its op, in parallel, in name order: ``(function, its
         answer)``, or the failure's message where the node could not answer."""
 
         def one(function: str) -> tuple[str, NodeAnswer | str]:
             try:
-                return function, self.scatter.invoker.invoke(function, events[function])
+                return function, self.scatter.invoker.invoke(function, events[function].to_event())
             except NodeFailure as exc:
                 return function, str(exc)
 

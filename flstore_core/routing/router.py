@@ -32,6 +32,7 @@ import hashlib
 import json
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ from flstore_core.cost import DEFAULT_PRICES, Prices, flstore_request_cost
 from flstore_core.data import layout
 from flstore_core.errors import NotFoundError, ValidationError
 from flstore_core.ids import validate_client, validate_job, validate_round
+from flstore_core.protocol import NodeOp, RunOp
 from flstore_core.routing.auth import TokenTable
 from flstore_core.routing.failover import Answered, FailoverPolicy
 from flstore_core.routing.invoker import Invoker, NodeInvoker
@@ -311,23 +313,17 @@ class Router:
         if workload.cls == "round" and (plan := self._round_plan(job, round_)) is not None:
             assert round_ is not None
             return self._run_sharded(workload, job, round_, request.params, plan)
-        event: dict[str, Any] = {
-            "op": "run",
-            "workload": workload.name,
-            "job": job,
-            "params": request.params,
-        }
         if workload.cls == "round":
             assert round_ is not None
             shard = round_shard(job, round_)
-            event["round"] = round_
+            op = RunOp(workload.name, job, request.params, round=round_)
         else:
             # a client-class request is answered from the job's meta shard, which holds
             # every client's rows: one invocation, not a scatter over client shards
             shard = model_shard(job) if workload.cls == "model" else meta_shard(job)
-            if request.rounds is not None:
-                event["rounds"] = request.rounds
-        answer, tried, invocations = self._invoke_in_order(self.plan(str(shard)), event)
+            rounds = None if request.rounds is None else tuple(request.rounds)
+            op = RunOp(workload.name, job, request.params, rounds=rounds)
+        answer, tried, invocations = self._invoke_in_order(self.plan(str(shard)), op)
         answers = [checked(answer.payload)]
         return ShardedRun(answers[0]["result"], answers, tried, invocations)
 
@@ -381,8 +377,8 @@ class Router:
         order = rank_nodes(shard, self.config.nodes)
         return Plan(shard, order)
 
-    def _invoke_in_order(self, plan: Plan, event: dict[str, Any]) -> Answered:
-        return self.scatter.invoke_in_order(plan.shard, plan.order, event)
+    def _invoke_in_order(self, plan: Plan, op: NodeOp) -> Answered:
+        return self.scatter.invoke_in_order(plan.shard, plan.order, op)
 
     def _require_job(self, job: str) -> None:
         now = time.monotonic()
@@ -419,6 +415,8 @@ class Router:
         prefetch."""
         return self._prefetch(shards)
 
-    def node_op(self, index: int, event: dict[str, Any]) -> dict[str, Any]:
-        """Send one operation to one node (stats, evict, load); used by the CLI and ingestion."""
+    def node_op(self, index: int, op: NodeOp | Mapping[str, Any]) -> dict[str, Any]:
+        """Send one operation to one node (stats, evict, load, ping), as a
+        :mod:`~flstore_core.protocol` op or its event; used by the CLI and ingestion."""
+        event = op if isinstance(op, Mapping) else op.to_event()
         return self.invoker.invoke(self.scatter.function(index), event).payload

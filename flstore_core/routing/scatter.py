@@ -12,20 +12,21 @@ call made from a pool thread is accounted to the request that asked for it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from flstore_core.cost import Invocation
 from flstore_core.errors import UnavailableError, error_from_dict
+from flstore_core.protocol import NodeOp
 from flstore_core.routing.failover import Answered, FailoverPolicy
 from flstore_core.routing.invoker import Invoker
 from flstore_core.routing.placement import node_name
 from flstore_core.routing.planner import RoundPlan
 
-# the event a block holder is sent for the blocks (indices into the plan) assigned to it
-BlockEvent = Callable[[list[int]], Mapping[str, Any]]
+# the op a block holder is sent for the blocks (indices into the plan) assigned to it
+BlockEvent = Callable[[list[int]], NodeOp]
 # each block's item of its node's answer, and that answer
 BlockAnswer = tuple[dict[str, Any], dict[str, Any]]
 
@@ -92,18 +93,20 @@ class BlockScatter:
         """The function name of node ``index``."""
         return node_name(self.prefix, index)
 
-    def invoke_in_order(self, shard: str, order: list[int], event: Mapping[str, Any]) -> Answered:
-        """Invoke the nodes of ``order`` until one answers, as the failover policy decides."""
+    def invoke_in_order(self, shard: str, order: list[int], op: NodeOp) -> Answered:
+        """Invoke the nodes of ``order`` with ``op`` until one answers, as the failover policy
+        decides."""
         ranked = [self.function(index) for index in order]
+        event = op.to_event()
         return self.failover.invoke(
             shard, ranked, lambda function: self.invoker.invoke(function, event)
         )
 
     def one(
-        self, shard: str, order: list[int], event: Mapping[str, Any], scatter: Scatter | None
+        self, shard: str, order: list[int], op: NodeOp, scatter: Scatter | None
     ) -> dict[str, Any]:
-        """One node's checked answer for ``shard``, accounted to ``scatter``."""
-        return _accounted(self.invoke_in_order(shard, order, event), scatter)
+        """One node's checked answer to ``op`` for ``shard``, accounted to ``scatter``."""
+        return _accounted(self.invoke_in_order(shard, order, op), scatter)
 
     def gather(self, one: Callable[[int], dict[str, Any]], count: int) -> list[dict[str, Any]]:
         """``one(i)`` for ``i`` in ``range(count)``, in parallel; the answers in order."""
@@ -127,7 +130,7 @@ class BlockScatter:
             def call(job: tuple[int, list[int]]) -> tuple[int, Answered | None]:
                 node, indices = job
                 function = self.function(node)
-                payload = event(indices)
+                payload = event(indices).to_event()
                 try:
                     answered = self.failover.invoke(
                         f"{plan.job}/round/{plan.round} blocks {indices}",

@@ -27,6 +27,7 @@ from flstore_core.cache.shards import ManifestReader
 from flstore_core.cost import Invocation
 from flstore_core.data.manifest import RoundManifest
 from flstore_core.errors import UnavailableError
+from flstore_core.protocol import PartialOp
 from flstore_core.routing.model_results import ModelResultWriter
 from flstore_core.routing.planner import RoundPlan
 from flstore_core.routing.scatter import BlockScatter, Scatter
@@ -173,14 +174,7 @@ class ShardedRunner:
         job, round_ = plan.job, plan.round
         answers = self.scatter.blocks(
             plan,
-            lambda indices: {
-                "op": "partial",
-                "job": job,
-                "round": round_,
-                "indices": indices,
-                "blocks": len(plan.blocks),
-                "buffers": buffers,
-            },
+            lambda indices: PartialOp(job, round_, tuple(indices), len(plan.blocks), buffers),
             scatter,
         )
         if any(a.get("content") != gathered.content for _, a in answers):

@@ -9,6 +9,7 @@ rendezvous ranking, nodes with room for the streamed round's working memory firs
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 from flstore_core.cache.sharded import ShardedRound, VectorExpr, parts_to_json
 from flstore_core.cache.streamed import working_bytes
 from flstore_core.errors import UnavailableError
+from flstore_core.protocol import RunClientsOp
 from flstore_core.routing.model_results import ModelResultWriter
 from flstore_core.routing.placement import ShardKey, rank_nodes, round_shard
 from flstore_core.routing.planner import RoundPlan
@@ -74,16 +76,15 @@ class StreamedRunner:
         parts = view.gram_parts()
         buffers = view.gram_parts(buffers=True)
         assert parts is not None
-        event: dict[str, Any] = {
-            "op": "run_clients",
-            "workload": workload.name,
-            "job": job,
-            "round": round_,
-            "params": params,
-            "gram": parts_to_json(parts),
-            "buffers": None if buffers is None else parts_to_json(buffers),
-            "is_delta": view.is_delta,
-        }
+        op = RunClientsOp(
+            workload.name,
+            job,
+            round_,
+            parts_to_json(parts),
+            params,
+            None if buffers is None else parts_to_json(buffers),
+            view.is_delta,
+        )
         if workload.split is not None:
             split = workload.split
             groups = [g.tolist() for g in np.array_split(np.arange(view.n), len(order)) if len(g)]
@@ -91,11 +92,12 @@ class StreamedRunner:
             def one(index: int) -> dict[str, Any]:
                 # group g starts at the g-th node of the order and fails over along it
                 rotated = order[index:] + order[:index]
-                return self.scatter.one(shard, rotated, {**event, "rows": groups[index]}, scatter)
+                group = replace(op, rows=tuple(groups[index]))
+                return self.scatter.one(shard, rotated, group, scatter)
 
             answers = self.scatter.gather(one, len(groups))
             return split.merge(view.clients, params, [a["result"] for a in answers])
-        answer = self.scatter.one(shard, order, event, scatter)
+        answer = self.scatter.one(shard, order, op, scatter)
         result = dict(answer["result"])
         if answer.get("model_expr") is not None:
             result["model_key"] = self.models.write(
