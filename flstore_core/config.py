@@ -37,6 +37,13 @@ class Setting:
         except ValueError:
             raise ValidationError(f"{self.name} must be an integer, got {value!r}") from None
 
+    @property
+    def default_int(self) -> int:
+        """The default as an integer (for option defaults spelt once, here)."""
+        if self.default is None:
+            raise ValueError(f"{self.name} has no default")
+        return int(self.default)
+
     def get_list(self, environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
         """The value as a comma-separated list, blanks dropped."""
         return tuple(p.strip() for p in (self.get(environ) or "").split(",") if p.strip())

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from flstore_core import __version__, config
+from flstore_core.cli.local import local_app
 from flstore_core.cli.logs import configure_logging
+from flstore_core.cli.state import STATE, console
 from flstore_core.errors import FLStoreError, ValidationError
 from flstore_core.routing.placement import ShardKey
 
@@ -33,14 +31,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-local_app = typer.Typer(help="The embedded local stack (moto S3, local Lambda, local gateway).")
 token_app = typer.Typer(help="Bearer tokens for the HTTP API.")
 job_app = typer.Typer(help="Jobs: declare a model, a storage precision, a validation set.")
 app.add_typer(local_app, name="local")
 app.add_typer(job_app, name="job")
 app.add_typer(token_app, name="token")
-console = Console()
-STATE = Path(".flstore") / "local.json"
 
 URL = typer.Option(
     None, "--url", envvar=config.URL.name, help="API base URL (default: local stack)"
@@ -78,82 +73,6 @@ def demo(
     from evaluation.demo import run_demo
 
     run_demo(clients=clients, rounds=rounds, repetitions=repetitions, out=out)
-
-
-# ---------------------------------------------------------------------- local stack
-
-
-@local_app.command("up")
-def local_up(
-    nodes: int = typer.Option(4, min=1, help="Cache-node functions."),
-    replication: int = typer.Option(2, min=1, help="Replicas per shard."),
-    hot_rounds: int = typer.Option(2, min=1, help="Latest rounds per job kept hot (W)."),
-    memory_mb: int = typer.Option(3008, min=128, help="Memory of each cache node."),
-    cache_budget_mb: int = typer.Option(
-        None,
-        min=1,
-        help="Data each cache node holds, in MB (default: what --memory-mb leaves once the "
-        "node's runtime is loaded). A small budget makes a test round span many nodes.",
-    ),
-    bucket: str = typer.Option("flstore-local", help="S3 bucket."),
-    s3_endpoint: str = typer.Option(None, help="Use this S3 endpoint instead of starting moto."),
-) -> None:
-    """Start the local stack in the foreground until interrupted; writes .flstore/local.json."""
-    from flstore_core.cache.budget import MiB
-    from lambdas.local_runtime.stack import LocalStack, StackConfig
-
-    if cache_budget_mb is not None and cache_budget_mb >= memory_mb:
-        raise typer.BadParameter(
-            f"{cache_budget_mb} MB does not fit a node of --memory-mb {memory_mb}: give a "
-            "budget below the node's memory (the rest holds its runtime)",
-            param_hint="'--cache-budget-mb'",
-        )
-    config = StackConfig(
-        nodes=nodes,
-        replication=replication,
-        hot_rounds=hot_rounds,
-        memory_mb=memory_mb,
-        budget_bytes=None if cache_budget_mb is None else cache_budget_mb * MiB,
-        bucket=bucket,
-        s3_endpoint=s3_endpoint,
-    )
-    stopping = {"flag": False}
-
-    def stop(*_: object) -> None:
-        stopping["flag"] = True
-
-    signal.signal(signal.SIGTERM, stop)
-    with LocalStack(config, workdir=Path.cwd()) as stack:
-        console.print(f"gateway   [bold]{stack.gateway_url}[/bold]")
-        console.print(f"lambda    {stack.lambda_endpoint}   s3 {stack.s3_endpoint}")
-        console.print(f"token     [bold]{stack.token}[/bold]")
-        console.print(f"state     {STATE} (Ctrl-C or `flstore local down` to stop)")
-        try:
-            while not stopping["flag"]:
-                time.sleep(0.2)
-        except KeyboardInterrupt:
-            pass
-    console.print("local stack stopped")
-
-
-@local_app.command("down")
-def local_down() -> None:
-    """Stop the local stack started by `flstore local up` in this directory."""
-    if not STATE.exists():
-        console.print("no local stack is running here")
-        raise typer.Exit(0)
-    pid = int(json.loads(STATE.read_text())["pid"])
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        STATE.unlink(missing_ok=True)
-        console.print("the local stack was not running; removed its stale state file")
-        return
-    for _ in range(100):
-        if not STATE.exists():
-            break
-        time.sleep(0.1)
-    console.print(f"stopped local stack (pid {pid})")
 
 
 # ---------------------------------------------------------------------- API commands
@@ -308,12 +227,18 @@ def plan(
         None, "--params", min=1, help="Parameters a client update has (float32 each)."
     ),
     model: str = typer.Option(None, "--model", help="A registry model instead of --params."),
-    nodes: int = typer.Option(8, "--nodes", min=1, help="Cache nodes of the stack."),
-    memory_mb: int = typer.Option(3008, "--memory-mb", min=128, help="Memory of each node."),
+    nodes: int = typer.Option(
+        config.CACHE_NODES.default_int, "--nodes", min=1, help="Cache nodes of the stack."
+    ),
+    memory_mb: int = typer.Option(
+        config.CACHE_MEMORY_MB.default_int, "--memory-mb", min=128, help="Memory of each node."
+    ),
     budget_mb: int = typer.Option(
         None, "--cache-budget-mb", min=1, help="Cache budget (default: what the memory leaves)."
     ),
-    replication: int = typer.Option(2, "--replication", min=1, help="Replicas per shard."),
+    replication: int = typer.Option(
+        config.REPLICATION.default_int, "--replication", min=1, help="Replicas per shard."
+    ),
 ) -> None:
     """How a round of this size is laid out on a stack: blocks, owners, load per node — or why
     no layout holds it (the 503 the router would answer)."""

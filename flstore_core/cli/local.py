@@ -1,0 +1,95 @@
+"""``flstore local up`` / ``flstore local down``: the embedded local stack in the foreground."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import typer
+
+from flstore_core import config
+from flstore_core.cli.state import STATE, console
+
+local_app = typer.Typer(help="The embedded local stack (moto S3, local Lambda, local gateway).")
+
+
+@local_app.command("up")
+def local_up(
+    nodes: int = typer.Option(4, min=1, help="Cache-node functions."),
+    replication: int = typer.Option(
+        config.REPLICATION.default_int, min=1, help="Replicas per shard."
+    ),
+    hot_rounds: int = typer.Option(
+        config.HOT_ROUNDS.default_int, min=1, help="Latest rounds per job kept hot (W)."
+    ),
+    memory_mb: int = typer.Option(
+        config.CACHE_MEMORY_MB.default_int, min=128, help="Memory of each cache node."
+    ),
+    cache_budget_mb: int = typer.Option(
+        None,
+        min=1,
+        help="Data each cache node holds, in MB (default: what --memory-mb leaves once the "
+        "node's runtime is loaded). A small budget makes a test round span many nodes.",
+    ),
+    bucket: str = typer.Option("flstore-local", help="S3 bucket."),
+    s3_endpoint: str = typer.Option(None, help="Use this S3 endpoint instead of starting moto."),
+) -> None:
+    """Start the local stack in the foreground until interrupted; writes .flstore/local.json."""
+    from flstore_core.cache.budget import MiB
+    from lambdas.local_runtime.stack import LocalStack, StackConfig
+
+    if cache_budget_mb is not None and cache_budget_mb >= memory_mb:
+        raise typer.BadParameter(
+            f"{cache_budget_mb} MB does not fit a node of --memory-mb {memory_mb}: give a "
+            "budget below the node's memory (the rest holds its runtime)",
+            param_hint="'--cache-budget-mb'",
+        )
+    config = StackConfig(
+        nodes=nodes,
+        replication=replication,
+        hot_rounds=hot_rounds,
+        memory_mb=memory_mb,
+        budget_bytes=None if cache_budget_mb is None else cache_budget_mb * MiB,
+        bucket=bucket,
+        s3_endpoint=s3_endpoint,
+    )
+    stopping = {"flag": False}
+
+    def stop(*_: object) -> None:
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGTERM, stop)
+    with LocalStack(config, workdir=Path.cwd()) as stack:
+        console.print(f"gateway   [bold]{stack.gateway_url}[/bold]")
+        console.print(f"lambda    {stack.lambda_endpoint}   s3 {stack.s3_endpoint}")
+        console.print(f"token     [bold]{stack.token}[/bold]")
+        console.print(f"state     {STATE} (Ctrl-C or `flstore local down` to stop)")
+        try:
+            while not stopping["flag"]:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+    console.print("local stack stopped")
+
+
+@local_app.command("down")
+def local_down() -> None:
+    """Stop the local stack started by `flstore local up` in this directory."""
+    if not STATE.exists():
+        console.print("no local stack is running here")
+        raise typer.Exit(0)
+    pid = int(json.loads(STATE.read_text())["pid"])
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        STATE.unlink(missing_ok=True)
+        console.print("the local stack was not running; removed its stale state file")
+        return
+    for _ in range(100):
+        if not STATE.exists():
+            break
+        time.sleep(0.1)
+    console.print(f"stopped local stack (pid {pid})")
