@@ -7,8 +7,8 @@ test runs in milliseconds and sleeps nowhere (the failover policy's sleep is inj
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, cast
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from moto import mock_aws
@@ -19,7 +19,7 @@ from flstore_core.data.manifest import JobSpec
 from flstore_core.errors import NotFoundError, UnavailableError, ValidationError
 from flstore_core.routing.auth import TokenTable
 from flstore_core.routing.failover import FailoverPolicy
-from flstore_core.routing.invoker import NodeAnswer, NodeFailure, NodeInvoker, NodeThrottled
+from flstore_core.routing.invoker import NodeFailure, NodeThrottled
 from flstore_core.routing.placement import (
     ShardKey,
     meta_shard,
@@ -31,34 +31,14 @@ from flstore_core.routing.placement import (
 from flstore_core.routing.router import Router, RouterConfig
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get as get_workload
+from tests.fakes import AUTH, TOKEN, InProcessNodes, Reply, make_router
 
 JOB = "demo"
-TOKEN = "fls_router-tests"
-AUTH = f"Bearer {TOKEN}"
 NODES = 5
 PREFIX = "fl"
 BILLED_MS = 12.0
 MEMORY_MB = 1024
 RESULT = {"selected": ["c0", "c2"], "scores": {"c0": 0.9, "c1": 0.1, "c2": 0.8}}
-
-Reply = Callable[[str, dict[str, Any]], dict[str, Any]]
-
-
-class FakeNodes:
-    """Stands in for :class:`NodeInvoker`: answers from ``reply(function, event)``, which may
-    raise :class:`NodeFailure` or :class:`NodeThrottled`; records every ``(function, event)``."""
-
-    def __init__(self, reply: Reply) -> None:
-        self.reply = reply
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-
-    def invoke(self, function: str, event: Mapping[str, Any]) -> NodeAnswer:
-        self.calls.append((function, dict(event)))
-        return NodeAnswer(function, self.reply(function, dict(event)), BILLED_MS, MEMORY_MB)
-
-    @property
-    def functions(self) -> list[str]:
-        return [function for function, _ in self.calls]
 
 
 def hit(function: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -89,28 +69,18 @@ def sleeps() -> list[float]:
     return []
 
 
-MakeRouter = Callable[..., tuple[Router, FakeNodes]]
+ScriptedRouter = Callable[..., tuple[Router, InProcessNodes]]
 
 
 @pytest.fixture
-def make_router(store: ObjectStore, sleeps: list[float]) -> MakeRouter:
-    """Build a router over ``store`` and fake nodes answering with ``reply``; ``config`` are
-    :class:`RouterConfig` fields. The failover policy records its sleeps in ``sleeps``."""
+def scripted_router(store: ObjectStore, sleeps: list[float]) -> ScriptedRouter:
+    """Build a router over ``store`` and scripted nodes answering with ``reply``; ``config``
+    are :class:`RouterConfig` fields. The failover policy records its sleeps in ``sleeps``."""
 
-    def make(reply: Reply = hit, **config: Any) -> tuple[Router, FakeNodes]:
-        nodes = FakeNodes(reply)
-        settings = RouterConfig(prefix=PREFIX, nodes=NODES, replication=2, **config)
-        policy = FailoverPolicy(
-            max_attempts=settings.max_attempts,
-            throttle_passes=settings.throttle_passes,
-            sleep=sleeps.append,
-        )
-        router = Router(
-            store,
-            cast(NodeInvoker, nodes),  # duck-typed: the router only calls invoke()
-            TokenTable.with_tokens({TOKEN: ["*"]}),
-            settings,
-            failover=policy,
+    def make(reply: Reply = hit, **config: Any) -> tuple[Router, InProcessNodes]:
+        nodes = InProcessNodes(reply=reply, billed_ms=BILLED_MS, memory_mb=MEMORY_MB)
+        router = make_router(
+            store, nodes, prefix=PREFIX, nodes=NODES, replication=2, sleep=sleeps.append, **config
         )
         return router, nodes
 
@@ -127,15 +97,15 @@ def run(router: Router, workload: str = "cosine_select", **body: Any) -> dict[st
 def test_the_config_feeds_the_default_failover_policy(store: ObjectStore) -> None:
     router = Router(
         store,
-        cast(NodeInvoker, FakeNodes(hit)),
+        InProcessNodes(reply=hit),
         TokenTable.with_tokens({TOKEN: ["*"]}),
         RouterConfig(max_attempts=2, throttle_passes=5),
     )
     assert router.failover == FailoverPolicy(max_attempts=2, throttle_passes=5)
 
 
-def test_a_round_request_goes_to_the_shards_primary_first(make_router: MakeRouter) -> None:
-    router, nodes = make_router()
+def test_a_round_request_goes_to_the_shards_primary_first(scripted_router: ScriptedRouter) -> None:
+    router, nodes = scripted_router()
     answer = run(router, round=1)
     primary = ranked_functions(round_shard(JOB, 1))[0]
     assert nodes.calls == [
@@ -154,8 +124,8 @@ def test_a_round_request_goes_to_the_shards_primary_first(make_router: MakeRoute
     assert answer["result"] == RESULT and answer["meta"]["nodes"] == [primary]
 
 
-def test_replicas_are_tried_in_placement_order(make_router: MakeRouter) -> None:
-    router, nodes = make_router(down)
+def test_replicas_are_tried_in_placement_order(scripted_router: ScriptedRouter) -> None:
+    router, nodes = scripted_router(down)
     with pytest.raises(UnavailableError):
         run(router, round=1)
     ranking = ranked_functions(round_shard(JOB, 1))
@@ -164,20 +134,20 @@ def test_replicas_are_tried_in_placement_order(make_router: MakeRouter) -> None:
     assert nodes.functions[:2] == owners
 
 
-def test_a_failed_node_fails_over_to_the_next(make_router: MakeRouter) -> None:
+def test_a_failed_node_fails_over_to_the_next(scripted_router: ScriptedRouter) -> None:
     ranking = ranked_functions(round_shard(JOB, 1))
 
     def primary_down(function: str, event: dict[str, Any]) -> dict[str, Any]:
         return down(function, event) if function == ranking[0] else hit(function, event)
 
-    router, nodes = make_router(primary_down)
+    router, nodes = scripted_router(primary_down)
     answer = run(router, round=1)
     assert nodes.functions == ranking[:2]
     assert answer["meta"]["nodes"] == ranking[:2] and answer["result"] == RESULT
 
 
 def test_a_throttled_pass_backs_off_then_tries_again(
-    make_router: MakeRouter, sleeps: list[float]
+    scripted_router: ScriptedRouter, sleeps: list[float]
 ) -> None:
     ranking = ranked_functions(round_shard(JOB, 1))
     busy = {"left": 1}
@@ -190,28 +160,28 @@ def test_a_throttled_pass_backs_off_then_tries_again(
             return down(function, event)
         return hit(function, event)
 
-    router, nodes = make_router(primary_busy_once)
+    router, nodes = scripted_router(primary_busy_once)
     answer = run(router, round=1)
     assert nodes.functions == [*ranking[:4], ranking[0]]
     assert answer["meta"]["nodes"] == nodes.functions
     assert sleeps == [0.05]
 
 
-def test_a_nodes_caller_error_is_final(make_router: MakeRouter) -> None:
+def test_a_nodes_caller_error_is_final(scripted_router: ScriptedRouter) -> None:
     def not_committed(function: str, event: dict[str, Any]) -> dict[str, Any]:
         return {
             "error": {"code": "not_found", "message": "round 9 is not committed"},
             "status": 404,
         }
 
-    router, nodes = make_router(not_committed)
+    router, nodes = scripted_router(not_committed)
     with pytest.raises(NotFoundError, match="round 9 is not committed"):
         run(router, round=9)
     assert len(nodes.calls) == 1
 
 
-def test_503_after_max_attempts(make_router: MakeRouter, sleeps: list[float]) -> None:
-    router, nodes = make_router(down, max_attempts=3)
+def test_503_after_max_attempts(scripted_router: ScriptedRouter, sleeps: list[float]) -> None:
+    router, nodes = scripted_router(down, max_attempts=3)
     with pytest.raises(UnavailableError) as err:
         run(router, round=1)
     assert err.value.status == 503 and len(nodes.calls) == 3
@@ -219,8 +189,10 @@ def test_503_after_max_attempts(make_router: MakeRouter, sleeps: list[float]) ->
     assert sleeps == []
 
 
-def test_nothing_is_invoked_for_a_request_that_fails_validation(make_router: MakeRouter) -> None:
-    router, nodes = make_router()
+def test_nothing_is_invoked_for_a_request_that_fails_validation(
+    scripted_router: ScriptedRouter,
+) -> None:
+    router, nodes = scripted_router()
     with pytest.raises(ValidationError):
         run(router, round=1, params={"k": 0})
     assert nodes.calls == []
@@ -229,8 +201,10 @@ def test_nothing_is_invoked_for_a_request_that_fails_validation(make_router: Mak
 # ---------------------------------------------------------------------- classes of workload
 
 
-def test_a_meta_request_goes_to_the_meta_shard_with_its_rounds(make_router: MakeRouter) -> None:
-    router, nodes = make_router()
+def test_a_meta_request_goes_to_the_meta_shard_with_its_rounds(
+    scripted_router: ScriptedRouter,
+) -> None:
+    router, nodes = scripted_router()
     answer = router.run(AUTH, JOB, "oort_select", json.dumps({"rounds": [0, 2]}))
     function, event = nodes.calls[0]
     assert function == ranked_functions(meta_shard(JOB))[0]
@@ -238,7 +212,9 @@ def test_a_meta_request_goes_to_the_meta_shard_with_its_rounds(make_router: Make
     assert answer["round"] is None
 
 
-def test_a_client_request_is_one_invocation_on_the_meta_shard(make_router: MakeRouter) -> None:
+def test_a_client_request_is_one_invocation_on_the_meta_shard(
+    scripted_router: ScriptedRouter,
+) -> None:
     """Every client's rows are in the job's meta shard: the router sends the whole request to
     its owner, which answers for every client asked, finalised; no scatter, nothing merged."""
     clients = [f"c{i}" for i in range(8)]
@@ -247,7 +223,7 @@ def test_a_client_request_is_one_invocation_on_the_meta_shard(make_router: MakeR
     def reply(function: str, event: dict[str, Any]) -> dict[str, Any]:
         return {"result": final, "cache": "hit", "s3_gets": 0}
 
-    router, nodes = make_router(reply)
+    router, nodes = scripted_router(reply)
     body = {"params": {"clients": clients}, "rounds": [0, 1]}
     answer = router.run(AUTH, JOB, "reputation", json.dumps(body))
     assert nodes.functions == ranked_functions(meta_shard(JOB))[:1]
@@ -258,7 +234,9 @@ def test_a_client_request_is_one_invocation_on_the_meta_shard(make_router: MakeR
     assert answer["meta"]["nodes"] == ranked_functions(meta_shard(JOB))[:1]
 
 
-def test_a_client_request_fails_over_to_the_meta_shards_replica(make_router: MakeRouter) -> None:
+def test_a_client_request_fails_over_to_the_meta_shards_replica(
+    scripted_router: ScriptedRouter,
+) -> None:
     primary, replica = ranked_functions(meta_shard(JOB))[:2]
 
     def reply(function: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -266,15 +244,15 @@ def test_a_client_request_fails_over_to_the_meta_shards_replica(make_router: Mak
             raise NodeFailure(f"{function}: Unhandled")
         return {"result": {"values": {"c0": 1.0}}, "cache": "miss", "s3_gets": 2}
 
-    router, nodes = make_router(reply)
+    router, nodes = scripted_router(reply)
     answer = router.run(AUTH, JOB, "incentive", json.dumps({}))
     assert nodes.functions == [primary, replica]
     assert answer["result"] == {"values": {"c0": 1.0}}
     assert answer["meta"]["nodes"] == [primary, replica]
 
 
-def test_a_bad_client_id_is_refused_before_any_invocation(make_router: MakeRouter) -> None:
-    router, nodes = make_router()
+def test_a_bad_client_id_is_refused_before_any_invocation(scripted_router: ScriptedRouter) -> None:
+    router, nodes = scripted_router()
     with pytest.raises(ValidationError):
         router.run(AUTH, JOB, "reputation", json.dumps({"params": {"clients": ["c0", "../x"]}}))
     assert nodes.calls == []
@@ -284,10 +262,10 @@ def test_a_bad_client_id_is_refused_before_any_invocation(make_router: MakeRoute
 
 
 def test_prefetch_asks_every_owner_and_only_the_primary_writes_models(
-    make_router: MakeRouter,
+    scripted_router: ScriptedRouter,
 ) -> None:
     shards = [round_shard(JOB, 1), round_shard(JOB, 2), meta_shard(JOB)]
-    router, nodes = make_router(lambda f, e: {"loaded": e["shards"]})
+    router, nodes = scripted_router(lambda f, e: {"loaded": e["shards"]})
     answers = router.prefetch(shards)
     want_shards: dict[str, list[str]] = {}
     want_models: dict[str, list[str]] = {}
@@ -307,8 +285,8 @@ def test_prefetch_asks_every_owner_and_only_the_primary_writes_models(
     assert answers == {f: {"loaded": s, **billed} for f, s in want_shards.items()}
 
 
-def test_prefetch_reports_a_node_that_did_not_answer(make_router: MakeRouter) -> None:
-    router, _ = make_router(down)
+def test_prefetch_reports_a_node_that_did_not_answer(scripted_router: ScriptedRouter) -> None:
+    router, _ = scripted_router(down)
     answers = router.prefetch([round_shard(JOB, 1)])
     assert len(answers) == 2
     assert all(a["error"]["code"] == "unavailable" for a in answers.values())
@@ -318,9 +296,9 @@ def test_prefetch_reports_a_node_that_did_not_answer(make_router: MakeRouter) ->
 
 
 def test_a_result_over_the_response_limit_is_offloaded_to_results(
-    make_router: MakeRouter, store: ObjectStore
+    scripted_router: ScriptedRouter, store: ObjectStore
 ) -> None:
-    router, _ = make_router(response_limit=32)
+    router, _ = scripted_router(response_limit=32)
     answer = run(router, round=1)
     body = json.dumps(RESULT, sort_keys=True).encode()
     assert answer["result"]["bytes"] == len(body)
@@ -329,12 +307,14 @@ def test_a_result_over_the_response_limit_is_offloaded_to_results(
     assert json.loads(store.get_object(key)) == RESULT
 
 
-def test_a_result_within_the_limit_is_inline(make_router: MakeRouter) -> None:
-    router, _ = make_router()
+def test_a_result_within_the_limit_is_inline(scripted_router: ScriptedRouter) -> None:
+    router, _ = scripted_router()
     assert run(router, round=1)["result"] == RESULT
 
 
-def test_the_answer_carries_the_nodes_the_cache_state_and_the_cost(make_router: MakeRouter) -> None:
+def test_the_answer_carries_the_nodes_the_cache_state_and_the_cost(
+    scripted_router: ScriptedRouter,
+) -> None:
     ranking = ranked_functions(round_shard(JOB, 3))
 
     def cold_replica(function: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -342,7 +322,7 @@ def test_the_answer_carries_the_nodes_the_cache_state_and_the_cost(make_router: 
             return down(function, event)
         return {"result": RESULT, "cache": "miss", "s3_gets": 6, "timing_ms": {"load": 5.0}}
 
-    router, _ = make_router(cold_replica)
+    router, _ = scripted_router(cold_replica)
     answer = run(router, round=3)
     assert answer["job"] == JOB and answer["workload"] == "cosine_select" and answer["round"] == 3
     meta = answer["meta"]

@@ -18,14 +18,13 @@ from aws_lambda_powertools.event_handler import APIGatewayHttpResolver
 from moto import mock_aws
 
 from flstore_core.data.manifest import JobSpec
-from flstore_core.routing.auth import TokenTable
-from flstore_core.routing.invoker import NodeAnswer, NodeFailure
+from flstore_core.routing.invoker import NodeFailure
 from flstore_core.routing.placement import node_name, rank_nodes, round_shard
 from flstore_core.routing.request_body import MAX_BODY_BYTES
-from flstore_core.routing.router import Router, RouterConfig
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get as get_workload
 from lambdas.router import build_app, handle
+from tests.fakes import InProcessNodes, make_router
 
 TOKEN = "fls_every-job"
 OTHER_TOKEN = "fls_other-job-only"
@@ -41,22 +40,6 @@ class LambdaContext:
     memory_limit_in_mb: int = 512
     invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:flstore-router"
     aws_request_id: str = "00000000-0000-0000-0000-000000000000"
-
-
-class FakeNodes:
-    """Stands in for :class:`flstore_core.routing.router.NodeInvoker`: canned answers, no Lambda.
-
-    ``answer`` gives the payload a node returns for an event, or raises :class:`NodeFailure`;
-    every call is recorded as ``(function, event)``.
-    """
-
-    def __init__(self, answer: Callable[[str, Mapping[str, Any]], dict[str, Any]]) -> None:
-        self.answer = answer
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-
-    def invoke(self, function: str, event: Mapping[str, Any]) -> NodeAnswer:
-        self.calls.append((function, dict(event)))
-        return NodeAnswer(function, self.answer(function, event), billed_ms=12.0, memory_mb=1024)
 
 
 def cache_hit(function: str, event: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,13 +109,16 @@ def store() -> Iterator[ObjectStore]:
 Call = Callable[..., tuple[int, dict[str, Any]]]
 
 
-def router_call(store: ObjectStore, nodes: FakeNodes) -> Call:
+def router_call(store: ObjectStore, nodes: InProcessNodes) -> Call:
     """Build the Powertools app over a router on ``store`` and ``nodes``; return a caller."""
-    router = Router(
+    router = make_router(
         store,
-        nodes,  # type: ignore[arg-type]  # duck-typed: only invoke() is used
-        TokenTable.with_tokens({TOKEN: ["*"], OTHER_TOKEN: ["other"]}),
-        RouterConfig(nodes=NODES, replication=2, throttle_passes=1),
+        nodes,
+        tokens={TOKEN: ["*"], OTHER_TOKEN: ["other"]},
+        prefix="flstore",
+        nodes=NODES,
+        replication=2,
+        throttle_passes=1,
     )
     app: APIGatewayHttpResolver = build_app(lambda: router)
 
@@ -146,12 +132,12 @@ def router_call(store: ObjectStore, nodes: FakeNodes) -> Call:
 
 
 @pytest.fixture
-def nodes() -> FakeNodes:
-    return FakeNodes(cache_hit)
+def nodes() -> InProcessNodes:
+    return InProcessNodes(reply=cache_hit, billed_ms=12.0, memory_mb=1024)
 
 
 @pytest.fixture
-def call(store: ObjectStore, nodes: FakeNodes) -> Call:
+def call(store: ObjectStore, nodes: InProcessNodes) -> Call:
     return router_call(store, nodes)
 
 
@@ -170,7 +156,9 @@ def assert_error(status: int, body: dict[str, Any], expected: int, code: str | N
 # ------------------------------------------------------------------ 200
 
 
-def test_result_and_meta_come_from_the_node_that_answered(call: Call, nodes: FakeNodes) -> None:
+def test_result_and_meta_come_from_the_node_that_answered(
+    call: Call, nodes: InProcessNodes
+) -> None:
     status, body = call("POST", run_path("demo", "cosine_select"), {"round": 1, "params": {"k": 2}})
     assert status == 200, body
     assert (body["job"], body["workload"], body["round"]) == ("demo", "cosine_select", 1)
@@ -192,7 +180,7 @@ def test_result_and_meta_come_from_the_node_that_answered(call: Call, nodes: Fak
 # ------------------------------------------------------------------ 401 and 403
 
 
-def test_no_token_is_401(call: Call, nodes: FakeNodes) -> None:
+def test_no_token_is_401(call: Call, nodes: InProcessNodes) -> None:
     assert_error(
         *call("POST", run_path("demo", "fedavg"), {"round": 0}, token=None), 401, "unauthorized"
     )
@@ -201,7 +189,7 @@ def test_no_token_is_401(call: Call, nodes: FakeNodes) -> None:
     assert nodes.calls == []
 
 
-def test_unknown_token_is_401(call: Call, nodes: FakeNodes) -> None:
+def test_unknown_token_is_401(call: Call, nodes: InProcessNodes) -> None:
     status, body = call("POST", run_path("demo", "fedavg"), {"round": 0}, token="fls_nope")
     assert_error(status, body, 401, "unauthorized")
     assert_error(*call("GET", "/v1/workloads", token="fls_nope"), 401, "unauthorized")
@@ -214,7 +202,7 @@ def test_malformed_authorization_header_is_401(call: Call, header: str) -> None:
     assert_error(status, body, 401, "unauthorized")
 
 
-def test_token_of_another_job_is_403(call: Call, nodes: FakeNodes) -> None:
+def test_token_of_another_job_is_403(call: Call, nodes: InProcessNodes) -> None:
     status, body = call("POST", run_path("demo", "fedavg"), {"round": 0}, token=OTHER_TOKEN)
     assert_error(status, body, 403, "forbidden")
     assert "demo" in body["error"]["message"]
@@ -243,7 +231,7 @@ def test_token_of_another_job_is_403(call: Call, nodes: FakeNodes) -> None:
         pytest.param("reputation", b'{"rounds": 0}', id="rounds-not-a-list"),
     ],
 )
-def test_bad_body_is_400(call: Call, nodes: FakeNodes, name: str, raw: bytes) -> None:
+def test_bad_body_is_400(call: Call, nodes: InProcessNodes, name: str, raw: bytes) -> None:
     assert_error(*call("POST", run_path("demo", name), raw), 400)
     assert nodes.calls == []
 
@@ -255,7 +243,7 @@ def test_round_for_a_class_that_spans_rounds_names_rounds(call: Call) -> None:
 
 
 @pytest.mark.parametrize("job", ["Bad_Job", "-demo", "a" * 200])
-def test_bad_job_id_is_400(call: Call, nodes: FakeNodes, job: str) -> None:
+def test_bad_job_id_is_400(call: Call, nodes: InProcessNodes, job: str) -> None:
     assert_error(*call("POST", run_path(job, "fedavg"), {"round": 0}), 400)
     assert_error(*call("GET", f"/v1/jobs/{job}/rounds"), 400)
     assert nodes.calls == []
@@ -264,12 +252,12 @@ def test_bad_job_id_is_400(call: Call, nodes: FakeNodes, job: str) -> None:
 # ------------------------------------------------------------------ 404
 
 
-def test_unknown_workload_is_404(call: Call, nodes: FakeNodes) -> None:
+def test_unknown_workload_is_404(call: Call, nodes: InProcessNodes) -> None:
     assert_error(*call("POST", run_path("demo", "nope"), {"round": 0}), 404, "not_found")
     assert nodes.calls == []
 
 
-def test_unknown_job_is_404(call: Call, nodes: FakeNodes) -> None:
+def test_unknown_job_is_404(call: Call, nodes: InProcessNodes) -> None:
     assert_error(*call("POST", run_path("nojob", "fedavg"), {"round": 0}), 404, "not_found")
     assert_error(*call("GET", "/v1/jobs/nojob/rounds"), 404, "not_found")
     assert nodes.calls == []
@@ -286,7 +274,7 @@ def test_unknown_route_is_404_not_500(call: Call, method: str, path: str) -> Non
 # ------------------------------------------------------------------ 413
 
 
-def test_oversized_body_is_413(call: Call, nodes: FakeNodes) -> None:
+def test_oversized_body_is_413(call: Call, nodes: InProcessNodes) -> None:
     raw = json.dumps({"round": 0, "params": {"pad": "x" * 400_000}}).encode()
     assert len(raw) > MAX_BODY_BYTES
     assert_error(*call("POST", run_path("demo", "fedavg"), raw), 413, "payload_too_large")
@@ -302,7 +290,7 @@ def test_body_just_over_the_limit_is_413(call: Call) -> None:
 
 
 def test_every_node_failing_is_503_after_trying_each(store: ObjectStore) -> None:
-    nodes = FakeNodes(every_node_down)
+    nodes = InProcessNodes(reply=every_node_down, billed_ms=12.0, memory_mb=1024)
     status, body = router_call(store, nodes)("POST", run_path("demo", "fedavg"), {"round": 0})
     assert_error(status, body, 503, "unavailable")
     tried = [function for function, _ in nodes.calls]
@@ -318,7 +306,7 @@ def test_a_failed_node_is_skipped_for_the_next(store: ObjectStore) -> None:
             raise NodeFailure(f"{function}: Unhandled")
         return cache_hit(function, event)
 
-    nodes = FakeNodes(first_down)
+    nodes = InProcessNodes(reply=first_down, billed_ms=12.0, memory_mb=1024)
     status, body = router_call(store, nodes)("POST", run_path("demo", "fedavg"), {"round": 0})
     assert status == 200, body
     assert body["result"] == CANNED_RESULT
@@ -330,7 +318,7 @@ def test_a_typed_error_from_a_node_keeps_its_status(store: ObjectStore) -> None:
         message = f"round {event['round']} of job 'demo' is not committed"
         return {"error": {"code": "not_found", "message": message}, "status": 404}
 
-    nodes = FakeNodes(no_such_round)
+    nodes = InProcessNodes(reply=no_such_round, billed_ms=12.0, memory_mb=1024)
     status, body = router_call(store, nodes)("POST", run_path("demo", "fedavg"), {"round": 42})
     assert_error(status, body, 404, "not_found")
     assert len(nodes.calls) == 1  # a caller's error is final, not a reason to try another node

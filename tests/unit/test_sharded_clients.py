@@ -1,7 +1,7 @@
 """Per-client model workloads on a sharded round (issue 12 item 3, workload affinity).
 
 A digits_cnn round of twelve clients, twice one node's budget, is served in column blocks by
-in-process cache nodes (:class:`tests.test_sharded_round.InProcessNodes`). The workloads that
+in-process cache nodes (:class:`tests.fakes.InProcessNodes`). The workloads that
 evaluate whole client models run on nodes that read the clients from the store one at a time
 (:mod:`flstore_core.cache.streamed`); each is compared with the same workload on the whole
 round, run as a single node runs it: selections and flags identical, numbers within 1e-6
@@ -24,15 +24,13 @@ from flstore_core.cache.round_loading import load_round
 from flstore_core.data.blocks import footprint
 from flstore_core.data.codec import Update, decode_update
 from flstore_core.errors import InvalidParamsError, NotFoundError, UnavailableError
-from flstore_core.routing.auth import TokenTable
-from flstore_core.routing.failover import FailoverPolicy
-from flstore_core.routing.router import Router, RouterConfig
 from flstore_core.sdk.jobs import create_job
 from flstore_core.storage.memory import MemoryBlobStore
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get
 from flstore_core.workloads.fltrust import server_update
-from tests.unit.test_sharded_round import NODES, InProcessNodes, assert_close
+from tests.fakes import InProcessNodes, make_router
+from tests.unit.test_sharded_round import NODES, assert_close
 
 JOB = "digits-wide"
 TOKEN = "fls_sharded-clients"
@@ -97,14 +95,8 @@ def store() -> Iterator[ObjectStore]:
     st.close()
 
 
-def make_router(store: ObjectStore, nodes: InProcessNodes) -> Router:
-    return Router(
-        store,
-        nodes,
-        TokenTable.with_tokens({TOKEN: ["*"]}),
-        RouterConfig(prefix="fl", nodes=NODES, replication=2, cache_budget_bytes=BUDGET),
-        failover=FailoverPolicy(sleep=lambda _s: None),
-    )
+# the stack the router plans for: NODES nodes, two replicas, one token for every job
+STACK: dict[str, Any] = {"nodes": NODES, "replication": 2, "tokens": {TOKEN: ["*"]}}
 
 
 def reference(store: ObjectStore, name: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -127,7 +119,9 @@ CASES: list[tuple[str, dict[str, Any]]] = [
 def test_the_round_is_sharded_and_a_streaming_node_fits_its_budget(store: ObjectStore) -> None:
     from flstore_core.cache.streamed import working_bytes
 
-    plan = make_router(store, InProcessNodes(store, BUDGET)).plan_round(JOB, 0)
+    plan = make_router(
+        store, InProcessNodes(store, NODES, budget=BUDGET), cache_budget_bytes=BUDGET, **STACK
+    ).plan_round(JOB, 0)
     assert plan.sharded and plan.footprint >= 2 * BUDGET
     assert working_bytes(N_PARAMS) <= BUDGET
 
@@ -136,13 +130,13 @@ def test_the_round_is_sharded_and_a_streaming_node_fits_its_budget(store: Object
 def test_every_per_client_workload_agrees_with_the_whole_round(
     store: ObjectStore, name: str, params: dict[str, Any]
 ) -> None:
-    nodes = InProcessNodes(store, BUDGET)
-    router = make_router(store, nodes)
+    nodes = InProcessNodes(store, NODES, budget=BUDGET)
+    router = make_router(store, nodes, cache_budget_bytes=BUDGET, **STACK)
     answer = router.run(AUTH, JOB, name, json.dumps({"round": 0, "params": params}))
     got = answer["result"]
-    ops = [event["op"] for _, event in nodes.calls]
+    ops = [event["op"] for _, event in nodes.indexed]
     assert set(ops) <= {"partial", "model_part", "run_clients"}, ops
-    streamed = [(i, e) for i, e in nodes.calls if e["op"] == "run_clients"]
+    streamed = [(i, e) for i, e in nodes.indexed if e["op"] == "run_clients"]
     if name == "accuracy_select":  # groups of clients on every node, in parallel
         assert sorted(i for i, _ in streamed) == list(range(NODES))
         rows = sorted(r for _, e in streamed for r in e["rows"])
@@ -171,12 +165,12 @@ def test_fltrust_with_a_trained_server_update_equals_float64_numpy(store: Object
     float32 dot products ``x_i·g_0`` are off by up to 4e-6 relative (measured against float64)
     while a streamed round sums each row in float64: both are compared with a float64 numpy
     transcription of the paper's formulas (Cao et al. NDSS'21), on the same ``g_0``."""
-    nodes = InProcessNodes(store, BUDGET)
-    router = make_router(store, nodes)
+    nodes = InProcessNodes(store, NODES, budget=BUDGET)
+    router = make_router(store, nodes, cache_budget_bytes=BUDGET, **STACK)
     answer = router.run(AUTH, JOB, "fltrust", json.dumps({"round": 0, "params": {"seed": 5}}))
     got = answer["result"]
     plan = router.plan_round(JOB, 0)
-    parts = [e for _, e in nodes.calls if e["op"] == "model_part"]  # written on the blocks
+    parts = [e for _, e in nodes.indexed if e["op"] == "model_part"]  # written on the blocks
     assert sorted(i for e in parts for i in e["indices"]) == list(range(len(plan.blocks)))
     data = load_round(store, JOB, 0, ArtifactStats())
     assert data.base is not None and not data.columns.buffer_runs
@@ -211,36 +205,30 @@ def test_fltrust_with_a_trained_server_update_equals_float64_numpy(store: Object
 
 
 def test_a_group_whose_node_dies_is_scored_by_the_next_node(store: ObjectStore) -> None:
-    nodes = InProcessNodes(store, BUDGET)
+    nodes = InProcessNodes(store, NODES, budget=BUDGET)
     nodes.down.add(2)
-    router = make_router(store, nodes)
+    router = make_router(store, nodes, cache_budget_bytes=BUDGET, **STACK)
     got = router.run(AUTH, JOB, "accuracy_select", json.dumps({"round": 0, "params": {"k": 3}}))
     assert_close(got["result"], reference(store, "accuracy_select", {"k": 3}))
     assert "fl-cache-2" in got["meta"]["nodes"]
 
 
 def test_caller_errors_come_back_before_or_from_the_streaming_node(store: ObjectStore) -> None:
-    nodes = InProcessNodes(store, BUDGET)
-    router = make_router(store, nodes)
+    nodes = InProcessNodes(store, NODES, budget=BUDGET)
+    router = make_router(store, nodes, cache_budget_bytes=BUDGET, **STACK)
     with pytest.raises(InvalidParamsError, match="k=13"):
         router.run(AUTH, JOB, "accuracy_select", json.dumps({"round": 0, "params": {"k": 13}}))
-    assert not any(e["op"] == "run_clients" for _, e in nodes.calls)
+    assert not any(e["op"] == "run_clients" for _, e in nodes.indexed)
     body = {"round": 0, "params": {"client": "zz"}}
     with pytest.raises(NotFoundError, match="client 'zz' is not in round 0"):
         router.run(AUTH, JOB, "personalize", json.dumps(body))  # the node's 404, not retried
-    assert [e["op"] for _, e in nodes.calls].count("run_clients") == 1
+    assert [e["op"] for _, e in nodes.indexed].count("run_clients") == 1
 
 
 def test_a_model_larger_than_a_node_can_evaluate_is_a_503(store: ObjectStore) -> None:
     small = BUDGET * 2 // 3  # the blocks still fit eight nodes, one client model's work does not
-    nodes = InProcessNodes(store, small)
-    router = Router(
-        store,
-        nodes,
-        TokenTable.with_tokens({TOKEN: ["*"]}),
-        RouterConfig(prefix="fl", nodes=NODES, replication=2, cache_budget_bytes=small),
-        failover=FailoverPolicy(sleep=lambda _s: None),
-    )
+    nodes = InProcessNodes(store, NODES, budget=small)
+    router = make_router(store, nodes, cache_budget_bytes=small, **STACK)
     with pytest.raises(UnavailableError, match="evaluating one client model"):
         router.run(AUTH, JOB, "feddebug", json.dumps({"round": 0}))
-    assert nodes.calls == []
+    assert nodes.indexed == []

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flstore_core.cache.node import CacheNode
 from flstore_core.cache.results import run_round_workload
 from flstore_core.cache.round_data import ArtifactStats
 from flstore_core.cache.round_loading import load_round
@@ -26,15 +25,13 @@ from flstore_core.data.blocks import footprint
 from flstore_core.data.codec import Update, decode_update
 from flstore_core.data.manifest import JobSpec
 from flstore_core.errors import InvalidParamsError, UnavailableError
-from flstore_core.routing.auth import TokenTable
-from flstore_core.routing.failover import FailoverPolicy
-from flstore_core.routing.invoker import NodeAnswer, NodeFailure
+from flstore_core.routing.invoker import NodeAnswer
 from flstore_core.routing.placement import node_name, round_shard
 from flstore_core.routing.planner import NoLayoutError
-from flstore_core.routing.router import Router, RouterConfig
 from flstore_core.storage.memory import MemoryBlobStore
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get
+from tests.fakes import InProcessNodes, make_router
 
 JOB = "big"
 TOKEN = "fls_sharded-tests"
@@ -86,34 +83,8 @@ def write_job(store: ObjectStore) -> None:
     store.commit_round(JOB, 0, entries)
 
 
-class InProcessNodes:
-    """Cache nodes as an invoker: ``{prefix}-cache-{i}`` is ``nodes[i]``, events and answers
-    pass through JSON as over ``lambda.invoke``; a node in ``down`` fails like a dead one."""
-
-    def __init__(self, store: ObjectStore, budget: int) -> None:
-        self.nodes = [
-            CacheNode(store.view(), budget_bytes=budget, node_index=i) for i in range(NODES)
-        ]
-        self.down: set[int] = set()
-        self.calls: list[tuple[int, dict[str, Any]]] = []
-
-    def invoke(self, function: str, event: Mapping[str, Any]) -> NodeAnswer:
-        index = int(function.rsplit("-", 1)[1])
-        self.calls.append((index, dict(event)))
-        if index in self.down:
-            raise NodeFailure(f"{function}: Unhandled")
-        payload = json.loads(json.dumps(self.nodes[index].handle(json.loads(json.dumps(event)))))
-        return NodeAnswer(function, payload, 5.0, 512)
-
-
-def make_router(store: ObjectStore, nodes: InProcessNodes, budget: int = BUDGET) -> Router:
-    return Router(
-        store,
-        nodes,
-        TokenTable.with_tokens({TOKEN: ["*"]}),
-        RouterConfig(prefix=PREFIX, nodes=NODES, replication=2, cache_budget_bytes=budget),
-        failover=FailoverPolicy(sleep=lambda _s: None),
-    )
+# the stack the router plans for: NODES nodes, two replicas, one token for every job
+STACK: dict[str, Any] = {"nodes": NODES, "replication": 2, "tokens": {TOKEN: ["*"]}}
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +146,9 @@ CASES: list[tuple[str, dict[str, Any]]] = [
 
 
 def test_the_round_is_several_node_budgets_and_is_planned_in_blocks(store: ObjectStore) -> None:
-    router = make_router(store, InProcessNodes(store, BUDGET))
+    router = make_router(
+        store, InProcessNodes(store, NODES, budget=BUDGET), cache_budget_bytes=BUDGET, **STACK
+    )
     plan = router.plan_round(JOB, 0)
     assert plan.sharded and len(plan.blocks) >= 4
     assert plan.footprint >= 3 * BUDGET
@@ -186,11 +159,11 @@ def test_the_round_is_several_node_budgets_and_is_planned_in_blocks(store: Objec
 def test_every_decomposable_workload_agrees_with_the_whole_round(
     store: ObjectStore, name: str, params: dict[str, Any]
 ) -> None:
-    nodes = InProcessNodes(store, BUDGET)
-    router = make_router(store, nodes)
+    nodes = InProcessNodes(store, NODES, budget=BUDGET)
+    router = make_router(store, nodes, cache_budget_bytes=BUDGET, **STACK)
     answer = router.run(AUTH, JOB, name, json.dumps({"round": 0, "params": params}))
     got = answer["result"]
-    ops = {event["op"] for _, event in nodes.calls}
+    ops = {event["op"] for _, event in nodes.indexed}
     # no node was sent the whole round; a workload needing scikit-learn (which the router does
     # not carry) runs on one node from the gathered Gram pieces, reading no row
     assert ops <= {"partial", "model_part", "run_clients"}, ops
@@ -216,7 +189,7 @@ def test_every_decomposable_workload_agrees_with_the_whole_round(
     # throttled), and every block was asked of one of its owners
     plan = router.plan_round(JOB, 0)
     scatters: dict[str, list[int]] = {}
-    blocks_asked = [(i, e) for i, e in nodes.calls if e["op"] in ("partial", "model_part")]
+    blocks_asked = [(i, e) for i, e in nodes.indexed if e["op"] in ("partial", "model_part")]
     for index, event in blocks_asked:
         scatter = [event["op"], event.get("buffers"), event.get("expr")]
         scatters.setdefault(json.dumps(scatter, sort_keys=True), []).append(index)
@@ -231,9 +204,11 @@ def test_any_replica_of_the_layout_answers_byte_identically_and_a_dead_node_is_s
     store: ObjectStore,
 ) -> None:
     body = json.dumps({"round": 0, "params": {"f": 2}})
-    first = make_router(store, InProcessNodes(store, BUDGET)).run(AUTH, JOB, "krum", body)
-    nodes = InProcessNodes(store, BUDGET)
-    router = make_router(store, nodes)
+    first = make_router(
+        store, InProcessNodes(store, NODES, budget=BUDGET), cache_budget_bytes=BUDGET, **STACK
+    ).run(AUTH, JOB, "krum", body)
+    nodes = InProcessNodes(store, NODES, budget=BUDGET)
+    router = make_router(store, nodes, cache_budget_bytes=BUDGET, **STACK)
     plan = router.plan_round(JOB, 0)
     # the primary of the first block dies before the request: its replica answers
     nodes.down.add(plan.blocks[0].owners[0])
@@ -247,8 +222,8 @@ def test_any_replica_of_the_layout_answers_byte_identically_and_a_dead_node_is_s
 def test_a_node_killed_during_a_scattered_request_still_yields_the_right_answer(
     store: ObjectStore,
 ) -> None:
-    nodes = InProcessNodes(store, BUDGET)
-    router = make_router(store, nodes)
+    nodes = InProcessNodes(store, NODES, budget=BUDGET)
+    router = make_router(store, nodes, cache_budget_bytes=BUDGET, **STACK)
     plan = router.plan_round(JOB, 0)
     victim = plan.blocks[-1].owners[0]
     original = nodes.invoke
@@ -276,8 +251,8 @@ def test_a_node_killed_during_a_scattered_request_still_yields_the_right_answer(
 def test_prefetch_loads_each_block_on_its_owners_and_writes_the_default_model(
     store: ObjectStore,
 ) -> None:
-    nodes = InProcessNodes(store, BUDGET)
-    router = make_router(store, nodes)
+    nodes = InProcessNodes(store, NODES, budget=BUDGET)
+    router = make_router(store, nodes, cache_budget_bytes=BUDGET, **STACK)
     plan = router.plan_round(JOB, 0)
     router.prefetch([round_shard(JOB, 0)])
     for block in plan.blocks:
@@ -287,23 +262,23 @@ def test_prefetch_loads_each_block_on_its_owners_and_writes_the_default_model(
     answer = router.run(AUTH, JOB, "krum", json.dumps({"round": 0, "params": {"f": 2}}))
     assert answer["meta"]["cache"] == "hit"
     assert answer["meta"]["s3_gets"] == 0
-    before = len(nodes.calls)
+    before = len(nodes.indexed)
     fedavg = router.run(AUTH, JOB, "fedavg", json.dumps({"round": 0}))
     assert store.stat(fedavg["result"]["model_key"]) is not None
     # written at prefetch: the request invoked no node at all
-    assert nodes.calls[before:] == []
+    assert nodes.indexed[before:] == []
 
 
 def test_a_round_no_layout_can_hold_is_a_503_naming_its_size_before_any_node_is_invoked(
     store: ObjectStore,
 ) -> None:
-    nodes = InProcessNodes(store, BUDGET // 4)
-    router = make_router(store, nodes, budget=BUDGET // 4)
+    nodes = InProcessNodes(store, NODES, budget=BUDGET // 4)
+    router = make_router(store, nodes, cache_budget_bytes=BUDGET // 4, **STACK)
     with pytest.raises(NoLayoutError) as err:
         router.run(AUTH, JOB, "cosine_select", json.dumps({"round": 0}))
     assert err.value.status == 503 and isinstance(err.value, UnavailableError)
     assert f"{FOOTPRINT / 2**20:.1f} MB" in err.value.message
-    assert nodes.calls == []
+    assert nodes.indexed == []
 
 
 def test_a_workload_that_evaluates_client_models_runs_on_a_node_reading_the_clients(
@@ -311,16 +286,16 @@ def test_a_workload_that_evaluates_client_models_runs_on_a_node_reading_the_clie
 ) -> None:
     # per-client workloads (tests/unit/test_sharded_clients.py) are sent to a node that reads the
     # clients one at a time; this job declares no model, and that node answers the 400
-    nodes = InProcessNodes(store, BUDGET * 2)
-    router = make_router(store, nodes, budget=BUDGET * 2)
+    nodes = InProcessNodes(store, NODES, budget=BUDGET * 2)
+    router = make_router(store, nodes, cache_budget_bytes=BUDGET * 2, **STACK)
     with pytest.raises(InvalidParamsError, match="declares no model"):
         router.run(AUTH, JOB, "fltrust", json.dumps({"round": 0}))
-    assert [e["op"] for _, e in nodes.calls].count("run_clients") == 1
+    assert [e["op"] for _, e in nodes.indexed].count("run_clients") == 1
 
 
 def test_a_model_result_is_charged_for_every_invocation_and_put(store: ObjectStore) -> None:
-    nodes = InProcessNodes(store, BUDGET)
-    router = make_router(store, nodes)
+    nodes = InProcessNodes(store, NODES, budget=BUDGET)
+    router = make_router(store, nodes, cache_budget_bytes=BUDGET, **STACK)
     blocks = len(router.plan_round(JOB, 0).blocks)
     answer = router.run(
         AUTH, JOB, "trimmed_mean", json.dumps({"round": 0, "params": {"beta": 0.3}})
@@ -328,7 +303,7 @@ def test_a_model_result_is_charged_for_every_invocation_and_put(store: ObjectSto
     meta = answer["meta"]
     # one frame per block, then the multipart upload: creation, a part per frame at most, completion
     assert meta["s3_puts"] == blocks + blocks + 2
-    assert len(meta["nodes"]) == len({i for i, e in nodes.calls if e["op"] == "model_part"})
+    assert len(meta["nodes"]) == len({i for i, e in nodes.indexed if e["op"] == "model_part"})
     assert len(meta["nodes"]) < blocks  # one invocation per node, not per block
     puts = DEFAULT_PRICES.s3_put_per_thousand / 1e3 * meta["s3_puts"]
     assert meta["cost_usd"] >= puts + blocks * DEFAULT_PRICES.lambda_requests_per_million / 1e6
@@ -338,13 +313,15 @@ def test_a_model_result_is_charged_for_every_invocation_and_put(store: ObjectSto
 def test_a_round_rewritten_under_the_router_is_a_retryable_503_then_the_new_round() -> None:
     st = ObjectStore("mem", blobs=MemoryBlobStore())
     write_job(st)
-    router = make_router(st, InProcessNodes(st, BUDGET))
+    router = make_router(
+        st, InProcessNodes(st, NODES, budget=BUDGET), cache_budget_bytes=BUDGET, **STACK
+    )
     router.plan_round(JOB, 0)  # the router has read the manifest of nine clients
     rng = np.random.default_rng(99)
     late = st.put_update(JOB, 0, "c9", Update(state(rng, None, 3), num_examples=5))
     st.commit_round(JOB, 0, [late])
     assert len(st.get_manifest(JOB, 0).updates) == N_CLIENTS + 1
-    router.invoker = InProcessNodes(st, BUDGET)  # nodes that read the rewritten round
+    router.invoker = InProcessNodes(st, NODES, budget=BUDGET)  # nodes that read the rewritten round
     body = json.dumps({"round": 0, "params": {"k": 3}})
     with pytest.raises(UnavailableError, match="changed while it was read"):
         router.run(AUTH, JOB, "cosine_select", body)
@@ -357,10 +334,10 @@ def test_prefetch_of_a_round_no_layout_holds_loads_nothing_and_reports_the_refus
 ) -> None:
     from pipelines.prefetch import tally_prefetch
 
-    nodes = InProcessNodes(store, BUDGET // 4)
-    router = make_router(store, nodes, budget=BUDGET // 4)
+    nodes = InProcessNodes(store, NODES, budget=BUDGET // 4)
+    router = make_router(store, nodes, cache_budget_bytes=BUDGET // 4, **STACK)
     answers = router.prefetch([round_shard(JOB, 0)])
-    assert nodes.calls == []  # no node was sent a round it cannot hold
+    assert nodes.indexed == []  # no node was sent a round it cannot hold
     (refusal,) = answers.values()
     assert refusal["error"]["code"] == "no_layout"
     assert tally_prefetch(answers)["errors"] == 1
