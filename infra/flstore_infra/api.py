@@ -81,27 +81,41 @@ class HttpApi(pulumi.ComponentResource):
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__("flstore:api:HttpApi", resource_name, None, opts)
-        child = pulumi.ResourceOptions(parent=self)
+        self._name = resource_name
+        self._child = pulumi.ResourceOptions(parent=self)
         self.api = aws.apigatewayv2.Api(
             resource_name,
             name=resource_name,
             protocol_type="HTTP",
             description="FLStore HTTP API",
-            opts=child,
+            opts=self._child,
         )
-        integration = aws.apigatewayv2.Integration(
-            f"{resource_name}-router",
+        integration = self._router_integration(router)
+        token_authorizer = self._token_authorizer(authorizer)
+        self.routes = self._routes(
+            pulumi.Output.concat("integrations/", integration.id), token_authorizer
+        )
+        self.stage = self._stage(settings)
+        self._grant_invoke(router, authorizer, token_authorizer)
+        self.url = self.stage.invoke_url
+        self.register_outputs({"url": self.url})
+
+    def _router_integration(self, router: aws.lambda_.Function) -> aws.apigatewayv2.Integration:
+        return aws.apigatewayv2.Integration(
+            f"{self._name}-router",
             api_id=self.api.id,
             integration_type="AWS_PROXY",
             integration_method="POST",
             integration_uri=router.arn,
             payload_format_version="2.0",
             timeout_milliseconds=INTEGRATION_TIMEOUT_MS,
-            opts=child,
+            opts=self._child,
         )
-        token_authorizer = aws.apigatewayv2.Authorizer(
-            f"{resource_name}-tokens",
-            name=f"{resource_name}-tokens",
+
+    def _token_authorizer(self, authorizer: aws.lambda_.Function) -> aws.apigatewayv2.Authorizer:
+        return aws.apigatewayv2.Authorizer(
+            f"{self._name}-tokens",
+            name=f"{self._name}-tokens",
             api_id=self.api.id,
             authorizer_type="REQUEST",
             authorizer_uri=authorizer.invoke_arn,
@@ -109,40 +123,48 @@ class HttpApi(pulumi.ComponentResource):
             enable_simple_responses=True,
             identity_sources=list(IDENTITY_SOURCES),
             authorizer_result_ttl_in_seconds=AUTHORIZER_CACHE_TTL_S,
-            opts=child,
+            opts=self._child,
         )
-        target = pulumi.Output.concat("integrations/", integration.id)
-        self.routes = {}
+
+    def _routes(
+        self, target: pulumi.Output[str], token_authorizer: aws.apigatewayv2.Authorizer
+    ) -> dict[str, aws.apigatewayv2.Route]:
+        """Every contract route, then the unmatched ``$default`` one, all to the router."""
+        routes = {}
         for route in ROUTES:
             auth = (
                 {"authorization_type": "CUSTOM", "authorizer_id": token_authorizer.id}
                 if route.authorized
                 else {"authorization_type": "NONE"}
             )
-            self.routes[route.key] = aws.apigatewayv2.Route(
-                f"{resource_name}-{route.method.lower()}{_slug(route.path)}",
+            routes[route.key] = aws.apigatewayv2.Route(
+                f"{self._name}-{route.method.lower()}{_slug(route.path)}",
                 api_id=self.api.id,
                 route_key=route.key,
                 target=target,
-                opts=child,
+                opts=self._child,
                 **auth,
             )
-        self.routes[DEFAULT_ROUTE_KEY] = aws.apigatewayv2.Route(
-            f"{resource_name}-unmatched",
+        routes[DEFAULT_ROUTE_KEY] = aws.apigatewayv2.Route(
+            f"{self._name}-unmatched",
             api_id=self.api.id,
             route_key=DEFAULT_ROUTE_KEY,
             target=target,
             authorization_type="NONE",
-            opts=child,
+            opts=self._child,
         )
+        return routes
+
+    def _stage(self, settings: StackSettings) -> aws.apigatewayv2.Stage:
+        """The auto-deployed ``$default`` stage: throttled, with JSON access logs."""
         access_logs = aws.cloudwatch.LogGroup(
-            f"{resource_name}-access-logs",
-            name=f"/aws/apigateway/{resource_name}",
+            f"{self._name}-access-logs",
+            name=f"/aws/apigateway/{self._name}",
             retention_in_days=settings.log_retention_days,
-            opts=child,
+            opts=self._child,
         )
-        self.stage = aws.apigatewayv2.Stage(
-            f"{resource_name}-default",
+        return aws.apigatewayv2.Stage(
+            f"{self._name}-default",
             api_id=self.api.id,
             name="$default",
             auto_deploy=True,
@@ -156,36 +178,41 @@ class HttpApi(pulumi.ComponentResource):
             },
             opts=pulumi.ResourceOptions(parent=self, depends_on=list(self.routes.values())),
         )
+
+    def _grant_invoke(
+        self,
+        router: aws.lambda_.Function,
+        authorizer: aws.lambda_.Function,
+        token_authorizer: aws.apigatewayv2.Authorizer,
+    ) -> None:
         # API Gateway may invoke the router for this API's routes only, and the
         # authorizer for this authorizer only.
         aws.lambda_.Permission(
-            f"{resource_name}-invokes-router",
+            f"{self._name}-invokes-router",
             action="lambda:InvokeFunction",
             function=router.name,
             principal="apigateway.amazonaws.com",
             source_arn=pulumi.Output.concat(self.api.execution_arn, "/*/*/v1/*"),
-            opts=child,
+            opts=self._child,
         )
         aws.lambda_.Permission(
-            f"{resource_name}-invokes-router-unmatched",
+            f"{self._name}-invokes-router-unmatched",
             action="lambda:InvokeFunction",
             function=router.name,
             principal="apigateway.amazonaws.com",
             source_arn=pulumi.Output.concat(self.api.execution_arn, "/*/$default"),
-            opts=child,
+            opts=self._child,
         )
         aws.lambda_.Permission(
-            f"{resource_name}-invokes-authorizer",
+            f"{self._name}-invokes-authorizer",
             action="lambda:InvokeFunction",
             function=authorizer.name,
             principal="apigateway.amazonaws.com",
             source_arn=pulumi.Output.concat(
                 self.api.execution_arn, "/authorizers/", token_authorizer.id
             ),
-            opts=child,
+            opts=self._child,
         )
-        self.url = self.stage.invoke_url
-        self.register_outputs({"url": self.url})
 
 
 def _slug(path: str) -> str:

@@ -46,13 +46,8 @@ def current_scope(settings: StackSettings) -> AwsScope:
     )
 
 
-def create_stack(settings: StackSettings | None = None) -> FLStoreStack:
-    """Declare every FLStore resource for ``settings`` (the stack config when omitted).
-
-    Builds what it deploys first, from the working tree (``packaging.build_artifacts``).
-    """
-    settings = settings or load_settings()
-    artifacts = build_artifacts(architecture=settings.architecture)
+def warn_about_inputs(settings: StackSettings, artifacts: BuildArtifacts) -> None:
+    """Warn about what deploys but will not work as meant: untracked files, no tokens."""
     if not artifacts.from_git:
         pulumi.log.warn(
             f"git did not list the files of {' and '.join(PACKAGES)} (not a git checkout, or "
@@ -69,6 +64,53 @@ def create_stack(settings: StackSettings | None = None) -> FLStoreStack:
             "flstore:tokenHashes is empty: every authenticated route will answer 401 "
             "until you add a token hash (see README, 'Deploy to AWS')"
         )
+
+
+def export_outputs(
+    *,
+    scope: AwsScope,
+    bucket: DataBucket,
+    image: CacheNodeImage,
+    cache_nodes: CacheNodes,
+    router: ZipFunction,
+    authorizer: ZipFunction,
+    api: HttpApi,
+) -> dict[str, pulumi.Input[object]]:
+    """Export the stack outputs (``OUTPUTS`` and the image and region) and return them."""
+    outputs: dict[str, pulumi.Input[object]] = {
+        "api_url": api.url,
+        "bucket": bucket.bucket.bucket,
+        "cache_functions": [f.name for f in cache_nodes.functions],
+        "router_function": router.function.name,
+        "authorizer_function": authorizer.function.name,
+        "cache_image": image.image_uri,
+        "region": scope.region,
+    }
+    for key, value in outputs.items():
+        pulumi.export(key, value)
+    return outputs
+
+
+def keep_warm_schedule(settings: StackSettings, cache_nodes: CacheNodes) -> KeepWarmSchedule | None:
+    """The cache nodes' keep-warm schedule, or none when ``keep_warm_minutes`` is 0."""
+    if not settings.keep_warm_minutes:
+        return None
+    return KeepWarmSchedule(
+        f"{settings.prefix}-keepwarm",
+        settings=settings,
+        functions=cache_nodes.functions,
+        names=cache_nodes.names,
+    )
+
+
+def create_stack(settings: StackSettings | None = None) -> FLStoreStack:
+    """Declare every FLStore resource for ``settings`` (the stack config when omitted).
+
+    Builds what it deploys first, from the working tree (``packaging.build_artifacts``).
+    """
+    settings = settings or load_settings()
+    artifacts = build_artifacts(architecture=settings.architecture)
+    warn_about_inputs(settings, artifacts)
     scope = current_scope(settings)
     bucket_name = scope.bucket_name(settings.prefix)
     tokens = pulumi.Output.secret(settings.tokens_json())
@@ -111,26 +153,17 @@ def create_stack(settings: StackSettings | None = None) -> FLStoreStack:
         router=router.function,
         authorizer=authorizer.function,
     )
-    keep_warm = None
-    if settings.keep_warm_minutes:
-        keep_warm = KeepWarmSchedule(
-            f"{settings.prefix}-keepwarm",
-            settings=settings,
-            functions=cache_nodes.functions,
-            names=cache_nodes.names,
-        )
+    keep_warm = keep_warm_schedule(settings, cache_nodes)
 
-    outputs: dict[str, pulumi.Input[object]] = {
-        "api_url": api.url,
-        "bucket": bucket.bucket.bucket,
-        "cache_functions": [f.name for f in cache_nodes.functions],
-        "router_function": router.function.name,
-        "authorizer_function": authorizer.function.name,
-        "cache_image": image.image_uri,
-        "region": scope.region,
-    }
-    for key, value in outputs.items():
-        pulumi.export(key, value)
+    outputs = export_outputs(
+        scope=scope,
+        bucket=bucket,
+        image=image,
+        cache_nodes=cache_nodes,
+        router=router,
+        authorizer=authorizer,
+        api=api,
+    )
     return FLStoreStack(
         settings=settings,
         artifacts=artifacts,

@@ -62,6 +62,29 @@ class DataBucket(pulumi.ComponentResource):
             restrict_public_buckets=True,
             opts=on_bucket,
         )
+        self._encrypt(resource_name, settings, on_bucket)
+        versioning = aws.s3.BucketVersioning(
+            f"{resource_name}-versioning",
+            bucket=self.bucket.id,
+            versioning_configuration={"status": "Enabled"},
+            opts=on_bucket,
+        )
+        self._expire(resource_name, settings, versioning)
+        aws.s3.BucketPolicy(
+            f"{resource_name}-policy",
+            bucket=self.bucket.id,
+            policy=iam.render(iam.bucket_policy(bucket_arn=bucket_arn)),
+            # Both touch bucket policy state; S3 fails one if they race.
+            opts=pulumi.ResourceOptions(
+                parent=self, depends_on=[self.public_access_block, ownership]
+            ),
+        )
+        self.register_outputs({"bucket": self.bucket.bucket})
+
+    def _encrypt(
+        self, resource_name: str, settings: StackSettings, on_bucket: pulumi.ResourceOptions
+    ) -> None:
+        """Default encryption: the stack's KMS key when set, else S3-managed AES-256."""
         default_encryption: DefaultEncryption
         if settings.kms_key_arn:
             default_encryption = {
@@ -82,12 +105,11 @@ class DataBucket(pulumi.ComponentResource):
             ],
             opts=on_bucket,
         )
-        versioning = aws.s3.BucketVersioning(
-            f"{resource_name}-versioning",
-            bucket=self.bucket.id,
-            versioning_configuration={"status": "Enabled"},
-            opts=on_bucket,
-        )
+
+    def _expire(
+        self, resource_name: str, settings: StackSettings, versioning: aws.s3.BucketVersioning
+    ) -> None:
+        """Results expire by their tag; every job's old versions and stale uploads go too."""
         tag_key, tag_value = RESULT_TAG
         aws.s3.BucketLifecycleConfiguration(
             f"{resource_name}-lifecycle",
@@ -116,13 +138,3 @@ class DataBucket(pulumi.ComponentResource):
             # S3 rejects lifecycle rules on noncurrent versions until versioning is on.
             opts=pulumi.ResourceOptions(parent=self, depends_on=[versioning]),
         )
-        aws.s3.BucketPolicy(
-            f"{resource_name}-policy",
-            bucket=self.bucket.id,
-            policy=iam.render(iam.bucket_policy(bucket_arn=bucket_arn)),
-            # Both touch bucket policy state; S3 fails one if they race.
-            opts=pulumi.ResourceOptions(
-                parent=self, depends_on=[self.public_access_block, ownership]
-            ),
-        )
-        self.register_outputs({"bucket": self.bucket.bucket})
