@@ -12,16 +12,28 @@
   (:func:`in_order`).
 * A committed update is immutable (:func:`committed_entry`): writing the identical update again
   is a no-op, a different one for the same client is refused.
-* A stored update's manifest entry is a function of its encoded form (:func:`entry_of`).
+* A stored update's manifest entry is a function of its encoded form (:func:`entry_of`), or of
+  its stored bytes when another process wrote it (:func:`entry_of_stored`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from collections.abc import Mapping, Sequence
 
-from flstore_core.data.codec import EncodedUpdate, TensorSpec
+import numpy as np
+
+from flstore_core.data.codec import (
+    CodecLimits,
+    EncodedUpdate,
+    TensorSpec,
+    describe_frames,
+    parse_safetensors,
+    row_sq_norm,
+)
 from flstore_core.data.manifest import NORM, RoundManifest, UpdateEntry
-from flstore_core.errors import ConflictError, MismatchError
+from flstore_core.errors import ConflictError, CorruptUpdateError, MismatchError
 
 
 def check_agreement(
@@ -119,3 +131,44 @@ def entry_of(client: str, key: str, encoded: EncodedUpdate) -> UpdateEntry:
         frames=encoded.frames,
         frame_sha256=encoded.frame_digests,
     )
+
+
+def entry_of_stored(
+    client: str, key: str, data: bytes, limits: CodecLimits
+) -> tuple[UpdateEntry, tuple[TensorSpec, ...]]:
+    """The manifest entry of an update object read back from ``key`` (written by another
+    process, so its frame index is read off the object), and its tensors' specs in their
+    source dtypes; a malformed object is a :class:`CorruptUpdateError` naming ``client``."""
+    raw, frames, digests = describe_frames(data, limits)
+    try:
+        update = parse_safetensors(raw, limits)
+    except CorruptUpdateError as exc:
+        raise CorruptUpdateError(f"client {client!r}: {exc.message}") from exc
+    sq = row_sq_norm(update)
+    entry = UpdateEntry(
+        client=client,
+        key=key,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        raw_bytes=len(raw),
+        stored_bytes=len(data),
+        num_examples=update.num_examples,
+        metrics=update.metrics,
+        summary={NORM: float(np.sqrt(sq))},
+        frames=frames,
+        frame_sha256=digests,
+    )
+    # reduced-precision storage widens back to float32, so specs carry the source dtypes
+    return entry, tuple(update.specs())
+
+
+def with_summaries(
+    updates: Mapping[str, UpdateEntry], summaries: Mapping[str, Mapping[str, float]] | None
+) -> dict[str, UpdateEntry]:
+    """``updates`` with each committed client's ``summaries`` merged into its entry's summary
+    (a summary of a client not in ``updates`` is ignored)."""
+    merged = dict(updates)
+    for client, extra in (summaries or {}).items():
+        if client in merged:  # a copy: the existing manifest's entries stay as they were
+            old = merged[client]
+            merged[client] = dataclasses.replace(old, summary={**old.summary, **extra})
+    return merged

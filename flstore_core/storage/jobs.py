@@ -1,0 +1,97 @@
+"""Job specs (``job.json``) and each job's canonical tensor order, cached per store.
+
+A spec is read once per store object and then served from memory; writing one (``job create``,
+or the default spec a job's first update creates) replaces it and forgets the job's tensor
+order, since the declared model may have changed.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from flstore_core.data import layout
+from flstore_core.data.manifest import JobSpec
+from flstore_core.errors import NotFoundError, ValidationError
+from flstore_core.storage.catalog import first_manifest
+from flstore_core.storage.counted import CountedBlobs
+
+
+class JobSpecs:
+    """The jobs of one store: their specs and canonical tensor orders, cached."""
+
+    def __init__(self, io: CountedBlobs) -> None:
+        self.io = io
+        self._lock = threading.Lock()
+        self._specs: dict[str, JobSpec] = {}
+        self._orders: dict[str, tuple[str, ...]] = {}  # canonical tensor orders, by job
+
+    def put(self, spec: JobSpec) -> JobSpec:
+        """Write ``job.json`` (replacing a previous spec of the job)."""
+        self.io.put(layout.job_spec_key(spec.job), spec.to_json(), "application/json")
+        with self._lock:
+            self._specs[spec.job] = spec
+            self._orders.pop(spec.job, None)  # the declared model may have changed
+        return spec
+
+    def get(self, job: str) -> JobSpec:
+        """Read ``job.json``; :class:`NotFoundError` if the job was never declared."""
+        key = layout.job_spec_key(job)
+        with self._lock:
+            cached = self._specs.get(job)
+        if cached is not None:
+            return cached
+        spec = JobSpec.from_json(self.io.get(key, f"job {job!r}"))
+        with self._lock:
+            self._specs[job] = spec
+        return spec
+
+    def exists(self, job: str) -> bool:
+        """Whether ``job.json`` exists (a HEAD, never the cache)."""
+        return self.io.exists(layout.job_spec_key(job))
+
+    def ensure(self, job: str) -> JobSpec:
+        """The job's spec, creating a default one (float32, no model) if it was never declared."""
+        try:
+            return self.get(job)
+        except NotFoundError:
+            return self.put(JobSpec(job=job))
+
+    def tensor_order(self, job: str) -> tuple[str, ...] | None:
+        """The job's canonical tensor order (ARCHITECTURE §2, :mod:`~flstore_core.storage.commit`),
+        ``None`` while the job has none yet (its first round sets it).
+
+        It is the registry model's state-dict order when the job declares a model: as recorded
+        in ``job.json`` at ``job create`` (:attr:`JobSpec.state_names`, so no torch is needed
+        here), else — a ``job.json`` written before that field existed — built from the
+        registry once per process where torch is installed. Otherwise (no model, or an old
+        spec and no torch) it is the tensor order of the job's first committed round — the
+        lowest-numbered one, found with one delimited LIST — so every later round takes the
+        order of the rounds before it.
+        """
+        with self._lock:
+            known = self._orders.get(job)
+        if known is not None:
+            return known
+        spec = self.get(job)
+        order = spec.state_names if spec.state_names else model_order(spec.model)
+        if order is None:
+            manifest = first_manifest(self.io, job)
+            if manifest is not None:
+                order = tuple(s.name for s in manifest.tensors)
+        if order is not None:
+            with self._lock:
+                self._orders[job] = order
+        return order
+
+
+def model_order(model: str | None) -> tuple[str, ...] | None:
+    """The state-dict order of the registry model ``model``, ``None`` when there is no model or
+    it cannot be built here."""
+    if model is None:
+        return None
+    from flstore_core import models  # torch, lazily: only jobs that declare a model
+
+    try:
+        return models.state_names(model)
+    except (ImportError, ValidationError):  # no torch here, or a model unknown to this build
+        return None

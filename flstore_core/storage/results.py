@@ -1,0 +1,62 @@
+"""Result objects: what workloads write under a job's ``results/`` prefix, and the other raw
+objects the store writes and reads by key.
+
+Results carry a lifecycle tag so the bucket expires them; a model result too large to hold
+whole is written block by block as parts and joined into one object (a multipart copy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flstore_core.errors import ValidationError
+from flstore_core.storage.counted import CountedBlobs
+
+# results carry this tag: the bucket's lifecycle rule expires them (infra/flstore_infra/storage.py)
+RESULT_TAGS = {"flstore:kind": "result"}
+
+
+def check_result_key(key: str) -> None:
+    """Raise :class:`ValidationError` unless ``key`` is under a job's ``results/`` prefix."""
+    if "/results/" not in key or not key.startswith("jobs/"):
+        raise ValidationError(f"result key {key!r} is not under a job's results/ prefix")
+
+
+class ResultObjects:
+    """Writing, joining and removing result objects, and raw objects by key."""
+
+    def __init__(self, io: CountedBlobs) -> None:
+        self.io = io
+
+    def put_result(self, key: str, body: bytes, content_type: str = "application/json") -> str:
+        """Write a result object under a job's ``results/`` prefix."""
+        check_result_key(key)
+        self.io.put(key, body, content_type, tags=RESULT_TAGS)
+        return key
+
+    def compose_result(
+        self, key: str, parts: Sequence[str], content_type: str = "application/octet-stream"
+    ) -> str:
+        """Write a result object as the concatenation of result objects ``parts`` (a model
+        result written block by block: each part one zstd frame), without holding it whole."""
+        for name in (key, *parts):
+            check_result_key(name)
+        self.io.blobs.compose(key, parts, content_type=content_type, tags=RESULT_TAGS)
+        self.io.count(puts=1)
+        return key
+
+    def delete_results(self, keys: Sequence[str]) -> None:
+        """Remove result objects (the parts of a composed result once it is written)."""
+        for key in keys:
+            check_result_key(key)
+            self.io.blobs.delete(key)
+
+    def put_object(
+        self, key: str, body: bytes, content_type: str = "application/octet-stream"
+    ) -> str:
+        """Write any object under a job's prefix or the bucket's ``ingest/`` prefix (ingestion's
+        dead letters); the canonical objects have their own methods, which check them."""
+        if not key.startswith(("jobs/", "ingest/")):
+            raise ValidationError(f"key {key!r} is outside the jobs/ and ingest/ prefixes")
+        self.io.put(key, body, content_type)
+        return key
