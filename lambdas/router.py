@@ -20,9 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -53,51 +51,6 @@ from flstore_core.routing.request_body import MAX_BODY_BYTES
 from flstore_core.routing.router import Router
 
 logger = Logger(service="flstore-router")
-
-
-class _Resolving:
-    """One request at a time inside Powertools' resolver, but not inside the router.
-
-    Powertools keeps the event it resolves in a *class* attribute (``BaseRouter.current_event``,
-    set by ``resolve``): every resolver of the process shares it, so two requests resolved at
-    once on two threads — the local gateway serves each connection on a thread of its own —
-    could match one request's path and read the other's body and headers (the chaos run's
-    answers for the wrong round: ``alpha/krum/0`` answered for round 1, ``beta/fedavg/0`` a 404
-    for round 1; a resolver per request does not help). So :func:`handle` resolves under this
-    lock, and a route releases it (:meth:`released`) only once it has read what it needs of
-    the request, for the router's work, which is where the time goes. On Lambda an instance
-    serves one request at a time: the lock is never contended there.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._local = threading.local()
-
-    @contextmanager
-    def resolving(self) -> Iterator[None]:
-        with self._lock:
-            self._local.held = True
-            try:
-                yield
-            finally:
-                self._local.held = False
-
-    @contextmanager
-    def released(self) -> Iterator[None]:
-        """Let other requests resolve meanwhile (a no-op outside :meth:`resolving`)."""
-        if not getattr(self._local, "held", False):
-            yield
-            return
-        self._local.held = False
-        self._lock.release()
-        try:
-            yield
-        finally:
-            self._lock.acquire()
-            self._local.held = True
-
-
-_RESOLVING = _Resolving()
 
 
 def _json(status: int, body: dict[str, Any]) -> Response[str]:
@@ -163,27 +116,39 @@ def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
     """The resolver with every route, bound to a router factory (called once, lazily)."""
     app = APIGatewayHttpResolver(enable_validation=True)
     holder: list[Router] = []
-    document: list[str] = []
 
     def r() -> Router:
         if not holder:
             holder.append(router())
         return holder[0]
 
-    def auth() -> str | None:
-        return app.current_event.headers.get("authorization")
+    _api_routes(app, r)
+    _document_routes(app)
+    _error_handlers(app)
+    return app
 
-    def body() -> bytes | str:
-        # the raw bytes, not Powertools' decoded_body: a body that is not UTF-8 arrives
-        # base64-encoded and is the client's 400 (parse_body), not a UnicodeDecodeError
-        event = app.current_event
-        raw = event.body or ""
-        if not event.is_base64_encoded:
-            return raw
-        try:
-            return base64.b64decode(raw, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise ValidationError("request body is not valid base64") from exc
+
+def _authorization(app: APIGatewayHttpResolver) -> str | None:
+    """The request's ``Authorization`` header."""
+    return app.current_event.headers.get("authorization")
+
+
+def _raw_body(app: APIGatewayHttpResolver) -> bytes | str:
+    """The request's body: the raw bytes, not Powertools' decoded_body, since a body that is
+    not UTF-8 arrives base64-encoded and is the client's 400 (parse_body), not a
+    UnicodeDecodeError."""
+    event = app.current_event
+    raw = event.body or ""
+    if not event.is_base64_encoded:
+        return raw
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValidationError("request body is not valid base64") from exc
+
+
+def _api_routes(app: APIGatewayHttpResolver, r: Callable[[], Router]) -> None:
+    """The routes of the API (ARCHITECTURE §4), each a call into the router."""
 
     @app.get(
         "/v1/health",
@@ -202,7 +167,7 @@ def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
         security=_SECURITY,
     )
     def workloads() -> WorkloadsAnswer:
-        return WorkloadsAnswer.model_validate(r().workloads(auth()))
+        return WorkloadsAnswer.model_validate(r().workloads(_authorization(app)))
 
     @app.get(
         "/v1/jobs/<job>/rounds",
@@ -212,9 +177,8 @@ def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
         security=_SECURITY,
     )
     def rounds(job: Annotated[str, _job_param("the job id")]) -> RoundsAnswer:
-        authorization = auth()
-        with _RESOLVING.released():
-            return RoundsAnswer.model_validate(r().rounds(authorization, job))
+        authorization = _authorization(app)
+        return RoundsAnswer.model_validate(r().rounds(authorization, job))
 
     @app.post(
         "/v1/jobs/<job>/workloads/<name>",
@@ -241,9 +205,13 @@ def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
         # optional, but an object when sent: parse_body refuses a JSON null (so no "| None")
         request: Annotated[RunRequest, Body(embed=False)] = None,  # type: ignore[valid-type]
     ) -> RunAnswer:
-        authorization, raw = auth(), body()  # read while this request is the current event
-        with _RESOLVING.released():
-            return r().run(authorization, job, name, raw)  # type: ignore[return-value]
+        authorization, raw = _authorization(app), _raw_body(app)
+        return r().run(authorization, job, name, raw)  # type: ignore[return-value]
+
+
+def _document_routes(app: APIGatewayHttpResolver) -> None:
+    """The API's own documentation: the OpenAPI document and Swagger UI over it."""
+    document: list[str] = []
 
     @app.get(
         OPENAPI_PATH,
@@ -264,6 +232,10 @@ def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
     )
     def docs() -> Response[str]:
         return Response(200, "text/html; charset=utf-8", swagger_html())
+
+
+def _error_handlers(app: APIGatewayHttpResolver) -> None:
+    """Typed errors as ``{"error": {"code", "message"}}`` with their status; the rest a 500."""
 
     @app.exception_handler(RequestValidationError)  # type: ignore[untyped-decorator]
     def invalid(exc: RequestValidationError) -> Response[str]:
@@ -287,8 +259,6 @@ def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
     def unexpected(exc: Exception) -> Response[str]:
         logger.exception("unexpected error")
         return _json(500, {"error": {"code": "internal", "message": "internal error"}})
-
-    return app
 
 
 def openapi_document(app: APIGatewayHttpResolver) -> dict[str, Any]:
@@ -355,8 +325,10 @@ def handle(app_: APIGatewayHttpResolver, event: dict[str, Any], context: Any) ->
         # HEAD is GET without the content (RFC 9110 §9.3.2); the gateway drops the body
         http = {**event["requestContext"]["http"], "method": "GET"}
         event = {**event, "requestContext": {**event["requestContext"], "http": http}}
-    with _RESOLVING.resolving():  # Powertools' current event is one per process
-        return app_.resolve(event, context)
+    # Powertools keeps the event it resolves in a class attribute (BaseRouter.current_event),
+    # one per process: a process resolves one request at a time, as a Lambda instance serves
+    # one (the local stack runs the router as a function of its Lambda endpoint for this)
+    return app_.resolve(event, context)
 
 
 @logger.inject_lambda_context(log_event=False)

@@ -40,6 +40,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from typing import Any
@@ -260,6 +261,141 @@ class GatewayServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = LISTEN_BACKLOG
 
+    def __init__(self, address: tuple[str, int], gateway: LocalGateway) -> None:
+        super().__init__(address, GatewayRequestHandler)
+        self.gateway = gateway
+
+
+class GatewayRequestHandler(BaseHTTPRequestHandler):
+    """Reads one HTTP request off a connection and writes the gateway's answer to it.
+
+    Every method token reaches :meth:`LocalGateway.answer` (:meth:`handle_one_request` takes
+    the place of ``http.server``'s ``do_FOO`` dispatch, which answers 501 in HTML for a method
+    without one), and what ``http.server`` refuses itself is answered in JSON
+    (:meth:`send_error`).
+    """
+
+    protocol_version = "HTTP/1.1"
+    wbufsize = WRITE_BUFFER_BYTES
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        # answers go out as header + body writes: without NODELAY, Nagle and the
+        # client's delayed ACK add ~40 ms to every keep-alive request
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @property
+    def gateway(self) -> LocalGateway:
+        """The gateway this request is answered by."""
+        assert isinstance(self.server, GatewayServer)
+        return self.server.gateway
+
+    def handle_one_request(self) -> None:
+        # http.server's own, but for its do_FOO dispatch: every method token is served
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                return
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if not self.parse_request():
+                return  # parse_request answered (send_error)
+            self._serve()
+            self.wfile.flush()
+        except TimeoutError as exc:
+            self.log_error("Request timed out: %r", exc)
+            self.close_connection = True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # what http.server refuses itself (request line, header sizes, version): the
+        # client's fault, answered in JSON
+        self.close_connection = True
+        reason = message or self.responses.get(code, ("bad request",))[0]
+        status = code if 400 <= code < 500 else 400
+        self._reply(status, JSON_HEADERS, _error(status, "invalid_request", reason).body)
+
+    def _serve(self) -> None:
+        try:
+            body = self._body()
+            status, headers, data = self.gateway.answer(
+                self.command,
+                self.path,
+                self.headers.items(),
+                body,
+                self.client_address[0],
+            )
+        except _Refusal as refusal:
+            self.close_connection = True
+            status, headers, data = refusal.status, JSON_HEADERS, refusal.body
+        self._reply(status, headers, data)
+
+    def _body(self) -> bytes:
+        chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
+        declared = self.headers.get("Content-Length")
+        if not chunked and declared is None:
+            return b""
+        self.connection.settimeout(READ_TIMEOUT_S)
+        try:
+            if chunked:
+                return self._chunks()
+            if re.fullmatch(r"\s*[0-9]{1,18}\s*", declared or "") is None:
+                raise _error(400, "invalid_request", "Content-Length is not a number")
+            length = int(declared or "0")
+            if length > MAX_PAYLOAD:
+                raise _too_large(f"{length} bytes")
+            data = self.rfile.read(length)
+            if len(data) < length:
+                raise _error(400, "invalid_request", "request body shorter than declared")
+            return data
+        except (TimeoutError, OSError) as exc:
+            raise _error(400, "invalid_request", "request body not received") from exc
+        finally:
+            self.connection.settimeout(None)
+
+    def _chunks(self) -> bytes:
+        # RFC 9112 §7.1: size line in hex (extensions after ';'), data, CRLF; 0 ends
+        out = bytearray()
+        while True:
+            line = self.rfile.readline(1024).split(b";")[0].strip()
+            try:
+                size = int(line, 16)
+            except ValueError:
+                raise _error(400, "invalid_request", "malformed chunked body") from None
+            if size < 0:
+                raise _error(400, "invalid_request", "malformed chunked body")
+            if size == 0:
+                while self.rfile.readline(1024).strip():  # trailer fields
+                    pass
+                return bytes(out)
+            if len(out) + size > MAX_PAYLOAD:
+                raise _too_large("more than that")
+            chunk = self.rfile.read(size)
+            if len(chunk) < size:
+                raise _error(400, "invalid_request", "chunked body cut short")
+            out += chunk
+            self.rfile.readline(1024)
+
+    def _reply(self, status: int, headers: Mapping[str, str], data: bytes) -> None:
+        if self.request_version == "HTTP/0.9":  # answered with a status line anyway
+            self.request_version = "HTTP/1.0"
+            self.close_connection = True
+        self.send_response(status)
+        for k, v in headers.items():
+            if k.lower() not in {"content-length", "connection", "transfer-encoding"}:
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":  # RFC 9110 §9.3.2: GET's headers, no content
+            self.wfile.write(data)
+
 
 class LocalGateway:
     """A threaded HTTP server in front of ``handler`` (the router) and ``authorizer``.
@@ -282,115 +418,7 @@ class LocalGateway:
         self.routes = routes
         self.cache = AuthorizerCache(authorizer_ttl_s)
         self.authorizer_calls = 0
-        gateway = self
-
-        class RequestHandler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            wbufsize = WRITE_BUFFER_BYTES
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def setup(self) -> None:
-                super().setup()
-                # answers go out as header + body writes: without NODELAY, Nagle and the
-                # client's delayed ACK add ~40 ms to every keep-alive request
-                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-            def __getattr__(self, name: str) -> Any:
-                # http.server dispatches method FOO to do_FOO and answers 501 in HTML when
-                # there is none: every method token reaches the gateway instead
-                if name.startswith("do_"):
-                    return self._serve
-                raise AttributeError(name)
-
-            def send_error(
-                self, code: int, message: str | None = None, explain: str | None = None
-            ) -> None:
-                # what http.server refuses itself (request line, header sizes, version): the
-                # client's fault, answered in JSON
-                self.close_connection = True
-                reason = message or self.responses.get(code, ("bad request",))[0]
-                status = code if 400 <= code < 500 else 400
-                self._reply(status, JSON_HEADERS, _error(status, "invalid_request", reason).body)
-
-            def _serve(self) -> None:
-                try:
-                    body = self._body()
-                    status, headers, data = gateway.answer(
-                        self.command,
-                        self.path,
-                        self.headers.items(),
-                        body,
-                        self.client_address[0],
-                    )
-                except _Refusal as refusal:
-                    self.close_connection = True
-                    status, headers, data = refusal.status, JSON_HEADERS, refusal.body
-                self._reply(status, headers, data)
-
-            def _body(self) -> bytes:
-                chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
-                declared = self.headers.get("Content-Length")
-                if not chunked and declared is None:
-                    return b""
-                self.connection.settimeout(READ_TIMEOUT_S)
-                try:
-                    if chunked:
-                        return self._chunks()
-                    if re.fullmatch(r"\s*[0-9]{1,18}\s*", declared or "") is None:
-                        raise _error(400, "invalid_request", "Content-Length is not a number")
-                    length = int(declared or "0")
-                    if length > MAX_PAYLOAD:
-                        raise _too_large(f"{length} bytes")
-                    data = self.rfile.read(length)
-                    if len(data) < length:
-                        raise _error(400, "invalid_request", "request body shorter than declared")
-                    return data
-                except (TimeoutError, OSError) as exc:
-                    raise _error(400, "invalid_request", "request body not received") from exc
-                finally:
-                    self.connection.settimeout(None)
-
-            def _chunks(self) -> bytes:
-                # RFC 9112 §7.1: size line in hex (extensions after ';'), data, CRLF; 0 ends
-                out = bytearray()
-                while True:
-                    line = self.rfile.readline(1024).split(b";")[0].strip()
-                    try:
-                        size = int(line, 16)
-                    except ValueError:
-                        raise _error(400, "invalid_request", "malformed chunked body") from None
-                    if size < 0:
-                        raise _error(400, "invalid_request", "malformed chunked body")
-                    if size == 0:
-                        while self.rfile.readline(1024).strip():  # trailer fields
-                            pass
-                        return bytes(out)
-                    if len(out) + size > MAX_PAYLOAD:
-                        raise _too_large("more than that")
-                    chunk = self.rfile.read(size)
-                    if len(chunk) < size:
-                        raise _error(400, "invalid_request", "chunked body cut short")
-                    out += chunk
-                    self.rfile.readline(1024)
-
-            def _reply(self, status: int, headers: Mapping[str, str], data: bytes) -> None:
-                if self.request_version == "HTTP/0.9":  # answered with a status line anyway
-                    self.request_version = "HTTP/1.0"
-                    self.close_connection = True
-                self.send_response(status)
-                for k, v in headers.items():
-                    if k.lower() not in {"content-length", "connection", "transfer-encoding"}:
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                if self.close_connection:
-                    self.send_header("Connection", "close")
-                self.end_headers()
-                if self.command != "HEAD":  # RFC 9110 §9.3.2: GET's headers, no content
-                    self.wfile.write(data)
-
-        self._server = GatewayServer((host, port), RequestHandler)
+        self._server = GatewayServer((host, port), self)
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ one request

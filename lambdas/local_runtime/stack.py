@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from flstore_core import config
 from flstore_core.aws import lambda_client
 from flstore_core.cache.budget import MiB, stack_budget
 from flstore_core.errors import ValidationError
-from flstore_core.routing.auth import TokenTable, new_token
+from flstore_core.routing.auth import TokenTable, hash_token, new_token
 from flstore_core.routing.invoker import NodeInvoker
 from flstore_core.routing.placement import node_name
 from flstore_core.routing.router import Router, RouterConfig
@@ -28,12 +27,16 @@ from flstore_core.storage.object_store import ObjectStore
 from lambdas.authorizer import decide
 from lambdas.local_runtime.gateway import AUTHORIZER_CACHE_TTL_S, LocalGateway
 from lambdas.local_runtime.in_process import InProcessTransport, serve_in_process
+from lambdas.local_runtime.invoke_channel import InvokeChannel
 from lambdas.local_runtime.lambda_endpoint import FunctionSpec, LocalLambda
+from lambdas.local_runtime.router_function import HANDLER, RouterFunction, deploy, function_name
+from lambdas.local_runtime.router_instance import router_environment
 from lambdas.local_runtime.s3_server import LocalS3
-from lambdas.router import build_app, handle
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_FILE = Path(".flstore") / "local.json"
+ROUTER_MEMORY_MB = 3008
+ROUTER_TIMEOUT_S = 900.0
 
 
 @dataclass
@@ -59,9 +62,13 @@ class StackConfig:
     tokens: dict[str, list[str]] = field(default_factory=dict)  # extra tokens -> granted jobs
     # how long the gateway caches the authorizer's answers (authorizerResultTtlInSeconds)
     authorizer_ttl_s: float = AUTHORIZER_CACHE_TTL_S
-    # the router's boto3 lambda.invoke reaches the local endpoint in this process, without the
-    # loopback socket (lambdas.local_runtime.in_process); False sends it over HTTP
+    # the parent's router (stack.router) reaches the local endpoint in this process, without the
+    # loopback socket (lambdas.local_runtime.in_process); False sends it over HTTP. The router
+    # function's instances are other processes: theirs always go over HTTP
     in_process_invoke: bool = True
+    # router instances serving requests at once (the router function's reserved concurrency);
+    # more concurrent requests wait for one at the gateway
+    router_concurrency: int = 16
 
     def __post_init__(self) -> None:
         if self.budget_bytes is not None and not 0 < self.budget_bytes < self.memory_mb * MiB:
@@ -91,6 +98,9 @@ class LocalStack:
         self.lam: LocalLambda | None = None
         self.gateway: LocalGateway | None = None
         self.router: Router | None = None
+        self.router_function: RouterFunction | None = None
+        # how the router function's instances invoke the nodes (without HTTP)
+        self.channel: InvokeChannel | None = None
         self.store: ObjectStore | None = None
         # what answers the router's lambda.invoke in this process (None: over HTTP)
         self.node_transport: InProcessTransport | None = None
@@ -106,70 +116,39 @@ class LocalStack:
             self.s3_endpoint = self._s3.url
         self.store = ObjectStore(cfg.bucket, endpoint_url=self.s3_endpoint)
         self.store.ensure_bucket()
-        budget = cfg.node_budget
-        functions = [
-            FunctionSpec(
-                name=node_name(cfg.prefix, i),
-                handler="lambdas.cache_node.handler",
-                environment={
-                    config.S3_ENDPOINT.name: self.s3_endpoint,
-                    config.BUCKET.name: cfg.bucket,
-                    config.NODE_INDEX.name: str(i),
-                    config.HOT_ROUNDS.name: str(cfg.hot_rounds),
-                    config.CACHE_BUDGET_BYTES.name: str(budget),
-                    "AWS_ACCESS_KEY_ID": "local",
-                    "AWS_SECRET_ACCESS_KEY": "local",
-                    "AWS_DEFAULT_REGION": "us-east-1",
-                    "POWERTOOLS_LOG_LEVEL": "WARNING",
-                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-                },
-                memory_mb=cfg.memory_mb,
-                timeout_s=cfg.timeout_s,
-                reserved_concurrency=cfg.concurrency,
-                idle_timeout_s=cfg.idle_timeout_s,
-            )
-            for i in range(cfg.nodes)
-        ]
-        self.lam = LocalLambda(functions, cwd=REPO_ROOT, sys_path=[REPO_ROOT]).start()
-        tokens = TokenTable.with_tokens({self.token: ["*"], **cfg.tokens})
+        self.lam = LocalLambda(self._node_functions(), cwd=REPO_ROOT, sys_path=[REPO_ROOT])
+        self.lam.start()
+        self.channel = InvokeChannel(self.lam).start()
+        hashed = {hash_token(t): jobs for t, jobs in {self.token: ["*"], **cfg.tokens}.items()}
+        tokens = TokenTable(hashed)
         nodes = lambda_client(self.lam.url)
         if cfg.in_process_invoke:
             self.node_transport = serve_in_process(nodes, self.lam)
-        self.router = Router(
-            self.store,
-            NodeInvoker(nodes, cfg.memory_mb),
-            tokens,
-            RouterConfig(
-                prefix=cfg.prefix,
-                nodes=cfg.nodes,
-                replication=cfg.replication,
-                node_memory_mb=cfg.memory_mb,
-                cache_budget_bytes=budget,
-                min_blocks=cfg.min_blocks,
-            ),
+        settings = RouterConfig(
+            prefix=cfg.prefix,
+            nodes=cfg.nodes,
+            replication=cfg.replication,
+            node_memory_mb=cfg.memory_mb,
+            cache_budget_bytes=cfg.node_budget,
+            min_blocks=cfg.min_blocks,
         )
-        router = self.router
-        # A resolver app keeps the request it is resolving on itself (the current event, the
-        # route's arguments): on AWS an instance serves one request at a time, but the local
-        # gateway serves requests on many threads, so each request borrows an app of its own
-        # from a pool (apps share the one router), else two requests could swap arguments or
-        # headers. The event being resolved is Powertools' per process, not per app: that one
-        # lambdas.router.handle guards (one request at a time inside the resolver).
-        apps: queue.SimpleQueue[Any] = queue.SimpleQueue()
-
-        def serve(event: dict[str, Any], ctx: Any) -> dict[str, Any]:
-            try:
-                app = apps.get_nowait()
-            except queue.Empty:
-                app = build_app(lambda: router)
-            try:
-                return handle(app, event, ctx)
-            finally:
-                apps.put(app)
-
+        # the parent's router: benchmarks and tests call its prefetch, node_op, plan_round
+        self.router = Router(self.store, NodeInvoker(nodes, cfg.memory_mb), tokens, settings)
+        # the routers serving requests: instances of the router function, one request each
+        router = self._function_spec(
+            function_name(cfg.prefix),
+            HANDLER,
+            router_environment(settings, hashed, self.lam.url, self.channel.path),
+            reserved_concurrency=cfg.router_concurrency,
+            # the in-process router had no limits of its own: none that a node's settings
+            # would newly impose (Lambda's largest timeout; the memory of a large node)
+            memory_mb=max(cfg.memory_mb, ROUTER_MEMORY_MB),
+            timeout_s=max(cfg.timeout_s, ROUTER_TIMEOUT_S),
+        )
+        self.router_function = deploy(self.lam, router)
         # the authorizer runs first, as API Gateway's Lambda authorizer does on AWS
         self.gateway = LocalGateway(
-            serve,
+            self.router_function,
             authorizer=lambda event, ctx: decide(tokens, event),
             authorizer_ttl_s=cfg.authorizer_ttl_s,
         ).start()
@@ -177,11 +156,60 @@ class LocalStack:
             self.write_state(self.workdir)
         return self
 
+    def _node_functions(self) -> list[FunctionSpec]:
+        """The cache-node functions ``{prefix}-cache-{i}``."""
+        cfg = self.config
+        return [
+            self._function_spec(
+                node_name(cfg.prefix, i),
+                "lambdas.cache_node.handler",
+                {
+                    config.NODE_INDEX.name: str(i),
+                    config.HOT_ROUNDS.name: str(cfg.hot_rounds),
+                    config.CACHE_BUDGET_BYTES.name: str(cfg.node_budget),
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+                },
+                reserved_concurrency=cfg.concurrency,
+            )
+            for i in range(cfg.nodes)
+        ]
+
+    def _function_spec(
+        self,
+        name: str,
+        handler: str,
+        environment: dict[str, str],
+        reserved_concurrency: int,
+        memory_mb: int | None = None,
+        timeout_s: float | None = None,
+    ) -> FunctionSpec:
+        """A function of the stack: its own variables beside the store's and the credentials."""
+        cfg = self.config
+        return FunctionSpec(
+            name=name,
+            handler=handler,
+            environment={
+                config.S3_ENDPOINT.name: self.s3_endpoint,
+                config.BUCKET.name: cfg.bucket,
+                "AWS_ACCESS_KEY_ID": "local",
+                "AWS_SECRET_ACCESS_KEY": "local",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "POWERTOOLS_LOG_LEVEL": "WARNING",
+                **environment,
+            },
+            memory_mb=memory_mb or cfg.memory_mb,
+            timeout_s=timeout_s or cfg.timeout_s,
+            reserved_concurrency=reserved_concurrency,
+            idle_timeout_s=cfg.idle_timeout_s,
+        )
+
     def stop(self) -> None:
         if self.gateway is not None:
             self.gateway.stop()
         if self.lam is not None:
             self.lam.stop()
+        if self.channel is not None:
+            self.channel.stop()
         if self.store is not None:
             self.store.close()
         if self._s3 is not None:

@@ -529,37 +529,31 @@ def test_concurrent_requests_never_swap_their_arguments(stack: LocalStack) -> No
     assert wrong == []
 
 
-def test_two_requests_in_flight_are_resolved_by_two_resolvers(
-    stack: LocalStack, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The guard for the race above, made deterministic: two requests held inside the handler
-    at the same time must each have a resolver of their own."""
+def test_each_request_is_one_invocation_of_a_router_instance(stack: LocalStack) -> None:
+    """Powertools keeps the event it resolves in a class attribute, one per process: the local
+    gateway resolves no request in its own process but hands each to an instance of the router
+    function, a process of its own serving one request at a time, as on Lambda."""
+    import os
     import threading
 
-    import lambdas.local_runtime.stack as stack_module
-
-    real = stack_module.handle
-    both_inside = threading.Barrier(2, timeout=30)
-    seen: list[int] = []
-
-    def held(app: Any, event: dict[str, Any], context: Any) -> dict[str, Any]:
-        seen.append(id(app))
-        both_inside.wait()  # neither request leaves before the other is in
-        return real(app, event, context)
-
-    monkeypatch.setattr(stack_module, "handle", held)
+    assert stack.lam is not None and stack.router_function is not None
+    name = stack.router_function.name
+    before = stack.lam.stats()[name]["invocations"]
     statuses: list[int] = []
 
     def call() -> None:
-        statuses.append(request(stack, "GET", "/v1/health")[0])
+        for _ in range(5):
+            statuses.append(request(stack, "GET", "/v1/health")[0])
 
-    threads = [threading.Thread(target=call) for _ in range(2)]
+    threads = [threading.Thread(target=call) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert statuses == [200, 200]
-    assert len(set(seen)) == 2
+    assert statuses == [200] * 20
+    assert stack.lam.stats()[name]["invocations"] == before + 20
+    instances = stack.lam.instances(name)
+    assert instances and all(i.pid not in (None, os.getpid()) for i in instances)
 
 
 @pytest.mark.parametrize(
@@ -605,70 +599,3 @@ def test_a_burst_of_new_connections_is_queued_not_dropped(server: str) -> None:
             s.close()
         listener.server_close()
     assert refused == 0
-
-
-def test_a_request_resolved_while_another_is_resolved_keeps_its_own_path_and_body() -> None:
-    """Powertools keeps the event being resolved in a class attribute shared by every resolver
-    of the process: request A, paused inside the resolver after its event became the current
-    one, must still read its own body when request B (another resolver, another thread) was
-    resolved meanwhile — the chaos benchmark's answers for another round. Without one request
-    at a time inside the resolver, A read B's body (round 1) on A's path."""
-    import threading
-
-    from lambdas.local_runtime.gateway import build_event
-    from lambdas.router import build_app, handle
-
-    a_paused, b_ran = threading.Event(), threading.Event()
-    seen: dict[str, int] = {}
-
-    class Recorder:
-        def run(self, authorization: str | None, job: str, name: str, body: Any) -> Any:
-            round_ = json.loads(body)["round"]
-            seen[job] = round_
-            if job == "b":
-                b_ran.set()
-            return {"job": job, "workload": name, "round": round_, "result": {}, "meta": {}}
-
-    class PausedEvent(dict):  # type: ignore[type-arg]
-        """A's event: the resolver's first read of its path waits for B (2 s at most)."""
-
-        paused = False
-
-        def __getitem__(self, key: str) -> Any:
-            if key == "rawPath" and not self.paused:
-                self.paused = True
-                a_paused.set()
-                b_ran.wait(timeout=2.0)
-            return super().__getitem__(key)
-
-    def event(job: str, round_: int) -> dict[str, Any]:
-        return build_event(
-            "POST",
-            f"/v1/jobs/{job}/workloads/krum",
-            {"authorization": "Bearer t", "content-type": "application/json"},
-            json.dumps({"round": round_}).encode(),
-            "127.0.0.1",
-            route_key="POST /v1/jobs/{job}/workloads/{name}",
-            path_parameters={"job": job, "name": "krum"},
-        )
-
-    answers: dict[str, Any] = {}
-    router = Recorder()
-
-    def send(job: str, ev: dict[str, Any]) -> None:
-        answers[job] = handle(build_app(lambda: router), ev, None)  # type: ignore[arg-type,return-value]
-
-    a = threading.Thread(target=send, args=("a", PausedEvent(event("a", 0))))
-    a.start()
-    assert a_paused.wait(timeout=30)
-    b = threading.Thread(target=send, args=("b", event("b", 1)))
-    b.start()
-    a.join(timeout=60)
-    b.join(timeout=60)
-    assert seen == {"a": 0, "b": 1}
-    for job, round_ in (("a", 0), ("b", 1)):
-        assert answers[job]["statusCode"] == 200
-        assert (
-            json.loads(answers[job]["body"])["job"],
-            json.loads(answers[job]["body"])["round"],
-        ) == (job, round_)
