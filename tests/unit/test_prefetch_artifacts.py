@@ -15,28 +15,24 @@ and the requests right.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
 from flstore_core import models
-from flstore_core.cache.node import CacheNode
 from flstore_core.cache.results import run_round_workload
-from flstore_core.cache.round_data import ArtifactStats, RoundData
+from flstore_core.cache.round_data import ArtifactStats
 from flstore_core.cache.round_loading import load_round
 from flstore_core.data.codec import Update
 from flstore_core.data.manifest import JobSpec
-from flstore_core.routing.auth import TokenTable
-from flstore_core.routing.failover import FailoverPolicy
-from flstore_core.routing.invoker import NodeAnswer, NodeFailure
 from flstore_core.routing.placement import round_shard
-from flstore_core.routing.router import Router, RouterConfig
+from flstore_core.routing.router import Router
 from flstore_core.storage.memory import MemoryBlobStore
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import artifacts, get
+from tests.fakes import InProcessNodes, make_router
 
 JOB = "digits"
 ROUND = 0  # the initial model is its base
@@ -53,54 +49,18 @@ REQUESTS: dict[str, dict[str, Any]] = {
 }
 
 
-class Nodes:
-    """Cache nodes as an invoker, events and answers through JSON; ops in ``failing`` (or
-    ``artifacts:compute``, ``artifacts:rounds``) fail like a dead node.
-
-    Each node runs every invocation on one thread of its own, as a node process runs its
-    handler on its main thread: torch's float bits (fltrust's trained ``g_0``) differ between
-    a process's main thread and other threads, so a node must compute at prefetch and at
-    request time on the same kind of thread — and the references here are computed on a
-    thread of their own too.
-    """
-
-    def __init__(self, store: ObjectStore) -> None:
-        self.nodes = [
-            CacheNode(store.view(), budget_bytes=10**8, node_index=i) for i in range(NODES)
-        ]
-        self.threads = [ThreadPoolExecutor(1) for _ in range(NODES)]
-        self.failing: set[str] = set()
-        self.calls: list[tuple[int, str]] = []
-
-    def handle(self, index: int, event: Mapping[str, Any]) -> dict[str, Any]:
-        """``event`` through JSON to node ``index`` on its thread; its answer through JSON."""
-        text = json.dumps(event)
-        answer = self.threads[index].submit(self.nodes[index].handle, json.loads(text)).result()
-        out: dict[str, Any] = json.loads(json.dumps(answer))
-        return out
-
-    def invoke(self, function: str, event: Mapping[str, Any]) -> NodeAnswer:
-        index = int(function.rsplit("-", 1)[1])
-        self.calls.append((index, str(event.get("op"))))
-        step = f"{event.get('op')}:{'compute' if 'compute' in event else 'rounds'}"
-        if event.get("op") in self.failing or step in self.failing:
-            raise NodeFailure(f"{function}: Unhandled")
-        return NodeAnswer(function, self.handle(index, event), 7.0, 1024)
-
-    def round(self, index: int, job: str = JOB) -> RoundData:
-        held = self.nodes[index].cache.get(round_shard(job, ROUND))
-        assert isinstance(held, RoundData)
-        return held
+def two_nodes(store: ObjectStore) -> InProcessNodes:
+    """Two cache nodes as an invoker, events and answers through JSON, each running every
+    invocation on one thread of its own, as a node process runs its handler on its main
+    thread: torch's float bits (fltrust's trained ``g_0``) differ between a process's main
+    thread and other threads, so a node must compute at prefetch and at request time on the
+    same kind of thread — and the references here are computed on a thread of their own too.
+    Ops in ``failing`` (or ``artifacts:compute``, ``artifacts:rounds``) fail like a dead node."""
+    return InProcessNodes(store, NODES, threads=True, billed_ms=7.0, memory_mb=1024)
 
 
-def make_router(store: ObjectStore, nodes: Nodes) -> Router:
-    return Router(
-        store,
-        nodes,
-        TokenTable.with_tokens({"t": ["*"]}),
-        RouterConfig(prefix=PREFIX, nodes=NODES, replication=2),
-        failover=FailoverPolicy(sleep=lambda _s: None),
-    )
+def router_over(store: ObjectStore, nodes: InProcessNodes) -> Router:
+    return make_router(store, nodes, tokens={"t": ["*"]}, prefix=PREFIX, nodes=NODES, replication=2)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +87,7 @@ def store() -> Iterator[ObjectStore]:
     st.close()
 
 
-def references(store: ObjectStore, nodes: Nodes, index: int) -> dict[str, dict[str, Any]]:
+def references(store: ObjectStore, nodes: InProcessNodes, index: int) -> dict[str, dict[str, Any]]:
     """Each request on a freshly loaded round, nothing memoised, on node ``index``'s thread:
     what that node must answer."""
 
@@ -139,7 +99,7 @@ def references(store: ObjectStore, nodes: Nodes, index: int) -> dict[str, dict[s
     return {name: nodes.threads[index].submit(one, name).result() for name in REQUESTS}
 
 
-def run(nodes: Nodes, index: int, name: str) -> dict[str, Any]:
+def run(nodes: InProcessNodes, index: int, name: str) -> dict[str, Any]:
     answer = nodes.handle(
         index,
         {"op": "run", "workload": name, "job": JOB, "round": ROUND, "params": REQUESTS[name]},
@@ -153,9 +113,9 @@ def run(nodes: Nodes, index: int, name: str) -> dict[str, Any]:
 def test_prefetch_splits_the_artifacts_and_every_replica_answers_from_them(
     store: ObjectStore,
 ) -> None:
-    nodes = Nodes(store)
+    nodes = two_nodes(store)
     want = [references(store, nodes, i) for i in (0, 1)]
-    answers = make_router(store, nodes).prefetch([round_shard(JOB, ROUND)])
+    answers = router_over(store, nodes).prefetch([round_shard(JOB, ROUND)])
     shard = str(round_shard(JOB, ROUND))
     expected = {
         t.name for t in artifacts.round_tasks(load_round(store, JOB, ROUND, ArtifactStats()))
@@ -174,11 +134,14 @@ def test_prefetch_splits_the_artifacts_and_every_replica_answers_from_them(
     assert sorted(done) == sorted(expected) and len(done) == len(set(done))
     assert {"client:0", "subset_all", "subset_without:9", "subset_empty"} <= expected
     assert {"fltrust", "feddebug"} <= expected
-    held = [set(a for a, _, _ in nodes.round(i).memo_items(artifacts.CODECS)) for i in (0, 1)]
+    held = [
+        set(a for a, _, _ in nodes.round(i, JOB, ROUND).memo_items(artifacts.CODECS))
+        for i in (0, 1)
+    ]
     assert held[0] == held[1] == set(artifacts.CODECS)
 
     for name in REQUESTS:
-        before = [dict(nodes.round(i).stats.computed) for i in (0, 1)]
+        before = [dict(nodes.round(i, JOB, ROUND).stats.computed) for i in (0, 1)]
         got = [run(nodes, i, name) for i in (0, 1)]
         # byte-identical on both replicas, and what a round with nothing memoised answers
         assert json.dumps(got[0], sort_keys=True) == json.dumps(got[1], sort_keys=True)
@@ -186,7 +149,7 @@ def test_prefetch_splits_the_artifacts_and_every_replica_answers_from_them(
         for i in (0, 1):
             new = {
                 k: v - before[i].get(k, 0)
-                for k, v in nodes.round(i).stats.computed.items()
+                for k, v in nodes.round(i, JOB, ROUND).stats.computed.items()
                 if v != before[i].get(k, 0)
             }
             if name == "personalize":  # its own aggregate is the one model it evaluates
@@ -208,9 +171,9 @@ def test_a_failing_artifact_is_reported_and_the_request_computes_it(
         real(self, task)
 
     monkeypatch.setattr(artifacts._Runner, "run", flaky)
-    nodes = Nodes(store)
+    nodes = two_nodes(store)
     want = references(store, nodes, 0)
-    answers = make_router(store, nodes).prefetch([round_shard(JOB, ROUND)])
+    answers = router_over(store, nodes).prefetch([round_shard(JOB, ROUND)])
     shard = str(round_shard(JOB, ROUND))
     errors: dict[str, str] = {}
     for answer in answers.values():
@@ -225,10 +188,10 @@ def test_a_failing_artifact_is_reported_and_the_request_computes_it(
 
 
 def test_an_exchange_that_fails_leaves_each_replica_its_share(store: ObjectStore) -> None:
-    nodes = Nodes(store)
+    nodes = two_nodes(store)
     want = references(store, nodes, 0)
     nodes.failing.add("artifacts:rounds")
-    answers = make_router(store, nodes).prefetch([round_shard(JOB, ROUND)])
+    answers = router_over(store, nodes).prefetch([round_shard(JOB, ROUND)])
     for answer in answers.values():
         assert "error" not in answer
         assert "Unhandled" in answer["shared"]["error"]
@@ -243,22 +206,22 @@ def test_a_job_without_a_model_has_no_artifacts_and_no_exchange(store: ObjectSto
     rows = {f"c{i}": Update({"w": np.full(4, i + 1.0, np.float32)}) for i in range(3)}
     entries = [store.put_update("plain", ROUND, c, u) for c, u in rows.items()]
     store.commit_round("plain", ROUND, entries)
-    nodes = Nodes(store)
-    answers = make_router(store, nodes).prefetch([round_shard("plain", ROUND)])
+    nodes = two_nodes(store)
+    answers = router_over(store, nodes).prefetch([round_shard("plain", ROUND)])
     for answer in answers.values():
         assert answer["loaded"] == [str(round_shard("plain", ROUND))]
         assert "artifacts" not in answer and answer["invocations"] == 1
-    assert [op for _, op in nodes.calls] == ["load", "load"]
+    assert [op for _, op in nodes.ops] == ["load", "load"]
 
 
 def test_malformed_artifacts_are_refused_with_a_400(store: ObjectStore) -> None:
-    nodes = Nodes(store)
-    make_router(store, nodes).prefetch([round_shard(JOB, ROUND)])
+    nodes = two_nodes(store)
+    router_over(store, nodes).prefetch([round_shard(JOB, ROUND)])
     shard = str(round_shard(JOB, ROUND))
     assert nodes.handle(0, {"op": "stats"})["shards"] == [shard]
     from flstore_core.cache.sharded import content_digest
 
-    digest = content_digest(nodes.round(0).sha256)
+    digest = content_digest(nodes.round(0, JOB, ROUND).sha256)
     for bad in (
         {"op": "artifacts"},
         {"op": "artifacts", "rounds": {shard: {"content": digest, "entries": [["no", "k", 1]]}}},
@@ -295,9 +258,9 @@ def test_tasks_past_the_time_budget_are_deferred_to_the_requests(
     from flstore_core.cache import artifact_exchange
 
     monkeypatch.setattr(artifact_exchange, "ARTIFACTS_BUDGET_S", 0.0)
-    nodes = Nodes(store)
+    nodes = two_nodes(store)
     want = references(store, nodes, 1)
-    answers = make_router(store, nodes).prefetch([round_shard(JOB, ROUND)])
+    answers = router_over(store, nodes).prefetch([round_shard(JOB, ROUND)])
     shard = str(round_shard(JOB, ROUND))
     deferred: list[str] = []
     for answer in answers.values():
@@ -305,15 +268,15 @@ def test_tasks_past_the_time_budget_are_deferred_to_the_requests(
         assert "error" not in answer and item["tasks"] == [] and item["errors"] == {}
         deferred += item["deferred"]
     assert len(deferred) == len(set(deferred)) > 20
-    assert [op for _, op in nodes.calls] == ["load", "load", "artifacts", "artifacts"]
+    assert [op for _, op in nodes.ops] == ["load", "load", "artifacts", "artifacts"]
     assert run(nodes, 1, "contribution_loo") == want["contribution_loo"]
 
 
 def test_a_failing_share_step_leaves_the_round_loaded(store: ObjectStore) -> None:
-    nodes = Nodes(store)
+    nodes = two_nodes(store)
     want = references(store, nodes, 0)
     nodes.failing.add("artifacts:compute")
-    answers = make_router(store, nodes).prefetch([round_shard(JOB, ROUND)])
+    answers = router_over(store, nodes).prefetch([round_shard(JOB, ROUND)])
     for answer in answers.values():
         assert answer["loaded"] == [str(round_shard(JOB, ROUND))] and "error" not in answer
         assert "Unhandled" in answer["artifacts"]["error"]

@@ -16,14 +16,12 @@ from flstore_core.cache.node import CacheNode
 from flstore_core.cache.shards import ClientHistory, ClientRound, JobMeta
 from flstore_core.data.codec import Update
 from flstore_core.data.manifest import JobSpec, RoundManifest, UpdateEntry
-from flstore_core.routing.auth import TokenTable
-from flstore_core.routing.invoker import NodeAnswer, NodeInvoker
 from flstore_core.routing.placement import meta_shard, node_name, rank_nodes
-from flstore_core.routing.router import Router, RouterConfig
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads.oort_select import oort_select, statistical_utility
 from flstore_core.workloads.reputation import reputation_series
 from tests.conftest import small_update
+from tests.fakes import InProcessNodes, make_router
 
 
 def _meta(rows: dict[int, dict[str, tuple[int, dict[str, float]]]]) -> JobMeta:
@@ -209,21 +207,6 @@ def incentive_reference(
     return pay, units
 
 
-class LocalNodes:
-    """Real cache nodes behind the router's invoker interface (one per function name)."""
-
-    def __init__(self, store: ObjectStore, count: int) -> None:
-        self.nodes = {
-            node_name("fl", i): CacheNode(store, budget_bytes=10**8, node_index=i)
-            for i in range(count)
-        }
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-
-    def invoke(self, function: str, event: Mapping[str, Any]) -> NodeAnswer:
-        self.calls.append((function, dict(event)))
-        return NodeAnswer(function, self.nodes[function].handle(dict(event)), 1.0, 1024)
-
-
 def _incentive_job(store: ObjectStore) -> list[RoundManifest]:
     """Round 0: every client has a contribution; round 1: a partial backfill (some have
     one) and cosines for all, some negative; round 2: no summary; round 3: client c7 only."""
@@ -248,13 +231,8 @@ def _incentive_job(store: ObjectStore) -> list[RoundManifest]:
 
 def test_incentive_pays_a_client_the_same_whoever_else_is_asked(store: ObjectStore) -> None:
     manifests = _incentive_job(store)
-    nodes = LocalNodes(store, 4)
-    router = Router(
-        store,
-        cast(NodeInvoker, nodes),  # duck-typed: the router only calls invoke()
-        TokenTable.with_tokens({"fls_t": ["*"]}),
-        RouterConfig(prefix="fl", nodes=4, replication=2),
-    )
+    nodes = InProcessNodes(store, 4, billed_ms=1.0, memory_mb=1024)
+    router = make_router(store, nodes, tokens={"fls_t": ["*"]}, nodes=4, replication=2)
 
     def ask(params: dict[str, Any]) -> dict[str, Any]:
         answer = router.run("Bearer fls_t", "inc", "incentive", json.dumps({"params": params}))
