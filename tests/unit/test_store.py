@@ -245,3 +245,62 @@ def test_recommit_with_new_summaries_rewrites_the_manifest(store: ObjectStore) -
     store.commit_round("j", 0)
     store.commit_round("j", 0, summaries={"c": {"contribution": 0.5}})
     assert store.get_manifest("j", 0).updates["c"].summary["contribution"] == 0.5
+
+
+# ---------------------------------------------------------------- one mapping of damaged bytes
+
+
+def _memory_store() -> ObjectStore:
+    from flstore_core.storage.memory import MemoryBlobStore
+
+    return ObjectStore("mem", blobs=MemoryBlobStore())
+
+
+def _big_update(seed: int) -> Update:
+    """An update of several zstd frames (over 64 KiB), read by ranged GETs in blocks."""
+    rng = np.random.default_rng(seed)
+    return Update({"w": rng.standard_normal(40_000).astype(np.float32)}, num_examples=1)
+
+
+def _flip_a_byte(store: ObjectStore, key: str) -> None:
+    data = bytearray(store.get_object(key))
+    data[len(data) // 2] ^= 0xFF
+    store.blobs.put(key, bytes(data))
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda s: s.get_update("j", 0, "c"),
+        lambda s: s.read_round("j", 0),
+        lambda s: s.read_round_block("j", 0, (0, 40_000)),
+        lambda s: s.read_round_block("j", 0, (30_000, 40_000)),
+        lambda s: s.get_global("j", 0),
+        lambda s: s.read_base_block("j", 1, s.get_manifest("j", 0).tensors, (0, 10)),
+        lambda s: s.get_initial("j"),
+    ],
+    ids=["update", "round", "whole-block", "framed-block", "global", "base-block", "initial"],
+)
+def test_every_read_of_a_damaged_object_is_a_503_naming_its_key(read) -> None:  # type: ignore[no-untyped-def]
+    store = _memory_store()
+    store.put_update("j", 0, "c", _big_update(0))
+    store.commit_round("j", 0)
+    assert store.get_manifest("j", 0).updates["c"].frames  # the framed path is taken
+    store.put_global("j", 0, _big_update(1))
+    store.put_initial("j", _big_update(2))
+    _flip_a_byte(store, layout.update_key("j", 0, "c"))  # fails its checksum or frame digest
+    for key in (layout.global_key("j", 0), layout.initial_key("j")):  # no manifest checks these
+        store.blobs.put(key, b"\x28\xb5\x2f\xfd not a zstd frame")
+    with pytest.raises(StoredObjectCorruptError) as caught:
+        read(store)
+    assert caught.value.status == 503 and caught.value.code == "stored_object_corrupt"
+    assert caught.value.message.startswith("jobs/j/")
+
+
+def test_a_base_model_that_does_not_fit_the_round_is_no_base() -> None:
+    store = _memory_store()
+    store.put_update("j", 0, "c", _big_update(0))
+    store.commit_round("j", 0)
+    store.put_initial("j", small_update(1))
+    tensors = store.get_manifest("j", 0).tensors
+    assert store.read_base_block("j", 0, tensors, (0, 10)) is None
