@@ -130,6 +130,7 @@ class ChannelTransport:
         origin = urlsplit(url)
         self._origin = (origin.scheme, origin.netloc)
         self._idle: queue.SimpleQueue[Connection] = queue.SimpleQueue()
+        self.answered = 0  # requests answered over the channel (tests read it)
 
     def __call__(self, request: AWSPreparedRequest, **kwargs: Any) -> AWSResponse | None:
         url = urlsplit(request.url)
@@ -157,6 +158,7 @@ class ChannelTransport:
                 raise EndpointConnectionError(endpoint_url=request.url, error=exc) from exc
             raise
         self._idle.put(conn)
+        self.answered += 1
         answer = {**header["headers"], "Content-Length": str(len(body))}
         # AWSResponse takes any mapping (see lambdas.local_runtime.in_process)
         return AWSResponse(request.url, header["status"], answer, ResponseBody(body))  # type: ignore[arg-type]

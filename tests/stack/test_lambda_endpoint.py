@@ -17,6 +17,7 @@ import pytest
 from botocore.config import Config
 
 from lambdas.local_runtime.in_process import serve_in_process
+from lambdas.local_runtime.invoke_channel import InvokeChannel, serve_over_channel
 from lambdas.local_runtime.lambda_endpoint import FunctionSpec, LocalLambda, function_name_from
 
 FIXTURES = "fixtures_lambda.echo_handler"
@@ -30,10 +31,11 @@ def endpoint() -> Iterator[LocalLambda]:
         yield lam
 
 
-@pytest.fixture(scope="module", params=["http", "in-process"])
+@pytest.fixture(scope="module", params=["http", "in-process", "channel"])
 def client(request: pytest.FixtureRequest, endpoint: LocalLambda) -> Iterator[Any]:
-    """boto3's client over HTTP, and over the in-process transport the local stack's router
-    uses: every test of this module holds for both."""
+    """boto3's client over HTTP, over the in-process transport the local stack's own router
+    uses, and over the invoke channel its router function's instances use: every test of this
+    module holds for all three."""
     lam = boto3.client(
         "lambda",
         endpoint_url=endpoint.url,
@@ -44,6 +46,13 @@ def client(request: pytest.FixtureRequest, endpoint: LocalLambda) -> Iterator[An
     )
     if request.param == "http":
         yield lam
+        return
+    if request.param == "channel":
+        channel = InvokeChannel(endpoint).start()
+        over_channel = serve_over_channel(lam, channel.path)
+        yield lam
+        channel.stop()
+        assert over_channel.answered > 0  # the module's requests did not go over HTTP
         return
     transport = serve_in_process(lam, endpoint)
     yield lam
