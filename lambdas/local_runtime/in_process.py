@@ -1,15 +1,15 @@
 """boto3's ``lambda.invoke`` to a local Lambda endpoint in the same process, without the socket.
 
-Why: the local stack runs the router and the local Lambda endpoint in one process, so every
-invocation the router makes went boto3 -> urllib3 -> TCP loopback -> the endpoint's HTTP server
-thread (``http.server``'s header parsing) -> the instance's worker and back, the answer parsed
-again by ``http.client``. On a warm, tiny request (a node working 0.03-0.2 ms) that round trip
-was a third of the request's latency (``benchmarks/request_floor.py``). Everything but the
-socket is kept: the router still calls ``client.invoke`` (ARCHITECTURE §3), botocore still
-validates, serializes, resolves the endpoint, signs and parses the answer, and the answer is
-the one the HTTP server would have written (:func:`~lambdas.local_runtime.invoke_api.answer_invoke`
-makes both), so status codes, function errors, throttling and the log tail reach the router's
-invoker exactly as over HTTP.
+Why: the local stack's own router (``LocalStack.router``, its admin calls) runs in the local Lambda
+endpoint's process, so every invocation it makes went boto3 -> urllib3 -> TCP loopback -> the
+endpoint's HTTP server thread (``http.server``'s header parsing) -> the instance's worker and back,
+the answer parsed again by ``http.client``. On a warm, tiny request (a node working 0.03-0.2 ms)
+that round trip was a third of the request's latency (``benchmarks/request_floor.py``). Everything
+but the socket is kept: the router still calls ``client.invoke`` (ARCHITECTURE §3), botocore still
+validates, serializes, resolves the endpoint, signs and parses the answer, and the answer is the one
+the HTTP server would have written (:func:`~lambdas.local_runtime.invoke_api.answer_invoke` makes
+both), so status codes, function errors, throttling and the log tail reach the router's invoker
+exactly as over HTTP.
 
 Requests answered in process are not signed (``choose-signer`` answers ``UNSIGNED``): SigV4
 (canonical request, SHA-256 of the payload, HMAC chain) was ~0.1 ms of the ~0.35 ms botocore

@@ -2,9 +2,11 @@
 
 :class:`LocalStack` is what ``flstore local up``, the demo, the tests and the benchmarks start:
 a moto S3 server (or any S3 endpoint), a local Lambda endpoint serving ``{prefix}-cache-{i}``
-(one OS process per warm instance, as on AWS), the router wired to that endpoint through boto3,
-and the local API Gateway in front of the router, running the Lambda authorizer first. It
-writes ``.flstore/local.json`` (ARCHITECTURE §6) when given a working directory.
+and ``{prefix}-router`` (one OS process per warm instance, as on AWS: the router serves one
+request per instance, :mod:`lambdas.local_runtime.router_function`), and the local API Gateway
+in front of the router function, running the Lambda authorizer first. ``stack.router`` is a
+router in this process for admin calls (prefetch, node ops, plans) that benchmarks and tests
+make. It writes ``.flstore/local.json`` (ARCHITECTURE §6) when given a working directory.
 """
 
 from __future__ import annotations
