@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any
 
+from lambdas.local_runtime.gateway import build_event
 from lambdas.local_runtime.instance_pool import FunctionSpec
 from lambdas.local_runtime.invoke_errors import InvokeApiError
 from lambdas.local_runtime.lambda_endpoint import LocalLambda
@@ -84,18 +85,8 @@ def deploy(endpoint: LocalLambda, spec: FunctionSpec) -> RouterFunction:
     endpoint.add_function(spec)
     function = RouterFunction(endpoint, spec.name, spec.reserved_concurrency)
     # the first request should not pay the router's cold start (its imports, its clients)
-    warm = function(_HEALTH_EVENT, None)
+    health = build_event("GET", "/v1/health", {}, b"", "127.0.0.1", route_key="GET /v1/health")
+    warm = function(health, None)
     if warm.get("statusCode") != 200:
         raise RuntimeError(f"{spec.name} did not start: {warm}")
     return function
-
-
-_HEALTH_EVENT: dict[str, Any] = {
-    "version": "2.0",
-    "routeKey": "GET /v1/health",
-    "rawPath": "/v1/health",
-    "rawQueryString": "",
-    "headers": {},
-    "requestContext": {"http": {"method": "GET", "path": "/v1/health"}, "stage": "$default"},
-    "isBase64Encoded": False,
-}
