@@ -15,14 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
+from rich.text import Text
 
 from flstore_core import __version__, config
+from flstore_core.cli import push as push_commands
 from flstore_core.cli.local import local_app
 from flstore_core.cli.logs import configure_logging
-from flstore_core.cli.state import STATE, console
+from flstore_core.cli.output import emit_json, fail, row, say, table
+from flstore_core.cli.state import STATE, console, local_store, stack_target
+from flstore_core.cli.stats import block_summary, stats
 from flstore_core.errors import FLStoreError, ValidationError
-from flstore_core.routing.placement import ShardKey
+
+__all__ = ["app", "block_summary", "main"]
 
 app = typer.Typer(
     name="flstore",
@@ -36,6 +40,9 @@ job_app = typer.Typer(help="Jobs: declare a model, a storage precision, a valida
 app.add_typer(local_app, name="local")
 app.add_typer(job_app, name="job")
 app.add_typer(token_app, name="token")
+app.command("push")(push_commands.push)
+app.command("example")(push_commands.example)
+app.command("stats")(stats)
 
 URL = typer.Option(
     None, "--url", envvar=config.URL.name, help="API base URL (default: local stack)"
@@ -49,11 +56,6 @@ def _client(url: str | None, token: str | None) -> Any:
     if url:
         return FLStoreClient(url, token)
     return FLStoreClient.from_local(str(STATE))
-
-
-def _fail(exc: FLStoreError) -> None:
-    console.print(f"[red]error[/red] ({exc.status} {exc.code}): {exc.message}")
-    raise typer.Exit(1)
 
 
 @app.command()
@@ -104,120 +106,70 @@ def run(
         params = dict(_parse_param(p) for p in param)
         answer = _client(url, token).run(job, workload, round=round_, **params)
     except FLStoreError as exc:
-        _fail(exc)
-        return
+        fail(exc)
     if as_json:
-        typer.echo(json.dumps(answer, indent=2))
+        emit_json(answer)
         return
-    table = Table(title=f"{workload} on job {job!r} round {round_}")
-    table.add_column("field")
-    table.add_column("value", overflow="fold")
+    where = f" round {round_}" if round_ is not None else ""
+    out = table(f"{workload} on job {job!r}{where}")
+    out.add_column("field")
+    out.add_column("value", overflow="fold")
     for key, value in answer["result"].items():
-        table.add_row(key, value if isinstance(value, str) else json.dumps(value))
+        out.add_row(*row(key, value if isinstance(value, str) else json.dumps(value)))
     meta = answer["meta"]
-    table.add_row(
-        "meta",
-        f"cache={meta['cache']} nodes={','.join(meta['nodes'])} "
-        f"latency={meta['latency_ms']:.1f} ms cost=${meta['cost_usd']:.3g}",
+    out.add_row(
+        *row(
+            "meta",
+            f"cache={meta['cache']} nodes={','.join(meta['nodes'])} "
+            f"latency={meta['latency_ms']:.1f} ms cost=${meta['cost_usd']:.3g}",
+        )
     )
-    console.print(table)
+    console.print(out)
+
+
+AS_JSON = typer.Option(False, "--json", help="Print the data as JSON.")
 
 
 @app.command()
-def rounds(job: str = typer.Option(..., "--job", "-j"), url: str = URL, token: str = TOKEN) -> None:
+def rounds(
+    job: str = typer.Option(..., "--job", "-j"),
+    as_json: bool = AS_JSON,
+    url: str = URL,
+    token: str = TOKEN,
+) -> None:
     """List the committed rounds of a job."""
     try:
         answer = _client(url, token).rounds(job)
     except FLStoreError as exc:
-        _fail(exc)
+        fail(exc)
+    if as_json:
+        emit_json(answer)
         return
-    table = Table(title=f"rounds of job {job!r}")
+    out = table(f"rounds of job {job!r}")
     for col in ("round", "clients", "bytes"):
-        table.add_column(col, justify="right")
+        out.add_column(col, justify="right")
     for r in answer:
-        table.add_row(str(r["round"]), str(len(r["clients"])), f"{r['bytes']:,}")
-    console.print(table)
+        out.add_row(*row(r["round"], len(r["clients"]), f"{r['bytes']:,}"))
+    console.print(out)
 
 
 @app.command()
-def workloads(url: str = URL, token: str = TOKEN) -> None:
+def workloads(as_json: bool = AS_JSON, url: str = URL, token: str = TOKEN) -> None:
     """List the workload catalogue."""
     try:
         answer = _client(url, token).workloads()
     except FLStoreError as exc:
-        _fail(exc)
+        fail(exc)
+    if as_json:
+        emit_json(answer)
         return
-    table = Table(title="workloads")
+    out = table("workloads")
     for col in ("name", "class", "params", "description"):
-        table.add_column(col, overflow="fold")
+        out.add_column(col, overflow="fold")
     for w in answer:
         ps = ", ".join(f"{k}={v['default']}" for k, v in w["params"].items())
-        table.add_row(w["name"], w["class"], ps, w["description"])
-    console.print(table)
-
-
-@app.command()
-def stats() -> None:
-    """Per-node cache statistics of the local stack (hits, misses, loads, bytes, evictions)."""
-    from flstore_core.aws import lambda_client
-
-    if not STATE.exists():
-        console.print("no local stack here: run `flstore local up` first")
-        raise typer.Exit(1)
-    state = json.loads(STATE.read_text())
-    client = lambda_client(state["lambda_endpoint"], read_timeout=60)
-    table = Table(title="cache nodes")
-    cols = (
-        "node",
-        "shards",
-        "blocks",
-        "hits",
-        "misses",
-        "loads",
-        "evictions",
-        "MB held",
-        "MB budget",
-        "S3 GETs",
-    )
-    for col in cols:
-        table.add_column(col, justify="right")
-    held: dict[str, list[str]] = {}
-    for i in range(int(state["nodes"])):
-        name = f"{state['prefix']}-cache-{i}"
-        resp = client.invoke(FunctionName=name, Payload=b'{"op": "stats"}')
-        s = json.loads(resp["Payload"].read())
-        blocks = block_summary(s["shards"])
-        held[name] = blocks
-        table.add_row(
-            name,
-            str(len(s["shards"])),
-            str(sum(len(b.split(": ", 1)[1].split(",")) for b in blocks)),
-            str(s["hits"]),
-            str(s["misses"]),
-            str(s["loads"]),
-            str(s["evictions"]),
-            f"{s['bytes_held'] / 1e6:.1f}",
-            f"{s['budget_bytes'] / 1e6:.1f}",
-            str(s["s3_gets"]),
-        )
-    console.print(table)
-    for name, blocks in held.items():
-        for line in blocks:
-            console.print(f"{name}  {line}")
-
-
-def block_summary(shards: list[str]) -> list[str]:
-    """The column blocks among a node's shard keys, one line per round: ``job/round R: 0,3,7
-    of 15``."""
-    rounds: dict[tuple[str, int], list[int]] = {}
-    for text in shards:
-        key = ShardKey.parse(text)
-        if key.is_block:
-            rounds.setdefault((f"{key.job}/round {key.part}", key.blocks), []).append(key.block)
-    return [
-        f"{where}: {','.join(str(b) for b in sorted(blocks))} of {count}"
-        for (where, count), blocks in sorted(rounds.items())
-    ]
+        out.add_row(*row(w["name"], w["class"], ps, w["description"]))
+    console.print(out)
 
 
 @app.command()
@@ -234,11 +186,15 @@ def plan(
         config.CACHE_MEMORY_MB.default_int, "--memory-mb", min=128, help="Memory of each node."
     ),
     budget_mb: int = typer.Option(
-        None, "--cache-budget-mb", min=1, help="Cache budget (default: what the memory leaves)."
+        None,
+        "--cache-budget-mb",
+        min=1,
+        help="Cache budget in MiB (default: what the memory leaves).",
     ),
     replication: int = typer.Option(
         config.REPLICATION.default_int, "--replication", min=1, help="Replicas per shard."
     ),
+    as_json: bool = AS_JSON,
 ) -> None:
     """How a round of this size is laid out on a stack: blocks, owners, load per node — or why
     no layout holds it (the 503 the router would answer)."""
@@ -247,75 +203,107 @@ def plan(
     from flstore_core.routing.planner import plan_round
 
     if (params is None) == (model is None):
-        console.print("give exactly one of --params or --model")
+        say("give exactly one of --params or --model")
         raise typer.Exit(2)
-    if model is not None:
-        from flstore_core import models
-
-        try:
-            specs = tuple(models.state_specs(models.build(model)))
-        except FLStoreError as exc:
-            _fail(exc)
-            return
-    else:
-        specs = (TensorSpec("params", "F32", (params,)),)
-    budget = budget_mb * MiB if budget_mb else cache_budget(memory_mb)
     try:
+        if model is not None:
+            from flstore_core import models
+
+            specs = tuple(models.state_specs(models.build(model)))
+        else:
+            specs = (TensorSpec("params", "F32", (params,)),)
+        budget = budget_mb * MiB if budget_mb else cache_budget(memory_mb)
         layout = plan_round(
             "plan", 0, specs, clients, nodes=nodes, replication=replication, budget=budget
         )
     except FLStoreError as exc:
-        _fail(exc)
-        return
+        fail(exc)
     load: dict[int, int] = {}
     for block in layout.blocks:
         for node in block.owners:
             load[node] = load.get(node, 0) + block.nbytes
     copies = [len(b.owners) for b in layout.blocks]
-    console.print(
+    figures = {
+        "clients": clients,
+        "params": layout.n_params,
+        "footprint_mib": layout.footprint / MiB,
+        "budget_mib": budget / MiB,
+        "blocks": len(layout.blocks),
+        "largest_block_mib": max(b.nbytes for b in layout.blocks) / MiB,
+        "copies": [min(copies), max(copies)],
+        "replication": replication,
+        "nodes": nodes,
+        "nodes_used": len(load),
+        "fullest_node_mib": max(load.values()) / MiB,
+    }
+    if as_json:
+        emit_json(figures)
+        return
+    say(
         f"round of {clients} clients x {layout.n_params:,} parameters: "
-        f"{layout.footprint / MiB:,.1f} MB in memory; node budget {budget / MiB:,.1f} MB"
+        f"{figures['footprint_mib']:,.1f} MiB in memory; node budget {budget / MiB:,.1f} MiB"
     )
-    console.print(
-        f"{len(layout.blocks)} block(s) of up to {max(b.nbytes for b in layout.blocks) / MiB:,.1f}"
-        f" MB; copies per block {min(copies)}-{max(copies)} (replication {replication}); "
+    say(
+        f"{len(layout.blocks)} block(s) of up to {figures['largest_block_mib']:,.1f} MiB; "
+        f"copies per block {min(copies)}-{max(copies)} (replication {replication}); "
         f"{len(load)} of {nodes} nodes hold some, the fullest "
-        f"{max(load.values()) / MiB:,.1f} MB"
+        f"{figures['fullest_node_mib']:,.1f} MiB"
     )
-
-
-def _store() -> Any:
-    """The object store of the local stack (``.flstore/local.json``), else of the environment."""
-    from flstore_core.storage.object_store import ObjectStore
-
-    if STATE.exists() and not config.S3_ENDPOINT.get():
-        state = json.loads(STATE.read_text())
-        return ObjectStore(state["bucket"], endpoint_url=state["s3_endpoint"])
-    return ObjectStore()
 
 
 @job_app.command("create")
 def job_create(
     job: str = typer.Argument(..., help="Job id."),
-    model: str = typer.Option(None, "--model", help="Model architecture (digits_cnn, …)."),
-    validation: Path = typer.Option(None, "--validation", help="safetensors file with x, y."),
-    precision: str = typer.Option("float32", "--precision", help="float32, bf16 or fp16."),
+    model: str = typer.Option(
+        None, "--model", help="Model architecture (digits_cnn, …); default: the job's own."
+    ),
+    validation: Path = typer.Option(
+        None,
+        "--validation",
+        help="Validation set holding x and y: .npz, .safetensors, or a dict saved with "
+        "torch.save (.pt, loaded with weights_only=True).",
+    ),
+    precision: str = typer.Option(
+        None, "--precision", help="float32, bf16 or fp16; default: the job's own, else float32."
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Change the model or validation set of a job with committed rounds, even one "
+        "its rounds do not fit (past answers were computed with the old ones).",
+    ),
 ) -> None:
-    """Declare a job (or change its model, precision or validation set)."""
-    from flstore_core.sdk.jobs import create_job
+    """Declare a job (or change its model, precision or validation set; what is not given
+    stays as it was)."""
+    from flstore_core.sdk.jobs import create_job, read_validation_file, serving_problems
 
+    store = local_store()
     try:
+        old = store.get_job_spec(job) if store.job_exists(job) else None
+        chosen = model or (old.model if old else None)
+        data = read_validation_file(validation) if validation else None
+        problems = serving_problems(
+            store, job, model=chosen, validation_shape=None if data is None else data[0].shape
+        )
+        if problems:
+            say(f"declaring job {job!r} this way breaks what it holds:", "yellow")
+            for problem in problems:
+                say(f"  {problem}")
+            if not force:
+                say("nothing changed; give --force to declare it anyway")
+                raise typer.Exit(1)
         spec = create_job(
-            _store(),
+            store,
             job,
-            model=model,
-            precision=precision,
-            validation=str(validation) if validation else None,
+            model=chosen,
+            precision=precision or (old.precision if old else "float32"),
+            validation=data,
+            hyperparameters=dict(old.hyperparameters) if old else None,
+            force=force,
         )
     except FLStoreError as exc:
-        _fail(exc)
-        return
-    console.print(f"job [bold]{spec.job}[/bold]: model={spec.model} precision={spec.precision}")
+        fail(exc)
+    say(f"job {spec.job}: model={spec.model} precision={spec.precision}")
 
 
 @token_app.command("new")
@@ -326,19 +314,25 @@ def token_new(
     from flstore_core.routing.auth import hash_token, new_token
 
     token = new_token()
-    console.print(f"token (keep it secret): [bold]{token}[/bold]")
+    console.print(Text.assemble("token (keep it secret): ", (token, "bold")))
     typer.echo(json.dumps({hash_token(token): job}))
 
 
-def _stack_target() -> tuple[str | None, str | None, Any]:
-    """``(s3_endpoint, bucket, prefetch target)`` of the local stack, when one runs here and
-    ``FLSTORE_S3_ENDPOINT`` does not point elsewhere."""
-    if not STATE.exists() or config.S3_ENDPOINT.get():
-        return None, None, None
-    from pipelines.runtime import PrefetchTarget
+# what rawfile.check_identity says of a file without FLStore's identity metadata
+_NO_IDENTITY = ("metadata needs 'job'", "needs 'client' and 'round'", "needs 'round'")
 
-    state = json.loads(STATE.read_text())
-    return state["s3_endpoint"], state["bucket"], PrefetchTarget.from_local_state(STATE)
+
+def identity_hint(reason: str) -> str | None:
+    """How to fix a dead letter for missing identity metadata (a plain checkpoint, most
+    likely), or ``None`` for any other reason."""
+    if not reason.startswith("raw update file:") or not any(n in reason for n in _NO_IDENTITY):
+        return None
+    return (
+        "a raw update file carries its identity in the safetensors __metadata__: add the keys "
+        "job, round, client and num_examples (metrics optional, as a JSON object); for plain "
+        "checkpoints (a state dict from safetensors or torch.save) use "
+        "`flstore push DIR --job J --round R` instead"
+    )
 
 
 class _Bar:
@@ -409,7 +403,7 @@ def ingest(
     (e.g. --runner=DataflowRunner --project=… --region=… --temp_location=gs://…)."""
     from pipelines.ingest import run_ingest
 
-    stack_endpoint, stack_bucket, target = _stack_target()
+    stack_endpoint, stack_bucket, target = stack_target()
     bar = None if as_json else _Bar("ingest", "files")
     try:
         with bar or contextlib.nullcontext():
@@ -424,47 +418,59 @@ def ingest(
                 progress=bar,
             )
     except FLStoreError as exc:
-        _fail(exc)
-        return
+        fail(exc)
     if as_json:
-        typer.echo(json.dumps(summary.to_json(), indent=1))
+        found = summary.to_json()
+        for d in found["deadletters"]:
+            d["hint"] = identity_hint(d["reason"])
+        typer.echo(json.dumps(found, indent=1))
         return
-    table = Table(title=f"ingest {summary.run_id}", show_header=False)
-    table.add_row("files", str(summary.files))
-    table.add_row(
+    _print_ingest(summary, prefetch and target is not None)
+    if summary.deadletters:
+        raise typer.Exit(2)
+
+
+def _print_ingest(summary: Any, warmed: bool) -> None:
+    """The human summary of an ingestion run, each dead letter with a hint where one helps."""
+    out = table(f"ingest {summary.run_id}", show_header=False)
+    out.add_row(*row("files", summary.files))
+    out.add_row(
         "updates",
         f"{summary.updates} ({summary.updates_written} written, "
         f"{summary.updates_already_stored} already stored, "
         f"{summary.updates_unchanged} already committed)",
     )
-    table.add_row("models", f"{summary.models_written} written, {summary.models_unchanged} kept")
-    table.add_row(
+    out.add_row("models", f"{summary.models_written} written, {summary.models_unchanged} kept")
+    out.add_row(
         "bytes",
         f"{summary.raw_bytes / 1e6:.1f} MB raw → {summary.stored_bytes / 1e6:.1f} MB stored, "
         f"{summary.throughput_mb_s:.1f} MB/s",
     )
-    table.add_row(
-        "rounds",
-        f"{summary.rounds_committed} committed ({summary.manifests_written} manifests written): "
-        + ", ".join(summary.committed[:8])
-        + (" …" if len(summary.committed) > 8 else ""),
+    committed = ", ".join(summary.committed[:8]) + (" …" if len(summary.committed) > 8 else "")
+    out.add_row(
+        *row(
+            "rounds",
+            f"{summary.rounds_committed} committed ({summary.manifests_written} manifests "
+            f"written): {committed}",
+        )
     )
-    if prefetch and target is not None:
+    if warmed:
         p = summary.prefetch
-        table.add_row(
+        out.add_row(
             "prefetch",
             f"{p.get('loaded', 0)} loaded, {p.get('already', 0)} already warm, "
             f"{p.get('failed', 0) + p.get('errors', 0)} refused",
         )
     reasons = ", ".join(f"{k}: {v}" for k, v in summary.reasons().items())
-    table.add_row("dead letters", f"{len(summary.deadletters)} {reasons}".strip())
-    console.print(table)
+    out.add_row(*row("dead letters", f"{len(summary.deadletters)} {reasons}".strip()))
+    console.print(out)
     for d in summary.deadletters[:20]:
-        console.print(f"  [red]{d.code}[/red] {d.file}: {d.reason}")
+        console.print(Text.assemble("  ", (d.code, "red"), f" {d.file}: {d.reason}"))
+        hint = identity_hint(d.reason)
+        if hint:
+            say(f"    hint: {hint}", "yellow")
     if summary.deadletter_keys:
-        console.print("dead letters in " + ", ".join(summary.deadletter_keys))
-    if summary.deadletters:
-        raise typer.Exit(2)
+        say("dead letters in " + ", ".join(summary.deadletter_keys))
 
 
 @app.command(context_settings=_BEAM)
@@ -485,7 +491,7 @@ def backfill(
     re-warm the shard owners; any other --option goes to Beam."""
     from pipelines.backfill import run_backfill
 
-    stack_endpoint, stack_bucket, target = _stack_target()
+    stack_endpoint, stack_bucket, target = stack_target()
     bar = None if as_json else _Bar("backfill", "rounds")
     try:
         with bar or contextlib.nullcontext():
@@ -500,8 +506,7 @@ def backfill(
                 progress=bar,
             )
     except FLStoreError as exc:
-        _fail(exc)
-        return
+        fail(exc)
     if as_json:
         typer.echo(json.dumps(summary.to_json(), indent=1))
         return

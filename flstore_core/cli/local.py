@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import typer
+from rich.text import Text
 
 from flstore_core import config
 from flstore_core.cli.state import STATE, console
@@ -63,9 +64,9 @@ def local_up(
 
     signal.signal(signal.SIGTERM, stop)
     with LocalStack(config, workdir=Path.cwd()) as stack:
-        console.print(f"gateway   [bold]{stack.gateway_url}[/bold]")
+        console.print(Text.assemble("gateway   ", (stack.gateway_url, "bold")))
         console.print(f"lambda    {stack.lambda_endpoint}   s3 {stack.s3_endpoint}")
-        console.print(f"token     [bold]{stack.token}[/bold]")
+        console.print(Text.assemble("token     ", (stack.token, "bold")))
         console.print(f"state     {STATE} (Ctrl-C or `flstore local down` to stop)")
         try:
             while not stopping["flag"]:

@@ -173,7 +173,7 @@ def test_plan_command_prints_the_layout_or_the_refusal() -> None:
     )
     assert out.exit_code == 0, out.output
     text = " ".join(out.output.split())
-    assert f"{footprint(40, 2_000_000) / MiB:,.1f} MB in memory" in text
+    assert f"{footprint(40, 2_000_000) / MiB:,.1f} MiB in memory" in text
     count = blocks_needed(40, 2_000_000, 64 * MiB)
     assert f"{count} block(s)" in text
     refused = runner.invoke(
