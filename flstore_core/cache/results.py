@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, cast
 
-from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_view import RoundView
 from flstore_core.data import layout
 from flstore_core.data.codec import (
     TensorSpec,
@@ -39,7 +39,7 @@ from flstore_core.workloads import Workload, WorkloadResult
 # records one).
 
 
-def result_key(workload: str, data: RoundData, params: dict[str, Any]) -> str:
+def result_key(workload: str, data: RoundView, params: dict[str, Any]) -> str:
     """Deterministic key of a model result: the same request writes the same object."""
     ident = json.dumps(
         {"params": params, "clients": data.sha256 or data.clients}, sort_keys=True
@@ -68,7 +68,7 @@ def as_body(frame: bytearray) -> bytes:
     return cast(bytes, frame)
 
 
-def result_update(workload: str, data: RoundData, tensors: dict[str, Any]) -> Update:
+def result_update(workload: str, data: RoundView, tensors: dict[str, Any]) -> Update:
     """The update a model result is stored as (its metadata names the workload and round)."""
     return Update(
         tensors,
@@ -80,7 +80,7 @@ def result_update(workload: str, data: RoundData, tensors: dict[str, Any]) -> Up
     )
 
 
-def result_metadata(workload: str, data: RoundData) -> dict[str, str]:
+def result_metadata(workload: str, data: RoundView) -> dict[str, str]:
     """The safetensors metadata of a model result of ``workload`` on ``data``: what a result
     written in parts puts in its header (:func:`store_model` writes the same)."""
     return update_metadata(result_update(workload, data, {}))
@@ -89,7 +89,7 @@ def result_metadata(workload: str, data: RoundData) -> dict[str, str]:
 def store_model(
     store: ObjectStore,
     workload: str,
-    data: RoundData,
+    data: RoundView,
     params: dict[str, Any],
     model: Any,
     written: set[str] | None = None,
@@ -129,7 +129,7 @@ def store_model(
 def finish(
     store: ObjectStore,
     workload: Workload,
-    data: RoundData,
+    data: RoundView,
     params: dict[str, Any],
     out: WorkloadResult,
     written: set[str] | None = None,
@@ -147,7 +147,7 @@ def finish(
 def run_round_workload(
     store: ObjectStore,
     workload: Workload,
-    data: RoundData,
+    data: RoundView,
     params: dict[str, Any],
     written: set[str] | None = None,
     timing: dict[str, float] | None = None,

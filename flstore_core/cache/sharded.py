@@ -2,8 +2,8 @@
 
 When the planner (:mod:`flstore_core.routing.planner`) cuts a round into column blocks, no
 function holds the round. Its round-class workloads still run unchanged, on a
-:class:`ShardedRound` in the router — a :class:`RoundData` whose data lives on the block
-holders:
+:class:`ShardedRound` in the router — a :class:`~flstore_core.cache.round_view.RoundView` whose
+data lives on the block holders:
 
 * **Gram pieces add over columns** (:class:`GramParts`): each block holder computes the pieces
   of its columns (the same blocked pass a whole round takes), and the sum over blocks, in block
@@ -18,8 +18,9 @@ holders:
   block with the same methods (:func:`evaluate`): column ``k`` of every such model depends on
   column ``k`` of the rows only, so the blocks of the model are the model of the blocks.
 
-What a workload cannot do on a sharded round is read ``matrix`` itself or evaluate a whole
-client model: such workloads declare ``per_client`` and are routed by client, not by block.
+What a workload cannot do on a sharded round is read ``matrix`` (only a whole round has one) or
+evaluate a whole client model: such workloads declare ``per_client`` and are routed by client,
+not by block.
 """
 
 from __future__ import annotations
@@ -29,17 +30,38 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from flstore_core.cache.round_data import F32, F64, ArtifactStats, GramParts, JobContext, RoundData
+from flstore_core.cache.gram import GramParts
+from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_view import (
+    F32,
+    F64,
+    ArtifactStats,
+    JobContext,
+    Json,
+    RoundView,
+    Vector,
+    VectorExpr,
+)
 from flstore_core.data.codec import TensorSpec
 from flstore_core.errors import UnavailableError, ValidationError
 
-Json = dict[str, Any]
+# VectorExpr lives with RoundView (every round's model builders return one); importable here
+__all__ = [
+    "PartsFetch",
+    "ShardedRound",
+    "VectorExpr",
+    "block_parts_json",
+    "content_digest",
+    "evaluate",
+    "model_expr",
+    "parts_from_json",
+    "parts_to_json",
+]
 
 
 # ---------------------------------------------------------------------- Gram pieces as JSON
@@ -84,16 +106,6 @@ def parts_from_json(obj: Json) -> GramParts:
 # ---------------------------------------------------------------------- model expressions
 
 
-@dataclass(frozen=True)
-class VectorExpr:
-    """A vector of a sharded round, not computed: the RoundData call that computes it.
-
-    ``spec`` is its JSON form, sent to every block holder (:func:`evaluate`).
-    """
-
-    spec: Json
-
-
 def evaluate(spec: Json, data: RoundData) -> F32:
     """The vector an expression describes, on ``data`` (a block, or a whole round)."""
     if not isinstance(spec, dict):
@@ -132,7 +144,7 @@ def _spec(vector: Any) -> Json:
 PartsFetch = Callable[[bool], tuple[list[GramParts | None], bool]]
 
 
-class ShardedRound(RoundData):
+class ShardedRound(RoundView):
     """A round held in column blocks by other functions (module docstring).
 
     ``fetch(buffers)`` gathers the blocks' Gram pieces — of the parameters' columns, or of the
@@ -156,7 +168,6 @@ class ShardedRound(RoundData):
             job,
             round_,
             clients,
-            np.zeros((len(clients), 0), np.float32),
             specs,
             num_examples,
             metrics,
@@ -172,15 +183,11 @@ class ShardedRound(RoundData):
     # the data is not here -------------------------------------------------------------
 
     @property
-    def matrix(self) -> F32:
+    def base(self) -> F32 | None:
         raise UnavailableError(
-            f"round {self.round} of job {self.job!r} is held in {self.blocks} column blocks and "
-            "this workload reads the whole matrix"
+            f"round {self.round} of job {self.job!r} is held in {self.blocks} column blocks, "
+            "its base model with them, and this workload reads the base"
         )
-
-    @matrix.setter
-    def matrix(self, value: F32) -> None:
-        pass  # RoundData.__init__ assigns the (empty) rows; a sharded round keeps none
 
     @property
     def nbytes(self) -> int:
@@ -194,6 +201,8 @@ class ShardedRound(RoundData):
         return self._delta
 
     def gram_parts(self, buffers: bool = False) -> GramParts | None:
+        """The round's Gram pieces: the blocks' pieces, gathered once and summed in block
+        order."""
         name = "gram+buffers" if buffers else "gram"
 
         def gather() -> GramParts | None:
@@ -206,8 +215,7 @@ class ShardedRound(RoundData):
             total = present[0]
             for p in present[1:]:
                 total = total + p
-            centred = (total.centred + total.centred.T) / 2.0
-            return GramParts(centred, total.z_c, total.c_c, total.z_b, total.c_b, total.b_b)
+            return total.symmetric()
 
         parts = self._artifact(name, gather)
         if not buffers and parts is None:
@@ -219,26 +227,23 @@ class ShardedRound(RoundData):
 
     # models are expressions -------------------------------------------------------------
 
-    def mean_vector(self) -> F32:
-        return VectorExpr({"op": "mean"})  # type: ignore[return-value]
+    def mean_vector(self) -> VectorExpr:
+        return VectorExpr({"op": "mean"})
 
-    def weighted_mean(self, weights: F64) -> F32:
+    def weighted_mean(self, weights: F64) -> VectorExpr:
         w = np.asarray(weights, dtype=np.float64)
         if float(w.sum()) <= 0:
             raise ValueError("weights must sum to a positive number")
-        return VectorExpr({"op": "weighted_mean", "weights": w.tolist()})  # type: ignore[return-value]
+        return VectorExpr({"op": "weighted_mean", "weights": w.tolist()})
 
-    def client_weights(self, row: int) -> F32:
-        return VectorExpr({"op": "to_weights", "of": {"op": "row", "row": int(row)}})  # type: ignore[return-value]
+    def client_weights(self, row: int) -> VectorExpr:
+        return VectorExpr({"op": "to_weights", "of": {"op": "row", "row": int(row)}})
 
-    def to_weights(self, vector: F32) -> F32:
-        return VectorExpr({"op": "to_weights", "of": _spec(vector)})  # type: ignore[return-value]
+    def to_weights(self, vector: Vector) -> VectorExpr:
+        return VectorExpr({"op": "to_weights", "of": _spec(vector)})
 
-    def columnwise(self, name: str, **args: Any) -> F32:
-        return VectorExpr({"op": "columnwise", "name": name, "args": args})  # type: ignore[return-value]
-
-    def tensors_of(self, vector: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:
-        raise UnavailableError("a model of a sharded round is written block by block")
+    def columnwise(self, name: str, **args: Any) -> VectorExpr:
+        return VectorExpr({"op": "columnwise", "name": name, "args": args})
 
 
 def model_expr(model: Any) -> Json:

@@ -4,7 +4,8 @@ Reference: ARCHITECTURE §3 (workload affinity) and issue 12 item 3. When the pl
 into column blocks (:mod:`flstore_core.cache.sharded`) no function holds it, yet accuracy_select,
 contribution_loo/shapley, feddebug, personalize and fltrust with a trained ``g_0`` evaluate
 *whole client models*: their unit is a client, not a column block. They run on a
-:class:`StreamedRound` — a :class:`RoundData` for a node that does **not** hold the round:
+:class:`StreamedRound` — a :class:`~flstore_core.cache.round_view.RoundView` for a node that does
+**not** hold the round:
 
 * **Rows come from S3, one client at a time.** ``client_weights(i)`` streams client ``i``'s
   update (:meth:`ObjectStore.read_round_block` over all columns, verified against the
@@ -29,27 +30,26 @@ contribution_loo/shapley, feddebug, personalize and fltrust with a trained ``g_0
 Memory on the node: the validation set, torch, the base, one float64 accumulator (two rows'
 worth), the row being decoded, a model result being written, and the rows kept under
 ``capacity``: :func:`working_bytes` is what the router checks a node's budget leaves room for.
-``matrix`` raises: a workload reading the whole matrix cannot run here.
+There is no ``matrix``: a workload reading the whole matrix cannot run here.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
-from flstore_core.cache.round_data import (
-    BLOCK_ELEMENTS,
+from flstore_core.cache.gram import BLOCK_ELEMENTS, GramParts
+from flstore_core.cache.round_view import (
     F32,
     F64,
     ArtifactStats,
-    GramParts,
     JobContext,
-    RoundData,
+    RoundView,
+    VectorExpr,
 )
-from flstore_core.cache.sharded import VectorExpr
 from flstore_core.data.blocks import ROW_BYTES
 from flstore_core.data.manifest import RoundManifest
 from flstore_core.errors import UnavailableError
@@ -66,7 +66,7 @@ def working_bytes(n_params: int) -> int:
     return WORKING_ROWS * ROW_BYTES * n_params
 
 
-class StreamedRound(RoundData):
+class StreamedRound(RoundView):
     """A round whose rows are read from S3 on demand (module docstring).
 
     Parameters
@@ -100,7 +100,6 @@ class StreamedRound(RoundData):
             manifest.job,
             manifest.round,
             clients,
-            np.zeros((len(clients), 0), np.float32),
             manifest.tensors,
             np.array([manifest.updates[c].num_examples for c in clients], dtype=np.int64),
             [manifest.updates[c].metrics for c in clients],
@@ -123,17 +122,6 @@ class StreamedRound(RoundData):
         self.rows_read = 0  # updates streamed from S3 (a retained row is read once)
 
     # the rows are not here ---------------------------------------------------------------
-
-    @property
-    def matrix(self) -> F32:
-        raise UnavailableError(
-            f"round {self.round} of job {self.job!r} is held in column blocks; this workload "
-            "reads the whole matrix and cannot run one client at a time"
-        )
-
-    @matrix.setter
-    def matrix(self, value: F32) -> None:
-        pass  # RoundData.__init__ assigns the (empty) rows; a streamed round keeps none
 
     @property
     def nbytes(self) -> int:
@@ -161,16 +149,13 @@ class StreamedRound(RoundData):
                     )
         return self._base
 
-    @base.setter
-    def base(self, value: F32 | None) -> None:
-        pass  # RoundData.__init__ assigns None; the base is read on first use
-
     def gram_parts(self, buffers: bool = False) -> GramParts | None:
         return self._artifact("gram+buffers" if buffers else "gram", lambda: None)
 
     def row(self, i: int) -> F32:
         """Client ``i``'s row as a whole round holds it: ``w_i − base`` in float32 (the same
-        subtraction :class:`RoundData` does in place), or ``w_i`` without a base."""
+        subtraction :class:`~flstore_core.cache.round_data.RoundData` does in place), or
+        ``w_i`` without a base."""
         kept = self._rows.get(i)
         if kept is not None:
             return kept
@@ -204,9 +189,15 @@ class StreamedRound(RoundData):
         # (w − base) + base in float32, bit for bit what a whole round gives
         return self.to_weights(self.row(row))
 
-    def to_weights(self, vector: F32) -> F32:
+    @overload
+    def to_weights(self, vector: F32) -> F32: ...
+
+    @overload
+    def to_weights(self, vector: VectorExpr) -> VectorExpr: ...
+
+    def to_weights(self, vector: F32 | VectorExpr) -> F32 | VectorExpr:
         if isinstance(vector, VectorExpr):  # a coordinate-wise model: written on the blocks
-            return VectorExpr({"op": "to_weights", "of": vector.spec})  # type: ignore[return-value]
+            return VectorExpr({"op": "to_weights", "of": vector.spec})
         base = self.base
         return vector + base if base is not None else vector
 
@@ -249,9 +240,6 @@ class StreamedRound(RoundData):
                     out[i] += float(chunk @ vector[start:stop].astype(np.float64))
         return out
 
-    def columnwise(self, name: str, **args: Any) -> F32:
+    def columnwise(self, name: str, **args: Any) -> VectorExpr:
         # every row of a column at once: the block holders evaluate it (module docstring)
-        return VectorExpr({"op": "columnwise", "name": name, "args": args})  # type: ignore[return-value]
-
-    def warm(self) -> None:
-        """Nothing to precompute: the Gram pieces came with the request."""
+        return VectorExpr({"op": "columnwise", "name": name, "args": args})

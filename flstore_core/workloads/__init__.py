@@ -16,9 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
-import numpy.typing as npt
-
+from flstore_core.cache.round_view import Vector
 from flstore_core.errors import InvalidParamsError, NotFoundError
 
 WorkloadClass = Literal["round", "client", "model", "meta"]
@@ -132,13 +130,15 @@ class WorkloadResult:
 
     ``model`` is a weights vector, or a function computing it: the code that stores results
     skips the computation when it already wrote that exact model (its key is deterministic in
-    the workload, its params and the round's content).
+    the workload, its params and the round's content). On a round whose rows are not here the
+    vector is a :class:`~flstore_core.cache.round_view.VectorExpr`, written by the blocks'
+    holders.
     """
 
     result: dict[str, Any]
-    model: npt.NDArray[np.float32] | Callable[[], npt.NDArray[np.float32]] | None = None
+    model: Vector | Callable[[], Vector] | None = None
 
-    def model_vector(self) -> npt.NDArray[np.float32] | None:
+    def model_vector(self) -> Vector | None:
         """The model, computed now if it was deferred."""
         return self.model() if callable(self.model) else self.model
 
@@ -230,7 +230,7 @@ _LOADED: list[bool] = []  # set once every workload module imported
 
 def load_all() -> None:
     """Import every workload module, so the registry and the coordinate-wise functions they
-    register (:meth:`RoundData.columnwise`) are complete.
+    register (:func:`~flstore_core.cache.round_data.register_columnwise`) are complete.
 
     Once they all imported, a call returns at once: :func:`get` runs on every request, on the
     router and on the node, and 18 ``import_module`` look-ups were ~10 µs of each."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_view import RoundView
 from flstore_core.workloads import (
     ClientSplit,
     Param,
@@ -31,7 +31,7 @@ from flstore_core.workloads.cosine_select import rank_by_score
 from flstore_core.workloads.evaluation import ValidationScorer
 
 
-def client_scores(data: RoundData, rows: list[int]) -> dict[str, Any]:
+def client_scores(data: RoundView, rows: list[int]) -> dict[str, Any]:
     """The validation accuracy of the models of clients ``rows`` (one group of a round split
     over several nodes): ``scores`` (client -> accuracy) and ``validation_size``."""
     scorer = ValidationScorer(data)
@@ -54,12 +54,12 @@ def select(
     }
 
 
-def accuracy_select(data: RoundData, k: int = 3) -> WorkloadResult:
+def accuracy_select(data: RoundView, k: int = 3) -> WorkloadResult:
     """Top-``k`` clients by the validation accuracy of their own model.
 
     Parameters
     ----------
-    data : RoundData
+    data : RoundView
         The round; the job must declare a model and have a validation set.
     k : int, default 3
         Number of clients to select (at most the round's size).

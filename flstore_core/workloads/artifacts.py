@@ -2,7 +2,7 @@
 
 Reference: issue 13 item 4 (per-round model artifacts computed once and shared like the Gram).
 The model-based workloads memoise what they evaluate on the round
-(:meth:`~flstore_core.cache.round_data.RoundData.memo`, :mod:`flstore_core.workloads.evaluation`);
+(:meth:`~flstore_core.cache.round_view.RoundView.memo`, :mod:`flstore_core.workloads.evaluation`);
 memoising within requests helps a repeated request only. Prefetch computes, once per round,
 what their default params need, by the workloads' own memoised functions — so a request answers
 the same with or without them, only sooner:
@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_view import RoundView
 from flstore_core.errors import FLStoreError, ValidationError
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _defaults(workload: str) -> dict[str, Any]:
     return get(workload).validate({})
 
 
-def _validation_size(data: RoundData) -> int | None:
+def _validation_size(data: RoundView) -> int | None:
     """Images in the job's validation set, ``None`` when the job has none."""
     try:
         _, y = data.context.validation()
@@ -84,7 +84,7 @@ def _validation_size(data: RoundData) -> int | None:
     return len(y)
 
 
-def round_tasks(data: RoundData) -> list[Task]:
+def round_tasks(data: RoundView) -> list[Task]:
     """What the model-based workloads' default params need of ``data``, in a fixed order."""
     try:
         data.context.model_name()
@@ -129,7 +129,7 @@ class _Runner:
     :class:`~flstore_core.workloads.contribution_loo.SubsetUtility` and its scorer, built on
     first use)."""
 
-    def __init__(self, data: RoundData) -> None:
+    def __init__(self, data: RoundView) -> None:
         self.data = data
         self._utility: Any = None
 
@@ -176,7 +176,7 @@ class _Runner:
 
 
 def compute(
-    data: RoundData, share: int = 0, shares: int = 1, budget_s: float | None = None
+    data: RoundView, share: int = 0, shares: int = 1, budget_s: float | None = None
 ) -> dict[str, Any]:
     """Compute share ``share`` of ``shares`` of the round's tasks (every task when alone).
 
@@ -267,12 +267,12 @@ CODECS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
 PER_CLIENT = {"server_update", "feddebug_votes"}  # values holding one number per client
 
 
-def export(data: RoundData) -> list[list[Any]]:
+def export(data: RoundView) -> list[list[Any]]:
     """Every shareable memoised value of the round as JSON: ``[name, key, value]``."""
     return [[n, k, CODECS[n][0](v)] for n, k, v in data.memo_items(CODECS)]
 
 
-def adopt(data: RoundData, entries: Any) -> int:
+def adopt(data: RoundView, entries: Any) -> int:
     """Keep the values another replica computed (:func:`export`'s form); returns how many were
     new here. Malformed entries are a :class:`ValidationError` and none is kept."""
     if not isinstance(entries, list):

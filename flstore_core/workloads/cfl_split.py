@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_view import RoundView
 from flstore_core.errors import InvalidParamsError
 from flstore_core.workloads import (
     INCLUDE_BUFFERS,
@@ -56,7 +56,7 @@ def bipartition(cos: F64) -> npt.NDArray[np.int64]:
 
 
 def cfl_split(
-    data: RoundData,
+    data: RoundView,
     eps_1: float = 0.4,
     eps_2: float = 1.6,
     use_delta: bool = True,
@@ -66,7 +66,7 @@ def cfl_split(
 
     Parameters
     ----------
-    data : RoundData
+    data : RoundView
         The round, at least 2 clients (deltas when its base is stored).
     eps_1 : float, default 0.4
         Split only if the weighted mean update norm is below this (near-stationary federation).

@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from flstore_core import models
-from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_view import RoundView, as_array
 from flstore_core.data.rows import flat_parts
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
 from flstore_core.workloads.cosine_select import rank_by_score
@@ -41,7 +41,7 @@ F32 = npt.NDArray[np.float32]
 EMPTY_SEED = 0
 
 
-def fresh_model_weights(name: str, data: RoundData, seed: int = EMPTY_SEED) -> F32:
+def fresh_model_weights(name: str, data: RoundView, seed: int = EMPTY_SEED) -> F32:
     """Weights of a freshly initialised ``name`` model (built with ``seed``) as a round row:
     tensors matched by name and laid out in the round's column order."""
     state = models.state_arrays(models.build(name, seed=seed))
@@ -57,13 +57,13 @@ class SubsetUtility:
 
     Parameters
     ----------
-    data : RoundData
+    data : RoundView
         The round (the job must declare a model and have a validation set).
     weighted : bool, default True
         Weight clients by ``num_examples`` (FedAvg); plain mean otherwise.
     """
 
-    def __init__(self, data: RoundData, weighted: bool = True) -> None:
+    def __init__(self, data: RoundView, weighted: bool = True) -> None:
         self.data = data
         self.scorer = ValidationScorer(data)
         sizes = data.num_examples.astype(np.float64)
@@ -80,7 +80,7 @@ class SubsetUtility:
                 return self.data.base
             return fresh_model_weights(self.scorer.model_name, self.data)
         # averaging deltas and adding the base equals averaging the models
-        return self.data.to_weights(self.data.weighted_mean(self.coefficients(members)))
+        return as_array(self.data.to_weights(self.data.weighted_mean(self.coefficients(members))))
 
     def coefficients(self, members: list[int]) -> npt.NDArray[np.float64]:
         """Row weights of the aggregate of the (non-empty) ``members``: ``n_j`` on members."""
@@ -103,7 +103,7 @@ class SubsetUtility:
 
     def coefficients_key(self, members: list[int]) -> str:
         """What the aggregate of ``members`` depends on besides the round: its float32
-        coefficients (as :meth:`RoundData.weighted_mean` takes them), or which empty model."""
+        coefficients (as :meth:`RoundView.weighted_mean` takes them), or which empty model."""
         if not members:
             return "empty:base" if self.data.base is not None else f"empty:seed{EMPTY_SEED}"
         w = self.coefficients(members)
@@ -125,12 +125,12 @@ def leave_one_out(
     return total, without
 
 
-def contribution_loo(data: RoundData, weighted: bool = True) -> WorkloadResult:
+def contribution_loo(data: RoundView, weighted: bool = True) -> WorkloadResult:
     """Leave-one-out value ``U(N) − U(N ∖ {i})`` of every client of the round.
 
     Parameters
     ----------
-    data : RoundData
+    data : RoundView
         The round; the job must declare a model and have a validation set.
     weighted : bool, default True
         Aggregate subsets example-weighted (FedAvg) rather than by plain mean.

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_view import RoundView
 from flstore_core.errors import InvalidParamsError
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
 from flstore_core.workloads.contribution_loo import SubsetUtility
@@ -194,7 +194,7 @@ def gtg_shapley(
 
 
 def contribution_shapley(
-    data: RoundData,
+    data: RoundView,
     method: str = "auto",
     eps: float = 0.001,
     tolerance: float = 0.05,
@@ -208,7 +208,7 @@ def contribution_shapley(
 
     Parameters
     ----------
-    data : RoundData
+    data : RoundView
         The round; the job must declare a model and have a validation set.
     method : {"auto", "exact", "gtg"}, default "auto"
         ``exact`` enumerates all subsets (refused beyond 14 clients), ``gtg`` estimates;

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_view import RoundView
 from flstore_core.workloads import (
     INCLUDE_BUFFERS,
     USE_DELTA,
@@ -64,7 +64,7 @@ def rank_by_score(
 
 
 def cosine_select(
-    data: RoundData, k: int = 3, use_delta: bool = True, include_buffers: bool = False
+    data: RoundView, k: int = 3, use_delta: bool = True, include_buffers: bool = False
 ) -> WorkloadResult:
     """Top-``k`` clients by cosine similarity to the round mean; ``scores`` for every client.
 

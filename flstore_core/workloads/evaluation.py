@@ -6,7 +6,7 @@ personalize and contribution_loo/shapley all score models by their validation ac
     U(w) = (1/|V|) Σ_{(x, y) ∈ V} [argmax f(x; w) = y]
 
 which depends on the weights ``w``, the architecture ``f`` and the validation set ``V`` only.
-:class:`ValidationScorer` memoises it on the round (:meth:`RoundData.memo`) under
+:class:`ValidationScorer` memoises it on the round (:meth:`RoundView.memo`) under
 
     model_accuracy:  sha256(w) / model name / sha256(V)
 
@@ -18,7 +18,7 @@ aggregate of the whole round (``U(N)`` of leave-one-out and Shapley, personalize
 repeated request does not even build the weights: ``client_accuracy`` (row index: a streamed
 round, :class:`~flstore_core.cache.streamed.StreamedRound`, then reads no row from S3) and, in
 :class:`~flstore_core.workloads.contribution_loo.SubsetUtility`, ``subset_accuracy`` (the
-aggregate's float32 coefficients). A rewritten round is a new :class:`RoundData` with no memo;
+aggregate's float32 coefficients). A rewritten round is a new round object with no memo;
 the validation set's digest is in every key.
 
 Evaluation itself loads weights into one model instance per scorer — built uninitialised
@@ -43,7 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from flstore_core import models
-from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_view import RoundView, as_array
 
 if TYPE_CHECKING:
     from torch import nn
@@ -85,12 +85,12 @@ class ValidationScorer:
 
     Parameters
     ----------
-    data : RoundData
+    data : RoundView
         The round; its job context gives the architecture and the validation set, its tensor
         specs the layout of the weights vectors.
     """
 
-    def __init__(self, data: RoundData) -> None:
+    def __init__(self, data: RoundView) -> None:
         context = data.context
         self.data = data
         self.model_name = context.model_name()
@@ -146,7 +146,7 @@ class ValidationScorer:
         return self.data.memo(
             "client_accuracy",
             f"{row}/{self.key}",
-            lambda: self.accuracy(self.data.client_weights(row)),
+            lambda: self.accuracy(as_array(self.data.client_weights(row))),
         )
 
     def client_accuracies(self, rows: list[int] | None = None) -> npt.NDArray[np.float64]:

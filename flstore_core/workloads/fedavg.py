@@ -16,15 +16,14 @@ which ``load_state_dict`` would truncate (10.75 → 10), hence the rounding. Whi
 from __future__ import annotations
 
 import numpy as np
-import numpy.typing as npt
 
-from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_view import RoundView, Vector
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
 from flstore_core.workloads.subset import CLIENTS_PARAM, client_rows
 
 
 def fedavg(
-    data: RoundData, weighted: bool = True, clients: list[str] | None = None
+    data: RoundView, weighted: bool = True, clients: list[str] | None = None
 ) -> WorkloadResult:
     """Average the round's models, weighted by ``num_examples`` unless ``weighted`` is false.
 
@@ -43,7 +42,7 @@ def fedavg(
         weights = mask.astype(np.float64)
 
     # averaging deltas and adding the base equals averaging the models: Σ w_i (b + d_i) / Σ w_i
-    def model() -> npt.NDArray[np.float32]:
+    def model() -> Vector:
         return data.to_weights(data.weighted_mean(weights))
 
     members = [c for c, m in zip(data.clients, mask, strict=True) if m]

@@ -18,7 +18,7 @@ Applications", ICSE 2023 (§ "Faulty client localization"; the authors' artifact
 4. Each input votes for the clients it localized; the ``num_faulty`` clients with the most
    votes are flagged (ties broken by client id).
 
-The votes are memoised on the round (:meth:`RoundData.memo`, keyed by the model and every
+The votes are memoised on the round (:meth:`RoundView.memo`, keyed by the model and every
 knob): an identical request is answered from memory. The activations themselves are not kept
 (``n × num_inputs × neurons`` bits: 61 MB as booleans for ResNet-18 × 10 clients × 10 inputs).
 
@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from flstore_core import models
-from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_view import RoundView, as_array
 from flstore_core.errors import InvalidParamsError
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
 from flstore_core.workloads.cosine_select import rank_by_score
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 Bool = npt.NDArray[np.bool_]
-VOTES_MEMO = "feddebug_votes"  # RoundData.memo name of a localization's votes
+VOTES_MEMO = "feddebug_votes"  # RoundView.memo name of a localization's votes
 
 
 def neuron_activations(model: nn.Module, inputs: torch.Tensor, threshold: float) -> Bool:
@@ -114,7 +114,7 @@ def random_inputs(shape: tuple[int, ...], num_inputs: int, seed: int) -> torch.T
 
 
 def client_votes(
-    data: RoundData, num_inputs: int, threshold: float, num_faulty: int, seed: int
+    data: RoundView, num_inputs: int, threshold: float, num_faulty: int, seed: int
 ) -> tuple[npt.NDArray[np.int64], int]:
     """Votes per client (row order) and neurons per model and input, memoised on the round.
 
@@ -130,7 +130,7 @@ def client_votes(
         active = np.stack(
             [
                 neuron_activations(
-                    models.load_vector(model, data.client_weights(i), data.specs),
+                    models.load_vector(model, as_array(data.client_weights(i)), data.specs),
                     inputs,
                     threshold,
                 )
@@ -146,7 +146,7 @@ def client_votes(
 
 
 def feddebug(
-    data: RoundData,
+    data: RoundView,
     num_inputs: int = 10,
     threshold: float = 0.003,
     num_faulty: int = 1,
@@ -156,7 +156,7 @@ def feddebug(
 
     Parameters
     ----------
-    data : RoundData
+    data : RoundView
         The round; the job must declare its model (no validation set is needed).
     num_inputs : int, default 10
         Random inputs to test on (the artifact's default).

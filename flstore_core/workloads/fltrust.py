@@ -40,6 +40,7 @@ import numpy.typing as npt
 
 from flstore_core import models
 from flstore_core.cache.round_data import RoundData, register_columnwise
+from flstore_core.cache.round_view import RoundView
 from flstore_core.data.codec import slices_of
 from flstore_core.data.rows import flat_parts
 from flstore_core.errors import InvalidParamsError, NotFoundError
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
-SERVER_MEMO = "server_update"  # RoundData.memo name of what trust needs of a trained g_0
+SERVER_MEMO = "server_update"  # RoundView.memo name of what trust needs of a trained g_0
 
 
 def complement(runs: Sequence[tuple[int, int]], width: int) -> list[tuple[int, int]]:
@@ -89,7 +90,7 @@ def fltrust_weights(dots: F64, sq_norms: F64, server_sq_norm: float) -> tuple[F6
 
 
 def server_update(
-    data: RoundData, epochs: int, lr: float, batch_size: int, seed: int
+    data: RoundView, epochs: int, lr: float, batch_size: int, seed: int
 ) -> tuple[F32, int]:
     """``g_0 = w − base``: the base model trained on the job's validation set (root dataset),
     and the number of examples it trained on."""
@@ -111,7 +112,7 @@ def server_update(
 
 
 def train_base(
-    data: RoundData, epochs: int, lr: float, batch_size: int, seed: int
+    data: RoundView, epochs: int, lr: float, batch_size: int, seed: int
 ) -> tuple[dict[str, npt.NDArray[np.generic]], int]:
     """The round's base model trained on the job's validation set: its state tensors (views of
     the model's own memory, which they keep alive) and the number of examples."""
@@ -143,7 +144,7 @@ def train_base(
 
 
 def server_trust(
-    data: RoundData, epochs: int, lr: float, batch_size: int, seed: int, include_buffers: bool
+    data: RoundView, epochs: int, lr: float, batch_size: int, seed: int, include_buffers: bool
 ) -> tuple[F64, float]:
     """What trust needs of the trained ``g_0``: ``g_i·g_0`` for every client and ``‖g_0‖²``.
 
@@ -168,7 +169,7 @@ def server_trust(
 
 
 def fltrust(
-    data: RoundData,
+    data: RoundView,
     server_client: str | None = None,
     server_epochs: int = 1,
     lr: float = 0.05,
@@ -181,7 +182,7 @@ def fltrust(
 
     Parameters
     ----------
-    data : RoundData
+    data : RoundView
         The round; its base model must be stored (updates are deltas ``w_i − base``).
     server_client : str, optional
         A round entry holding the server's update; by default ``g_0`` is computed by training
@@ -208,35 +209,11 @@ def fltrust(
             f"{data.job!r} stores none for round {data.round}: store the initial model "
             "(kind 'initial') and the global model after every round (kind 'global')"
         )
-    rows = list(range(data.n))
-    if server_client is not None:
-        if server_client not in data.clients:
-            raise NotFoundError(
-                f"server_client {server_client!r} is not in round {data.round} of job {data.job!r}"
-            )
-        s = data.clients.index(server_client)
-        rows.remove(s)
-        gram = data.gram(True, include_buffers)
-        dots, sq_norms, server_sq = gram[rows, s], np.diag(gram)[rows], float(gram[s, s])
-        source = server_client
-    else:
-        dots, server_sq = server_trust(data, server_epochs, lr, batch_size, seed, include_buffers)
-        sq_norms = data.sq_norms(True, include_buffers)
-        source = "root_dataset"
-    if not rows:
-        raise InvalidParamsError("fltrust needs at least one client besides server_client")
+    rows, dots, sq_norms, server_sq, source = _trust_inputs(
+        data, server_client, server_epochs, lr, batch_size, seed, include_buffers
+    )
     trust, coef = fltrust_weights(dots, sq_norms, server_sq)
-    clients = [data.clients[i] for i in rows]
-    result: dict[str, object] = {
-        "scores": {c: float(t) for c, t in zip(clients, trust, strict=True)},
-        "flagged": [c for c, t in zip(clients, trust, strict=True) if t <= 0],
-        "weights": {
-            c: float(t / trust.sum()) if trust.sum() > 0 else 0.0
-            for c, t in zip(clients, trust, strict=True)
-        },
-        "server_norm": float(np.sqrt(max(server_sq, 0.0))),
-        "server_update": source,
-    }
+    result = _trust_report([data.clients[i] for i in rows], trust, server_sq, source)
     if trust.sum() <= 0:
         result["note"] = "no client update has positive cosine with g_0: the base is unchanged"
         return WorkloadResult(result, model=data.to_weights(data.columnwise("zeros")))
@@ -254,6 +231,54 @@ def fltrust(
         add_base=True,
     )
     return WorkloadResult(result, model=model)
+
+
+def _trust_inputs(
+    data: RoundView,
+    server_client: str | None,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    include_buffers: bool,
+) -> tuple[list[int], F64, F64, float, str]:
+    """What trust is computed from: the rows aggregated, ``g_i·g_0`` and ``‖g_i‖²`` for each,
+    ``‖g_0‖²``, and where ``g_0`` came from (a round entry, read from the shared Gram, or the
+    base trained on the root dataset)."""
+    rows = list(range(data.n))
+    if server_client is not None:
+        if server_client not in data.clients:
+            raise NotFoundError(
+                f"server_client {server_client!r} is not in round {data.round} of job {data.job!r}"
+            )
+        s = data.clients.index(server_client)
+        rows.remove(s)
+        gram = data.gram(True, include_buffers)
+        dots, sq_norms, server_sq = gram[rows, s], np.diag(gram)[rows], float(gram[s, s])
+        source = server_client
+    else:
+        dots, server_sq = server_trust(data, epochs, lr, batch_size, seed, include_buffers)
+        sq_norms = data.sq_norms(True, include_buffers)
+        source = "root_dataset"
+    if not rows:
+        raise InvalidParamsError("fltrust needs at least one client besides server_client")
+    return rows, dots, sq_norms, server_sq, source
+
+
+def _trust_report(
+    clients: list[str], trust: F64, server_sq: float, source: str
+) -> dict[str, object]:
+    """The result's fields: trust per client, the flagged ones, the aggregate's shares."""
+    return {
+        "scores": {c: float(t) for c, t in zip(clients, trust, strict=True)},
+        "flagged": [c for c, t in zip(clients, trust, strict=True) if t <= 0],
+        "weights": {
+            c: float(t / trust.sum()) if trust.sum() > 0 else 0.0
+            for c, t in zip(clients, trust, strict=True)
+        },
+        "server_norm": float(np.sqrt(max(server_sq, 0.0))),
+        "server_update": source,
+    }
 
 
 def fltrust_step(

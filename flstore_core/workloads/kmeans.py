@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_view import RoundView
 from flstore_core.errors import InvalidParamsError
 from flstore_core.workloads import (
     INCLUDE_BUFFERS,
@@ -50,7 +50,7 @@ def gram_embedding(gram: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
 
 
 def kmeans(
-    data: RoundData,
+    data: RoundView,
     k: int = 2,
     seed: int = 0,
     use_delta: bool = True,
@@ -60,7 +60,7 @@ def kmeans(
 
     Parameters
     ----------
-    data : RoundData
+    data : RoundView
         The round (deltas when its base is stored).
     k : int, default 2
         Number of clusters, ``2 <= k <= n``.

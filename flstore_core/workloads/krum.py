@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_view import RoundView
 from flstore_core.errors import InvalidParamsError
 from flstore_core.workloads import INCLUDE_BUFFERS, Param, Workload, WorkloadResult, register
 from flstore_core.workloads.cosine_select import FLOAT32_TIE, rank_by_score
@@ -60,12 +60,12 @@ def rank_ascending(clients: list[str], scores: npt.NDArray[np.float64]) -> list[
     return rank_by_score(clients, -scores, FLOAT32_TIE)
 
 
-def krum(data: RoundData, f: int = 1, include_buffers: bool = False) -> WorkloadResult:
+def krum(data: RoundView, f: int = 1, include_buffers: bool = False) -> WorkloadResult:
     """Select the update of least Krum score and return it as the model.
 
     Parameters
     ----------
-    data : RoundData
+    data : RoundView
         The round; distances are taken from its shared artifacts.
     f : int, default 1
         Number of Byzantine clients tolerated; the round must have ``n > 2f + 2`` clients.

@@ -10,7 +10,7 @@ request costs no pass over the updates.
 
 from __future__ import annotations
 
-from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_view import RoundView
 from flstore_core.workloads import (
     INCLUDE_BUFFERS,
     USE_DELTA,
@@ -24,7 +24,7 @@ from flstore_core.workloads.cosine_select import FLOAT32_TIE, cosine_to_mean, ra
 
 
 def malicious_cosine(
-    data: RoundData,
+    data: RoundView,
     k: int = 1,
     threshold: float | None = None,
     use_delta: bool = True,
@@ -34,7 +34,7 @@ def malicious_cosine(
 
     Parameters
     ----------
-    data : RoundData
+    data : RoundView
         The round (deltas when its base is stored).
     k : int, default 1
         How many clients to flag when ``threshold`` is not given; at most the round's size.

@@ -15,9 +15,8 @@ to the nearest integer.
 from __future__ import annotations
 
 import numpy as np
-import numpy.typing as npt
 
-from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_view import RoundView, Vector
 from flstore_core.errors import InvalidParamsError
 from flstore_core.workloads import INCLUDE_BUFFERS, Param, Workload, WorkloadResult, register
 from flstore_core.workloads.krum import F_PARAM, check_f, krum_scores, rank_ascending
@@ -25,7 +24,7 @@ from flstore_core.workloads.subset import CLIENTS_PARAM, client_rows
 
 
 def multi_krum(
-    data: RoundData,
+    data: RoundView,
     f: int = 1,
     m: int | None = None,
     include_buffers: bool = False,
@@ -35,7 +34,7 @@ def multi_krum(
 
     Parameters
     ----------
-    data : RoundData
+    data : RoundView
         The round; distances are taken from its shared artifacts.
     f : int, default 1
         Number of Byzantine clients tolerated; the round must have ``n > 2f + 2`` clients.
@@ -77,7 +76,7 @@ def multi_krum(
         weights = mask.astype(np.float64)
 
     # Σ_{i∈S} n_i (b + d_i) / Σ_{i∈S} n_i = b + Σ_{i∈S} n_i d_i / Σ_{i∈S} n_i  (one GEMV)
-    def model() -> npt.NDArray[np.float32]:  # deferred: skipped when already stored
+    def model() -> Vector:  # deferred: skipped when already stored
         return data.to_weights(data.weighted_mean(weights))
 
     share = dict(zip(data.clients, weights / weights.sum(), strict=True))

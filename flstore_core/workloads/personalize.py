@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_view import RoundView, as_array
 from flstore_core.errors import InvalidParamsError, NotFoundError
 from flstore_core.workloads import (
     INCLUDE_BUFFERS,
@@ -51,7 +51,7 @@ def cosine_to_row(gram: F64, row: int) -> F64:
 
 
 def personalize(
-    data: RoundData,
+    data: RoundView,
     client: str | None = None,
     peers: int = 3,
     by: str = "similarity",
@@ -62,7 +62,7 @@ def personalize(
 
     Parameters
     ----------
-    data : RoundData
+    data : RoundView
         The round; the job must declare a model and have a validation set.
     client : str
         The client to personalize for (required); 404 if it is not in the round.
@@ -87,23 +87,10 @@ def personalize(
         model), ``client_accuracy`` (its own model), ``global_accuracy`` (the round's FedAvg
         model), ``by``; the model is the personalized one.
     """
-    if client is None:
-        raise InvalidParamsError(
-            f"personalize needs param 'client': one of the round's clients, e.g. "
-            f"{data.clients[0]!r}"
-        )
-    if client not in data.clients:
-        raise NotFoundError(f"client {client!r} is not in round {data.round} of job {data.job!r}")
-    check_k(peers, data.n - 1, "other clients")
+    row = _client_row(data, client, peers)
     scorer = ValidationScorer(data)
-    row = data.clients.index(client)
     others = [i for i in range(data.n) if i != row]
-    if by == "similarity":
-        score_all = cosine_to_row(data.gram(use_delta, include_buffers), row)
-    else:
-        score_all = np.zeros(data.n)
-        for i in others:
-            score_all[i] = scorer.client_accuracy(i)
+    score_all = _peer_scores(data, scorer, row, others, by, use_delta, include_buffers)
     other_ids = [data.clients[i] for i in others]
     # cosines from the float32 Gram tie within FLOAT32_TIE; accuracies are exact fractions
     tie = FLOAT32_TIE if by == "similarity" else 0.0
@@ -114,15 +101,16 @@ def personalize(
     w[members] = sizes[members]
     if w.sum() <= 0:  # members all reported 0 examples: plain mean
         w[members] = 1.0
-    # w_c' = Σ_{j ∈ {c} ∪ P} n_j w_j / Σ n_j  (deltas averaged, then the base added back)
-    model = data.to_weights(data.weighted_mean(w))
+    # w_c' = Σ_{j ∈ {c} ∪ P} n_j w_j / Σ n_j  (deltas averaged, then the base added back); the
+    # model is evaluated here, so it is a vector (a per-client workload: never on column blocks)
+    model = as_array(data.to_weights(data.weighted_mean(w)))
     everyone = sizes if sizes.sum() > 0 else np.ones(data.n)
     # both models' accuracies keyed by their coefficients, as contribution's U(S): the FedAvg
     # model is U(N) (computed at prefetch: built only when not), the personalized one is
     # evaluated without hashing its 4 B/param weights
     accuracy = scorer.aggregate_accuracy(w, lambda: model)
     global_accuracy = scorer.aggregate_accuracy(
-        everyone, lambda: data.to_weights(data.weighted_mean(everyone))
+        everyone, lambda: as_array(data.to_weights(data.weighted_mean(everyone)))
     )
     return WorkloadResult(
         {
@@ -137,6 +125,39 @@ def personalize(
         },
         model=model,
     )
+
+
+def _client_row(data: RoundView, client: str | None, peers: int) -> int:
+    """The row of ``client``: a 400 without one, a 404 when the round has no such client, a 400
+    when it has fewer than ``peers`` others."""
+    if client is None:
+        raise InvalidParamsError(
+            f"personalize needs param 'client': one of the round's clients, e.g. "
+            f"{data.clients[0]!r}"
+        )
+    if client not in data.clients:
+        raise NotFoundError(f"client {client!r} is not in round {data.round} of job {data.job!r}")
+    check_k(peers, data.n - 1, "other clients")
+    return data.clients.index(client)
+
+
+def _peer_scores(
+    data: RoundView,
+    scorer: ValidationScorer,
+    row: int,
+    others: list[int],
+    by: str,
+    use_delta: bool,
+    include_buffers: bool,
+) -> F64:
+    """Every client's score as a peer of ``row``: cosine of updates, or its own model's
+    validation accuracy (0 for ``row`` itself)."""
+    if by == "similarity":
+        return cosine_to_row(data.gram(use_delta, include_buffers), row)
+    score_all = np.zeros(data.n)
+    for i in others:
+        score_all[i] = scorer.client_accuracy(i)
+    return score_all
 
 
 WORKLOAD = register(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_view import RoundView
 from flstore_core.errors import InvalidParamsError, NotFoundError
 from flstore_core.workloads import Param
 
@@ -24,7 +24,7 @@ CLIENTS_PARAM = Param(
 )
 
 
-def client_rows(data: RoundData, clients: Sequence[object] | None) -> list[int] | None:
+def client_rows(data: RoundView, clients: Sequence[object] | None) -> list[int] | None:
     """Row indices of ``clients`` in the round's order (``None``: every client).
 
     An empty list, a non-string id or a duplicate is a 400 naming it; an id not in the round a

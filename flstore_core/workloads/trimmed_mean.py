@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from flstore_core.cache.round_data import RoundData, register_columnwise
+from flstore_core.cache.round_view import RoundView, Vector
 from flstore_core.errors import InvalidParamsError
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
 from flstore_core.workloads.subset import CLIENTS_PARAM, client_rows
@@ -207,13 +208,13 @@ def trimmed_mean_rows(
 
 
 def trimmed_mean(
-    data: RoundData, beta: float = 0.1, clients: list[str] | None = None
+    data: RoundView, beta: float = 0.1, clients: list[str] | None = None
 ) -> WorkloadResult:
     """The β-trimmed mean of the round's models, coordinate by coordinate.
 
     Parameters
     ----------
-    data : RoundData
+    data : RoundView
         The round (deltas when its base is stored; the base is added back).
     beta : float, default 0.1
         Fraction of the values cut from *each* end, ``0 <= beta < 0.5``; ``⌊beta·n⌋`` values
@@ -243,7 +244,7 @@ def trimmed_mean(
             "none: use a smaller beta or more clients"
         )
 
-    def model() -> npt.NDArray[np.float32]:  # deferred: skipped when already stored
+    def model() -> Vector:  # deferred: skipped when already stored
         if rows is not None:  # over a subset: its row indices (a sharded round sends them on)
             return data.to_weights(data.columnwise("trimmed_mean", cut=cut, rows=rows))
         # with nothing cut the trimmed mean is the plain mean, a shared artifact of the round

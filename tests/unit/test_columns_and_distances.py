@@ -252,11 +252,11 @@ def test_large_offsets_with_an_outlier_keep_distances_and_cosines_right(
     """An offset-dominated round (‖w‖² ≈ 1000, differences ≈ 1e-3) with one client far off:
     the centred blocks must not take a centre the outlier drags away from the others (the
     rows' mean did: distances off by 1e-4 with a sign flip, 5e-3 with a scaled client)."""
-    import flstore_core.cache.round_data as round_data
+    import flstore_core.cache.gram as gram
 
     # several column blocks, so the first block's choice carries to the others
-    monkeypatch.setattr(round_data, "BLOCK_ELEMENTS", 1 << 14)
-    monkeypatch.setattr(round_data, "MIN_BLOCK_COLUMNS", 256)
+    monkeypatch.setattr(gram, "BLOCK_ELEMENTS", 1 << 14)
+    monkeypatch.setattr(gram, "MIN_BLOCK_COLUMNS", 256)
     rng = np.random.default_rng(seed)
     n, d = 10, 20_000
     w = rng.standard_normal(d) * np.sqrt(1000.0 / d)
