@@ -95,6 +95,13 @@ ARTIFACTS_BUDGET_S = Setting(
     "60",
     "seconds a node spends on a prefetched round's model artifacts; the rest is left to requests",
 )
+MAX_UPDATE_BYTES = Setting(
+    "FLSTORE_MAX_UPDATE_BYTES",
+    str(8 * 1024**3),
+    "the most tensor bytes one update may declare (the sum over its tensors of shape product x"
+    " itemsize), checked from its header before anything is allocated; default 8 GiB, the"
+    " codec's cap on a whole file (a default stack, 8 nodes of 3008 MB, holds ~20.7 GiB)",
+)
 VERBOSE = Setting("FLSTORE_VERBOSE", None, "any value: the command line also logs INFO records")
 
 SETTINGS: tuple[Setting, ...] = (
@@ -110,6 +117,7 @@ SETTINGS: tuple[Setting, ...] = (
     NODE_INDEX,
     PREFETCH_MODELS,
     ARTIFACTS_BUDGET_S,
+    MAX_UPDATE_BYTES,
     TOKENS,
     PRICES_FILE,
     URL,

@@ -8,10 +8,12 @@ the key, sizes, sha256 of the uncompressed bytes, ``num_examples``, metrics and 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from flstore_core.data.codec import PRECISIONS, Precision, TensorSpec, check_frames
+from flstore_core.data.codec.metadata import checked_metrics, checked_num_examples
 from flstore_core.errors import StoredObjectCorruptError, ValidationError
 from flstore_core.ids import validate_client, validate_job, validate_round
 
@@ -145,11 +147,11 @@ class UpdateEntry:
             client=validate_client(client),
             key=str(obj["key"]),
             sha256=str(obj["sha256"]),
-            raw_bytes=int(obj["raw_bytes"]),
-            stored_bytes=int(obj["stored_bytes"]),
-            num_examples=int(obj["num_examples"]),
-            metrics=dict(obj.get("metrics") or {}),
-            summary={k: float(v) for k, v in (obj.get("summary") or {}).items()},
+            raw_bytes=_size(obj["raw_bytes"], "raw_bytes"),
+            stored_bytes=_size(obj["stored_bytes"], "stored_bytes"),
+            num_examples=checked_num_examples(obj["num_examples"]),
+            metrics=checked_metrics(obj.get("metrics") or {}),
+            summary={k: _finite(v, k) for k, v in (obj.get("summary") or {}).items()},
             frames=tuple((int(r), int(s)) for r, s in obj.get("frames") or ()),
             frame_sha256=tuple(str(d) for d in obj.get("frame_sha256") or ()),
         )
@@ -157,6 +159,27 @@ class UpdateEntry:
             # a reader plans range GETs from these: refuse an index outside the object
             check_frames(entry.frames, entry.frame_sha256, entry.raw_bytes, entry.stored_bytes)
         return entry
+
+
+def _size(value: Any, name: str) -> int:
+    """A byte count read back from a manifest: an integer in what a JSON number holds exactly
+    (a float such as ``1e400`` made ``int()`` raise OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
+        raise ValueError(f"{name} must be an integer from 0 to 2**53 - 1, got {value!r:.40}")
+    return value
+
+
+def _finite(value: Any, name: str) -> float:
+    """A summary read back from a manifest: a finite float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"summary {name!r} must be a number, got {value!r:.40}")
+    try:
+        out = float(value)
+    except OverflowError:  # an int past the largest double
+        out = math.inf
+    if not math.isfinite(out):
+        raise ValueError(f"summary {name!r} must be finite, got {value!r:.40}")
+    return out
 
 
 @dataclass
@@ -222,6 +245,7 @@ class RoundManifest:
             TypeError,
             AttributeError,  # JSON that is not an object where one is expected
             RecursionError,  # nesting too deep
+            OverflowError,  # a float past int(): 1e400 is inf
             ValidationError,
         ) as exc:
             raise StoredObjectCorruptError(f"manifest is not valid: {exc}") from exc

@@ -273,3 +273,16 @@ def test_regression_manifest_and_job_that_are_not_objects_are_corrupt(data: byte
         RoundManifest.from_json(data)
     with pytest.raises(StoredObjectCorruptError):
         JobSpec.from_json(data)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("raw_bytes", b"1e400"), ("num_examples", b"1e400"), ("num_examples", b"1" + b"0" * 30)],
+)
+def test_regression_manifest_numbers_past_an_int_are_corrupt(field: str, value: bytes) -> None:
+    # were OverflowError (int(inf)), or a num_examples that made fedavg overflow on the round
+    obj = json.loads(MANIFEST)
+    obj["updates"]["c0"][field] = "HOSTILE"
+    data = json.dumps(obj).encode().replace(b'"HOSTILE"', value)
+    with pytest.raises(StoredObjectCorruptError):
+        RoundManifest.from_json(data)

@@ -177,6 +177,7 @@ def zstd_frames(data: bytes | bytearray | memoryview) -> tuple[ZstdFrame, ...]:
             params = zstandard.get_frame_parameters(rest)
             size = zstandard.frame_content_size(rest)
             p = pos + zstandard.frame_header_size(rest)
+            most = 0  # the most content the frame's blocks can hold
             while True:  # Block_Header: Last_Block (bit 0), Block_Type (2 bits), Block_Size
                 if p + 3 > n:
                     raise CorruptUpdateError("not a complete zstd frame: truncated")
@@ -185,8 +186,16 @@ def zstd_frames(data: bytes | bytearray | memoryview) -> tuple[ZstdFrame, ...]:
                 if kind == 3:
                     raise CorruptUpdateError("not a complete zstd frame: reserved block type")
                 p += 3 + (1 if kind == 1 else block >> 3)  # an RLE block stores one byte
+                # raw and RLE blocks hold Block_Size bytes, a compressed one at most 128 KiB
+                most += RAW_BLOCK_BYTES if kind == 2 else block >> 3
                 if block & 1:
                     break
+            if size > most:
+                # a decoder allocates the declared size up front: 4 GiB for a 30-byte frame
+                raise CorruptUpdateError(
+                    f"not a complete zstd frame: it declares {size} bytes, its blocks hold "
+                    f"at most {most}"
+                )
             p += 4 if params.has_checksum else 0
             if p > n:
                 raise CorruptUpdateError("not a complete zstd frame: truncated")
@@ -232,6 +241,10 @@ def decompress(
         return b"".join(_each_frame(view, frames, limits))
     except zstandard.ZstdError as exc:
         raise CorruptUpdateError(f"not a complete zstd frame: {exc}") from exc
+    except MemoryError:  # an object within the caps that this process has no room for
+        raise LimitExceededError(
+            f"update of {total if total is not None else 'unknown'} bytes: out of memory"
+        ) from None
 
 
 def _each_frame(view: memoryview, frames: Sequence[ZstdFrame], limits: CodecLimits) -> list[bytes]:

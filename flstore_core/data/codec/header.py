@@ -13,15 +13,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
 from flstore_core.data.codec.dtypes import ITEMSIZE, STORED_AS, Precision
+from flstore_core.data.codec.metadata import (
+    checked_metrics,
+    checked_num_examples,
+    loads_bounded,
+    parse_num_examples,
+)
 from flstore_core.data.codec.update import KINDS, CodecLimits, TensorSpec, Update
 from flstore_core.errors import CorruptUpdateError, LimitExceededError, ValidationError
 from flstore_core.ids import validate_client, validate_job, validate_round
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# numpy 2's NPY_MAXDIMS: a shape with more dimensions cannot be made into an array
+MAX_DIMS = 64
 
 
 @dataclass(frozen=True)
@@ -64,16 +71,15 @@ def update_metadata(update: Update, precision: Precision = "float32") -> dict[st
         meta["client"] = validate_client(update.client)
     if precision != "float32":
         meta["precision"] = precision
-    n = update.num_examples
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
-        raise ValidationError(f"num_examples must be a non-negative integer, got {n!r}")
-    meta["num_examples"] = str(int(n))
     try:
-        meta["metrics"] = json.dumps(update.metrics, sort_keys=True, allow_nan=False)
+        meta["num_examples"] = str(checked_num_examples(update.num_examples))
+        meta["metrics"] = json.dumps(
+            checked_metrics(update.metrics, labels=update.kind != "update"),
+            sort_keys=True,
+            allow_nan=False,
+        )
     except (TypeError, ValueError) as exc:
-        raise ValidationError(
-            f"metrics must be a flat JSON object of finite values: {exc}"
-        ) from exc
+        raise ValidationError(f"update metadata: {exc}") from exc
     return meta
 
 
@@ -83,13 +89,12 @@ def update_from_metadata(tensors: dict[str, npt.NDArray[Any]], meta: dict[str, s
     if kind not in KINDS:
         raise CorruptUpdateError(f"unknown update kind {kind!r} in metadata: use one of {KINDS}")
     try:
-        num_examples = int(meta.get("num_examples", "0"))
-        metrics = json.loads(meta.get("metrics", "{}"))
+        num_examples = parse_num_examples(meta.get("num_examples", "0"))
+        metrics = loads_bounded(meta.get("metrics", "{}"), "metrics")
+        checked_metrics(metrics, labels=kind != "update")
         round_ = int(meta["round"]) if "round" in meta else None
-    except (ValueError, json.JSONDecodeError) as exc:
+    except ValueError as exc:
         raise CorruptUpdateError(f"bad update metadata: {exc}") from exc
-    if num_examples < 0 or not isinstance(metrics, dict):
-        raise CorruptUpdateError("bad update metadata: num_examples < 0 or metrics not an object")
     return Update(
         tensors=tensors,
         num_examples=num_examples,
@@ -161,6 +166,7 @@ def parse_header(head: bytes, total_len: int | None, limits: CodecLimits) -> Hea
     data_start = 8 + len(head)
     data_len = None if total_len is None else total_len - data_start
     entries: list[HeaderEntry] = []
+    declared = 0
     for name, info in obj.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise CorruptUpdateError(f"tensor {name!r}: header entry needs dtype, shape, offsets")
@@ -178,10 +184,11 @@ def parse_header(head: bytes, total_len: int | None, limits: CodecLimits) -> Hea
         ):
             raise CorruptUpdateError(f"tensor {name!r}: data_offsets must be two integers")
         start, end = offs
-        nbytes = math.prod(shape) * ITEMSIZE[dtype]
-        if nbytes > limits.max_tensor_bytes:
+        nbytes = _tensor_bytes(name, dtype, shape, limits)
+        declared += nbytes
+        if declared > limits.max_update_bytes:
             raise LimitExceededError(
-                f"tensor {name!r}: {nbytes} bytes exceed the cap of {limits.max_tensor_bytes}"
+                f"the tensors declare more than {limits.max_update_bytes} bytes in all, the cap"
             )
         if not 0 <= start <= end or end - start != nbytes:
             raise CorruptUpdateError(
@@ -199,6 +206,28 @@ def parse_header(head: bytes, total_len: int | None, limits: CodecLimits) -> Hea
     if data_len is not None and entries and entries[-1].end != data_len:
         raise CorruptUpdateError("safetensors data section has trailing bytes")
     return Header(tuple(entries), dict(meta), data_start)
+
+
+def _tensor_bytes(name: str, dtype: str, shape: list[int], limits: CodecLimits) -> int:
+    """The bytes a tensor's entry declares, refused past the caps before numpy sees the shape:
+    its size with the zero dimensions counted as 1 is capped too, since numpy refuses a shape
+    whose other dimensions overflow (``[0, 2**62, 2**62]``: "array is too big") though it holds
+    no element. Python ints throughout: no overflow."""
+    if len(shape) > MAX_DIMS:
+        raise LimitExceededError(f"tensor {name!r}: {len(shape)} dimensions exceed {MAX_DIMS}")
+    nbytes = math.prod(shape) * ITEMSIZE[dtype]
+    spanned = math.prod(max(s, 1) for s in shape) * ITEMSIZE[dtype]
+    if max(nbytes, spanned) > limits.max_tensor_bytes:
+        raise LimitExceededError(
+            f"tensor {name!r}: shape {_short(shape)} of {dtype} exceeds the cap of "
+            f"{limits.max_tensor_bytes} bytes"
+        )
+    return nbytes
+
+
+def _short(shape: list[int]) -> str:
+    text = str(shape)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def header_length(prefix: bytes, limits: CodecLimits, total_len: int | None) -> int:

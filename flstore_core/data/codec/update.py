@@ -12,6 +12,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from flstore_core import config
 from flstore_core.data.codec.dtypes import dtype_name
 
 Kind = Literal["update", "global", "initial"]
@@ -20,10 +21,16 @@ KINDS: tuple[Kind, ...] = ("update", "global", "initial")
 
 @dataclass(frozen=True)
 class CodecLimits:
-    """Caps applied when decoding untrusted bytes; raise :class:`LimitExceededError` past them."""
+    """Caps applied when decoding untrusted bytes; raise :class:`LimitExceededError` past them.
+
+    ``max_update_bytes`` caps the bytes an update's header declares for its tensors in all
+    (``FLSTORE_MAX_UPDATE_BYTES``; ingestion reads the setting, :data:`DEFAULT_LIMITS` has its
+    default).
+    """
 
     max_file_bytes: int = 8 * 1024**3
     max_tensor_bytes: int = 4 * 1024**3
+    max_update_bytes: int = config.MAX_UPDATE_BYTES.default_int
     max_tensors: int = 100_000
     allow_nonfinite: bool = False
 
