@@ -57,9 +57,17 @@ class MismatchError(ValidationError):
 
 
 class ConflictError(ValidationError):
-    """A write that would change data already committed (e.g. a different update in a round)."""
+    """A write that would change data already committed (a different update in a round, another
+    initial or global model, a late client the job does not allow): HTTP 409, the message naming
+    what exists."""
 
+    status = 409
     code = "conflict"
+
+
+class PreconditionFailedError(ConflictError):
+    """A conditional write that lost: the object exists (a create) or changed since it was read
+    (a rewrite). S3 answers such a PUT with 412; the storage layer turns it into what it means."""
 
 
 class LimitExceededError(ValidationError):

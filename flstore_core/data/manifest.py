@@ -42,6 +42,10 @@ class JobSpec:
     where torch is not installed (an ingestion worker, the router) lays out a model job's first
     round in the model's order, not the majority's (``ObjectStore.tensor_order``); ``None``
     likewise.
+    ``late_clients`` lets a client join a round after it was committed: ``{"within_s": S}``
+    accepts one whose commit comes at most ``S`` seconds after the round's manifest was last
+    written; ``None`` (the default) refuses every late client, so a committed round's clients are
+    final (ARCHITECTURE §2).
     """
 
     job: str
@@ -51,26 +55,39 @@ class JobSpec:
     description: str = ""
     parameters: tuple[str, ...] | None = None
     state_names: tuple[str, ...] | None = None
+    late_clients: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         validate_job(self.job)
+        try:
+            self.late_clients = _late_clients(self.late_clients)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
         if self.precision not in PRECISIONS:
             raise ValidationError(
                 f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}"
             )
 
+    @property
+    def late_window_s(self) -> float | None:
+        """How long after a round's commit a late client may join it; ``None``: never."""
+        return None if self.late_clients is None else float(self.late_clients["within_s"])
+
     def to_json(self) -> bytes:
+        obj: dict[str, Any] = {
+            "format": JOB_FORMAT,
+            "job": self.job,
+            "model": self.model,
+            "precision": self.precision,
+            "hyperparameters": self.hyperparameters,
+            "description": self.description,
+            "parameters": None if self.parameters is None else list(self.parameters),
+            "state_names": None if self.state_names is None else list(self.state_names),
+        }
+        if self.late_clients is not None:  # absent when off: older job.json files stay as they are
+            obj["late_clients"] = dict(self.late_clients)
         return json.dumps(
-            {
-                "format": JOB_FORMAT,
-                "job": self.job,
-                "model": self.model,
-                "precision": self.precision,
-                "hyperparameters": self.hyperparameters,
-                "description": self.description,
-                "parameters": None if self.parameters is None else list(self.parameters),
-                "state_names": None if self.state_names is None else list(self.state_names),
-            },
+            obj,
             indent=1,
             sort_keys=True,
         ).encode()
@@ -87,10 +104,29 @@ class JobSpec:
                 description=str(obj.get("description", "")),
                 parameters=_names(obj.get("parameters"), "parameters"),
                 state_names=_names(obj.get("state_names"), "state_names"),
+                late_clients=_late_clients(obj.get("late_clients")),
             )
         # AttributeError: JSON that is not an object; RecursionError: nesting too deep
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise StoredObjectCorruptError(f"job.json is not a valid job spec: {exc}") from exc
+
+
+def _late_clients(value: Any) -> dict[str, float] | None:
+    """A job's ``late_clients``: ``None`` (off) or ``{"within_s": seconds > 0}``."""
+    if value is None:
+        return None
+    window = value.get("within_s") if isinstance(value, dict) else None
+    if (
+        not isinstance(value, dict)
+        or set(value) != {"within_s"}
+        or isinstance(window, bool)
+        or not isinstance(window, int | float)
+        or not 0 < window < math.inf
+    ):
+        raise ValueError(
+            f'late_clients must be null or {{"within_s": seconds > 0}}, got {value!r:.80}'
+        )
+    return {"within_s": float(window)}
 
 
 def _names(value: Any, field_name: str) -> tuple[str, ...] | None:

@@ -68,8 +68,16 @@ class BlobStore(Protocol):
         *,
         content_type: str = "application/octet-stream",
         tags: Mapping[str, str] | None = None,
+        if_absent: bool = False,
+        if_match: str | None = None,
     ) -> None:
-        """Write (or replace) a blob; ``tags`` are lifecycle tags where the backend has them."""
+        """Write (or replace) a blob; ``tags`` are lifecycle tags where the backend has them.
+
+        A conditional write is atomic in the backend (S3: ``If-None-Match: *``, ``If-Match``),
+        never a check then a put: with ``if_absent`` it only creates the blob, with ``if_match``
+        it only replaces the version whose ``etag`` (as :meth:`head` gives it) is that; when
+        the condition fails nothing is written and it raises
+        :class:`~flstore_core.errors.PreconditionFailedError`."""
         ...
 
     def compose(
@@ -142,10 +150,14 @@ class CountingBlobStore:
         *,
         content_type: str = "application/octet-stream",
         tags: Mapping[str, str] | None = None,
+        if_absent: bool = False,
+        if_match: str | None = None,
     ) -> None:
         with self._lock:
             self.puts += 1
-        self.inner.put(key, body, content_type=content_type, tags=tags)
+        self.inner.put(
+            key, body, content_type=content_type, tags=tags, if_absent=if_absent, if_match=if_match
+        )
 
     def compose(
         self,
@@ -202,8 +214,12 @@ class ReadThroughBlobStore:
         *,
         content_type: str = "application/octet-stream",
         tags: Mapping[str, str] | None = None,
+        if_absent: bool = False,
+        if_match: str | None = None,
     ) -> None:
-        self.writes.put(key, body, content_type=content_type, tags=tags)
+        self.writes.put(
+            key, body, content_type=content_type, tags=tags, if_absent=if_absent, if_match=if_match
+        )
 
     def compose(
         self,

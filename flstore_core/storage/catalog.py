@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from flstore_core.data import layout
 from flstore_core.data.manifest import RoundManifest
-from flstore_core.errors import NotFoundError
-from flstore_core.storage.blobs import BlobStore
+from flstore_core.errors import NotFoundError, UnavailableError
+from flstore_core.storage.blobs import BlobInfo, BlobStore
 from flstore_core.storage.counted import CountedBlobs
+
+# reads of a manifest and its version before giving up on a round rewritten meanwhile
+_VERSION_READS = 3
 
 
 def job_names(blobs: BlobStore) -> list[str]:
@@ -38,6 +41,25 @@ def find_manifest(io: CountedBlobs, job: str, round_: int) -> RoundManifest | No
         return get_manifest(io, job, round_)
     except NotFoundError:
         return None
+
+
+def read_manifest_version(
+    io: CountedBlobs, job: str, round_: int
+) -> tuple[RoundManifest | None, BlobInfo | None]:
+    """The manifest of a round and the version of it that was read (its ETag and write time), or
+    ``(None, None)`` when the round is not committed: what a conditional rewrite
+    (``If-Match``) names. The version is a HEAD before and after the GET, read again when they
+    differ (a rewrite in between): a GET's bytes are not an ETag where S3 encrypts with KMS."""
+    key = layout.manifest_key(job, round_)
+    for _ in range(_VERSION_READS):
+        before = io.blobs.head(key)
+        if before is None:
+            return None, None
+        manifest = find_manifest(io, job, round_)
+        after = io.blobs.head(key)
+        if manifest is not None and after is not None and after.etag == before.etag:
+            return manifest, after
+    raise UnavailableError(f"{key} was rewritten while it was read, {_VERSION_READS} times")
 
 
 def first_manifest(io: CountedBlobs, job: str) -> RoundManifest | None:

@@ -11,7 +11,10 @@
   ``tensors`` — the round matrix's columns, and so every model result — follow it
   (:func:`in_order`).
 * A committed update is immutable (:func:`committed_entry`): writing the identical update again
-  is a no-op, a different one for the same client is refused.
+  is a no-op, a different one for the same client is refused. A committed round's clients,
+  their updates and ``num_examples`` are final (:func:`kept_entries`); a late client joins a
+  committed round only where the job spec allows it (:func:`check_late_clients`); a backfill
+  may add summaries, never change one (:func:`with_summaries`).
 * A stored update's manifest entry is a function of its encoded form (:func:`entry_of`), or of
   its stored bytes when another process wrote it (:func:`entry_of_stored`).
 """
@@ -162,13 +165,69 @@ def entry_of_stored(
 
 
 def with_summaries(
-    updates: Mapping[str, UpdateEntry], summaries: Mapping[str, Mapping[str, float]] | None
+    updates: Mapping[str, UpdateEntry],
+    summaries: Mapping[str, Mapping[str, float]] | None,
+    *,
+    final: bool = False,
 ) -> dict[str, UpdateEntry]:
     """``updates`` with each committed client's ``summaries`` merged into its entry's summary
-    (a summary of a client not in ``updates`` is ignored)."""
+    (a summary of a client not in ``updates`` is ignored). With ``final`` (the round's
+    membership is the committed one: a backfill, a repeated commit) only new fields are added:
+    a changed value of an existing one is a :class:`ConflictError`, since past answers read it."""
     merged = dict(updates)
     for client, extra in (summaries or {}).items():
         if client in merged:  # a copy: the existing manifest's entries stay as they were
             old = merged[client]
+            if final:
+                changed = sorted(k for k, v in extra.items() if old.summary.get(k, v) != v)
+                if changed:
+                    raise ConflictError(
+                        f"client {client!r}: summary {changed[0]!r} is committed as "
+                        f"{old.summary[changed[0]]!r}, not {extra[changed[0]]!r}; a committed "
+                        "round's summaries are only ever added to, never changed"
+                    )
             merged[client] = dataclasses.replace(old, summary={**old.summary, **extra})
     return merged
+
+
+def kept_entries(
+    existing: RoundManifest, updates: Mapping[str, UpdateEntry]
+) -> dict[str, UpdateEntry]:
+    """``updates`` with every client committed in ``existing`` kept exactly as committed (its
+    update and ``num_examples`` are final); a given entry that differs in either is a
+    :class:`ConflictError` naming the client."""
+    kept = dict(updates)
+    for client, old in existing.updates.items():
+        new = kept.get(client, old)
+        if new.sha256 != old.sha256 or new.num_examples != old.num_examples:
+            raise ConflictError(
+                f"client {client!r} is committed in round {existing.round} of job "
+                f"{existing.job!r} with update sha256 {old.sha256} and num_examples "
+                f"{old.num_examples}; a committed round's updates are final"
+            )
+        kept[client] = old
+    return kept
+
+
+def check_late_clients(
+    existing: RoundManifest, late: Sequence[str], window_s: float | None, since_commit_s: float
+) -> None:
+    """Refuse ``late`` clients joining the committed round ``existing`` unless the job allows
+    late clients (``window_s``, its ``late_clients.within_s``) and the round's manifest was
+    written at most that long ago (``since_commit_s``): a late client rewrites the round's
+    membership, and so past answers on it."""
+    if not late:
+        return
+    if window_s is None:
+        allowed = "the job does not allow late clients (its job spec's late_clients is off)"
+    elif not since_commit_s <= window_s:
+        allowed = (
+            f"it was committed {since_commit_s:.0f} s ago, past the job's late_clients window "
+            f"of {window_s:g} s"
+        )
+    else:
+        return
+    raise ConflictError(
+        f"client {late[0]!r} cannot join round {existing.round} of job {existing.job!r}: "
+        f"{allowed}; the round's clients are final ({len(existing.updates)} committed)"
+    )

@@ -8,12 +8,18 @@ operation costs); a request of a shared process takes a view of the store
 
 from __future__ import annotations
 
+import hashlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
-from flstore_core.errors import NotFoundError
+from flstore_core.errors import ConflictError, NotFoundError, PreconditionFailedError
 from flstore_core.storage.blobs import BlobStore, BlobStream, Buffer
+
+
+def sha256_of(data: bytes) -> str:
+    """The SHA-256 of an object's bytes (hex)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 class CountedBlobs:
@@ -57,10 +63,42 @@ class CountedBlobs:
         body: bytes,
         content_type: str = "application/octet-stream",
         tags: Mapping[str, str] | None = None,
+        *,
+        if_absent: bool = False,
+        if_match: str | None = None,
     ) -> None:
-        """Write (or replace) one object."""
-        self.blobs.put(key, body, content_type=content_type, tags=tags)
+        """Write (or replace) one object; conditionally as :meth:`BlobStore.put` says (a
+        write that loses its condition is not counted: nothing was written)."""
+        self.blobs.put(
+            key, body, content_type=content_type, tags=tags, if_absent=if_absent, if_match=if_match
+        )
         self.count(puts=1)
+
+    def create(
+        self,
+        key: str,
+        body: bytes,
+        what: str,
+        digest: Callable[[bytes], str] = sha256_of,
+        content_type: str = "application/octet-stream",
+    ) -> bool:
+        """Write an object that, once written, is final (ARCHITECTURE §2): a conditional create,
+        atomic under concurrency. ``True`` when this call wrote it; ``False`` when the object
+        already holds the same content (``digest`` of the stored and of the new bytes agree: a
+        retry, or a race lost to an identical write); a :class:`ConflictError` naming ``what``,
+        its key and its digest when it holds another."""
+        try:
+            self.put(key, body, content_type, if_absent=True)
+            return True
+        except PreconditionFailedError:
+            pass
+        existing = digest(self.get(key, what))
+        if existing != digest(body):
+            raise ConflictError(
+                f"{what} already exists ({key}, sha256 {existing}) and is never replaced; "
+                "this one differs"
+            )
+        return False
 
     def get(self, key: str, what: str) -> bytes:
         """One object's bytes."""

@@ -2,7 +2,8 @@
 
 A spec is read once per store object and then served from memory; writing one (``job create``,
 or the default spec a job's first update creates) replaces it and forgets the job's tensor
-order, since the declared model may have changed.
+order, since the declared model may have changed. Once the job has committed rounds its model
+is part of what past answers mean (ARCHITECTURE §2): another model is refused unless forced.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import threading
 
 from flstore_core.data import layout
 from flstore_core.data.manifest import JobSpec
-from flstore_core.errors import NotFoundError, ValidationError
+from flstore_core.errors import ConflictError, NotFoundError, ValidationError
+from flstore_core.storage import catalog
 from flstore_core.storage.catalog import first_manifest
 from flstore_core.storage.counted import CountedBlobs
 
@@ -25,13 +27,35 @@ class JobSpecs:
         self._specs: dict[str, JobSpec] = {}
         self._orders: dict[str, tuple[str, ...]] = {}  # canonical tensor orders, by job
 
-    def put(self, spec: JobSpec) -> JobSpec:
-        """Write ``job.json`` (replacing a previous spec of the job)."""
+    def put(self, spec: JobSpec, *, force: bool = False) -> JobSpec:
+        """Write ``job.json`` (replacing a previous spec of the job). Declaring another model
+        than the stored spec's for a job with committed rounds is a :class:`ConflictError`
+        unless ``force``."""
+        if not force:
+            self._check_model_kept(spec)
         self.io.put(layout.job_spec_key(spec.job), spec.to_json(), "application/json")
         with self._lock:
             self._specs[spec.job] = spec
             self._orders.pop(spec.job, None)  # the declared model may have changed
         return spec
+
+    def _check_model_kept(self, spec: JobSpec) -> None:
+        """Refuse a spec whose model differs from the stored spec's once the job has committed
+        rounds (read afresh, never from the cache: another process may have written it)."""
+        if not catalog.manifest_versions(self.io.blobs, spec.job):
+            return
+        key = layout.job_spec_key(spec.job)
+        try:
+            old = JobSpec.from_json(self.io.get(key, f"job {spec.job!r}"))
+        except NotFoundError:
+            return
+        if old.model == spec.model:
+            return
+        raise ConflictError(
+            f"job {spec.job!r} has committed rounds computed with model {old.model!r} "
+            f"({key}); declaring model {spec.model!r} changes what past answers mean: force "
+            "it to do so"
+        )
 
     def get(self, job: str) -> JobSpec:
         """Read ``job.json``; :class:`NotFoundError` if the job was never declared."""

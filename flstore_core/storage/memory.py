@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 
-from flstore_core.errors import UnavailableError
+from flstore_core.errors import PreconditionFailedError, UnavailableError
 from flstore_core.storage.blobs import BlobInfo, BlobStream, Buffer
 
 
 class MemoryBlobStore:
     """Blobs in a dict, with S3's semantics where the object store relies on them: key-ordered
-    listings, common prefixes, an MD5 ``etag`` and a write order in ``modified``."""
+    listings, common prefixes, an MD5 ``etag``, the write time in ``modified`` (strictly
+    increasing, so it is the write order too) and conditional writes."""
 
     def __init__(self) -> None:
         self._blobs: dict[str, tuple[bytes, str, str]] = {}
-        self._clock = itertools.count()
+        self._last = datetime.fromtimestamp(0, UTC)
         self._lock = threading.Lock()
 
     def get(self, key: str) -> Buffer | None:
@@ -43,10 +44,24 @@ class MemoryBlobStore:
         *,
         content_type: str = "application/octet-stream",
         tags: Mapping[str, str] | None = None,
+        if_absent: bool = False,
+        if_match: str | None = None,
     ) -> None:
         etag = hashlib.md5(body, usedforsecurity=False).hexdigest()
-        with self._lock:
-            self._blobs[key] = (bytes(body), etag, f"{next(self._clock):012d}")
+        with self._lock:  # the condition and the write under one lock: atomic, as S3's are
+            old = self._blobs.get(key)
+            if if_absent and old is not None:
+                raise PreconditionFailedError(f"PUT {key}: the object already exists")
+            if if_match is not None and (old is None or old[1] != if_match.strip('"')):
+                raise PreconditionFailedError(f"PUT {key}: the object changed since it was read")
+            self._blobs[key] = (bytes(body), etag, self._now())
+
+    def _now(self) -> str:
+        """The write time of a blob as S3 lists it (UTC), strictly later than the last one so
+        that it also gives the write order. Called with the lock held."""
+        now = max(datetime.now(UTC), self._last + timedelta(microseconds=1))
+        self._last = now
+        return now.isoformat(sep=" ")
 
     def compose(
         self,

@@ -120,9 +120,10 @@ class ObjectStore:
 
     # ------------------------------------------------------------------ jobs
 
-    def put_job_spec(self, spec: JobSpec) -> JobSpec:
-        """Write ``job.json`` (replacing a previous spec of the job)."""
-        return self._jobs.put(spec)
+    def put_job_spec(self, spec: JobSpec, *, force: bool = False) -> JobSpec:
+        """Write ``job.json`` (replacing a previous spec of the job); another model for a job
+        with committed rounds is a ConflictError unless ``force``."""
+        return self._jobs.put(spec, force=force)
 
     def get_job_spec(self, job: str) -> JobSpec:
         """Read ``job.json``; :class:`NotFoundError` if the job was never declared."""
@@ -185,7 +186,7 @@ class ObjectStore:
         specs: dict[str, tuple[TensorSpec, ...]] | None = None,
     ) -> RoundManifest:
         """Make a round visible by writing its manifest, once all its updates are stored;
-        idempotent, and a late client joins a committed round
+        idempotent, and a late client joins a committed round where the job spec allows it
         (:meth:`~flstore_core.storage.round_writer.RoundWriter.commit_round`)."""
         return self._writer.commit_round(job, round_, entries, summaries, specs)
 
@@ -254,7 +255,8 @@ class ObjectStore:
     # ------------------------------------------------------------------ models and data
 
     def put_global(self, job: str, round_: int, update: Update) -> str:
-        """Store the aggregated model after ``round_``; returns its key."""
+        """Store the aggregated model after ``round_``, once (another one is a
+        ConflictError); returns its key."""
         return self._models.put_global(job, round_, update)
 
     def list_global_rounds(self, job: str) -> list[int]:
@@ -266,7 +268,8 @@ class ObjectStore:
         return self._models.get_global(job, round_)
 
     def put_initial(self, job: str, update: Update) -> str:
-        """Store the job's model before round 0; returns its key."""
+        """Store the job's model before round 0, once (another one is a ConflictError);
+        returns its key."""
         return self._models.put_initial(job, update)
 
     def get_initial(self, job: str) -> Update:
@@ -278,10 +281,16 @@ class ObjectStore:
         return self._models.get_base(job, round_)
 
     def put_validation_set(
-        self, job: str, x: npt.NDArray[np.floating[Any]], y: npt.NDArray[np.integer[Any]]
+        self,
+        job: str,
+        x: npt.NDArray[np.floating[Any]],
+        y: npt.NDArray[np.integer[Any]],
+        *,
+        force: bool = False,
     ) -> str:
-        """Store the server-side validation set (``x`` float32, ``y`` int64)."""
-        return self._models.put_validation_set(job, x, y)
+        """Store the server-side validation set (``x`` float32, ``y`` int64); another set for a
+        job with committed rounds is a ConflictError unless ``force``."""
+        return self._models.put_validation_set(job, x, y, force=force)
 
     def get_validation_set(self, job: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """The server-side validation set ``(x, y)``."""

@@ -3,26 +3,33 @@
 Writes are ordered so a failure never leaves a visible half-round: updates first, the manifest
 last (a round exists for readers only once its manifest does). Rewriting an update with the
 same content is a no-op in effect; changing a committed client's update is refused; a late
-client joins a committed round by a new commit (the union). The rules themselves are
+client joins a committed round by a new commit (the union) only where the job spec allows it.
+The manifest's first write is a conditional create and every rewrite is conditional on the
+version read (ARCHITECTURE §2: commits are atomic under concurrency). The rules themselves are
 :mod:`flstore_core.storage.commit`, shared with ingestion.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 
 from flstore_core.data import layout
 from flstore_core.data.codec import CodecLimits, EncodedUpdate, TensorSpec
 from flstore_core.data.manifest import RoundManifest, UpdateEntry
-from flstore_core.errors import NotFoundError
+from flstore_core.errors import ConflictError, NotFoundError, PreconditionFailedError
 from flstore_core.ids import validate_job, validate_round
-from flstore_core.storage.catalog import find_manifest, update_times
+from flstore_core.storage.blobs import BlobInfo
+from flstore_core.storage.catalog import find_manifest, read_manifest_version, update_times
 from flstore_core.storage.commit import (
     check_agreement,
+    check_late_clients,
     committed_entry,
     entry_of,
     entry_of_stored,
+    kept_entries,
     round_reference,
     with_summaries,
 )
@@ -84,7 +91,7 @@ class RoundWriter:
         validate_job(job)
         validate_round(round_)
         spec = self.jobs.get(job)
-        existing = find_manifest(self.io, job, round_)
+        existing, version = read_manifest_version(self.io, job, round_)
         given = {e.client: e for e in entries or ()}
         written_at = update_times(self.io.blobs, job, round_)
         missing = sorted(set(given) - set(written_at))
@@ -99,13 +106,38 @@ class RoundWriter:
         reference = round_reference(existing, specs_of, written_at, order)
         for client in sorted(specs_of):
             check_agreement(reference, specs_of[client], client)
-        updates = with_summaries(updates, summaries)
+        late: list[str] = []
+        if existing is not None:
+            updates = kept_entries(existing, updates)
+            late = sorted(set(updates) - set(existing.updates))
+            check_late_clients(existing, late, spec.late_window_s, _age_s(version))
+        updates = with_summaries(updates, summaries, final=existing is not None and not late)
         manifest = RoundManifest(job, round_, spec.precision, tuple(reference), updates)
-        if existing is None or existing.to_json() != manifest.to_json():
-            self.io.put(layout.manifest_key(job, round_), manifest.to_json(), "application/json")
+        self._write_manifest(manifest, existing, version)
         for client in specs_of:
             self._pending_specs.pop((job, round_, client), None)
         return manifest
+
+    def _write_manifest(
+        self, manifest: RoundManifest, existing: RoundManifest | None, version: BlobInfo | None
+    ) -> None:
+        """Write a round's manifest: a conditional create for the first commit (a race lost to
+        an identical commit is success, to another a ConflictError), a rewrite only of the
+        version read (``If-Match``), nothing when it is unchanged."""
+        key = layout.manifest_key(manifest.job, manifest.round)
+        body = manifest.to_json()
+        what = f"the manifest of round {manifest.round} of job {manifest.job!r}"
+        if existing is None:
+            self.io.create(key, body, what, content_type="application/json")
+            return
+        if existing.to_json() == body:
+            return
+        try:
+            self.io.put(key, body, "application/json", if_match=version.etag if version else "")
+        except PreconditionFailedError as exc:
+            raise ConflictError(
+                f"{what} ({key}) changed while this commit was made; commit again"
+            ) from exc
 
     def _gather(
         self,
@@ -142,3 +174,17 @@ class RoundWriter:
         key = layout.update_key(job, round_, client)
         data = self.io.get(key, f"update of client {client!r}")
         return entry_of_stored(client, key, data, self.limits)
+
+
+def _age_s(version: BlobInfo | None) -> float:
+    """Seconds since a manifest was last written (its listed write time); infinite when the
+    backend does not say, so a late client is refused rather than let in."""
+    try:
+        written = datetime.fromisoformat(version.modified) if version else None
+    except ValueError:
+        written = None
+    if written is None:
+        return math.inf
+    if written.tzinfo is None:
+        written = written.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - written).total_seconds()

@@ -10,13 +10,14 @@ from urllib.parse import urlencode
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from flstore_core.errors import UnavailableError
+from flstore_core.errors import PreconditionFailedError, UnavailableError
 from flstore_core.storage.blobs import BlobInfo, BlobStream, Buffer
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+_PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 # reads of one object's body: the first and the resumptions after it was cut short
 READ_ATTEMPTS = 4
 # S3's smallest part of a multipart upload but the last
@@ -104,7 +105,11 @@ class S3BlobStore:
         *,
         content_type: str = "application/octet-stream",
         tags: Mapping[str, str] | None = None,
+        if_absent: bool = False,
+        if_match: str | None = None,
     ) -> None:
+        """A PUT; a conditional one is S3's conditional write (``If-None-Match: *`` creates
+        only, ``If-Match`` replaces only that version), atomic in S3 itself."""
         kwargs: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": key,
@@ -113,10 +118,18 @@ class S3BlobStore:
         }
         if tags:
             kwargs["Tagging"] = urlencode(dict(tags))
+        if if_absent:
+            kwargs["IfNoneMatch"] = "*"
+        if if_match is not None:
+            kwargs["IfMatch"] = f'"{if_match.strip(chr(34))}"'
         try:
             self.client.put_object(**kwargs)
         except ClientError as exc:
-            raise UnavailableError(f"S3 refused PUT {key}: {error_code(exc)}") from exc
+            code = error_code(exc)
+            # 409 ConditionalRequestConflict: a concurrent conditional write to the same key
+            if code in _PRECONDITION or (if_match is not None and code in _MISSING):
+                raise PreconditionFailedError(f"S3 PUT {key}: condition failed ({code})") from exc
+            raise UnavailableError(f"S3 refused PUT {key}: {code}") from exc
         except BotoCoreError as exc:
             raise UnavailableError(f"S3 PUT {key} failed: {exc}") from exc
 

@@ -1,6 +1,11 @@
 """A job's models and data outside its rounds: the initial model (before round 0), the global
 model after each round, and the server-side validation set — each one safetensors object,
 encoded like an update in the job's storage precision and verified when read back.
+
+Past answers are computed from these, so they are final (ARCHITECTURE §2): the initial model and
+each round's global model are written once, by a conditional create (storing the same model
+again succeeds, another one is a :class:`~flstore_core.errors.ConflictError`); the validation set
+of a job with committed rounds is changed only when forced.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ import numpy as np
 import numpy.typing as npt
 
 from flstore_core.data import layout
-from flstore_core.data.codec import CodecLimits, Update, encode_update
+from flstore_core.data.codec import CodecLimits, Update, describe_frames, encode_update
 from flstore_core.errors import NotFoundError, StoredObjectCorruptError, ValidationError
-from flstore_core.storage.counted import CountedBlobs
+from flstore_core.storage import catalog
+from flstore_core.storage.counted import CountedBlobs, sha256_of
 from flstore_core.storage.jobs import JobSpecs
 from flstore_core.storage.verified import decode_stored
 
@@ -35,12 +41,23 @@ class StoredModels:
     def _read(self, key: str, what: str) -> Update:
         return decode_stored(self.io.get(key, what), key, self.limits)
 
+    def _create(self, key: str, data: bytes, what: str) -> None:
+        """Write a model once: the same model again is a no-op, another a ConflictError."""
+        self.io.create(key, data, what, digest=self._content_digest)
+
+    def _content_digest(self, data: bytes) -> str:
+        """The SHA-256 of a stored model's uncompressed bytes, so that the same model compressed
+        by another build (another zstd) is still the same model."""
+        raw, _, _ = describe_frames(data, self.limits)
+        return sha256_of(raw)
+
     def put_global(self, job: str, round_: int, update: Update) -> str:
-        """Store the aggregated model after ``round_``; returns its key."""
+        """Store the aggregated model after ``round_``, once; returns its key."""
         spec = self.jobs.ensure(job)
         update.job, update.round, update.client, update.kind = job, round_, None, "global"
         key = layout.global_key(job, round_)
-        self.io.put(key, encode_update(update, spec.precision).data)
+        what = f"the global model of round {round_} of job {job!r}"
+        self._create(key, encode_update(update, spec.precision).data, what)
         return key
 
     def get_global(self, job: str, round_: int) -> Update:
@@ -48,11 +65,12 @@ class StoredModels:
         return self._read(layout.global_key(job, round_), f"global model of round {round_}")
 
     def put_initial(self, job: str, update: Update) -> str:
-        """Store the job's model before round 0; returns its key."""
+        """Store the job's model before round 0, once; returns its key."""
         spec = self.jobs.ensure(job)
         update.job, update.round, update.client, update.kind = job, None, None, "initial"
         key = layout.initial_key(job)
-        self.io.put(key, encode_update(update, spec.precision).data)
+        what = f"the initial model of job {job!r}"
+        self._create(key, encode_update(update, spec.precision).data, what)
         return key
 
     def get_initial(self, job: str) -> Update:
@@ -67,9 +85,16 @@ class StoredModels:
             return None
 
     def put_validation_set(
-        self, job: str, x: npt.NDArray[np.floating[Any]], y: npt.NDArray[np.integer[Any]]
+        self,
+        job: str,
+        x: npt.NDArray[np.floating[Any]],
+        y: npt.NDArray[np.integer[Any]],
+        *,
+        force: bool = False,
     ) -> str:
-        """Store the server-side validation set (``x`` float32, ``y`` int64)."""
+        """Store the server-side validation set (``x`` float32, ``y`` int64). Once the job has
+        committed rounds, another set than the stored one is a ConflictError unless ``force``
+        (model answers of past rounds were computed on it)."""
         x = np.asarray(x, dtype=np.float32)
         y = np.asarray(y, dtype=np.int64)
         if x.ndim < 1 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
@@ -82,7 +107,11 @@ class StoredModels:
         encoded = encode_update(
             Update({"x": x, "y": y}, num_examples=len(y), job=job, kind="initial")
         )
-        self.io.put(key, encoded.data)
+        if force or not catalog.manifest_versions(self.io.blobs, job):
+            self.io.put(key, encoded.data)
+        else:
+            what = f"the validation set of job {job!r} (it has committed rounds; force to change)"
+            self._create(key, encoded.data, what)
         return key
 
     def get_validation_set(self, job: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:

@@ -118,21 +118,27 @@ def test_a_new_round_is_never_answered_from_the_memo(store: ObjectStore) -> None
 
 
 def test_a_rewritten_manifest_is_never_answered_from_the_memo(store: ObjectStore) -> None:
+    store.put_job_spec(JobSpec("j", late_clients={"within_s": 600}))
     for r in range(2):
         commit(store, "j", r)
     node = CacheNode(store, budget_bytes=10**8)
     before = run(node, "incentive", {"metric": "contribution"})["result"]
-    # a backfill rewrites round 1's summaries: c0 now contributes nothing
+    # a late client joins round 1 and its scores are taken again: c0 now contributes nothing
     manifest = store.get_manifest("j", 1)
     summaries = {c: dict(e.summary) for c, e in manifest.updates.items()}
     summaries["c0"]["contribution"] = 0.0
+    summaries["late-1"] = {"cos_to_mean": 0.5, "contribution": 1.0}
+    store.put_update("j", 1, "late-1", small_update(91))
     store.commit_round("j", 1, summaries=summaries)
     node.handle({"op": "load", "shards": ["j/meta/meta"]})
     after = run(node, "incentive", {"metric": "contribution"})["result"]
     assert after["rounds"]["1"]["c0"] == 0.0 < before["rounds"]["1"]["c0"]
-    assert after == scattered(store, "incentive", {"metric": "contribution"}, CLIENTS, None)
+    clients = [*CLIENTS, "late-1"]
+    assert after == scattered(store, "incentive", {"metric": "contribution"}, clients, None)
     # without a prefetch, the node's next listing that finds the rewrite refreshes the shard
     summaries["c1"]["contribution"] = 0.0
+    summaries["late-2"] = {"cos_to_mean": 0.5, "contribution": 1.0}
+    store.put_update("j", 1, "late-2", small_update(92))
     store.commit_round("j", 1, summaries=summaries)
     node.manifests.rounds("j")  # e.g. the listing of a round load on this node
     later = run(node, "incentive", {"metric": "contribution"})["result"]
@@ -224,6 +230,7 @@ def test_the_model_shards_listing_expires(
 
 
 def test_a_round_answer_is_reused_until_the_round_is_read_again(store: ObjectStore) -> None:
+    store.put_job_spec(JobSpec("j", late_clients={"within_s": 600}))
     commit(store, "j", 0, CLIENTS[:4])
     node = CacheNode(store, budget_bytes=10**8)
     first = run(node, "kmeans", {"k": 2}, round=0)

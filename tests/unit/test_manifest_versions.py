@@ -15,7 +15,7 @@ import pytest
 from flstore_core.cache.node import CacheNode
 from flstore_core.cache.round_data import RoundData
 from flstore_core.cache.shards import ClientHistory, JobMeta, ManifestReader, load_meta
-from flstore_core.data.manifest import CONTRIBUTION
+from flstore_core.data.manifest import CONTRIBUTION, JobSpec
 from flstore_core.routing.placement import client_shard, meta_shard, round_shard
 from flstore_core.storage.blobs import BlobInfo, Buffer
 from flstore_core.storage.memory import MemoryBlobStore
@@ -218,6 +218,7 @@ def test_evict_all_drops_the_cached_manifests() -> None:
 
 def test_a_late_client_reloads_a_held_round_at_the_next_load() -> None:
     store, _ = committed(rounds=1)
+    store.put_job_spec(JobSpec(JOB, late_clients={"within_s": 600}))  # late clients allowed
     node = CacheNode(store, budget_bytes=10**8)
     shard = str(round_shard(JOB, 0))
     assert node.handle({"op": "load", "shards": [shard]})["loaded"] == [shard]

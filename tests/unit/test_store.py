@@ -76,6 +76,8 @@ def test_a_different_update_for_a_committed_client_is_refused(store: ObjectStore
 
 
 def test_recommit_with_a_late_client_gives_the_union(store: ObjectStore) -> None:
+    # a late client joins a committed round only where the job spec allows it
+    store.put_job_spec(JobSpec("j", late_clients={"within_s": 600}))
     store.put_update("j", 1, "a", small_update(1))
     store.commit_round("j", 1)
     store.put_update("j", 1, "b", small_update(2))
