@@ -110,6 +110,9 @@ class RoundWriter:
         if existing is not None:
             updates = kept_entries(existing, updates)
             late = sorted(set(updates) - set(existing.updates))
+            if given:  # a stray object no one asked to commit (a refused late client) stays out
+                updates = {c: e for c, e in updates.items() if c in given or c not in late}
+                late = [c for c in late if c in given]
             check_late_clients(existing, late, spec.late_window_s, _age_s(version))
         updates = with_summaries(updates, summaries, final=existing is not None and not late)
         manifest = RoundManifest(job, round_, spec.precision, tuple(reference), updates)

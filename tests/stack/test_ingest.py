@@ -261,6 +261,7 @@ def test_a_second_run_stores_nothing_and_commits_the_same_manifests(
 def test_a_late_client_joins_its_round_and_every_summary_is_recomputed(
     bucket: ObjectStore, s3_server: LocalS3, tmp_path: Path
 ) -> None:
+    bucket.put_job_spec(JobSpec("late", late_clients={"within_s": 600}))  # late clients allowed
     sent = drop_round(tmp_path / "first", "late", 0, 3)
     ingest(bucket, s3_server, tmp_path / "first", job="late")
     late = small_update(33)
@@ -274,6 +275,24 @@ def test_a_late_client_joins_its_round_and_every_summary_is_recomputed(
     want = direct_scores(rows, None)[COS_TO_MEAN]
     got = [manifest.updates[c].summary[COS_TO_MEAN] for c in manifest.clients]
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_a_late_client_of_a_job_that_does_not_allow_it_is_a_dead_letter(
+    bucket: ObjectStore, s3_server: LocalS3, tmp_path: Path
+) -> None:
+    drop_round(tmp_path / "first", "final", 0, 3)
+    ingest(bucket, s3_server, tmp_path / "first", job="final")
+    before = bucket.get_object(layout.manifest_key("final", 0))
+    evil = small_update(33)
+    evil.num_examples = 10**9  # would take nearly all of fedavg's weight
+    drop(tmp_path / "second" / "evil.safetensors", evil, job="final", round=0, client="evil")
+
+    summary = ingest(bucket, s3_server, tmp_path / "second", job="final")
+
+    assert [Path(d.file).name for d in summary.deadletters] == ["evil.safetensors"]
+    assert summary.deadletters[0].code == "conflict"
+    assert "late_clients" in summary.deadletters[0].reason
+    assert bucket.get_object(layout.manifest_key("final", 0)) == before
 
 
 def test_a_run_killed_midway_is_completed_by_the_next_run(

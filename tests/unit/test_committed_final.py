@@ -82,6 +82,10 @@ def test_a_late_client_is_refused_by_default(any_store: ObjectStore) -> None:
         store.commit_round("j", 0)
     assert store.manifest_versions("j") == before
     assert store.get_manifest("j", 0).clients == ["c0", "c1", "c2"]
+    # the refused object stays out of a recommit of the round's own entries (a backfill)
+    entries = list(store.get_manifest("j", 0).updates.values())
+    store.commit_round("j", 0, entries, summaries={"c0": {CONTRIBUTION: 1.0}})
+    assert store.get_manifest("j", 0).clients == ["c0", "c1", "c2"]
 
 
 def test_a_late_client_joins_within_the_window_and_the_version_changes(
