@@ -16,6 +16,10 @@ rounds 3–6; either end may be left out)::
   round, through the cache's client and meta shards. A manifest whose summaries did not change
   is not rewritten. Rounds ingested before their base model was stored get their delta-based
   scores here.
+* A round that cannot be recomputed — a corrupt object, or any exception raised on it — is a
+  dead letter (``jobs/{job}/ingest/deadletter/{run-id}.jsonl``, as ingestion writes them,
+  named by the round's manifest key) and in :attr:`BackfillSummary.deadletters`; the other
+  rounds go on, and ``main`` exits 1.
 * **RewarmOwners** asks the owners — under the *current* placement, ``--nodes N`` after the
   cache was resized — of the job's latest ``hot_rounds`` rounds, its meta shard and the client
   shards of every client backfilled to ``load``, so the first request after a resize is warm.
@@ -41,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import apache_beam as beam
 
 from flstore_core import config as settings
+from flstore_core.data import layout
 from flstore_core.data.columns import job_columns
 from flstore_core.data.manifest import RoundManifest
 from flstore_core.data.rows import base_vector, flat_parts
@@ -52,10 +57,11 @@ from flstore_core.workloads.summaries import (
     matrix_scores,
     stream_scores,
 )
-from pipelines.ingest import beam_options, read_counters, store_target
-from pipelines.metrics import counter
+from pipelines.deadletters import DEAD, FileStep, WriteDeadLetters
+from pipelines.ingest import beam_options, named, read_counters, read_deadletters, store_target
+from pipelines.metrics import DEADLETTER_PREFIX, counter
 from pipelines.prefetch import PrefetchOwners
-from pipelines.records import CommittedRound
+from pipelines.records import CommittedRound, DeadLetter
 from pipelines.runtime import (
     PrefetchTarget,
     ProgressCallback,
@@ -112,9 +118,29 @@ class RecomputeRoundFn(beam.DoFn):
         self.store = self.config.store.store(max_workers=8)
         self.rounds = counter("rounds_backfilled")
         self.manifests = counter("manifests_written")
+        self.rejected = counter("deadletters")
 
-    def process(self, round_: int) -> Iterator[CommittedRound]:
+    def process(self, round_: int) -> Iterator[Any]:
+        # a round that cannot be recomputed (a corrupt object, or an exception a library
+        # raises on it) is a dead letter named by its manifest; the other rounds go on
         job = self.config.job
+        step = FileStep(
+            self.config.run_id,
+            self.rejected,
+            "backfill",
+            [(layout.manifest_key(job, round_), None)],
+            job,
+            round_,
+        )
+        with step:
+            committed = self._recompute(job, round_)
+        if step.failed:
+            yield from step.rejections()
+            return
+        report(self.config.run_id, ProgressEvent("committed", files=1, detail=f"{job}/{round_}"))
+        yield committed
+
+    def _recompute(self, job: str, round_: int) -> CommittedRound:
         manifest = self.store.get_manifest(job, round_)
         scores = self._scores(manifest)
         entries = list(manifest.updates.values())
@@ -130,8 +156,7 @@ class RecomputeRoundFn(beam.DoFn):
         self.rounds.inc()
         if written:
             self.manifests.inc()
-        report(self.config.run_id, ProgressEvent("committed", files=1, detail=f"{job}/{round_}"))
-        yield CommittedRound(
+        return CommittedRound(
             job, round_, tuple(committed.clients), committed.stored_bytes, written, True
         )
 
@@ -172,6 +197,8 @@ class ReadCommittedFn(beam.DoFn):
 
 
 class RecomputeRounds(beam.PTransform[Any, Any]):
+    """Outputs ``committed`` (one :class:`CommittedRound` per recomputed round) and ``dead``."""
+
     def __init__(self, config: BackfillConfig) -> None:
         super().__init__()
         self.config = config
@@ -180,7 +207,8 @@ class RecomputeRounds(beam.PTransform[Any, Any]):
         return (
             rounds
             | "Spread" >> beam.Reshuffle()
-            | "Recompute" >> beam.ParDo(RecomputeRoundFn(self.config))
+            | "Recompute"
+            >> beam.ParDo(RecomputeRoundFn(self.config)).with_outputs(DEAD, main="committed")
         )
 
 
@@ -194,9 +222,27 @@ class BackfillSummary:
     nodes: int | None = None
     prefetch: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    deadletters: list[DeadLetter] = field(default_factory=list)
+    deadletter_keys: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _count(summary: BackfillSummary, counters: dict[str, int], target: StoreTarget) -> None:
+    """Fill ``summary`` from the run's counters, and its dead letters from the store."""
+    summary.rounds_backfilled = counters.get("rounds_backfilled", 0)
+    summary.manifests_written = counters.get("manifests_written", 0)
+    summary.prefetch = {
+        k: counters.get(f"prefetch_{k}", 0) for k in ("loaded", "already", "failed", "errors")
+    }
+    summary.deadletter_keys = sorted(named(counters, DEADLETTER_PREFIX))
+    if summary.deadletter_keys:
+        store = target.store()
+        try:
+            summary.deadletters = read_deadletters(store, summary.deadletter_keys)
+        finally:
+            store.close()
 
 
 def run_backfill(
@@ -240,9 +286,11 @@ def run_backfill(
         return summary
 
     pipeline = beam.Pipeline(options=options)
-    recomputed = (
+    outputs = (
         pipeline | "Rounds" >> beam.Create(selected) | "RecomputeRounds" >> RecomputeRounds(config)
     )
+    _ = outputs[DEAD] | "WriteDeadLetters" >> WriteDeadLetters(config)
+    recomputed = outputs.committed
     if prefetch is not None:
         hot = [r for r in committed[-prefetch.hot_rounds :] if r not in selected]
         if hot:
@@ -261,12 +309,7 @@ def run_backfill(
         result = pipeline.run()
         result.wait_until_finish()
         summary.seconds = time.perf_counter() - t0
-        counters = read_counters(result)
-        summary.rounds_backfilled = counters.get("rounds_backfilled", 0)
-        summary.manifests_written = counters.get("manifests_written", 0)
-        summary.prefetch = {
-            k: counters.get(f"prefetch_{k}", 0) for k in ("loaded", "already", "failed", "errors")
-        }
+        _count(summary, read_counters(result), target)
         report(config.run_id, ProgressEvent("done", files=summary.rounds_backfilled))
         return summary
     finally:
@@ -296,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     json.dump(summary.to_json(), sys.stdout, indent=1)
     print()
-    return 0
+    return 1 if summary.deadletters else 0
 
 
 if __name__ == "__main__":

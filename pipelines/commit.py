@@ -18,11 +18,12 @@ from flstore_core.data.manifest import RoundManifest
 from flstore_core.data.rows import base_vector, flat_parts
 from flstore_core.storage.commit import in_order
 from flstore_core.workloads.summaries import INGEST_SUMMARIES, stream_scores
+from pipelines.deadletters import DEAD, FileStep
 from pipelines.ingest_config import IngestFn, IngestStep
 from pipelines.metrics import COMMITTED_PREFIX, counter
 from pipelines.records import CommittedRound, RoundKey, StoredUpdate
 from pipelines.runtime import ProgressEvent, report
-from pipelines.sources import LIMITS_NONFINITE_OK, RawFileReader
+from pipelines.sources import RawFileReader
 
 
 class SummarizeAndCommitFn(IngestFn):
@@ -33,6 +34,7 @@ class SummarizeAndCommitFn(IngestFn):
         self._readers = threading.local()
         self.rounds = counter("rounds_committed")
         self.manifests = counter("manifests_written")
+        self.rejected = counter("deadletters")
 
     def _reader(self) -> RawFileReader:
         # Beam's S3 client keeps one download stream: one reader per summary thread
@@ -43,11 +45,31 @@ class SummarizeAndCommitFn(IngestFn):
 
     def process(
         self, element: tuple[RoundKey, Iterable[StoredUpdate]], models: Any
-    ) -> Iterator[CommittedRound]:
+    ) -> Iterator[Any]:
         (job, round_), group = element
         stored = sorted(group, key=lambda s: s.client)
         if not stored:
             return
+        # the summaries read every file of the round and the commit is the round's: when either
+        # fails, every file of the round is a dead letter (stored, not committed) and the run
+        # goes on with the other rounds
+        step = FileStep(
+            self.config.run_id,
+            self.rejected,
+            "commit",
+            [(s.path, s.client) for s in stored],
+            job,
+            round_,
+        )
+        with step:
+            committed = self._commit(job, round_, stored)
+        if step.failed:
+            yield from step.rejections()
+            return
+        report(self.config.run_id, ProgressEvent("committed", detail=f"{job}/{round_}"))
+        yield committed
+
+    def _commit(self, job: str, round_: int, stored: list[StoredUpdate]) -> CommittedRound:
         existing = self.store.find_manifest(job, round_)
         # the round's tensors in the job's canonical order (storage.commit), so the summaries
         # stream rows laid out as the manifest's columns will be
@@ -71,8 +93,7 @@ class SummarizeAndCommitFn(IngestFn):
         if written:
             self.manifests.inc()
         counter(f"{COMMITTED_PREFIX}{job}/{round_}").inc()
-        report(self.config.run_id, ProgressEvent("committed", detail=f"{job}/{round_}"))
-        yield CommittedRound(
+        return CommittedRound(
             job,
             round_,
             tuple(manifest.clients),
@@ -108,7 +129,7 @@ class SummarizeAndCommitFn(IngestFn):
             if i < len(stored):
                 # validated when it was stored: parse only
                 raw = self._reader().read(stored[i].path)
-                tensors = parse_safetensors(raw, LIMITS_NONFINITE_OK).tensors
+                tensors = parse_safetensors(raw, self.config.data_limits).tensors
             else:
                 tensors = self.store.get_update(job, round_, clients[i]).tensors
             return flat_parts(tensors, reference)
@@ -135,7 +156,8 @@ class SummarizeAndCommitFn(IngestFn):
 
 
 class CommitRounds(IngestStep):
-    """Group stored updates by ``(job, round)``, summarize and commit each round.
+    """Group stored updates by ``(job, round)``, summarize and commit each round; outputs
+    ``committed`` (one :class:`CommittedRound` per round) and ``dead``.
 
     Input: ``(stored, models)``; ``models`` is a side input only so that a run's global and
     initial models are stored before any round looks for its base.
@@ -148,5 +170,7 @@ class CommitRounds(IngestStep):
             | "KeyByRound" >> beam.Map(lambda s: (s.key, s))
             | "GroupByRound" >> beam.GroupByKey()
             | "SummarizeAndCommit"
-            >> beam.ParDo(SummarizeAndCommitFn(self.config), pvalue.AsList(models))
+            >> beam.ParDo(SummarizeAndCommitFn(self.config), pvalue.AsList(models)).with_outputs(
+                DEAD, main="committed"
+            )
         )

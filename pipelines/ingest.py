@@ -137,13 +137,15 @@ def build_ingest(pipeline: beam.Pipeline, config: IngestConfig, pattern: str) ->
     valid = files | "ValidateUpdates" >> ValidateUpdates(config)
     models = valid["models"] | "StoreModels" >> StoreModels(config)
     stored = valid["updates"] | "EncodeAndStore" >> EncodeAndStore(config)
-    committed = (stored.stored, models.stored) | "CommitRounds" >> CommitRounds(config)
+    commits = (stored.stored, models.stored) | "CommitRounds" >> CommitRounds(config)
+    committed = commits.committed
     outputs: dict[str, Any] = {"committed": committed, "models": models.stored}
     if config.prefetch is not None:
         outputs["prefetched"] = committed | "PrefetchOwners" >> PrefetchOwners(
             config.prefetch, config.store, config.run_id
         )
-    dead = (valid["dead"], stored.dead, models.dead) | "AllRejected" >> beam.Flatten()
+    rejected = (valid["dead"], stored.dead, models.dead, commits.dead)
+    dead = rejected | "AllRejected" >> beam.Flatten()
     outputs["deadletters"] = dead | "WriteDeadLetters" >> WriteDeadLetters(config)
     return outputs
 

@@ -9,12 +9,13 @@ The config is pickled with each step into the job graph, so it holds how to conn
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import apache_beam as beam
 
-from flstore_core.data.codec import Precision
+from flstore_core import config as settings
+from flstore_core.data.codec import DEFAULT_LIMITS, CodecLimits, Precision
 from pipelines.runtime import PrefetchTarget, StoreTarget
 
 
@@ -31,6 +32,19 @@ class IngestConfig:
     summarize: bool = True
     summary_threads: int = 2
     summary_memory_bytes: int = 1 << 30  # per round being summarized
+    # read where the run is launched (workers get it with the config)
+    max_update_bytes: int = field(default_factory=settings.MAX_UPDATE_BYTES.get_int)
+
+    @property
+    def limits(self) -> CodecLimits:
+        """The caps every raw file of the run is read under."""
+        return replace(DEFAULT_LIMITS, max_update_bytes=self.max_update_bytes)
+
+    @property
+    def data_limits(self) -> CodecLimits:
+        """The caps of an accepted file's data: the pipeline checks values itself, so that
+        NaN/Inf get their own dead-letter code."""
+        return replace(self.limits, allow_nonfinite=True)
 
 
 class IngestStep(beam.PTransform[Any, Any]):

@@ -100,6 +100,7 @@ class DeadLetter:
     round: int | None = None
     client: str | None = None
     stage: str = ""
+    exception: str = ""  # the type of the exception that rejected the file
 
     def to_json_line(self) -> str:
         return json.dumps(
@@ -111,6 +112,7 @@ class DeadLetter:
                 "round": self.round,
                 "client": self.client,
                 "stage": self.stage,
+                "exception": self.exception,
             },
             sort_keys=True,
         )
@@ -125,4 +127,5 @@ class DeadLetter:
             round=obj.get("round"),
             client=obj.get("client"),
             stage=str(obj.get("stage", "")),
+            exception=str(obj.get("exception", "")),
         )

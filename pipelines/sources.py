@@ -29,9 +29,6 @@ from pipelines.records import RawHeader
 
 HEADER_PROBE = 64 * 1024
 DATA_BUFFER = 16 * 1024 * 1024
-# the data of an accepted file is parsed with these: the pipeline checks values itself, so that
-# NaN/Inf get their own dead-letter code
-LIMITS_NONFINITE_OK = CodecLimits(allow_nonfinite=True)
 _GLOB = set("*?[")
 
 
@@ -110,10 +107,16 @@ class RawFileReader:
             compression_type=CompressionTypes.UNCOMPRESSED,
         )
 
-    def header(self, path: str, size: int, job: str | None = None) -> RawHeader:
+    def header(
+        self,
+        path: str,
+        size: int,
+        job: str | None = None,
+        limits: CodecLimits = DEFAULT_LIMITS,
+    ) -> RawHeader:
         """The validated header of ``path`` (``size`` from the match metadata)."""
         with self.open(path, HEADER_PROBE) as fh:
-            return parse_header(path, fh.read, size, job=job)
+            return parse_header(path, fh.read, size, job=job, limits=limits)
 
     def read(self, path: str) -> bytes:
         """The whole file."""

@@ -14,6 +14,7 @@ import apache_beam as beam
 
 from flstore_core.data import layout
 from flstore_core.data.codec import (
+    CodecLimits,
     EncodedUpdate,
     Precision,
     Update,
@@ -23,29 +24,24 @@ from flstore_core.data.codec import (
 )
 from flstore_core.data.manifest import RoundManifest, UpdateEntry
 from flstore_core.data.rawfile import check_identity
-from flstore_core.errors import (
-    CorruptUpdateError,
-    FLStoreError,
-    NonFiniteError,
-    UnavailableError,
-)
+from flstore_core.errors import CorruptUpdateError, NonFiniteError, UnavailableError
 from flstore_core.storage.commit import check_agreement, committed_entry, entry_of
 from flstore_core.storage.object_store import ObjectStore
-from pipelines.deadletters import DEAD, dead_letter, reject
+from pipelines.deadletters import DEAD, FileStep
 from pipelines.ingest_config import IngestFn, IngestStep
 from pipelines.metrics import counter
 from pipelines.records import PlannedUpdate, RawHeader, RoundKey, StoredState, StoredUpdate
 from pipelines.runtime import ProgressEvent, ensure_job_spec, report
-from pipelines.sources import LIMITS_NONFINITE_OK, RawFileReader
+from pipelines.sources import RawFileReader
 
 
-def _read_update(reader: RawFileReader, path: str, job: str | None) -> Update:
+def _read_update(reader: RawFileReader, path: str, job: str | None, limits: CodecLimits) -> Update:
     """Read and parse a whole raw file; raises the dead-letter reason. Values are checked by
     :func:`_encode` (the codec checks them while serializing; one pass, not two).
 
     ``job`` (``--job``) stands in for a missing ``job`` field, as in the header check.
     """
-    update = parse_safetensors(reader.read(path), LIMITS_NONFINITE_OK)
+    update = parse_safetensors(reader.read(path), limits)
     if update.job is None:
         update.job = job
     check_identity(update)
@@ -106,8 +102,16 @@ class EncodeAndStoreFn(_RawFileToStoreFn):
         }
 
     def process(self, p: PlannedUpdate) -> Iterator[Any]:
-        try:
-            update = _read_update(self.reader, p.path, self.config.job)
+        step = FileStep(
+            self.config.run_id,
+            self.counters["deadletters"],
+            "store",
+            [(p.path, p.client)],
+            p.job,
+            p.round,
+        )
+        with step:
+            update = _read_update(self.reader, p.path, self.config.job, self.config.data_limits)
             if (update.kind, update.job, update.round, update.client) != (
                 "update",
                 p.job,
@@ -118,9 +122,8 @@ class EncodeAndStoreFn(_RawFileToStoreFn):
             check_agreement(p.reference, tuple(update.specs()), p.client)
             encoded = _encode(update, p.precision)  # type: ignore[arg-type]
             entry, state = self._store(p, encoded)
-        except (FLStoreError, OSError) as exc:
-            letter = dead_letter(exc, p.path, "store", p.job, p.round, p.client)
-            yield reject(self.config.run_id, self.counters["deadletters"], letter)
+        if step.failed:
+            yield from step.rejections()
             return
         self.counters[f"updates_{state}"].inc()
         self.counters["raw_bytes"].inc(p.size)
@@ -163,8 +166,11 @@ class StoreModelFn(_RawFileToStoreFn):
         self.rejected = counter("deadletters")
 
     def process(self, h: RawHeader) -> Iterator[Any]:
-        try:
-            update = _read_update(self.reader, h.path, self.config.job)
+        step = FileStep(
+            self.config.run_id, self.rejected, "model", [(h.path, None)], h.job, h.round
+        )
+        with step:
+            update = _read_update(self.reader, h.path, self.config.job, self.config.data_limits)
             spec = ensure_job_spec(self.store, h.job, self.config.precision)
             if h.kind == "global":
                 assert h.round is not None
@@ -184,9 +190,8 @@ class StoreModelFn(_RawFileToStoreFn):
                 else:
                     self.store.put_initial(h.job, update)
                 self.written.inc()
-        except (FLStoreError, OSError) as exc:
-            letter = dead_letter(exc, h.path, "model", h.job, h.round)
-            yield reject(self.config.run_id, self.rejected, letter)
+        if step.failed:
+            yield from step.rejections()
             return
         report(self.config.run_id, ProgressEvent("model", files=1, bytes=h.size, detail=h.path))
         yield key

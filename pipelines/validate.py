@@ -14,15 +14,9 @@ from apache_beam import pvalue
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 
-from flstore_core.errors import (
-    DuplicateClientError,
-    FLStoreError,
-    MismatchError,
-    PrecisionConflictError,
-    ValidationError,
-)
+from flstore_core.errors import DuplicateClientError, PrecisionConflictError, ValidationError
 from flstore_core.storage.commit import check_agreement, majority_specs
-from pipelines.deadletters import DEAD, dead_letter, reject
+from pipelines.deadletters import DEAD, FileStep, dead_letter, reject
 from pipelines.ingest_config import IngestFn, IngestStep
 from pipelines.metrics import counter
 from pipelines.records import PlannedUpdate, RawHeader, RoundKey
@@ -62,14 +56,13 @@ class ReadHeaderFn(IngestFn):
         size = int(readable.metadata.size_in_bytes)
         self.matched.inc()
         report(self.config.run_id, ProgressEvent("header", detail=path))
-        try:
-            header = self.reader.header(path, size, self.config.job)
-        except (FLStoreError, OSError) as exc:
-            yield reject(
-                self.config.run_id,
-                self.rejected,
-                dead_letter(exc, path, "header", self.config.job),
-            )
+        step = FileStep(
+            self.config.run_id, self.rejected, "header", [(path, None)], self.config.job
+        )
+        with step:
+            header = self.reader.header(path, size, self.config.job, self.config.limits)
+        if step.failed:
+            yield from step.rejections()
             return
         if header.kind == "update":
             yield (header.key, header)
@@ -91,26 +84,39 @@ class CheckRoundFn(IngestFn):
     def process(self, element: tuple[RoundKey, Iterable[RawHeader]]) -> Iterator[Any]:
         (job, round_), group = element
         headers = sorted(group, key=lambda h: h.path)
-        try:
-            spec = ensure_job_spec(self.store, job, self.config.precision)
-            manifest = self.store.find_manifest(job, round_)
-        except ValidationError as exc:
-            clash = PrecisionConflictError(exc.message)
-            for h in headers:
-                letter = dead_letter(clash, h.path, "round", job, round_, h.client)
-                yield reject(self.config.run_id, self.rejected, letter)
+        every = FileStep(
+            self.config.run_id,
+            self.rejected,
+            "round",
+            [(h.path, h.client) for h in headers],
+            job,
+            round_,
+        )
+        with every:
+            try:
+                spec = ensure_job_spec(self.store, job, self.config.precision)
+                manifest = self.store.find_manifest(job, round_)
+            except ValidationError as exc:
+                raise PrecisionConflictError(exc.message) from exc
+        if every.failed:
+            yield from every.rejections()
             return
         kept: dict[str, RawHeader] = {}
-        for h in headers:
-            assert h.client is not None
-            if h.client in kept:
+        for client, copies in _by_client(headers).items():
+            if len(copies) == 1:
+                kept[client] = copies[0]
+                continue
+            for h in copies:  # no copy wins: which one the client meant is not ours to guess
+                others = ", ".join(o.path for o in copies if o is not h)
                 err = DuplicateClientError(
-                    f"client {h.client!r} of round {round_} also comes from {kept[h.client].path}"
+                    f"client {client!r} of round {round_} comes twice in this run: also from "
+                    f"{others}"
                 )
-                letter = dead_letter(err, h.path, "round", job, round_, h.client)
-                yield reject(self.config.run_id, self.rejected, letter)
-            else:
-                kept[h.client] = h
+                yield reject(
+                    self.config.run_id,
+                    self.rejected,
+                    dead_letter(err, h.path, "round", job, round_, client),
+                )
         if manifest is not None:
             reference = manifest.tensors
         else:
@@ -119,11 +125,13 @@ class CheckRoundFn(IngestFn):
             order = {client: f"{i:08d}" for i, client in enumerate(kept)}
             reference = majority_specs({c: h.specs for c, h in kept.items()}, order)
         for client, h in kept.items():
-            try:
+            step = FileStep(
+                self.config.run_id, self.rejected, "round", [(h.path, client)], job, round_
+            )
+            with step:
                 check_agreement(reference, h.specs, client)
-            except MismatchError as exc:
-                letter = dead_letter(exc, h.path, "round", job, round_, client)
-                yield reject(self.config.run_id, self.rejected, letter)
+            if step.failed:
+                yield from step.rejections()
                 continue
             yield PlannedUpdate(
                 path=h.path,
@@ -138,6 +146,15 @@ class CheckRoundFn(IngestFn):
 
     def teardown(self) -> None:
         self.store.close()
+
+
+def _by_client(headers: list[RawHeader]) -> dict[str, list[RawHeader]]:
+    """The headers of each client, in path order (the clients in order of their first path)."""
+    out: dict[str, list[RawHeader]] = {}
+    for h in headers:
+        assert h.client is not None
+        out.setdefault(h.client, []).append(h)
+    return out
 
 
 class ValidateUpdates(IngestStep):
