@@ -22,8 +22,9 @@ from flstore_core.errors import FLStoreError
 
 
 def say(text: str, style: str | None = None) -> None:
-    """Print ``text`` exactly as it is (no markup, no highlighting)."""
-    console.print(Text(text, style=style or ""), highlight=False)
+    """Print ``text`` exactly as it is (no markup, no highlighting, no line breaks added: a
+    printed command stays one line to copy)."""
+    console.print(Text(text, style=style or ""), highlight=False, soft_wrap=True)
 
 
 def fail(exc: FLStoreError) -> NoReturn:
