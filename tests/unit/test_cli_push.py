@@ -308,3 +308,16 @@ def test_a_plain_checkpoint_dead_letter_says_which_metadata_to_add() -> None:
     for needed in ("job", "round", "client", "num_examples", "__metadata__", "flstore push"):
         assert needed in hint
     assert identity_hint("truncated: the file ends inside its 8-byte header") is None
+
+
+def test_ingest_of_a_plain_checkpoint_prints_the_hint_beside_its_dead_letter(
+    env: ObjectStore, tmp_path: Path
+) -> None:
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    safetensors.torch.save_file(_state(0), str(drop / "client-0.safetensors"))
+    res = runner.invoke(app, ["ingest", str(drop), "--job", "j", "--no-prefetch"])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert "hint:" in text and "job, round, client and num_examples" in text
+    assert "flstore push DIR --job J --round R" in text
