@@ -217,6 +217,13 @@ def accuracy(model: nn.Module, x: npt.NDArray[np.float32], y: npt.NDArray[np.int
 
 
 def _register_builders() -> None:
+    """Register every architecture's constructor (torch imported here, on first use)."""
+    _register_digits()
+    _register_resnet()
+
+
+def _register_digits() -> None:
+    """The small CNNs for scikit-learn's 8×8 digits: ``digits_cnn`` and ``digits_bn_cnn``."""
     import torch
     from torch import nn
 
@@ -258,6 +265,15 @@ def _register_builders() -> None:
             x = torch.relu(self.bn1(self.conv1(x)))
             x = torch.max_pool2d(torch.relu(self.bn2(self.conv2(x))), 2)
             return self.fc(x.flatten(1))  # type: ignore[no-any-return]
+
+    _BUILDERS["digits_cnn"] = DigitsCNN
+    _BUILDERS["digits_bn_cnn"] = DigitsBNCNN
+
+
+def _register_resnet() -> None:
+    """ResNet-18 for CIFAR-sized inputs: ``resnet18_cifar``."""
+    import torch
+    from torch import nn
 
     class BasicBlock(nn.Module):
         def __init__(self, cin: int, cout: int, stride: int) -> None:
@@ -301,6 +317,4 @@ def _register_builders() -> None:
             out = torch.nn.functional.adaptive_avg_pool2d(out, 1).flatten(1)
             return self.linear(out)  # type: ignore[no-any-return]
 
-    _BUILDERS["digits_cnn"] = DigitsCNN
-    _BUILDERS["digits_bn_cnn"] = DigitsBNCNN
     _BUILDERS["resnet18_cifar"] = ResNet18Cifar
