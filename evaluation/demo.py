@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -249,8 +249,6 @@ def run_demo(
     app: str | Path = APP,
 ) -> dict[str, Any]:
     """Run the demo; returns (and writes) the report."""
-    from flstore_core.sdk.client import FLStoreClient
-    from flstore_core.workloads import catalogue
     from lambdas.local_runtime.stack import LocalStack, StackConfig
 
     app = Path(app)
@@ -279,66 +277,95 @@ def run_demo(
                 f"{stack.config.nodes} cache nodes, S3 {stack.s3_endpoint}"
             )
             declare_job(store, job, config)
-            run, accuracy = run_flower_app(
-                console,
-                store,
-                app,
-                workdir,
-                out_dir / "flower",
-                job=job,
-                clients=clients,
-                rounds=rounds,
-                seed=int(config["seed"]),
+            report["flower"] = run_flower(
+                console, store, app, workdir, out_dir, job, config, clients=clients, rounds=rounds
             )
-            committed = store.list_rounds(job)
-            if committed != list(range(rounds)):
-                raise FlowerRunError(
-                    f"the Flower run completed but FLStore holds rounds {committed} of job "
-                    f"{job!r}, not 0…{rounds - 1}; its output: {run.log}"
-                )
-            last = committed[-1]
-            malicious, names = ground_truth(store, job, last, int(config["malicious-clients"]))
-            report["flower"] = {
-                "run_id": run.run_id,
-                "superlink_pid": run.superlink_pid,
-                "accuracy": [accuracy[r] for r in committed],
-                "malicious": malicious,
-                "names": names,
-                "committed_rounds": committed,
-                "seconds": round(run.seconds, 1),
-            }
-            console.print(
-                f"Flower run: {clients} clients × {rounds} rounds in {run.seconds:.0f} s, global "
-                f"accuracy {' → '.join(f'{accuracy[r]:.2f}' for r in committed)}; rounds "
-                f"committed {committed}; malicious "
-                f"{', '.join(f'{names[c]} (node {c})' for c in malicious)}"
+            report["workloads"] = measure_workloads(
+                console, stack, job, report["flower"], repetitions
             )
-            api = FLStoreClient(stack.gateway_url, stack.token)
-            with baselines(stack, job, console) as urls:
-                agg_clients = {s: FLStoreClient(u, stack.token) for s, u in urls.items()}
-                workloads = catalogue()
-                classes = {w["name"]: w["class"] for w in workloads}
-                with Progress(console=console, transient=True) as progress:
-                    task = progress.add_task("workloads through the HTTP API", total=len(classes))
-                    for name in classes:
-                        params = workload_params(
-                            name, sorted(names, key=names.__getitem__), malicious
-                        )
-                        rnd = last if classes[name] == "round" else None
-                        systems = {
-                            s: bound_call(c, job, name, rnd, params)
-                            for s, c in {"flstore-warm": api, **agg_clients}.items()
-                        }
-                        report["workloads"][name] = measure(
-                            name, classes[name], systems, repetitions, names
-                        )
-                        progress.advance(task)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     print_table(console, report)
     write_outputs(console, report, out_dir)
     return report
+
+
+def run_flower(
+    console: Console,
+    store: Any,
+    app: Path,
+    workdir: Path,
+    out_dir: Path,
+    job: str,
+    config: Mapping[str, Any],
+    *,
+    clients: int,
+    rounds: int,
+) -> dict[str, Any]:
+    """Run the Flower app into the store and check that every round was committed; the
+    report's ``flower`` part (the run, the accuracy, the malicious clients and names)."""
+    run, accuracy = run_flower_app(
+        console,
+        store,
+        app,
+        workdir,
+        out_dir / "flower",
+        job=job,
+        clients=clients,
+        rounds=rounds,
+        seed=int(config["seed"]),
+    )
+    committed = store.list_rounds(job)
+    if committed != list(range(rounds)):
+        raise FlowerRunError(
+            f"the Flower run completed but FLStore holds rounds {committed} of job "
+            f"{job!r}, not 0…{rounds - 1}; its output: {run.log}"
+        )
+    malicious, names = ground_truth(store, job, committed[-1], int(config["malicious-clients"]))
+    console.print(
+        f"Flower run: {clients} clients × {rounds} rounds in {run.seconds:.0f} s, global "
+        f"accuracy {' → '.join(f'{accuracy[r]:.2f}' for r in committed)}; rounds "
+        f"committed {committed}; malicious "
+        f"{', '.join(f'{names[c]} (node {c})' for c in malicious)}"
+    )
+    return {
+        "run_id": run.run_id,
+        "superlink_pid": run.superlink_pid,
+        "accuracy": [accuracy[r] for r in committed],
+        "malicious": malicious,
+        "names": names,
+        "committed_rounds": committed,
+        "seconds": round(run.seconds, 1),
+    }
+
+
+def measure_workloads(
+    console: Console, stack: Any, job: str, flower: Mapping[str, Any], repetitions: int
+) -> dict[str, Any]:
+    """Every workload of the catalogue on FLStore and both baselines, on the last round."""
+    from flstore_core.sdk.client import FLStoreClient
+    from flstore_core.workloads import catalogue
+
+    last = flower["committed_rounds"][-1]
+    malicious, names = flower["malicious"], flower["names"]
+    measured: dict[str, Any] = {}
+    api = FLStoreClient(stack.gateway_url, stack.token)
+    with baselines(stack, job, console) as urls:
+        agg_clients = {s: FLStoreClient(u, stack.token) for s, u in urls.items()}
+        classes = {w["name"]: w["class"] for w in catalogue()}
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("workloads through the HTTP API", total=len(classes))
+            for name in classes:
+                params = workload_params(name, sorted(names, key=names.__getitem__), malicious)
+                rnd = last if classes[name] == "round" else None
+                systems = {
+                    s: bound_call(c, job, name, rnd, params)
+                    for s, c in {"flstore-warm": api, **agg_clients}.items()
+                }
+                measured[name] = measure(name, classes[name], systems, repetitions, names)
+                progress.advance(task)
+    return measured
 
 
 def bound_call(

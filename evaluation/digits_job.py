@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from flstore_core import models
-from flstore_core.data.codec import Update
+from flstore_core.data.codec import TensorSpec, Update
 from flstore_core.data.manifest import JobSpec
 from flstore_core.data.rows import flatten
 
@@ -185,6 +185,152 @@ def train_local(
     return total / n, total_sq / n
 
 
+@dataclass(frozen=True)
+class _Clients:
+    """The clients of a job, their shares of the training data, and who flips labels."""
+
+    ids: list[str]
+    shares: list[I64]
+    x: F32
+    y: I64
+    malicious: set[str]
+
+
+@dataclass(frozen=True)
+class _Training:
+    """Local SGD's knobs, the same for every client and round."""
+
+    local_epochs: int
+    lr: float
+    momentum: float
+    batch_size: int
+    seed: int
+
+
+def _job_spec(job: str, training: _Training, *, alpha: float, attacker_iid: bool) -> JobSpec:
+    """The job's spec: its model and every knob that made its data and training."""
+    return JobSpec(
+        job,
+        model=MODEL,
+        hyperparameters={
+            "lr": training.lr,
+            "momentum": training.momentum,
+            "batch_size": training.batch_size,
+            "local_epochs": training.local_epochs,
+            "dirichlet_alpha": alpha,
+            "attacker_iid": attacker_iid,
+            "seed": training.seed,
+        },
+        description="federated digits_cnn on scikit-learn digits (evaluation.digits_job)",
+    )
+
+
+def _train_clients(
+    store: ObjectStore,
+    job: str,
+    r: int,
+    clients: _Clients,
+    global_vec: F32,
+    specs: list[TensorSpec],
+    training: _Training,
+) -> list[F32]:
+    """Round ``r``: every client trains from the global model and its update is stored, then
+    the round is committed; returns the clients' flat weights in client order."""
+    entries = []
+    vectors = []
+    for k, (client, share) in enumerate(zip(clients.ids, clients.shares, strict=True)):
+        local = models.load_vector(models.build(MODEL), global_vec, specs)
+        y = clients.y[share]
+        if client in clients.malicious:
+            y = 9 - y  # label flipping: every class mapped to its mirror
+        t0 = time.perf_counter()
+        loss, loss_sq = train_local(
+            local,
+            clients.x[share],
+            y,
+            epochs=training.local_epochs,
+            lr=training.lr,
+            momentum=training.momentum,
+            batch_size=training.batch_size,
+            seed=training.seed * 1_000_003 + r * 1009 + k,
+        )
+        duration = time.perf_counter() - t0
+        state = models.state_arrays(local)
+        vectors.append(flatten(state))
+        entries.append(
+            store.put_update(
+                job,
+                r,
+                client,
+                Update(
+                    state,
+                    num_examples=len(share),
+                    metrics={"loss": loss, "loss_sq_mean": loss_sq, "duration_s": duration},
+                ),
+            )
+        )
+    store.commit_round(job, r, entries)
+    return vectors
+
+
+def _fedavg(shares: list[I64], vectors: list[F32]) -> F32:
+    """The example-weighted mean of the clients' flat weights, in float32."""
+    weights = np.array([len(s) for s in shares], dtype=np.float64)
+    # FedAvg: w = Σ_k (n_k / n) w_k
+    mean: F32 = ((weights / weights.sum()).astype(np.float32) @ np.stack(vectors)).astype(
+        np.float32
+    )
+    return mean
+
+
+def _train_job(
+    store: ObjectStore,
+    job: str,
+    ids: list[str],
+    malicious: set[str],
+    rounds: int,
+    training: _Training,
+    *,
+    alpha: float,
+    attacker_iid: bool,
+    progress: Callable[[int, float], None] | None,
+) -> DigitsJob:
+    """:func:`simulate`'s work: the job's spec, validation set and initial model, then its
+    rounds, each a round of client training and its FedAvg global model."""
+    x_tr, y_tr, x_val, y_val = load_split(training.seed)
+    rng = np.random.default_rng(training.seed)
+    shares = deal_shares(y_tr, ids, malicious if attacker_iid else set(), alpha, rng)
+    store.put_job_spec(_job_spec(job, training, alpha=alpha, attacker_iid=attacker_iid))
+    store.put_validation_set(job, x_val, y_val)
+    model = models.build(MODEL, seed=training.seed)
+    specs = models.state_specs(model)
+    global_state = models.state_arrays(model)
+    store.put_initial(job, Update(dict(global_state)))
+    out = DigitsJob(
+        job,
+        ids,
+        [c for c in ids if c in malicious],
+        rounds,
+        initial_accuracy=models.accuracy(model, x_val, y_val),
+        num_examples={c: len(s) for c, s in zip(ids, shares, strict=True)},
+        label_counts={
+            c: np.bincount(y_tr[s], minlength=10).tolist() for c, s in zip(ids, shares, strict=True)
+        },
+    )
+    global_vec = flatten(global_state)
+    clients_data = _Clients(ids, shares, x_tr, y_tr, set(out.malicious))
+    for r in range(rounds):
+        vectors = _train_clients(store, job, r, clients_data, global_vec, specs, training)
+        global_vec = _fedavg(shares, vectors)
+        global_model = models.load_vector(models.build(MODEL), global_vec, specs)
+        store.put_global(job, r, Update(models.state_arrays(global_model)))
+        acc = models.accuracy(global_model, x_val, y_val)
+        out.accuracy.append(acc)
+        if progress is not None:
+            progress(r, acc)
+    return out
+
+
 def simulate(
     store: ObjectStore,
     job: str = "digits",
@@ -244,90 +390,19 @@ def simulate(
         raise ValueError(f"malicious client {unknown[0]!r} is not one of {ids[0]}…{ids[-1]}")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # tiny model: more threads only add overhead
+    training = _Training(local_epochs, lr, momentum, batch_size, seed)
     try:
-        x_tr, y_tr, x_val, y_val = load_split(seed)
-        rng = np.random.default_rng(seed)
-        shares = deal_shares(y_tr, ids, set(malicious) if attacker_iid else set(), alpha, rng)
-        store.put_job_spec(
-            JobSpec(
-                job,
-                model=MODEL,
-                hyperparameters={
-                    "lr": lr,
-                    "momentum": momentum,
-                    "batch_size": batch_size,
-                    "local_epochs": local_epochs,
-                    "dirichlet_alpha": alpha,
-                    "attacker_iid": attacker_iid,
-                    "seed": seed,
-                },
-                description="federated digits_cnn on scikit-learn digits (evaluation.digits_job)",
-            )
-        )
-        store.put_validation_set(job, x_val, y_val)
-        model = models.build(MODEL, seed=seed)
-        specs = models.state_specs(model)
-        global_state = models.state_arrays(model)
-        store.put_initial(job, Update(dict(global_state)))
-        out = DigitsJob(
+        out = _train_job(
+            store,
             job,
             ids,
-            [c for c in ids if c in set(malicious)],
+            set(malicious),
             rounds,
-            initial_accuracy=models.accuracy(model, x_val, y_val),
-            num_examples={c: len(s) for c, s in zip(ids, shares, strict=True)},
-            label_counts={
-                c: np.bincount(y_tr[s], minlength=10).tolist()
-                for c, s in zip(ids, shares, strict=True)
-            },
+            training,
+            alpha=alpha,
+            attacker_iid=attacker_iid,
+            progress=progress,
         )
-        global_vec = flatten(global_state)
-        for r in range(rounds):
-            entries = []
-            vectors = []
-            for k, (client, share) in enumerate(zip(ids, shares, strict=True)):
-                local = models.load_vector(models.build(MODEL), global_vec, specs)
-                y = y_tr[share]
-                if client in out.malicious:
-                    y = 9 - y  # label flipping: every class mapped to its mirror
-                t0 = time.perf_counter()
-                loss, loss_sq = train_local(
-                    local,
-                    x_tr[share],
-                    y,
-                    epochs=local_epochs,
-                    lr=lr,
-                    momentum=momentum,
-                    batch_size=batch_size,
-                    seed=seed * 1_000_003 + r * 1009 + k,
-                )
-                duration = time.perf_counter() - t0
-                state = models.state_arrays(local)
-                vectors.append(flatten(state))
-                entries.append(
-                    store.put_update(
-                        job,
-                        r,
-                        client,
-                        Update(
-                            state,
-                            num_examples=len(share),
-                            metrics={"loss": loss, "loss_sq_mean": loss_sq, "duration_s": duration},
-                        ),
-                    )
-                )
-            store.commit_round(job, r, entries)
-            weights = np.array([len(s) for s in shares], dtype=np.float64)
-            # FedAvg: w = Σ_k (n_k / n) w_k
-            global_vec = ((weights / weights.sum()).astype(np.float32) @ np.stack(vectors)).astype(
-                np.float32
-            )
-            global_model = models.load_vector(models.build(MODEL), global_vec, specs)
-            store.put_global(job, r, Update(models.state_arrays(global_model)))
-            acc = models.accuracy(global_model, x_val, y_val)
-            out.accuracy.append(acc)
-            if progress is not None:
-                progress(r, acc)
     finally:
         torch.set_num_threads(threads)
     out.seconds = time.perf_counter() - t_start

@@ -33,7 +33,13 @@ import redis
 
 from flstore_core.cache.round_data import ArtifactStats, JobContext, RoundData, Validation
 from flstore_core.data import layout
-from flstore_core.data.codec import DEFAULT_LIMITS, CodecLimits, decode_into, decode_update
+from flstore_core.data.codec import (
+    DEFAULT_LIMITS,
+    CodecLimits,
+    TensorSpec,
+    decode_into,
+    decode_update,
+)
 from flstore_core.data.manifest import JobSpec, RoundManifest
 from flstore_core.data.rows import base_vector
 from flstore_core.errors import (
@@ -315,6 +321,50 @@ class RedisObjects:
         self.client.close()
 
 
+def decode_row(
+    source: ByteSource,
+    manifest: RoundManifest,
+    i: int,
+    row: npt.NDArray[np.float32],
+    limits: CodecLimits,
+) -> None:
+    """Decode the manifest's ``i``-th client's update from ``source`` into ``row``, checked
+    against the manifest's sha256 and tensor specs."""
+    client = manifest.clients[i]
+    entry = manifest.updates[client]
+    data = source.get(entry.key)
+    if data is None:
+        raise StoredObjectCorruptError(
+            f"{entry.key}: listed in the manifest but missing from the cache"
+        )
+    try:
+        decode_into(
+            data,
+            row,
+            manifest.tensors,
+            expected_sha256=entry.sha256,
+            limits=limits,
+            who=f"client {client!r}",
+        )
+    except CorruptUpdateError as exc:
+        raise StoredObjectCorruptError(f"{entry.key}: {exc.message}") from exc
+
+
+def load_base(
+    source: ByteSource, job: str, round_: int, specs: Sequence[TensorSpec], limits: CodecLimits
+) -> npt.NDArray[np.float32] | None:
+    """The round's base model as a vector in ``specs``' order, or ``None`` when not stored."""
+    key = base_key(job, round_)
+    data = source.get(key)
+    if data is None:
+        return None
+    try:
+        base = decode_update(data, limits=limits)
+    except CorruptUpdateError as exc:
+        raise StoredObjectCorruptError(f"{key}: {exc.message}") from exc
+    return base_vector(base, specs)
+
+
 def load_round_from(
     source: ByteSource,
     job: str,
@@ -326,12 +376,11 @@ def load_round_from(
     """Read a round (and its base model, when stored) from ``source`` into a :class:`RoundData`.
 
     The same steps and checks as :func:`flstore_core.cache.round_loading.load_round` over S3: a
-    missing
-    manifest is a 404, every update is verified against the manifest's sha256 and tensor specs
-    while it is decoded into its row, the base is used only when its tensors match the round's,
-    and the job's spec (and, on first use, its validation set) come from ``source`` as the
-    round's :class:`~flstore_core.cache.round_data.JobContext`. ``executor`` runs the per-update
-    fetch-and-decode tasks.
+    missing manifest is a 404, every update is verified against the manifest's sha256 and
+    tensor specs while it is decoded into its row, the base is used only when its tensors match
+    the round's, and the job's spec (and, on first use, its validation set) come from
+    ``source`` as the round's :class:`~flstore_core.cache.round_data.JobContext`. ``executor``
+    runs the per-update fetch-and-decode tasks.
     """
     manifest_raw = source.get(layout.manifest_key(job, round_))
     if manifest_raw is None:
@@ -344,39 +393,13 @@ def load_round_from(
     specs = manifest.tensors
     matrix = np.empty((len(clients), manifest.n_params), dtype=np.float32)
 
-    def load_row(i: int) -> None:
-        entry = manifest.updates[clients[i]]
-        data = source.get(entry.key)
-        if data is None:
-            raise StoredObjectCorruptError(
-                f"{entry.key}: listed in the manifest but missing from the cache"
-            )
-        try:
-            decode_into(
-                data,
-                matrix[i],
-                specs,
-                expected_sha256=entry.sha256,
-                limits=limits,
-                who=f"client {clients[i]!r}",
-            )
-        except CorruptUpdateError as exc:
-            raise StoredObjectCorruptError(f"{entry.key}: {exc.message}") from exc
-
-    def load_base() -> npt.NDArray[np.float32] | None:
-        key = base_key(job, round_)
-        data = source.get(key)
-        if data is None:
-            return None
-        try:
-            base = decode_update(data, limits=limits)
-        except CorruptUpdateError as exc:
-            raise StoredObjectCorruptError(f"{key}: {exc.message}") from exc
-        return base_vector(base, specs)
-
     # the base decodes beside the rows rather than after them, as a tuned aggregator would
-    base_future = executor.submit(load_base)
-    for future in [executor.submit(load_row, i) for i in range(len(clients))]:
+    base_future = executor.submit(load_base, source, job, round_, specs, limits)
+    rows = [
+        executor.submit(decode_row, source, manifest, i, matrix[i], limits)
+        for i in range(len(clients))
+    ]
+    for future in rows:
         future.result()
     base_vec = base_future.result()
     spec_raw = source.get(layout.job_spec_key(job))
