@@ -296,6 +296,8 @@ class RedisObjects:
         *,
         content_type: str = "application/octet-stream",
         tags: Mapping[str, str] | None = None,
+        if_absent: bool = False,
+        if_match: str | None = None,
     ) -> None:
         raise UnavailableError("the Redis mirror is read-only: write through S3")
 
