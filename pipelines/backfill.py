@@ -144,12 +144,19 @@ class RecomputeRoundFn(beam.DoFn):
         manifest = self.store.get_manifest(job, round_)
         scores = self._scores(manifest)
         entries = list(manifest.updates.values())
+        # committed summaries are final (past answers read them): a backfill only adds the
+        # fields a client's entry lacks, and a recomputed value of an existing one is dropped
+        new = {
+            client: {k: v for k, v in values.items() if k not in manifest.updates[client].summary}
+            for client, values in scores.summaries(BACKFILL_SUMMARIES).items()
+            if client in manifest.updates
+        }
         puts = self.store.puts
         committed = self.store.commit_round(
             job,
             round_,
             entries,
-            summaries=scores.summaries(BACKFILL_SUMMARIES),
+            summaries=new,
             specs={e.client: manifest.tensors for e in entries},  # no read-back of updates
         )
         written = self.store.puts > puts

@@ -424,9 +424,9 @@ def ingest(
         for d in found["deadletters"]:
             d["hint"] = identity_hint(d["reason"])
         typer.echo(json.dumps(found, indent=1))
-        return
-    _print_ingest(summary, prefetch and target is not None)
-    if summary.deadletters:
+    else:
+        _print_ingest(summary, prefetch and target is not None)
+    if summary.deadletters:  # the good files are committed; the exit code says not all were
         raise typer.Exit(2)
 
 
@@ -509,7 +509,14 @@ def backfill(
         fail(exc)
     if as_json:
         typer.echo(json.dumps(summary.to_json(), indent=1))
-        return
+    else:
+        _print_backfill(summary, job, target)
+    if summary.deadletters:
+        raise typer.Exit(2)
+
+
+def _print_backfill(summary: Any, job: str, target: Any) -> None:
+    """The human summary of a backfill run, with its dead letters."""
     span = f"{summary.rounds[0]}–{summary.rounds[-1]}" if summary.rounds else "none"
     console.print(
         f"backfilled {summary.rounds_backfilled} rounds of [bold]{job}[/bold] ({span}), "
@@ -522,6 +529,8 @@ def backfill(
             f"loaded, {p.get('already', 0)} already warm, "
             f"{p.get('failed', 0) + p.get('errors', 0)} refused"
         )
+    for d in summary.deadletters[:20]:
+        say(f"dead letter: {d.file}: {d.reason}")
 
 
 def main() -> None:

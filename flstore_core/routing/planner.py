@@ -100,8 +100,8 @@ class RoundPlan:
 
 def _refusal(job: str, round_: int, need: int, nodes: int, budget: int, why: str) -> NoLayoutError:
     return NoLayoutError(
-        f"no layout can hold round {round_} of job {job!r}: it needs {need / MiB:.1f} MB in "
-        f"memory and the stack has {nodes} cache node(s) of {budget / MiB:.1f} MB budget each "
+        f"no layout can hold round {round_} of job {job!r}: it needs {need / MiB:.1f} MiB in "
+        f"memory and the stack has {nodes} cache node(s) of {budget / MiB:.1f} MiB budget each "
         f"({why}); add nodes or give them more memory"
     )
 
@@ -159,7 +159,7 @@ def plan_round(
                         need,
                         nodes,
                         budget,
-                        f"{count} blocks of up to {max(sizes) / MiB:.1f} MB do not fit",
+                        f"{count} blocks of up to {max(sizes) / MiB:.1f} MiB do not fit",
                     )
                 continue  # no room for this replica: the block is held fewer times
             owners[i].append(node)

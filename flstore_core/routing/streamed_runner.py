@@ -116,8 +116,8 @@ class StreamedRunner:
         if need > self.budget:
             raise UnavailableError(
                 f"round {plan.round} of job {plan.job!r} has {plan.n_params} parameters: "
-                f"evaluating one client model needs {need / 2**20:.1f} MB of a node's "
-                f"{self.budget / 2**20:.1f} MB budget; deploy nodes with more memory"
+                f"evaluating one client model needs {need / 2**20:.1f} MiB of a node's "
+                f"{self.budget / 2**20:.1f} MiB budget; deploy nodes with more memory"
             )
         held = {i: 0 for i in range(self.nodes)}
         for block in plan.blocks:

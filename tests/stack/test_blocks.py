@@ -145,8 +145,8 @@ def test_a_round_no_layout_can_hold_is_refused_with_its_size_and_the_budget() ->
         plan_round("j", 2, specs_of([p]), n, nodes=nodes, replication=2, budget=budget)
     assert err.value.status == 503
     message = err.value.message
-    assert f"{footprint(n, p) / MiB:.1f} MB" in message and "2.0 MB" in message
-    assert "round 2" in message and math.isfinite(float(message.split(" MB")[0].split()[-1]))
+    assert f"{footprint(n, p) / MiB:.1f} MiB" in message and "2.0 MiB" in message
+    assert "round 2" in message and math.isfinite(float(message.split(" MiB")[0].split()[-1]))
 
 
 def test_plan_command_prints_the_layout_or_the_refusal() -> None:

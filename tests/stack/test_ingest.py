@@ -295,6 +295,11 @@ def test_a_late_client_of_a_job_that_does_not_allow_it_is_a_dead_letter(
     assert bucket.get_object(layout.manifest_key("final", 0)) == before
 
 
+class WorkerKilled(BaseException):
+    """A worker dying mid-bundle: not an exception of one file (those are its dead letter), so
+    it ends the run as a killed process would."""
+
+
 def test_a_run_killed_midway_is_completed_by_the_next_run(
     bucket: ObjectStore, s3_server: LocalS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -308,11 +313,11 @@ def test_a_run_killed_midway_is_completed_by_the_next_run(
         with lock:
             n = next(calls)
         if n >= 3:
-            raise RuntimeError("worker killed")
+            raise WorkerKilled("worker killed")
         return real_put(self, *args, **kwargs)
 
     monkeypatch.setattr(ObjectStore, "put_encoded", dying_put)
-    with pytest.raises(Exception, match="worker killed"):
+    with pytest.raises(BaseException, match="worker killed"):
         ingest(bucket, s3_server, tmp_path, job="crash")
     assert bucket.list_rounds("crash") == []  # no visible half-round
     stored_before = [k for k in versions(bucket) if "/updates/" in k]

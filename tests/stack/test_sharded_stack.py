@@ -183,4 +183,4 @@ def test_the_planner_refuses_a_round_no_layout_holds_with_a_503(
     answer = json.loads(resp.read())
     assert resp.status == 503
     assert answer["error"]["code"] == "no_layout"
-    assert "8.0 MB budget" in answer["error"]["message"]
+    assert "8.0 MiB budget" in answer["error"]["message"]

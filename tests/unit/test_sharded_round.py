@@ -277,7 +277,7 @@ def test_a_round_no_layout_can_hold_is_a_503_naming_its_size_before_any_node_is_
     with pytest.raises(NoLayoutError) as err:
         router.run(AUTH, JOB, "cosine_select", json.dumps({"round": 0}))
     assert err.value.status == 503 and isinstance(err.value, UnavailableError)
-    assert f"{FOOTPRINT / 2**20:.1f} MB" in err.value.message
+    assert f"{FOOTPRINT / 2**20:.1f} MiB" in err.value.message
     assert nodes.indexed == []
 
 
@@ -317,6 +317,7 @@ def test_a_round_rewritten_under_the_router_is_a_retryable_503_then_the_new_roun
         st, InProcessNodes(st, NODES, budget=BUDGET), cache_budget_bytes=BUDGET, **STACK
     )
     router.plan_round(JOB, 0)  # the router has read the manifest of nine clients
+    st.put_job_spec(JobSpec(job=JOB, late_clients={"within_s": 600}))  # a late client may join
     rng = np.random.default_rng(99)
     late = st.put_update(JOB, 0, "c9", Update(state(rng, None, 3), num_examples=5))
     st.commit_round(JOB, 0, [late])
