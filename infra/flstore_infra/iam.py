@@ -10,7 +10,7 @@ What each function kind may do (ARCHITECTURE §2-§3):
 
 | kind | S3 (only its bucket) | Lambda | logs |
 |---|---|---|---|
-| cache node | read/list ``jobs/``, write ``jobs/*/results/*`` | none | its own groups |
+| cache node | read/list ``jobs/``, write ``jobs/{job}/results/`` | none | its own groups |
 | router | the same | invoke the cache nodes, by exact ARN | its own group |
 | authorizer | none | none | its own group |
 
@@ -28,6 +28,19 @@ from typing import Any
 POLICY_VERSION = "2012-10-17"
 DATA_PREFIX = "jobs/"
 RESULT_OBJECTS = "jobs/*/results/*"
+# A `*` in an S3 ARN matches across `/`, so RESULT_OBJECTS alone also matches any key with a
+# `/results/` segment deeper down (`jobs/a/rounds/00000001/updates/results/x`). IAM has no
+# segment wildcard and no condition key holding the object key for PutObject/DeleteObject, so
+# each grant on RESULT_OBJECTS comes with a Deny of NOT_RESULT_OBJECTS: a `/results/` after two
+# or more segments below `jobs/`. Job ids hold no `/` (flstore_core.ids), so every key of
+# `jobs/{job}/results/` stays allowed (but a workload named `results` could not write there).
+NOT_RESULT_OBJECTS = "jobs/*/*/results/*"
+RESULT_WRITE_ACTIONS = (
+    "s3:PutObject",
+    "s3:PutObjectTagging",
+    "s3:DeleteObject",
+    "s3:AbortMultipartUpload",
+)
 LOG_ACTIONS = ("logs:CreateLogStream", "logs:PutLogEvents")
 
 Policy = dict[str, Any]
@@ -79,8 +92,12 @@ def _read_job_data(bucket_arn: str) -> list[dict[str, Any]]:
             "Resource": [f"{bucket_arn}/{DATA_PREFIX}*"],
         },
         {
-            # IfExists: a GET of a missing key asks for ListBucket without a prefix, and
-            # must be allowed for S3 to answer 404 (unknown job/round) instead of 403.
+            # Listings with a prefix only under `jobs/`. IfExists: a GET or HEAD of a missing
+            # key asks for ListBucket without a prefix, and must be allowed for S3 to answer
+            # 404 (an unknown job or round, a result memo's miss) instead of 403, which the
+            # store would have to take for an outage. IAM cannot tell that check from a LIST
+            # sent without a prefix, so the role can list key names (never read objects)
+            # outside `jobs/` too: the price of honest 404s, stated in docs/security.md.
             "Sid": "ListJobObjects",
             "Effect": "Allow",
             "Action": ["s3:ListBucket"],
@@ -98,6 +115,16 @@ def _write_results(bucket_arn: str) -> dict[str, Any]:
         "Effect": "Allow",
         "Action": ["s3:PutObject", "s3:PutObjectTagging"],
         "Resource": [f"{bucket_arn}/{RESULT_OBJECTS}"],
+    }
+
+
+def _only_job_results(bucket_arn: str) -> dict[str, Any]:
+    # see NOT_RESULT_OBJECTS: what RESULT_OBJECTS matches beyond `jobs/{job}/results/`
+    return {
+        "Sid": "DenyResultWritesOutsideJobResults",
+        "Effect": "Deny",
+        "Action": list(RESULT_WRITE_ACTIONS),
+        "Resource": [f"{bucket_arn}/{NOT_RESULT_OBJECTS}"],
     }
 
 
@@ -129,7 +156,11 @@ def cache_node_policy(
     *, bucket_arn: str, log_group_arns: Sequence[str], kms_key_arn: str | None = None
 ) -> Policy:
     """The cache-node role: read job data, write results, log to the cache-node groups."""
-    statements = [*_read_job_data(bucket_arn), _write_results(bucket_arn)]
+    statements = [
+        *_read_job_data(bucket_arn),
+        _write_results(bucket_arn),
+        _only_job_results(bucket_arn),
+    ]
     if kms_key_arn:
         statements.append(_use_bucket_key(kms_key_arn))
     statements.append(_write_own_logs(log_group_arns))
@@ -155,6 +186,7 @@ def router_policy(
         *_read_job_data(bucket_arn),
         _write_results(bucket_arn),
         _compose_results(bucket_arn),
+        _only_job_results(bucket_arn),
     ]
     if kms_key_arn:
         statements.append(_use_bucket_key(kms_key_arn))

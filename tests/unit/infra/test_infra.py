@@ -11,6 +11,7 @@ context come from this working tree and the build cache (see test_packaging.py).
 from __future__ import annotations
 
 import json
+import re
 import sys
 import zipfile
 from collections.abc import Callable
@@ -443,7 +444,12 @@ def test_role_policies_are_scoped_to_bucket_nodes_and_own_logs(config: dict) -> 
     nodes = int(config.get("flstore:cacheNodes", 8))
     region = config["aws:region"]
     bucket = f"arn:aws:s3:::{prefix}-{ACCOUNT}-{region}"
-    data = {bucket, f"{bucket}/jobs/*", f"{bucket}/jobs/*/results/*"}
+    data = {
+        bucket,
+        f"{bucket}/jobs/*",
+        f"{bucket}/jobs/*/results/*",
+        f"{bucket}/jobs/*/*/results/*",
+    }
     cache_arns = {
         f"arn:aws:lambda:{region}:{ACCOUNT}:function:{prefix}-cache-{i}" for i in range(nodes)
     }
@@ -472,6 +478,10 @@ def test_role_policies_are_scoped_to_bucket_nodes_and_own_logs(config: dict) -> 
         assert resources_of(router, "s3:DeleteObject") == results
         assert resources_of(router, "s3:AbortMultipartUpload") == results
         assert resources_of(cache, "s3:DeleteObject") == set()
+        for policy in (cache, router):
+            (deny,) = [s for s in policy["Statement"] if s["Effect"] == "Deny"]
+            assert deny["Resource"] == [f"{bucket}/jobs/*/*/results/*"]
+            assert set(deny["Action"]) == set(iam.RESULT_WRITE_ACTIONS)
         actions = {a for s in authorizer["Statement"] for a in s["Action"]}
         assert actions == set(iam.LOG_ACTIONS)
         for role in d.of_type(ROLE):
@@ -616,6 +626,25 @@ def test_stage_throttles_and_writes_access_logs_to_its_own_group() -> None:
 
 
 @pulumi.runtime.test
+def test_stage_throttling_comes_from_the_stack_config() -> None:
+    config = {**DEFAULTS, "flstore:throttleRateLimit": "7.5", "flstore:throttleBurstLimit": "15"}
+
+    def check(d: Deployment) -> None:
+        (stage,) = d.of_type("aws:apigatewayv2/stage:Stage")
+        throttling = stage.inputs["defaultRouteSettings"]
+        assert throttling == {"throttlingRateLimit": 7.5, "throttlingBurstLimit": 15}
+
+    return deploy(config).apply(check)
+
+
+@pytest.mark.parametrize("key", ["flstore:throttleRateLimit", "flstore:throttleBurstLimit"])
+@pulumi.runtime.test
+def test_a_throttle_that_is_not_positive_is_refused(key: str) -> None:
+    with pytest.raises(ConfigError, match="throttle"):
+        run_program({**DEFAULTS, key: "0"})
+
+
+@pulumi.runtime.test
 def test_every_function_has_its_log_group_with_retention() -> None:
     def check(d: Deployment) -> None:
         groups = {g.inputs["name"]: g.inputs["retentionInDays"] for g in d.of_type(LOG_GROUP)}
@@ -688,8 +717,8 @@ def test_audit_catches_a_wildcard_statement_slipped_into_a_role() -> None:
     def check(d: Deployment) -> None:
         findings = security_findings(d)
         assert findings == [
-            "flstore-router-policy: statement 6: wildcard action 's3:*'",
-            "flstore-router-policy: statement 6: resource '*' is every resource ('*')",
+            "flstore-router-policy: statement 7: wildcard action 's3:*'",
+            "flstore-router-policy: statement 7: resource '*' is every resource ('*')",
         ]
 
     return deployment.apply(check)
@@ -855,3 +884,99 @@ def test_every_route_the_router_serves_is_deployed() -> None:
         for method in operations
     }
     assert served == {r.key for r in api.ROUTES}
+
+
+# --- what the S3 grants admit, as IAM matches them ----------------------------------------
+
+
+def _iam_like(pattern: str, value: str) -> bool:
+    """IAM's ARN and StringLike matching: ``*`` is any run of characters, ``/`` included."""
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, value) is not None
+
+
+def _conditions_hold(condition: dict[str, Any], context: dict[str, str]) -> bool:
+    for operator, keys in condition.items():
+        for key, patterns in keys.items():
+            if_exists = operator.endswith("IfExists")
+            base = operator.removesuffix("IfExists")
+            if key not in context:
+                if not if_exists:
+                    return False
+                continue
+            values = [patterns] if isinstance(patterns, str) else patterns
+            if base == "StringLike" and not any(_iam_like(p, context[key]) for p in values):
+                return False
+            if base == "StringEquals" and context[key] not in values:
+                return False
+    return True
+
+
+def allowed(policy: dict[str, Any], action: str, arn: str, context: dict[str, str]) -> bool:
+    """Whether ``policy`` lets ``action`` on ``arn`` (an explicit Deny wins over any Allow)."""
+    verdicts = set()
+    for statement in policy["Statement"]:
+        actions = statement["Action"]
+        actions = [actions] if isinstance(actions, str) else actions
+        resources = statement.get("Resource", [])
+        resources = [resources] if isinstance(resources, str) else resources
+        if action not in actions or not any(_iam_like(r, arn) for r in resources):
+            continue
+        if _conditions_hold(statement.get("Condition", {}), context):
+            verdicts.add(statement["Effect"])
+    return "Allow" in verdicts and "Deny" not in verdicts
+
+
+BUCKET_ARN = "arn:aws:s3:::flstore-1-us-east-1"
+LOGS = ["arn:aws:logs:us-east-1:1:log-group:/aws/lambda/x"]
+S3_ROLES = {
+    "cache node": iam.cache_node_policy(bucket_arn=BUCKET_ARN, log_group_arns=LOGS),
+    "router": iam.router_policy(
+        bucket_arn=BUCKET_ARN,
+        log_group_arn=LOGS[0],
+        cache_function_arns=["arn:aws:lambda:us-east-1:1:function:flstore-cache-0"],
+    ),
+}
+RESULT_WRITES = ("s3:PutObject", "s3:PutObjectTagging", "s3:DeleteObject")
+
+
+@pytest.mark.parametrize("role", sorted(S3_ROLES))
+@pytest.mark.parametrize(
+    "key",
+    [
+        "jobs/a/rounds/00000001/updates/results/x",  # `*` of an ARN crosses `/`
+        "jobs/a/rounds/00000001/results/manifest.json",
+        "jobs/a/ingest/results/x",
+        "jobs/a/rounds/00000001/manifest.json",
+        "jobs/a/job.json",
+        "ingest/results/x",
+    ],
+)
+def test_results_grants_admit_no_key_outside_a_jobs_results_prefix(role: str, key: str) -> None:
+    policy = S3_ROLES[role]
+    for action in RESULT_WRITES if role == "router" else RESULT_WRITES[:2]:
+        assert not allowed(policy, action, f"{BUCKET_ARN}/{key}", {}), (action, key)
+
+
+@pytest.mark.parametrize("role", sorted(S3_ROLES))
+def test_results_grants_admit_a_jobs_results_keys(role: str) -> None:
+    policy = S3_ROLES[role]
+    for key in ["jobs/a/results/fedavg/00000001/r.bin", "jobs/b-2/results/x"]:
+        assert allowed(policy, "s3:PutObject", f"{BUCKET_ARN}/{key}", {}), key
+        assert allowed(policy, "s3:GetObject", f"{BUCKET_ARN}/{key}", {}), key
+    delete = allowed(policy, "s3:DeleteObject", f"{BUCKET_ARN}/jobs/a/results/x", {})
+    assert delete is (role == "router")
+
+
+@pytest.mark.parametrize("role", sorted(S3_ROLES))
+def test_listing_needs_a_jobs_prefix(role: str) -> None:
+    policy = S3_ROLES[role]
+    assert allowed(policy, "s3:ListBucket", BUCKET_ARN, {"s3:prefix": "jobs/a/rounds/"})
+    assert allowed(policy, "s3:ListBucket", BUCKET_ARN, {"s3:prefix": "jobs/"})
+    for prefix in ("", "ingest/", "job", "other/jobs/"):
+        assert not allowed(policy, "s3:ListBucket", BUCKET_ARN, {"s3:prefix": prefix}), prefix
+    # No prefix at all stays allowed: S3 checks ListBucket without a prefix to answer a GET or
+    # HEAD of a missing key, and only with it is that a 404 (an unknown job or round, a memo
+    # miss) rather than a 403; the cost is that such a role can list key names bucket-wide
+    # (iam._read_job_data says so).
+    assert allowed(policy, "s3:ListBucket", BUCKET_ARN, {})
