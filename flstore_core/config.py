@@ -104,6 +104,19 @@ MAX_UPDATE_BYTES = Setting(
 )
 VERBOSE = Setting("FLSTORE_VERBOSE", None, "any value: the command line also logs INFO records")
 
+# ---------------------------------------------------------------------- the local stack's own
+
+LOCAL_ROUTER_CONFIG = Setting(
+    "FLSTORE_LOCAL_ROUTER_CONFIG",
+    None,
+    "local stack only: the router function's settings (a JSON RouterConfig) for its instances",
+)
+LOCAL_INVOKE_CHANNEL = Setting(
+    "FLSTORE_LOCAL_INVOKE_CHANNEL",
+    None,
+    "local stack only: the Unix socket the router function's instances invoke nodes over",
+)
+
 SETTINGS: tuple[Setting, ...] = (
     S3_ENDPOINT,
     BUCKET,
@@ -124,6 +137,8 @@ SETTINGS: tuple[Setting, ...] = (
     TOKEN,
     VERBOSE,
     BUILD_CACHE,
+    LOCAL_ROUTER_CONFIG,
+    LOCAL_INVOKE_CHANNEL,
 )
 
 # ---------------------------------------------------------------------- AWS's own variables

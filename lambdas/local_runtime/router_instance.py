@@ -29,9 +29,9 @@ from lambdas.local_runtime.invoke_channel import serve_over_channel
 from lambdas.router import build_app, handle, logger
 
 #: The environment variable holding the router's settings (a JSON ``RouterConfig``).
-SETTINGS = "FLSTORE_LOCAL_ROUTER_CONFIG"
+SETTINGS = config.LOCAL_ROUTER_CONFIG.name
 #: The environment variable holding the path of the endpoint's invoke channel.
-CHANNEL = "FLSTORE_LOCAL_INVOKE_CHANNEL"
+CHANNEL = config.LOCAL_INVOKE_CHANNEL.name
 
 
 def router_environment(
