@@ -123,11 +123,18 @@ def read_raw_update(source: str | bytes, limits: CodecLimits = DEFAULT_LIMITS) -
 def check_identity(update: Update) -> None:
     """Require the identity fields a raw update file of its kind must carry."""
     if update.job is None:
-        raise ValidationError("raw update file: metadata needs 'job'")
+        raise ValidationError(
+            "raw update file: metadata needs 'job' (its safetensors __metadata__ carries job, "
+            "round, client and num_examples; plain checkpoints go in with `flstore push`)"
+        )
     validate_job(update.job)
     if update.kind == "update":
         if update.client is None or update.round is None:
-            raise ValidationError("raw update file: kind 'update' needs 'client' and 'round'")
+            raise ValidationError(
+                "raw update file: kind 'update' needs 'client' and 'round' in its safetensors "
+                "__metadata__ (with job and num_examples; plain checkpoints go in with "
+                "`flstore push`)"
+            )
         validate_client(update.client)
         validate_round(update.round)
     elif update.kind == "global":
