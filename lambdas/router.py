@@ -7,7 +7,7 @@ logged and answered as a 500 without internals.
 
 The routes' annotations (the models of ``flstore_core.routing.openapi``) are what the OpenAPI
 3.1 document served at ``GET /v1/openapi.json`` (Swagger UI at ``GET /v1/docs``) is generated
-from, so it lists exactly the routes served (issue 15 item 1). Validation is on
+from, so it lists exactly the routes served. Validation is on
 (``enable_validation=True``): an answer of the GET routes that does not match its model is a
 bug caught here, and a request Powertools refuses is the contract's 400 ``{"error": …}``, not its
 default 422. The workload route does not let Powertools read its body: the router authenticates
@@ -239,7 +239,7 @@ def _error_handlers(app: APIGatewayHttpResolver) -> None:
 
     @app.exception_handler(RequestValidationError)  # type: ignore[untyped-decorator]
     def invalid(exc: RequestValidationError) -> Response[str]:
-        # the contract's 400, not Powertools' default 422 (issue 15 item 1)
+        # the contract's 400, not Powertools' default 422
         errors = exc.errors()
         where = ".".join(str(p) for p in errors[0].get("loc", ())) if errors else "request"
         what = errors[0].get("msg", "invalid") if errors else "invalid"

@@ -6,7 +6,7 @@ another thread count (measured with threadpoolctl on OpenBLAS 0.3.31: ``x @ b`` 
 differs between 1 and 2 threads, ``x @ x.T`` on 40 x 100k between every count from 1 to 4). The
 thread count is the host's core count or ``OMP_NUM_THREADS``, so two replicas on different
 hosts, a node restarted with another environment, or a test computing in-process would answer
-the same request with other bits (issue 15 item 5: identical answers everywhere). Results are
+the same request with other bits (identical answers everywhere). Results are
 byte-identical when every such reduction runs on one thread: within :func:`one_blas_thread`.
 
 Cost (2 cores, measured): the Gram GEMM of 10 x 11.7M float32 69 → 71 ms (memory-bound), of

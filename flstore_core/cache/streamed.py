@@ -1,6 +1,6 @@
 """A round read one client at a time: how per-client model workloads run on a sharded round.
 
-Reference: ARCHITECTURE §3 (workload affinity) and issue 12 item 3. When the planner cuts a round
+Reference: ARCHITECTURE §3 (workload affinity). When the planner cuts a round
 into column blocks (:mod:`flstore_core.cache.sharded`) no function holds it, yet accuracy_select,
 contribution_loo/shapley, feddebug, personalize and fltrust with a trained ``g_0`` evaluate
 *whole client models*: their unit is a client, not a column block. They run on a

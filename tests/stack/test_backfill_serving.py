@@ -1,4 +1,4 @@
-"""A backfill on a warm local stack is served right after it ends (issue 11, deliverable 5).
+"""A backfill on a warm local stack is served right after it ends.
 
 Ingestion (with its prefetch) warms every owner; ``incentive`` with ``metric=contribution``
 then has nothing to pay, as ingestion writes no ``contribution`` summary. The backfill writes

@@ -1,4 +1,4 @@
-"""Identical answers everywhere (issue 15 item 5): the same request gives byte-identical
+"""Identical answers everywhere: the same request gives byte-identical
 ``json.dumps(result, sort_keys=True)`` whatever the BLAS thread count of the process that
 computed it, and from every node, cold or warm.
 

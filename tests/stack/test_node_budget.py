@@ -1,4 +1,4 @@
-"""A cache node's budget is the memory its runtime leaves (ARCHITECTURE §3, issue 12 item 4).
+"""A cache node's budget is the memory its runtime leaves (ARCHITECTURE §3).
 
 The node derives its budget from its function's memory, the local stack hands the *same* figure
 to its nodes and to the router, ``flstore local up --cache-budget-mb`` sets it explicitly, and a

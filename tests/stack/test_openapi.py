@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 document (issue 15 item 1): generated from the router's routes and the
+"""The OpenAPI 3.1 document: generated from the router's routes and the
 workload registry, valid OpenAPI 3.1 (openapi-spec-validator), complete (every route of the
 resolver, every workload and param), served unauthenticated by the local stack through the
 gateway, and honest: live answers of the stack — successes and both error shapes — validate

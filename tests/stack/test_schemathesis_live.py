@@ -1,4 +1,4 @@
-"""Schemathesis against the live local stack (issue 15 item 3).
+"""Schemathesis against the live local stack.
 
 The OpenAPI document is loaded from the running stack's ``GET /v1/openapi.json`` (through the
 local gateway, which runs the real authorizer before the router), and every operation in it is

@@ -1,4 +1,4 @@
-"""accuracy_select on a sharded digits_cnn round through the local stack's gateway (issue 12
+"""accuracy_select on a sharded digits_cnn round through the local stack's gateway
 item 3): eight 512 MB node processes with a budget the round's footprint exceeds score groups
 of clients read from S3 one at a time; the answer equals the whole round's and no node is
 killed (each still answers ``stats``, its peak RSS under its memory)."""

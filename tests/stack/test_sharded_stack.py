@@ -1,4 +1,4 @@
-"""A round three times one node's cache budget on the local stack (issue 12, "done when").
+"""A round three times one node's cache budget on the local stack.
 
 Eight cache-node processes of 512 MB, each holding data under an explicit 8 MiB budget (so the
 runtime fits beside it); a round of ten clients whose footprint is ~3 budgets is ingested by the

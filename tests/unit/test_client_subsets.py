@@ -1,4 +1,4 @@
-"""The ``clients`` param of fedavg, trimmed_mean and multi_krum (issue 13): the workload over a
+"""The ``clients`` param of fedavg, trimmed_mean and multi_krum: the workload over a
 subset of the round's clients equals the workload's definition applied to those clients' rows
 alone — float64 numpy (FedAvg's weighted mean, Multi-Krum's scores), Flower's ``trim_mean``
 — with and without a stored base; bad subsets are 400s naming the problem, unknown clients

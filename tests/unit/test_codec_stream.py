@@ -1,4 +1,4 @@
-"""Streaming column decode and multi-frame stored updates (issue 12, ARCHITECTURE §2-§3).
+"""Streaming column decode and multi-frame stored updates (ARCHITECTURE §2-§3).
 
 A column block of a stored update, decoded by streaming (:func:`decode_columns_into`), is
 bitwise the same columns of the whole row that :func:`decode_into` gives, whatever the file's

@@ -1,4 +1,4 @@
-"""Framed stored updates and range reads of column blocks (issue 12: a block read costs its share
+"""Framed stored updates and range reads of column blocks (a block read costs its share
 of the stored bytes, not every client's whole object).
 
 An update is stored as several zstd frames (the header, then the data section in pieces): the

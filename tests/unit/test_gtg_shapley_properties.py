@@ -1,6 +1,6 @@
 """Property tests: GTG-Shapley's guarantees against exact Shapley values computed here.
 
-Issue 11, deliverable 7 (the approximate mode of ``contribution_shapley``; its run on real
+(the approximate mode of ``contribution_shapley``; its run on real
 rounds through the workload is in ``test_model_workload_properties.py``). Random games
 (hypothesis) over 1–6 players on an accuracy-like grid — arbitrary tables with ties, additive
 games, saturating ones, with null players and symmetric twins planted — are given to

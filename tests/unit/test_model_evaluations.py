@@ -1,4 +1,4 @@
-"""Model evaluations shared on a round (issue 13 item 4): computed once per round per node.
+"""Model evaluations shared on a round: computed once per round per node.
 
 On the simulated digits job (10 clients, a label flipper): every client model's accuracy is
 computed once and reused by accuracy_select, personalize and a repeated request; leave-one-out's

@@ -1,6 +1,6 @@
 """Property tests: the model-based round workloads against float64 torch references written here.
 
-Issue 11, deliverable 7 (the model-based part; the model-less workloads are in
+(the model-based part; the model-less workloads are in
 ``test_workload_properties.py``). Random rounds (hypothesis) of the registry's
 ``digits_bn_cnn`` (1×8×8 inputs, 10 classes, BatchNorm running statistics and an integer
 ``num_batches_tracked``) hold 1–4 clients whose weights are small random perturbations of one

@@ -1,4 +1,4 @@
-"""Bounded fuzzing of the parsers of untrusted bytes (issue 15, item 3).
+"""Bounded fuzzing of the parsers of untrusted bytes.
 
 Arbitrary bytes and mutations of valid files (flipped bits, truncations, edits of the header
 JSON) go to the codec's decoders, the raw-file header reader and the manifest parsers; each may

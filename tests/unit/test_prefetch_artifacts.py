@@ -1,4 +1,4 @@
-"""Model artifacts computed at prefetch (issue 13 item 4): split over a round's replicas,
+"""Model artifacts computed at prefetch: split over a round's replicas,
 shared between them, and never a different answer.
 
 On a digits_cnn job (10 clients whose models are the initial model plus noise of growing

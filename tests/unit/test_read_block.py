@@ -1,4 +1,4 @@
-"""Reading a column block of a round (issue 12): ``ObjectStore.read_round_block`` streams each
+"""Reading a column block of a round: ``ObjectStore.read_round_block`` streams each
 client's update and keeps the block's columns; the blocks of every layout put side by side are
 ``read_round``'s matrix, bitwise, over S3 (moto) and memory, whatever order each client stored
 its tensors in."""

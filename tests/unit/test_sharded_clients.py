@@ -1,4 +1,4 @@
-"""Per-client model workloads on a sharded round (issue 12 item 3, workload affinity).
+"""Per-client model workloads on a sharded round (workload affinity).
 
 A digits_cnn round of twelve clients, twice one node's budget, is served in column blocks by
 in-process cache nodes (:class:`tests.fakes.InProcessNodes`). The workloads that

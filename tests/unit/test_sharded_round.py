@@ -1,4 +1,4 @@
-"""A round several times one node's budget, served in column blocks by many nodes (issue 12).
+"""A round several times one node's budget, served in column blocks by many nodes.
 
 The nodes are real :class:`CacheNode` objects with a small explicit budget, invoked in process
 through a JSON round trip (what ``lambda.invoke`` carries); the store is in memory. Every round
@@ -137,7 +137,7 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("fedavg", {"weighted": False}),
     ("trimmed_mean", {"beta": 0.2}),
     ("trimmed_mean", {"beta": 0.0}),
-    # over a subset of the clients (issue 13): zero weights, or the subset's rows per block
+    # over a subset of the clients: zero weights, or the subset's rows per block
     ("fedavg", {"clients": ["c8", "c0", "c3", "c7"]}),
     ("trimmed_mean", {"beta": 0.2, "clients": ["c1", "c2", "c4", "c5", "c7", "c8"]}),
     ("trimmed_mean", {"beta": 0.0, "clients": ["c6", "c2"]}),

@@ -1,4 +1,4 @@
-"""Tensors by name, whatever order a file stores them in (ARCHITECTURE §2, issue 11).
+"""Tensors by name, whatever order a file stores them in (ARCHITECTURE §2).
 
 The ``safetensors`` library stores tensors sorted by name; a PyTorch state dict lists them in
 registration order. A federated ``digits_cnn`` job (:func:`evaluation.digits_job.simulate`) is

@@ -1,6 +1,6 @@
 """Property tests: every model-less round workload against a float64 reference written here.
 
-Issue 11, deliverable 7. Random rounds (hypothesis) of a small BatchNorm-shaped model — float
+Random rounds (hypothesis) of a small BatchNorm-shaped model — float
 trainable parameters, running statistics, an integer ``num_batches_tracked`` counter — are
 written through the object store (an in-memory blob store) with each client's tensors in a
 random order, committed, and read back with :func:`load_round`, as a cache node does. The rounds

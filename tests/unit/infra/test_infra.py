@@ -875,7 +875,7 @@ def test_local_gateway_serves_the_routes_and_authorizer_settings_deployed() -> N
 
 
 def test_every_route_the_router_serves_is_deployed() -> None:
-    # the router's OpenAPI document lists its resolver's routes (issue 15 item 1)
+    # the router's OpenAPI document lists its resolver's routes
     from lambdas.router import app, openapi_document
 
     served = {
