@@ -10,27 +10,31 @@ from datetime import UTC, datetime, timedelta
 
 from flstore_core.errors import PreconditionFailedError, UnavailableError
 from flstore_core.storage.blobs import BlobInfo, BlobStream, Buffer
+from flstore_core.storage.verified import checksum_mismatch, sha256_b64
 
 
 class MemoryBlobStore:
     """Blobs in a dict, with S3's semantics where the object store relies on them: key-ordered
     listings, common prefixes, an MD5 ``etag``, the write time in ``modified`` (strictly
-    increasing, so it is the write order too) and conditional writes."""
+    increasing, so it is the write order too), conditional writes, and the SHA-256 checksum
+    of each blob, written with it and checked by every whole-blob read (a ranged read has none
+    to check, as in S3)."""
 
     def __init__(self) -> None:
-        self._blobs: dict[str, tuple[bytes, str, str]] = {}
+        # key -> (bytes, MD5 etag, write time, base64 SHA-256 checksum)
+        self._blobs: dict[str, tuple[bytes, str, str, str]] = {}
         self._last = datetime.fromtimestamp(0, UTC)
         self._lock = threading.Lock()
 
     def get(self, key: str) -> Buffer | None:
         with self._lock:
             entry = self._blobs.get(key)
-        return None if entry is None else entry[0]
+        return None if entry is None else _verified(key, entry[0], entry[3])
 
     def open(self, key: str) -> BlobStream | None:
         with self._lock:
             entry = self._blobs.get(key)
-        return None if entry is None else io.BytesIO(entry[0])
+        return None if entry is None else io.BytesIO(_verified(key, entry[0], entry[3]))
 
     def get_range(self, key: str, start: int, end: int) -> Buffer | None:
         with self._lock:
@@ -54,7 +58,7 @@ class MemoryBlobStore:
                 raise PreconditionFailedError(f"PUT {key}: the object already exists")
             if if_match is not None and (old is None or old[1] != if_match.strip('"')):
                 raise PreconditionFailedError(f"PUT {key}: the object changed since it was read")
-            self._blobs[key] = (bytes(body), etag, self._now())
+            self._blobs[key] = (bytes(body), etag, self._now(), sha256_b64(body))
 
     def _now(self) -> str:
         """The write time of a blob as S3 lists it (UTC), strictly later than the last one so
@@ -73,9 +77,10 @@ class MemoryBlobStore:
     ) -> None:
         with self._lock:
             missing = [p for p in parts if p not in self._blobs]
-            body = b"".join(self._blobs[p][0] for p in parts if p in self._blobs)
+            found = [(p, self._blobs[p]) for p in parts if p in self._blobs]
         if missing:
             raise UnavailableError(f"cannot compose {key}: part {missing[0]} does not exist")
+        body = b"".join(_verified(p, entry[0], entry[3]) for p, entry in found)
         self.put(key, body, content_type=content_type, tags=tags)
 
     def head(self, key: str) -> BlobInfo | None:
@@ -90,7 +95,7 @@ class MemoryBlobStore:
                 for k, v in self._blobs.items()
                 if k.startswith(prefix) and not (delimiter and delimiter in k[len(prefix) :])
             )
-        for key, (body, etag, modified) in items:
+        for key, (body, etag, modified, _) in items:
             yield BlobInfo(key, len(body), etag, modified)
 
     def list_prefixes(self, prefix: str, delimiter: str = "/") -> Iterator[str]:
@@ -111,3 +116,10 @@ class MemoryBlobStore:
 
     def prepare(self) -> None:
         return None
+
+
+def _verified(key: str, data: bytes, stored: str) -> bytes:
+    actual = sha256_b64(data)
+    if actual != stored:
+        raise checksum_mismatch(key, stored, actual)
+    return data

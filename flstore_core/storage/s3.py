@@ -1,17 +1,31 @@
-"""The S3 blob store: FLStore's durable backend, through one boto3 client."""
+"""The S3 blob store: FLStore's durable backend, through one boto3 client.
+
+Every PUT carries the SHA-256 of its body (``ChecksumAlgorithm="SHA256"``: botocore computes
+it, S3 refuses a body that does not match and keeps it with the object), and every whole-object
+GET asks for it back (``ChecksumMode="ENABLED"``) and checks the bytes it hands out against it
+(:class:`S3Stream`), so an object changed at rest, or written around FLStore without that
+checksum matching, is a 503 ``stored_object_corrupt`` (:mod:`.verified`), never served. A
+ranged GET has no checksum to check (S3 returns none for a range); the readers of ranges, an
+update's frames, check each frame's digest from the manifest instead. An object written without
+a SHA-256 (before FLStore sent one, or composed by a multipart upload, whose checksum S3 keeps
+as a checksum of the parts' checksums) is served unchecked at this layer.
+"""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import io
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, FlexibleChecksumError
 
 from flstore_core.errors import PreconditionFailedError, UnavailableError
 from flstore_core.storage.blobs import BlobInfo, BlobStream, Buffer
+from flstore_core.storage.verified import checksum_mismatch, stored_object_corrupt
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -41,10 +55,11 @@ class S3BlobStore:
             stream.close()
 
     def open(self, key: str) -> BlobStream | None:
-        obj = self._get_object(key)
+        obj = self._get_object(key, ChecksumMode="ENABLED")
         if obj is None:
             return None
         etag = str(obj.get("ETag", ""))
+        stored = str(obj.get("ChecksumSHA256") or "")
 
         def rest(offset: int) -> Any:
             """The body from ``offset`` on, of the same version of the object (``If-Match``:
@@ -56,7 +71,8 @@ class S3BlobStore:
                 raise UnavailableError(f"S3 GET {key}: the object went away while it was read")
             return again["Body"]
 
-        return S3Stream(key, obj["Body"], rest)
+        # "-N": a multipart object's checksum of its parts' checksums, not of the bytes
+        return S3Stream(key, obj["Body"], rest, sha256=None if "-" in stored else stored or None)
 
     def _get_object(self, key: str, **extra: Any) -> Any:
         """``GetObject`` (None for a missing key); S3's refusals, and connection failures
@@ -115,6 +131,7 @@ class S3BlobStore:
             "Key": key,
             "Body": body,
             "ContentType": content_type,
+            "ChecksumAlgorithm": "SHA256",
         }
         if tags:
             kwargs["Tagging"] = urlencode(dict(tags))
@@ -278,19 +295,35 @@ class S3Stream:
     answer began (a connection reset mid-transfer, a read timeout, ``IncompleteReadError``):
     with ``rest`` (the body from an offset on, of the same version), such a read goes on from
     where it stopped, at most :data:`READ_ATTEMPTS` - 1 times in all; past that, or without
-    ``rest``, it is an :class:`UnavailableError` naming the key, as a refused GET is."""
+    ``rest``, it is an :class:`UnavailableError` naming the key, as a refused GET is.
 
-    def __init__(self, key: str, body: Any, rest: Callable[[int], Any] | None = None) -> None:
+    With ``sha256`` (the object's stored checksum, base64), the bytes handed out are hashed
+    and checked against it at the end of the body: the resumptions are ranged GETs, which S3
+    sends without a checksum, so botocore's own check (:class:`FlexibleChecksumError`) covers
+    only a body read in one go."""
+
+    def __init__(
+        self,
+        key: str,
+        body: Any,
+        rest: Callable[[int], Any] | None = None,
+        *,
+        sha256: str | None = None,
+    ) -> None:
         self.key = key
         self.body = body
         self._rest = rest
         self._offset = 0  # bytes handed out so far
         self._resumed = 0
+        self._stored = sha256
+        self._hash = hashlib.sha256() if sha256 else None
 
     def read(self, size: int = -1, /) -> bytes:
         while True:
             try:
                 data: bytes = self.body.read(None if size < 0 else size)
+            except FlexibleChecksumError as exc:  # botocore's check of a body read in one go
+                raise stored_object_corrupt(self.key, f"checksum mismatch: {exc}") from exc
             except BotoCoreError as exc:  # ReadTimeoutError, IncompleteReadError, ...
                 if self._rest is None or self._resumed + 1 >= READ_ATTEMPTS:
                     raise UnavailableError(
@@ -302,7 +335,18 @@ class S3Stream:
                 self.body = self._rest(self._offset)
                 continue
             self._offset += len(data)
+            self._check(data, at_end=size < 0 or (not data and size != 0))
             return data
+
+    def _check(self, data: bytes, *, at_end: bool) -> None:
+        if self._hash is None or self._stored is None:
+            return
+        self._hash.update(data)
+        if at_end:
+            actual = base64.b64encode(self._hash.digest()).decode()
+            self._hash = None  # checked once
+            if actual != self._stored:
+                raise checksum_mismatch(self.key, self._stored, actual)
 
     def close(self) -> None:
         self.body.close()
