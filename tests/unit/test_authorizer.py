@@ -5,6 +5,8 @@ Plain authorizer event dicts, as API Gateway's HTTP API sends them; no gateway, 
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -159,3 +161,25 @@ def test_handler_decides_with_the_module_token_table(
     assert granted == {"isAuthorized": True, "context": {"jobs": "demo"}}
     assert handler(authorizer_event(headers=bearer("fls_nope")), None) == REFUSED
     assert handler(authorizer_event(headers={}), None) == REFUSED
+
+
+def _security_section(title: str) -> str:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_security_doc_names_exactly_the_unauthenticated_routes() -> None:
+    from lambdas.local_runtime.gateway import ROUTES
+
+    section = _security_section("Authentication and authorization")
+    (line,) = [ln for ln in section.splitlines() if ln.startswith("- Unauthenticated routes:")]
+    named = set(re.findall(r"`((?:GET|POST) /v1/[^`]*)`", line))
+    assert named == {r.key for r in ROUTES if not r.authorized}
+
+
+def test_security_doc_says_the_router_checks_the_job_not_the_authorizer() -> None:
+    # the authorizer's answer is cached by the Authorization header alone (identity sources of
+    # an HTTP API cannot name the path), so it must not depend on the job in the path
+    section = _security_section("Authentication and authorization")
+    assert "checks the token and the job" not in section
+    assert "authenticates only" in section and "router checks the job" in section
