@@ -38,6 +38,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import interleave, parser, summarize, write_report
+from benchmarks.scale_data import ROUND, specs_of, write_round
+from benchmarks.scale_plot import plot
 from evaluation.baselines import Aggregator
 from flstore_core.aws import lambda_client
 from flstore_core.data.blocks import footprint
-from flstore_core.data.codec import TensorSpec, Update, decode_update
+from flstore_core.data.codec import decode_update
 from flstore_core.routing.auth import TokenTable
 from flstore_core.routing.invoker import NodeInvoker
 from flstore_core.routing.placement import round_shard
@@ -61,64 +64,9 @@ from lambdas.local_runtime.s3_server import LocalS3
 from lambdas.local_runtime.stack import LocalStack, StackConfig
 
 MiB = 1024 * 1024
-ROUND = 0
 BUCKET = "scale"
-LAYERS = 4
-BIAS = 250
 WORKLOADS = ("cosine_select", "krum", "fedavg", "trimmed_mean")
 TOLERANCE = 1e-6
-
-
-# ---------------------------------------------------------------------- the data
-
-
-def layer_sizes(n_params: int) -> dict[str, int]:
-    """``LAYERS`` weight/bias pairs adding up to ``n_params`` (tensor boundaries to cut at)."""
-    bias = min(BIAS, max(1, n_params // (8 * LAYERS)))
-    weight = (n_params - LAYERS * bias) // LAYERS
-    sizes: dict[str, int] = {}
-    for i in range(LAYERS):
-        sizes[f"layer{i}.weight"] = weight
-        sizes[f"layer{i}.bias"] = bias
-    sizes["layer0.weight"] += n_params - sum(sizes.values())
-    return sizes
-
-
-def specs_of(n_params: int) -> list[TensorSpec]:
-    return [TensorSpec(name, "F32", (n,)) for name, n in layer_sizes(n_params).items()]
-
-
-def base_model(n_params: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(10_000)
-    return {
-        name: (rng.standard_normal(n) * 0.05).astype(np.float32)
-        for name, n in layer_sizes(n_params).items()
-    }
-
-
-def client_update(base: dict[str, np.ndarray], k: int) -> Update:
-    """The base plus a client step; every tenth client steps the other way (what krum and the
-    trimmed mean are for)."""
-    rng = np.random.default_rng(k)
-    sign = -1.0 if k % 10 == 9 else 1.0
-    tensors = {
-        name: (w + sign * (0.01 + 0.01 * rng.standard_normal(w.size))).astype(np.float32)
-        for name, w in base.items()
-    }
-    return Update(tensors, num_examples=100 + 37 * (k % 11), metrics={"loss": 0.5 + 0.001 * k})
-
-
-def write_round(store: ObjectStore, job: str, clients: int, n_params: int) -> float:
-    """Ingest one committed round (and the job's base model); returns the time it took (ms)."""
-    t0 = time.perf_counter()
-    base = base_model(n_params)
-    store.put_initial(job, Update(dict(base)))
-    entries = [
-        store.put_update(job, ROUND, f"client-{k:03d}", client_update(base, k))
-        for k in range(clients)
-    ]
-    store.commit_round(job, ROUND, entries)
-    return (time.perf_counter() - t0) * 1000
 
 
 # ---------------------------------------------------------------------- measuring
@@ -264,96 +212,135 @@ def weak_call(
     return once
 
 
+@dataclass
+class WeakPoint:
+    """One weak-scaling stack's measurements: the round's shape, the agreement check, the
+    samples of every workload on both systems, the prefetch and the peak memories."""
+
+    shape: dict[str, Any]
+    check: dict[str, Any]
+    samples: dict[str, list[float]]
+    prefetch_ms: float
+    node_peaks: list[float | None]
+    agg_peak: float | None
+
+    @property
+    def node_peak(self) -> float | None:
+        return max((p for p in self.node_peaks if p is not None), default=None)
+
+
+def measure_weak(args: Any, s3: str, clients: int, budget: int) -> WeakPoint:
+    """A stack of ``args.nodes`` for a round of ``clients``: ingest, prefetch, check that both
+    systems agree, then the interleaved repetitions of every workload."""
+    job = f"weak-{clients}"
+    config = StackConfig(
+        nodes=args.nodes,
+        replication=2,
+        memory_mb=args.memory_mb,
+        budget_bytes=budget,
+        bucket=BUCKET,
+        s3_endpoint=s3,
+        timeout_s=900,
+    )
+    print(f"\n(a) {clients} clients x {args.params:,} parameters", flush=True)
+    with LocalStack(config) as stack:
+        assert stack.store is not None and stack.router is not None
+        ingest_ms = write_round(stack.store, job, clients, args.params)
+        plan: RoundPlan = stack.router.plan_round(job, ROUND)
+        replicas = sorted({len(b.owners) for b in plan.blocks})
+        print(
+            f"  ingested in {ingest_ms / 1000:.1f} s; footprint "
+            f"{plan.footprint / MiB:.0f} MiB = {plan.footprint / budget:.2f} budgets; "
+            f"{len(plan.blocks)} block(s), replicas {replicas}",
+            flush=True,
+        )
+        start_nodes(stack)
+        prefetch_ms = timed_prefetch(stack, job)
+        print(f"  prefetch {prefetch_ms:.0f} ms", flush=True)
+        with Aggregator("s3", s3, BUCKET) as agg:
+            flstore = FLStoreClient(stack.gateway_url, stack.token, timeout=900)
+            objstore = FLStoreClient(agg.url, timeout=900)
+            print("  checking that flstore and objstore-agg agree:", flush=True)
+            check = check_agreement(stack.store, flstore, objstore, job, clients)
+            measured: dict[str, Callable[[], float]] = {}
+            counter = {"n": 0}
+            for name in WORKLOADS:
+                for system, client, offset in (
+                    ("flstore-warm", flstore, 0.0),
+                    ("objstore-agg", objstore, 0.005),
+                ):
+                    measured[f"{name}/{system}"] = weak_call(
+                        client, job, name, clients, offset, counter
+                    )
+            samples = interleave(measured, args.repetitions, warmup=0)
+            agg_peak = vmhwm_mb(agg.pid)
+        peaks = node_peaks(stack)
+    shape = {
+        "clients": clients,
+        "params": args.params,
+        "nodes": args.nodes,
+        "memory_mb": args.memory_mb,
+        "budget_mb": round(budget / MiB, 2),
+        "footprint_mb": round(plan.footprint / MiB, 1),
+        "footprint_budgets": round(plan.footprint / budget, 2),
+        "blocks": len(plan.blocks),
+        "replicas": replicas,
+        "ingest": "store.put_update + commit_round",
+        "ingest_ms": round(ingest_ms, 1),
+    }
+    return WeakPoint(shape, check, samples, prefetch_ms, peaks, agg_peak)
+
+
+def weak_runs(point: WeakPoint) -> list[dict[str, Any]]:
+    """One run per workload and system of a weak-scaling point (ARCHITECTURE §9)."""
+    clients = point.shape["clients"]
+    runs = []
+    for key, ms in point.samples.items():
+        name, system = key.split("/")
+        runs.append(
+            {
+                "system": system,
+                "metric": "latency_ms",
+                **summarize(ms),
+                "workload": name,
+                "scaling": "weak",
+                **point.shape,
+                "workload_params": "beta new per request"
+                if name == "trimmed_mean"
+                else workload_params(name, clients),
+                "prefetch_ms": round(point.prefetch_ms, 1) if system == "flstore-warm" else None,
+                "peak_rss_mb": point.node_peak if system == "flstore-warm" else point.agg_peak,
+                "agrees_within_1e-6": True,
+                "samples_ms": [round(x, 1) for x in ms],
+            }
+        )
+    return runs
+
+
 def weak_scaling(args: Any, s3: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """(a) One stack per round size: FLStore and objstore-agg on each of ``args.clients``."""
     budget = int(args.budget_mb * MiB)
     summary: dict[str, Any] = {}
     for clients in args.clients:
-        job = f"weak-{clients}"
-        config = StackConfig(
-            nodes=args.nodes,
-            replication=2,
-            memory_mb=args.memory_mb,
-            budget_bytes=budget,
-            bucket=BUCKET,
-            s3_endpoint=s3,
-            timeout_s=900,
-        )
-        print(f"\n(a) {clients} clients x {args.params:,} parameters", flush=True)
-        with LocalStack(config) as stack:
-            assert stack.store is not None and stack.router is not None
-            ingest_ms = write_round(stack.store, job, clients, args.params)
-            plan: RoundPlan = stack.router.plan_round(job, ROUND)
-            replicas = sorted({len(b.owners) for b in plan.blocks})
-            print(
-                f"  ingested in {ingest_ms / 1000:.1f} s; footprint "
-                f"{plan.footprint / MiB:.0f} MiB = {plan.footprint / budget:.2f} budgets; "
-                f"{len(plan.blocks)} block(s), replicas {replicas}",
-                flush=True,
-            )
-            start_nodes(stack)
-            prefetch_ms = timed_prefetch(stack, job)
-            print(f"  prefetch {prefetch_ms:.0f} ms", flush=True)
-            with Aggregator("s3", s3, BUCKET) as agg:
-                flstore = FLStoreClient(stack.gateway_url, stack.token, timeout=900)
-                objstore = FLStoreClient(agg.url, timeout=900)
-                print("  checking that flstore and objstore-agg agree:", flush=True)
-                check = check_agreement(stack.store, flstore, objstore, job, clients)
-                measured: dict[str, Callable[[], float]] = {}
-                counter = {"n": 0}
-                for name in WORKLOADS:
-                    for system, client, offset in (
-                        ("flstore-warm", flstore, 0.0),
-                        ("objstore-agg", objstore, 0.005),
-                    ):
-                        measured[f"{name}/{system}"] = weak_call(
-                            client, job, name, clients, offset, counter
-                        )
-                samples = interleave(measured, args.repetitions, warmup=0)
-                agg_peak = vmhwm_mb(agg.pid)
-            peaks = node_peaks(stack)
-        node_peak = max((p for p in peaks if p is not None), default=None)
-        shape = {
-            "clients": clients,
-            "params": args.params,
-            "nodes": args.nodes,
-            "memory_mb": args.memory_mb,
-            "budget_mb": round(budget / MiB, 2),
-            "footprint_mb": round(plan.footprint / MiB, 1),
-            "footprint_budgets": round(plan.footprint / budget, 2),
-            "blocks": len(plan.blocks),
-            "replicas": replicas,
-            "ingest": "store.put_update + commit_round",
-            "ingest_ms": round(ingest_ms, 1),
+        point = measure_weak(args, s3, clients, budget)
+        summary[str(clients)] = {
+            **point.shape,
+            "node_peak_rss_mb": point.node_peaks,
+            "check": point.check,
         }
-        summary[str(clients)] = {**shape, "node_peak_rss_mb": peaks, "check": check}
-        for key, ms in samples.items():
-            name, system = key.split("/")
-            runs.append(
-                {
-                    "system": system,
-                    "metric": "latency_ms",
-                    **summarize(ms),
-                    "workload": name,
-                    "scaling": "weak",
-                    **shape,
-                    "workload_params": "beta new per request"
-                    if name == "trimmed_mean"
-                    else workload_params(name, clients),
-                    "prefetch_ms": round(prefetch_ms, 1) if system == "flstore-warm" else None,
-                    "peak_rss_mb": node_peak if system == "flstore-warm" else agg_peak,
-                    "agrees_within_1e-6": True,
-                    "samples_ms": [round(x, 1) for x in ms],
-                }
-            )
+        runs.extend(weak_runs(point))
         for name in WORKLOADS:
-            fl = np.median(samples[f"{name}/flstore-warm"])
-            ob = np.median(samples[f"{name}/objstore-agg"])
+            fl = np.median(point.samples[f"{name}/flstore-warm"])
+            ob = np.median(point.samples[f"{name}/objstore-agg"])
             print(
                 f"  {name:>14}: flstore-warm {fl:8.1f} ms  objstore-agg {ob:8.1f} ms  "
                 f"({ob / fl:.1f}x)",
                 flush=True,
             )
-        print(f"  peak RSS: nodes {node_peak} MB, objstore-agg {agg_peak} MB", flush=True)
+        print(
+            f"  peak RSS: nodes {point.node_peak} MB, objstore-agg {point.agg_peak} MB",
+            flush=True,
+        )
     return summary
 
 
@@ -433,7 +420,47 @@ def strong_call(
     return once
 
 
+def measure_strong(
+    args: Any, s3: str, job: str, k: int, budget: int, beta: list[int]
+) -> tuple[
+    RoundPlan, list[int], float, dict[str, list[float]], dict[str, list[int]], list[float | None]
+]:
+    """A stack of ``k`` nodes (``k`` blocks): prefetch, then novel requests through a new
+    router each; the plan, its primaries, the prefetch, the samples, each request's node
+    invocations and the nodes' peak memory."""
+    config = StackConfig(
+        nodes=k,
+        replication=2,
+        memory_mb=args.memory_mb,
+        budget_bytes=budget,
+        bucket=BUCKET,
+        s3_endpoint=s3,
+        timeout_s=900,
+        min_blocks=k if k > 1 else None,
+    )
+    with LocalStack(config) as stack:
+        assert stack.store is not None and stack.router is not None
+        plan = stack.router.plan_round(job, ROUND)
+        primaries = sorted({b.owners[0] for b in plan.blocks})
+        start_nodes(stack)
+        prefetch_ms = timed_prefetch(stack, job)
+        auth = f"Bearer {stack.token}"
+        fresh = RouterFactory(stack)
+        invocations: dict[str, list[int]] = {"trimmed_mean": [], "cosine_select": []}
+        samples = interleave(
+            {
+                n: strong_call(fresh, auth, job, n, beta, invocations[n])
+                for n in ("trimmed_mean", "cosine_select")
+            },
+            args.repetitions,
+            warmup=1,
+        )
+        peaks = node_peaks(stack)
+    return plan, primaries, prefetch_ms, samples, invocations, peaks
+
+
 def strong_scaling(args: Any, s3: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """(b) One round that fits one node, on 1, 2, 4 … nodes: the same novel requests."""
     budget = int(args.budget_mb * MiB)
     clients, n_params = args.strong_clients, args.strong_params
     need = footprint(clients, n_params)
@@ -455,34 +482,9 @@ def strong_scaling(args: Any, s3: str, runs: list[dict[str, Any]]) -> dict[str, 
     }
     beta = [0]
     for k in args.strong_nodes:
-        config = StackConfig(
-            nodes=k,
-            replication=2,
-            memory_mb=args.memory_mb,
-            budget_bytes=budget,
-            bucket=BUCKET,
-            s3_endpoint=s3,
-            timeout_s=900,
-            min_blocks=k if k > 1 else None,
+        plan, primaries, prefetch_ms, samples, invocations, peaks = measure_strong(
+            args, s3, job, k, budget, beta
         )
-        with LocalStack(config) as stack:
-            assert stack.store is not None and stack.router is not None
-            plan = stack.router.plan_round(job, ROUND)
-            primaries = sorted({b.owners[0] for b in plan.blocks})
-            start_nodes(stack)
-            prefetch_ms = timed_prefetch(stack, job)
-            auth = f"Bearer {stack.token}"
-            fresh = RouterFactory(stack)
-            invocations: dict[str, list[int]] = {"trimmed_mean": [], "cosine_select": []}
-            samples = interleave(
-                {
-                    n: strong_call(fresh, auth, job, n, beta, invocations[n])
-                    for n in ("trimmed_mean", "cosine_select")
-                },
-                args.repetitions,
-                warmup=1,
-            )
-            peaks = node_peaks(stack)
         node_peak = max((p for p in peaks if p is not None), default=None)
         line = []
         for name, ms in samples.items():
@@ -515,62 +517,6 @@ def strong_scaling(args: Any, s3: str, runs: list[dict[str, Any]]) -> dict[str, 
             flush=True,
         )
     return summary
-
-
-# ---------------------------------------------------------------------- plots
-
-
-def plot(runs: list[dict[str, Any]], out_dir: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    weak = [r for r in runs if r.get("scaling") == "weak"]
-    if weak:
-        fig, axes = plt.subplots(1, len(WORKLOADS), figsize=(4 * len(WORKLOADS), 3.6))
-        for ax, name in zip(axes, WORKLOADS, strict=True):
-            for system, style in (("flstore-warm", "o-"), ("objstore-agg", "s--")):
-                rs = sorted(
-                    (r for r in weak if r["workload"] == name and r["system"] == system),
-                    key=lambda r: r["clients"],
-                )
-                ax.plot([r["clients"] for r in rs], [r["p50"] for r in rs], style, label=system)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_title(name)
-            ax.set_xlabel("clients in the round")
-            ax.grid(True, which="both", alpha=0.3)
-        axes[0].set_ylabel("p50 latency (ms)")
-        axes[0].legend()
-        fig.tight_layout()
-        path = out_dir / "scale_weak.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(str(path))
-    strong = [r for r in runs if r.get("scaling") == "strong"]
-    if strong:
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for name, style in (("trimmed_mean", "o-"), ("cosine_select", "s-")):
-            rs = sorted((r for r in strong if r["workload"] == name), key=lambda r: r["nodes"])
-            ax.plot([r["nodes"] for r in rs], [r["p50"] for r in rs], style, label=name)
-            if name == "trimmed_mean" and rs:
-                ideal = [rs[0]["p50"] / r["nodes"] for r in rs]
-                ax.plot([r["nodes"] for r in rs], ideal, ":", color="grey", label="ideal 1/k")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("cache nodes (= blocks)")
-        ax.set_ylabel("p50 latency (ms)")
-        ax.set_title(f"one novel request, {os.cpu_count()} cores")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = out_dir / "scale_strong.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(str(path))
-    return written
 
 
 def main() -> None:
@@ -620,7 +566,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"\nwrote {args.json}")
-    for path in plot(runs, out_dir):
+    for path in plot(runs, out_dir, WORKLOADS):
         print(f"wrote {path}")
     print(f"total {time.perf_counter() - t0:.0f} s")
 
