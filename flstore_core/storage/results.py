@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from flstore_core.errors import ValidationError
+from flstore_core.ids import validate_job
 from flstore_core.storage.counted import CountedBlobs
 
 # results carry this tag: the bucket's lifecycle rule expires them (infra/flstore_infra/storage.py)
@@ -17,9 +18,12 @@ RESULT_TAGS = {"flstore:kind": "result"}
 
 
 def check_result_key(key: str) -> None:
-    """Raise :class:`ValidationError` unless ``key`` is under a job's ``results/`` prefix."""
-    if "/results/" not in key or not key.startswith("jobs/"):
+    """Raise :class:`ValidationError` unless ``key`` is under a job's own ``results/`` prefix,
+    ``jobs/{job}/results/…`` exactly (not a ``results/`` folder anywhere below ``jobs/``)."""
+    parts = key.split("/", 3)
+    if len(parts) < 4 or parts[0] != "jobs" or parts[2] != "results" or not parts[3]:
         raise ValidationError(f"result key {key!r} is not under a job's results/ prefix")
+    validate_job(parts[1])
 
 
 class ResultObjects:
