@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.report import parser, write_report
 from flstore_core.data import layout
 from flstore_core.data.codec import Update
+from flstore_core.protocol import EvictOp
 from flstore_core.routing.planner import plan_round
 from flstore_core.sdk.round_writer import RoundWriter
 from flstore_core.storage.object_store import ObjectStore
@@ -330,6 +331,111 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
+def inflict(
+    name: str,
+    args: Any,
+    stack: LocalStack,
+    proxy: FaultProxy,
+    root: Path,
+    s3: str,
+    sent: Sent,
+    extra: dict[str, Any],
+) -> float | None:
+    """Phase ``name``'s faults while the clients run; what it did goes into ``extra``. Returns
+    when every node was killed at once (total_outage), else None."""
+    assert stack.lam is not None and stack.router is not None
+    nodes = [stack.node_function(i) for i in range(args.nodes)]
+    rng = random.Random(name)
+    end = time.monotonic() + args.seconds
+    kill_at: float | None = None
+    if name == "node_kills":
+        kills = 0
+        while time.monotonic() < end:
+            time.sleep(rng.uniform(args.kill_every * 0.7, args.kill_every * 1.3))
+            stack.lam.kill_instances(rng.choice(nodes))
+            kills += 1
+        extra["kills"] = kills
+    elif name == "total_outage":
+        time.sleep(args.seconds / 4)
+        kill_at = time.monotonic()
+        for fn in nodes:
+            stack.lam.kill_instances(fn)
+    elif name == "s3_faults":
+        extra.update(s3_faults(args, stack, proxy, end))
+    elif name == "ingest_kill":
+        info = killed_ingestion(stack, s3, root, sent)
+        extra["ingestion"] = {k: v for k, v in info.items() if k != "key"}
+    time.sleep(max(0.0, end - time.monotonic()))
+    return kill_at
+
+
+def s3_faults(args: Any, stack: LocalStack, proxy: FaultProxy, end: float) -> dict[str, Any]:
+    """S3 misbehaves (``S3_FAULTS``) while every node is emptied every ``kill_every`` seconds,
+    so that requests go back to S3; the requests and faults the proxy saw."""
+    assert stack.router is not None
+    counts0 = proxy.counts()
+    proxy.faults = S3_FAULTS
+    evictions = 0
+    try:
+        while time.monotonic() < end:
+            time.sleep(args.kill_every)
+            for i in range(args.nodes):
+                try:
+                    stack.router.node_op(i, EvictOp(all=True))
+                    evictions += 1
+                except Exception:
+                    pass
+    finally:
+        proxy.faults = Faults()
+    counts = proxy.counts()
+    return {
+        "s3_requests_through_proxy": counts.get("requests", 0) - counts0.get("requests", 0),
+        "faults_injected": {
+            k: counts.get(k, 0) - counts0.get(k, 0) for k in counts if k != "requests"
+        },
+        "evictions": evictions,
+    }
+
+
+def recovery_after(
+    samples: list[Sample],
+    kill_at: float,
+    reference: dict[tuple[str, str, int], str],
+    extra: dict[str, Any],
+) -> float | None:
+    """Seconds from the outage to the first answer again (the failures after it, and the time
+    until every request was answered again, go into ``extra``)."""
+    after = [s for s in samples if s.start >= kill_at and s.status == 200]
+    recovery = round(min(s.end for s in after) - kill_at, 3) if after else None
+    extra["failed_after_kill"] = sum(1 for s in samples if s.end >= kill_at and s.status != 200)
+    # until every request of the mix has been answered again (recovery_s: until any was)
+    firsts = {s.key: s.end for s in sorted(after, key=lambda s: -s.end)}  # earliest wins
+    extra["recovery_all_s"] = (
+        round(max(firsts.values()) - kill_at, 3) if len(firsts) == len(reference) else None
+    )
+    return recovery
+
+
+def differing_detail(
+    differing: list[Sample], reference: dict[tuple[str, str, int], str]
+) -> list[dict[str, Any]]:
+    """The first few answers other than the reference, and how they differ."""
+    return [
+        {
+            **difference(reference[s.key], s.result),
+            "meta": s.note,
+            "got": s.result[:1500],
+            "want": reference[s.key][:1500],
+            # an answer to another request (a mix-up) rather than other bits of this one
+            "matches_reference_of": sorted(
+                "/".join(map(str, k)) for k, v in reference.items() if v == s.result
+            ),
+        }
+        for s in differing[:3]
+        if s.result is not None
+    ]
+
+
 def run_phase(
     name: str,
     args: Any,
@@ -341,70 +447,20 @@ def run_phase(
     root: Path,
     s3: str,
 ) -> dict[str, Any]:
-    assert stack.lam is not None and stack.router is not None
-    nodes = [stack.node_function(i) for i in range(args.nodes)]
-    rng = random.Random(name)
+    """One phase: the clients and an ingester run for ``args.seconds`` while ``name``'s faults
+    are inflicted; then every answer is checked against the reference and every update sent
+    against the store."""
     extra: dict[str, Any] = {}
-    kill_at: float | None = None
     before = set(sent.rounds)
     ingester = Ingester(s3, root, sent)
     with ingester, Clients(args.clients, stack.gateway_url, stack.token, keys) as clients:
-        t0 = time.monotonic()
-        end = t0 + args.seconds
-        if name == "node_kills":
-            kills = 0
-            while time.monotonic() < end:
-                time.sleep(rng.uniform(args.kill_every * 0.7, args.kill_every * 1.3))
-                stack.lam.kill_instances(rng.choice(nodes))
-                kills += 1
-            extra["kills"] = kills
-        elif name == "total_outage":
-            time.sleep(args.seconds / 4)
-            kill_at = time.monotonic()
-            for fn in nodes:
-                stack.lam.kill_instances(fn)
-        elif name == "s3_faults":
-            counts0 = proxy.counts()
-            proxy.faults = S3_FAULTS
-            evictions = 0
-            try:
-                while time.monotonic() < end:
-                    time.sleep(args.kill_every)
-                    for i in range(args.nodes):
-                        try:
-                            stack.router.node_op(i, {"op": "evict", "all": True})
-                            evictions += 1
-                        except Exception:
-                            pass
-            finally:
-                proxy.faults = Faults()
-            counts = proxy.counts()
-            extra["s3_requests_through_proxy"] = counts.get("requests", 0) - counts0.get(
-                "requests", 0
-            )
-            extra["faults_injected"] = {
-                k: counts.get(k, 0) - counts0.get(k, 0) for k in counts if k != "requests"
-            }
-            extra["evictions"] = evictions
-        elif name == "ingest_kill":
-            info = killed_ingestion(stack, s3, root, sent)
-            extra["ingestion"] = {k: v for k, v in info.items() if k != "key"}
-        time.sleep(max(0.0, end - time.monotonic()))
+        kill_at = inflict(name, args, stack, proxy, root, s3, sent, extra)
     samples = clients.samples
     statuses = Counter(str(s.status) for s in samples)
     differing = [s for s in samples if s.result is not None and s.result != reference[s.key]]
     new_rounds = sorted(set(sent.rounds) - before)
     checked = check_updates(stack.store, sent, new_rounds)  # type: ignore[arg-type]
-    recovery = None
-    if kill_at is not None:
-        after = [s for s in samples if s.start >= kill_at and s.status == 200]
-        recovery = round(min(s.end for s in after) - kill_at, 3) if after else None
-        extra["failed_after_kill"] = sum(1 for s in samples if s.end >= kill_at and s.status != 200)
-        # until every request of the mix has been answered again (recovery_s: until any was)
-        firsts = {s.key: s.end for s in sorted(after, key=lambda s: -s.end)}  # earliest wins
-        extra["recovery_all_s"] = (
-            round(max(firsts.values()) - kill_at, 3) if len(firsts) == len(reference) else None
-        )
+    recovery = None if kill_at is None else recovery_after(samples, kill_at, reference, extra)
     latencies = [(s.end - s.start) * 1000 for s in samples]
     run = {
         "name": name,
@@ -413,20 +469,7 @@ def run_phase(
         "status_counts": dict(statuses),
         "differing": len(differing),
         "differing_requests": sorted({"/".join(map(str, s.key)) for s in differing}),
-        "differing_detail": [
-            {
-                **difference(reference[s.key], s.result),
-                "meta": s.note,
-                "got": s.result[:1500],
-                "want": reference[s.key][:1500],
-                # an answer to another request (a mix-up) rather than other bits of this one
-                "matches_reference_of": sorted(
-                    "/".join(map(str, k)) for k, v in reference.items() if v == s.result
-                ),
-            }
-            for s in differing[:3]
-            if s.result is not None
-        ],
+        "differing_detail": differing_detail(differing, reference),
         # answers the issue's bar refuses: no answer (status 0) or any status but 200, except
         # a 503 during the declared total outage
         "unexpected_statuses": sum(
