@@ -14,6 +14,10 @@ from rich.text import Text
 from flstore_core import config
 from flstore_core.cli.state import STATE, console
 
+# relative to the directory `local up` runs in, beside .flstore/local.json
+DATA_DIR = Path(".flstore") / "data"
+STOP_WAIT_TICKS = 600  # of 0.1 s: a stack saving a large bucket takes a while to stop
+
 local_app = typer.Typer(help="The embedded local stack (moto S3, local Lambda, local gateway).")
 
 
@@ -37,8 +41,14 @@ def local_up(
     ),
     bucket: str = typer.Option("flstore-local", help="S3 bucket."),
     s3_endpoint: str = typer.Option(None, help="Use this S3 endpoint instead of starting moto."),
+    data_dir: Path = typer.Option(
+        DATA_DIR,
+        help="Where the embedded S3 keeps its objects between `local down` and `local up` "
+        "(delete it for an empty store; unused with --s3-endpoint).",
+    ),
 ) -> None:
-    """Start the local stack in the foreground until interrupted; writes .flstore/local.json."""
+    """Start the local stack in the foreground until interrupted; writes .flstore/local.json
+    and keeps the bucket's objects in --data-dir."""
     from flstore_core.cache.budget import MiB
     from lambdas.local_runtime.stack import LocalStack, StackConfig
 
@@ -56,6 +66,7 @@ def local_up(
         budget_bytes=None if cache_budget_mb is None else cache_budget_mb * MiB,
         bucket=bucket,
         s3_endpoint=s3_endpoint,
+        data_dir=None if s3_endpoint else data_dir,
     )
     stopping = {"flag": False}
 
@@ -67,6 +78,8 @@ def local_up(
         console.print(Text.assemble("gateway   ", (stack.gateway_url, "bold")))
         console.print(f"lambda    {stack.lambda_endpoint}   s3 {stack.s3_endpoint}")
         console.print(Text.assemble("token     ", (stack.token, "bold")))
+        if stack.data_dir is not None:
+            console.print(f"data      {stack.data_dir}{_restored(stack.restored_jobs())}")
         console.print(f"state     {STATE} (Ctrl-C or `flstore local down` to stop)")
         try:
             while not stopping["flag"]:
@@ -74,6 +87,14 @@ def local_up(
         except KeyboardInterrupt:
             pass
     console.print("local stack stopped")
+
+
+def _restored(jobs: list[str]) -> str:
+    """What the data line says came back: the jobs, or that the store starts empty."""
+    if not jobs:
+        return " (no jobs restored)"
+    shown = ", ".join(jobs[:5]) + (", …" if len(jobs) > 5 else "")
+    return f" (restored {len(jobs)} job{'s' if len(jobs) != 1 else ''}: {shown})"
 
 
 @local_app.command("down")
@@ -89,8 +110,10 @@ def local_down() -> None:
         STATE.unlink(missing_ok=True)
         console.print("the local stack was not running; removed its stale state file")
         return
-    for _ in range(100):
+    # the stack saves its objects to its --data-dir before it removes the state file
+    for _ in range(STOP_WAIT_TICKS):
         if not STATE.exists():
-            break
+            console.print(f"stopped local stack (pid {pid}); its objects stay in its --data-dir")
+            return
         time.sleep(0.1)
-    console.print(f"stopped local stack (pid {pid})")
+    console.print(f"local stack (pid {pid}) is still stopping (saving its objects)")

@@ -1,13 +1,25 @@
-"""The local S3: a moto server on 127.0.0.1, the embedded default of ARCHITECTURE §6."""
+"""The local S3: a moto server on 127.0.0.1, the embedded default of ARCHITECTURE §6.
+
+Given a data directory, it keeps its objects across a stop and a start
+(:mod:`lambdas.local_runtime.s3_snapshot`): moto holds them in memory only.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
+from pathlib import Path
 from types import TracebackType
 
 from moto.server import ThreadedMotoServer
+
+from lambdas.local_runtime.s3_snapshot import (
+    Restored,
+    restore_buckets,
+    save_buckets,
+    snapshot_client,
+)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -18,11 +30,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class LocalS3:
-    """A moto S3 server in this process; ``url`` is its endpoint for boto3's ``endpoint_url``."""
+    """A moto S3 server in this process; ``url`` is its endpoint for boto3's ``endpoint_url``.
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    With ``data_dir``, :meth:`start` puts back the objects saved there and :meth:`stop` saves
+    every object there (``restored`` says what came back)."""
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, data_dir: str | Path | None = None
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.restored = Restored({})
         self._server = ThreadedMotoServer(ip_address=host, port=self.port, verbose=False)
 
     @property
@@ -36,10 +55,21 @@ class LocalS3:
         os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
         self._server.start()
+        if self.data_dir is not None:
+            self.restored = restore_buckets(snapshot_client(self.url), self.data_dir)
         return self
 
+    def save(self) -> int:
+        """Write every object to ``data_dir`` now; returns how many (0 without one)."""
+        if self.data_dir is None:
+            return 0
+        return save_buckets(snapshot_client(self.url), self.data_dir)
+
     def stop(self) -> None:
-        self._server.stop()
+        try:
+            self.save()
+        finally:
+            self._server.stop()
 
     def __enter__(self) -> LocalS3:
         return self.start()

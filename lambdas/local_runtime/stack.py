@@ -61,6 +61,9 @@ class StackConfig:
     timeout_s: float = 300.0
     concurrency: int = 1  # one warm instance per node: its memory is the cache
     s3_endpoint: str | None = None  # reuse a running S3 instead of starting moto
+    # where the embedded S3 keeps its objects between a stop and a start (None: in memory
+    # only, gone at stop); unused with s3_endpoint, whose S3 keeps its own
+    data_dir: str | Path | None = None
     tokens: dict[str, list[str]] = field(default_factory=dict)  # extra tokens -> granted jobs
     # how long the gateway caches the authorizer's answers (authorizerResultTtlInSeconds)
     authorizer_ttl_s: float = AUTHORIZER_CACHE_TTL_S
@@ -117,7 +120,7 @@ class LocalStack:
         if cfg.s3_endpoint:
             self.s3_endpoint = cfg.s3_endpoint
         else:
-            self._s3 = LocalS3().start()
+            self._s3 = LocalS3(data_dir=cfg.data_dir).start()
             self.s3_endpoint = self._s3.url
         self.store = ObjectStore(cfg.bucket, endpoint_url=self.s3_endpoint)
         self.store.ensure_bucket()
@@ -229,6 +232,18 @@ class LocalStack:
         self.stop()
 
     # ------------------------------------------------------------------ conveniences
+
+    @property
+    def data_dir(self) -> Path | None:
+        """Where the embedded S3 keeps its objects (None: in memory only, or not embedded)."""
+        return self._s3.data_dir if self._s3 is not None else None
+
+    def restored_jobs(self) -> list[str]:
+        """The jobs the embedded S3 restored from ``data_dir`` at start (none without one)."""
+        if self._s3 is None or not self._s3.restored.objects.get(self.config.bucket):
+            return []
+        assert self.store is not None, "stack not started"
+        return self.store.list_jobs()
 
     @property
     def gateway_url(self) -> str:

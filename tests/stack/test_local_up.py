@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from flstore_core.storage.object_store import ObjectStore
 from tests.conftest import small_update
@@ -14,45 +15,64 @@ from tests.conftest import small_update
 FLSTORE = [sys.executable, "-m", "flstore_core.cli"]
 
 
-def test_local_up_run_and_down(tmp_path: Path) -> None:
+def local_up(cwd: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """`flstore local up` in ``cwd``, once its state file is written; the process and state."""
     up = subprocess.Popen(
         [*FLSTORE, "local", "up", "--nodes", "2", "--memory-mb", "1024"],
-        cwd=tmp_path,
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    state_file = tmp_path / ".flstore" / "local.json"
+    state_file = cwd / ".flstore" / "local.json"
+    deadline = time.monotonic() + 60
+    while not state_file.exists():
+        if up.poll() is not None or time.monotonic() > deadline:
+            up.kill()
+            raise AssertionError(f"local stack did not come up: {up.communicate()[0]}")
+        time.sleep(0.1)
+    return up, json.loads(state_file.read_text())
+
+
+def local_down(cwd: Path, up: subprocess.Popen[str]) -> str:
+    """`flstore local down` in ``cwd``; what `local up` printed."""
+    down = subprocess.run([*FLSTORE, "local", "down"], cwd=cwd, capture_output=True, text=True)
+    assert down.returncode == 0, down.stderr
+    out, _ = up.communicate(timeout=60)
+    assert not (cwd / ".flstore" / "local.json").exists()
+    return out
+
+
+def cosine_select(cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            *FLSTORE,
+            "run",
+            "cosine_select",
+            *("--job", "demo", "--round", "0", "--param", "k=3"),
+            "--json",
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def write_round(state: dict[str, Any]) -> None:
+    store = ObjectStore(state["bucket"], endpoint_url=state["s3_endpoint"])
+    for i in range(4):
+        store.put_update("demo", 0, f"c{i}", small_update(i))
+    store.commit_round("demo", 0)
+    store.close()
+
+
+def test_local_up_run_and_down(tmp_path: Path) -> None:
+    up, state = local_up(tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while not state_file.exists():
-            assert up.poll() is None, up.stdout.read() if up.stdout else ""
-            assert time.monotonic() < deadline, "local stack did not come up"
-            time.sleep(0.1)
-        state = json.loads(state_file.read_text())
         assert {"gateway_url", "lambda_endpoint", "s3_endpoint", "bucket", "token"} <= set(state)
-        store = ObjectStore(state["bucket"], endpoint_url=state["s3_endpoint"])
-        for i in range(4):
-            store.put_update("demo", 0, f"c{i}", small_update(i))
-        store.commit_round("demo", 0)
-        out = subprocess.run(
-            [
-                *FLSTORE,
-                "run",
-                "cosine_select",
-                "--job",
-                "demo",
-                "--round",
-                "0",
-                "--param",
-                "k=3",
-                "--json",
-            ],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        write_round(state)
+        out = cosine_select(tmp_path)
         assert out.returncode == 0, out.stderr
         answer = json.loads(out.stdout)
         assert len(answer["result"]["selected"]) == 3 and answer["meta"]["latency_ms"] > 0
@@ -60,12 +80,26 @@ def test_local_up_run_and_down(tmp_path: Path) -> None:
             [*FLSTORE, "rounds", "--job", "demo"], cwd=tmp_path, capture_output=True, text=True
         )
         assert table.returncode == 0 and "4" in table.stdout
-        down = subprocess.run(
-            [*FLSTORE, "local", "down"], cwd=tmp_path, capture_output=True, text=True
-        )
-        assert down.returncode == 0
-        up.wait(timeout=30)
-        assert not state_file.exists()
+        printed = local_down(tmp_path, up)
+        assert "data      .flstore/data (no jobs restored)" in printed
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def test_local_up_restores_what_local_down_saved(tmp_path: Path) -> None:
+    """A job written before `local down` answers after the next `local up`."""
+    up, state = local_up(tmp_path)
+    try:
+        write_round(state)
+        local_down(tmp_path, up)
+        assert (tmp_path / ".flstore" / "data" / "index.json").exists()
+        up, _ = local_up(tmp_path)
+        out = cosine_select(tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert len(json.loads(out.stdout)["result"]["selected"]) == 3
+        printed = local_down(tmp_path, up)
+        assert "(restored 1 job: demo)" in printed
     finally:
         if up.poll() is None:
             up.kill()
