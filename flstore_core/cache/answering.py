@@ -52,6 +52,7 @@ class WorkloadAnswers:
         workload = get(op.workload)
         job = op.job
         params = workload.validate(op.params)
+        node.check_spec(job)  # a dictionary lookup between refresh points (REFRESH_S)
         gets_before, puts_before = node.store.gets, node.store.puts
         t0 = time.perf_counter()
         timing: dict[str, float] = {}  # "write": encoding and PUT of a model result
@@ -66,6 +67,7 @@ class WorkloadAnswers:
                     lambda: run_round_workload(
                         node.store, workload, data, params, data.results_written, timing
                     ),
+                    data.context.version,
                 )
             hits = [hit]
         elif workload.cls == "client":
@@ -80,7 +82,9 @@ class WorkloadAnswers:
                     params = {**params, "round": value.latest_round()}
                 rounds = None if op.rounds is None else list(op.rounds)
                 request = {"params": params, "rounds": rounds}
-                result = self.memoised(value.memo, workload.name, request, value, params)
+                result = self.memoised(
+                    value.memo, workload.name, request, value, params, value.spec_version
+                )
                 if isinstance(value, GlobalModels):
                     node.cache.put(key, value)  # models loaded on demand: re-account its size
             hits = [hit]
@@ -101,9 +105,11 @@ class WorkloadAnswers:
         request: dict[str, Any],
         shard: Any,
         params: dict[str, Any],
+        version: str,
     ) -> dict[str, Any]:
         """The workload's answer on ``shard``: kept from an identical earlier request on this
-        version of the shard, else run and kept (:mod:`flstore_core.cache.memo`)."""
+        version of the shard and of the job's spec (``version``), else run and kept
+        (:mod:`flstore_core.cache.memo`)."""
         workload = get(name)
 
         def compute() -> dict[str, Any]:
@@ -113,7 +119,7 @@ class WorkloadAnswers:
                 result = workload.finalize(result, params)
             return result
 
-        return self.answer(memo, name, request, compute)
+        return self.answer(memo, name, request, compute, version)
 
     def answer(
         self,
@@ -121,9 +127,11 @@ class WorkloadAnswers:
         name: str,
         request: dict[str, Any],
         compute: Callable[[], dict[str, Any]],
+        version: str,
     ) -> dict[str, Any]:
-        """``compute()``, or the answer ``memo`` kept for an identical request."""
-        result, reused = memo.answer(ResultMemo.key(name, request), compute)
+        """``compute()``, or the answer ``memo`` kept for an identical request on the job spec
+        and validation set of ``version``."""
+        result, reused = memo.answer(ResultMemo.key(name, request, version), compute)
         self.counts["reused" if reused else "computed"] += 1
         return result
 
@@ -166,5 +174,7 @@ class WorkloadAnswers:
                 "clients": names,
                 "rounds": None if wanted is None else sorted(wanted),
             }
-            result = self.memoised(meta.memo, workload.name, request, histories, params)
+            result = self.memoised(
+                meta.memo, workload.name, request, histories, params, meta.spec_version
+            )
         return result, [hit], t1

@@ -9,9 +9,12 @@ rewritten manifest, a prefetch's ``load``, its ``REFRESH_S`` age), so the answer
 those of the data the node would compute from, never older. The model shard's answers are
 keyed by the round of the global model they used (a stored global model is never rewritten).
 
-Keys are the SHA-256 of the workload name and the request that decides the answer (its
-validated params, with defaults filled in, and the clients or rounds it spans) in canonical
-JSON, so a request with an input batch keys by its digest, not by a copy of the batch. Only
+Keys are the SHA-256 of the workload name, the request that decides the answer (its
+validated params, with defaults filled in, and the clients or rounds it spans) and the version
+of the job's spec and validation set the shard was read with
+(:mod:`flstore_core.cache.spec_versions`: a forced change of the job's model or validation set
+is a new key, even on a shard read before the change) in canonical JSON, so a request with an
+input batch keys by its digest, not by a copy of the batch. Only
 deterministic workloads are kept — every catalogue workload is: the randomised ones take a
 ``seed`` param, which is part of the key. Answers are kept as returned and must not be
 mutated by their readers (the node serialises them, nothing else touches them).
@@ -40,9 +43,11 @@ class ResultMemo:
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(workload: str, request: dict[str, Any]) -> str:
-        """The digest of a workload and the request that decides its answer."""
-        text = json.dumps([workload, request], sort_keys=True, separators=(",", ":"))
+    def key(workload: str, request: dict[str, Any], version: str = "") -> str:
+        """The digest of a workload, the request that decides its answer and the version of
+        the job's spec and validation set it runs with (``""``: a shard without a job context,
+        as in the unit tests of the memo itself)."""
+        text = json.dumps([workload, request, version], sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
     def answer(

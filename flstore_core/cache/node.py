@@ -14,8 +14,8 @@ its typed op by :func:`flstore_core.protocol.parse_event` (which documents every
 * ``partial``, ``model_part``, ``run_clients`` — the ops on a round held in column blocks
   (:mod:`flstore_core.cache.sharded_ops`);
 * ``stats`` — hits, misses, loads, bytes held, evictions, S3 GETs, artifact reuse;
-* ``evict`` — the shards named, or all of them (which also drops the node's cached manifests
-  and job contexts);
+* ``evict`` — the shards named, or all of them (which also drops the node's cached manifests,
+  job contexts and job spec versions);
 * ``ping`` — keep-warm.
 
 :attr:`CacheNode.ops` maps each op class to the handler that runs it. Reading a round from S3
@@ -52,6 +52,7 @@ from flstore_core.cache.shards import (
     load_client,
     load_meta,
 )
+from flstore_core.cache.spec_versions import SpecVersions
 from flstore_core.errors import FLStoreError, NotFoundError, ValidationError
 from flstore_core.protocol import (
     ArtifactsOp,
@@ -106,6 +107,7 @@ class CacheNode:
         self.artifacts = ArtifactStats()
         self.manifests = ManifestReader(store)
         self._contexts: dict[str, tuple[float, JobContext]] = {}
+        self.versions = SpecVersions(store, REFRESH_S)
         self.started = time.time()
         self.invocations = 0
         self.streamed_written: set[str] = set()  # model results run_clients wrote
@@ -131,9 +133,24 @@ class CacheNode:
         now = time.monotonic()
         cached = self._contexts.get(job)
         if cached is None or now - cached[0] > CONTEXT_TTL_S:
-            cached = (now, job_context(self.store, job))
+            cached = (now, job_context(self.store, job, self.versions.current(job)))
             self._contexts[job] = cached
         return cached[1]
+
+    def check_spec(self, job: str, force: bool = False) -> None:
+        """A refresh point of the job's spec and validation set (``load``: ``force``; a request:
+        every ``REFRESH_S``; :class:`~flstore_core.cache.spec_versions.SpecVersions`). When
+        either changed (forced: ARCHITECTURE §2), every shard of the job held here — round
+        copies with their model artifacts and answers, the meta and model shards with theirs —
+        and its context are dropped, so the next request reads and computes anew. A shard in
+        use by a concurrent request stays until the next refresh point; its answers are keyed
+        on the version it was read at, never on the new one."""
+        if not self.versions.check(job, force):
+            return
+        self._contexts.pop(job, None)
+        for key in self.cache.shard_keys():
+            if key.job == job:
+                self.cache.evict(key)
 
     def loader(self, key: ShardKey) -> Any:
         """How to read ``key``'s shard from S3 (for :meth:`ShardCache.using`)."""
@@ -152,7 +169,9 @@ class CacheNode:
                 self.store, key.job, key.round, self.artifacts, self.context(key.job)
             )
         if key.cls == "meta":
-            return lambda: load_meta(self.manifests, key.job)
+            return lambda: load_meta(
+                self.manifests, key.job, spec_version=self.versions.current(key.job)
+            )
         if key.cls == "client":
             return lambda: load_client(self.manifests, key.job, key.part)
         return lambda: GlobalModels(
@@ -180,7 +199,8 @@ class CacheNode:
         if not force and fresh_enough and current:
             return value
         if isinstance(value, JobMeta):
-            fresh: Any = load_meta(self.manifests, key.job, known=value)
+            version = self.versions.current(key.job)
+            fresh: Any = load_meta(self.manifests, key.job, known=value, spec_version=version)
         else:
             fresh = load_client(self.manifests, key.job, key.part)
         self.cache.put(key, fresh)
@@ -197,11 +217,15 @@ class CacheNode:
         failed: dict[str, str] = {}
         timing = {"load": 0.0, "warm": 0.0}
         listed: set[str] = set()  # jobs whose manifests this load listed (once per job)
+        checked: set[str] = set()  # jobs whose spec versions this load checked (once per job)
         for text in shards:
             try:
                 key = ShardKey.parse(text)
             except (ValueError, FLStoreError) as exc:
                 raise ValidationError(f"bad shard key {text!r}: {exc}") from exc
+            if key.job not in checked:  # before its shards are loaded: a change drops them
+                self.check_spec(key.job, force=True)
+                checked.add(key.job)
             try:
                 t0 = time.perf_counter()
                 if key.cls == "round":
@@ -289,9 +313,11 @@ class CacheNode:
         """Drop the shards ``op`` names, or every shard; answers those that were held."""
         if op.all:
             keys = self.cache.shard_keys()
-            # the manifests and job contexts too: after ``evict all`` everything is read anew
+            # the manifests, job contexts and spec versions too: after ``evict all`` everything
+            # is read anew
             self.manifests.forget()
             self._contexts.clear()
+            self.versions.forget()
         else:
             keys = [ShardKey.parse(s) for s in op.shards]
         return {"evicted": [str(k) for k in keys if self.cache.evict(k)]}

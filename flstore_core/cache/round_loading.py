@@ -14,9 +14,11 @@ from flstore_core.data.rows import base_vector
 from flstore_core.storage.object_store import ObjectStore, RoundMatrix
 
 
-def job_context(store: ObjectStore, job: str) -> JobContext:
-    """The job's spec, with its validation set loaded from S3 on first use."""
-    return JobContext(store.get_job_spec(job), lambda: store.get_validation_set(job))
+def job_context(store: ObjectStore, job: str, version: str = "") -> JobContext:
+    """The job's spec, with its validation set loaded from S3 on first use; ``version`` names
+    the versions of both it is read at (a cache node's
+    :class:`~flstore_core.cache.spec_versions.SpecVersions`; ``""`` for one request's read)."""
+    return JobContext(store.get_job_spec(job), lambda: store.get_validation_set(job), version)
 
 
 def load_round(

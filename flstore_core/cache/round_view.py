@@ -93,11 +93,17 @@ class JobContext:
     """What model-based workloads need beyond a round: the job's spec and validation set.
 
     The validation set is loaded on first use and kept; a workload that needs a model or a
-    validation set the job does not have gets a 400 saying how to declare it.
+    validation set the job does not have gets a 400 saying how to declare it. ``version``
+    names the versions of ``job.json`` and of the validation set the context was read at
+    (:mod:`flstore_core.cache.spec_versions`; ``""`` for a context read for one request), so
+    that an answer kept with a shard is keyed on them.
     """
 
-    def __init__(self, spec: JobSpec, load_validation: Callable[[], Validation]) -> None:
+    def __init__(
+        self, spec: JobSpec, load_validation: Callable[[], Validation], version: str = ""
+    ) -> None:
         self.spec = spec
+        self.version = version
         self._load_validation = load_validation
         self._validation: Validation | None = None
         self._lock = threading.Lock()

@@ -34,6 +34,7 @@ from flstore_core.data.codec import TensorSpec
 from flstore_core.data.manifest import JobSpec, RoundManifest
 from flstore_core.data.rows import flatten
 from flstore_core.errors import FLStoreError, NotFoundError
+from flstore_core.storage.jobs import stored_version
 from flstore_core.storage.object_store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -188,8 +189,7 @@ class ManifestReader:
             checked = self._checked.get(key)
         if cached is not None and checked is not None and now - checked < max_age_s:
             return cached[1]
-        info = self.store.stat(layout.manifest_key(job, round_))
-        version = "" if info is None else info.etag or f"{info.size}@{info.modified}"
+        version = stored_version(self.store.stat(layout.manifest_key(job, round_)))
         if cached is not None and version and cached[0] == version:
             with self._lock:
                 self._checked[key] = now
@@ -236,6 +236,9 @@ class JobMeta:
     # of the job when they were (see ManifestReader)
     versions: dict[int, str] = field(default_factory=dict)
     generation: int = 0
+    # the versions of the job's spec and validation set when the shard was read (its memo's
+    # answers are keyed on them: flstore_core.cache.spec_versions)
+    spec_version: str = ""
     # answers of meta and client workloads run on this version of the shard (a refresh builds
     # a new JobMeta, with an empty memo)
     memo: ResultMemo = field(default_factory=ResultMemo, repr=False, compare=False)
@@ -256,13 +259,16 @@ class JobMeta:
         return [rows[client] for r, rows in sorted(self.rounds.items()) if client in rows]
 
 
-def load_meta(reader: ManifestReader, job: str, known: JobMeta | None = None) -> JobMeta:
+def load_meta(
+    reader: ManifestReader, job: str, known: JobMeta | None = None, spec_version: str = ""
+) -> JobMeta:
     """The job's meta shard, rebuilding only the rows of rounds that ``known`` does not have or
-    read from another version of their manifest (a late client, a backfill)."""
+    read from another version of their manifest (a late client, a backfill); ``spec_version``
+    names the job spec's version it is read at (taken before this read)."""
     spec = reader.store.get_job_spec(job)
     rounds = reader.rounds(job)
     # read right after the listing: a rewrite found by any later listing makes the shard stale
-    meta = JobMeta(spec, generation=reader.generation(job))
+    meta = JobMeta(spec, generation=reader.generation(job), spec_version=spec_version)
     for r in rounds:
         manifest = reader.get(job, r)
         version = reader.version(job, r)
@@ -331,6 +337,11 @@ class GlobalModels:
     # shard's rows (REFRESH_S) and lists again at every load of the shard (prefetch)
     list_ttl_s: float = 0.0
     _listed: tuple[float, list[int]] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def spec_version(self) -> str:
+        """The versions of the job's spec and validation set the shard's context was read at."""
+        return self.context.version
 
     @property
     def nbytes(self) -> int:

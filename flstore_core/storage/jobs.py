@@ -1,9 +1,12 @@
 """Job specs (``job.json``) and each job's canonical tensor order, cached per store.
 
-A spec is read once per store object and then served from memory; writing one (``job create``,
-or the default spec a job's first update creates) replaces it and forgets the job's tensor
-order, since the declared model may have changed. Once the job has committed rounds its model
-is part of what past answers mean (ARCHITECTURE §2): another model is refused unless forced.
+A spec is read once per store object and then served from memory, kept with the version of
+``job.json`` it was read at (:func:`stored_version`, taken by a HEAD before the read); writing
+one (``job create``, or the default spec a job's first update creates) replaces it and forgets
+the job's tensor order, since the declared model may have changed. Once the job has committed
+rounds its model is part of what past answers mean (ARCHITECTURE §2): another model is refused
+unless forced — and a forced change is seen by a reader at its next :meth:`JobSpecs.version`
+(or :meth:`JobSpecs.exists`) check, which drops a cached spec of another version.
 """
 
 from __future__ import annotations
@@ -14,8 +17,17 @@ from flstore_core.data import layout
 from flstore_core.data.manifest import JobSpec
 from flstore_core.errors import ConflictError, NotFoundError, ValidationError
 from flstore_core.storage import catalog
+from flstore_core.storage.blobs import BlobInfo
 from flstore_core.storage.catalog import first_manifest
 from flstore_core.storage.counted import CountedBlobs
+
+
+def stored_version(info: BlobInfo | None) -> str:
+    """A stored object's version tag from a HEAD or a listing: its ETag, else its size and
+    write time; ``""`` when the object does not exist."""
+    if info is None:
+        return ""
+    return info.etag or f"{info.size}@{info.modified}"
 
 
 class JobSpecs:
@@ -24,7 +36,8 @@ class JobSpecs:
     def __init__(self, io: CountedBlobs) -> None:
         self.io = io
         self._lock = threading.Lock()
-        self._specs: dict[str, JobSpec] = {}
+        # job -> (the version of job.json the copy was read at, "" if unknown; the spec)
+        self._specs: dict[str, tuple[str, JobSpec]] = {}
         self._orders: dict[str, tuple[str, ...]] = {}  # canonical tensor orders, by job
 
     def put(self, spec: JobSpec, *, force: bool = False) -> JobSpec:
@@ -35,7 +48,9 @@ class JobSpecs:
             self._check_model_kept(spec)
         self.io.put(layout.job_spec_key(spec.job), spec.to_json(), "application/json")
         with self._lock:
-            self._specs[spec.job] = spec
+            # the version written is unknown (a HEAD now could see a later writer's): the next
+            # version check reads the spec again, which costs one GET, never staleness
+            self._specs[spec.job] = ("", spec)
             self._orders.pop(spec.job, None)  # the declared model may have changed
         return spec
 
@@ -63,15 +78,31 @@ class JobSpecs:
         with self._lock:
             cached = self._specs.get(job)
         if cached is not None:
-            return cached
+            return cached[1]
+        # the version known *before* the read: a rewrite in between leaves the copy tagged
+        # older than it is, which costs one extra read at the next check, never staleness
+        version = stored_version(self.io.blobs.head(key))
         spec = JobSpec.from_json(self.io.get(key, f"job {job!r}"))
         with self._lock:
-            self._specs[job] = spec
+            self._specs[job] = (version, spec)
         return spec
 
+    def version(self, job: str) -> str:
+        """The stored ``job.json``'s version (one HEAD; ``""`` if the job was never declared);
+        a cached spec of another version is dropped (read again on the next :meth:`get`), and
+        the job's tensor order with it."""
+        version = stored_version(self.io.blobs.head(layout.job_spec_key(job)))
+        with self._lock:
+            cached = self._specs.get(job)
+            if cached is not None and cached[0] != version:
+                del self._specs[job]
+                self._orders.pop(job, None)
+        return version
+
     def exists(self, job: str) -> bool:
-        """Whether ``job.json`` exists (a HEAD, never the cache)."""
-        return self.io.exists(layout.job_spec_key(job))
+        """Whether ``job.json`` exists (a HEAD, never the cache; it checks the cached spec's
+        version as :meth:`version` does)."""
+        return self.version(job) != ""
 
     def ensure(self, job: str) -> JobSpec:
         """The job's spec, creating a default one (float32, no model) if it was never declared."""
