@@ -71,6 +71,7 @@ RUNTIME_OF = {"round": "base", "sklearn": "sklearn", "torch": "torch"}
 CHILD = """
 import json, sys
 import lambdas.cache_node as cn
+from flstore_core.protocol import RunOp, StatsOp
 
 def hwm_mb():
     with open("/proc/self/status") as fh:
@@ -81,12 +82,10 @@ def hwm_mb():
 
 imported = hwm_mb()
 for workload, job, params in json.loads(sys.argv[1]):
-    answer = cn.NODE.handle(
-        {"op": "run", "workload": workload, "job": job, "round": 0, "params": params}
-    )
+    answer = cn.NODE.handle(RunOp(workload, job, params=params, round=0).to_event())
     if "result" not in answer:
         raise SystemExit(f"{workload}: {answer}")
-held = cn.NODE.handle({"op": "stats"})["bytes_held"]
+held = cn.NODE.handle(StatsOp().to_event())["bytes_held"]
 print(json.dumps({
     "peak_mb": hwm_mb(),
     "import_mb": imported,

@@ -324,6 +324,7 @@ class Setup:
 def start_systems(cm: ExitStack, args: Any, classes: dict[str, str]) -> tuple[Bench, Setup]:
     """The stack with both jobs written and prefetched, Redis filled, both aggregators up."""
     from evaluation.baselines import Aggregator, RedisServer, populate_redis, populate_redis_job
+    from flstore_core.protocol import PingOp
     from flstore_core.routing.placement import meta_shard, model_shard, round_shard
     from lambdas.local_runtime.stack import LocalStack, StackConfig
 
@@ -343,7 +344,7 @@ def start_systems(cm: ExitStack, args: Any, classes: dict[str, str]) -> tuple[Be
         flush=True,
     )
     for i in range(config.nodes):  # start every node's process: prefetch times loading
-        stack.router.node_op(i, {"op": "ping"})
+        stack.router.node_op(i, PingOp())
     prefetch_ms = prefetch(stack, [round_shard(BIG, ROUND), model_shard(BIG), meta_shard(META)])
     print(f"  prefetch {prefetch_ms / 1000:.1f} s", flush=True)
     redis = cm.enter_context(RedisServer())

@@ -122,6 +122,7 @@ from evaluation.baselines import (
 )
 from flstore_core import cost
 from flstore_core.errors import FLStoreError
+from flstore_core.protocol import PingOp
 from flstore_core.sdk.client import FLStoreClient
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import catalogue
@@ -362,7 +363,7 @@ def measure_on_stack(
         fill_redis(stack.store, redis_server)
         flstore = Flstore(stack)
         for i in range(setting.nodes):  # start every node's process: prefetch times loading
-            flstore.router.node_op(i, {"op": "ping"})
+            flstore.router.node_op(i, PingOp())
         bench = Bench(setting, classes, model_job, summary_job, flstore, log)
         with (
             Aggregator("s3", stack.s3_endpoint, config.bucket) as objstore,

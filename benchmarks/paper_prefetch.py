@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flstore_core import cost
+from flstore_core.protocol import EvictOp, StatsOp
 from flstore_core.routing.invoker import Invoker, NodeAnswer
 from flstore_core.routing.placement import ShardKey
 from lambdas.local_runtime.stack import LocalStack
@@ -76,14 +77,14 @@ class Flstore:
     def node_counts(self) -> tuple[int, int]:
         gets = puts = 0
         for i in range(self.stack.config.nodes):
-            stats = self.router.node_op(i, {"op": "stats"})
+            stats = self.router.node_op(i, StatsOp())
             gets += int(stats.get("s3_gets", 0))
             puts += int(stats.get("s3_puts", 0))
         return gets, puts
 
     def evict_all(self) -> None:
         for i in range(self.stack.config.nodes):
-            self.router.node_op(i, {"op": "evict", "all": True})
+            self.router.node_op(i, EvictOp(all=True))
 
     def prefetch(
         self, job: str, round_: int, clients: list[str], kind: str = "after_evict"

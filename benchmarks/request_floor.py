@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import parser, summarize, write_report
 from flstore_core.aws import lambda_client
+from flstore_core.protocol import RunOp
 from flstore_core.routing.invoker import NodeInvoker
 from flstore_core.routing.placement import meta_shard, node_name, rank_nodes, round_shard
 from flstore_core.sdk.client import FLStoreClient
@@ -170,9 +171,7 @@ def layer_calls(
     shard = round_shard(JOB, rnd) if rnd is not None else meta_shard(JOB)
     cfg = stack.config
     function = node_name(cfg.prefix, rank_nodes(str(shard), cfg.nodes)[0])
-    event: dict[str, Any] = {"op": "run", "workload": name, "job": JOB, "params": params}
-    if rnd is not None:
-        event["round"] = rnd
+    event = RunOp(name, JOB, params=params, round=rnd).to_event()
     payload = json.dumps(event).encode()
     auth = f"Bearer {stack.token}"
 

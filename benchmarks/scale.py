@@ -53,6 +53,7 @@ from evaluation.baselines import Aggregator
 from flstore_core.aws import lambda_client
 from flstore_core.data.blocks import footprint
 from flstore_core.data.codec import decode_update
+from flstore_core.protocol import PingOp, StatsOp
 from flstore_core.routing.auth import TokenTable
 from flstore_core.routing.invoker import NodeInvoker
 from flstore_core.routing.placement import round_shard
@@ -90,8 +91,7 @@ def node_peaks(stack: LocalStack) -> list[float | None]:
     """Every node's peak RSS (MB), from its ``stats``."""
     assert stack.router is not None
     return [
-        stack.router.node_op(i, {"op": "stats"}).get("peak_rss_mb")
-        for i in range(stack.config.nodes)
+        stack.router.node_op(i, StatsOp()).get("peak_rss_mb") for i in range(stack.config.nodes)
     ]
 
 
@@ -99,7 +99,7 @@ def start_nodes(stack: LocalStack) -> None:
     """Start every node's process (a ping), so prefetch times loading, not process starts."""
     assert stack.router is not None
     for i in range(stack.config.nodes):
-        stack.router.node_op(i, {"op": "ping"})
+        stack.router.node_op(i, PingOp())
 
 
 def timed_prefetch(stack: LocalStack, job: str) -> float:

@@ -39,6 +39,7 @@ from benchmarks.codec import RESNET18_PARAMS, resnet18_sized_update
 from benchmarks.report import interleave, parser, summarize, write_report
 from evaluation.baselines import Aggregator, RedisServer, populate_redis
 from flstore_core.data.codec import Update
+from flstore_core.protocol import EvictOp
 from flstore_core.routing.placement import round_shard
 from flstore_core.sdk.client import FLStoreClient
 from flstore_core.workloads import get
@@ -94,7 +95,7 @@ class Systems:
     def evict_all(self) -> None:
         assert self.stack.router is not None
         for i in range(self.stack.config.nodes):
-            self.stack.router.node_op(i, {"op": "evict", "all": True})
+            self.stack.router.node_op(i, EvictOp(all=True))
 
     def prefetch(self) -> None:
         assert self.stack.router is not None
