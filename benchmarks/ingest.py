@@ -117,6 +117,67 @@ def empty(client: Any, bucket: str) -> None:
     client.delete_bucket(Bucket=bucket)
 
 
+class Systems:
+    """The three ways of writing the prepared updates to S3, each into a fresh bucket that it
+    empties afterwards; each returns its seconds."""
+
+    def __init__(
+        self,
+        moto: MotoProcess,
+        workdir: Path,
+        raw_files: list[Path],
+        encoded: list[tuple[Path, str]],
+        beam_args: list[str],
+    ) -> None:
+        self.moto, self.workdir, self.beam_args = moto, workdir, beam_args
+        self.raw_files, self.encoded = raw_files, encoded
+        self.client = s3(moto.url)
+        self.counter = iter(range(10**6))
+        self.cctx = zstandard.ZstdCompressor(level=1, write_content_size=True)
+
+    def fresh_bucket(self, system: str) -> str:
+        name = f"{system}-{next(self.counter)}"
+        self.client.create_bucket(Bucket=name)
+        return name
+
+    def beam_ingest(self) -> float:
+        """The Beam ingestion pipeline over the raw files."""
+        bucket = self.fresh_bucket("beam")
+        t0 = time.perf_counter()
+        summary = run_ingest(
+            str(self.workdir / "raw"),
+            job=JOB,
+            s3_endpoint=self.moto.url,
+            bucket=bucket,
+            beam_args=self.beam_args,
+        )
+        seconds = time.perf_counter() - t0
+        assert summary.updates == len(self.raw_files) and not summary.deadletters, summary
+        empty(self.client, bucket)
+        return seconds
+
+    def boto3_loop(self) -> float:
+        """One PUT after another of the already encoded objects."""
+        bucket = self.fresh_bucket("loop")
+        t0 = time.perf_counter()
+        for path, key in self.encoded:
+            self.client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+        seconds = time.perf_counter() - t0
+        empty(self.client, bucket)
+        return seconds
+
+    def boto3_loop_compress(self) -> float:
+        """One PUT after another of the raw files, each compressed first."""
+        bucket = self.fresh_bucket("loopz")
+        t0 = time.perf_counter()
+        for path, (_, key) in zip(self.raw_files, self.encoded, strict=True):
+            body = self.cctx.compress(path.read_bytes())
+            self.client.put_object(Bucket=bucket, Key=key, Body=body)
+        seconds = time.perf_counter() - t0
+        empty(self.client, bucket)
+        return seconds
+
+
 def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--updates", type=int, default=100, help="raw update files (ResNet-18 size)")
@@ -129,59 +190,20 @@ def main() -> None:
     workdir = Path(args.workdir)
     print(f"preparing {args.updates} raw updates in {workdir} …")
     raw_files, encoded = prepare(workdir, args.updates, args.clients)
-    raw_bytes = sum(f.stat().st_size for f in raw_files)
-    mb = raw_bytes / 1e6
+    mb = sum(f.stat().st_size for f in raw_files) / 1e6
     stored_mb = sum(f.stat().st_size for f, _ in encoded) / 1e6
     moto = MotoProcess()
-    client = s3(moto.url)
-    counter = iter(range(10**6))
-    cctx = zstandard.ZstdCompressor(level=1, write_content_size=True)
-
-    def fresh_bucket(system: str) -> str:
-        name = f"{system}-{next(counter)}"
-        client.create_bucket(Bucket=name)
-        return name
-
-    def beam_ingest() -> float:
-        bucket = fresh_bucket("beam")
-        t0 = time.perf_counter()
-        summary = run_ingest(
-            str(workdir / "raw"),
-            job=JOB,
-            s3_endpoint=moto.url,
-            bucket=bucket,
-            beam_args=args.beam_arg,
-        )
-        seconds = time.perf_counter() - t0
-        assert summary.updates == len(raw_files) and not summary.deadletters, summary
-        empty(client, bucket)
-        return seconds
-
-    def boto3_loop() -> float:
-        bucket = fresh_bucket("loop")
-        t0 = time.perf_counter()
-        for path, key in encoded:
-            client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
-        seconds = time.perf_counter() - t0
-        empty(client, bucket)
-        return seconds
-
-    def boto3_loop_compress() -> float:
-        bucket = fresh_bucket("loopz")
-        t0 = time.perf_counter()
-        for path, (_, key) in zip(raw_files, encoded, strict=True):
-            client.put_object(Bucket=bucket, Key=key, Body=cctx.compress(path.read_bytes()))
-        seconds = time.perf_counter() - t0
-        empty(client, bucket)
-        return seconds
-
-    systems = {
-        "beam-ingest": beam_ingest,
-        "boto3-loop": boto3_loop,
-        "boto3-loop-compress": boto3_loop_compress,
-    }
+    systems = Systems(moto, workdir, raw_files, encoded, args.beam_arg)
     try:
-        samples = interleave(systems, args.repetitions, warmup=1)
+        samples = interleave(
+            {
+                "beam-ingest": systems.beam_ingest,
+                "boto3-loop": systems.boto3_loop,
+                "boto3-loop-compress": systems.boto3_loop_compress,
+            },
+            args.repetitions,
+            warmup=1,
+        )
     finally:
         moto.stop()
     runs = []
