@@ -104,6 +104,14 @@ MAX_UPDATE_BYTES = Setting(
 )
 VERBOSE = Setting("FLSTORE_VERBOSE", None, "any value: the command line also logs INFO records")
 
+REQUEST_DEADLINE_S = Setting(
+    "FLSTORE_REQUEST_DEADLINE_S",
+    "26",
+    "seconds a node spends on one workload request before it stops it (503 deadline_exceeded),"
+    " and the most the router lets a request's estimate take: API Gateway's 29 s integration"
+    " timeout minus 3 s for the router, the invocation and the answer's way back",
+)
+
 # ---------------------------------------------------------------------- the local stack's own
 
 LOCAL_ROUTER_CONFIG = Setting(
@@ -131,6 +139,7 @@ SETTINGS: tuple[Setting, ...] = (
     PREFETCH_MODELS,
     ARTIFACTS_BUDGET_S,
     MAX_UPDATE_BYTES,
+    REQUEST_DEADLINE_S,
     TOKENS,
     PRICES_FILE,
     URL,

@@ -147,6 +147,27 @@ class StoredObjectCorruptError(UnavailableError):
     code = "stored_object_corrupt"
 
 
+class OverLimitError(ValidationError):
+    """A request whose params imply more memory or time than any plan of the stack gives one
+    node or the API's deadline (HTTP 400): the message names the limit and the estimate."""
+
+    code = "over_limit"
+
+
+class DeadlineExceededError(UnavailableError):
+    """A node stopped a workload at the request's deadline (HTTP 503); it is not retried on
+    another node, which would meet the same deadline."""
+
+    code = "deadline_exceeded"
+
+
+class NodeOutOfMemoryError(UnavailableError):
+    """A node's invocation ran out of memory (HTTP 503); it is not retried on another node,
+    which would run out of memory the same way."""
+
+    code = "out_of_memory"
+
+
 _BY_CODE: dict[str, type[FLStoreError]] = {}
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,6 +36,7 @@ from aws_lambda_powertools.event_handler.openapi.params import Body
 from aws_lambda_powertools.event_handler.openapi.params import Path as PathParam
 
 from flstore_core.errors import FLStoreError, NotFoundError, PayloadTooLargeError, ValidationError
+from flstore_core.routing.invoker import one_line
 from flstore_core.routing.openapi import (
     JOB_PATTERN,
     ErrorAnswer,
@@ -247,7 +249,9 @@ def _error_handlers(app: APIGatewayHttpResolver) -> None:
 
     @app.exception_handler(FLStoreError)  # type: ignore[untyped-decorator]
     def flstore_error(exc: FLStoreError) -> Response[str]:
-        return _json(exc.status, exc.to_dict())
+        if exc.status < 500:
+            return _json(exc.status, exc.to_dict())
+        return _server_error(app, exc.status, exc.code, exc.message, exc)
 
     @app.not_found
     def not_found(exc: Exception) -> Response[str]:
@@ -257,8 +261,23 @@ def _error_handlers(app: APIGatewayHttpResolver) -> None:
 
     @app.exception_handler(Exception)  # type: ignore[untyped-decorator]
     def unexpected(exc: Exception) -> Response[str]:
-        logger.exception("unexpected error")
-        return _json(500, {"error": {"code": "internal", "message": "internal error"}})
+        message = "internal error: report it with the request id"
+        return _server_error(app, 500, "internal", message, exc)
+
+
+def _server_error(
+    app: APIGatewayHttpResolver, status: int, code: str, message: str, exc: BaseException
+) -> Response[str]:
+    """A 5xx: the code, the message and the request id for the caller; what happened to the
+    log as ONE line of at most ``LOG_DETAIL_CHARS`` (a RecursionError's traceback was ~345 KB
+    per 1 KB request), the innermost frame named instead of the traceback."""
+    context = app.lambda_context
+    request_id = str(getattr(context, "aws_request_id", "") or "unknown")
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    detail = f"{status} {code} request {request_id}: {type(exc).__name__}: {exc}{where}"
+    logger.error(one_line(detail))
+    return _json(status, {"error": {"code": code, "message": message, "request_id": request_id}})
 
 
 def openapi_document(app: APIGatewayHttpResolver) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import time
 from collections.abc import Mapping
@@ -25,6 +26,16 @@ if TYPE_CHECKING:
 _BILLED = re.compile(r"Billed Duration: (\d+(?:\.\d+)?) ms")
 _MEMORY = re.compile(r"Memory Size: (\d+) MB")
 _THROTTLING_CODES = frozenset({"TooManyRequestsException", "ThrottlingException"})
+# how Lambda words an invocation that ran out of memory or time, in the error payload's
+# errorType (and the local runtime, lambdas/local_runtime/invocation_outcome.py, the same) or
+# in the log tail when the runtime had no time to write a payload
+_OUT_OF_MEMORY = ("Runtime.OutOfMemory",)
+_TIMED_OUT = ("Sandbox.Timedout", "Task timed out after")
+# a node's error as logged: one line, at most this many characters (a RecursionError's
+# traceback was ~345 KB per request)
+LOG_DETAIL_CHARS = 2048
+
+log = logging.getLogger(__name__)
 
 
 class NodeFailure(Exception):
@@ -33,6 +44,49 @@ class NodeFailure(Exception):
 
 class NodeThrottled(NodeFailure):
     """The node is busy with other invocations (``TooManyRequestsException``)."""
+
+
+class RequestKilledNode(NodeFailure):
+    """The invocation ran out of memory (``Runtime.OutOfMemory``) or time (``Sandbox.Timedout``)
+    on the node: the request, not the node, is at fault, and another node would fail the same
+    way, so the failover policy does not carry it there. ``kind`` is ``out_of_memory`` or
+    ``timed_out``."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def one_line(text: str, limit: int = LOG_DETAIL_CHARS) -> str:
+    """``text`` on one line (newlines escaped) cut to ``limit`` characters, for the log."""
+    flat = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def function_error(function: str, resp: Mapping[str, Any], body: bytes) -> NodeFailure:
+    """The failure of an invocation Lambda answered with a ``FunctionError``, classified from
+    the error payload's ``errorType`` and the log tail; its message names the function and
+    the kind of failure only (what the node's exception said goes to the log, one line)."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        payload = None
+    said = ""  # the error type and message, and the log tail
+    if isinstance(payload, dict):
+        said = f"{payload.get('errorType', '')} {payload.get('errorMessage', '')}"
+    if resp.get("LogResult"):
+        said += " " + base64.b64decode(resp["LogResult"]).decode(errors="replace")
+    log.warning(
+        "cache node %s failed: %s %s",
+        function,
+        resp.get("FunctionError"),
+        one_line(body.decode(errors="replace")),
+    )
+    if any(t in said for t in _OUT_OF_MEMORY):
+        return RequestKilledNode(f"{function}: ran out of memory", "out_of_memory")
+    if any(t in said for t in _TIMED_OUT):
+        return RequestKilledNode(f"{function}: timed out", "timed_out")
+    return NodeFailure(f"{function}: function error")
 
 
 @dataclass
@@ -84,12 +138,14 @@ class NodeInvoker:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in _THROTTLING_CODES:
                 raise NodeThrottled(f"{function}: throttled") from exc
-            raise NodeFailure(f"{function}: {exc}") from exc
+            log.warning("cache node %s not invoked: %s", function, one_line(str(exc)))
+            raise NodeFailure(f"{function}: not invoked ({code or 'error'})") from exc
         except (BotoCoreError, OSError) as exc:
-            raise NodeFailure(f"{function}: {exc}") from exc
+            log.warning("cache node %s unreachable: %s", function, one_line(str(exc)))
+            raise NodeFailure(f"{function}: unreachable") from exc
         wall_ms = (time.perf_counter() - t0) * 1000
         if resp.get("FunctionError"):
-            raise NodeFailure(f"{function}: {resp['FunctionError']}: {body[:300]!r}")
+            raise function_error(function, resp, body)
         try:
             payload = json.loads(body)
         except ValueError as exc:

@@ -46,6 +46,10 @@ class _Closed(BaseModel):
 class ErrorDetail(BaseModel):
     code: str = Field(description="machine-readable error code, e.g. invalid_params, not_found")
     message: str = Field(description="what went wrong and what to change")
+    request_id: str | None = Field(
+        default=None,
+        description="5xx only: the request's id, under which the router logged the details",
+    )
 
 
 class ErrorAnswer(BaseModel):

@@ -46,6 +46,7 @@ from flstore_core.errors import NotFoundError, ValidationError
 from flstore_core.ids import validate_client, validate_job, validate_round
 from flstore_core.protocol import NodeOp, RunOp
 from flstore_core.routing.auth import TokenTable
+from flstore_core.routing.bounds import RequestBounds
 from flstore_core.routing.failover import Answered, FailoverPolicy
 from flstore_core.routing.invoker import Invoker, NodeInvoker
 from flstore_core.routing.model_results import ModelResultWriter
@@ -103,6 +104,8 @@ class RouterConfig:
     # needs); the strong-scaling benchmark spreads a round that fits one node over several
     min_blocks: int | None = None
     response_limit: int = RESPONSE_LIMIT
+    # the seconds a node gives one request, and the most a request's estimate may take
+    deadline_s: float = float(_default(config.REQUEST_DEADLINE_S))
     max_attempts: int = FailoverPolicy.max_attempts
     throttle_passes: int = FailoverPolicy.throttle_passes
 
@@ -115,6 +118,7 @@ class RouterConfig:
             replication=config.REPLICATION.get_int(),
             node_memory_mb=config.CACHE_MEMORY_MB.get_int(),
             cache_budget_bytes=stack_budget(config.CACHE_MEMORY_MB.get_int()),
+            deadline_s=float(config.REQUEST_DEADLINE_S.get_int()),
         )
 
     @property
@@ -176,6 +180,9 @@ class Router:
         # ROUNDS_TTL_S, as a new round is
         self.manifests = ManifestReader(store, list_ttl_s=ROUNDS_TTL_S)
         self._lock = threading.Lock()
+        self.bounds = RequestBounds(
+            store, self.manifests, self.config.node_memory_mb, self.config.deadline_s, ROUNDS_TTL_S
+        )
         models = ModelResultWriter(store, self.scatter)
         streamed = StreamedRunner(self.scatter, models, self.config.nodes, self.config.budget)
         self.sharded = ShardedRunner(store, self.manifests, self.scatter, streamed, models)
@@ -304,6 +311,7 @@ class Router:
             for client in params["clients"]:
                 validate_client(client)
         self._require_job(job)
+        self.bounds.check(workload, job, round_, params)
         return RunRequest(job, workload, params, round_, rounds)
 
     def _dispatch(self, request: RunRequest) -> ShardedRun:

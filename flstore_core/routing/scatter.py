@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flstore_core.cost import Invocation
-from flstore_core.errors import UnavailableError, error_from_dict
+from flstore_core.errors import (
+    DeadlineExceededError,
+    NodeOutOfMemoryError,
+    UnavailableError,
+    error_from_dict,
+)
 from flstore_core.protocol import NodeOp
 from flstore_core.routing.failover import Answered, FailoverPolicy
 from flstore_core.routing.invoker import Invoker
@@ -137,6 +142,8 @@ class BlockScatter:
                         [function],
                         lambda f: self.invoker.invoke(f, payload),
                     )
+                except (DeadlineExceededError, NodeOutOfMemoryError):
+                    raise  # the blocks' work killed the node: other holders would fail the same
                 except UnavailableError:
                     if scatter is not None:
                         scatter.add_tried(function)

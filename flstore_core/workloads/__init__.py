@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flstore_core.cache.round_view import Vector
+from flstore_core.data.codec.metadata import MAX_JSON_DEPTH
 from flstore_core.errors import InvalidParamsError, NotFoundError
+from flstore_core.workloads.estimates import Estimate, RoundShape, cheap
+
+__all__ = ["Estimate", "RoundShape"]
 
 WorkloadClass = Literal["round", "client", "model", "meta"]
 ParamType = Literal["int", "float", "bool", "str", "array"]
@@ -92,10 +96,8 @@ class Param:
             raise InvalidParamsError(
                 f"param {name!r} must be an integer from {INT_MIN} to {INT_MAX} (2**53 - 1)"
             )
-        if self.type == "array" and _count_items(value) > MAX_ARRAY_ITEMS:
-            raise InvalidParamsError(
-                f"param {name!r} has more than {MAX_ARRAY_ITEMS} values: send fewer per request"
-            )
+        if self.type == "array":
+            _check_items(name, value)
         if self.type == "float":
             try:
                 value = float(value)
@@ -118,10 +120,27 @@ class Param:
         return value
 
 
-def _count_items(value: Any) -> int:
-    if isinstance(value, list):
-        return sum(_count_items(v) for v in value) if value else 0
-    return 1
+def _check_items(name: str, value: list[Any]) -> None:
+    """At most :data:`MAX_ARRAY_ITEMS` values nested at most ``MAX_JSON_DEPTH`` deep in the
+    array param ``name``: walked with a stack, not by recursion (a recursive count overflowed
+    Python's stack at 500 levels, a 500 for the caller's own input)."""
+    items = 0
+    stack: list[tuple[list[Any], int]] = [(value, 1)]
+    while stack:
+        array, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidParamsError(
+                f"param {name!r} nests arrays more than {MAX_JSON_DEPTH} levels deep"
+            )
+        for v in array:
+            if isinstance(v, list):
+                stack.append((v, depth + 1))
+            else:
+                items += 1
+        if items > MAX_ARRAY_ITEMS:
+            raise InvalidParamsError(
+                f"param {name!r} has more than {MAX_ARRAY_ITEMS} values: send fewer per request"
+            )
 
 
 @dataclass
@@ -177,6 +196,10 @@ class Workload:
     per_client: bool | Callable[[Mapping[str, Any]], bool] = False
     # per-client workloads whose clients can be evaluated in groups on several nodes
     split: ClientSplit | None = None
+
+    # the memory and time one piece of its plan needs for these params, on a round of this
+    # shape (:mod:`flstore_core.workloads.estimates`); the router refuses what no node can run
+    estimate: Callable[[Mapping[str, Any], RoundShape], Estimate] = cheap
 
     # libraries the workload imports beyond numpy (e.g. ``("sklearn",)``): the router does not
     # carry them, so on a sharded round such a workload runs on a node, not in the router

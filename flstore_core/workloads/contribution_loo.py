@@ -35,6 +35,7 @@ from flstore_core.cache.round_view import RoundView, as_array
 from flstore_core.data.rows import flat_parts
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
 from flstore_core.workloads.cosine_select import rank_by_score
+from flstore_core.workloads.deadline import check
 from flstore_core.workloads.evaluation import ValidationScorer, array_digest
 
 F32 = npt.NDArray[np.float32]
@@ -91,6 +92,7 @@ class SubsetUtility:
         return w
 
     def __call__(self, subset: Iterable[int]) -> float:
+        check(f"evaluating subset {self.calls + 1}")
         members = sorted(set(subset))
         self.calls += 1
         if len(members) == 1:  # the aggregate of one client is its own model, 1·w_i exactly

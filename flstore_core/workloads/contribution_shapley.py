@@ -40,8 +40,9 @@ and memoise it by subset bitmask; ``evaluations`` counts the distinct subsets ev
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -51,6 +52,8 @@ from flstore_core.errors import InvalidParamsError
 from flstore_core.workloads import Param, Workload, WorkloadResult, register
 from flstore_core.workloads.contribution_loo import SubsetUtility
 from flstore_core.workloads.cosine_select import rank_by_score
+from flstore_core.workloads.deadline import check
+from flstore_core.workloads.estimates import Estimate, RoundShape
 
 F64 = npt.NDArray[np.float64]
 Utility = Callable[[frozenset[int]], float]
@@ -75,6 +78,7 @@ class MemoUtility:
     def __call__(self, mask: int) -> float:
         value = self.values.get(mask)
         if value is None:
+            check(f"evaluating subset {self.evaluations + 1}")
             members = frozenset(i for i in range(self.n) if mask >> i & 1)
             value = float(self.utility(members))
             self.values[mask] = value
@@ -173,6 +177,7 @@ def gtg_shapley(
     cycles = max(1, max_permutations // n)
     for _ in range(cycles):
         for first in range(n):  # guided sampling: each client leads one permutation per cycle
+            check(f"sampling permutation {k + 1}")
             others = np.array([i for i in range(n) if i != first], dtype=np.int64)
             order = [first, *rng.permutation(others).tolist()]
             marginal = np.zeros(n)
@@ -274,6 +279,30 @@ def contribution_shapley(
     return WorkloadResult(result)
 
 
+def estimate(params: Mapping[str, Any], shape: RoundShape) -> Estimate:
+    """The time of the evaluations ``params`` force on a round of ``shape`` (memory is one
+    model and one aggregate at a time: bounded by the round the planner sized).
+
+    ``exact`` evaluates all ``2^n`` subsets. ``gtg`` evaluates ``U(∅)`` and ``U(N)``, and every
+    prefix of every permutation when ``eps`` is 0 (no within-round truncation); it samples every
+    cycle up to ``max_permutations`` when ``tolerance`` is 0 (no convergence stop), else at
+    least the cycles before the first convergence test. What truncation with ``eps > 0``
+    saves cannot be known before running: the node's deadline bounds that."""
+    n = shape.clients
+    method = params["method"]
+    use = method if method != "auto" else ("exact" if n <= AUTO_EXACT_MAX else "gtg")
+    if use == "exact":
+        evaluations = 2**n
+    else:
+        cycles = max(1, int(params["max_permutations"]) // max(n, 1))
+        if params["tolerance"] > 0:
+            first_test = max(int(params["min_permutations"]), n, LAST_K)
+            cycles = min(cycles, -(-first_test // max(n, 1)))
+        per_permutation = n if params["eps"] == 0 else 0
+        evaluations = min(2**n, 2 + cycles * n * per_permutation)
+    return Estimate(0, evaluations * shape.evaluation_s())
+
+
 WORKLOAD = register(
     Workload(
         name="contribution_shapley",
@@ -285,6 +314,7 @@ WORKLOAD = register(
         ),
         reference="Liu et al. 2022 (GTG-Shapley, ACM TIST)",
         run=lambda data, params: contribution_shapley(data, **params),
+        estimate=estimate,
         params={
             "method": Param("str", "auto", "exact, gtg, or auto", choices=("auto", "exact", "gtg")),
             "eps": Param("float", 0.001, "within-round truncation threshold", minimum=0.0),
