@@ -495,6 +495,49 @@ def test_an_unreadable_state_file_is_a_clear_error(
         flstore_sink({"flstore-local-state": str(state)})
 
 
+def model_arrays() -> ArrayRecord:
+    from flstore_core import models
+
+    return ArrayRecord(models.build("digits_cnn", seed=0).state_dict())
+
+
+@pytest.mark.usefixtures("serverapp_process")
+def test_the_run_configs_model_is_declared_before_the_first_round(
+    store: ObjectStore, s3_server: LocalS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLSTORE_S3_ENDPOINT", s3_server.url)
+    _, _, x_val, y_val = digits_job.load_split(0)
+    run_config = {"flstore-bucket": store.bucket, "flstore-model": "digits_cnn"}
+    sink = flstore_sink(run_config, validation=(x_val, y_val))
+    strategy = with_flstore(FedAvg(), sink=sink, job="declared")
+
+    strategy.configure_train(1, model_arrays(), ConfigRecord(), FakeGrid([1000, 1001]))
+
+    spec = store.get_job_spec("declared")
+    assert spec.model == "digits_cnn" and spec.parameters and spec.state_names
+    np.testing.assert_array_equal(store.get_validation_set("declared")[1], y_val)
+
+
+@pytest.mark.usefixtures("serverapp_process")
+def test_a_job_that_declares_the_model_keeps_its_spec(store: ObjectStore) -> None:
+    from flstore_core.data.manifest import JobSpec
+
+    store.put_job_spec(JobSpec("kept", model="digits_cnn", hyperparameters={"lr": 0.5}))
+    sink = StoreSink(store, model="digits_cnn")
+    with_flstore(FedAvg(), sink=sink, job="kept").configure_train(
+        1, model_arrays(), ConfigRecord(), FakeGrid([1000, 1001])
+    )
+    assert store.get_job_spec("kept").hyperparameters == {"lr": 0.5}
+
+
+def test_without_a_model_key_the_job_keeps_what_it_declares(
+    store: ObjectStore, s3_server: LocalS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLSTORE_S3_ENDPOINT", s3_server.url)
+    assert StoreSink(store).model is None
+    assert flstore_sink({"flstore-bucket": store.bucket, "flstore-model": ""}).model is None
+
+
 # ---------------------------------------------------------------------- examples/flower-app
 
 
@@ -514,7 +557,7 @@ def test_the_example_is_a_flower_app_declaring_flstore_as_a_dependency() -> None
 
 def test_the_example_imports_only_flower_torch_sklearn_numpy_and_flstore_core() -> None:
     allowed = {"flwr", "torch", "sklearn", "numpy", "flstore_core", "flower_app", "__future__"}
-    allowed |= {"functools", "time"}
+    allowed |= {"functools", "time", "warnings"}
     for path in (EXAMPLE / "flower_app").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = (
@@ -535,7 +578,7 @@ def test_the_examples_only_flstore_line_is_with_flstore() -> None:
     assert uses == [
         "from flstore_core.integrations.flower import flstore_sink, with_flstore",
         "    strategy = with_flstore(",
-        "        sink=flstore_sink(cfg),",
+        "        sink=flstore_sink(cfg, validation=(x_test, y_test)),",
         '        job=str(cfg["flstore-job"]),',
     ]
     assert "flstore" not in (EXAMPLE / "flower_app" / "client_app.py").read_text().lower()

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
+
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from flower_app.task import load_model, load_split, test
 from flstore_core.integrations.flower import flstore_sink, with_flstore
+
+# Ray's driver (the simulation process this ServerApp runs in) warns, as it starts the
+# ClientApp actors, that it will stop overriding the accelerator env vars when num_gpus=0:
+# this app trains on CPU, so the change does not concern it
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\._private\.worker")
 
 app = ServerApp()
 
@@ -26,10 +33,11 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({"loss": loss, "accuracy": accuracy})
 
     # the one FLStore line: every round's updates and aggregate (and the initial model) land
-    # in FLStore; the settings come from the run config and the environment
+    # in FLStore; the settings come from the run config and the environment, and the job
+    # declares the run config's model with this held-out set as its validation set
     strategy = with_flstore(
         FedAvg(fraction_train=1.0, fraction_evaluate=float(cfg["fraction-evaluate"])),
-        sink=flstore_sink(cfg),
+        sink=flstore_sink(cfg, validation=(x_test, y_test)),
         job=str(cfg["flstore-job"]),
     )
     strategy.start(

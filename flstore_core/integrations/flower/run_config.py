@@ -14,6 +14,10 @@ that the one FLStore line of a ServerApp is::
 Run-config keys (all optional; declare the ones you want to override in the app's config):
 
 - ``flstore-job`` — the FLStore job the rounds belong to (read by the app, as above).
+- ``flstore-model`` — the registry model the app trains (``digits_cnn``, …), declared as the
+  job's model before its first round (:class:`StoreSink`'s ``model``), so that the model
+  workloads answer; empty or absent: the job keeps what it declares. ``flstore_sink``'s
+  ``validation`` (the server's held-out ``(x, y)``) is declared with it.
 - ``flstore-bucket`` — the bucket; empty or absent: ``FLSTORE_BUCKET``.
 - ``flstore-local-state`` — the local stack's state file, default ``.flstore/local.json``,
   relative to the working directory of the ServerApp's process (with ``flwr run``'s local
@@ -41,37 +45,52 @@ from flstore_core import config
 from flstore_core.errors import ValidationError
 from flstore_core.integrations.flower.sinks import StoreSink
 
-__all__ = ["BUCKET_KEY", "JOB_KEY", "LOCAL_STATE", "LOCAL_STATE_KEY", "flstore_sink"]
+__all__ = [
+    "BUCKET_KEY",
+    "JOB_KEY",
+    "LOCAL_STATE",
+    "LOCAL_STATE_KEY",
+    "MODEL_KEY",
+    "flstore_sink",
+]
 
 JOB_KEY = "flstore-job"
+MODEL_KEY = "flstore-model"
 BUCKET_KEY = "flstore-bucket"
 LOCAL_STATE_KEY = "flstore-local-state"
 LOCAL_STATE = Path(".flstore") / "local.json"
 
 
 def flstore_sink(
-    run_config: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None
+    run_config: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    validation: tuple[Any, Any] | None = None,
 ) -> StoreSink:
     """The :class:`StoreSink` a Flower app's run config and environment describe (see the
-    module docstring for the keys and the order in which they are tried)."""
+    module docstring for the keys and the order in which they are tried); ``validation``, the
+    server's held-out ``(x, y)``, is declared as the job's with the run config's model."""
     from flstore_core.storage.object_store import ObjectStore
 
     run_config = run_config or {}
+    model = str(run_config.get(MODEL_KEY) or "").strip() or None
+    declares: dict[str, Any] = {"model": model, "validation": validation if model else None}
     bucket = str(run_config.get(BUCKET_KEY) or "").strip() or None
     if bucket is not None or config.S3_ENDPOINT.get(environ):
         return StoreSink(
             ObjectStore(
                 bucket or config.BUCKET.get(environ),
                 endpoint_url=config.S3_ENDPOINT.get(environ),
-            )
+            ),
+            **declares,
         )
     state_file = Path(str(run_config.get(LOCAL_STATE_KEY) or LOCAL_STATE))
     if state_file.exists():
-        return _local_stack_sink(state_file)
-    return StoreSink(ObjectStore(config.BUCKET.get(environ)))
+        return _local_stack_sink(state_file, declares)
+    return StoreSink(ObjectStore(config.BUCKET.get(environ)), **declares)
 
 
-def _local_stack_sink(state_file: Path) -> StoreSink:
+def _local_stack_sink(state_file: Path, declares: dict[str, Any]) -> StoreSink:
     """A sink into the local stack that ``state_file`` describes, warming its cache nodes."""
     from flstore_core.aws import lambda_client
     from flstore_core.routing.auth import TokenTable
@@ -96,4 +115,4 @@ def _local_stack_sink(state_file: Path) -> StoreSink:
     # only the placement and the invoker are used (prefetch): no tokens
     invoker = NodeInvoker(lambda_client(endpoint))
     router = Router(store, invoker, TokenTable.with_tokens({}), placement)
-    return StoreSink(store, prefetch=router)
+    return StoreSink(store, prefetch=router, **declares)

@@ -121,6 +121,12 @@ class StoreSink:
         them).
     max_workers : int, default 8
         Updates written in parallel.
+    model : str or None, default None
+        The registry model the run trains (``digits_cnn``, …): :meth:`put_initial` declares it
+        as the job's model, so the model workloads answer without a ``flstore job create``
+        first. None: the job keeps the model it declares (a new job declares none).
+    validation : (x, y) or None, default None
+        The server's held-out set, declared with the model as the job's validation set.
     """
 
     def __init__(
@@ -130,11 +136,15 @@ class StoreSink:
         prefetch: Prefetcher | None = None,
         summaries: bool = True,
         max_workers: int = 8,
+        model: str | None = None,
+        validation: tuple[Any, Any] | None = None,
     ) -> None:
         self.store = store
         self.prefetch = prefetch
         self.summaries = summaries
         self.max_workers = max_workers
+        self.model = model
+        self.validation = validation
 
     def put_initial(self, job: str, update: Update) -> None:
         """Store the initial model of a run — refused when the job already holds rounds: a new
@@ -146,7 +156,27 @@ class StoreSink:
                 "run; a run starts at round 0, so give it a job of its own (in a Flower app: "
                 f"--run-config \"flstore-job='{job}-2'\")"
             )
+        if self.model is not None:
+            self._declare(job)
         self.store.put_initial(job, update)
+
+    def _declare(self, job: str) -> None:
+        """Declare the job's model before its first round; a job that already declares it
+        (``flstore job create``, the demo) keeps its spec, hyper-parameters included."""
+        from flstore_core.sdk.jobs import create_job
+
+        old = self.store.get_job_spec(job) if self.store.job_exists(job) else None
+        if old is None or old.model != self.model:
+            create_job(
+                self.store,
+                job,
+                model=self.model,
+                precision=old.precision if old else "float32",
+                hyperparameters=old.hyperparameters if old else None,
+                validation=self.validation,
+            )
+        elif self.validation is not None:
+            self.store.put_validation_set(job, *self.validation)
 
     def put_round(
         self,
