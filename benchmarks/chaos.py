@@ -1,5 +1,5 @@
-"""Chaos: the API under load while cache nodes die, S3 misbehaves and an ingestion is killed
-(issue 15 item 4). Figures, not pass/fail.
+"""Chaos: the API under load while cache nodes die, S3 misbehaves and an ingestion is killed.
+Figures, not pass/fail.
 
 A local stack of ``--nodes`` cache nodes (replication 2) with an explicit small cache budget
 (``StackConfig(budget_bytes=...)``) so that one job's round is served in column blocks, its S3

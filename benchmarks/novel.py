@@ -1,4 +1,4 @@
-"""Requests nothing precomputed answers (issue 13 item 2): every workload of the catalogue, each
+"""Requests nothing precomputed answers: every workload of the catalogue, each
 request with params no earlier request of the run used.
 
 Setting (the paper's): a ``resnet18_cifar`` job, one round of ``--clients`` (10) client models

@@ -1,4 +1,4 @@
-"""Scale-out: rounds past one node's budget, and one round spread over more nodes (issue 12).
+"""Scale-out: rounds past one node's budget, and one round spread over more nodes.
 
 **(a) Weak scaling of the round** — rounds of 10, 100 and 400 clients of ``--params`` float32
 parameters each (with a stored base model, a tenth of the clients pulling the other way), on a

@@ -48,7 +48,7 @@ from lambdas.local_runtime.stack import LocalStack, StackConfig
 JOB = "bench"
 ROUND = 0
 WORKLOADS: dict[str, dict[str, Any]] = {"cosine_select": {"k": 3}, "fedavg": {}}
-# FLStore-warm p50 as a share of each baseline's p50, the targets of issue 3
+# FLStore-warm p50 as a share of each baseline's p50: the targets this benchmark checks
 TARGETS = {
     "cosine_select": {"objstore-agg": 0.10, "cache-agg": 0.25},
     "fedavg": {"objstore-agg": 0.25, "cache-agg": 0.50},

@@ -1,4 +1,4 @@
-"""The pydantic models the HTTP API's OpenAPI 3.1 document is generated from (issue 15 item 1).
+"""The pydantic models the HTTP API's OpenAPI 3.1 document is generated from.
 
 ``lambdas/router.py`` annotates each route with these models (request body, answer, error
 answers), so the document Powertools generates from the resolver's routes cannot drift from the

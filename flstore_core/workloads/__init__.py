@@ -164,8 +164,8 @@ class WorkloadResult:
 
 @dataclass(frozen=True)
 class ClientSplit:
-    """How a per-client workload runs over groups of a round's clients in parallel (issue 12,
-    workload affinity): each group's node scores its rows, the router merges.
+    """How a per-client workload runs over groups of a round's clients in parallel (workload
+    affinity): each group's node scores its rows, the router merges.
 
     ``check(clients, params)`` raises a caller error before any node is invoked;
     ``score(data, params, rows)`` is what one node answers for the rows ``rows`` of ``data``

@@ -1,6 +1,6 @@
 """Per-round model artifacts: computed when a round is prefetched, shared by its replicas.
 
-Reference: issue 13 item 4 (per-round model artifacts computed once and shared like the Gram).
+Reference: ARCHITECTURE §3 (per-round model artifacts computed once and shared like the Gram).
 The model-based workloads memoise what they evaluate on the round
 (:meth:`~flstore_core.cache.round_view.RoundView.memo`, :mod:`flstore_core.workloads.evaluation`);
 memoising within requests helps a repeated request only. Prefetch computes, once per round,

@@ -1,6 +1,6 @@
 """Model evaluations on the job's validation set, computed once per round per node and shared.
 
-Reference: issue 13 item 4 (per-round model artifacts shared like the Gram). accuracy_select,
+Reference: ARCHITECTURE §3 (per-round model artifacts shared like the Gram). accuracy_select,
 personalize and contribution_loo/shapley all score models by their validation accuracy
 
     U(w) = (1/|V|) Σ_{(x, y) ∈ V} [argmax f(x; w) = y]

@@ -1,6 +1,6 @@
 """The ``clients`` param of the aggregating round workloads (fedavg, trimmed_mean, multi_krum):
 aggregate over a subset of the round's clients — the "what if we drop these clients?" question
-(issue 13) — without a new round. Not a workload: a helper the three share.
+— without a new round. Not a workload: a helper the three share.
 
 A subset is a set: the rows are taken in the round's order whatever order the request lists
 them in, so the same subset gives the same model bit for bit. The model is still computed on

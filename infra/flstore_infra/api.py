@@ -35,7 +35,7 @@ ROUTES = (
     Route("GET", "/v1/workloads"),
     Route("GET", "/v1/jobs/{job}/rounds"),
     Route("POST", "/v1/jobs/{job}/workloads/{name}"),
-    # the OpenAPI document and its Swagger UI, readable without a token (issue 15 item 1)
+    # the OpenAPI document and its Swagger UI, readable without a token
     Route("GET", "/v1/openapi.json", authorized=False),
     Route("GET", "/v1/docs", authorized=False),
 )
