@@ -27,9 +27,10 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
-# The inner loop: the tests that start no processes, without lint.
+# The inner loop, without lint: the tests that start no processes and take milliseconds
+# (no stack, slow, property or fuzz tests; `make test` runs every one of them).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not stack"
+	$(BIN)/python -m pytest -m "not stack and not slow and not property and not fuzz"
 
 bench: $(STAMP)
 	mkdir -p bench-out

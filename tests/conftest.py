@@ -47,10 +47,32 @@ def run_quick_benchmark(name: str, out: Path, timeout: float) -> subprocess.Comp
     )
 
 
+# Unit modules that take seconds a test, not milliseconds: they train digits models, run the
+# Pulumi program or build Lambda zips, or read rounds sharded over many in-process nodes (each
+# a measured >= 2 s a test on a quiet 2-core host). Marked ``slow``: ``make test`` runs them,
+# ``make test-fast`` leaves them out with the stack, property and fuzz tests.
+SLOW_MODULES = frozenset(
+    {
+        "test_workloads_model",
+        "test_model_evaluations",
+        "test_tensor_order",
+        "test_batchnorm_job",
+        "test_sharded_clients",
+        "test_cli_push",
+        "test_infra",
+        "test_packaging",
+        "test_router_artifact",
+        "test_trimmed_kernel",
+        "test_ingest_trust",
+        "test_spec_versions",
+    }
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark tests by kind from what they are, not by hand: ``stack`` for every test under
-    ``tests/stack/``, ``property`` for hypothesis tests, ``fuzz`` for the fuzzing modules
-    (``*fuzz*``, the schemathesis run)."""
+    """Mark tests by kind from what they are: ``stack`` for every test under ``tests/stack/``,
+    ``property`` for hypothesis tests, ``fuzz`` for the fuzzing modules (``*fuzz*``, the
+    schemathesis run), ``slow`` for :data:`SLOW_MODULES`."""
     stack_dir = Path(__file__).resolve().parent / "stack"
     for item in items:
         path = Path(str(item.path)).resolve()
@@ -60,6 +82,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.property)
         if "fuzz" in path.stem or "schemathesis" in path.stem:
             item.add_marker(pytest.mark.fuzz)
+        if path.stem in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
