@@ -133,9 +133,10 @@ def make_router(
     sleep: Callable[[float], None] = lambda _s: None,
     **config: Any,
 ) -> Router:
-    """A router over ``store`` and the nodes of ``invoker``; ``config`` are :class:`RouterConfig` fields
-    (``prefix`` defaults to ``"fl"``). Its failover policy follows the config and records its
-    sleeps with ``sleep`` instead of sleeping; ``tokens`` default to one granted every job."""
+    """A router over ``store`` and the nodes of ``invoker``; ``config`` are
+    :class:`RouterConfig` fields (``prefix`` defaults to ``"fl"``). Its failover policy follows
+    the config and records its sleeps with ``sleep`` instead of sleeping; ``tokens`` default to
+    one granted every job."""
     settings = RouterConfig(**{"prefix": "fl", **config})
     policy = FailoverPolicy(
         max_attempts=settings.max_attempts,

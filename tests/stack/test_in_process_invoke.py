@@ -39,7 +39,9 @@ def _client(url: str) -> Any:
 
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[LocalLambda]:
-    with LocalLambda([FunctionSpec("echo", ECHO)], sys_path=[Path(__file__).resolve().parents[1]]) as lam:
+    with LocalLambda(
+        [FunctionSpec("echo", ECHO)], sys_path=[Path(__file__).resolve().parents[1]]
+    ) as lam:
         yield lam
 
 

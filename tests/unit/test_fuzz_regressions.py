@@ -1,4 +1,5 @@
-"""Regressions of what schemathesis found against the live stack (tests/stack/test_schemathesis_live.py).
+"""Regressions of what schemathesis found against the live stack
+(tests/stack/test_schemathesis_live.py).
 
 - An int param past 64 bits (JSON has no limit: ``{"seed": 18446744073709551616}``) reached
   torch inside ``feddebug`` (``Overflow when unpacking long long``): the node's invocation
