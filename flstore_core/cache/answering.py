@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from flstore_core import config
 from flstore_core.cache.memo import ResultMemo
 from flstore_core.cache.results import run_round_workload
 from flstore_core.cache.round_data import RoundData
-from flstore_core.cache.shards import ClientHistory, GlobalModels
+from flstore_core.cache.shards import ClientHistory, GlobalModels, JobMeta
 from flstore_core.errors import NotFoundError, ValidationError
 from flstore_core.ids import validate_client, validate_round
 from flstore_core.protocol import RunOp
@@ -33,6 +33,15 @@ if TYPE_CHECKING:
 def cache_state(hits: list[bool]) -> str:
     """``hit`` when every shard read was held, ``miss`` when none was, else ``partial``."""
     return "hit" if all(hits) else "miss" if not any(hits) else "partial"
+
+
+def lacks_rounds(shard: Any, rounds: Iterable[int] | None) -> bool:
+    """Whether a meta shard lacks a round a request asks for. The router answers 404 for a
+    round not committed, so such a shard was read before that round's commit and is read
+    again now, not left to its next refresh point."""
+    return (
+        isinstance(shard, JobMeta) and rounds is not None and not set(rounds) <= shard.rounds.keys()
+    )
 
 
 class WorkloadAnswers:
@@ -85,15 +94,21 @@ class WorkloadAnswers:
         else:
             key = meta_shard(job) if workload.cls == "meta" else model_shard(job)
             with node.cache.using(key, node.loader(key)) as (value, hit):
-                value = node.refresh(key, value)
+                value = node.refresh(key, value, force=lacks_rounds(value, op.rounds))
                 t1 = time.perf_counter()
                 if isinstance(value, GlobalModels) and params.get("round", 0) is None:
                     # the latest stored global model, named: the answer is that round's
                     params = {**params, "round": value.latest_round()}
-                rounds = None if op.rounds is None else list(op.rounds)
+                rounds = None if op.rounds is None else sorted(set(op.rounds))
                 request = {"params": params, "rounds": rounds}
+                # a meta workload computes over the rounds asked, not the whole shard
+                shard = (
+                    value.restricted(rounds)
+                    if isinstance(value, JobMeta) and rounds is not None
+                    else value
+                )
                 result = self.memoised(
-                    value.memo, workload.name, request, value, params, value.spec_version
+                    value.memo, workload.name, request, shard, params, value.spec_version
                 )
                 if isinstance(value, GlobalModels):
                     node.cache.put(key, value)  # models loaded on demand: re-account its size
@@ -167,7 +182,7 @@ class WorkloadAnswers:
         wanted = None if op.rounds is None else set(op.rounds)
         key = meta_shard(job)
         with node.cache.using(key, node.loader(key)) as (meta, hit):
-            meta = node.refresh(key, meta)
+            meta = node.refresh(key, meta, force=lacks_rounds(meta, wanted))
             t1 = time.perf_counter()
             if names is None:
                 names = meta.clients

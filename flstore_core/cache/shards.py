@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -257,6 +258,20 @@ class JobMeta:
 
     def history(self, client: str) -> list[ClientRound]:
         return [rows[client] for r, rows in sorted(self.rounds.items()) if client in rows]
+
+    def restricted(self, rounds: Iterable[int]) -> JobMeta:
+        """This shard with only the rows of ``rounds``: what a workload spanning those rounds
+        computes over. The rows are shared, not copied; the memo is not (answers are kept on
+        the whole shard's memo, keyed on the rounds asked)."""
+        wanted = set(rounds)
+        return JobMeta(
+            self.spec,
+            {r: rows for r, rows in self.rounds.items() if r in wanted},
+            self.loaded_at,
+            {r: v for r, v in self.versions.items() if r in wanted},
+            self.generation,
+            self.spec_version,
+        )
 
 
 def load_meta(

@@ -311,8 +311,26 @@ class Router:
             for client in params["clients"]:
                 validate_client(client)
         self._require_job(job)
+        if rounds is not None:
+            self._require_rounds(job, rounds)
         self.bounds.check(workload, job, round_, params)
         return RunRequest(job, workload, params, round_, rounds)
+
+    def _require_rounds(self, job: str, rounds: list[int]) -> None:
+        """404 naming every round of ``rounds`` the job has not committed: a workload spanning
+        rounds computes over exactly those asked, so an absent one cannot be answered (as a
+        round-class request on it is not)."""
+        # a committed round stays committed: the cached listing is enough for those it holds,
+        # and only a round it lacks (committed within ROUNDS_TTL_S, or never) costs a LIST
+        committed = set(self.manifests.rounds(job))
+        if set(rounds) <= committed:
+            return
+        missing = sorted(set(rounds) - set(self.store.manifest_versions(job)))
+        if missing:
+            raise NotFoundError(
+                f"job {job!r} has not committed round{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(map(str, missing))}: GET /v1/jobs/{job}/rounds lists those it has"
+            )
 
     def _dispatch(self, request: RunRequest) -> ShardedRun:
         """Serve a validated request: a sharded round by its runners, anything else by one

@@ -31,9 +31,11 @@ from flstore_core.routing.placement import (
 from flstore_core.routing.router import Router, RouterConfig
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get as get_workload
+from tests.conftest import small_update
 from tests.fakes import AUTH, TOKEN, InProcessNodes, Reply, make_router
 
 JOB = "demo"
+SPANS = "spans"  # the job of the spans fixture
 NODES = 5
 PREFIX = "fl"
 BILLED_MS = 12.0
@@ -62,6 +64,16 @@ def store() -> Iterator[ObjectStore]:
         st.put_job_spec(JobSpec(job=JOB))
         yield st
         st.close()
+
+
+@pytest.fixture(scope="module")
+def spans(store: ObjectStore) -> str:
+    """A job with rounds 0, 1 and 2 committed: a request spanning rounds names committed ones
+    (the router answers 404 for any other)."""
+    for r in range(3):
+        entries = [store.put_update(SPANS, r, f"c{i}", small_update(i)) for i in range(2)]
+        store.commit_round(SPANS, r, entries)
+    return SPANS
 
 
 @pytest.fixture
@@ -202,18 +214,18 @@ def test_nothing_is_invoked_for_a_request_that_fails_validation(
 
 
 def test_a_meta_request_goes_to_the_meta_shard_with_its_rounds(
-    scripted_router: ScriptedRouter,
+    scripted_router: ScriptedRouter, spans: str
 ) -> None:
     router, nodes = scripted_router()
-    answer = router.run(AUTH, JOB, "oort_select", json.dumps({"rounds": [0, 2]}))
+    answer = router.run(AUTH, spans, "oort_select", json.dumps({"rounds": [0, 2]}))
     function, event = nodes.calls[0]
-    assert function == ranked_functions(meta_shard(JOB))[0]
+    assert function == ranked_functions(meta_shard(spans))[0]
     assert event["rounds"] == [0, 2] and "round" not in event
     assert answer["round"] is None
 
 
 def test_a_client_request_is_one_invocation_on_the_meta_shard(
-    scripted_router: ScriptedRouter,
+    scripted_router: ScriptedRouter, spans: str
 ) -> None:
     """Every client's rows are in the job's meta shard: the router sends the whole request to
     its owner, which answers for every client asked, finalised; no scatter, nothing merged."""
@@ -225,13 +237,13 @@ def test_a_client_request_is_one_invocation_on_the_meta_shard(
 
     router, nodes = scripted_router(reply)
     body = {"params": {"clients": clients}, "rounds": [0, 1]}
-    answer = router.run(AUTH, JOB, "reputation", json.dumps(body))
-    assert nodes.functions == ranked_functions(meta_shard(JOB))[:1]
+    answer = router.run(AUTH, spans, "reputation", json.dumps(body))
+    assert nodes.functions == ranked_functions(meta_shard(spans))[:1]
     _, event = nodes.calls[0]
     assert event["params"]["clients"] == clients and event["rounds"] == [0, 1]
     assert "clients" not in event  # the node reads them from the params
     assert answer["result"] == final and answer["meta"]["cache"] == "hit"
-    assert answer["meta"]["nodes"] == ranked_functions(meta_shard(JOB))[:1]
+    assert answer["meta"]["nodes"] == ranked_functions(meta_shard(spans))[:1]
 
 
 def test_a_client_request_fails_over_to_the_meta_shards_replica(
