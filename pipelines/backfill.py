@@ -58,8 +58,9 @@ from flstore_core.workloads.summaries import (
     stream_scores,
 )
 from pipelines.deadletters import DEAD, FileStep, WriteDeadLetters
-from pipelines.ingest import beam_options, named, read_counters, read_deadletters, store_target
-from pipelines.metrics import DEADLETTER_PREFIX, counter
+from pipelines.ingest import beam_options, named, read_deadletters, store_target
+from pipelines.metrics import DEADLETTER_PREFIX, counter, run_counters
+from pipelines.outputs import TaggedParDo, run_every_branch
 from pipelines.prefetch import PrefetchOwners
 from pipelines.records import CommittedRound, DeadLetter
 from pipelines.runtime import (
@@ -69,6 +70,7 @@ from pipelines.runtime import (
     StoreTarget,
     listen,
     new_run_id,
+    release,
     report,
 )
 
@@ -116,9 +118,9 @@ class RecomputeRoundFn(beam.DoFn):
 
     def setup(self) -> None:
         self.store = self.config.store.store(max_workers=8)
-        self.rounds = counter("rounds_backfilled")
-        self.manifests = counter("manifests_written")
-        self.rejected = counter("deadletters")
+        self.rounds = counter("rounds_backfilled", self.config.run_id)
+        self.manifests = counter("manifests_written", self.config.run_id)
+        self.rejected = counter("deadletters", self.config.run_id)
 
     def process(self, round_: int) -> Iterator[Any]:
         # a round that cannot be recomputed (a corrupt object, or an exception a library
@@ -214,8 +216,7 @@ class RecomputeRounds(beam.PTransform[Any, Any]):
         return (
             rounds
             | "Spread" >> beam.Reshuffle()
-            | "Recompute"
-            >> beam.ParDo(RecomputeRoundFn(self.config)).with_outputs(DEAD, main="committed")
+            | "Recompute" >> TaggedParDo(RecomputeRoundFn(self.config), DEAD, main="committed")
         )
 
 
@@ -296,7 +297,7 @@ def run_backfill(
     outputs = (
         pipeline | "Rounds" >> beam.Create(selected) | "RecomputeRounds" >> RecomputeRounds(config)
     )
-    _ = outputs[DEAD] | "WriteDeadLetters" >> WriteDeadLetters(config)
+    written = outputs[DEAD] | "WriteDeadLetters" >> WriteDeadLetters(config)
     recomputed = outputs.committed
     if prefetch is not None:
         hot = [r for r in committed[-prefetch.hot_rounds :] if r not in selected]
@@ -307,7 +308,8 @@ def run_backfill(
                 | "ReadHot" >> beam.ParDo(ReadCommittedFn(config))
             )
             recomputed = (recomputed, others) | "AllRounds" >> beam.Flatten()
-        _ = recomputed | "RewarmOwners" >> PrefetchOwners(prefetch, target, config.run_id)
+        recomputed = recomputed | "RewarmOwners" >> PrefetchOwners(prefetch, target, config.run_id)
+    run_every_branch(written, recomputed)
 
     listen(config.run_id, progress)
     try:
@@ -316,7 +318,10 @@ def run_backfill(
         result = pipeline.run()
         result.wait_until_finish()
         summary.seconds = time.perf_counter() - t0
-        _count(summary, read_counters(result), target)
+        try:
+            _count(summary, run_counters(result, config.run_id), target)
+        finally:
+            release(result)
         report(config.run_id, ProgressEvent("done", files=summary.rounds_backfilled))
         return summary
     finally:

@@ -10,7 +10,6 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
-from apache_beam import pvalue
 
 from flstore_core.data.codec import TensorSpec, parse_safetensors
 from flstore_core.data.columns import job_columns
@@ -21,9 +20,12 @@ from flstore_core.workloads.summaries import INGEST_SUMMARIES, stream_scores
 from pipelines.deadletters import DEAD, FileStep
 from pipelines.ingest_config import IngestFn, IngestStep
 from pipelines.metrics import COMMITTED_PREFIX, counter
+from pipelines.outputs import TaggedParDo
 from pipelines.records import CommittedRound, RoundKey, StoredUpdate
 from pipelines.runtime import ProgressEvent, report
 from pipelines.sources import RawFileReader
+
+MODELS_STORED: RoundKey = ("", -1)  # the grouping key of the run's stored models (no round)
 
 
 class SummarizeAndCommitFn(IngestFn):
@@ -32,9 +34,9 @@ class SummarizeAndCommitFn(IngestFn):
     def setup(self) -> None:
         self.store = self.config.store.store()
         self._readers = threading.local()
-        self.rounds = counter("rounds_committed")
-        self.manifests = counter("manifests_written")
-        self.rejected = counter("deadletters")
+        self.rounds = counter("rounds_committed", self.config.run_id)
+        self.manifests = counter("manifests_written", self.config.run_id)
+        self.rejected = counter("deadletters", self.config.run_id)
 
     def _reader(self) -> RawFileReader:
         # Beam's S3 client keeps one download stream: one reader per summary thread
@@ -43,10 +45,10 @@ class SummarizeAndCommitFn(IngestFn):
             reader = self._readers.reader = RawFileReader(self.config.s3_options)
         return reader
 
-    def process(
-        self, element: tuple[RoundKey, Iterable[StoredUpdate]], models: Any
-    ) -> Iterator[Any]:
+    def process(self, element: tuple[RoundKey, Iterable[Any]]) -> Iterator[Any]:
         (job, round_), group = element
+        if (job, round_) == MODELS_STORED:
+            return
         stored = sorted(group, key=lambda s: s.client)
         if not stored:
             return
@@ -92,7 +94,7 @@ class SummarizeAndCommitFn(IngestFn):
         self.rounds.inc()
         if written:
             self.manifests.inc()
-        counter(f"{COMMITTED_PREFIX}{job}/{round_}").inc()
+        counter(f"{COMMITTED_PREFIX}{job}/{round_}", self.config.run_id).inc()
         return CommittedRound(
             job,
             round_,
@@ -159,18 +161,21 @@ class CommitRounds(IngestStep):
     """Group stored updates by ``(job, round)``, summarize and commit each round; outputs
     ``committed`` (one :class:`CommittedRound` per round) and ``dead``.
 
-    Input: ``(stored, models)``; ``models`` is a side input only so that a run's global and
-    initial models are stored before any round looks for its base.
+    Input: ``(stored, models)``; ``models`` joins the grouping, under a key of no round
+    (:data:`MODELS_STORED`), only so that a run's global and initial models are stored before any
+    round looks for its base: a batch ``GroupByKey`` emits nothing before all of its input is in.
+    (A side input did the same on FnApiRunner, but Beam's Dask runner recomputes a side input's
+    whole upstream inside the consuming task: every header read and model stored twice.)
     """
 
     def expand(self, inputs: tuple[Any, Any]) -> Any:
         stored, models = inputs
+        keyed = stored | "KeyByRound" >> beam.Map(lambda s: (s.key, s))
+        barrier = models | "ModelsFirst" >> beam.Map(lambda key: (MODELS_STORED, key))
         return (
-            stored
-            | "KeyByRound" >> beam.Map(lambda s: (s.key, s))
+            (keyed, barrier)
+            | "WithModels" >> beam.Flatten()
             | "GroupByRound" >> beam.GroupByKey()
             | "SummarizeAndCommit"
-            >> beam.ParDo(SummarizeAndCommitFn(self.config), pvalue.AsList(models)).with_outputs(
-                DEAD, main="committed"
-            )
+            >> TaggedParDo(SummarizeAndCommitFn(self.config), DEAD, main="committed")
         )

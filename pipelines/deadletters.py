@@ -136,7 +136,7 @@ class WriteDeadLettersFn(beam.DoFn):
         key = deadletter_key(job or None, self.config.run_id)
         body = "".join(d.to_json_line() + "\n" for d in ordered).encode()
         self.store.put_object(key, body, "application/x-ndjson")
-        counter(DEADLETTER_PREFIX + key).inc(len(ordered))
+        counter(DEADLETTER_PREFIX + key, self.config.run_id).inc(len(ordered))
         yield key
 
     def teardown(self) -> None:

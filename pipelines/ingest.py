@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import apache_beam as beam
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from flstore_core import config as settings
@@ -42,9 +41,10 @@ from flstore_core.aws import local_credentials_needed
 from flstore_core.data.codec import Precision, parse_precision
 from flstore_core.ids import validate_job
 from flstore_core.storage.object_store import ObjectStore
+from pipelines.metrics import run_counters
+from pipelines.outputs import run_every_branch
 from pipelines.records import DeadLetter
 from pipelines.runtime import (
-    METRICS_NAMESPACE,
     PrefetchTarget,
     ProgressCallback,
     ProgressEvent,
@@ -53,6 +53,7 @@ from pipelines.runtime import (
     ensure_job_spec,
     listen,
     new_run_id,
+    release,
     report,
 )
 from pipelines.sources import source_pattern
@@ -76,6 +77,8 @@ if TYPE_CHECKING:
 # each local worker holds an update or two in memory (~100 MB apiece for ResNet-18): cap them
 MAX_LOCAL_WORKERS = 8
 IN_PROCESS_RUNNERS = {"fnapirunner", "directrunner", "swappingdirectrunner", "bundlebasedrunner"}
+# runners Beam ships but does not know by their short name (``--runner=DaskRunner``)
+RUNNER_PATHS = {"daskrunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
 
 
 # ---------------------------------------------------------------------- options
@@ -99,6 +102,8 @@ def beam_options(beam_args: Sequence[str], s3_endpoint: str | None = None) -> Pi
     if not _has_flag(args, "runner"):
         args.append("--runner=FnApiRunner")
     runner = str(PipelineOptions(args).view_as(StandardOptions).runner or "").lower()
+    if runner in RUNNER_PATHS:  # the last --runner is the one Beam takes
+        args.append(f"--runner={RUNNER_PATHS[runner]}")
     in_process = runner in IN_PROCESS_RUNNERS
     if in_process and not _has_flag(args, "direct_running_mode"):
         args.append("--direct_running_mode=multi_threading")
@@ -147,6 +152,7 @@ def build_ingest(pipeline: beam.Pipeline, config: IngestConfig, pattern: str) ->
     rejected = (valid["dead"], stored.dead, models.dead, commits.dead)
     dead = rejected | "AllRejected" >> beam.Flatten()
     outputs["deadletters"] = dead | "WriteDeadLetters" >> WriteDeadLetters(config)
+    run_every_branch(outputs["deadletters"], outputs.get("prefetched", committed))
     return outputs
 
 
@@ -202,19 +208,6 @@ class IngestSummary:
         return out
 
 
-def _metric_value(result: Any) -> Any:
-    return result.committed if result.committed is not None else result.attempted
-
-
-def read_counters(result: Any) -> dict[str, int]:
-    """The run's counters by name, summed over steps."""
-    query = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
-    counters: dict[str, int] = {}
-    for r in query.get("counters", []):
-        counters[r.key.metric.name] = counters.get(r.key.metric.name, 0) + int(_metric_value(r))
-    return counters
-
-
 def named(counters: dict[str, int], prefix: str) -> list[str]:
     """The names carried by counters ``{prefix}{name}``."""
     return [k[len(prefix) :] for k in counters if k.startswith(prefix)]
@@ -232,7 +225,7 @@ def read_deadletters(store: ObjectStore, keys: Sequence[str]) -> list[DeadLetter
 def summarize_run(
     result: Any, config: IngestConfig, source: str, pattern: str, seconds: float
 ) -> IngestSummary:
-    counters = read_counters(result)
+    counters = run_counters(result, config.run_id)
     summary = IngestSummary(config.run_id, source, pattern, config.job, seconds=seconds)
     for name in (
         "updates_written",
@@ -330,7 +323,10 @@ def run_ingest(
         result = pipeline.run()
         result.wait_until_finish()
         seconds = time.perf_counter() - t0
-        summary = summarize_run(result, config, src, pattern, seconds)
+        try:
+            summary = summarize_run(result, config, src, pattern, seconds)
+        finally:
+            release(result)
         report(config.run_id, ProgressEvent("done", files=summary.files))
         return summary
     finally:

@@ -53,8 +53,10 @@ class PrefetchFn(beam.DoFn):
     def setup(self) -> None:
         self.store = self.store_target.store()
         self.router = self.target.router(self.store)
-        self.counters = {n: counter(f"prefetch_{n}") for n in ("loaded", "already", "failed")}
-        self.errors = counter("prefetch_errors")
+        self.counters = {
+            n: counter(f"prefetch_{n}", self.run_id) for n in ("loaded", "already", "failed")
+        }
+        self.errors = counter("prefetch_errors", self.run_id)
 
     def process(self, element: tuple[str, Iterable[CommittedRound]]) -> Iterator[dict[str, Any]]:
         job, rounds = element

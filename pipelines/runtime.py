@@ -217,3 +217,12 @@ def beam_s3_options(options: Any) -> dict[str, Any]:
         "s3_disable_ssl",
     )
     return {n: getattr(view, n) for n in names}
+
+
+def release(result: Any) -> None:
+    """Let go of what a finished run holds: Beam's Dask runner opens a ``distributed.Client``
+    per run and leaves it open, reconnecting to a scheduler that may have gone away since."""
+    client = getattr(result, "client", None)
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.close()

@@ -10,8 +10,6 @@ import hashlib
 from collections.abc import Iterator
 from typing import Any
 
-import apache_beam as beam
-
 from flstore_core.data import layout
 from flstore_core.data.codec import (
     CodecLimits,
@@ -30,6 +28,7 @@ from flstore_core.storage.object_store import ObjectStore
 from pipelines.deadletters import DEAD, FileStep
 from pipelines.ingest_config import IngestFn, IngestStep
 from pipelines.metrics import counter
+from pipelines.outputs import TaggedParDo
 from pipelines.records import PlannedUpdate, RawHeader, RoundKey, StoredState, StoredUpdate
 from pipelines.runtime import ProgressEvent, ensure_job_spec, report
 from pipelines.sources import RawFileReader
@@ -90,7 +89,7 @@ class EncodeAndStoreFn(_RawFileToStoreFn):
         super().setup()
         self.manifests: dict[RoundKey, RoundManifest | None] = {}
         self.counters = {
-            n: counter(n)
+            n: counter(n, self.config.run_id)
             for n in (
                 "updates_written",
                 "updates_already_stored",
@@ -150,9 +149,7 @@ class EncodeAndStore(IngestStep):
     """Outputs ``stored`` (one :class:`StoredUpdate` per update) and ``dead``."""
 
     def expand(self, planned: Any) -> Any:
-        return planned | "Encode" >> beam.ParDo(EncodeAndStoreFn(self.config)).with_outputs(
-            DEAD, main="stored"
-        )
+        return planned | "Encode" >> TaggedParDo(EncodeAndStoreFn(self.config), DEAD, main="stored")
 
 
 class StoreModelFn(_RawFileToStoreFn):
@@ -161,9 +158,9 @@ class StoreModelFn(_RawFileToStoreFn):
 
     def setup(self) -> None:
         super().setup()
-        self.written = counter("models_written")
-        self.unchanged = counter("models_unchanged")
-        self.rejected = counter("deadletters")
+        self.written = counter("models_written", self.config.run_id)
+        self.unchanged = counter("models_unchanged", self.config.run_id)
+        self.rejected = counter("deadletters", self.config.run_id)
 
     def process(self, h: RawHeader) -> Iterator[Any]:
         step = FileStep(
@@ -201,6 +198,4 @@ class StoreModels(IngestStep):
     """Outputs ``stored`` (the keys of the stored models) and ``dead``."""
 
     def expand(self, headers: Any) -> Any:
-        return headers | "Store" >> beam.ParDo(StoreModelFn(self.config)).with_outputs(
-            DEAD, main="stored"
-        )
+        return headers | "Store" >> TaggedParDo(StoreModelFn(self.config), DEAD, main="stored")

@@ -19,6 +19,7 @@ from flstore_core.storage.commit import check_agreement, majority_specs
 from pipelines.deadletters import DEAD, FileStep, dead_letter, reject
 from pipelines.ingest_config import IngestFn, IngestStep
 from pipelines.metrics import counter
+from pipelines.outputs import TaggedParDo
 from pipelines.records import PlannedUpdate, RawHeader, RoundKey
 from pipelines.runtime import ProgressEvent, ensure_job_spec, report
 from pipelines.sources import RawFileReader
@@ -48,8 +49,8 @@ class ReadHeaderFn(IngestFn):
 
     def setup(self) -> None:
         self.reader = RawFileReader(self.config.s3_options)
-        self.matched = counter("files_matched")
-        self.rejected = counter("deadletters")
+        self.matched = counter("files_matched", self.config.run_id)
+        self.rejected = counter("deadletters", self.config.run_id)
 
     def process(self, readable: Any) -> Iterator[Any]:
         path = str(readable.metadata.path)
@@ -79,7 +80,7 @@ class CheckRoundFn(IngestFn):
 
     def setup(self) -> None:
         self.store = self.config.store.store()
-        self.rejected = counter("deadletters")
+        self.rejected = counter("deadletters", self.config.run_id)
 
     def process(self, element: tuple[RoundKey, Iterable[RawHeader]]) -> Iterator[Any]:
         (job, round_), group = element
@@ -162,14 +163,13 @@ class ValidateUpdates(IngestStep):
     over workers), ``models`` (global/initial headers) and ``dead``."""
 
     def expand(self, files: Any) -> dict[str, Any]:
-        headers = files | "ReadHeaders" >> beam.ParDo(ReadHeaderFn(self.config)).with_outputs(
-            DEAD, MODELS, main="updates"
+        headers = files | "ReadHeaders" >> TaggedParDo(
+            ReadHeaderFn(self.config), DEAD, MODELS, main="updates"
         )
         checked = (
             headers.updates
             | "GroupByRound" >> beam.GroupByKey()
-            | "CheckRounds"
-            >> beam.ParDo(CheckRoundFn(self.config)).with_outputs(DEAD, main="planned")
+            | "CheckRounds" >> TaggedParDo(CheckRoundFn(self.config), DEAD, main="planned")
         )
         dead = (headers[DEAD], checked[DEAD]) | "Rejected" >> beam.Flatten()
         updates = checked.planned | "Spread" >> beam.Reshuffle()
