@@ -39,7 +39,7 @@ from flstore_core.errors import FLStoreError, NotFoundError, PayloadTooLargeErro
 from flstore_core.routing.invoker import one_line
 from flstore_core.routing.openapi import (
     JOB_PATTERN,
-    ErrorAnswer,
+    ErrorResponse,
     GatewayMessage,
     Health,
     RoundsAnswer,
@@ -48,6 +48,7 @@ from flstore_core.routing.openapi import (
     run_request_model,
     workload_names,
     workload_params_models,
+    workload_request_models,
 )
 from flstore_core.routing.request_body import MAX_BODY_BYTES
 from flstore_core.routing.router import Router
@@ -70,7 +71,7 @@ RunRequest = run_request_model()
 
 def _error(description: str, *, gateway: bool = False) -> dict[str, Any]:
     """A documented error answer: the contract's body, or also API Gateway's own."""
-    model: Any = ErrorAnswer | GatewayMessage if gateway else ErrorAnswer
+    model: Any = ErrorResponse | GatewayMessage if gateway else ErrorResponse
     return {"description": description, "content": {"application/json": {"model": model}}}
 
 
@@ -186,8 +187,11 @@ def _api_routes(app: APIGatewayHttpResolver, r: Callable[[], Router]) -> None:
         "/v1/jobs/<job>/workloads/<name>",
         summary="Run a workload on a job's rounds",
         description=(
-            "The body's params are those of the workload named in the path (components "
-            "<Workload>Params, listed by name under components.x-workload-params)."
+            "The body is the request of the workload named in the path: components "
+            "<Workload>Request (its round fields and its params, <Workload>Params), listed by "
+            "name under components.x-workload-requests (and the params under "
+            "components.x-workload-params). No body runs the workload's defaults (a round-"
+            "class workload needs its 'round')."
         ),
         tags=["workloads"],
         responses={**_ok("the workload's answer"), **_JOB, **_RUN, **_AUTHENTICATED},
@@ -283,7 +287,8 @@ def _server_error(
 def openapi_document(app: APIGatewayHttpResolver) -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``app``'s routes, as Powertools generates it from their
     declarations, with the contract's 400 instead of Powertools' 422 and each workload's
-    params model named under ``components.x-workload-params``."""
+    request and params models named under ``components.x-workload-requests`` and
+    ``components.x-workload-params``."""
     from aws_lambda_powertools.event_handler.openapi.compat import model_json
 
     schema = app.get_openapi_schema(
@@ -304,6 +309,10 @@ def openapi_document(app: APIGatewayHttpResolver) -> dict[str, Any]:
     doc["components"]["x-workload-params"] = {
         name: {"$ref": f"#/components/schemas/{model.__name__}"}
         for name, model in workload_params_models().items()
+    }
+    doc["components"]["x-workload-requests"] = {
+        name: {"$ref": f"#/components/schemas/{model.__name__}"}
+        for name, model in workload_request_models().items()
     }
     return doc
 

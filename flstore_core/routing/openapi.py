@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model
 
 from flstore_core.ids import MAX_ROUND
-from flstore_core.workloads import INT_MAX, INT_MIN, Param, catalogue, get
+from flstore_core.workloads import INT_MAX, INT_MIN, Param, Workload, catalogue, get
 
 JOB_PATTERN = "^[a-z0-9][a-z0-9-]{0,62}$"
 
@@ -43,7 +43,9 @@ class _Closed(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ErrorDetail(BaseModel):
+class ErrorBody(BaseModel):
+    """What went wrong: the ``error`` member of :class:`ErrorResponse`."""
+
     code: str = Field(description="machine-readable error code, e.g. invalid_params, not_found")
     message: str = Field(description="what went wrong and what to change")
     request_id: str | None = Field(
@@ -52,11 +54,16 @@ class ErrorDetail(BaseModel):
     )
 
 
-class ErrorAnswer(BaseModel):
-    """The contract's error body (ARCHITECTURE §4), answered by the router."""
+class ErrorResponse(BaseModel):
+    """The contract's error body (ARCHITECTURE §4), answered by the router. Not titled
+    ``Error``: a client generated from the document would name its class as its own field."""
 
-    model_config = ConfigDict(title="Error")
-    error: ErrorDetail
+    error: ErrorBody
+
+
+# the names this module gave the error models before: still importable
+ErrorDetail = ErrorBody
+ErrorAnswer = ErrorResponse
 
 
 class GatewayMessage(BaseModel):
@@ -165,34 +172,69 @@ def workload_params_models() -> dict[str, type[BaseModel]]:
     return models
 
 
-def run_request_model() -> type[BaseModel]:
-    """The body of ``POST /v1/jobs/{job}/workloads/{name}``: its ``params`` are one of the
-    workloads' param objects (the one of the workload in the path; JSON Schema cannot tie a
-    body to a path parameter, so the document lists them all with ``anyOf``)."""
-    models = tuple(workload_params_models().values())
-    params_type: Any = models[0]
-    for model in models[1:]:
-        params_type = params_type | model
-    return create_model(
-        "RunRequest",
-        __base__=_Closed,
-        __doc__=(
-            "A workload request. Round-class workloads need 'round'; the others span rounds "
-            "and take 'rounds' (a list) or nothing."
-        ),
-        round=(
-            int | None,
-            Field(default=None, ge=0, le=MAX_ROUND, description="the round (round class)"),
-        ),
-        rounds=(
-            list[Annotated[int, Field(ge=0, le=MAX_ROUND)]] | None,
-            Field(default=None, description="rounds to span (client, model, meta classes)"),
-        ),
-        params=(
-            params_type | None,
+_ROUND = Annotated[int, Field(ge=0, le=MAX_ROUND)]
+
+
+def _request_fields(workload: Workload, params: type[BaseModel]) -> dict[str, Any]:
+    """The body fields of a request for ``workload``: a round class needs ``round``; the
+    others span rounds, take ``rounds`` and no round (a JSON null is let through, as the
+    router lets it)."""
+    rounds = (
+        list[_ROUND] | None,
+        Field(default=None, description="the committed rounds to compute over (default: all)"),
+    )
+    fields: dict[str, Any] = {
+        "params": (
+            params | None,
             Field(default=None, description="the workload's params; defaults fill the rest"),
+        )
+    }
+    if workload.cls == "round":
+        fields["round"] = (_ROUND, Field(description="the committed round to run on"))
+        fields["rounds"] = (
+            list[_ROUND] | None,
+            Field(default=None, description="not used; each must be a committed round"),
+        )
+    else:
+        fields["round"] = (None, Field(default=None, description="not taken: send 'rounds'"))
+        fields["rounds"] = rounds
+    return fields
+
+
+def workload_request_models() -> dict[str, type[BaseModel]]:
+    """One closed body model per workload, named ``<Workload>Request``: its class's round
+    fields and the workload's own params model (:func:`workload_params_models`)."""
+    requests: dict[str, type[BaseModel]] = {}
+    for name, params in workload_params_models().items():
+        workload = get(name)
+        title = _model_name(name).removesuffix("Params") + "Request"
+        requests[name] = create_model(
+            title,
+            __base__=_Closed,
+            __doc__=f"A request for {name} ({workload.cls} class).",
+            **_request_fields(workload, params),
+        )
+    return requests
+
+
+def run_request_model() -> type[BaseModel]:
+    """The body of ``POST /v1/jobs/{job}/workloads/{name}``: the request model of the workload
+    in the path. JSON Schema cannot tie a body to a path parameter (and the body has no field
+    naming its workload to discriminate on), so the document lists every workload's request
+    with ``anyOf``: a generated client has one typed class per workload, its params typed."""
+    models = tuple(workload_request_models().values())
+    union: Any = models[0]
+    for model in models[1:]:
+        union = union | model
+    root: type[BaseModel] = create_model(
+        "RunRequest",
+        __base__=RootModel[union],
+        __doc__=(
+            "A workload request: the <Workload>Request of the workload named in the path "
+            "(components.x-workload-requests names them)."
         ),
     )
+    return root
 
 
 def workload_names() -> list[str]:
