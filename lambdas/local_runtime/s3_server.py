@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
 
@@ -33,14 +34,21 @@ class LocalS3:
     """A moto S3 server in this process; ``url`` is its endpoint for boto3's ``endpoint_url``.
 
     With ``data_dir``, :meth:`start` puts back the objects saved there and :meth:`stop` saves
-    every object there (``restored`` says what came back)."""
+    the objects of ``buckets`` there (every bucket when ``None``: moto's buckets belong to the
+    process, so a process that runs several servers names its own; ``restored`` says what came
+    back)."""
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 0, data_dir: str | Path | None = None
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        data_dir: str | Path | None = None,
+        buckets: Collection[str] | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.buckets = None if buckets is None else frozenset(buckets)
         self.restored = Restored({})
         self._server = ThreadedMotoServer(ip_address=host, port=self.port, verbose=False)
 
@@ -63,7 +71,7 @@ class LocalS3:
         """Write every object to ``data_dir`` now; returns how many (0 without one)."""
         if self.data_dir is None:
             return 0
-        return save_buckets(snapshot_client(self.url), self.data_dir)
+        return save_buckets(snapshot_client(self.url), self.data_dir, self.buckets)
 
     def stop(self) -> None:
         try:

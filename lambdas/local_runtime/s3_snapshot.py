@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,13 +85,16 @@ def snapshot_client(endpoint_url: str) -> S3Client:
     return client
 
 
-def save_buckets(client: S3Client, directory: Path) -> int:
-    """Write every object of every bucket to ``directory``; returns how many. The index is
-    replaced in one rename, then blobs no object names any more are removed."""
+def save_buckets(client: S3Client, directory: Path, only: Collection[str] | None = None) -> int:
+    """Write every object of every bucket (of ``only``'s, when given) to ``directory``; returns
+    how many. The index is replaced in one rename, then blobs no object names any more are
+    removed."""
     directory.mkdir(parents=True, exist_ok=True)
     buckets: dict[str, list[dict[str, Any]]] = {}
     for bucket in client.list_buckets().get("Buckets", []):
         name = str(bucket["Name"])
+        if only is not None and name not in only:
+            continue
         buckets[name] = [_save_object(client, name, key, directory) for key in _keys(client, name)]
     tmp = directory / f"{INDEX}.tmp"
     tmp.write_text(json.dumps({"format": FORMAT, "buckets": buckets}, indent=1))

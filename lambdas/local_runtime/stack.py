@@ -120,7 +120,7 @@ class LocalStack:
         if cfg.s3_endpoint:
             self.s3_endpoint = cfg.s3_endpoint
         else:
-            self._s3 = LocalS3(data_dir=cfg.data_dir).start()
+            self._s3 = LocalS3(data_dir=cfg.data_dir, buckets=(cfg.bucket,)).start()
             self.s3_endpoint = self._s3.url
         self.store = ObjectStore(cfg.bucket, endpoint_url=self.s3_endpoint)
         self.store.ensure_bucket()

@@ -42,12 +42,12 @@ def _forget() -> None:
 def restart(data: Path) -> LocalS3:
     """A local S3 started afresh on ``data``: nothing of the last one's but what it saved."""
     _forget()
-    return LocalS3(data_dir=data)
+    return LocalS3(data_dir=data, buckets=(BUCKET,))
 
 
 def test_objects_survive_a_stop_and_a_start(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    with LocalS3(data_dir=data) as s3:
+    with LocalS3(data_dir=data, buckets=(BUCKET,)) as s3:
         assert s3.restored.total == 0
         store = ObjectStore(BUCKET, endpoint_url=s3.url)
         store.ensure_bucket()
@@ -83,7 +83,7 @@ def test_objects_survive_a_stop_and_a_start(tmp_path: Path) -> None:
 def test_conditional_writes_use_the_etag_read_after_the_restore(tmp_path: Path) -> None:
     """A manifest's rewrite is ``If-Match`` on the ETag read just before it: after a restore
     that is the restored object's, whatever the original's was."""
-    with LocalS3(data_dir=tmp_path) as s3:
+    with LocalS3(data_dir=tmp_path, buckets=(BUCKET,)) as s3:
         blobs = S3BlobStore(BUCKET, s3_client(s3.url))
         blobs.prepare()
         blobs.put("jobs/demo/manifest.json", b'{"v": 1}', content_type="application/json")
@@ -101,7 +101,7 @@ def test_conditional_writes_use_the_etag_read_after_the_restore(tmp_path: Path) 
 def test_a_corrupt_object_stays_refused_after_a_restore(tmp_path: Path) -> None:
     """The checksum goes back verbatim, so bytes that do not match it are still a 503."""
     wrong = base64.b64encode(hashlib.sha256(b"other").digest()).decode()
-    with LocalS3(data_dir=tmp_path) as s3:
+    with LocalS3(data_dir=tmp_path, buckets=(BUCKET,)) as s3:
         raw = snapshot_client(s3.url)
         raw.create_bucket(Bucket=BUCKET)
         raw.put_object(
@@ -112,7 +112,7 @@ def test_a_corrupt_object_stays_refused_after_a_restore(tmp_path: Path) -> None:
 
 
 def test_a_changed_blob_is_skipped_not_restored(tmp_path: Path) -> None:
-    with LocalS3(data_dir=tmp_path) as s3:
+    with LocalS3(data_dir=tmp_path, buckets=(BUCKET,)) as s3:
         blobs = S3BlobStore(BUCKET, s3_client(s3.url))
         blobs.prepare()
         blobs.put("a", b"kept")
