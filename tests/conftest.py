@@ -65,6 +65,11 @@ SLOW_MODULES = frozenset(
         "test_trimmed_kernel",
         "test_ingest_trust",
         "test_spec_versions",
+        "test_local_s3_persist",
+        "test_prefetch_artifacts",
+        "test_fltrust_lean",
+        "test_rounds_param",
+        "test_request_bounds",
     }
 )
 

@@ -87,7 +87,7 @@ def test_in_process_and_http_answers_agree_for_the_invoker(endpoint: LocalLambda
     assert b.payload["calls"] == a.payload["calls"] + 1
     assert b.billed_ms > 0 and b.memory_mb == a.memory_mb  # from the REPORT line of the tail
     for invoker in (http, local):
-        with pytest.raises(NodeFailure, match="Function not found"):
+        with pytest.raises(NodeFailure, match="ResourceNotFoundException"):
             invoker.invoke("no-such-function", {})
 
 

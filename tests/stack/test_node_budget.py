@@ -128,6 +128,10 @@ class RecordingStack:
     def __init__(self, cfg: StackConfig, workdir: Any = None) -> None:
         RecordingStack.configs.append(cfg)
         self.gateway_url = self.lambda_endpoint = self.s3_endpoint = self.token = "-"
+        self.data_dir = cfg.data_dir
+
+    def restored_jobs(self) -> list[str]:
+        return []
 
     def __enter__(self) -> RecordingStack:
         return self
@@ -138,14 +142,14 @@ class RecordingStack:
 
 @pytest.fixture
 def recorded(monkeypatch: pytest.MonkeyPatch) -> list[StackConfig]:
-    import flstore_core.cli as cli
+    import flstore_core.cli.local as cli_local
 
     def interrupt(_: float) -> None:
         raise KeyboardInterrupt
 
     RecordingStack.configs = []
     monkeypatch.setattr(stack_module, "LocalStack", RecordingStack)
-    monkeypatch.setattr(cli, "time", types.SimpleNamespace(sleep=interrupt))
+    monkeypatch.setattr(cli_local, "time", types.SimpleNamespace(sleep=interrupt))
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's SIGTERM handler
     return RecordingStack.configs
 

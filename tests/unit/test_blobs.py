@@ -62,6 +62,7 @@ def test_a_delimited_listing_leaves_out_what_it_rolls_up(blobs: BlobStore) -> No
     assert len(list(blobs.list("jobs/j/rounds/"))) == len(keys)  # no delimiter: every key
 
 
+@pytest.mark.slow  # lists thousands of moto objects
 def test_manifest_versions_list_one_page_whatever_the_updates(store: ObjectStore) -> None:
     """A job's rounds are found from its manifests alone: 1,200 update objects (more than one
     LIST page of 1,000 keys) are not listed."""
