@@ -406,10 +406,10 @@ class RunClientsOp:
 
 
 @dataclass(frozen=True)
-class StatsOp:
-    """``{"op": "stats"}``: hits, misses, loads, bytes held, evictions, S3 GETs, reuse."""
+class _FieldlessOp:
+    """An op that carries nothing but its name."""
 
-    op: ClassVar[str] = "stats"
+    op: ClassVar[str]
 
     def to_event(self) -> dict[str, Any]:
         """The event the router sends."""
@@ -419,6 +419,13 @@ class StatsOp:
     def from_event(cls, event: Mapping[str, Any]) -> Self:
         """The op of ``event`` (it has no fields)."""
         return cls()
+
+
+@dataclass(frozen=True)
+class StatsOp(_FieldlessOp):
+    """``{"op": "stats"}``: hits, misses, loads, bytes held, evictions, S3 GETs, reuse."""
+
+    op: ClassVar[str] = "stats"
 
 
 @dataclass(frozen=True)
@@ -449,19 +456,10 @@ class EvictOp:
 
 
 @dataclass(frozen=True)
-class PingOp:
+class PingOp(_FieldlessOp):
     """``{"op": "ping"}``: keeps the instance warm and says which node it is."""
 
     op: ClassVar[str] = "ping"
-
-    def to_event(self) -> dict[str, Any]:
-        """The event the router sends."""
-        return {"op": self.op}
-
-    @classmethod
-    def from_event(cls, event: Mapping[str, Any]) -> Self:
-        """The op of ``event`` (it has no fields)."""
-        return cls()
 
 
 NodeOp = (
