@@ -1,4 +1,5 @@
-"""A fault-injecting HTTP proxy in front of the local S3 (the chaos benchmark's S3 faults).
+"""A fault-injecting HTTP proxy in front of the local S3 (the chaos benchmark's S3 faults), and
+the S3 hop of the network model (``FaultProxy(upstream, link=...)``).
 
 S3 misbehaves in a few documented ways that FLStore's clients must survive: a request that is
 slow to answer, ``503 SlowDown`` when a prefix is over its request rate, ``500 InternalError``
@@ -35,6 +36,7 @@ from types import TracebackType
 from urllib.parse import urlsplit
 
 from lambdas.local_runtime.gateway import LISTEN_BACKLOG
+from lambdas.local_runtime.network import S3Link
 
 HOP_BY_HOP = {
     "connection",
@@ -96,12 +98,17 @@ class FaultProxy:
     """``with FaultProxy(upstream) as proxy:`` — ``proxy.url`` forwards to ``upstream``;
     assign ``proxy.faults`` at any time to change what is injected."""
 
-    def __init__(self, upstream: str, host: str = "127.0.0.1", seed: int = 0) -> None:
+    def __init__(
+        self, upstream: str, host: str = "127.0.0.1", seed: int = 0, link: S3Link | None = None
+    ) -> None:
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"upstream must be an http:// URL, got {upstream!r}")
         self.upstream = (parts.hostname, parts.port or 80)
         self.faults = Faults()
+        # with a link, every forwarded answer waits as long as S3 would make its client wait
+        # on AWS (lambdas.local_runtime.network): the proxy is then the S3 hop of one client
+        self.link = link
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
@@ -196,6 +203,8 @@ class FaultProxy:
                     status = resp.status
                 finally:
                     conn.close()
+                if proxy.link is not None:
+                    proxy.link.wait(self.command, len(body) + len(data))
                 if fault == "lost_answer":
                     self._hang_up()
                     return

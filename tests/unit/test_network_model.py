@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
+from flstore_core.aws import s3_client
+from flstore_core.storage.s3 import S3BlobStore
+from lambdas.local_runtime.fault_proxy import FaultProxy
 from lambdas.local_runtime.network import (
     MB,
     MiB,
@@ -15,6 +19,7 @@ from lambdas.local_runtime.network import (
     load_network,
     redis_delay_s,
 )
+from lambdas.local_runtime.s3_server import LocalS3
 
 
 def test_every_figure_has_a_unit_and_a_source() -> None:
@@ -75,3 +80,23 @@ def test_invoke_and_redis_delays_include_their_round_trip() -> None:
     assert invoke_delay_s(model, model.lambda_nic, 0) == pytest.approx(0.025)
     assert redis_delay_s(model, model.redis_nic, 0) == pytest.approx(0.0004)
     assert redis_delay_s(model, Nic(1 * MB), 1 * MB) == pytest.approx(1.0004, rel=1e-3)
+
+
+def test_the_s3_proxy_with_a_link_makes_each_request_wait_its_modelled_time(
+    s3_server: LocalS3,
+) -> None:
+    model = load_network({"s3_get_ms": 60, "s3_put_ms": 90})
+    assert model is not None
+    with FaultProxy(s3_server.url, link=model.s3_link(model.ec2_nic)) as proxy:
+        store = S3BlobStore("network-model-test", s3_client(proxy.url))
+        store.prepare()
+        t0 = time.perf_counter()
+        store.put("k", b"v")
+        t1 = time.perf_counter()
+        assert store.get("k") == b"v"
+        t2 = time.perf_counter()
+        proxy.link = None  # transparent again
+        store.get("k")
+        t3 = time.perf_counter()
+    assert t1 - t0 >= 0.090 and t2 - t1 >= 0.060
+    assert t3 - t2 < 0.060
