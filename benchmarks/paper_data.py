@@ -34,7 +34,7 @@ class Setting:
     summary_clients: int = 100
     repetitions: int = 2
     nodes: int = 2
-    replication: int = 1
+    replication: int = 2  # the deployment's default (infra settings, FLSTORE_REPLICATION)
     memory_mb: int = 3008
     keep_warm_minutes: int = 5
     rounds_per_minute: float = 1.0

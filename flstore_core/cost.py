@@ -48,6 +48,7 @@ API_GATEWAY_PRICING_URL = "https://aws.amazon.com/api-gateway/pricing/"
 S3_PRICING_URL = "https://aws.amazon.com/s3/pricing/"
 EC2_PRICING_URL = "https://aws.amazon.com/ec2/pricing/on-demand/"
 ELASTICACHE_PRICING_URL = "https://aws.amazon.com/elasticache/pricing/"
+PAPER_ARTIFACT_SOURCE = "FLStore paper artifact (handlers: total_time * cost_per_hour / 3600)"
 
 MS_PER_HOUR = 3_600_000.0
 HOURS_PER_MONTH = 30 * 24  # a 30-day month, as the keep-warm estimate states
@@ -56,15 +57,14 @@ MINUTES_PER_MONTH = HOURS_PER_MONTH * 60
 Architecture = Literal["x86_64", "arm64"]
 
 
-def _price(value: float, unit: str, source: str, note: str = "") -> Any:
+def _price(value: float | str, unit: str, source: str, note: str = "") -> Any:
     """A field of the price table: its default, unit, source page and date checked."""
     meta = {"unit": unit, "source": source, "checked": PRICES_CHECKED, "note": note}
     return field(default=value, metadata=meta)
 
 
 def _label(value: str, source: str, note: str = "") -> Any:
-    meta = {"unit": "", "source": source, "checked": PRICES_CHECKED, "note": note}
-    return field(default=value, metadata=meta)
+    return _price(value, "", source, note)
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,11 @@ class Prices:
     elasticache_node_type : str, default "cache.r6g.large"
         Its node type: 13.07 GiB of memory, the smallest current-generation memory-optimised
         node that holds the W = 2 hot rounds of that workload with room to spare.
+    paper_aggregator_hourly : float, default 0.922
+        The published FLStore artifact's rate for the baselines' servers, USD per hour: its
+        handlers charge ``total_time * cost_per_hour / 3600`` (``cost_usd_paper``).
+    paper_function_hourly : float, default 0.11988
+        The same artifact's rate for FLStore's functions, USD per hour.
     region : str, default "us-east-1"
         Region the prices are for (a label; change it with the prices).
     """
@@ -117,6 +122,12 @@ class Prices:
         0.206, "USD per hour", ELASTICACHE_PRICING_URL, "cache.r6g.large, Redis OSS"
     )
     elasticache_node_type: str = _label("cache.r6g.large", ELASTICACHE_PRICING_URL)
+    paper_aggregator_hourly: float = _price(
+        0.922, "USD per hour", PAPER_ARTIFACT_SOURCE, "the aggregator baselines' servers"
+    )
+    paper_function_hourly: float = _price(
+        0.11988, "USD per hour", PAPER_ARTIFACT_SOURCE, "FLStore's functions"
+    )
     region: str = _label("us-east-1", "")
 
     def lambda_gb_second(self, architecture: Architecture = "x86_64") -> float:
@@ -248,20 +259,12 @@ def flstore_request_cost(
     API requests (a request over 512 KB counts once per 512 KB), ``s3_gets`` the GETs of cold
     misses and ``s3_puts`` the results written to S3.
     """
-    _count("s3_gets", s3_gets)
-    _count("s3_puts", s3_puts)
     _count("api_requests", api_requests)
     compute = sum(inv.gb_seconds * prices.lambda_gb_second(inv.architecture) for inv in invocations)
     requests = len(invocations) * prices.lambda_requests_per_million / 1e6
     api = api_requests * prices.api_gateway_http_per_million / 1e6
-    s3 = s3_gets * prices.s3_get_per_thousand / 1e3 + s3_puts * prices.s3_put_per_thousand / 1e3
-    return CostBreakdown(
-        lambda_compute=compute,
-        lambda_requests=requests,
-        api_gateway=api,
-        s3=s3,
-        total=compute + requests + api + s3,
-    )
+    s3 = s3_requests_cost(s3_gets, s3_puts, prices)
+    return CostBreakdown(compute, requests, api, s3, total=compute + requests + api + s3)
 
 
 def server_request_cost(duration_ms: float, hourly_usd: float) -> float:
@@ -434,12 +437,34 @@ def invocations_cost(invocations: Sequence[Invocation], prices: Prices = DEFAULT
 
 
 def router_invocation(duration_ms: float, memory_mb: int = ROUTER_MEMORY_MB) -> Invocation:
-    """The router function's own invocation for a request that took ``duration_ms`` in it.
-
-    An answer's ``meta.cost_usd`` charges the cache-node invocations, the API Gateway request
-    and the S3 requests; on AWS the router is a Lambda function too, billed for the request's
-    duration at its memory (``routerMemoryMb``, default 512)."""
+    """The router function's own invocation for a request that took ``duration_ms`` in it, at
+    its memory (``routerMemoryMb``, default 512): on AWS the router is a Lambda function too."""
     return Invocation("router", duration_ms, memory_mb)
+
+
+API_GATEWAY_METERED_BYTES = 512 * 1024  # HTTP API requests are metered in 512 KB increments
+
+
+def answer_cost(
+    node_invocations: Sequence[Invocation],
+    router: Invocation,
+    s3_gets: int = 0,
+    s3_puts: int = 0,
+    request_bytes: int = 0,
+    prices: Prices = DEFAULT_PRICES,
+) -> dict[str, float]:
+    """What one answer's ``meta.cost_breakdown`` bills, in USD: ``nodes`` (the cache-node
+    invocations' Lambda charges), ``router`` (the router function's own invocation), ``api_gateway``
+    (one HTTP API request per started 512 KB of the request body) and ``s3`` (the GETs of cold
+    misses and the PUTs of results written). ``meta.cost_usd`` is their sum."""
+    _count("request_bytes", request_bytes)
+    api_requests = max(1, math.ceil(request_bytes / API_GATEWAY_METERED_BYTES))
+    return {
+        "nodes": invocations_cost(node_invocations, prices),
+        "router": invocations_cost([router], prices),
+        "api_gateway": api_requests * prices.api_gateway_http_per_million / 1e6,
+        "s3": s3_requests_cost(s3_gets, s3_puts, prices),
+    }
 
 
 def round_work_cost(
@@ -470,21 +495,26 @@ def flstore_overhead_per_request(
     return per_round / load.requests_per_round
 
 
-def flstore_amortised_cost(
-    request_usd: float,
-    router_ms: float,
-    overhead_per_request_usd: float,
-    prices: Prices = DEFAULT_PRICES,
-) -> float:
-    """``cost_usd`` of one FLStore request:
-    ``request_usd + invocations_cost([router_invocation(router_ms)]) + overhead_per_request_usd``
-    — what the answer's ``meta.cost_usd`` bills (node invocations, API Gateway, S3), the router
-    function's own invocation, and the request's share of the round's prefetch and the idle
-    keep-warm cost (:func:`flstore_overhead_per_request`)."""
-    if not math.isfinite(request_usd) or request_usd < 0:
-        raise ValidationError(f"request_usd must be >= 0, got {request_usd!r}")
-    router = invocations_cost([router_invocation(router_ms)], prices)
-    return request_usd + router + overhead_per_request_usd
+def flstore_amortised_cost(request_usd: float, overhead_per_request_usd: float) -> float:
+    """``cost_usd`` of one FLStore request: ``request_usd + overhead_per_request_usd`` — what the
+    answer's ``meta.cost_usd`` bills (node invocations, the router's own invocation, API
+    Gateway, S3) and the request's share of the round's prefetch and the idle keep-warm cost
+    (:func:`flstore_overhead_per_request`)."""
+    for name, value in (("request_usd", request_usd), ("overhead", overhead_per_request_usd)):
+        if not math.isfinite(value) or value < 0:
+            raise ValidationError(f"{name} must be >= 0, got {value!r}")
+    return request_usd + overhead_per_request_usd
+
+
+def paper_artifact_cost(system: str, latency_ms: float, prices: Prices = DEFAULT_PRICES) -> float:
+    """``cost_usd_paper`` of one request, the published artifact's method: the request's wall
+    time × a fixed hourly rate — ``paper_function_hourly`` for FLStore (``flstore…`` systems),
+    ``paper_aggregator_hourly`` for either baseline — with no fees, no idle time, no prefetch."""
+    if system in ("objstore-agg", "cache-agg"):
+        return server_request_cost(latency_ms, prices.paper_aggregator_hourly)
+    if not system.startswith("flstore"):
+        raise ValidationError(f"unknown system {system!r}: flstore…, objstore-agg or cache-agg")
+    return server_request_cost(latency_ms, prices.paper_function_hourly)
 
 
 def reduction(system_value: float, baseline_value: float) -> float:
@@ -502,3 +532,66 @@ def reduction_summary(pairs: Sequence[tuple[float, float]]) -> dict[str, float]:
         raise ValidationError("no (system, baseline) pairs to summarise")
     values = [reduction(s, b) for s, b in pairs]
     return {"avg": sum(values) / len(values), "peak": max(values)}
+
+
+# ---------------------------------------------------------------------- cost against request rate
+#
+# Which system is cheaper depends on the rate: FLStore pays per request plus each round's work,
+# the baselines' servers are paid by the hour however few requests they serve.
+
+
+@dataclass(frozen=True)
+class SweepInputs:
+    """What a request costs at any rate: FLStore's measured marginal cost of a request (its
+    answers' mean ``meta.cost_usd``), its work per round (prefetch) and keep-warm cost per hour;
+    each baseline's per-request S3 cost (its servers' hourly price comes from the prices)."""
+
+    flstore_request_usd: float
+    round_work_usd: float
+    idle_hourly_usd: float
+    baseline_s3_usd: Mapping[str, float]
+
+
+def sweep_point(
+    inputs: SweepInputs,
+    requests_per_round: float,
+    rounds_per_hour: float,
+    prices: Prices = DEFAULT_PRICES,
+) -> dict[str, float]:
+    """Dollars per request at one rate: FLStore's ``request + round_work / requests_per_round +
+    idle_hourly / requests_per_hour``; each baseline's ``hourly / requests_per_hour + s3``."""
+    if not requests_per_round > 0 or not rounds_per_hour > 0:
+        raise ValidationError("requests_per_round and rounds_per_hour must be > 0")
+    rate = requests_per_round * rounds_per_hour
+    flstore = inputs.flstore_request_usd + inputs.round_work_usd / requests_per_round
+    point = {
+        "requests_per_round": requests_per_round,
+        "rounds_per_hour": rounds_per_hour,
+        "requests_per_hour": rate,
+        "flstore_usd": flstore + inputs.idle_hourly_usd / rate,
+    }
+    for system, key in (("objstore-agg", "objstore_usd"), ("cache-agg", "cache_usd")):
+        hourly = aggregator_hourly(system, prices)
+        point[key] = hourly / rate + inputs.baseline_s3_usd.get(system, 0.0)
+    return point
+
+
+def crossover_rate(
+    inputs: SweepInputs, system: str, requests_per_round: float, prices: Prices = DEFAULT_PRICES
+) -> float | None:
+    """Requests per hour above which FLStore stops being cheaper than baseline ``system``, at a
+    fixed ``requests_per_round`` (closed form of :func:`sweep_point`'s two lines).
+
+    FLStore costs ``A + c / R`` a request at ``R`` requests an hour (``A`` its request and its
+    share of a round's work, ``c`` its keep-warm per hour), the baseline ``s + H / R``: equal at
+    ``R = (H − c) / (A − s)``. None when FLStore is cheaper at every rate (``A <= s``); 0.0 when
+    it is cheaper at no low rate (``H <= c``).
+    """
+    a = inputs.flstore_request_usd + inputs.round_work_usd / requests_per_round
+    s = inputs.baseline_s3_usd.get(system, 0.0)
+    h, c = aggregator_hourly(system, prices), inputs.idle_hourly_usd
+    if h <= c:
+        return 0.0
+    if a <= s:
+        return None
+    return (h - c) / (a - s)

@@ -111,11 +111,21 @@ class RoundsAnswer(_Open):
     rounds: list[RoundEntry]
 
 
+class CostBreakdown(_Open):
+    """What one answer cost on AWS, in USD, by what was billed."""
+
+    nodes: float = Field(description="the cache-node invocations (duration and request fees)")
+    router: float = Field(description="the router function's own invocation")
+    api_gateway: float = Field(description="the HTTP API request (per started 512 KB of body)")
+    s3: float = Field(description="the S3 GETs of cold misses and PUTs of results written")
+
+
 class RunMeta(_Open):
     nodes: list[Any] = Field(description="the cache nodes tried, in order")
     cache: str = Field(description="hit, miss, or partial when several nodes answered")
     latency_ms: float
-    cost_usd: float
+    cost_usd: float = Field(description="the sum of cost_breakdown, USD")
+    cost_breakdown: CostBreakdown
     node_timing_ms: dict[str, Any]
     s3_gets: int
     s3_puts: int

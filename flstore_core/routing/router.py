@@ -40,7 +40,13 @@ from flstore_core import config
 from flstore_core.aws import lambda_client
 from flstore_core.cache.budget import stack_budget
 from flstore_core.cache.shards import ManifestReader
-from flstore_core.cost import DEFAULT_PRICES, Prices, flstore_request_cost
+from flstore_core.cost import (
+    DEFAULT_PRICES,
+    ROUTER_MEMORY_MB,
+    Prices,
+    answer_cost,
+    router_invocation,
+)
 from flstore_core.data import layout
 from flstore_core.errors import NotFoundError, ValidationError
 from flstore_core.ids import validate_client, validate_job, validate_round
@@ -97,6 +103,9 @@ class RouterConfig:
     nodes: int = int(_default(config.CACHE_NODES))
     replication: int = int(_default(config.REPLICATION))
     node_memory_mb: int = int(_default(config.CACHE_MEMORY_MB))
+    # the router function's own memory, what its invocation is billed at in meta.cost_usd: the
+    # deployment's default (infra's routerMemoryMb) unless Lambda says otherwise (from_env)
+    router_memory_mb: int = ROUTER_MEMORY_MB
     # bytes of data a node holds (FLSTORE_CACHE_BUDGET_BYTES, else what its memory leaves once
     # its runtime is loaded): the planner cuts rounds into blocks that fit it
     cache_budget_bytes: int | None = None
@@ -117,6 +126,7 @@ class RouterConfig:
             nodes=config.CACHE_NODES.get_int(),
             replication=config.REPLICATION.get_int(),
             node_memory_mb=config.CACHE_MEMORY_MB.get_int(),
+            router_memory_mb=config.LAMBDA_MEMORY_MB.get_int(),
             cache_budget_bytes=stack_budget(config.CACHE_MEMORY_MB.get_int()),
             deadline_s=float(config.REQUEST_DEADLINE_S.get_int()),
         )
@@ -263,8 +273,13 @@ class Router:
         s3_gets = sum(int(a.get("s3_gets", 0)) for a in answers)
         s3_puts = sum(int(a.get("s3_puts", 0)) for a in answers)
         states = {a.get("cache", "miss") for a in answers}
-        cost = flstore_request_cost(
-            served.invocations, s3_gets=s3_gets, s3_puts=s3_puts, prices=self.prices
+        latency_ms = (time.perf_counter() - t0) * 1000
+        # the router's own invocation is billed for the request's duration in it, as measured
+        # here (the handler's event parsing and answer encoding around it are not counted)
+        router = router_invocation(latency_ms, self.config.router_memory_mb)
+        body_bytes = len(body.encode() if isinstance(body, str) else body or b"")
+        breakdown = answer_cost(
+            served.invocations, router, s3_gets, s3_puts, body_bytes, prices=self.prices
         )
         return {
             "job": job,
@@ -274,8 +289,9 @@ class Router:
             "meta": {
                 "nodes": served.tried,
                 "cache": states.pop() if len(states) == 1 else "partial",
-                "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
-                "cost_usd": cost.total,
+                "latency_ms": round(latency_ms, 3),
+                "cost_usd": sum(breakdown.values()),
+                "cost_breakdown": breakdown,
                 "node_timing_ms": answers[0].get("timing_ms", {}) if len(answers) == 1 else {},
                 "s3_gets": s3_gets,
                 "s3_puts": s3_puts,

@@ -9,15 +9,19 @@ import pytest
 
 from flstore_core.cost import (
     DEFAULT_PRICES,
+    PAPER_ARTIFACT_SOURCE,
     PRICES_FILE_ENV,
     Invocation,
     Prices,
     RequestLoad,
+    SweepInputs,
     aggregator_amortised_cost,
     aggregator_duration_cost,
     aggregator_hourly,
     amortised_server_cost,
+    answer_cost,
     cache_agg_cost,
+    crossover_rate,
     flstore_amortised_cost,
     flstore_overhead_per_request,
     flstore_request_cost,
@@ -25,11 +29,14 @@ from flstore_core.cost import (
     invocations_cost,
     load_prices,
     objstore_agg_cost,
+    paper_artifact_cost,
     reduction,
     reduction_summary,
     round_work_cost,
+    router_invocation,
     s3_requests_cost,
     server_request_cost,
+    sweep_point,
 )
 from flstore_core.errors import ValidationError
 
@@ -56,9 +63,12 @@ def test_default_prices_are_the_published_us_east_1_prices() -> None:
 def test_every_price_in_the_table_names_its_source_and_date() -> None:
     rows = DEFAULT_PRICES.table()
     prices = [row for row in rows if isinstance(row["value"], float)]
-    assert len(prices) == 8
+    assert len(prices) == 10
     for row in prices:
-        assert str(row["source"]).startswith("https://aws.amazon.com/"), row
+        if row["name"].startswith("paper_"):
+            assert row["source"] == PAPER_ARTIFACT_SOURCE, row
+        else:
+            assert str(row["source"]).startswith("https://aws.amazon.com/"), row
         assert row["checked"] == "2026-11"
         assert row["unit"]
 
@@ -276,13 +286,77 @@ def test_overhead_per_request_spreads_the_round_and_the_keep_warm_month() -> Non
         flstore_overhead_per_request(-1.0, idle, PAPER_LOAD)
 
 
-def test_flstore_request_adds_the_router_invocation_and_its_overhead_share() -> None:
-    # meta.cost_usd of $2e-6, 100 ms in the 512 MB router, $1e-5 of round work per request
-    got = flstore_amortised_cost(2e-6, 100.0, 1e-5)
-    router = 0.1 * 0.5 * GB_S + LAMBDA_REQ
-    assert got == pytest.approx(2e-6 + router + 1e-5, rel=1e-12)
+def test_flstore_request_is_its_answers_cost_and_its_overhead_share() -> None:
+    # meta.cost_usd of $2e-6 (the router's invocation already in it), $1e-5 of round work
+    assert flstore_amortised_cost(2e-6, 1e-5) == pytest.approx(2e-6 + 1e-5, rel=1e-12)
     with pytest.raises(ValidationError):
-        flstore_amortised_cost(-1e-6, 1.0, 0.0)
+        flstore_amortised_cost(-1e-6, 0.0)
+
+
+def test_an_answer_bills_its_nodes_its_router_api_gateway_and_s3() -> None:
+    # one node for 40 ms at 3008 MB, the 512 MB router for 52.2 ms (billed 53), 6 GETs, 1 PUT
+    node = Invocation("cache-1", 40.0, 3008)
+    got = answer_cost([node], router_invocation(52.2), s3_gets=6, s3_puts=1)
+    assert got["nodes"] == pytest.approx(0.04 * 3008 / 1024 * GB_S + LAMBDA_REQ, rel=1e-12)
+    assert got["router"] == pytest.approx(0.053 * 0.5 * GB_S + LAMBDA_REQ, rel=1e-12)
+    assert got["api_gateway"] == pytest.approx(API_REQ, rel=1e-12)
+    assert got["s3"] == pytest.approx(6 * S3_GET + S3_PUT, rel=1e-12)
+    # HTTP API requests are metered per started 512 KB: a 600 KB body is two requests
+    big = answer_cost([], router_invocation(1.0, 1024), request_bytes=600 * 1024)
+    assert big["api_gateway"] == pytest.approx(2 * API_REQ, rel=1e-12)
+    assert big["nodes"] == 0.0 and big["router"] == pytest.approx(0.001 * GB_S + LAMBDA_REQ)
+
+
+def test_the_paper_artifact_charges_wall_time_at_its_two_hourly_rates() -> None:
+    # 3.6 s: a thousandth of an hour, at 0.922 $/h for a baseline and 0.11988 $/h for FLStore
+    assert paper_artifact_cost("cache-agg", 3600.0) == pytest.approx(0.922e-3, rel=1e-12)
+    assert paper_artifact_cost("objstore-agg", 3600.0) == pytest.approx(0.922e-3, rel=1e-12)
+    assert paper_artifact_cost("flstore-warm", 3600.0) == pytest.approx(0.11988e-3, rel=1e-12)
+    cheaper = load_prices({"paper_function_hourly": 0.06})
+    assert paper_artifact_cost("flstore-warm", 3600.0, cheaper) == pytest.approx(0.06e-3)
+    with pytest.raises(ValidationError):
+        paper_artifact_cost("aggregator", 1.0)
+
+
+SWEEP = SweepInputs(
+    flstore_request_usd=2e-6,
+    round_work_usd=1.8e-4,
+    idle_hourly_usd=0.01,
+    baseline_s3_usd={"objstore-agg": 5e-6, "cache-agg": 0.0},
+)
+
+
+def test_a_sweep_point_spreads_each_systems_fixed_costs_over_its_rate() -> None:
+    # 18 requests a round, 60 rounds an hour: 1,080 requests an hour
+    p = sweep_point(SWEEP, 18, 60)
+    assert p["requests_per_hour"] == 1080
+    assert p["flstore_usd"] == pytest.approx(2e-6 + 1e-5 + 0.01 / 1080, rel=1e-12)
+    assert p["objstore_usd"] == pytest.approx(0.192 / 1080 + 5e-6, rel=1e-12)
+    assert p["cache_usd"] == pytest.approx(0.398 / 1080, rel=1e-12)
+    # one request an hour: FLStore pays a whole round's work and an hour of keep-warm for it
+    one = sweep_point(SWEEP, 1, 1)
+    assert one["flstore_usd"] == pytest.approx(2e-6 + 1.8e-4 + 0.01, rel=1e-12)
+    assert one["cache_usd"] == pytest.approx(0.398, rel=1e-12)
+    with pytest.raises(ValidationError):
+        sweep_point(SWEEP, 0, 1)
+
+
+def test_the_crossover_is_where_the_two_lines_meet() -> None:
+    # A = 2e-6 + 1.8e-4 / 18 = 1.2e-5; objstore: (0.192 - 0.01) / (1.2e-5 - 5e-6) = 26,000/h
+    assert crossover_rate(SWEEP, "objstore-agg", 18) == pytest.approx(26_000, rel=1e-9)
+    # cache-agg: (0.398 - 0.01) / 1.2e-5 = 32,333.3/h; there the two points cost the same
+    rate = crossover_rate(SWEEP, "cache-agg", 18)
+    assert rate == pytest.approx(0.388 / 1.2e-5, rel=1e-9)
+    at = sweep_point(SWEEP, 18, rate / 18)
+    assert at["flstore_usd"] == pytest.approx(at["cache_usd"], rel=1e-9)
+    below, above = sweep_point(SWEEP, 18, rate / 36), sweep_point(SWEEP, 18, rate / 9)
+    assert below["flstore_usd"] < below["cache_usd"] and above["flstore_usd"] > above["cache_usd"]
+    # FLStore's marginal request at or below the baseline's S3 cost: cheaper at every rate
+    free = SweepInputs(1e-6, 0.0, 0.0, {"objstore-agg": 5e-6})
+    assert crossover_rate(free, "objstore-agg", 18) is None
+    # keep-warm dearer than the servers: cheaper at no low rate
+    dear = SweepInputs(1e-6, 0.0, 1.0, {})
+    assert crossover_rate(dear, "cache-agg", 18) == 0.0
 
 
 def test_reduction_is_one_minus_the_ratio() -> None:

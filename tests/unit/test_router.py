@@ -7,13 +7,14 @@ test runs in milliseconds and sleeps nowhere (the failover policy's sleep is inj
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from moto import mock_aws
 
-from flstore_core.cost import DEFAULT_PRICES, Invocation, flstore_request_cost
+from flstore_core.cost import DEFAULT_PRICES, Invocation, flstore_request_cost, invocations_cost
 from flstore_core.data import layout
 from flstore_core.data.manifest import JobSpec
 from flstore_core.errors import NotFoundError, UnavailableError, ValidationError
@@ -341,9 +342,44 @@ def test_the_answer_carries_the_nodes_the_cache_state_and_the_cost(
     assert meta["nodes"] == ranking[:2]
     assert meta["cache"] == "miss" and meta["s3_gets"] == 6
     assert meta["node_timing_ms"] == {"load": 5.0}
-    # only the node that answered is billed
+    # only the node that answered is billed, beside the router's own invocation
     expected = flstore_request_cost(
         [Invocation(ranking[1], BILLED_MS, MEMORY_MB)], s3_gets=6, prices=DEFAULT_PRICES
     )
-    assert meta["cost_usd"] == expected.total
+    breakdown = meta["cost_breakdown"]
+    assert breakdown["nodes"] == pytest.approx(expected.lambda_compute + expected.lambda_requests)
+    assert breakdown["api_gateway"] == pytest.approx(expected.api_gateway)
+    assert breakdown["s3"] == pytest.approx(expected.s3)
+    assert meta["cost_usd"] == sum(breakdown.values())
+    assert meta["cost_usd"] > expected.total  # the router's invocation is billed too
     assert meta["latency_ms"] >= 0
+
+
+def router_share(latency_ms: float, memory_mb: int) -> tuple[float, float]:
+    """The router's charge for a request whose meta.latency_ms (rounded to 1 µs) reads
+    ``latency_ms``: between its bill for the µs below and above it."""
+    lo, hi = (Invocation("router", max(latency_ms + d, 0.0), memory_mb) for d in (-1e-3, 1e-3))
+    return invocations_cost([lo]), invocations_cost([hi])
+
+
+def test_the_router_bills_its_own_invocation_at_its_memory_for_the_request_duration(
+    scripted_router: ScriptedRouter,
+) -> None:
+    for memory in (512, 3008):
+        router, _ = scripted_router(router_memory_mb=memory)
+        meta = run(router, round=3)["meta"]
+        lo, hi = router_share(meta["latency_ms"], memory)
+        assert lo <= meta["cost_breakdown"]["router"] <= hi
+        # Lambda bills duration rounded up to 1 ms, plus the request fee
+        billed = math.ceil(meta["latency_ms"]) / 1000 * memory / 1024
+        assert meta["cost_breakdown"]["router"] == pytest.approx(
+            billed * DEFAULT_PRICES.lambda_gb_second_x86 + 0.2e-6, rel=0.05
+        )
+    assert RouterConfig().router_memory_mb == 512  # the deployment's routerMemoryMb
+
+
+def test_the_deployed_router_reads_its_memory_from_lambdas_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "768")
+    assert RouterConfig.from_env().router_memory_mb == 768
