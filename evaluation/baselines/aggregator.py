@@ -22,11 +22,23 @@ To make the comparison about the data path alone, the aggregator
   :func:`flstore_core.cost.cache_agg_cost`), the GETs it made and the fetch/compute split.
 
 It has no authentication: it stands for a server inside the FL operator's network.
+
+**Under the network model** (``Aggregator(..., network=model)``,
+:mod:`lambdas.local_runtime.network`) the aggregator pays AWS's hops where it makes them:
+every answer of its HTTP front door waits one VPC round trip (``vpc_round_trip_ms``: the FL
+server reaching the aggregator inside its VPC), every S3 request goes through a
+:class:`~lambdas.local_runtime.fault_proxy.FaultProxy` in the aggregator's process that waits
+S3's first byte and the bytes' time through one EC2 interface (``model.ec2_nic``, the
+instance's, shared by all its S3 traffic), and every Redis command waits ElastiCache's round
+trip and its bytes (:class:`~evaluation.baselines.redis_source.RedisHop`, at the client side
+of the hop). The model reaches the child process as JSON on its command line. Without a model
+nothing is added.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -37,6 +49,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -45,6 +58,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from evaluation.baselines.redis_source import (
+    RedisHop,
     RedisObjects,
     RedisReader,
     load_round_from,
@@ -74,6 +88,8 @@ from flstore_core.routing.request_body import MAX_BODY_BYTES, parse_body
 from flstore_core.storage.blobs import CountingBlobStore
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import Workload, WorkloadResult, get
+from lambdas.local_runtime.fault_proxy import FaultProxy
+from lambdas.local_runtime.network import NetworkModel, load_network
 
 Source = Literal["s3", "redis"]
 SYSTEM_OF: dict[str, str] = {"s3": "objstore-agg", "redis": "cache-agg"}
@@ -96,6 +112,8 @@ class AggregatorService:
         Threads fetching and decoding a round's updates in parallel.
     prices : Prices, default DEFAULT_PRICES
         The price table ``meta.cost_usd`` is computed from.
+    on_close : sequence of callables, default ()
+        Called by :meth:`close` after the stores are closed (the network model's S3 proxy).
     """
 
     def __init__(
@@ -106,6 +124,7 @@ class AggregatorService:
         *,
         workers: int = DEFAULT_WORKERS,
         prices: Prices = DEFAULT_PRICES,
+        on_close: Sequence[Callable[[], None]] = (),
     ) -> None:
         if source not in SYSTEM_OF:
             raise ValidationError(f"unknown aggregator source {source!r}: use s3 or redis")
@@ -118,6 +137,7 @@ class AggregatorService:
         self.workers = workers
         self.prices = prices
         self.requests = 0
+        self.on_close = tuple(on_close)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fetch")
 
@@ -251,6 +271,8 @@ class AggregatorService:
         if self.redis is not None:
             self.redis.close()
         self.store.close()
+        for close in self.on_close:
+            close()
 
 
 # ---------------------------------------------------------------------- HTTP
@@ -260,9 +282,13 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], service: AggregatorService) -> None:
+    def __init__(
+        self, address: tuple[str, int], service: AggregatorService, front_door_s: float = 0.0
+    ) -> None:
         super().__init__(address, _Handler)
         self.service = service
+        # the network model's VPC round trip, waited once per answer (0: none)
+        self.front_door_s = front_door_s
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -313,6 +339,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _reply(self, status: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
+        if self.server.front_door_s > 0:
+            time.sleep(self.server.front_door_s)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -320,9 +348,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def serve(service: AggregatorService, host: str = "127.0.0.1", port: int = 0) -> _Server:
-    """An HTTP server for ``service`` bound now (``port=0`` picks one); call ``serve_forever``."""
-    return _Server((host, port), service)
+def serve(
+    service: AggregatorService,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    network: NetworkModel | None = None,
+) -> _Server:
+    """An HTTP server for ``service`` bound now (``port=0`` picks one); call ``serve_forever``.
+    Under ``network``, every answer waits the model's VPC round trip first."""
+    front_door_s = network.vpc_round_trip_ms / 1e3 if network is not None else 0.0
+    return _Server((host, port), service, front_door_s)
 
 
 def build_service(
@@ -333,15 +368,30 @@ def build_service(
     *,
     redis_reader: RedisReader = "resp",
     workers: int = DEFAULT_WORKERS,
+    network: NetworkModel | None = None,
 ) -> AggregatorService:
-    """The service of one aggregator process, from the settings :class:`Aggregator` passes."""
+    """The service of one aggregator process, from the settings :class:`Aggregator` passes.
+
+    Under ``network``, S3 is reached through a pacing proxy started here (one EC2 interface
+    for all the instance's S3 traffic) and every Redis command through a :class:`RedisHop`.
+    """
     if source == "redis" and not redis_url:
         raise ValidationError("--source redis needs --redis-url redis://host:port/db")
+    on_close: list[Callable[[], None]] = []
+    if network is not None:
+        if not s3_endpoint:
+            raise ValidationError("the network model paces a local S3: give --s3-endpoint")
+        proxy = FaultProxy(s3_endpoint, link=network.s3_link(network.ec2_nic)).start()
+        s3_endpoint = proxy.url
+        on_close.append(proxy.stop)
     store = ObjectStore(bucket, endpoint_url=s3_endpoint, max_workers=workers)
+    hop = RedisHop(network) if network is not None else None
     cache = (
-        RedisObjects(redis_url, reader=redis_reader) if source == "redis" and redis_url else None
+        RedisObjects(redis_url, reader=redis_reader, hop=hop)
+        if source == "redis" and redis_url
+        else None
     )
-    return AggregatorService(source, store, cache, workers=workers)
+    return AggregatorService(source, store, cache, workers=workers, on_close=on_close)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -357,8 +407,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument(
+        "--network-json",
+        default=None,
+        help="the network model's fields as a JSON object (lambdas.local_runtime.network)",
+    )
     args = p.parse_args(argv)
     try:
+        network = load_network(json.loads(args.network_json)) if args.network_json else None
         service = build_service(
             args.source,
             args.s3_endpoint,
@@ -366,10 +422,13 @@ def main(argv: list[str] | None = None) -> None:
             args.redis_url,
             redis_reader=args.redis_reader,
             workers=args.workers,
+            network=network,
         )
     except FLStoreError as exc:
         p.error(exc.message)
-    server = serve(service, args.host, args.port)
+    except ValueError as exc:  # a malformed model: JSONDecodeError or an unknown field
+        p.error(f"--network-json: {exc}")
+    server = serve(service, args.host, args.port, network)
     url = f"http://{args.host}:{server.server_port}"
     print(json.dumps({"url": url, "pid": os.getpid(), "system": service.system}), flush=True)
     sys.stdout = sys.stderr  # the parent stops reading after the ready line
@@ -407,6 +466,8 @@ class Aggregator:
         How large values are read from Redis (see :mod:`evaluation.baselines.redis_source`).
     workers : int, default 8
         Parallel fetch-and-decode threads.
+    network : NetworkModel or None, default None
+        AWS's hops to wait at (see the module's docstring); ``None`` adds nothing.
     host : str, default "127.0.0.1"
         Interface the aggregator listens on (a free port is picked).
     startup_timeout : float, default 60
@@ -422,6 +483,7 @@ class Aggregator:
         *,
         redis_reader: RedisReader = "resp",
         workers: int = DEFAULT_WORKERS,
+        network: NetworkModel | None = None,
         host: str = "127.0.0.1",
         startup_timeout: float = 60.0,
     ) -> None:
@@ -436,6 +498,7 @@ class Aggregator:
         self.redis_url = redis_url
         self.redis_reader = redis_reader
         self.workers = workers
+        self.network = network
         self.host = host
         self.startup_timeout = startup_timeout
         self._proc: subprocess.Popen[bytes] | None = None
@@ -461,6 +524,8 @@ class Aggregator:
             cmd += ["--bucket", self.bucket]
         if self.redis_url:
             cmd += ["--redis-url", self.redis_url, "--redis-reader", self.redis_reader]
+        if self.network is not None:
+            cmd += ["--network-json", json.dumps(dataclasses.asdict(self.network))]
         return [*cmd, "--workers", str(self.workers), "--host", self.host, "--port", "0"]
 
     def start(self) -> Aggregator:

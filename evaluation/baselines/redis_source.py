@@ -15,6 +15,11 @@ whole round taking ~1 s), which would make the baseline slow for reasons no prod
 aggregator suffers (it would use hiredis). :class:`RespBulkReader` sends a plain RESP2 ``GET``
 and reads the bulk reply with ``recv_into`` straight into one buffer, running at the rate the
 server sends (~1 GB/s on loopback). ``reader="redis-py"`` keeps the library path for comparison.
+
+Under the network model (:class:`RedisHop`), every Redis command waits ElastiCache's round trip
+and its bytes' time through the interface the aggregator and the cache node share; the wait is
+taken at the client side of the hop, after the local command returned, so parallel GETs overlap
+their round trips and share the bandwidth as they would on AWS.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from __future__ import annotations
 import io
 import socket
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, Protocol
 from urllib.parse import unquote, urlsplit
@@ -51,6 +57,7 @@ from flstore_core.errors import (
 )
 from flstore_core.storage.blobs import BlobInfo, BlobStream, ReadThroughBlobStore
 from flstore_core.storage.object_store import ObjectStore
+from lambdas.local_runtime.network import NetworkModel, redis_delay_s
 
 Buffer = bytes | memoryview
 RedisReader = Literal["resp", "redis-py"]
@@ -213,27 +220,57 @@ class _RespConnection:
         self.sock.close()
 
 
+class RedisHop:
+    """The Redis hop of the network model, at its client side: ``hop(nbytes)`` after each
+    command sleeps ElastiCache's round trip plus ``nbytes`` through one interface, the
+    slower of the aggregator's and the cache node's (:attr:`NetworkModel.redis_nic`), which
+    every command of the aggregator's life shares."""
+
+    def __init__(self, model: NetworkModel) -> None:
+        self.model = model
+        self.nic = model.redis_nic
+
+    def __call__(self, nbytes: int) -> None:
+        time.sleep(redis_delay_s(self.model, self.nic, nbytes))
+
+
 class RedisObjects:
     """A read-only :class:`~flstore_core.storage.blobs.BlobStore` over a Redis mirror of the
-    bucket (``reader`` picks the GET implementation); listings read the job's key index."""
+    bucket (``reader`` picks the GET implementation); listings read the job's key index.
 
-    def __init__(self, url: str, reader: RedisReader = "resp", timeout: float = 60.0) -> None:
+    ``hop`` (a :class:`RedisHop`), when given, is called once per command sent — a pipeline is
+    one — with the bytes it brought back, after the command returned.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        reader: RedisReader = "resp",
+        timeout: float = 60.0,
+        hop: Callable[[int], None] | None = None,
+    ) -> None:
         self.url = url
         self.reader = reader
+        self.hop = hop
         self.client = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_read_size=1 << 20, max_connections=64
         )
         self._resp = RespBulkReader(url, timeout) if reader == "resp" else None
 
     def get(self, key: str) -> Buffer | None:
+        found: Buffer | None
         if self._resp is not None:
-            return self._resp.get(key)
-        try:
-            value = self.client.get(key)
-        except redis.RedisError as exc:
-            raise UnavailableError(f"Redis at {self.url} failed: {exc}") from exc
-        assert value is None or isinstance(value, bytes)
-        return value
+            found = self._resp.get(key)
+        else:
+            try:
+                value = self.client.get(key)
+            except redis.RedisError as exc:
+                raise UnavailableError(f"Redis at {self.url} failed: {exc}") from exc
+            assert value is None or isinstance(value, bytes)
+            found = value
+        if self.hop is not None:
+            self.hop(0 if found is None else len(found))
+        return found
 
     def open(self, key: str) -> BlobStream | None:
         """The mirrored blob as a stream (Redis sends a value whole: it is read, then streamed)."""
@@ -251,6 +288,8 @@ class RedisObjects:
                 exists, value = pipe.execute()
         except redis.RedisError as exc:
             raise UnavailableError(f"Redis at {self.url} failed: {exc}") from exc
+        if self.hop is not None:  # one pipeline: one round trip
+            self.hop(len(value) if isinstance(value, bytes) else 0)
         if not exists:
             return None
         assert isinstance(value, bytes)
@@ -259,7 +298,11 @@ class RedisObjects:
     def head(self, key: str) -> BlobInfo | None:
         try:
             size = int(self.client.strlen(key))
+            if self.hop is not None:
+                self.hop(0)
             exists = size > 0 or bool(self.client.exists(key))
+            if size == 0 and self.hop is not None:  # EXISTS was a second command
+                self.hop(0)
         except redis.RedisError as exc:
             raise UnavailableError(f"Redis at {self.url} failed: {exc}") from exc
         return BlobInfo(key, size) if exists else None
@@ -287,6 +330,8 @@ class RedisObjects:
             raw = self.client.zrangebylex(index_key(parts[1]), f"[{prefix}", f"[{prefix}\xff")
         except redis.RedisError as exc:
             raise UnavailableError(f"Redis at {self.url} failed: {exc}") from exc
+        if self.hop is not None:
+            self.hop(sum(len(item) for item in raw))
         return tuple(item.decode() if isinstance(item, bytes) else str(item) for item in raw)
 
     def put(
