@@ -21,6 +21,7 @@ import base64
 import binascii
 import json
 import traceback
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,7 +36,9 @@ from aws_lambda_powertools.event_handler.openapi.models import (
 from aws_lambda_powertools.event_handler.openapi.params import Body
 from aws_lambda_powertools.event_handler.openapi.params import Path as PathParam
 
+from flstore_core import config
 from flstore_core.errors import FLStoreError, NotFoundError, PayloadTooLargeError, ValidationError
+from flstore_core.routing.commit_warming import CommitWarmer, is_s3_event
 from flstore_core.routing.invoker import one_line
 from flstore_core.routing.openapi import (
     JOB_PATTERN,
@@ -115,6 +118,12 @@ def _job_param(description: str) -> Any:
     return PathParam(description=description, json_schema_extra={"pattern": JOB_PATTERN})
 
 
+# each app's router, for the events that are not HTTP requests (S3 notifications: handle)
+_ROUTERS: weakref.WeakKeyDictionary[APIGatewayHttpResolver, Callable[[], Router]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
     """The resolver with every route, bound to a router factory (called once, lazily)."""
     app = APIGatewayHttpResolver(enable_validation=True)
@@ -125,6 +134,7 @@ def build_app(router: Callable[[], Router]) -> APIGatewayHttpResolver:
             holder.append(router())
         return holder[0]
 
+    _ROUTERS[app] = r
     _api_routes(app, r)
     _document_routes(app)
     _error_handlers(app)
@@ -338,8 +348,20 @@ SWAGGER_PAGE = """<!DOCTYPE html>
 app = build_app(Router.from_env)
 
 
+def warm_commits(router: Router, event: dict[str, Any]) -> dict[str, Any]:
+    """An S3 event notification of written manifests: warm each round it names
+    (:mod:`flstore_core.routing.commit_warming`); a round that could not be warmed raises, so
+    Lambda's asynchronous retry delivers the event again."""
+    report = CommitWarmer(router.store, router, config.HOT_ROUNDS.get_int()).handle(event)
+    logger.info({"commit_warming": report})
+    return report
+
+
 def handle(app_: APIGatewayHttpResolver, event: dict[str, Any], context: Any) -> dict[str, Any]:
-    """Resolve one event, refusing oversized bodies before they are decoded."""
+    """Resolve one event, refusing oversized bodies before they are decoded; an S3 event
+    notification (a round committed) warms the round instead (:func:`warm_commits`)."""
+    if is_s3_event(event):
+        return warm_commits(_ROUTERS[app_](), event)
     body = event.get("body") or ""
     if len(body) > MAX_BODY_BYTES * 4 // 3 + 4:
         exc = PayloadTooLargeError(f"request body exceeds the limit of {MAX_BODY_BYTES} bytes")
@@ -361,5 +383,6 @@ def handle(app_: APIGatewayHttpResolver, event: dict[str, Any], context: Any) ->
 
 @logger.inject_lambda_context(log_event=False)
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    """API Gateway HTTP API (payload 2.0) entry point."""
+    """API Gateway HTTP API (payload 2.0) entry point, and S3's event notifications of the
+    bucket's manifest writes (commit-driven warming)."""
     return handle(app, event, context)
