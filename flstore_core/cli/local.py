@@ -46,10 +46,16 @@ def local_up(
         help="Where the embedded S3 keeps its objects between `local down` and `local up` "
         "(delete it for an empty store; unused with --s3-endpoint).",
     ),
+    network: str = typer.Option(
+        "none",
+        help="AWS's hops modelled on top of the local ones: 'aws' (the published table), "
+        "'none', or a JSON file overriding the table's fields.",
+    ),
 ) -> None:
     """Start the local stack in the foreground until interrupted; writes .flstore/local.json
     and keeps the bucket's objects in --data-dir."""
     from flstore_core.cache.budget import MiB
+    from lambdas.local_runtime.network import load_network
     from lambdas.local_runtime.stack import LocalStack, StackConfig
 
     if cache_budget_mb is not None and cache_budget_mb >= memory_mb:
@@ -58,6 +64,10 @@ def local_up(
             "budget below the node's memory (the rest holds its runtime)",
             param_hint="'--cache-budget-mb'",
         )
+    try:
+        model = load_network(network)
+    except (OSError, ValueError) as exc:  # a missing or malformed model file, unknown fields
+        raise typer.BadParameter(str(exc), param_hint="'--network'") from exc
     config = StackConfig(
         nodes=nodes,
         replication=replication,
@@ -67,6 +77,7 @@ def local_up(
         bucket=bucket,
         s3_endpoint=s3_endpoint,
         data_dir=None if s3_endpoint else data_dir,
+        network=model,
     )
     stopping = {"flag": False}
 
@@ -78,6 +89,7 @@ def local_up(
         console.print(Text.assemble("gateway   ", (stack.gateway_url, "bold")))
         console.print(f"lambda    {stack.lambda_endpoint}   s3 {stack.s3_endpoint}")
         console.print(Text.assemble("token     ", (stack.token, "bold")))
+        console.print(f"network   {'none (loopback only)' if model is None else model.name}")
         if stack.data_dir is not None:
             console.print(f"data      {stack.data_dir}{_restored(stack.restored_jobs())}")
         console.print(f"state     {STATE} (Ctrl-C or `flstore local down` to stop)")

@@ -46,6 +46,8 @@ from types import SimpleNamespace
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
+from lambdas.local_runtime.network import NetworkModel, Nic, invoke_delay_s
+
 Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
 MAX_PAYLOAD = 10 * 1024 * 1024  # API Gateway HTTP API payload limit
 READ_TIMEOUT_S = 30.0  # a client announcing more body than it sends is dropped after this
@@ -333,6 +335,7 @@ class GatewayRequestHandler(BaseHTTPRequestHandler):
         except _Refusal as refusal:
             self.close_connection = True
             status, headers, data = refusal.status, JSON_HEADERS, refusal.body
+        self.gateway.wait_own_hop()
         self._reply(status, headers, data)
 
     def _body(self) -> bytes:
@@ -400,7 +403,13 @@ class GatewayRequestHandler(BaseHTTPRequestHandler):
 class LocalGateway:
     """A threaded HTTP server in front of ``handler`` (the router) and ``authorizer``.
 
-    ``authorizer`` None serves every route unauthenticated (the router still checks tokens)."""
+    ``authorizer`` None serves every route unauthenticated (the router still checks tokens).
+    With a ``network`` model, every request waits API Gateway's own hop (``api_gateway_ms``),
+    each call of the authorizer a Lambda invoke's round trip, and each call of ``handler`` an
+    invoke's round trip plus the request and answer through ``router_nic`` (the router
+    function's interface; a fresh one if not given) — on top of the local path, after the
+    local work, so the router's instance is free while the answer travels.
+    """
 
     def __init__(
         self,
@@ -411,8 +420,14 @@ class LocalGateway:
         authorizer: Handler | None = None,
         routes: tuple[Route, ...] = ROUTES,
         authorizer_ttl_s: float = AUTHORIZER_CACHE_TTL_S,
+        network: NetworkModel | None = None,
+        router_nic: Nic | None = None,
     ) -> None:
         self.handler = handler
+        self.network = network
+        if router_nic is None and network is not None:
+            router_nic = network.lambda_nic
+        self.router_nic = router_nic
         self.name = name
         self.authorizer = authorizer
         self.routes = routes
@@ -456,9 +471,17 @@ class LocalGateway:
             answer = self.handler(event, _context(self.name))
             raw = answer.get("body") or ""
             data = base64.b64decode(raw) if answer.get("isBase64Encoded") else raw.encode()
-            return int(answer.get("statusCode", 200)), dict(answer.get("headers") or {}), data
+            status, out = int(answer.get("statusCode", 200)), dict(answer.get("headers") or {})
         except Exception:  # the integration failed: API Gateway answers 500
-            return 500, JSON_HEADERS, INTERNAL
+            status, out, data = 500, JSON_HEADERS, INTERNAL
+        if self.network is not None and self.router_nic is not None:
+            time.sleep(invoke_delay_s(self.network, self.router_nic, len(body) + len(data)))
+        return status, out, data
+
+    def wait_own_hop(self) -> None:
+        """API Gateway's own latency under the network model (none without one)."""
+        if self.network is not None:
+            time.sleep(self.network.api_gateway_ms / 1e3)
 
     def _authorize(
         self, event: dict[str, Any], identity: str
@@ -472,6 +495,8 @@ class LocalGateway:
         if decision is None:
             assert self.authorizer is not None
             self.authorizer_calls += 1
+            if self.network is not None:  # API Gateway invokes the authorizer function
+                time.sleep(self.network.lambda_invoke_ms / 1e3)
             try:
                 decision = self.authorizer(
                     authorizer_event(event, [identity]), _context(f"{self.name}-authorizer")

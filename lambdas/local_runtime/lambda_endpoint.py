@@ -31,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from lambdas.local_runtime.function_network import FunctionNetwork, PacedInvokes
 from lambdas.local_runtime.instance_pool import (
     INIT_TIMEOUT_S,
     POLL_INTERVAL_S,
@@ -52,6 +53,7 @@ from lambdas.local_runtime.invocation_outcome import (
 from lambdas.local_runtime.invoke_api import (
     ASYNC_PAYLOAD_LIMIT,
     InvokeApiServer,
+    InvokeBackend,
     function_name_from,
 )
 from lambdas.local_runtime.invoke_errors import InvokeApiError
@@ -93,6 +95,11 @@ class LocalLambda:
         ``AWS_REGION`` of the workers unless a function's environment sets it.
     account_id : str, default ``"123456789012"``
         Account in the ARNs handed to handlers.
+    network : FunctionNetwork | None, default None
+        With one, every invocation through the Invoke API (:attr:`invoke_api`: HTTP, the
+        invoke channel, in process) waits its modelled network round trip and payloads
+        (:class:`~lambdas.local_runtime.function_network.PacedInvokes`); :meth:`invoke` itself
+        is never paced (the local gateway's integration paces its own hop).
 
     Examples
     --------
@@ -110,6 +117,7 @@ class LocalLambda:
         sys_path: Sequence[str | Path] = (),
         region: str = "us-east-1",
         account_id: str = "123456789012",
+        network: FunctionNetwork | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -125,6 +133,8 @@ class LocalLambda:
         self._server: InvokeApiServer | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
+        #: what every Invoke API client reaches: this service, paced by the network model
+        self.invoke_api: InvokeBackend = self if network is None else PacedInvokes(self, network)
         for spec in functions:
             self.add_function(spec)
 
@@ -135,7 +145,7 @@ class LocalLambda:
         if self._server is not None:
             return self
         self._stopping.clear()
-        server = InvokeApiServer((self._host, self._port), self)
+        server = InvokeApiServer((self._host, self._port), self.invoke_api)
         self._server = server
         self._threads = [
             threading.Thread(target=server.serve_forever, name="local-lambda-http", daemon=True),

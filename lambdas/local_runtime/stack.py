@@ -7,6 +7,13 @@ request per instance, :mod:`lambdas.local_runtime.router_function`), and the loc
 in front of the router function, running the Lambda authorizer first. ``stack.router`` is a
 router in this process for admin calls (prefetch, node ops, plans) that benchmarks and tests
 make. It writes ``.flstore/local.json`` (ARCHITECTURE §6) when given a working directory.
+
+With ``StackConfig(network=...)`` (:mod:`lambdas.local_runtime.network`) each hop AWS would
+put between them waits its modelled time on top of the local one: the gateway its own and its
+invocation of the router function, every invocation of a cache node (the parent's router and
+the router function's instances alike), and every S3 request of a function, through a proxy of
+its own (:mod:`lambdas.local_runtime.function_network`). The parent's ``stack.store`` (what
+benchmarks and tests write data with, untimed) reaches S3 directly.
 """
 
 from __future__ import annotations
@@ -27,10 +34,12 @@ from flstore_core.routing.placement import node_name
 from flstore_core.routing.router import Router, RouterConfig
 from flstore_core.storage.object_store import ObjectStore
 from lambdas.authorizer import decide
+from lambdas.local_runtime.function_network import FunctionNetwork
 from lambdas.local_runtime.gateway import AUTHORIZER_CACHE_TTL_S, LocalGateway
 from lambdas.local_runtime.in_process import InProcessTransport, serve_in_process
 from lambdas.local_runtime.invoke_channel import InvokeChannel
 from lambdas.local_runtime.lambda_endpoint import FunctionSpec, LocalLambda
+from lambdas.local_runtime.network import NetworkModel
 from lambdas.local_runtime.router_function import HANDLER, RouterFunction, deploy, function_name
 from lambdas.local_runtime.router_instance import router_environment
 from lambdas.local_runtime.s3_server import LocalS3
@@ -77,6 +86,8 @@ class StackConfig:
     # run's 16 clients on 2 cores got 52 answers in its 15 s baseline phase (p99 40 s), with 4
     # 942 (1,087 with the router in the gateway's process)
     router_concurrency: int = 4
+    # AWS's hops modelled on top of the local ones (load_network("aws")); None: loopback only
+    network: NetworkModel | None = None
 
     def __post_init__(self) -> None:
         if self.budget_bytes is not None and not 0 < self.budget_bytes < self.memory_mb * MiB:
@@ -112,6 +123,8 @@ class LocalStack:
         self.store: ObjectStore | None = None
         # what answers the router's lambda.invoke in this process (None: over HTTP)
         self.node_transport: InProcessTransport | None = None
+        # each function's interface and S3 proxy under the network model (None without one)
+        self.network: FunctionNetwork | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -124,14 +137,19 @@ class LocalStack:
             self.s3_endpoint = self._s3.url
         self.store = ObjectStore(cfg.bucket, endpoint_url=self.s3_endpoint)
         self.store.ensure_bucket()
-        self.lam = LocalLambda(self._node_functions(), cwd=REPO_ROOT, sys_path=[REPO_ROOT])
+        if cfg.network is not None:
+            self.network = FunctionNetwork(cfg.network)
+        self.lam = LocalLambda(
+            self._node_functions(), cwd=REPO_ROOT, sys_path=[REPO_ROOT], network=self.network
+        )
         self.lam.start()
-        self.channel = InvokeChannel(self.lam).start()
+        # every client of the Invoke API reaches lam.invoke_api: paced under the network model
+        self.channel = InvokeChannel(self.lam.invoke_api).start()
         hashed = {hash_token(t): jobs for t, jobs in {self.token: ["*"], **cfg.tokens}.items()}
         tokens = TokenTable(hashed)
         nodes = lambda_client(self.lam.url)
         if cfg.in_process_invoke:
-            self.node_transport = serve_in_process(nodes, self.lam)
+            self.node_transport = serve_in_process(nodes, self.lam.invoke_api)
         settings = RouterConfig(
             prefix=cfg.prefix,
             nodes=cfg.nodes,
@@ -159,6 +177,8 @@ class LocalStack:
             self.router_function,
             authorizer=lambda event, ctx: decide(tokens, event),
             authorizer_ttl_s=cfg.authorizer_ttl_s,
+            network=cfg.network,
+            router_nic=None if self.network is None else self.network.nic(router.name),
         ).start()
         if self.workdir is not None:
             self.write_state(self.workdir)
@@ -197,7 +217,7 @@ class LocalStack:
             name=name,
             handler=handler,
             environment={
-                config.S3_ENDPOINT.name: self.s3_endpoint,
+                config.S3_ENDPOINT.name: self.function_s3_endpoint(name),
                 config.BUCKET.name: cfg.bucket,
                 "AWS_ACCESS_KEY_ID": "local",
                 "AWS_SECRET_ACCESS_KEY": "local",
@@ -211,6 +231,13 @@ class LocalStack:
             idle_timeout_s=cfg.idle_timeout_s,
         )
 
+    def function_s3_endpoint(self, name: str) -> str:
+        """The S3 endpoint function ``name`` reaches: its own paced proxy under the network
+        model, else the stack's S3."""
+        if self.network is None:
+            return self.s3_endpoint
+        return self.network.s3_endpoint(name, self.s3_endpoint)
+
     def stop(self) -> None:
         if self.gateway is not None:
             self.gateway.stop()
@@ -218,6 +245,8 @@ class LocalStack:
             self.lam.stop()
         if self.channel is not None:
             self.channel.stop()
+        if self.network is not None:
+            self.network.stop()
         if self.store is not None:
             self.store.close()
         if self._s3 is not None:
@@ -268,6 +297,7 @@ class LocalStack:
             "replication": self.config.replication,
             "memory_mb": self.config.memory_mb,
             "budget_bytes": self.config.node_budget,
+            "network": None if self.config.network is None else self.config.network.name,
             "pid": os.getpid(),
         }
 
