@@ -11,11 +11,15 @@ What each function kind may do (ARCHITECTURE §2-§3):
 | kind | S3 (only its bucket) | Lambda | logs |
 |---|---|---|---|
 | cache node | read/list ``jobs/``, write ``jobs/{job}/results/`` | none | its own groups |
-| router | the same | invoke the cache nodes, by exact ARN | its own group |
+| router | the same, write ``jobs/{job}/warm/`` | invoke the cache nodes (exact ARNs) | own group |
 | authorizer | none | none | its own group |
 
 Cache nodes write results too: a model result (e.g. ``fedavg`` of a ResNet) is computed on
 the node and is far larger than the 6 MB a Lambda response can carry back to the router.
+The router also writes each round's warm marker (``jobs/{job}/warm/{round:08d}.json``) when the
+bucket's notification of a committed manifest has warmed it
+(:mod:`flstore_core.routing.commit_warming`): that is the whole of what commit-driven warming
+adds to its role, since it already invokes the cache nodes and reads every job's objects.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ RESULT_WRITE_ACTIONS = (
     "s3:AbortMultipartUpload",
 )
 LOG_ACTIONS = ("logs:CreateLogStream", "logs:PutLogEvents")
+# the warm markers, with the same Deny as results for what `*` matches deeper down
+WARM_MARKERS = "jobs/*/warm/*"
+NOT_WARM_MARKERS = "jobs/*/*/warm/*"
 
 Policy = dict[str, Any]
 
@@ -140,6 +147,27 @@ def _compose_results(bucket_arn: str) -> dict[str, Any]:
     }
 
 
+def _write_warm_markers(bucket_arn: str) -> list[dict[str, Any]]:
+    # a marker says a round is warm at a manifest version (commit-driven warming); only PUT:
+    # a marker is replaced, never tagged or deleted. The Deny keeps `*` from reaching a
+    # `/warm/` segment below a job's own prefix (see NOT_RESULT_OBJECTS); it would also refuse
+    # a result key with a `/warm/` segment, and no workload or result part is named so
+    return [
+        {
+            "Sid": "WriteWarmMarkers",
+            "Effect": "Allow",
+            "Action": ["s3:PutObject"],
+            "Resource": [f"{bucket_arn}/{WARM_MARKERS}"],
+        },
+        {
+            "Sid": "DenyMarkerWritesOutsideJobWarm",
+            "Effect": "Deny",
+            "Action": ["s3:PutObject"],
+            "Resource": [f"{bucket_arn}/{NOT_WARM_MARKERS}"],
+        },
+    ]
+
+
 def _use_bucket_key(kms_key_arn: str) -> dict[str, Any]:
     region = kms_key_arn.split(":")[3]
     return {
@@ -175,7 +203,7 @@ def router_policy(
     kms_key_arn: str | None = None,
 ) -> Policy:
     """The router role: invoke exactly the cache nodes, read job data, write results (and
-    join and delete the frames of a sharded round's model result)."""
+    join and delete the frames of a sharded round's model result) and warm markers."""
     statements = [
         {
             "Sid": "InvokeCacheNodes",
@@ -187,6 +215,7 @@ def router_policy(
         _write_results(bucket_arn),
         _compose_results(bucket_arn),
         _only_job_results(bucket_arn),
+        *_write_warm_markers(bucket_arn),
     ]
     if kms_key_arn:
         statements.append(_use_bucket_key(kms_key_arn))

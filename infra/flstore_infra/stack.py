@@ -12,6 +12,7 @@ from .arns import AwsScope
 from .container_image import CacheNodeImage
 from .functions import CacheNodes, ZipFunction, authorizer_function, router_function
 from .keepwarm import KeepWarmSchedule
+from .notifications import CommitNotification
 from .packaging import PACKAGES, BuildArtifacts, build_artifacts
 from .settings import StackSettings, load_settings
 from .storage import DataBucket
@@ -33,6 +34,7 @@ class FLStoreStack:
     authorizer: ZipFunction
     api: HttpApi
     keep_warm: KeepWarmSchedule | None
+    commit_warming: CommitNotification
     outputs: dict[str, pulumi.Input[object]]
 
 
@@ -154,6 +156,14 @@ def create_stack(settings: StackSettings | None = None) -> FLStoreStack:
         authorizer=authorizer.function,
     )
     keep_warm = keep_warm_schedule(settings, cache_nodes)
+    # a round's manifest written, by any writer, warms the round (through the router)
+    commit_warming = CommitNotification(
+        f"{settings.prefix}-commit-warming",
+        bucket=bucket.bucket,
+        bucket_arn=bucket.arn,
+        account=scope.account,
+        function=router.function,
+    )
 
     outputs = export_outputs(
         scope=scope,
@@ -175,5 +185,6 @@ def create_stack(settings: StackSettings | None = None) -> FLStoreStack:
         authorizer=authorizer,
         api=api,
         keep_warm=keep_warm,
+        commit_warming=commit_warming,
         outputs=outputs,
     )

@@ -201,6 +201,7 @@ ENCRYPTION = (
 )
 BUCKET_POLICY = "aws:s3/bucketPolicy:BucketPolicy"
 REPO_POLICY = "aws:ecr/repositoryPolicy:RepositoryPolicy"
+NOTIFICATION = "aws:s3/bucketNotification:BucketNotification"
 
 
 def run_program(config: dict[str, str]) -> FLStoreStack:
@@ -450,6 +451,7 @@ def test_role_policies_are_scoped_to_bucket_nodes_and_own_logs(config: dict) -> 
         f"{bucket}/jobs/*/results/*",
         f"{bucket}/jobs/*/*/results/*",
     }
+    markers = {f"{bucket}/jobs/*/warm/*", f"{bucket}/jobs/*/*/warm/*"}
     cache_arns = {
         f"arn:aws:lambda:{region}:{ACCOUNT}:function:{prefix}-cache-{i}" for i in range(nodes)
     }
@@ -467,21 +469,29 @@ def test_role_policies_are_scoped_to_bucket_nodes_and_own_logs(config: dict) -> 
             return {r for s in policy["Statement"] for r in s["Resource"]}
 
         assert everything(cache) == data | logs(*[f"{prefix}-cache-{i}" for i in range(nodes)])
-        assert everything(router) == data | cache_arns | logs(f"{prefix}-router")
+        assert everything(router) == data | markers | cache_arns | logs(f"{prefix}-router")
         assert everything(authorizer) == logs(f"{prefix}-authorizer")
         assert resources_of(router, "lambda:InvokeFunction") == cache_arns
+        results = {f"{bucket}/jobs/*/results/*"}
         for policy in (cache, router):
             assert resources_of(policy, "s3:GetObject") == {f"{bucket}/jobs/*"}
-            assert resources_of(policy, "s3:PutObject") == {f"{bucket}/jobs/*/results/*"}
             assert resources_of(policy, "s3:ListBucket") == {bucket}
-        results = {f"{bucket}/jobs/*/results/*"}
+        assert resources_of(cache, "s3:PutObject") == results
+        # the router writes warm markers too (commit-driven warming), nothing else new
+        assert resources_of(router, "s3:PutObject") == results | {f"{bucket}/jobs/*/warm/*"}
         assert resources_of(router, "s3:DeleteObject") == results
         assert resources_of(router, "s3:AbortMultipartUpload") == results
         assert resources_of(cache, "s3:DeleteObject") == set()
         for policy in (cache, router):
-            (deny,) = [s for s in policy["Statement"] if s["Effect"] == "Deny"]
+            denies = {s["Sid"]: s for s in policy["Statement"] if s["Effect"] == "Deny"}
+            deny = denies.pop("DenyResultWritesOutsideJobResults")
             assert deny["Resource"] == [f"{bucket}/jobs/*/*/results/*"]
             assert set(deny["Action"]) == set(iam.RESULT_WRITE_ACTIONS)
+            if policy is router:
+                deny = denies.pop("DenyMarkerWritesOutsideJobWarm")
+                assert deny["Resource"] == [f"{bucket}/jobs/*/*/warm/*"]
+                assert deny["Action"] == ["s3:PutObject"]
+            assert denies == {}
         actions = {a for s in authorizer["Statement"] for a in s["Action"]}
         assert actions == set(iam.LOG_ACTIONS)
         for role in d.of_type(ROLE):
@@ -717,8 +727,8 @@ def test_audit_catches_a_wildcard_statement_slipped_into_a_role() -> None:
     def check(d: Deployment) -> None:
         findings = security_findings(d)
         assert findings == [
-            "flstore-router-policy: statement 7: wildcard action 's3:*'",
-            "flstore-router-policy: statement 7: resource '*' is every resource ('*')",
+            "flstore-router-policy: statement 9: wildcard action 's3:*'",
+            "flstore-router-policy: statement 9: resource '*' is every resource ('*')",
         ]
 
     return deployment.apply(check)
@@ -886,6 +896,55 @@ def test_every_route_the_router_serves_is_deployed() -> None:
     assert served == {r.key for r in api.ROUTES}
 
 
+# --- commit-driven warming ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [DEFAULTS, FIVE_NODES], ids=["defaults", "five-nodes"])
+@pulumi.runtime.test
+def test_a_manifest_write_notifies_the_router_with_an_invoke_permission_first(
+    config: dict,
+) -> None:
+    prefix = config.get("flstore:prefix", "flstore")
+    region = config["aws:region"]
+    router_arn = f"arn:aws:lambda:{region}:{ACCOUNT}:function:{prefix}-router"
+    depends_on: dict[str, list[Any]] = {}
+
+    def record_dependencies(args: pulumi.ResourceTransformationArgs) -> None:
+        if args.type_ == NOTIFICATION:
+            depends_on[args.name] = list(args.opts.depends_on or [])
+
+    _tampering.append(record_dependencies)  # type: ignore[arg-type]
+    try:
+        stack = run_program(config)
+        registered = pulumi.Output.all(*[r.urn for r in _constructed])
+        deployment = registered.apply(lambda _: Deployment(stack, list(MOCKS.declared)))
+    finally:
+        _tampering.clear()
+
+    def check(d: Deployment) -> None:
+        (notification,) = d.of_type(NOTIFICATION)
+        assert notification.inputs["bucket"] == f"{prefix}-data-id"
+        assert notification.inputs["lambdaFunctions"] == [
+            {
+                "lambdaFunctionArn": router_arn,
+                "events": ["s3:ObjectCreated:*"],
+                "filterPrefix": "jobs/",
+                "filterSuffix": "manifest.json",
+            }
+        ]
+        (s3,) = [p for p in d.of_type(PERMISSION) if p.inputs["principal"] == "s3.amazonaws.com"]
+        assert s3.inputs["function"] == f"{prefix}-router"
+        assert s3.inputs["action"] == "lambda:InvokeFunction"
+        assert s3.inputs["sourceArn"] == f"arn:aws:s3:::{prefix}-{ACCOUNT}-{region}"
+        assert s3.inputs["sourceAccount"] == ACCOUNT
+        # S3 checks it may invoke the function when the notification is created
+        (after,) = depends_on.values()
+        assert d.stack.commit_warming.permission in after
+        assert security_findings(d) == []
+
+    return deployment.apply(check)
+
+
 # --- what the S3 grants admit, as IAM matches them ----------------------------------------
 
 
@@ -980,3 +1039,25 @@ def test_listing_needs_a_jobs_prefix(role: str) -> None:
     # miss) rather than a 403; the cost is that such a role can list key names bucket-wide
     # (iam._read_job_data says so).
     assert allowed(policy, "s3:ListBucket", BUCKET_ARN, {})
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "jobs/a/rounds/00000001/manifest.json",
+        "jobs/a/rounds/00000001/updates/warm/x",  # `*` of an ARN crosses `/`
+        "jobs/a/rounds/warm/00000001.json",
+        "jobs/a/job.json",
+        "jobs/a/warmth/00000001.json",
+        "warm/00000001.json",
+    ],
+)
+def test_the_router_writes_warm_markers_only_under_a_jobs_warm_prefix(key: str) -> None:
+    router = S3_ROLES["router"]
+    assert allowed(router, "s3:PutObject", f"{BUCKET_ARN}/jobs/a/warm/00000001.json", {})
+    assert allowed(router, "s3:PutObject", f"{BUCKET_ARN}/jobs/b-2/warm/00000012.json", {})
+    assert not allowed(router, "s3:PutObject", f"{BUCKET_ARN}/{key}", {}), key
+    for action in ("s3:DeleteObject", "s3:PutObjectTagging"):
+        assert not allowed(router, action, f"{BUCKET_ARN}/jobs/a/warm/00000001.json", {})
+    cache = S3_ROLES["cache node"]
+    assert not allowed(cache, "s3:PutObject", f"{BUCKET_ARN}/jobs/a/warm/00000001.json", {})

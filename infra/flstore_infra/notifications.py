@@ -1,0 +1,71 @@
+"""Commit-driven warming on AWS: the bucket notifies the router function of every manifest write.
+
+A round becomes visible when its manifest ``jobs/{job}/rounds/{round:08d}/manifest.json`` is
+written, by whichever writer commits it (ingestion, the SDK, the Flower sink, a backfill), none
+of which holds a router or may invoke a function. An S3 event notification on ``jobs/`` …
+``manifest.json`` invokes the router function asynchronously for each such write; its handler
+warms the round (:mod:`flstore_core.routing.commit_warming`), retried by Lambda's asynchronous
+invocation when it fails.
+
+Why the router function and not a function of its own: warming is the router's ``prefetch``
+(placement, the planner, invoking the cache nodes), and its role already invokes the cache nodes
+and reads every job's objects; the only grant warming adds is writing the warm markers under
+``jobs/{job}/warm/`` (``iam.router_policy``). A function of its own would need the same invoke
+and read grants in a second role, and its own package of the router's code.
+
+S3 checks that it may invoke the function when the notification is created, so the notification
+is declared after the invoke permission (``depends_on``); the permission names the bucket's ARN
+and the account owning it (``source_account``), since bucket names are global and a deleted
+bucket's name could be taken by another account.
+"""
+
+from __future__ import annotations
+
+import pulumi
+import pulumi_aws as aws
+
+MANIFEST_EVENTS = ["s3:ObjectCreated:*"]
+MANIFEST_PREFIX = "jobs/"
+MANIFEST_SUFFIX = "manifest.json"
+
+
+class CommitNotification(pulumi.ComponentResource):
+    """The bucket's notification of manifest writes to the router, and its invoke permission."""
+
+    permission: aws.lambda_.Permission
+    notification: aws.s3.BucketNotification
+
+    def __init__(
+        self,
+        resource_name: str,
+        *,
+        bucket: aws.s3.Bucket,
+        bucket_arn: str,
+        account: str,
+        function: aws.lambda_.Function,
+        opts: pulumi.ResourceOptions | None = None,
+    ) -> None:
+        super().__init__("flstore:notifications:CommitNotification", resource_name, None, opts)
+        self.permission = aws.lambda_.Permission(
+            f"{resource_name}-permission",
+            action="lambda:InvokeFunction",
+            function=function.name,
+            principal="s3.amazonaws.com",
+            source_arn=bucket_arn,
+            source_account=account,
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        self.notification = aws.s3.BucketNotification(
+            resource_name,
+            bucket=bucket.id,
+            lambda_functions=[
+                {
+                    "lambda_function_arn": function.arn,
+                    "events": MANIFEST_EVENTS,
+                    "filter_prefix": MANIFEST_PREFIX,
+                    "filter_suffix": MANIFEST_SUFFIX,
+                }
+            ],
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.permission]),
+        )
+        self.register_outputs({})
