@@ -105,6 +105,20 @@ def keep_warm_schedule(settings: StackSettings, cache_nodes: CacheNodes) -> Keep
     )
 
 
+def commit_notification(
+    settings: StackSettings, scope: AwsScope, bucket: DataBucket, router: ZipFunction
+) -> CommitNotification:
+    """The bucket's notification of manifest writes to the router: a round committed by any
+    writer is warmed (:mod:`.notifications`)."""
+    return CommitNotification(
+        f"{settings.prefix}-commit-warming",
+        bucket=bucket.bucket,
+        bucket_arn=bucket.arn,
+        account=scope.account,
+        function=router.function,
+    )
+
+
 def create_stack(settings: StackSettings | None = None) -> FLStoreStack:
     """Declare every FLStore resource for ``settings`` (the stack config when omitted).
 
@@ -156,14 +170,7 @@ def create_stack(settings: StackSettings | None = None) -> FLStoreStack:
         authorizer=authorizer.function,
     )
     keep_warm = keep_warm_schedule(settings, cache_nodes)
-    # a round's manifest written, by any writer, warms the round (through the router)
-    commit_warming = CommitNotification(
-        f"{settings.prefix}-commit-warming",
-        bucket=bucket.bucket,
-        bucket_arn=bucket.arn,
-        account=scope.account,
-        function=router.function,
-    )
+    commit_warming = commit_notification(settings, scope, bucket, router)
 
     outputs = export_outputs(
         scope=scope,
