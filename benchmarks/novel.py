@@ -35,6 +35,12 @@ of their difference: the workload's own computation, what the floor bounds). On 
 by several nodes (a sharded round, a scatter over nodes) the router reports no node timing and
 they are null.
 
+Each run's ``cost_usd`` is the median of its answers' own ``meta.cost_usd``, per request: on
+flstore-warm the node invocations, the router function's own invocation, API Gateway and S3
+(``meta.cost_breakdown``; the round's prefetch and keep-warm are not spread over requests here —
+``benchmarks/paper.py``'s ``cost_usd`` does that); on a baseline its servers' time for the
+request and its S3 GETs.
+
 Output: ARCHITECTURE §9 (``--json OUT``) with a ``summary`` of the p50 ratios and the issue's
 targets. ``--quick`` runs a small version (a digits_cnn round) in well under a minute.
 """

@@ -19,9 +19,9 @@
   round, ``model`` (inference on 8 images a user sends) on the ResNet job, ``meta``/``client``
   on the summary job;
 * a local stack of ``nodes`` (2) cache nodes of ``memory_mb`` (3,008, the deployment default),
-  each shard on ``replication`` (1) node — the deployment's default of 2 would double every
-  prefetch's work (both replicas load the round and compute its artifacts), its cost and, on 2
-  cores, its wall time — and the two aggregator baselines.
+  each shard on ``replication`` (2, the deployment default: infra's ``replication`` and
+  ``FLSTORE_REPLICATION``) nodes — both replicas load the round and compute its artifacts, so
+  the prefetch FLStore is charged for is the deployed one's — and the two aggregator baselines.
 
 **Systems**, interleaved in one run (for each repetition, each workload, each system in turn):
 
@@ -35,14 +35,17 @@
 
 Every system must answer the same ``result`` (numbers within 1e-6 relative): ``agree`` per run.
 
-**Cost**, both accountings in every run, at the stated load of one request per workload per
-round and one round a minute (18 requests a minute; :class:`flstore_core.cost.RequestLoad`):
+**Cost**, three accountings in every run, the first two at the stated load of one request per
+workload per round and one round a minute (18 requests a minute;
+:class:`flstore_core.cost.RequestLoad`):
 
 * ``cost_usd`` (amortised). Baselines: their servers' hourly price over the 1,080 requests an
   hour they serve (:func:`~flstore_core.cost.aggregator_amortised_cost`), plus their S3 GETs
   and the PUT of each model result they write. FLStore: the answer's ``meta.cost_usd`` (node
-  invocations, API Gateway, S3 GETs and the PUTs of results it wrote), the router function's
-  own invocation (512 MB for the request's server-side duration), and the round's share of its
+  invocations, the router function's own invocation — 512 MB, the deployed ``routerMemoryMb``,
+  for the request's server-side duration — API Gateway, S3 GETs and the PUTs of results it
+  wrote; ``meta.cost_breakdown`` splits it, kept per run as ``cost_breakdown``), and the
+  round's share of its
   work outside requests (:func:`~flstore_core.cost.flstore_overhead_per_request`). That work is
   measured at the end of the run in steady state: with both jobs held warm, a new round of each
   is ingested and prefetched as ingestion prefetches it (``accounting_rounds`` (2) of each),
@@ -57,12 +60,26 @@ round and one round a minute (18 requests a minute; :class:`flstore_core.cost.Re
   only (:func:`~flstore_core.cost.aggregator_duration_cost`, plus S3 requests) — the
   accounting most favourable to them. FLStore's figure is the same as in ``cost_usd``: it pays
   per use, and its round work is real work whatever the accounting.
+* ``cost_usd_paper``, the published artifact's method (its handlers' ``total_time *
+  cost_per_hour / 3600``): the request's wall time as the client measured it × a fixed hourly
+  rate, 0.922 $/h for the baselines' servers and 0.11988 $/h for FLStore's functions
+  (:func:`~flstore_core.cost.paper_artifact_cost`) — no fees, no idle time, no prefetch.
+
+**Cost against request rate** (:mod:`benchmarks.cost_sweep`): dollars per request for every
+pair of requests per round (1 to 162) and rounds per hour (1 to 120) — FLStore's mean
+``meta.cost_usd`` plus the measured round work over the round's requests plus keep-warm over
+the hour's; a baseline's hourly price over the hour's requests plus its S3 requests — as
+``sweep``, and ``crossovers``: the requests an hour above which FLStore stops being cheaper
+than each baseline, at 18 requests a round (null: cheaper at every rate). The PNG goes to
+``--plot PATH``, else beside ``--json`` (``.png``); ``python -m benchmarks.cost_sweep OUT.json
+--png P`` redraws it from a report.
 
 Output (ARCHITECTURE §9, ``--json OUT``): one run per system and workload (p50/p95 latency, ``n``,
-``cost_usd``, ``cost_usd_duration`` — means over the repetitions — the samples, the server-side
-medians, ``agree``), the ``setting``, the ``accounting`` (the load, the prefetch measurements and
-the overhead per request) and a ``summary``: for each baseline ``latency_reduction_avg`` /
-``_peak``, ``cost_reduction_avg`` / ``_peak`` and ``cost_duration_reduction_avg`` / ``_peak``,
+``cost_usd``, ``cost_usd_duration``, ``cost_usd_paper`` — means over the repetitions — the
+samples, the server-side medians, ``agree``), the ``setting``, the ``accounting`` (the load,
+the prefetch measurements and the overhead per request) and a ``summary``: for each baseline
+``latency_reduction_avg`` / ``_peak``, ``cost_reduction_avg`` / ``_peak``,
+``cost_duration_reduction_avg`` / ``_peak`` and ``cost_paper_reduction_avg`` / ``_peak``,
 an average being the mean over workloads of 1 − flstore/baseline (p50 latency, mean cost) and a
 peak the largest, beside the published targets.
 
@@ -89,6 +106,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.cost_sweep import plot, sweep_of
 from benchmarks.paper_accounting import (
     BASELINES,
     SYSTEMS,
@@ -186,6 +204,7 @@ def timed_request(
         fetch_ms=meta.get("fetch_ms"),
         compute_ms=meta.get("compute_ms"),
         node_timing_ms=meta.get("node_timing_ms") or None,
+        cost_breakdown=meta.get("cost_breakdown"),
     )
 
 
@@ -402,6 +421,7 @@ def run_benchmark(setting: Setting, log: Any = print) -> dict[str, Any]:
     report["accounting"] = accounting
     report["summary"] = summary_of(runs)
     report["accounting"]["target_budgets"] = target_budgets(runs, accounting, load)
+    report.update(sweep_of(report))
     report["disagreements"] = found.disagreements
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     return report
@@ -414,7 +434,8 @@ def main() -> None:
     p.add_argument("--validation", type=int, help="validation images of the model job")
     p.add_argument("--shapley-permutations", type=int, help="contribution_shapley's budget")
     p.add_argument("--memory-mb", type=int, help="memory of each cache node")
-    p.add_argument("--replication", type=int, help="nodes each shard is placed on")
+    p.add_argument("--replication", type=int, help="nodes each shard is placed on (default 2)")
+    p.add_argument("--plot", help="the cost sweep's PNG (default: beside --json, .png)")
     args = p.parse_args()
     setting = QUICK if args.quick else FULL
     overrides = {
@@ -436,6 +457,10 @@ def main() -> None:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)
     print_report(report)
+    png = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    if png:
+        plot(report, png)
+        print(f"wrote {png}")
     if args.json:
         print(f"wrote {args.json}")
 
