@@ -3,10 +3,12 @@ paced Invoke API, the gateway's own hop and its invocations, ``local up --networ
 
 from __future__ import annotations
 
+import signal
 import time
+import types
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from typer.testing import CliRunner
@@ -17,7 +19,8 @@ from lambdas.local_runtime.gateway import LocalGateway
 from lambdas.local_runtime.instance_pool import FunctionSpec
 from lambdas.local_runtime.invocation_outcome import InvocationResult
 from lambdas.local_runtime.invoke_errors import InvokeApiError
-from lambdas.local_runtime.network import load_network
+from lambdas.local_runtime.network import NetworkModel, load_network
+from lambdas.local_runtime.stack import StackConfig
 
 # far above a loopback request's noise, small enough to keep the tests quick
 MODEL = load_network({"api_gateway_ms": 40, "lambda_invoke_ms": 30, "s3_get_ms": 50})
@@ -127,3 +130,48 @@ def test_local_up_refuses_a_network_model_it_cannot_read(tmp_path: Any) -> None:
     assert "warp_drive" in result.output
     result = CliRunner().invoke(app, ["local", "up", "--network", str(tmp_path / "missing")])
     assert result.exit_code == 2
+
+
+class _RecordingStack:
+    """Stands in for LocalStack in ``local up``: records its config, starts nothing."""
+
+    configs: ClassVar[list[StackConfig]] = []
+
+    def __init__(self, cfg: StackConfig, workdir: Any = None) -> None:
+        _RecordingStack.configs.append(cfg)
+        self.gateway_url = self.lambda_endpoint = self.s3_endpoint = self.token = "-"
+        self.data_dir = None
+
+    def __enter__(self) -> _RecordingStack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def test_local_up_passes_the_network_model_to_the_stack_and_prints_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    import flstore_core.cli.local as cli_local
+    import lambdas.local_runtime.stack as stack_module
+
+    def interrupt(_: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stack_module, "LocalStack", _RecordingStack)
+    monkeypatch.setattr(cli_local, "time", types.SimpleNamespace(sleep=interrupt))
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's SIGTERM handler
+    monkeypatch.chdir(tmp_path)
+    override = tmp_path / "net.json"
+    override.write_text('{"s3_get_ms": 5}')
+    _RecordingStack.configs = []
+    outputs = []
+    for flag in ([], ["--network", "aws"], ["--network", str(override)]):
+        result = CliRunner().invoke(app, ["local", "up", *flag])
+        assert result.exit_code == 0, result.output
+        outputs.append(result.output)
+    models = [c.network for c in _RecordingStack.configs]
+    assert models[0] is None and "network   none" in outputs[0]
+    assert models[1] == NetworkModel() and "network   aws" in outputs[1]
+    assert models[2] is not None and models[2].s3_get_ms == 5 and models[2].s3_put_ms == 40
+    assert "network   custom" in outputs[2]
