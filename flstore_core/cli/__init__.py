@@ -70,11 +70,15 @@ def demo(
     rounds: int = typer.Option(5, min=1, help="Flower rounds."),
     repetitions: int = typer.Option(3, min=1, help="Timed requests per workload and system."),
     out: str = typer.Option("demo-out", help="Where report.json and latency.png go."),
+    network: str | None = typer.Option(
+        None,
+        help="Network model of the local stack's hops: 'aws', or a JSON file of overrides.",
+    ),
 ) -> None:
     """Run the main job: a Flower job feeding FLStore, then every workload via the HTTP API."""
     from evaluation.demo import run_demo
 
-    run_demo(clients=clients, rounds=rounds, repetitions=repetitions, out=out)
+    run_demo(clients=clients, rounds=rounds, repetitions=repetitions, out=out, network=network)
 
 
 # ---------------------------------------------------------------------- API commands
