@@ -95,8 +95,5 @@ def test_the_s3_proxy_with_a_link_makes_each_request_wait_its_modelled_time(
         t1 = time.perf_counter()
         assert store.get("k") == b"v"
         t2 = time.perf_counter()
-        proxy.link = None  # transparent again
-        store.get("k")
-        t3 = time.perf_counter()
+    # lower bounds only: a busy host makes any request slower, never faster than its model
     assert t1 - t0 >= 0.090 and t2 - t1 >= 0.060
-    assert t3 - t2 < 0.060
