@@ -35,6 +35,11 @@ of their difference: the workload's own computation, what the floor bounds). On 
 by several nodes (a sharded round, a scatter over nodes) the router reports no node timing and
 they are null.
 
+``--network aws|none|PATH`` (off by default) puts AWS's hops into the stack and both
+aggregators alike (:mod:`lambdas.local_runtime.network`); the floor stays a computation on the
+round already in memory, paced by nothing. The JSON's top-level ``network`` says which table
+was used.
+
 Each run's ``cost_usd`` is the median of its answers' own ``meta.cost_usd``, per request: on
 flstore-warm the node invocations, the router function's own invocation, API Gateway and S3
 (``meta.cost_breakdown``; the round's prefetch and keep-warm are not spread over requests here —
@@ -81,7 +86,13 @@ from benchmarks.novel_floor import (
     model_vector,
     run_floor,
 )
-from benchmarks.report import parser, summarize, write_report
+from benchmarks.report import (
+    add_network_flag,
+    network_json,
+    parser,
+    summarize,
+    write_report,
+)
 
 SYSTEMS = ("flstore-warm", "objstore-agg", "cache-agg")
 # the model-producing round workloads the issue's ratio targets name
@@ -298,6 +309,7 @@ def main() -> None:
     p.add_argument("--bucket", help=argparse_hidden())
     p.add_argument("--job", help=argparse_hidden())
     p.add_argument("--floor-out", help=argparse_hidden())
+    add_network_flag(p)
     args = p.parse_args()
     if args.floor_worker:
         floor_worker(args)
@@ -335,7 +347,12 @@ def start_systems(cm: ExitStack, args: Any, classes: dict[str, str]) -> tuple[Be
     from lambdas.local_runtime.stack import LocalStack, StackConfig
 
     config = StackConfig(
-        nodes=args.nodes, replication=1, memory_mb=args.memory_mb, bucket=BUCKET, timeout_s=1800
+        nodes=args.nodes,
+        replication=1,
+        memory_mb=args.memory_mb,
+        bucket=BUCKET,
+        timeout_s=1800,
+        network=args.network,
     )
     stack = cm.enter_context(LocalStack(config))
     assert stack.store is not None and stack.router is not None
@@ -361,8 +378,10 @@ def start_systems(cm: ExitStack, args: Any, classes: dict[str, str]) -> tuple[Be
     rc.close()
     s3 = stack.s3_endpoint
     urls = {
-        "objstore-agg": cm.enter_context(Aggregator("s3", s3, BUCKET)).url,
-        "cache-agg": cm.enter_context(Aggregator("redis", s3, BUCKET, redis.url)).url,
+        "objstore-agg": cm.enter_context(Aggregator("s3", s3, BUCKET, network=args.network)).url,
+        "cache-agg": cm.enter_context(
+            Aggregator("redis", s3, BUCKET, redis.url, network=args.network)
+        ).url,
     }
     bench = Bench(args, stack, urls, classes)
     return bench, Setup(manifest.n_params, round_mb, ingest_ms, prefetch_ms)
@@ -421,6 +440,7 @@ def measure_workloads(
         bad = " DIFFER" if check["differ"] else ""
         if bench.args.json:  # what is measured so far, should the run be stopped
             partial = write_report("novel", runs, None)
+            partial["network"] = network_json(bench.args.network)
             partial["checks"] = checks
             partial["partial"] = True
             Path(bench.args.json).write_text(json.dumps(partial, indent=2))
@@ -490,6 +510,7 @@ def run(args: Any) -> None:
         measure_workloads(bench, names, runs, checks)
     summary = summarize_targets(runs, floor_p50)
     report = write_report("novel", runs, None)
+    report["network"] = network_json(args.network)
     report["summary"] = summary
     report["checks"] = checks
     report["setup"] = setup_of(args, setup, load_before, t_start)

@@ -35,6 +35,19 @@
 
 Every system must answer the same ``result`` (numbers within 1e-6 relative): ``agree`` per run.
 
+**Network** (``--network aws|none|PATH``, :mod:`lambdas.local_runtime.network`; off by
+default). With a model, the stack (``StackConfig(network=...)``: gateway, invoke, the nodes'
+S3) and both aggregators (their VPC round trip, S3 through a pacing proxy, every Redis command)
+wait AWS's hops, and each run's ``p50`` is measured under it. ``p50_local`` — the same
+requests on loopback only — comes from a separate pass on a second stack without the model,
+run first over the same S3 bucket and Redis (same jobs, same warm-up, same repetitions); the
+model pass follows, and the steady-state prefetch of the accounting runs after it, under the
+model. Why a separate pass and not the model switched on and off per repetition on one live
+stack: the stack's delays live in the gateway and the node processes, which have no switch,
+and a second pass costs the measurements' time again (about half the run) but no data set-up.
+Without a model there is one pass and ``p50_local`` is ``p50``. The JSON's top-level
+``network`` is the table used, with its sources (``{"name": "none"}`` without one).
+
 **Cost**, three accountings in every run, the first two at the stated load of one request per
 workload per round and one round a minute (18 requests a minute;
 :class:`flstore_core.cost.RequestLoad`):
@@ -131,7 +144,13 @@ from benchmarks.paper_data import (
     workload_params,
 )
 from benchmarks.paper_prefetch import Flstore
-from benchmarks.report import parser, write_report
+from benchmarks.report import (
+    add_network_flag,
+    network_json,
+    parser,
+    summarize,
+    write_report,
+)
 from evaluation.baselines import (
     Aggregator,
     RedisServer,
@@ -144,12 +163,15 @@ from flstore_core.protocol import PingOp
 from flstore_core.sdk.client import FLStoreClient
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import catalogue
+from lambdas.local_runtime.network import NetworkModel
+from lambdas.local_runtime.s3_server import LocalS3
 from lambdas.local_runtime.stack import LocalStack, StackConfig
 
 # what the tests and other callers import from here (the parts live in benchmarks.paper_*)
 __all__ = ["BASELINES", "SYSTEMS", "TARGETS", "Setting", "differences", "run_benchmark"]
 
 TOLERANCE = 1e-6
+BUCKET = "paper"
 # untimed, before the repetitions: cheap requests that make every process import what the
 # workloads use (torch in the nodes and the aggregators, the summaries' loaders) ...
 WARMUP = ("inference", "oort_select", "reputation")
@@ -365,28 +387,44 @@ def steady_prefetches(bench: Bench) -> None:
     )
 
 
-def measure_on_stack(
-    setting: Setting, classes: dict[str, str], log: Any
+@dataclass
+class Shared:
+    """What both passes share: the S3 server (the aggregators reach it unproxied and pace it
+    themselves), cache-agg's Redis and the two jobs written into them."""
+
+    s3_url: str
+    redis_url: str
+    model_job: ModelJob
+    summary_job: SummaryJob
+
+
+def measure_pass(
+    setting: Setting,
+    classes: dict[str, str],
+    log: Any,
+    shared: Shared,
+    network: NetworkModel | None,
+    account: bool,
 ) -> tuple[Bench, Measurements]:
-    """Start the stack and Redis, write the jobs, warm up, measure, time the steady prefetch."""
+    """One stack under ``network`` and both aggregators under it: warm up, measure, and with
+    ``account`` time the steady-state prefetch."""
     config = StackConfig(
         nodes=setting.nodes,
         replication=setting.replication,
         memory_mb=setting.memory_mb,
-        bucket="paper",
+        bucket=BUCKET,
         timeout_s=900,
+        s3_endpoint=shared.s3_url,
+        network=network,
     )
-    with LocalStack(config) as stack, RedisServer() as redis_server:
-        assert stack.store is not None
-        model_job, summary_job = write_jobs(stack.store, setting, log)
-        fill_redis(stack.store, redis_server)
+    with LocalStack(config) as stack:
         flstore = Flstore(stack)
         for i in range(setting.nodes):  # start every node's process: prefetch times loading
             flstore.router.node_op(i, PingOp())
-        bench = Bench(setting, classes, model_job, summary_job, flstore, log)
+        bench = Bench(setting, classes, shared.model_job, shared.summary_job, flstore, log)
         with (
-            Aggregator("s3", stack.s3_endpoint, config.bucket) as objstore,
-            Aggregator("redis", stack.s3_endpoint, config.bucket, redis_server.url) as cache,
+            Aggregator("s3", shared.s3_url, BUCKET, network=network) as objstore,
+            Aggregator("redis", shared.s3_url, BUCKET, shared.redis_url, network=network) as cache,
         ):
             clients = {
                 "flstore-warm": FLStoreClient(stack.gateway_url, stack.token, timeout=1800),
@@ -395,17 +433,56 @@ def measure_on_stack(
             }
             warm_up(bench, clients)
             found = measure(bench, clients)
-        steady_prefetches(bench)
+        if account:  # last: it ingests new rounds, which every later request would see
+            steady_prefetches(bench)
     return bench, found
 
 
-def run_benchmark(setting: Setting, log: Any = print) -> dict[str, Any]:
+def measure_on_stack(
+    setting: Setting, classes: dict[str, str], log: Any, network: NetworkModel | None = None
+) -> tuple[Bench, Measurements, Measurements | None]:
+    """Start S3 and Redis, write the jobs; with a model, a loopback pass first (what
+    ``p50_local`` reports); then the pass under ``network`` and the steady prefetch's timing."""
+    with LocalS3() as s3, RedisServer() as redis_server:
+        store = ObjectStore(BUCKET, endpoint_url=s3.url)
+        store.ensure_bucket()
+        model_job, summary_job = write_jobs(store, setting, log)
+        fill_redis(store, redis_server)
+        shared = Shared(s3.url, redis_server.url, model_job, summary_job)
+        local = None
+        if network is not None:
+            log("loopback pass (p50_local): the stack and the aggregators without the model")
+            local = measure_pass(setting, classes, log, shared, None, account=False)[1]
+            log(f"network pass (p50): the {network.name} model")
+        bench, found = measure_pass(setting, classes, log, shared, network, account=True)
+        store.close()
+    return bench, found, local
+
+
+def with_local(run: dict[str, Any], local: Measurements | None) -> dict[str, Any]:
+    """``run`` with ``p50_local`` (and its samples): the loopback pass's figure, or the run's
+    own ``p50`` when there was no model (the run was then measured on loopback)."""
+    if local is None:
+        run["p50_local"] = run["p50"]
+        return run
+    key = (run["workload"], run["system"])
+    got = local.samples.get(key, [])
+    run["p50_local"] = summarize([s.latency_ms for s in got])["p50"] if got else None
+    run["samples_local_ms"] = [round(s.latency_ms, 1) for s in got]
+    if key in local.errors:
+        run["error_local"] = local.errors[key]
+    return run
+
+
+def run_benchmark(
+    setting: Setting, log: Any = print, network: NetworkModel | None = None
+) -> dict[str, Any]:
     """Set up, measure, account; returns the §9 report (without writing it)."""
     t_start = time.perf_counter()
     classes = {w["name"]: w["class"] for w in catalogue()}
     names = sorted(classes)
     load = cost.RequestLoad(len(names), setting.rounds_per_minute)
-    bench, found = measure_on_stack(setting, classes, log)
+    bench, found, local = measure_on_stack(setting, classes, log, network)
     accounting = accounting_of(setting, bench.flstore.prefetches, load)
     runs: list[dict[str, Any]] = []
     for name in names:
@@ -415,16 +492,34 @@ def run_benchmark(setting: Setting, log: Any = print) -> dict[str, Any]:
             if (name, system) in found.errors:
                 run["error"] = found.errors[(name, system)]
             got = found.samples.get((name, system), [])
-            runs.append(measured(run, system, got, accounting, load))
+            runs.append(with_local(measured(run, system, got, accounting, load), local))
     report = write_report("paper", runs, None)
+    report["network"] = network_json(network)
     report["setting"] = setting_of(setting, len(names))
     report["accounting"] = accounting
     report["summary"] = summary_of(runs)
     report["accounting"]["target_budgets"] = target_budgets(runs, accounting, load)
     report.update(sweep_of(report))
     report["disagreements"] = found.disagreements
+    if local is not None:
+        report["disagreements_local"] = local.disagreements
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     return report
+
+
+def print_network(report: dict[str, Any]) -> None:
+    """Each system's p50 under the network model beside its loopback p50 (``p50_local``)."""
+    if report["network"]["name"] == "none":
+        return
+    print(f"\np50 ms under the {report['network']['name']} network model (loopback: p50_local)")
+    print(f"  {'workload':<21}" + "".join(f" {s:>24}" for s in SYSTEMS))
+    for name in sorted({r["workload"] for r in report["runs"]}):
+        cells = []
+        for system in SYSTEMS:
+            run = next(r for r in report["runs"] if (r["workload"], r["system"]) == (name, system))
+            p50, local = run["p50"], run["p50_local"]
+            cells.append("-" if p50 is None or local is None else f"{p50:.1f} (local {local:.1f})")
+        print(f"  {name:<21}" + "".join(f" {c:>24}" for c in cells))
 
 
 def main() -> None:
@@ -436,6 +531,7 @@ def main() -> None:
     p.add_argument("--memory-mb", type=int, help="memory of each cache node")
     p.add_argument("--replication", type=int, help="nodes each shard is placed on (default 2)")
     p.add_argument("--plot", help="the cost sweep's PNG (default: beside --json, .png)")
+    add_network_flag(p)
     args = p.parse_args()
     setting = QUICK if args.quick else FULL
     overrides = {
@@ -452,7 +548,7 @@ def main() -> None:
     setting = replace(setting, **overrides)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    report = run_benchmark(setting, log=lambda msg: print(msg, flush=True))
+    report = run_benchmark(setting, log=lambda msg: print(msg, flush=True), network=args.network)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)
@@ -461,6 +557,7 @@ def main() -> None:
     if png:
         plot(report, png)
         print(f"wrote {png}")
+    print_network(report)
     if args.json:
         print(f"wrote {args.json}")
 

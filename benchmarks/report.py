@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from lambdas.local_runtime.network import NetworkModel, load_network
+
 
 def machine() -> dict[str, Any]:
     """What ran the benchmark."""
@@ -79,3 +81,31 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="write the result object to OUT")
     p.add_argument("--repetitions", type=int, default=5)
     return p
+
+
+def network_arg(spec: str) -> NetworkModel | None:
+    """``--network``'s value: ``aws`` (the published table), ``none``, or a JSON file of
+    overrides (:func:`lambdas.local_runtime.network.load_network`); bad ones are usage errors."""
+    try:
+        return load_network(spec)
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"{spec}: {exc}") from exc
+
+
+def add_network_flag(p: argparse.ArgumentParser) -> None:
+    """``--network aws|none|PATH`` on the benchmarks that run FLStore and the baselines side
+    by side; ``args.network`` is then the :class:`NetworkModel` or ``None``. Off by default:
+    a run without the flag measures the loopback stack, as before the model existed."""
+    p.add_argument(
+        "--network",
+        type=network_arg,
+        default=None,
+        metavar="aws|none|PATH",
+        help="AWS's network hops injected into the local stack and both baselines: 'aws' "
+        "(the published table), 'none' (loopback only, the default) or a JSON file of fields",
+    )
+
+
+def network_json(model: NetworkModel | None) -> dict[str, Any]:
+    """The report's top-level ``network`` object: the table used, with its sources."""
+    return model.to_json() if model is not None else {"name": "none"}

@@ -18,6 +18,10 @@ preparation (evict, prefetch) happens outside the measured call. Before timing, 
 systems must return the same ``result`` for each workload (fedavg's ``model_key`` too). Each run
 records the client-side latency p50/p95 and the median server-side breakdown
 (``node_timing_ms`` for FLStore, ``fetch_ms``/``compute_ms`` for the aggregators).
+
+``--network aws|none|PATH`` (off by default) puts AWS's hops into the stack and both
+aggregators alike (:mod:`lambdas.local_runtime.network`); the JSON's top-level ``network``
+says which table was used.
 """
 
 from __future__ import annotations
@@ -36,7 +40,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.codec import RESNET18_PARAMS, resnet18_sized_update
-from benchmarks.report import interleave, parser, summarize, write_report
+from benchmarks.report import (
+    add_network_flag,
+    interleave,
+    network_json,
+    parser,
+    summarize,
+    write_report,
+)
 from evaluation.baselines import Aggregator, RedisServer, populate_redis
 from flstore_core.data.codec import Update
 from flstore_core.protocol import EvictOp
@@ -159,11 +170,19 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--params", type=int, default=RESNET18_PARAMS, help="parameters per update")
     p.add_argument("--memory-mb", type=int, default=4096, help="memory of each cache node")
+    add_network_flag(p)
     args = p.parse_args()
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
 
-    config = StackConfig(nodes=2, replication=2, memory_mb=args.memory_mb, bucket="warm-vs-cold")
+    network = args.network
+    config = StackConfig(
+        nodes=2,
+        replication=2,
+        memory_mb=args.memory_mb,
+        bucket="warm-vs-cold",
+        network=network,
+    )
     print(f"{args.clients} clients x {args.params:,} float32 parameters", flush=True)
     with LocalStack(config) as stack, RedisServer() as redis_server:
         assert stack.store is not None
@@ -174,8 +193,10 @@ def main() -> None:
         redis.close()
         print(f"round written: {stored / 1e6:.0f} MB stored ({time.perf_counter() - t0:.1f} s)")
         with (
-            Aggregator("s3", stack.s3_endpoint, config.bucket) as objstore,
-            Aggregator("redis", stack.s3_endpoint, config.bucket, redis_server.url) as cache,
+            Aggregator("s3", stack.s3_endpoint, config.bucket, network=network) as objstore,
+            Aggregator(
+                "redis", stack.s3_endpoint, config.bucket, redis_server.url, network=network
+            ) as cache,
         ):
             systems = Systems(stack, objstore, cache)
             names = ["flstore-warm", "flstore-cold", "objstore-agg", "cache-agg"]
@@ -208,7 +229,11 @@ def main() -> None:
                 "samples_ms": [round(x, 1) for x in ms],
             }
         )
-    write_report("warm_vs_cold", runs, args.json)
+    report = write_report("warm_vs_cold", runs, None)
+    report["network"] = network_json(network)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
     print_table(runs)
     if args.json:
         print(f"\nwrote {args.json}")
