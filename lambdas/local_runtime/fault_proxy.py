@@ -17,7 +17,9 @@ mid-transfer), which botocore's retries do not cover: the reader must resume or 
 (:class:`flstore_core.storage.s3.S3Stream`).
 
 It counts what it did (:meth:`FaultProxy.counts`), so a benchmark reports the faults its
-clients survived. boto3's retry modes (``legacy``/``standard``/``adaptive``) retry all but the
+clients survived. An ``observer`` is told of every request S3 carried out (:class:`Forwarded`):
+what the stack's notifying front (:mod:`lambdas.local_runtime.s3_notifications`) turns into
+S3 event notifications. boto3's retry modes (``legacy``/``standard``/``adaptive``) retry all but the
 cut answer.
 """
 
@@ -30,6 +32,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -94,12 +97,29 @@ class Faults:
         return None
 
 
+@dataclass(frozen=True)
+class Forwarded:
+    """A request the proxy forwarded and S3 answered: what an ``observer`` is told."""
+
+    method: str
+    path: str  # with its query
+    headers: dict[str, str]  # the request's
+    status: int
+    response_headers: dict[str, str]
+    body: bytes  # the answer's
+
+
 class FaultProxy:
     """``with FaultProxy(upstream) as proxy:`` — ``proxy.url`` forwards to ``upstream``;
     assign ``proxy.faults`` at any time to change what is injected."""
 
     def __init__(
-        self, upstream: str, host: str = "127.0.0.1", seed: int = 0, link: S3Link | None = None
+        self,
+        upstream: str,
+        host: str = "127.0.0.1",
+        seed: int = 0,
+        link: S3Link | None = None,
+        observer: Callable[[Forwarded], None] | None = None,
     ) -> None:
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname:
@@ -109,6 +129,8 @@ class FaultProxy:
         # with a link, every forwarded answer waits as long as S3 would make its client wait
         # on AWS (lambdas.local_runtime.network): the proxy is then the S3 hop of one client
         self.link = link
+        # told of every answered request before its answer goes back (it must not block)
+        self.observer = observer
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
@@ -132,6 +154,19 @@ class FaultProxy:
             if fault is not None:
                 self._counts[fault] += 1
             return fault
+
+    def answered(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        status: int,
+        response_headers: list[tuple[str, str]],
+        body: bytes,
+    ) -> None:
+        """Tell the observer, if any, of a request S3 answered."""
+        if self.observer is not None:
+            self.observer(Forwarded(method, path, headers, status, dict(response_headers), body))
 
     def start(self) -> FaultProxy:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -203,6 +238,7 @@ class FaultProxy:
                     status = resp.status
                 finally:
                     conn.close()
+                proxy.answered(self.command, self.path, headers, status, out_headers, data)
                 if proxy.link is not None:
                     proxy.link.wait(self.command, len(body) + len(data))
                 if fault == "lost_answer":
