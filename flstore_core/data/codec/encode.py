@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +65,20 @@ def serialize(
     allow_nonfinite: bool = False,
 ) -> bytes:
     """The uncompressed safetensors bytes of ``update``, float32 tensors cast to ``precision``."""
+    return serialized_buffer(update, precision, allow_nonfinite=allow_nonfinite).tobytes()
+
+
+def serialized_buffer(
+    update: Update,
+    precision: Precision = "float32",
+    *,
+    allow_nonfinite: bool = False,
+) -> npt.NDArray[np.uint8]:
+    """:func:`serialize`'s bytes in a numpy buffer, for callers that only read them (encoding).
+
+    numpy backs a large buffer with huge pages; a fresh 47 MB ``bytearray`` (or ``bytes``) costs
+    ~11,000 page faults, which measured 60-90 ms a ResNet-18 update on a loaded 2-core host
+    against ~13 ms for this buffer and its one copy of the tensors."""
     if precision not in PRECISIONS:
         raise ValidationError(f"unknown precision {precision!r}: use one of {PRECISIONS}")
     if not update.tensors:
@@ -84,14 +97,16 @@ def serialize(
         specs.append(TensorSpec(name, st, tuple(int(s) for s in arr.shape)))
         chunks.append(stored)
     head = header_prefix(specs, meta)
-    out = bytearray(len(head) + sum(c.nbytes for c in chunks))
-    out[: len(head)] = head
+    out = np.empty(len(head) + sum(c.nbytes for c in chunks), np.uint8)
+    # a memoryview's slice assignment is one memcpy (a bytearray's measured 8x slower)
+    view = memoryview(out)  # type: ignore[arg-type]
+    view[: len(head)] = head
     pos = len(head)
     for chunk in chunks:
         n = chunk.nbytes
-        out[pos : pos + n] = memoryview(chunk.reshape(-1)).cast("B")  # type: ignore[arg-type]
+        view[pos : pos + n] = memoryview(chunk.reshape(-1)).cast("B")  # type: ignore[arg-type]
         pos += n
-    return bytes(out)
+    return out
 
 
 def tensor_parts(
@@ -195,26 +210,33 @@ def encode_update(
     bytes, and so the sha256, are those of the one-frame encoding; every reader decodes the
     frames as their concatenation, and a column-block reader fetches only the frames it needs
     (:func:`decode_frames_columns_into`)."""
-    raw = serialize(update, precision, allow_nonfinite=allow_nonfinite)
+    raw = serialized_buffer(update, precision, allow_nonfinite=allow_nonfinite)
     sq = row_sq_norm(update)
-    (head_len,) = struct.unpack("<Q", raw[:8])
+    head_len = int.from_bytes(raw[:8].tobytes(), "little")
     ends = frame_plan(len(raw), 8 + head_len, frame_bytes)
-    view = memoryview(raw)
+    several = len(ends) > 1
+    view = memoryview(raw)  # type: ignore[arg-type]
+    cctx = compressor(level)
+    whole = hashlib.sha256()
     parts: list[bytes] = []
     stored_ends: list[int] = []
     digests: list[str] = []
     start = stored = 0
     for end in ends:
-        part = compressor(level).compress(view[start:end])
+        # each frame compressed and hashed while it is in cache: the whole file's sha256 and,
+        # with several frames, the frame's own (one frame's digest would be the whole's)
+        piece = view[start:end]
+        part = cctx.compress(piece)
         parts.append(part)
         stored += len(part)
         stored_ends.append(stored)
-        digests.append(frame_digest(view[start:end]))
+        whole.update(piece)
+        if several:
+            digests.append(frame_digest(piece))
         start = end
-    several = len(parts) > 1
     return EncodedUpdate(
         data=parts[0] if not several else b"".join(parts),
-        sha256=hashlib.sha256(raw).hexdigest(),
+        sha256=whole.hexdigest(),
         raw_bytes=len(raw),
         specs=tuple(update.specs()),
         num_examples=int(update.num_examples),
