@@ -1,5 +1,7 @@
 """``flstore stats``: per-node cache statistics of the local stack, in a table that fits 80
-terminal columns (node numbers instead of function names, units in a legend)."""
+terminal columns (node numbers instead of function names, units in a legend), and when each
+committed round became warm (the warm markers commit-driven warming writes:
+:mod:`flstore_core.routing.commit_warming`)."""
 
 from __future__ import annotations
 
@@ -22,8 +24,11 @@ LEGEND = (
 
 
 def stats(as_json: bool = typer.Option(False, "--json", help="Print the data as JSON.")) -> None:
-    """Per-node cache statistics of the local stack (hits, misses, loads, bytes, evictions)."""
+    """Per-node cache statistics of the local stack (hits, misses, loads, bytes, evictions),
+    and when each round was committed and became warm."""
     from flstore_core.aws import lambda_client
+    from flstore_core.routing.commit_warming import warm_times
+    from flstore_core.storage.object_store import ObjectStore
 
     if not STATE.exists():
         say("no local stack here: run `flstore local up` first")
@@ -35,10 +40,12 @@ def stats(as_json: bool = typer.Option(False, "--json", help="Print the data as 
         name = f"{state['prefix']}-cache-{i}"
         resp = client.invoke(FunctionName=name, Payload=b'{"op": "stats"}')
         nodes.append({"node": name, **json.loads(resp["Payload"].read())})
+    warm = warm_times(ObjectStore(state["bucket"], endpoint_url=state["s3_endpoint"]))
     if as_json:
-        emit_json(nodes)
+        emit_json({"nodes": nodes, "warm": warm})
         return
     print_stats(nodes, str(state["prefix"]), console)
+    print_warm_times(warm, console)
 
 
 def print_stats(nodes: list[dict[str, Any]], prefix: str, out: Console) -> None:
@@ -82,3 +89,41 @@ def block_summary(shards: list[str]) -> list[str]:
         f"{where}: {','.join(str(b) for b in sorted(blocks))} of {count}"
         for (where, count), blocks in sorted(rounds.items())
     ]
+
+
+def print_warm_times(markers: list[dict[str, Any]], out: Console, latest: int = 5) -> None:
+    """When each job's latest ``latest`` rounds became warm (:func:`~flstore_core.routing.
+    commit_warming.warm_times`): the time of the commit, of the warm marker, and between."""
+    if not markers:
+        out.print("no round warmed by its commit yet", markup=False, highlight=False)
+        return
+    grid = table("rounds warmed by their commit", compact=True)
+    for col in ("job", "round", "committed", "warm at", "after s", "warm s"):
+        grid.add_column(col, justify="left" if col == "job" else "right", no_wrap=True)
+    by_job: dict[str, list[dict[str, Any]]] = {}
+    for marker in markers:
+        by_job.setdefault(str(marker["job"]), []).append(marker)
+    for job, rounds in sorted(by_job.items()):
+        for m in rounds[-latest:]:
+            after = m.get("commit_to_warm_ms")
+            grid.add_row(
+                *row(
+                    job,
+                    m["round"],
+                    _clock(str(m.get("committed_at", ""))),
+                    _clock(str(m.get("warmed_at", ""))),
+                    "-" if after is None else f"{after / 1000:.2f}",
+                    f"{float(m.get('warm_ms', 0)) / 1000:.2f}",
+                )
+            )
+    out.print(grid)
+    out.print(
+        "times UTC; after s = from commit to warm; warm s = the owners' load and artifacts",
+        markup=False,
+        highlight=False,
+    )
+
+
+def _clock(iso: str) -> str:
+    """``2026-12-07T15:40:01.123Z`` as ``15:40:01.123`` (UTC; the table's width)."""
+    return iso[11:23] if len(iso) >= 23 else iso or "-"

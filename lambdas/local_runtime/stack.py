@@ -42,6 +42,7 @@ from lambdas.local_runtime.lambda_endpoint import FunctionSpec, LocalLambda
 from lambdas.local_runtime.network import NetworkModel
 from lambdas.local_runtime.router_function import HANDLER, RouterFunction, deploy, function_name
 from lambdas.local_runtime.router_instance import router_environment
+from lambdas.local_runtime.s3_notifications import S3Notifications, function_delivery
 from lambdas.local_runtime.s3_server import LocalS3
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -125,6 +126,9 @@ class LocalStack:
         self.node_transport: InProcessTransport | None = None
         # each function's interface and S3 proxy under the network model (None without one)
         self.network: FunctionNetwork | None = None
+        # the S3 front that notifies the router function of manifest writes (the bucket's
+        # notification on AWS): writers_s3_endpoint
+        self.notifications: S3Notifications | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -172,6 +176,9 @@ class LocalStack:
             timeout_s=max(cfg.timeout_s, ROUTER_TIMEOUT_S),
         )
         self.router_function = deploy(self.lam, router)
+        self.notifications = S3Notifications(
+            self.s3_endpoint, cfg.bucket, function_delivery(self.lam, router.name)
+        ).start()
         # the authorizer runs first, as API Gateway's Lambda authorizer does on AWS
         self.gateway = LocalGateway(
             self.router_function,
@@ -239,6 +246,8 @@ class LocalStack:
         return self.network.s3_endpoint(name, self.s3_endpoint)
 
     def stop(self) -> None:
+        if self.notifications is not None:
+            self.notifications.stop()
         if self.gateway is not None:
             self.gateway.stop()
         if self.lam is not None:
@@ -284,12 +293,22 @@ class LocalStack:
         assert self.lam is not None, "stack not started"
         return self.lam.url
 
+    @property
+    def writers_s3_endpoint(self) -> str:
+        """The S3 endpoint writers are given (``.flstore/local.json``: the Flower app, the CLI,
+        the SDK): a front that notifies the router function of every manifest written, as the
+        bucket does on AWS, so a round they commit is warmed. The functions, ``stack.store`` and
+        ``stack.s3_endpoint`` reach S3 directly: the front holds every body it forwards, and a
+        baseline reading rounds through it would pay that hop where on AWS it would not."""
+        assert self.notifications is not None, "stack not started"
+        return self.notifications.url
+
     def state(self) -> dict[str, Any]:
         """What ``.flstore/local.json`` holds."""
         return {
             "gateway_url": self.gateway_url,
             "lambda_endpoint": self.lambda_endpoint,
-            "s3_endpoint": self.s3_endpoint,
+            "s3_endpoint": self.writers_s3_endpoint,
             "bucket": self.config.bucket,
             "token": self.token,
             "prefix": self.config.prefix,

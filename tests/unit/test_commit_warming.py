@@ -8,12 +8,15 @@ for a bucket notification.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from rich.console import Console
 
+from flstore_core.cli.stats import print_warm_times
 from flstore_core.data import layout
 from flstore_core.data.manifest import JobSpec
 from flstore_core.errors import UnavailableError, ValidationError
@@ -265,6 +268,27 @@ def test_warm_times_list_every_marker_with_its_commit_to_warm_time(store: Object
     times = warm_times(store)
     assert [(t["job"], t["round"]) for t in times] == [("demo", 0), ("demo", 2)]
     assert all(t["commit_to_warm_ms"] > 0 for t in times)
+
+
+def test_stats_show_each_jobs_latest_warm_rounds_in_80_columns() -> None:
+    markers = [
+        {
+            "job": "a-rather-long-job-name",
+            "round": r,
+            "committed_at": f"2026-12-07T15:40:0{r}.100Z",
+            "warmed_at": f"2026-12-07T15:40:0{r}.600Z",
+            "warm_ms": 450.0,
+            "commit_to_warm_ms": 500.0,
+        }
+        for r in range(8)
+    ]
+    out = Console(file=io.StringIO(), width=80, record=True)
+    print_warm_times(markers, out, latest=5)
+    text = out.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    rows = [line.split() for line in text.splitlines() if line.strip().startswith("a-rather")]
+    assert [r[1] for r in rows] == ["3", "4", "5", "6", "7"]
+    assert rows[0][2:] == ["15:40:03.100", "15:40:03.600", "0.50", "0.45"]
 
 
 # --- the router function's handler -------------------------------------------------------
