@@ -302,7 +302,8 @@ class CommitWarmer:
             report.failed += [f"{job}/{r}" for r in sorted(todo)]
             return
         warm_ms = (time.perf_counter() - t0) * 1000
-        self._warm_job_shards(job)
+        # the markers first: a round is warm (its requests answered from memory) once its
+        # owners hold it, whatever the job's other shards still take
         for round_, (record, current) in sorted(todo.items()):
             name = f"{job}/{round_}"
             if (job, round_) not in held:
@@ -314,6 +315,7 @@ class CommitWarmer:
             except FLStoreError as exc:  # warm, but a retry will warm it again (a no-op)
                 log.warning("commit warming: marker of %s not written: %s", name, exc)
             report.warmed.append(name)
+        self._warm_job_shards(job)
 
     def _warm_job_shards(self, job: str) -> None:
         """Load the job's meta shard (every client's rows) and model shard (which then names

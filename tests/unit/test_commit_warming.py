@@ -261,6 +261,21 @@ def test_rounds_are_warmed_job_by_job_in_round_order_latest_hot_rounds_only(
     assert report.warmed == ["alpha/4", "demo/1", "demo/2"] and report.cold == ["demo/0"]
 
 
+def test_a_round_is_marked_warm_before_its_jobs_other_shards_are_loaded(
+    store: ObjectStore,
+) -> None:
+    seen: list[bool] = []
+
+    class MarkerWatcher(RecordingPrefetcher):
+        def prefetch(self, shards: list[ShardKey]) -> dict[str, Any]:
+            if shards[0].cls != "round":
+                seen.append(read_marker(store, "demo", 1) is not None)
+            return super().prefetch(shards)
+
+    CommitWarmer(store, MarkerWatcher([]), hot_rounds=2).handle(event(manifest("demo", 1)))
+    assert seen == [True]
+
+
 def test_warm_times_list_every_marker_with_its_commit_to_warm_time(store: ObjectStore) -> None:
     CommitWarmer(store, RecordingPrefetcher([]), hot_rounds=3).handle(
         event(manifest("demo", 0), manifest("demo", 2))
