@@ -48,6 +48,7 @@ from flstore_core.integrations.flower import (  # noqa: E402
 )
 from flstore_core.routing.placement import ShardKey  # noqa: E402
 from flstore_core.routing.router import Router  # noqa: E402
+from flstore_core.sdk.handover import RoundsNotStoredError  # noqa: E402
 from flstore_core.storage.object_store import ObjectStore  # noqa: E402
 from lambdas.local_runtime.s3_server import LocalS3  # noqa: E402
 
@@ -170,6 +171,7 @@ def test_wrapped_aggregate_equals_unwrapped_on_the_same_replies(
 
     got = wrapped.aggregate_train(3, replies)
     want = make().aggregate_train(3, replies)
+    wrapped.flstore.flush()
 
     assert_same_aggregate(got, want)
     assert store.list_rounds("agg") == [2]  # Flower round 3 is FLStore round 2
@@ -193,6 +195,7 @@ def test_every_successful_reply_is_stored_with_its_node_names_and_metrics(
     wrapped = with_flstore(FedAvg(), sink=StoreSink(store), job="names")
 
     arrays, _ = wrapped.aggregate_train(1, replies)
+    wrapped.flstore.flush()
 
     manifest = store.get_manifest("names", 0)
     assert sorted(manifest.clients) == ["1000", "1001", "1002", "1003"]
@@ -214,7 +217,9 @@ def test_a_client_id_reported_by_the_clientapp_replaces_the_node_id() -> None:
         train_reply(11, {"w": w}, 5, config={"client-id": "alice"}, loss=1.0),
         train_reply(12, {"w": w}, 5, config={"client-id": "bob"}, loss=1.0),
     ]
-    with_flstore(FedAvg(), sink=sink, job="ids").aggregate_train(1, replies)
+    wrapped = with_flstore(FedAvg(), sink=sink, job="ids")
+    wrapped.aggregate_train(1, replies)
+    wrapped.flstore.flush()
 
     updates, global_model = sink.rounds[0]
     assert sorted(updates) == ["alice", "bob"]
@@ -230,6 +235,7 @@ def test_tensor_names_name_the_arrays_of_a_list_arrayrecord() -> None:
     )
     wrapped = with_flstore(FedAvg(), sink=sink, job="lists", tensor_names=["fc.weight", "fc.bias"])
     wrapped.aggregate_train(1, [reply])
+    wrapped.flstore.flush()
 
     assert list(sink.rounds[0][0]["5"].tensors) == ["fc.weight", "fc.bias"]
 
@@ -240,10 +246,16 @@ def test_a_failing_sink_stops_the_run_unless_told_to_log() -> None:
             raise UnavailableError("S3 is down")
 
     replies = round_replies(3, outlier=False)
+    wrapped = with_flstore(FedAvg(), sink=BrokenSink(), job="x")
+    assert_same_aggregate(wrapped.aggregate_train(1, replies), FedAvg().aggregate_train(1, replies))
+    with pytest.raises(RoundsNotStoredError, match="round 0: UnavailableError: S3 is down"):
+        wrapped.flstore.flush()
+    inline = with_flstore(FedAvg(), sink=BrokenSink(), job="x", max_in_flight=0)
     with pytest.raises(UnavailableError):
-        with_flstore(FedAvg(), sink=BrokenSink(), job="x").aggregate_train(1, replies)
+        inline.aggregate_train(1, replies)
     logged = with_flstore(FedAvg(), sink=BrokenSink(), job="x", on_sink_error="log")
     assert_same_aggregate(logged.aggregate_train(1, replies), FedAvg().aggregate_train(1, replies))
+    logged.flstore.flush()  # logs, does not raise
 
 
 def test_the_integration_imports_without_flwr() -> None:
@@ -325,6 +337,7 @@ def test_flstore_selection_readdresses_the_next_round_and_falls_back_on_error(
             r for r in round_replies(5, seed=server_round) if r.metadata.src_node_id in nodes
         ]
         wrapped.aggregate_train(server_round, replies)
+    wrapped.flstore.flush()
 
     assert api.calls == [0, 1]  # asked before Flower rounds 2 and 3, about the round before
     assert targets[1] == grid.nodes  # the failed call left FedAvg's own sampling
@@ -358,6 +371,7 @@ def test_the_store_sink_writes_the_ingest_summaries_as_the_cache_node_scores_the
     wrapped = with_flstore(FedAvg(), sink=sink, job="sums")
     wrapped.aggregate_train(1, round_replies(6))  # round 0: no base, summaries of the weights
     wrapped.aggregate_train(2, round_replies(6, seed=1))  # round 1: deltas from global/0
+    wrapped.flstore.flush()
 
     node = CacheNode(store, budget_bytes=10**9)
     for r in (0, 1):
@@ -378,6 +392,7 @@ def test_the_store_sinks_summaries_ignore_batchnorm_counters_and_running_stats(
         wrapped = with_flstore(FedAvg(), sink=StoreSink(store), job=job)
         wrapped.aggregate_train(1, round_replies(6, buffers=buffers))  # no base: weights
         wrapped.aggregate_train(2, round_replies(6, seed=1, buffers=buffers))  # deltas
+        wrapped.flstore.flush()
     assert "bn.num_batches_tracked" in {t.name for t in store.get_manifest("bn", 0).tensors}
     for r in (0, 1):
         plain, bn = store.get_manifest("plain", r), store.get_manifest("bn", r)
@@ -396,9 +411,9 @@ def test_the_store_sink_warms_the_round_then_the_meta_and_model_shards(
     store: ObjectStore,
 ) -> None:
     prefetcher = RecordingPrefetcher()
-    with_flstore(FedAvg(), sink=StoreSink(store, prefetch=prefetcher), job="warm").aggregate_train(
-        4, round_replies(3, outlier=False)
-    )
+    wrapped = with_flstore(FedAvg(), sink=StoreSink(store, prefetch=prefetcher), job="warm")
+    wrapped.aggregate_train(4, round_replies(3, outlier=False))
+    wrapped.flstore.flush()
 
     round_shards, others = prefetcher.calls
     assert [str(s) for s in round_shards] == [str(ShardKey("warm", "round", "3"))]
@@ -409,7 +424,9 @@ def test_the_store_sink_warms_the_round_then_the_meta_and_model_shards(
 def test_a_new_run_under_a_job_that_holds_rounds_is_refused_before_training(
     store: ObjectStore,
 ) -> None:
-    with_flstore(FedAvg(), sink=StoreSink(store), job="again").aggregate_train(1, round_replies(3))
+    first = with_flstore(FedAvg(), sink=StoreSink(store), job="again")
+    first.aggregate_train(1, round_replies(3))
+    first.flstore.flush()
     rerun = with_flstore(FedAvg(), sink=StoreSink(store), job="again")
     arrays = round_replies(1)[0].content["arrays"]
 
@@ -420,7 +437,9 @@ def test_a_new_run_under_a_job_that_holds_rounds_is_refused_before_training(
 
 def test_a_failed_warm_up_leaves_the_round_stored(store: ObjectStore) -> None:
     sink = StoreSink(store, prefetch=RecordingPrefetcher(fail=True))
-    with_flstore(FedAvg(), sink=sink, job="cold").aggregate_train(1, round_replies(3))
+    wrapped = with_flstore(FedAvg(), sink=sink, job="cold")
+    wrapped.aggregate_train(1, round_replies(3))
+    wrapped.flstore.flush()
 
     assert store.list_rounds("cold") == [0]
 

@@ -19,6 +19,9 @@ Run-config keys (all optional; declare the ones you want to override in the app'
   workloads answer; empty or absent: the job keeps what it declares. ``flstore_sink``'s
   ``validation`` (the server's held-out ``(x, y)``) is declared with it.
 - ``flstore-bucket`` — the bucket; empty or absent: ``FLSTORE_BUCKET``.
+- ``flstore-max-in-flight`` — rounds handed to the background writer and not yet stored
+  before the strategy waits (default 2; 0 stores each round inside ``aggregate_train``):
+  :class:`StoreSink`'s ``max_in_flight``, which ``with_flstore`` reads.
 - ``flstore-local-state`` — the local stack's state file, default ``.flstore/local.json``,
   relative to the working directory of the ServerApp's process (with ``flwr run``'s local
   SuperLink: the directory that SuperLink was started in).
@@ -50,6 +53,7 @@ __all__ = [
     "JOB_KEY",
     "LOCAL_STATE",
     "LOCAL_STATE_KEY",
+    "MAX_IN_FLIGHT_KEY",
     "MODEL_KEY",
     "flstore_sink",
 ]
@@ -58,6 +62,7 @@ JOB_KEY = "flstore-job"
 MODEL_KEY = "flstore-model"
 BUCKET_KEY = "flstore-bucket"
 LOCAL_STATE_KEY = "flstore-local-state"
+MAX_IN_FLIGHT_KEY = "flstore-max-in-flight"
 LOCAL_STATE = Path(".flstore") / "local.json"
 
 
@@ -74,7 +79,11 @@ def flstore_sink(
 
     run_config = run_config or {}
     model = str(run_config.get(MODEL_KEY) or "").strip() or None
-    declares: dict[str, Any] = {"model": model, "validation": validation if model else None}
+    declares: dict[str, Any] = {
+        "model": model,
+        "validation": validation if model else None,
+        "max_in_flight": _max_in_flight(run_config.get(MAX_IN_FLIGHT_KEY)),
+    }
     bucket = str(run_config.get(BUCKET_KEY) or "").strip() or None
     if bucket is not None or config.S3_ENDPOINT.get(environ):
         return StoreSink(
@@ -88,6 +97,21 @@ def flstore_sink(
     if state_file.exists():
         return _local_stack_sink(state_file, declares)
     return StoreSink(ObjectStore(config.BUCKET.get(environ)), **declares)
+
+
+def _max_in_flight(value: Any) -> int | None:
+    """The run config's ``flstore-max-in-flight`` (absent or empty: None, the default)."""
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = -1
+    if count < 0 or (isinstance(value, float) and not float(value).is_integer()):
+        raise ValidationError(
+            f"{MAX_IN_FLIGHT_KEY}={value!r}: give a whole number of rounds, 0 or more"
+        )
+    return count
 
 
 def _local_stack_sink(state_file: Path, declares: dict[str, Any]) -> StoreSink:

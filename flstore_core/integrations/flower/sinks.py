@@ -127,6 +127,11 @@ class StoreSink:
         first. None: the job keeps the model it declares (a new job declares none).
     validation : (x, y) or None, default None
         The server's held-out set, declared with the model as the job's validation set.
+    max_in_flight : int or None, default None
+        Rounds a strategy wrapped by :func:`~flstore_core.integrations.flower.with_flstore` may
+        hand this sink's background writer before it waits (``put_round`` itself always runs to
+        the end: the wrapper calls it off the training loop); 0: inside ``aggregate_train``.
+        None: the wrapper's default (2).
     """
 
     def __init__(
@@ -138,8 +143,10 @@ class StoreSink:
         max_workers: int = 8,
         model: str | None = None,
         validation: tuple[Any, Any] | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         self.store = store
+        self.max_in_flight = max_in_flight
         self.prefetch = prefetch
         self.summaries = summaries
         self.max_workers = max_workers
@@ -195,6 +202,9 @@ class StoreSink:
             self.store.put_global(job, round, global_model)
         summaries = self._summaries(job, round, updates) if self.summaries else None
         self.store.commit_round(job, round, entries, summaries=summaries)
+        # Where the store notifies its router of each commit (the local stack's S3 front, an S3
+        # event on AWS), the commit alone warms the round and this second warming finds it
+        # loaded; it stays for stores that do not notify. It runs off the training loop.
         if self.prefetch is not None:
             self._warm(job, round)
 

@@ -11,6 +11,17 @@ the aggregate:
   first ``configure_train`` sends are the job's initial model (the base of round 0), stored when
   the sink accepts one (:class:`~flstore_core.integrations.flower.sinks.InitialModelSink`).
 
+- **Out of the training loop**: ``aggregate_train`` decodes the round's arrays (Flower holds
+  them as serialised bytes: the decoded arrays are this process's own, no one else writes to
+  them) and hands the round to a background writer (:class:`~flstore_core.sdk.handover.
+  RoundHandover`): the sink stores, summarises, commits (and warms) it, one round at a time in
+  round order, while the next round trains. At most ``max_in_flight`` rounds are in flight
+  (default 2; run config ``flstore-max-in-flight``); past that ``aggregate_train`` waits. A
+  round that fails is logged with its number; ``start`` returns only once every round is
+  stored, and raises :class:`~flstore_core.sdk.handover.RoundsNotStoredError` if one was not
+  (so ``flwr run`` reports the run failed). A loop that calls ``aggregate_train`` itself calls
+  ``strategy.flstore.flush()`` at its end.
+
 What the wrapped strategy returns is returned unchanged: FLStore observes, it never steers the
 aggregate. Optionally (``select_with="oort_select"`` or ``"cosine_select"`` and an
 :class:`~flstore_core.sdk.client.FLStoreClient`), ``configure_train`` asks FLStore which clients to
@@ -40,11 +51,12 @@ from flstore_core.integrations.flower.replies import (
     updates_from_replies,
 )
 from flstore_core.integrations.flower.sinks import FLStoreSink, InitialModelSink
+from flstore_core.sdk.handover import DEFAULT_MAX_IN_FLIGHT, RoundHandover
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
     from flwr.serverapp import Grid
-    from flwr.serverapp.strategy import Strategy
+    from flwr.serverapp.strategy import Result, Strategy
 
     # the mixin is typed as a Strategy; at run time it is a plain class placed before the
     # wrapped strategy's class in the MRO of a class created by `with_flstore`
@@ -84,7 +96,25 @@ class FLStoreSettings:
     node_of_client: dict[str, int] = field(default_factory=dict)
     client_of_node: dict[int, str] = field(default_factory=dict)
     rounds_stored: dict[int, list[str]] = field(default_factory=dict)
-    """FLStore round → the client ids handed to the sink, for the rounds it accepted."""
+    """FLStore round → the client ids the sink stored, for the rounds it stored."""
+    handover: RoundHandover = field(default_factory=RoundHandover)
+    """The background writer the rounds are handed to."""
+
+    def flush(self) -> None:
+        """Wait until every round handed over is stored; a round that was not raises
+        :class:`~flstore_core.sdk.handover.RoundsNotStoredError` (``on_sink_error="raise"``)
+        or is logged again (``"log"``)."""
+        if self.on_sink_error == "raise":
+            self.handover.flush()
+            return
+        failures = self.handover.wait()
+        if failures:
+            log.warning(
+                "FLStore: %d round(s) of job %r were not stored: %s",
+                len(failures),
+                self.job,
+                "; ".join(map(str, failures)),
+            )
 
 
 class FLStoreStrategy(_MixinBase):
@@ -102,6 +132,19 @@ class FLStoreStrategy(_MixinBase):
         """The FLStore settings and bookkeeping of this strategy."""
         return self._flstore
 
+    def start(self, *args: Any, **kwargs: Any) -> Result:
+        """The wrapped strategy's ``start`` (the whole run), then wait until every round is
+        stored: a ServerApp's ``main`` returns, and ``flwr run`` ends, only once they are."""
+        base = cast("Strategy", super())
+        try:
+            result = base.start(*args, **kwargs)
+        except BaseException:
+            # the run's own error is the one to report; the rounds handed over still land
+            self._flstore.handover.wait()
+            raise
+        self._flstore.flush()
+        return result
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -111,6 +154,8 @@ class FLStoreStrategy(_MixinBase):
         base = cast("Strategy", super())
         messages = list(base.configure_train(server_round, arrays, config, grid))
         if settings.select_with and settings.client is not None and server_round > 1 and messages:
+            # FLStore selects from the rounds it has stored: wait for those handed over
+            settings.handover.wait()
             messages = self._flstore_select(server_round, messages, grid)
         return messages
 
@@ -126,7 +171,8 @@ class FLStoreStrategy(_MixinBase):
     # -- FLStore side ------------------------------------------------------------------
 
     def _flstore_sink_call(self, what: str, call: Callable[[], None]) -> bool:
-        """Run ``call``; on failure raise or log, as ``on_sink_error`` says."""
+        """Run ``call`` (the initial model's storing; a round's decoding and hand-over); on
+        failure raise or log, as ``on_sink_error`` says."""
         try:
             call()
             return True
@@ -186,6 +232,9 @@ class FLStoreStrategy(_MixinBase):
                     },
                     kind="global",
                 )
+            settings.handover.submit(round_, functools.partial(store, updates, global_model))
+
+        def store(updates: dict[str, Update], global_model: Update | None) -> None:
             settings.sink.put_round(settings.job, round_, updates, global_model)
             settings.rounds_stored[round_] = list(updates)
 
@@ -267,6 +316,16 @@ def _address(messages: list[Message], nodes: list[int]) -> list[Message]:
     ]
 
 
+def _max_in_flight(sink: FLStoreSink, given: int | None) -> int:
+    """``given``, else the sink's ``max_in_flight`` (set from the run config), else 2."""
+    if given is None:
+        hinted = getattr(sink, "max_in_flight", None)
+        given = DEFAULT_MAX_IN_FLIGHT if hinted is None else int(hinted)
+    if given < 0:
+        raise ValidationError(f"max_in_flight={given}: use 0 (no background) or more")
+    return given
+
+
 @functools.cache
 def _wrapped_class(base: type) -> type:
     return type(
@@ -289,6 +348,7 @@ def with_flstore(
     select_k: int | None = None,
     tensor_names: Sequence[str] | None = None,
     on_sink_error: Literal["raise", "log"] = "raise",
+    max_in_flight: int | None = None,
 ) -> S:
     """The Flower ``strategy``, handing every round to FLStore through ``sink``.
 
@@ -318,7 +378,12 @@ def with_flstore(
     on_sink_error : {"raise", "log"}, default "raise"
         Whether a failure to store a round (the sink's, or a reply FLStore cannot read) stops
         the run or is logged while training goes on. Committed updates are immutable: rerun
-        a job under a fresh job id.
+        a job under a fresh job id. A round that fails in the background is logged at once and,
+        with ``"raise"``, raised by ``start`` (or ``strategy.flstore.flush()``) at the end.
+    max_in_flight : int or None, default None
+        Rounds handed over and not yet stored before ``aggregate_train`` waits (0: stored
+        inside it). None: the sink's ``max_in_flight`` (run config ``flstore-max-in-flight``),
+        else 2.
 
     Returns
     -------
@@ -350,5 +415,6 @@ def with_flstore(
         select_k=select_k,
         tensor_names=list(tensor_names) if tensor_names is not None else None,
         on_sink_error=on_sink_error,
+        handover=RoundHandover(_max_in_flight(sink, max_in_flight), what=f"job {job!r}"),
     )
     return cast(S, wrapped)

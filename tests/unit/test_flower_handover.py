@@ -1,0 +1,157 @@
+"""A wrapped Flower strategy hands each round over and goes on; the run's end waits for it.
+
+Replies are real ``flwr.app.Message`` objects (the helpers of ``tests/stack/test_flower.py``);
+the store is the moto S3 of the test session.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+flwr = pytest.importorskip("flwr")
+
+from flwr.app import Array, ArrayRecord, Message  # noqa: E402
+from flwr.serverapp.strategy import FedAvg  # noqa: E402
+
+from flstore_core.data.codec import Update  # noqa: E402
+from flstore_core.errors import NotFoundError, UnavailableError, ValidationError  # noqa: E402
+from flstore_core.integrations.flower import StoreSink, flstore_sink, with_flstore  # noqa: E402
+from flstore_core.sdk.handover import RoundsNotStoredError  # noqa: E402
+from flstore_core.storage.object_store import ObjectStore  # noqa: E402
+from tests.stack.test_flower import FakeGrid, round_replies, train_reply  # noqa: E402
+
+
+class SlowSink:
+    """Records each round when its ``put_round`` ends; holds until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.stored: list[int] = []
+
+    def put_round(
+        self, job: str, round: int, updates: dict[str, Update], global_model: Update | None
+    ) -> None:
+        self.release.wait(10)
+        self.stored.append(round)
+
+
+class FailingStore:
+    """The store, except that round ``fail_round`` fails after ``after`` of its updates are
+    stored (a writer killed mid-round)."""
+
+    def __init__(self, store: ObjectStore, fail_round: int, after: int) -> None:
+        self._store = store
+        self.fail_round, self.after = fail_round, after
+        self.puts = 0
+        self.stored: list[tuple[int, str]] = []
+        self._lock = threading.Lock()
+
+    def put_update(self, job: str, round_: int, client: str, update: Update) -> Any:
+        if round_ == self.fail_round:
+            with self._lock:
+                self.puts += 1
+                if self.puts > self.after:
+                    raise UnavailableError("the writer died")
+        entry = self._store.put_update(job, round_, client, update)
+        with self._lock:
+            self.stored.append((round_, client))
+        return entry
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_aggregate_train_returns_before_the_sink_has_stored_the_round() -> None:
+    sink = SlowSink()
+    wrapped = with_flstore(FedAvg(), sink=sink, job="slow")
+    t0 = time.perf_counter()
+    wrapped.aggregate_train(1, round_replies(3))
+    wrapped.aggregate_train(2, round_replies(3, seed=1))
+    assert time.perf_counter() - t0 < 2 and sink.stored == []
+    sink.release.set()
+    wrapped.flstore.flush()
+    assert sink.stored == [0, 1]  # in round order
+    assert wrapped.flstore.rounds_stored[1] == ["1000", "1001", "1002"]
+
+
+def test_the_arrays_handed_over_are_not_the_callers() -> None:
+    sink = SlowSink()
+    weights = np.ones(4, np.float32)
+    reply = train_reply(7, {"w": weights}, 3)
+    wrapped = with_flstore(FedAvg(), sink=sink, job="own", max_in_flight=1)
+    kept: dict[int, tuple[dict[str, Update], Update | None]] = {}
+    sink.put_round = lambda job, r, updates, g: kept.setdefault(r, (updates, g))  # type: ignore[method-assign]
+    wrapped.aggregate_train(1, [reply])
+    weights[:] = 5.0  # the caller's array, and the reply's record, change afterwards
+    reply.content["arrays"]["w"] = Array(np.full(4, 9.0, np.float32))
+    wrapped.flstore.flush()
+    updates, global_model = kept[0]
+    np.testing.assert_array_equal(updates["7"].tensors["w"], np.ones(4, np.float32))
+    assert global_model is not None
+    np.testing.assert_array_equal(global_model.tensors["w"], np.ones(4, np.float32))
+
+
+def test_a_writer_failing_mid_round_leaves_whole_rounds_and_the_error_names_the_round(
+    store: ObjectStore,
+) -> None:
+    failing = FailingStore(store, fail_round=1, after=2)
+    wrapped = with_flstore(FedAvg(), sink=StoreSink(failing, max_workers=1), job="crash")  # type: ignore[arg-type]
+    for server_round in (1, 2, 3):
+        wrapped.aggregate_train(server_round, round_replies(5, seed=server_round))
+
+    with pytest.raises(RoundsNotStoredError, match="round 1: UnavailableError: the writer died"):
+        wrapped.flstore.flush()
+    assert store.list_rounds("crash") == [0, 2]  # round 1 is absent, not half there
+    with pytest.raises(NotFoundError):
+        store.get_manifest("crash", 1)
+    for r in (0, 2):
+        assert len(store.get_manifest("crash", r).clients) == 5
+    # two of round 1's updates reached S3, but no reader sees them without the manifest
+    assert sum(r == 1 for r, _ in failing.stored) == 2
+
+
+def test_start_returns_only_once_every_round_is_stored_and_raises_a_round_that_was_not(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 7), ("_task_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+    class Grid(FakeGrid):
+        def send_and_receive(self, messages: Any, timeout: float | None = None) -> list[Message]:
+            messages = list(messages)
+            return [r for r in round_replies(3) if messages][: len(messages)]
+
+    failing = FailingStore(store, fail_round=1, after=0)
+    wrapped = with_flstore(
+        FedAvg(fraction_evaluate=0.0, min_available_nodes=3),
+        sink=StoreSink(failing),  # type: ignore[arg-type]
+        job="ends",
+    )
+    initial = ArrayRecord(
+        {k: Array(v.numpy()) for k, v in round_replies(1)[0].content["arrays"].items()}
+    )
+    with pytest.raises(RoundsNotStoredError, match="round 1"):
+        wrapped.start(grid=Grid([1000, 1001, 1002]), initial_arrays=initial, num_rounds=3)
+    assert store.list_rounds("ends") == [0, 2]
+
+
+def test_the_run_config_sets_how_many_rounds_may_be_in_flight(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLSTORE_S3_ENDPOINT", "http://127.0.0.1:9")
+    sink = flstore_sink({"flstore-max-in-flight": 3})
+    assert with_flstore(FedAvg(), sink=sink, job="j").flstore.handover.max_in_flight == 3
+    inline = flstore_sink({"flstore-max-in-flight": 0})
+    assert with_flstore(FedAvg(), sink=inline, job="j").flstore.handover.max_in_flight == 0
+    default = with_flstore(FedAvg(), sink=flstore_sink({}), job="j")
+    assert default.flstore.handover.max_in_flight == 2
+    with pytest.raises(ValidationError, match="flstore-max-in-flight"):
+        flstore_sink({"flstore-max-in-flight": "-1"})
