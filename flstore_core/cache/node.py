@@ -40,6 +40,7 @@ from flstore_core import config
 from flstore_core.cache import artifact_exchange, sharded_ops
 from flstore_core.cache.answering import WorkloadAnswers
 from flstore_core.cache.budget import stack_budget
+from flstore_core.cache.eviction import EvictionPolicy
 from flstore_core.cache.results import run_round_workload
 from flstore_core.cache.round_data import ArtifactStats, JobContext, RoundData
 from flstore_core.cache.round_loading import job_context, load_round, load_round_block
@@ -97,11 +98,14 @@ class CacheNode:
         budget_bytes: int | None = None,
         hot_rounds: int | None = None,
         node_index: int | None = None,
+        policy: EvictionPolicy | None = None,
     ) -> None:
         self.store = store
+        # ``policy`` replaces the class tiers (a replay of a trace compares the generic ones)
         self.cache = ShardCache(
             budget_bytes or default_budget(),
             hot_rounds or config.HOT_ROUNDS.get_int(),
+            policy=policy,
         )
         self.node_index = node_index if node_index is not None else config.NODE_INDEX.get_int()
         self.artifacts = ArtifactStats()

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import cachetools
 
 from flstore_core.cache.eviction import ClassTieredEviction, EvictionPolicy
+from flstore_core.cache.policies import AccessObserver
 from flstore_core.routing.placement import ShardKey
 
 
@@ -52,6 +53,7 @@ class _PolicyCache(cachetools.Cache[ShardKey, Any]):
             raise KeyError("nothing evictable: every entry is pinned or protected")
         value = self.pop(key)
         self._owner.stats.evictions += 1
+        self._owner.observe_removed(key)
         return key, value
 
 
@@ -59,7 +61,8 @@ class ShardCache:
     """Shards held in memory under a byte budget.
 
     ``hot_rounds`` configures the default policy (:class:`ClassTieredEviction`, at least 1);
-    it is not used when a ``policy`` is given.
+    it is not used when a ``policy`` is given (:mod:`flstore_core.cache.policies` has the
+    generic ones; one that is an :class:`AccessObserver` is told of every use and removal).
     """
 
     def __init__(
@@ -70,6 +73,8 @@ class ShardCache:
         self.policy: EvictionPolicy = (
             policy if policy is not None else ClassTieredEviction(max(1, hot_rounds))
         )
+        # checked once: a runtime protocol check costs microseconds on every get
+        self._observer = self.policy if isinstance(self.policy, AccessObserver) else None
         self.stats = CacheStats()
         self._cache = _PolicyCache(budget_bytes, self)
         self._pins: dict[ShardKey, int] = {}
@@ -79,6 +84,16 @@ class ShardCache:
         self._loading: dict[ShardKey, threading.Lock] = {}
 
     # ------------------------------------------------------------------ policy
+
+    def observe_access(self, key: ShardKey, value: Any) -> None:
+        """Tell a policy that keeps its own state (frequencies, sizes) of a use of ``key``."""
+        if self._observer is not None:
+            self._observer.accessed(key, int(self._cache.getsizeof(value)))
+
+    def observe_removed(self, key: ShardKey) -> None:
+        """Tell a policy that keeps its own state that ``key`` left the cache."""
+        if self._observer is not None:
+            self._observer.removed(key)
 
     def victim(self) -> ShardKey | None:
         """The entry to evict next, as the policy decides, or ``None`` if every entry is pinned."""
@@ -92,6 +107,7 @@ class ShardCache:
             value = self._cache.get(key)
             if value is not None:
                 self._used[key] = next(self._clock)
+                self.observe_access(key, value)
             return value
 
     def __contains__(self, key: ShardKey) -> bool:
@@ -119,6 +135,7 @@ class ShardCache:
                 self.stats.uncacheable += 1
                 return False
             self._used[key] = next(self._clock)
+            self.observe_access(key, value)
             return True
 
     def evict(self, key: ShardKey) -> bool:
@@ -129,6 +146,7 @@ class ShardCache:
             del self._cache[key]
             self._used.pop(key, None)
             self.stats.evictions += 1
+            self.observe_removed(key)
             return True
 
     @contextmanager
