@@ -222,16 +222,15 @@ def plan(
         )
     except FLStoreError as exc:
         fail(exc)
-    load: dict[int, int] = {}
-    for block in layout.blocks:
-        for node in block.owners:
-            load[node] = load.get(node, 0) + block.nbytes
+    load = layout.node_bytes()
     copies = [len(b.owners) for b in layout.blocks]
+    fill = {n: load.get(n, 0) for n in range(nodes)}
     figures = {
         "clients": clients,
         "params": layout.n_params,
         "footprint_mib": layout.footprint / MiB,
         "budget_mib": budget / MiB,
+        "stack_fill": layout.footprint / (nodes * budget),
         "blocks": len(layout.blocks),
         "largest_block_mib": max(b.nbytes for b in layout.blocks) / MiB,
         "copies": [min(copies), max(copies)],
@@ -239,20 +238,39 @@ def plan(
         "nodes": nodes,
         "nodes_used": len(load),
         "fullest_node_mib": max(load.values()) / MiB,
+        "node_bytes": [fill[n] for n in range(nodes)],
+        "node_fill": [fill[n] / budget for n in range(nodes)],
     }
     if as_json:
         emit_json(figures)
         return
+    _say_plan(figures)
+
+
+_MIB = 1024 * 1024
+
+
+def _say_plan(figures: dict[str, Any]) -> None:
+    """``flstore plan``'s lines: the round, its blocks, and how full each node is."""
+    nodes, budget = figures["nodes"], figures["budget_mib"] * _MIB
     say(
-        f"round of {clients} clients x {layout.n_params:,} parameters: "
-        f"{figures['footprint_mib']:,.1f} MiB in memory; node budget {budget / MiB:,.1f} MiB"
+        f"round of {figures['clients']} clients x {figures['params']:,} parameters: "
+        f"{figures['footprint_mib']:,.1f} MiB in memory "
+        f"({figures['stack_fill']:.0%} of the stack's {nodes * figures['budget_mib']:,.1f} MiB); "
+        f"node budget {figures['budget_mib']:,.1f} MiB"
     )
+    low, high = figures["copies"]
     say(
-        f"{len(layout.blocks)} block(s) of up to {figures['largest_block_mib']:,.1f} MiB; "
-        f"copies per block {min(copies)}-{max(copies)} (replication {replication}); "
-        f"{len(load)} of {nodes} nodes hold some, the fullest "
+        f"{figures['blocks']} block(s) of up to {figures['largest_block_mib']:,.1f} MiB; "
+        f"copies per block {low}-{high} (replication {figures['replication']}); "
+        f"{figures['nodes_used']} of {nodes} nodes hold some, the fullest "
         f"{figures['fullest_node_mib']:,.1f} MiB"
     )
+    for node, held in enumerate(figures["node_bytes"]):
+        say(
+            f"  node {node}: {held:,} bytes ({held / _MIB:,.1f} MiB), "
+            f"{held / budget:.0%} of its budget"
+        )
 
 
 @job_app.command("create")

@@ -7,8 +7,10 @@ every client's row. The cut points are a pure function of the round's tensor spe
 ``count`` (:func:`block_ranges`), so the router, the cache nodes and ingestion's prefetch agree
 on them without storing anything: a shard key ``job/round/R/iofK`` names a block completely
 given the round's committed manifest, which never changes its tensors. How many blocks a round
-needs follows from its size and the node budget (:func:`blocks_needed`): a resized stack gets
-another ``count``, hence other shard keys, and never reads a block of the old layout as its own.
+needs follows from its size and the stack's shape (:func:`blocks_needed` is where the planner
+starts; it cuts finer until the blocks pack, :mod:`flstore_core.routing.planner`): a resized
+stack gets another ``count``, hence other shard keys, and never reads a block of the old layout
+as its own.
 
 Cuts are aligned to tensor boundaries where a boundary lies near the ideal cut (within
 :data:`SNAP` of a block's width), else placed inside the tensor: a ResNet's 2.4M-element
@@ -32,8 +34,9 @@ SNAP = 0.1
 # vector, its serialized bytes and their compressed frame) — 5 row-sized vectors
 ROW_BYTES = 4
 EXTRA_ROWS = 5
-# a sharded round's blocks are at most this share of a node's budget, so that the placement
-# can spread them evenly and a node holds blocks of more than one round
+# the planner first cuts a sharded round into blocks of at most this share of a node's budget,
+# so that the placement can spread them evenly and a node holds blocks of more than one round;
+# it cuts finer when these do not pack (a round near the stack's total budget)
 BLOCK_SHARE = 0.25
 
 
@@ -50,9 +53,9 @@ def footprint(n_clients: int, n_params: int) -> int:
 
 
 def blocks_needed(n_clients: int, n_params: int, budget_bytes: int) -> int:
-    """How many column blocks a round is served in by nodes of ``budget_bytes``: 1 when the
+    """The fewest column blocks a round is served in by nodes of ``budget_bytes``: 1 when the
     whole round fits a node, else enough blocks of at most :data:`BLOCK_SHARE` of the budget
-    (widened by the snapping to tensor boundaries)."""
+    (widened by the snapping to tensor boundaries). The planner starts from this count."""
     if budget_bytes <= 0:
         raise ValueError("the node budget must be positive")
     if n_params <= 0 or footprint(n_clients, n_params) <= budget_bytes:
