@@ -127,8 +127,10 @@ class Replay:
         budget: int,
         nodes: int,
         model: NetworkModel,
+        prefetch: bool = True,
     ) -> None:
         self.requests = requests
+        self.prefetching = prefetch
         self.model = model
         self.nodes = nodes
         self.memory_mb = node_memory_mb(budget)
@@ -151,7 +153,8 @@ class Replay:
             if self.next_use is not None:
                 self.next_use.position = i
             if q.prefetch:
-                self.prefetch(q)
+                if self.prefetching:
+                    self.prefetch(q)
             else:
                 self.request(q)
         return self.tally
@@ -248,6 +251,7 @@ def compare(
     nodes: int = NODES,
     model: NetworkModel | None = None,
     window_rounds: int = TraceSetting.window_rounds,
+    prefetch: bool = True,
 ) -> tuple[int, list[dict[str, Any]]]:
     """The working set and, for each memory fraction, each policy's replay in turn."""
     model = model or NetworkModel()
@@ -256,7 +260,7 @@ def compare(
     for fraction in fractions:
         budget = max(int(fraction * ws / nodes), 1)
         for policy in policies:
-            tally = Replay(requests, policy, budget, nodes, model).run()
+            tally = Replay(requests, policy, budget, nodes, model, prefetch).run()
             runs.append(run_json(policy, fraction, tally, budget, nodes))
     return ws, runs
 
@@ -310,13 +314,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--plot", metavar="PNG", help="plot byte hit ratio against node memory")
     p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     p.add_argument("--nodes", type=int, default=NODES)
+    p.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="skip the commit-time prefetch: every shard is loaded by the first request on it",
+    )
     args = p.parse_args(argv)
     setting = TraceSetting()
     requests = read_trace(args.replay) if args.replay else generate(setting)
     if args.trace:
         write_trace_file(requests, args.trace)
     t0 = time.perf_counter()
-    ws, runs = compare(requests, args.fractions, nodes=args.nodes)
+    ws, runs = compare(requests, args.fractions, nodes=args.nodes, prefetch=not args.no_prefetch)
     print(f"working set {ws / 1e9:.2f} GB; {len(runs)} replays in {time.perf_counter() - t0:.0f} s")
     for fraction in args.fractions:
         print(f"\nnode memory = {fraction} × working set\n{table(runs, fraction)}")
@@ -328,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "working_set_bytes": ws,
         "nodes": args.nodes,
         "replication": 1,
+        "prefetch": not args.no_prefetch,
         "network": "aws",
     }
     if args.json:
