@@ -15,6 +15,15 @@ PUT is atomic — so an ingestion running concurrently never reads half a file. 
 pass ``on_round``: it is called with the :class:`RoundDrop` after the files are written (the
 pipelines package provides one, ``pipelines.ingest.ingest_on_drop``; this module does not import
 it, as ``flstore_core`` never imports ``pipelines``).
+
+:meth:`RoundWriter.write_round` writes (and ingests) before it returns. A server that must not
+wait — ingestion of a round takes seconds — calls :meth:`RoundWriter.submit_round` instead: the
+round is encoded at once (the encoded bytes are the writer's own copy: the caller may reuse its
+arrays as soon as the call returns), then written and ingested in the background, one round at a
+time in round order, at most ``max_in_flight`` rounds in flight (a further ``submit_round``
+waits). :meth:`RoundWriter.flush` (or :meth:`RoundWriter.close`, or leaving a ``with`` block)
+waits for them and raises :class:`~flstore_core.sdk.handover.RoundsNotStoredError` naming any
+round that failed (each also logged, with its number, when it fails).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +40,7 @@ from flstore_core.data.codec import Kind, Update
 from flstore_core.data.rawfile import RAW_SUFFIX, write_raw_update
 from flstore_core.errors import ValidationError
 from flstore_core.ids import validate_client, validate_job, validate_round
+from flstore_core.sdk.handover import DEFAULT_MAX_IN_FLIGHT, RoundHandover
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -80,6 +90,9 @@ class RoundWriter:
         A ready boto3 S3 client (overrides ``s3_endpoint``).
     max_workers : int, default 8
         Parallel uploads to S3.
+    max_in_flight : int, default 2
+        Rounds :meth:`submit_round` may have written and ingested in the background before
+        it waits (0: it writes and ingests before it returns).
     """
 
     def __init__(
@@ -91,6 +104,7 @@ class RoundWriter:
         s3_endpoint: str | None = None,
         s3: S3Client | None = None,
         max_workers: int = 8,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         self.job = validate_job(job)
         self.destination = str(destination)
@@ -101,6 +115,7 @@ class RoundWriter:
         self.is_s3 = self.destination.startswith("s3://")
         if self.is_s3:
             self.bucket, self.prefix = split_s3_url(self.destination)
+        self.handover = RoundHandover(max_in_flight, what=f"job {self.job!r}")
 
     # ------------------------------------------------------------------ where
 
@@ -132,6 +147,42 @@ class RoundWriter:
         ``round``, ``client`` and ``kind`` are ignored (the arguments say what they are); the
         caller's objects are not modified.
         """
+        return self._drop(*self._encode_round(round_, updates, global_model), ingest)
+
+    def submit_round(
+        self,
+        round_: int,
+        updates: Mapping[str, Update],
+        *,
+        global_model: Update | None = None,
+        ingest: bool | None = None,
+    ) -> Future[RoundDrop]:
+        """:meth:`write_round` in the background: validates and encodes the round now (bad ids
+        raise here; the caller's arrays are free once this returns), then writes and ingests
+        it after the rounds submitted before it. Waits only while ``max_in_flight`` rounds are
+        in flight; :meth:`flush` raises a round that failed."""
+        encoded = self._encode_round(round_, updates, global_model)
+        return self.handover.submit(round_, lambda: self._drop(*encoded, ingest))
+
+    def flush(self) -> None:
+        """Wait for every submitted round; raise
+        :class:`~flstore_core.sdk.handover.RoundsNotStoredError` naming any that failed."""
+        self.handover.flush()
+
+    def close(self) -> None:
+        """:meth:`flush`, then stop the background thread."""
+        self.handover.close()
+
+    def __enter__(self) -> RoundWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        self.handover.__exit__(exc_type, *rest)
+
+    def _encode_round(
+        self, round_: int, updates: Mapping[str, Update], global_model: Update | None
+    ) -> tuple[int, str, list[tuple[str, bytes]]]:
+        """The round's files, encoded (every id validated first)."""
         validate_round(round_)
         named: list[tuple[str, Update]] = []
         for client, update in updates.items():
@@ -145,21 +196,20 @@ class RoundWriter:
             )
         if not named:
             raise ValidationError(f"round {round_}: nothing to write (no updates, no model)")
-        return self._drop(round_, self.round_source(round_), named, ingest)
+        return round_, self.round_source(round_), _encoded(named)
 
     def write_initial(self, model: Update, *, ingest: bool | None = None) -> RoundDrop:
         """Write the job's model before round 0."""
         named = [(f"initial{RAW_SUFFIX}", _as(model, self.job, None, None, "initial"))]
-        return self._drop(None, self.initial_source(), named, ingest)
+        return self._drop(None, self.initial_source(), _encoded(named), ingest)
 
     def _drop(
         self,
         round_: int | None,
         source: str,
-        named: list[tuple[str, Update]],
+        blobs: list[tuple[str, bytes]],
         ingest: bool | None,
     ) -> RoundDrop:
-        blobs = [(name, write_raw_update(update)) for name, update in named]
         if self.is_s3:
             files = self._put_s3(source, blobs)
         else:
@@ -206,6 +256,11 @@ class RoundWriter:
 
         with ThreadPoolExecutor(min(self.max_workers, len(blobs))) as pool:
             return list(pool.map(put, blobs))
+
+
+def _encoded(named: list[tuple[str, Update]]) -> list[tuple[str, bytes]]:
+    """Each file's raw bytes (a copy of its arrays)."""
+    return [(name, write_raw_update(update)) for name, update in named]
 
 
 def _as(update: Update, job: str, round_: int | None, client: str | None, kind: Kind) -> Update:
