@@ -33,11 +33,12 @@ from aws_lambda_powertools.event_handler.openapi.models import (
     HTTPBearer,
     Server,
 )
-from aws_lambda_powertools.event_handler.openapi.params import Body
+from aws_lambda_powertools.event_handler.openapi.params import Body, Query
 from aws_lambda_powertools.event_handler.openapi.params import Path as PathParam
 
 from flstore_core import config
 from flstore_core.errors import FLStoreError, NotFoundError, PayloadTooLargeError, ValidationError
+from flstore_core.ids import MAX_ROUND
 from flstore_core.routing.commit_warming import CommitWarmer, is_s3_event
 from flstore_core.routing.invoker import one_line
 from flstore_core.routing.openapi import (
@@ -53,6 +54,7 @@ from flstore_core.routing.openapi import (
     workload_params_models,
     workload_request_models,
 )
+from flstore_core.routing.paging import MAX_LIMIT
 from flstore_core.routing.request_body import MAX_BODY_BYTES
 from flstore_core.routing.router import Router
 
@@ -189,9 +191,17 @@ def _api_routes(app: APIGatewayHttpResolver, r: Callable[[], Router]) -> None:
         responses={**_ok("the job's committed rounds"), **_JOB, **_AUTHENTICATED},
         security=_SECURITY,
     )
-    def rounds(job: Annotated[str, _job_param("the job id")]) -> RoundsAnswer:
+    def rounds(
+        job: Annotated[str, _job_param("the job id")],
+        limit: Annotated[
+            int | None, Query(ge=1, le=MAX_LIMIT, description="rounds per page (default 1000)")
+        ] = None,
+        after: Annotated[
+            int | None, Query(ge=0, le=MAX_ROUND, description="list the rounds after this one")
+        ] = None,
+    ) -> RoundsAnswer:
         authorization = _authorization(app)
-        return RoundsAnswer.model_validate(r().rounds(authorization, job))
+        return RoundsAnswer.model_validate(r().rounds(authorization, job, limit, after))
 
     @app.post(
         "/v1/jobs/<job>/workloads/<name>",

@@ -108,7 +108,11 @@ class RoundEntry(_Open):
 
 class RoundsAnswer(_Open):
     job: str
-    rounds: list[RoundEntry]
+    rounds: list[RoundEntry] = Field(description="a page of the committed rounds, ascending")
+    next: Annotated[int, Field(ge=0, le=MAX_ROUND)] | None = Field(
+        description="the last round of this page when more remain (pass it as 'after' for the "
+        "next page), else null"
+    )
 
 
 class CostBreakdown(_Open):

@@ -56,6 +56,7 @@ from flstore_core.routing.bounds import RequestBounds
 from flstore_core.routing.failover import Answered, FailoverPolicy
 from flstore_core.routing.invoker import Invoker, NodeInvoker
 from flstore_core.routing.model_results import ModelResultWriter
+from flstore_core.routing.paging import page_of
 from flstore_core.routing.placement import (
     ShardKey,
     meta_shard,
@@ -245,19 +246,22 @@ class Router:
         self.tokens.authenticate(authorization)
         return {"workloads": catalogue()}
 
-    def rounds(self, authorization: str | None, job: str) -> dict[str, Any]:
-        """``GET /v1/jobs/{job}/rounds``: the committed rounds, their clients and bytes."""
+    def rounds(
+        self, authorization: str | None, job: str, limit: object = None, after: object = None
+    ) -> dict[str, Any]:
+        """``GET /v1/jobs/{job}/rounds``: a page of the committed rounds, their clients and
+        bytes, and ``next`` (:mod:`flstore_core.routing.paging`)."""
         job = validate_job(job)
         self.tokens.authorize(authorization, job)
+        page = page_of(self.manifests.rounds(job), limit, after)  # 400 before the job's 404
         self._require_job(job)
-        manifests = list(
-            self.scatter.pool.map(lambda r: self.manifests.get(job, r), self.manifests.rounds(job))
-        )
+        manifests = list(self.scatter.pool.map(lambda r: self.manifests.get(job, r), page.rounds))
         return {
             "job": job,
             "rounds": [
                 {"round": m.round, "clients": m.clients, "bytes": m.stored_bytes} for m in manifests
             ],
+            "next": page.next,
         }
 
     def run(

@@ -16,15 +16,16 @@ API's ``{"error": {"code", "message"}}`` body; a server that cannot be reached r
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import re
 import socket
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from flstore_core import __version__
 from flstore_core.errors import (
@@ -126,11 +127,45 @@ class FLStoreClient:
         answer: list[dict[str, Any]] = self._request("GET", "/v1/workloads")["workloads"]
         return answer
 
-    def rounds(self, job: str) -> list[dict[str, Any]]:
-        """``GET /v1/jobs/{job}/rounds``: each visible round, ``{"round", "clients", "bytes"}``."""
+    def rounds_page(
+        self, job: str, limit: int | None = None, after: int | None = None
+    ) -> dict[str, Any]:
+        """One page of ``GET /v1/jobs/{job}/rounds?limit=&after=``: ``{"job", "rounds",
+        "next"}``, the rounds after ``after`` (ascending, at most ``limit``, 1 to 1000) and
+        ``next``, the ``after`` of the next page (``None`` on the last)."""
         validate_job(job)
-        answer: list[dict[str, Any]] = self._request("GET", f"/v1/jobs/{job}/rounds")["rounds"]
-        return answer
+        query = {}
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+                raise ValidationError(f"invalid limit {limit!r}: use an integer between 1 and 1000")
+            query["limit"] = limit
+        if after is not None:
+            query["after"] = validate_round(after)
+        route = f"/v1/jobs/{job}/rounds" + (f"?{urlencode(query)}" if query else "")
+        return self._request("GET", route)
+
+    def iter_rounds(
+        self, job: str, after: int | None = None, page_size: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Every visible round after ``after`` (all by default), ``{"round", "clients",
+        "bytes"}``, reading the pages one by one as the iteration reaches them."""
+        while True:
+            page = self.rounds_page(job, page_size, after)
+            yield from page["rounds"]
+            after = page.get("next")
+            if after is None:
+                return
+
+    def rounds(
+        self, job: str, limit: int | None = None, after: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The visible rounds after ``after`` (all by default), at most ``limit`` of them (all
+        by default), each ``{"round", "clients", "bytes"}``: as many pages as that takes."""
+        if limit is None:
+            return list(self.iter_rounds(job, after))
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValidationError(f"invalid limit {limit!r}: use a positive integer")
+        return list(itertools.islice(self.iter_rounds(job, after, min(limit, 1000)), limit))
 
     def run(
         self,
