@@ -192,6 +192,9 @@ def main() -> None:
     raw_files, encoded = prepare(workdir, args.updates, args.clients)
     mb = sum(f.stat().st_size for f in raw_files) / 1e6
     stored_mb = sum(f.stat().st_size for f, _ in encoded) / 1e6
+    # the host's load beside the figures: on the shared 2-core host the ratio falls with it (the
+    # pipeline spends several times the loop's CPU in this process; moto the same for both)
+    load_before = os.getloadavg()[0]
     moto = MotoProcess()
     systems = Systems(moto, workdir, raw_files, encoded, args.beam_arg)
     try:
@@ -206,6 +209,7 @@ def main() -> None:
         )
     finally:
         moto.stop()
+    load_after = os.getloadavg()[0]
     runs = []
     for system, secs in samples.items():
         runs.append(
@@ -218,7 +222,11 @@ def main() -> None:
                 "rounds": -(-len(raw_files) // args.clients),
                 "raw_mb": round(mb, 1),
                 "stored_mb": round(stored_mb, 1),
-                "params": {"runner": "FnApiRunner", "s3": "moto (own process)"},
+                "params": {
+                    "runner": "FnApiRunner",
+                    "s3": "moto (own process)",
+                    "load_avg_1m": [round(load_before, 2), round(load_after, 2)],
+                },
             }
         )
     write_report("ingest", runs, args.json)
