@@ -317,6 +317,9 @@ class LocalStack:
             "memory_mb": self.config.memory_mb,
             "budget_bytes": self.config.node_budget,
             "network": None if self.config.network is None else self.config.network.name,
+            # writers reach S3 through the notifying front: a manifest's write warms its round
+            # (lambdas.local_runtime.s3_notifications), so a writer needs no router of its own
+            "commit_notifications": True,
             "pid": os.getpid(),
         }
 

@@ -478,6 +478,19 @@ def test_the_local_stack_state_file_gives_the_store_and_the_nodes_to_warm(
     assert (config.prefix, config.nodes, config.replication) == ("demo", 3, 2)
 
 
+def test_a_stack_that_notifies_commits_leaves_warming_to_the_notification(
+    tmp_path: Path, s3_server: LocalS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FLSTORE_S3_ENDPOINT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    path = local_state(tmp_path / ".flstore" / "local.json", s3_server, "stack-bucket")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "commit_notifications": True}))
+
+    sink = flstore_sink({"flstore-job": "j"})
+
+    assert sink.store.bucket == "stack-bucket" and sink.prefetch is None
+
+
 def test_the_run_config_names_another_state_file_or_a_bucket(
     tmp_path: Path, s3_server: LocalS3, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,6 +9,7 @@ asks FLStore (``select_with="cosine_select"``) which clients train round 2.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 
 from evaluation.flower_run import FlowerRun, LocalSuperLink, copy_app
 from flstore_core.data.manifest import COS_TO_MEAN, UPDATE_NORM
+from flstore_core.routing.commit_warming import read_marker
 from flstore_core.sdk.client import FLStoreClient
 from lambdas.local_runtime.stack import LocalStack, StackConfig
 
@@ -80,10 +82,17 @@ def test_flstore_chose_the_clients_of_the_second_round(
     assert sorted(stack.store.get_manifest(JOB, 1).clients) == sorted(chosen["result"]["selected"])
 
 
-def test_the_sink_warmed_the_last_round_on_its_cache_nodes(
+def test_the_commit_notification_warmed_the_last_round_on_its_cache_nodes(
     ran: tuple[LocalStack, FlowerRun, int],
 ) -> None:
     stack, _, _ = ran
+    assert stack.store is not None
+    # the sink writes and commits; the stack's S3 front notifies the router function of the
+    # manifest's write, which warms the round asynchronously and then writes its marker
+    deadline = time.monotonic() + 60
+    while read_marker(stack.store, JOB, 1) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert read_marker(stack.store, JOB, 1) is not None
     api = FLStoreClient(stack.gateway_url, stack.token)
     answer: dict[str, Any] = api.run(JOB, "malicious_cosine", round=1, k=1)
     assert answer["meta"]["cache"] == "hit"

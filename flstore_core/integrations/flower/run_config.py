@@ -31,9 +31,11 @@ Where the store is, first match wins:
 1. ``flstore-bucket`` in the run config, or ``FLSTORE_S3_ENDPOINT`` in the environment: the
    store the environment describes (``FLSTORE_S3_ENDPOINT``, ``FLSTORE_BUCKET``, AWS
    credentials), with that bucket;
-2. the local stack's state file exists: its bucket and S3 endpoint, and every round is warmed
-   on the stack's cache nodes through its Lambda endpoint (the router's ``prefetch``), as the
-   Beam ingestion warms the rounds it commits;
+2. the local stack's state file exists: its bucket and S3 endpoint. A stack whose S3 endpoint
+   notifies commits (``commit_notifications`` in its state, as on AWS, where the bucket
+   notifies the router function) warms every round the sink commits by itself, so the sink
+   writes and commits only; with an older state file every round is warmed on the stack's
+   cache nodes through its Lambda endpoint (the router's ``prefetch``) by the sink;
 3. otherwise: ``ObjectStore()`` (``FLSTORE_BUCKET`` on AWS).
 """
 
@@ -136,6 +138,10 @@ def _local_stack_sink(state_file: Path, declares: dict[str, Any]) -> StoreSink:
             f"cannot read the local stack's state {state_file}: {exc!r}; "
             "restart it with `flstore local up`"
         ) from exc
+    if state.get("commit_notifications"):
+        # warming the round here too would only collide with the notification's warming (both
+        # loading on one-instance nodes: throttled invokes, dropped events) and lengthen the run
+        return StoreSink(store, **declares)
     # only the placement and the invoker are used (prefetch): no tokens
     invoker = NodeInvoker(lambda_client(endpoint))
     router = Router(store, invoker, TokenTable.with_tokens({}), placement)
