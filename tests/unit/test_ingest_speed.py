@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -69,19 +67,3 @@ def test_encoded_update_is_each_frame_compressed_and_hashed_alone(
         )
         stored = np.cumsum([len(f) for f in frames]).tolist()
         assert enc.frames == tuple(zip(ends, stored, strict=True))
-
-
-def test_raw_file_reader_reads_the_whole_file(tmp_path: Path, monkeypatch: Any) -> None:
-    from pipelines import sources
-
-    body = np.random.default_rng(1).integers(0, 256, 300_001, dtype=np.uint8).tobytes()
-    (tmp_path / "u.safetensors").write_bytes(body)
-    (tmp_path / "empty.safetensors").write_bytes(b"")
-    reader = sources.RawFileReader()
-    assert reader.read(str(tmp_path / "u.safetensors")) == body
-    assert reader.read(str(tmp_path / "empty.safetensors")) == b""
-    # a file that grew after its size was taken is still read whole, never cut at the old size
-    monkeypatch.setattr(sources, "_size_of", lambda fh: 1000)
-    assert reader.read(str(tmp_path / "u.safetensors")) == body
-    monkeypatch.setattr(sources, "_size_of", lambda fh: None)
-    assert reader.read(str(tmp_path / "u.safetensors")) == body
