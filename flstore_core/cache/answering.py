@@ -5,6 +5,13 @@ meta shard for a client-class workload, the meta or model shard otherwise), load
 missing, and keeps the answer in the memo of the shard it ran on
 (:mod:`flstore_core.cache.memo`), so a repeated request on the same version of the shard is a
 dictionary lookup. It counts the answers computed and reused for the node's ``stats``.
+
+A round that gave up its rows under memory pressure (:mod:`flstore_core.cache.eviction`) still
+answers every workload its Gram, distances and memoised artifacts suffice for — the selection
+workloads — with no S3 read (a ``rowless_answers`` of the node's stats); a workload that reads
+the rows raises :class:`~flstore_core.cache.round_data.RowsEvicted` and runs again once the node
+has read them back (:meth:`~flstore_core.cache.node.CacheNode.reload_rows`): the artifacts it
+reads are those computed from the same rows, so the answer is the same bits either way.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from flstore_core import config
 from flstore_core.cache.memo import ResultMemo
 from flstore_core.cache.results import run_round_workload
-from flstore_core.cache.round_data import RoundData
+from flstore_core.cache.round_data import RoundData, RowsEvicted
 from flstore_core.cache.shards import ClientHistory, GlobalModels, JobMeta
 from flstore_core.errors import NotFoundError, ValidationError
 from flstore_core.ids import validate_client, validate_round
@@ -76,19 +83,7 @@ class WorkloadAnswers:
         t0 = time.perf_counter()
         timing: dict[str, float] = {}  # "write": encoding and PUT of a model result
         if workload.cls == "round":
-            key = round_shard(job, validate_round(op.round))
-            with node.cache.using(key, node.loader(key)) as (data, hit):
-                t1 = time.perf_counter()
-                result = self.answer(
-                    self.round_memo(data),
-                    workload.name,
-                    {"params": params},
-                    lambda: run_round_workload(
-                        node.store, workload, data, params, data.results_written, timing
-                    ),
-                    data.context.version,
-                )
-            hits = [hit]
+            result, hits, t1 = self._run_round(workload, op, params, timing)
         elif workload.cls == "client":
             result, hits, t1 = self._run_clients(workload, op, params)
         else:
@@ -167,6 +162,56 @@ class WorkloadAnswers:
         if memo is None:
             memo = self._round_answers.setdefault(data, ResultMemo())
         return memo
+
+    def tiers(self) -> dict[str, int]:
+        """Bytes held by representation: round ``rows`` (whole rounds and column blocks), their
+        ``gram`` pieces and distances, memoised model ``artifacts``, kept ``answers``, the
+        ``models`` shards and the ``meta`` (meta and client-history) shards."""
+        out = dict.fromkeys(("rows", "gram", "artifacts", "answers", "models", "meta"), 0)
+        for key, value in self.node.cache.items():
+            if isinstance(value, RoundData):
+                out["rows"] += value.rows_nbytes
+                out["gram"] += value.gram_bytes()
+                out["artifacts"] += value.memo_bytes()
+                memo = self._round_answers.get(value)
+                out["answers"] += 0 if memo is None else memo.nbytes()
+                continue
+            kept = getattr(value, "memo", None)
+            answers = kept.nbytes() if isinstance(kept, ResultMemo) else 0
+            out["answers"] += answers
+            out["models" if key.cls == "model" else "meta"] += int(value.nbytes)
+        return out
+
+    def _run_round(
+        self, workload: Workload, op: RunOp, params: dict[str, Any], timing: dict[str, float]
+    ) -> tuple[dict[str, Any], list[bool], float]:
+        """A round-class workload on the round's copy held here (loaded on a miss): from its
+        memo, from its Gram and artifacts if it gave up its rows and the workload needs no
+        more, else on its rows (read back when dropped: then a miss)."""
+        node = self.node
+        key = round_shard(op.job, validate_round(op.round))
+        with node.cache.using(key, node.loader(key)) as (data, hit):
+            t1 = time.perf_counter()
+            rowless, reloaded = not data.has_rows, []
+
+            def compute() -> dict[str, Any]:
+                try:
+                    return run_round_workload(
+                        node.store, workload, data, params, data.results_written, timing
+                    )
+                except RowsEvicted:  # the rows were dropped and this workload reads them
+                    reloaded.append(True)
+                    rows = node.reload_rows(key, data)
+                    return run_round_workload(
+                        node.store, workload, rows, params, rows.results_written, timing
+                    )
+
+            memo = self.round_memo(data)
+            version = data.context.version
+            result = self.answer(memo, workload.name, {"params": params}, compute, version)
+        if rowless and not reloaded:
+            node.cache.stats.rowless_answers += 1
+        return result, [hit and not reloaded], t1
 
     def _run_clients(
         self, workload: Workload, op: RunOp, params: dict[str, Any]

@@ -57,10 +57,10 @@ def compute_artifacts(node: CacheNode, shares: Mapping[str, tuple[int, int]]) ->
     out: dict[str, Any] = {}
     for text, (share, count) in shares.items():
         held = node.cache.get(whole_round(text))
-        if isinstance(held, RoundData):
+        if isinstance(held, RoundData) and held.has_rows:
             out[text] = round_artifacts(held, share, count)
-        else:
-            out[text] = {"skipped": "round not held"}
+        else:  # model artifacts evaluate models of the rows: a rowless round has none
+            out[text] = {"skipped": "round not held" if held is None else "rows not held"}
     return out
 
 

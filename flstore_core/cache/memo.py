@@ -64,6 +64,12 @@ class ResultMemo:
             self._answers[key] = value
         return value, False
 
+    def nbytes(self) -> int:
+        """The kept answers' size as compact JSON (what a response carries), roughly."""
+        with self._lock:
+            kept = list(self._answers.values())
+        return sum(len(json.dumps(a, separators=(",", ":"), default=str)) for a in kept)
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._answers)

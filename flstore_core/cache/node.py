@@ -235,6 +235,8 @@ class CacheNode:
                 if key.cls == "round":
                     self._drop_if_rewritten(key, listed)
                 with self.cache.using(key, self.loader(key)) as (value, hit):
+                    if isinstance(value, RoundData) and not value.has_rows:
+                        value = self.reload_rows(key, value)  # a prefetch brings the rows in
                     t1 = time.perf_counter()
                     timing["load"] += (t1 - t0) * 1000
                     if isinstance(value, RoundData):
@@ -260,6 +262,23 @@ class CacheNode:
     def load_op(self, op: LoadOp) -> dict[str, Any]:
         """The ``load`` op: see :meth:`load`."""
         return self.load(list(op.shards), None if op.models is None else list(op.models))
+
+    def reload_rows(self, key: ShardKey, data: RoundData) -> RoundData:
+        """Read the rows of a held round that gave them up, and the round that has them: the
+        held one with them re-attached and re-accounted (its Gram, artifacts and answers kept),
+        or — when the cache has no room for them now (everything else pinned), or the round
+        was rewritten since (a late client) — the copy just read, which then replaces it."""
+        fresh: RoundData = self.loader(key)()
+        self.cache.stats.rows_reloaded += 1
+        try:
+            data.attach_rows(fresh)
+        except ValueError:  # other content: the fresh copy is the round now
+            self.cache.put(key, fresh)
+            return fresh
+        if self.cache.put(key, data):
+            return data
+        data.drop_rows()  # kept rowless as accounted; this request runs on the copy read
+        return fresh
 
     def _drop_if_rewritten(self, key: ShardKey, listed: set[str]) -> None:
         """Evict a held round whose clients or updates no longer match its manifest (a late
@@ -307,6 +326,8 @@ class CacheNode:
             "s3_puts": self.store.puts,
             "artifacts": self.artifacts.to_dict(),
             "answers": dict(self.answering.counts),
+            # bytes held by representation: rows, Gram, model artifacts, answers, other shards
+            "tiers": self.answering.tiers(),
             "invocations": self.invocations,
             "uptime_s": time.time() - self.started,
             "pid": os.getpid(),

@@ -8,6 +8,13 @@ computed at most once per round per node and reused by every workload that needs
 counters say how often each was computed and reused. What every round supports, held whole or
 not, is :class:`~flstore_core.cache.round_view.RoundView`; the Gram pass is
 :func:`flstore_core.cache.gram.block_sums`.
+
+A round held by a node under memory pressure gives up its rows first (:meth:`RoundData.drop_rows`:
+the matrix, the base and the row-sized mean), keeping its Gram pieces, distances, memoised model
+artifacts and (in the node) its answers: a *rowless* round of a few kilobytes where the rows were
+hundreds of megabytes. Everything derived from the Gram is answered from it unchanged; reading
+the rows raises :class:`RowsEvicted`, on which the node reads them again and re-attaches them
+(:meth:`RoundData.attach_rows`), so an answer is the same bits whichever form answered it.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ __all__ = [
     "GramParts",
     "JobContext",
     "RoundData",
+    "RowsEvicted",
     "Validation",
     "register_columnwise",
 ]
@@ -57,6 +65,50 @@ COLUMNWISE: dict[str, Callable[..., F32]] = {}
 def register_columnwise(name: str, function: Callable[..., F32]) -> None:
     """Register ``function(data, **args)``, a coordinate-wise function of a round's rows."""
     COLUMNWISE[name] = function
+
+
+# what a rowless round keeps besides its Gram-derived arrays, counted in its ``nbytes``: the
+# client ids, example counts, metrics, digests and column split (~1 KB for 10 clients), the
+# small memoised values and the node's kept answers (a few KB each; at most 64 a round)
+ROWLESS_BASE = 16 * 1024
+# the artifacts of a round that are vectors as long as a row: given up with the rows
+ROW_SIZED = ("mean",)
+
+
+class RowsEvicted(Exception):
+    """A workload read the rows of a round that gave them up under memory pressure: the node
+    reads them again and re-runs it (:meth:`RoundData.attach_rows`). Not an error a caller
+    sees."""
+
+
+def rowless_footprint(n_clients: int) -> int:
+    """The ``nbytes`` of a prefetched round of ``n_clients`` once its rows are dropped: the
+    parameters' Gram pieces (:class:`GramParts`: ``n² + 2n + 3`` float64) and the distances
+    (``n²``) that :meth:`RoundData.warm` computes, plus :data:`ROWLESS_BASE`."""
+    n = n_clients
+    return ROWLESS_BASE + 8 * (2 * n * n + 2 * n + 3)
+
+
+def array_bytes(value: Any) -> int:
+    """The bytes of the float arrays (and floats) a Gram-derived artifact holds."""
+    if isinstance(value, GramParts):
+        return sum(array_bytes(getattr(value, f)) for f in GramParts.__dataclass_fields__)
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    return 8 if isinstance(value, float) else 0
+
+
+def approx_bytes(value: Any) -> int:
+    """A rough size of a memoised value (arrays, numbers, strings, their containers)."""
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, dict):
+        return sum(approx_bytes(k) + approx_bytes(v) for k, v in value.items())
+    if isinstance(value, list | tuple | set):
+        return sum(approx_bytes(v) for v in value)
+    if isinstance(value, str | bytes):
+        return len(value)
+    return 8
 
 
 def _zeros(data: RoundData) -> F32:
@@ -85,33 +137,97 @@ class RoundData(RoundView):
     ) -> None:
         super().__init__(job, round_, clients, specs, num_examples, metrics, stats, sha256, context)
         self._base = base
+        self._delta = base is not None
         if base is not None:
             matrix -= base  # in place: the node keeps one matrix, not two
-        self.matrix = matrix
+        self._rows: F32 | None = matrix
+        self._params = int(matrix.shape[1])
         # model results this node already wrote to S3 for this round (their keys are
         # deterministic in params and content), so a repeated request skips the PUT
         self.results_written: set[str] = set()
 
     @property
+    def matrix(self) -> F32:
+        """The rows (deltas when ``is_delta``); :class:`RowsEvicted` when they were dropped."""
+        rows = self._rows
+        if rows is None:
+            raise RowsEvicted(f"the rows of {self.job}/{self.round} were dropped")
+        return rows
+
+    @matrix.setter
+    def matrix(self, rows: F32) -> None:
+        self._rows = rows
+        self._params = int(rows.shape[1])
+
+    @property
+    def has_rows(self) -> bool:
+        """Whether the rows are held (``False``: a rowless round, Gram and artifacts only)."""
+        return self._rows is not None
+
+    @property
     def base(self) -> F32 | None:
-        """The round's base model, when stored (the rows are then deltas from it)."""
+        """The round's base model, when stored (the rows are then deltas from it);
+        :class:`RowsEvicted` when it went with the rows."""
+        if self._delta and self._base is None:
+            raise RowsEvicted(f"the base of {self.job}/{self.round} was dropped with its rows")
         return self._base
 
     @property
     def is_delta(self) -> bool:
-        return self._base is not None
+        return self._delta
 
     @property
     def nbytes(self) -> int:
         # the rows, and what a node keeps beside them per column whether or not it exists yet
         # (the base, the mean artifact, a model result being written): the same figure the
-        # planner cuts rounds into blocks by, so a block it sends a node fits
-        return footprint(self.n, int(self.matrix.shape[1]))
+        # planner cuts rounds into blocks by, so a block it sends a node fits; rowless, the
+        # Gram-derived arrays and ROWLESS_BASE
+        whole = footprint(self.n, self._params)
+        # never more than whole: a round of a few columns is smaller than ROWLESS_BASE
+        return whole if self._rows is not None else min(whole, ROWLESS_BASE + self.gram_bytes())
+
+    @property
+    def rows_nbytes(self) -> int:
+        """What dropping the rows frees (0 when they are dropped already)."""
+        if self._rows is None:
+            return 0
+        whole = footprint(self.n, self._params)
+        return whole - min(whole, ROWLESS_BASE + self.gram_bytes())
+
+    def gram_bytes(self) -> int:
+        """Bytes of the Gram pieces and distances held (the arrays a rowless round keeps)."""
+        with self._lock:
+            return sum(array_bytes(v) for k, v in self._artifacts.items() if k not in ROW_SIZED)
+
+    def memo_bytes(self) -> int:
+        """Bytes of the memoised model artifacts (accuracies, dots, votes), roughly."""
+        with self._lock:
+            return sum(approx_bytes(v) for v in self._memo.values())
+
+    def drop_rows(self) -> None:
+        """Give up the rows, the base and the row-sized artifacts, keeping the Gram pieces,
+        distances and memoised values (the cache does this to a round it must shrink; a request
+        running on the rows holds its own reference to them until it ends)."""
+        self._rows = None
+        self._base = None
+        for name in ROW_SIZED:
+            self._artifacts.pop(name, None)
+
+    def attach_rows(self, fresh: RoundData) -> None:
+        """Take the rows (and base) of ``fresh``, the same round read again; its content must
+        be this round's (the same clients and digests), else ``ValueError``."""
+        if fresh.clients != self.clients or fresh.sha256 != self.sha256:
+            raise ValueError(f"{self.job}/{self.round} was rewritten since it was read")
+        self._base = fresh._base
+        self._rows = fresh.matrix
 
     def warm(self) -> None:
-        """Compute the shared artifacts now (prefetch does, so the first request is cheap)."""
+        """Compute the shared artifacts now (prefetch does, so the first request is cheap), the
+        buffers' Gram pieces too (a pass over the BatchNorm statistics only): a round that
+        later gives up its rows answers the selection workloads with or without buffers."""
         self.gram(True)
         self.distances()
+        self.gram_parts(buffers=True)
 
     def gram_parts(self, buffers: bool = False) -> GramParts | None:
         """The Gram pieces of the parameters' columns, or of the buffers' (``None`` if the
@@ -180,7 +296,8 @@ class RoundData(RoundView):
         expression stays one (its base is added where it is evaluated)."""
         if isinstance(vector, VectorExpr):
             return VectorExpr({"op": "to_weights", "of": vector.spec})
-        return vector + self._base if self._base is not None else vector
+        base = self.base  # RowsEvicted on a rowless round of deltas: never the deltas unshifted
+        return vector + base if base is not None else vector
 
     def tensors_of(self, vector: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:
         """Unflatten a weights vector into named tensors with their source dtypes."""

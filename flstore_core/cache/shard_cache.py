@@ -4,7 +4,10 @@ Built on :class:`cachetools.Cache` (size accounting by bytes, eviction through `
 cache owns the mechanics — the byte budget, the pins of entries in use by a running request, the
 last-use clock, loading a missing shard once — and asks its eviction policy
 (:mod:`flstore_core.cache.eviction`, by default :class:`ClassTieredEviction`) which entry to give
-up when it is full. Pinned entries are never chosen.
+up when it is full. Pinned entries are never chosen. With a policy that weighs representations
+(a :class:`~flstore_core.cache.eviction.RepresentationObserver`, as the default is), a victim
+that holds rows it can give up (a round: ``rows_nbytes`` > 0 and ``drop_rows()``) gives up
+only those and stays, smaller; a generic policy evicts whole entries.
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ from typing import Any, Protocol
 
 import cachetools
 
-from flstore_core.cache.eviction import ClassTieredEviction, EvictionPolicy
+from flstore_core.cache.eviction import (
+    ClassTieredEviction,
+    EvictionPolicy,
+    RepresentationObserver,
+)
 from flstore_core.cache.policies import AccessObserver
 from flstore_core.routing.placement import ShardKey
 
@@ -35,6 +42,9 @@ class CacheStats:
     loads: int = 0
     evictions: int = 0
     uncacheable: int = 0  # loaded but larger than the free budget: served, not kept
+    rows_dropped: int = 0  # rounds that gave up their rows and stayed, rowless
+    rows_reloaded: int = 0  # rowless rounds whose rows a request read again
+    rowless_answers: int = 0  # requests a rowless round answered with no S3 read
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -51,6 +61,14 @@ class _PolicyCache(cachetools.Cache[ShardKey, Any]):
         key = self._owner.victim()
         if key is None:
             raise KeyError("nothing evictable: every entry is pinned or protected")
+        value = self[key]
+        if self._owner.sheds(value):
+            value.drop_rows()
+            # the same key, smaller: cachetools takes the size difference off its total
+            cachetools.Cache.__setitem__(self, key, value)
+            self._owner.stats.rows_dropped += 1
+            self._owner.observe_represented(key, value)
+            return key, value
         value = self.pop(key)
         self._owner.stats.evictions += 1
         self._owner.observe_removed(key)
@@ -75,6 +93,7 @@ class ShardCache:
         )
         # checked once: a runtime protocol check costs microseconds on every get
         self._observer = self.policy if isinstance(self.policy, AccessObserver) else None
+        self._tiers = self.policy if isinstance(self.policy, RepresentationObserver) else None
         self.stats = CacheStats()
         self._cache = _PolicyCache(budget_bytes, self)
         self._pins: dict[ShardKey, int] = {}
@@ -89,6 +108,17 @@ class ShardCache:
         """Tell a policy that keeps its own state (frequencies, sizes) of a use of ``key``."""
         if self._observer is not None:
             self._observer.accessed(key, int(self._cache.getsizeof(value)))
+
+    def observe_represented(self, key: ShardKey, value: Any) -> None:
+        """Tell a policy that weighs representations what ``key`` holds now."""
+        if self._tiers is not None:
+            rows = int(getattr(value, "rows_nbytes", 0))
+            self._tiers.represented(key, int(self._cache.getsizeof(value)), rows)
+
+    def sheds(self, value: Any) -> bool:
+        """Whether evicting ``value`` drops only its rows (the policy weighs representations
+        and the value holds rows whose dropping frees bytes)."""
+        return self._tiers is not None and int(getattr(value, "rows_nbytes", 0)) > 0
 
     def observe_removed(self, key: ShardKey) -> None:
         """Tell a policy that keeps its own state that ``key`` left the cache."""
@@ -108,6 +138,7 @@ class ShardCache:
             if value is not None:
                 self._used[key] = next(self._clock)
                 self.observe_access(key, value)
+                self.observe_represented(key, value)
             return value
 
     def __contains__(self, key: ShardKey) -> bool:
@@ -126,8 +157,14 @@ class ShardCache:
     def budget(self) -> int:
         return int(self._cache.maxsize)
 
+    def items(self) -> list[tuple[ShardKey, Any]]:
+        """The entries held, with their values."""
+        with self._lock:
+            return list(self._cache.items())
+
     def put(self, key: ShardKey, value: Sized) -> bool:
-        """Insert ``value``; returns False (and keeps nothing) if it cannot fit."""
+        """Insert ``value`` (or re-account a held one whose size changed); returns False if it
+        cannot fit: a new value is then not kept, and a held one keeps its former size."""
         with self._lock:
             try:
                 self._cache[key] = value
@@ -136,6 +173,7 @@ class ShardCache:
                 return False
             self._used[key] = next(self._clock)
             self.observe_access(key, value)
+            self.observe_represented(key, value)
             return True
 
     def evict(self, key: ShardKey) -> bool:

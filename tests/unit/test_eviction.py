@@ -29,9 +29,11 @@ def victim(
     return policy.victim(entries, pinned, last_used or {})
 
 
-def test_the_tiers_are_client_old_round_model_hot_round_meta() -> None:
+def test_the_tiers_are_client_rows_old_round_model_hot_round_meta() -> None:
     assert list(EvictionTier) == [
         EvictionTier.CLIENT,
+        EvictionTier.OLD_ROWS,
+        EvictionTier.HOT_ROWS,
         EvictionTier.OLD_ROUND,
         EvictionTier.MODEL,
         EvictionTier.HOT_ROUND,
