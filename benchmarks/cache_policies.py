@@ -18,9 +18,12 @@ for its measured plus modelled S3 time, at the node memory that holds its budget
 runtime) and its S3 GETs.
 
 A hit is a request answered with no S3 read; its bytes are the bytes of the representation it
-needs (a round's rows, or its Gram when the Gram suffices). ``rowless_answers`` (a Gram answer
-from a round whose rows were evicted) is 0 by construction today: a round is one cache entry,
-evicted whole.
+needs (a round's rows, or its Gram when the Gram suffices). A round's placeholder splits as the
+node's round does (:mod:`flstore_core.cache.round_data`): under FLStore's policy (the one that
+weighs representations) a round chosen for eviction first gives up its rows and stays as its
+rowless remainder (the trace's ``rowless`` bytes); a Gram request on it is then a hit with no S3
+read (counted in ``rowless_answers``), and a request that needs rows is a miss that reads the
+rows' bytes and GETs back and re-attaches them. The generic policies evict rounds whole.
 
 Run: ``python -m benchmarks.cache_policies --json OUT [--trace FILE | --replay FILE] [--plot
 PNG]``.
@@ -57,11 +60,28 @@ FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 NODES = 4
 
 
-@dataclass(frozen=True)
+@dataclass
 class Held:
-    """A cache entry of ``nbytes`` (the replay moves no data)."""
+    """A cache entry of ``nbytes`` (the replay moves no data); a round's holds
+    ``rows_nbytes`` of rows it can give up under pressure, as a node's round does."""
 
     nbytes: int
+    rows_nbytes: int = 0
+
+    def drop_rows(self) -> None:
+        """Keep only the rowless remainder (what ``ShardCache`` asks of a round it shrinks)."""
+        self.nbytes -= self.rows_nbytes
+        self.rows_nbytes = 0
+
+    def attach_rows(self, entry: int) -> None:
+        """The rows read back: the whole ``entry`` again."""
+        self.rows_nbytes = entry - self.nbytes
+        self.nbytes = entry
+
+
+def held(p: Part) -> Held:
+    """The placeholder of a freshly loaded shard (a round's with its rows)."""
+    return Held(p.entry, p.entry - p.rowless if p.rowless else 0)
 
 
 class NextUse:
@@ -106,6 +126,8 @@ class Tally:
     s3_bytes: int = 0
     s3_gets: int = 0
     prefetch_s3_bytes: int = 0
+    rowless_answers: int = 0  # Gram answers from rounds whose rows were dropped, no S3 read
+    rows_dropped: int = 0  # rounds that gave up their rows and stayed
 
     def add(self, cls: str, need: int, hit_bytes: int, hit: bool) -> None:
         for table, value in (
@@ -157,6 +179,7 @@ class Replay:
                     self.prefetch(q)
             else:
                 self.request(q)
+        self.tally.rows_dropped = sum(c.stats.rows_dropped for c in self.caches)
         return self.tally
 
     def prefetch(self, q: Request) -> None:
@@ -164,10 +187,22 @@ class Replay:
         for p in q.parts:
             key = ShardKey.parse(p.key)
             cache = self.caches[self.owner(key)]
-            held = cache.get(key)
-            if held is None or held.nbytes != p.entry:
+            have = cache.get(key)
+            if have is None or have.nbytes != p.entry:
                 self.tally.prefetch_s3_bytes += p.s3_bytes
-                cache.put(key, Held(p.entry))
+                cache.put(key, held(p))
+
+    def rowless(self, q: Request, cache: ShardCache, key: ShardKey, value: Held, p: Part) -> bool:
+        """A request on a round held without its rows: a hit when the Gram answers it, else
+        the rows are read back (a miss) and re-attached, as a node does
+        (:meth:`~flstore_core.cache.node.CacheNode.reload_rows`)."""
+        if q.needs != "rows":
+            self.tally.rowless_answers += 1
+            return True
+        value.attach_rows(p.entry)
+        if not cache.put(key, value):  # no room now: kept rowless, as accounted
+            value.drop_rows()
+        return False
 
     def request(self, q: Request) -> None:
         """One user request: each node it touches reads its shards (pinned together, as one
@@ -185,11 +220,11 @@ class Replay:
             t0 = time.perf_counter()
             with contextlib.ExitStack() as stack:
                 for key, p in parts:
-                    value, hit = stack.enter_context(
-                        cache.using(key, functools.partial(Held, p.entry))
-                    )
-                    if hit and value.nbytes != p.entry:  # a grown meta shard, refreshed
-                        cache.put(key, Held(p.entry))
+                    value, hit = stack.enter_context(cache.using(key, functools.partial(held, p)))
+                    if hit and p.rowless and value.rows_nbytes == 0:  # a rowless round
+                        hit = self.rowless(q, cache, key, value, p)
+                    elif hit and value.nbytes != p.entry:  # a grown meta shard, refreshed
+                        cache.put(key, held(p))
                     if hit:
                         hit_bytes += p.need
                         continue
@@ -240,7 +275,8 @@ def run_json(policy: str, fraction: float, tally: Tally, budget: int, nodes: int
         "cost_usd": float(np.mean(tally.cost_usd)),
     }
     if policy == "flstore":
-        run["rowless_answers"] = 0  # a round is one entry, evicted whole (module docstring)
+        run["rowless_answers"] = tally.rowless_answers
+        run["rows_dropped"] = tally.rows_dropped
     return run
 
 

@@ -20,8 +20,10 @@ round, after the round is committed (and prefetched):
 Sizes are the real ones (nothing is scaled down: the replay moves no data): a request's
 ``need`` bytes are those of the representation it needs (a round's rows ``n × d × 4``, its Gram,
 norms and summaries ``n² × 8 + n × 72``, the meta shard's ``512 + 256 × clients × rounds``, the
-model shard's ``1024 + 2 × 4d``), and ``entry`` the bytes the node's cache entry holds for it
-(a round is one entry today: :func:`flstore_core.data.blocks.footprint`).
+model shard's ``1024 + 2 × 4d``), ``entry`` the bytes the node's cache entry holds for it
+(a round whole: :func:`flstore_core.data.blocks.footprint`), and for a round ``rowless`` the
+bytes it keeps once it gave up its rows (its Gram pieces with and without BatchNorm buffers —
+both models have them — and distances: :func:`flstore_core.cache.round_data.rowless_footprint`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from flstore_core.cache.round_data import rowless_footprint
 from flstore_core.data.blocks import footprint
 from flstore_core.routing.placement import meta_shard, model_shard, round_shard
 
@@ -66,13 +69,15 @@ class TraceSetting:
 @dataclass(frozen=True)
 class Part:
     """One shard a request reads: its key, the bytes it needs of it, the entry's bytes, the
-    bytes and GETs a load of the entry reads from S3."""
+    bytes and GETs a load of the entry reads from S3, and a round's entry without its rows
+    (0 for other shards: they have none to give up)."""
 
     key: str
     need: int
     entry: int
     s3_bytes: int
     gets: int
+    rowless: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,9 @@ def round_part(job: str, round_: int, n: int, d: int, needs: str) -> Part:
     rows = n * d * 4
     need = rows if needs == "rows" else gram_bytes(n)
     # a load reads every client's update and the manifest
-    return Part(str(round_shard(job, round_)), need, footprint(n, d), rows, n + 1)
+    return Part(
+        str(round_shard(job, round_)), need, footprint(n, d), rows, n + 1, rowless_footprint(n)
+    )
 
 
 def meta_part(job: str, n: int, committed: int) -> Part:

@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
-from flstore_core.cache.eviction import ClassTieredEviction, EvictionPolicy
+from flstore_core.cache.eviction import ClassTieredEviction, EvictionPolicy, s3_reload_ms
 from flstore_core.routing.placement import ShardKey
 
 
@@ -180,9 +180,11 @@ def make_policy(
     name: str, *, hot_rounds: int = 2, cost: Callable[[int], float] | None = None
 ) -> EvictionPolicy:
     """A fresh online policy by name: ``flstore`` (:class:`ClassTieredEviction` with
-    ``hot_rounds``), ``lru``, ``lfu`` or ``gdsf`` (with reload ``cost``)."""
+    ``hot_rounds``), ``lru``, ``lfu`` or ``gdsf``; ``flstore`` and ``gdsf`` weigh an entry's
+    reload ``cost`` (``flstore``: S3's, :func:`~flstore_core.cache.eviction.s3_reload_ms`, when
+    not given)."""
     if name == "flstore":
-        return ClassTieredEviction(hot_rounds)
+        return ClassTieredEviction(hot_rounds, cost=cost or s3_reload_ms)
     if name == "lru":
         return LRUEviction()
     if name == "lfu":

@@ -81,12 +81,14 @@ class RowsEvicted(Exception):
     sees."""
 
 
-def rowless_footprint(n_clients: int) -> int:
+def rowless_footprint(n_clients: int, buffers: bool = True) -> int:
     """The ``nbytes`` of a prefetched round of ``n_clients`` once its rows are dropped: the
-    parameters' Gram pieces (:class:`GramParts`: ``n² + 2n + 3`` float64) and the distances
-    (``n²``) that :meth:`RoundData.warm` computes, plus :data:`ROWLESS_BASE`."""
+    parameters' Gram pieces (:class:`GramParts`: ``n² + 2n + 3`` float64), the buffers' when
+    the model has BatchNorm statistics (``buffers``), and the distances (``n²``) that
+    :meth:`RoundData.warm` computes, plus :data:`ROWLESS_BASE`."""
     n = n_clients
-    return ROWLESS_BASE + 8 * (2 * n * n + 2 * n + 3)
+    parts = 8 * (n * n + 2 * n + 3)
+    return ROWLESS_BASE + parts * (2 if buffers else 1) + 8 * n * n
 
 
 def array_bytes(value: Any) -> int:

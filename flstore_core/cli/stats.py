@@ -23,6 +23,15 @@ LEGEND = (
 )
 
 
+# the held-by-tier table: node, then the node stats' ``tiers`` fields in eviction order (rows
+# are dropped first, meta shards last)
+TIERS = ("node", "rows", "gram", "artifacts", "answers", "models", "meta")
+TIERS_LEGEND = (
+    "bytes (K/M/G binary); dropped = rounds that gave up their rows and stayed; rowless = "
+    "requests such a round answered from its Gram without reading S3"
+)
+
+
 def stats(as_json: bool = typer.Option(False, "--json", help="Print the data as JSON.")) -> None:
     """Per-node cache statistics of the local stack (hits, misses, loads, bytes, evictions),
     and when each round was committed and became warm."""
@@ -72,9 +81,37 @@ def print_stats(nodes: list[dict[str, Any]], prefix: str, out: Console) -> None:
         )
     out.print(grid)
     out.print(LEGEND.replace("{prefix}", prefix), markup=False, highlight=False)
+    print_tiers(nodes, out)
     for i, s in enumerate(nodes):
         for line in block_summary(s["shards"]):
             out.print(f"node {i}  {line}", markup=False, highlight=False)
+
+
+def size_text(nbytes: int) -> str:
+    """Bytes in the largest binary unit that keeps a number of at least 1: ``447.0M``,
+    ``21.3K``, ``512``."""
+    for unit, scale in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f}{unit}"
+    return str(nbytes)
+
+
+def print_tiers(nodes: list[dict[str, Any]], out: Console) -> None:
+    """What each node holds by representation (its ``stats``' ``tiers``): round rows, their
+    Gram pieces and distances, model artifacts, kept answers, model and meta shards; and how
+    many requests a round that gave up its rows answered with no S3 read. Nodes that do not
+    report tiers (an older node) are left out."""
+    reported = [(i, s) for i, s in enumerate(nodes) if isinstance(s.get("tiers"), dict)]
+    if not reported:
+        return
+    grid = table("held by tier", compact=True)
+    for col in (*TIERS, "dropped", "rowless"):
+        grid.add_column(col, justify="right", no_wrap=True)
+    for i, s in reported:
+        sizes = [size_text(int(s["tiers"].get(t, 0))) for t in TIERS[1:]]
+        grid.add_row(*row(i, *sizes, s.get("rows_dropped", 0), s.get("rowless_answers", 0)))
+    out.print(grid)
+    out.print(TIERS_LEGEND, markup=False, highlight=False)
 
 
 def block_summary(shards: list[str]) -> list[str]:
