@@ -267,18 +267,22 @@ class CacheNode:
         """Read the rows of a held round that gave them up, and the round that has them: the
         held one with them re-attached and re-accounted (its Gram, artifacts and answers kept),
         or — when the cache has no room for them now (everything else pinned), or the round
-        was rewritten since (a late client) — the copy just read, which then replaces it."""
-        fresh: RoundData = self.loader(key)()
-        self.cache.stats.rows_reloaded += 1
-        try:
-            data.attach_rows(fresh)
-        except ValueError:  # other content: the fresh copy is the round now
-            self.cache.put(key, fresh)
+        was rewritten since (a late client) — the copy just read, which then replaces it.
+        Concurrent requests on the round read its rows once."""
+        with self.cache.gate(key):
+            if data.has_rows:  # another request read them back meanwhile
+                return data
+            fresh: RoundData = self.loader(key)()
+            self.cache.stats.rows_reloaded += 1
+            try:
+                data.attach_rows(fresh)
+            except ValueError:  # other content: the fresh copy is the round now
+                self.cache.put(key, fresh)
+                return fresh
+            if self.cache.put(key, data):
+                return data
+            data.drop_rows()  # kept rowless as accounted; this request runs on the copy read
             return fresh
-        if self.cache.put(key, data):
-            return data
-        data.drop_rows()  # kept rowless as accounted; this request runs on the copy read
-        return fresh
 
     def _drop_if_rewritten(self, key: ShardKey, listed: set[str]) -> None:
         """Evict a held round whose clients or updates no longer match its manifest (a late

@@ -187,6 +187,11 @@ class ShardCache:
             self.observe_removed(key)
             return True
 
+    def gate(self, key: ShardKey) -> threading.Lock:
+        """The lock that makes concurrent loads of ``key`` (whole, or its rows read back) one."""
+        with self._lock:
+            return self._loading.setdefault(key, threading.Lock())
+
     @contextmanager
     def using(self, key: ShardKey, load: Callable[[], Sized]) -> Iterator[tuple[Any, bool]]:
         """Yield ``(value, hit)`` pinned for the duration of the block, loading on a miss.

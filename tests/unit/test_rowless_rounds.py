@@ -353,3 +353,34 @@ def test_the_replay_answers_gram_requests_from_rowless_rounds_and_reloads_rows()
     assert tiered.hit_bytes["round"] == gram.need + rows.need
     # the same bytes read either way: only which request pays the miss differs
     assert whole.s3_bytes == tiered.s3_bytes
+
+
+def test_concurrent_requests_read_a_rowless_rounds_rows_once(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    import time
+
+    node, data = prefetched(store, "raw")
+    squeeze_rows_out(node, data)
+    key = round_shard("raw", 0)
+    load = node.loader(key)
+    reads: list[int] = []
+
+    def slow_load() -> RoundData:
+        reads.append(1)
+        time.sleep(0.2)  # both requests are past their has_rows check by now
+        fresh: RoundData = load()
+        return fresh
+
+    monkeypatch.setattr(node, "loader", lambda k: slow_load)
+    got: list[RoundData] = []
+    threads = [
+        threading.Thread(target=lambda: got.append(node.reload_rows(key, data))) for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(reads) == 1 and got == [data, data] and data.has_rows
+    assert node.stats()["rows_reloaded"] == 1
