@@ -31,6 +31,11 @@ INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "resnet18_cifar": (3, 32, 32),
 }
 NUM_CLASSES = {"digits_cnn": 10, "digits_bn_cnn": 10, "resnet18_cifar": 10}
+# outputs of every Conv2d and Linear layer for one input (FedDebug's neurons), counted by a
+# forward pass (tests/unit/test_models.py keeps them true). The router's request bounds read
+# them without torch; the bound from the tensors alone ignores strides and pooling, 8x too
+# high for ResNet-18 (4.9M against 614,410), which refused FedDebug's default request on it
+NEURONS = {"digits_cnn": 3146, "digits_bn_cnn": 1546, "resnet18_cifar": 614410}
 
 
 def names() -> list[str]:

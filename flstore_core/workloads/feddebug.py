@@ -217,7 +217,9 @@ def estimate(params: Mapping[str, Any], shape: RoundShape) -> Estimate:
     every input and the boolean activations of all clients are held at once (see
     :data:`FLOAT_COPIES`); the localization compares every remaining client on every input."""
     inputs, faulty, n = int(params["num_inputs"]), int(params["num_faulty"]), shape.clients
-    neurons = shape.neurons(models.INPUT_SHAPES.get(shape.model or ""))
+    neurons = models.NEURONS.get(shape.model or "") or shape.neurons(
+        models.INPUT_SHAPES.get(shape.model or "")
+    )
     nbytes = inputs * neurons * (4 * FLOAT_COPIES + BOOL_COPIES * n)
     seconds = inputs * n * neurons * (FORWARD_S_PER_NEURON + faulty * n * LOCALIZE_S_PER_NEURON)
     return Estimate(nbytes, seconds)
