@@ -277,9 +277,8 @@ def test_data_commands_print_json_for_scripts(
 def test_plan_speaks_mib_and_prints_json() -> None:
     args = ["plan", "--clients", "10", "--model", "digits_cnn", "--cache-budget-mb", "64"]
     res = runner.invoke(app, args)
-    assert res.exit_code == 0 and "MiB in memory; node budget 64.0 MiB" in " ".join(
-        res.output.split()
-    )
+    shown = " ".join(res.output.split())
+    assert res.exit_code == 0 and "MiB in memory (" in shown and "node budget 64.0 MiB" in shown
     figures = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
     assert figures["budget_mib"] == 64.0 and figures["blocks"] >= 1
 
