@@ -32,6 +32,9 @@
   through the local API Gateway → router → cache node, timed;
 * ``objstore-agg`` — the always-on aggregator reading the request's data from S3;
 * ``cache-agg`` — the aggregator reading it from a real Redis.
+* ``flstore-repeat`` (reported, not compared) — the identical request again right after
+  ``flstore-warm``'s: the answer the node kept. The summary compares ``flstore-warm`` (the first
+  request) with the baselines, which keep nothing between requests.
 
 Every system must answer the same ``result`` (numbers within 1e-6 relative): ``agree`` per run.
 
@@ -122,6 +125,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.cost_sweep import plot, sweep_of
 from benchmarks.paper_accounting import (
     BASELINES,
+    REPEAT,
+    REPORTED,
     SYSTEMS,
     TARGETS,
     Sample,
@@ -339,6 +344,8 @@ def measure_workload(
             bench.log(f"  {name} on {system}: {out.errors[(name, system)]}")
             continue
         out.samples.setdefault((name, system), []).append(sample)
+        if system == "flstore-warm":
+            repeat_request(clients[system], job, name, rnd, params, out)
         if reference is None:
             reference = sample.result
         else:
@@ -347,6 +354,26 @@ def measure_workload(
                 out.disagreements.setdefault(name, []).append(
                     f"{system} vs flstore-warm (repetition {rep}): {diff[:5]}"
                 )
+
+
+def repeat_request(
+    client: FLStoreClient,
+    job: str,
+    name: str,
+    rnd: int | None,
+    params: dict[str, Any],
+    out: Measurements,
+) -> None:
+    """``flstore-repeat``: the identical request again, right after the first one."""
+    try:
+        sample = timed_request(client, job, name, rnd, params)
+    except FLStoreError as exc:
+        out.errors[(name, REPEAT)] = f"{exc.status} {exc.message}"
+        return
+    first = out.samples[(name, "flstore-warm")][-1].result
+    if differences(sample.result, first):
+        out.disagreements.setdefault(name, []).append("flstore-repeat vs flstore-warm")
+    out.samples.setdefault((name, REPEAT), []).append(sample)
 
 
 def measure(bench: Bench, clients: dict[str, FLStoreClient]) -> Measurements:
@@ -486,7 +513,7 @@ def run_benchmark(
     accounting = accounting_of(setting, bench.flstore.prefetches, load)
     runs: list[dict[str, Any]] = []
     for name in names:
-        for system in SYSTEMS:
+        for system in REPORTED:
             run = run_record(name, classes[name], system, setting, bench.model_job.clients)
             run["agree"] = name not in found.disagreements
             if (name, system) in found.errors:

@@ -25,6 +25,10 @@ from flstore_core.workloads import get
 
 SYSTEMS = ("flstore-warm", "objstore-agg", "cache-agg")
 BASELINES = ("objstore-agg", "cache-agg")
+# the same request again right after flstore-warm's, on the same warm stack: the answer the node
+# kept (a memo lookup), reported apart from the first request and left out of the summary
+REPEAT = "flstore-repeat"
+REPORTED = (*SYSTEMS, REPEAT)
 # the published evaluation's averages over its workloads (FLStore paper, §6): reductions of
 # latency and of cost (cost_usd) against each baseline
 TARGETS = {
@@ -187,7 +191,7 @@ def measured(
     run["samples_ms"] = [round(s.latency_ms, 1) for s in got]
     run["server_ms"] = statistics.median(s.server_ms for s in got)
     run["s3_gets"] = statistics.fmean(s.s3_gets for s in got)
-    if system == "flstore-warm":
+    if system in ("flstore-warm", REPEAT):
         run.update(flstore_costs(got, accounting["flstore_overhead_per_request_usd"]))
     else:
         run.update(baseline_costs(system, got, load))
