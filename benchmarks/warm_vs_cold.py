@@ -11,7 +11,8 @@ parameters, different per client, with an initial model as the round's base. Eac
 - ``flstore-cold``: to the gateway after every node was emptied, so the node loads from S3;
 - ``objstore-agg``: to the S3-backed aggregator process;
 - ``cache-agg``: to the Redis-backed aggregator process;
-- ``flstore-warm-repeat`` (``fedavg`` only): the same request again on the warm node.
+- ``flstore-repeat``: the same request again on the warm node, right after ``flstore-warm``'s
+  (the answer the node kept: a repeated request, told apart from the first).
 
 All systems run interleaved in one run (``benchmarks.report.interleave``); the untimed
 preparation (evict, prefetch) happens outside the measured call. Before timing, the four
@@ -207,8 +208,8 @@ def main() -> None:
             for workload in WORKLOADS:
                 for system in names:
                     measured[f"{workload}/{system}"] = systems.measure(system, workload)
-                    if workload == "fedavg" and system == "flstore-warm":
-                        repeat = "flstore-warm-repeat"  # right after flstore-warm: same node
+                    if system == "flstore-warm":
+                        repeat = "flstore-repeat"  # right after flstore-warm: same node
                         measured[f"{workload}/{repeat}"] = systems.measure(repeat, workload)
             samples = interleave(measured, args.repetitions, warmup=0)
 
