@@ -21,7 +21,12 @@ from __future__ import annotations
 
 from typing import IO, Any
 
-from flstore_core.data.codec import DEFAULT_LIMITS, CodecLimits, update_from_metadata
+from flstore_core.data.codec import (
+    DEFAULT_LIMITS,
+    CodecLimits,
+    ScratchBuffer,
+    update_from_metadata,
+)
 from flstore_core.data.rawfile import RAW_SUFFIX, check_identity, header_specs, read_raw_header
 from flstore_core.errors import WrongJobError
 from flstore_core.ids import validate_job
@@ -122,6 +127,22 @@ class RawFileReader:
         """The whole file."""
         with self.open(path) as fh:
             return fh.read()
+
+    def read_into(self, path: str, scratch: ScratchBuffer, size: int) -> memoryview:
+        """The whole file, in ``scratch``'s memory (valid until its next use): a fresh 47 MB
+        ``bytes`` per file costs ~11,000 page faults (29 ms a ResNet-18 update against 25 ms
+        into a fresh numpy buffer, less into one already mapped). ``size`` (the matched size)
+        is where it expects the end; a file that has grown since is still read whole."""
+        with self.open(path) as fh:
+            buf = memoryview(scratch.take(size + 1))  # type: ignore[arg-type]
+            n = 0
+            while n < len(buf):
+                # Beam's local and S3 files are io.BufferedReaders, which IO[bytes] does not say
+                got = fh.readinto(buf[n:])  # type: ignore[attr-defined]
+                if not got:
+                    return buf[:n]
+                n += got
+            return memoryview(buf.tobytes() + fh.read())  # grown past ``size``: rare
 
     def close(self) -> None:
         self._s3io = None

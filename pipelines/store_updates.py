@@ -15,6 +15,7 @@ from flstore_core.data.codec import (
     CodecLimits,
     EncodedUpdate,
     Precision,
+    ScratchBuffer,
     Update,
     encode_update,
     first_nonfinite,
@@ -34,23 +35,34 @@ from pipelines.runtime import ProgressEvent, ensure_job_spec, report
 from pipelines.sources import RawFileReader
 
 
-def _read_update(reader: RawFileReader, path: str, job: str | None, limits: CodecLimits) -> Update:
+def _read_update(
+    reader: RawFileReader,
+    path: str,
+    job: str | None,
+    limits: CodecLimits,
+    into: tuple[ScratchBuffer, int] | None = None,
+) -> Update:
     """Read and parse a whole raw file; raises the dead-letter reason. Values are checked by
     :func:`_encode` (the codec checks them while serializing; one pass, not two).
 
-    ``job`` (``--job``) stands in for a missing ``job`` field, as in the header check.
+    ``job`` (``--job``) stands in for a missing ``job`` field, as in the header check. With
+    ``into`` (a scratch buffer and the file's expected size) the file is read into the
+    buffer and the update's tensors are views of it, valid until its next use.
     """
-    update = parse_safetensors(reader.read(path), limits)
+    raw = reader.read(path) if into is None else reader.read_into(path, *into)
+    update = parse_safetensors(raw, limits)
     if update.job is None:
         update.job = job
     check_identity(update)
     return update
 
 
-def _encode(update: Update, precision: Precision) -> EncodedUpdate:
+def _encode(
+    update: Update, precision: Precision, scratch: ScratchBuffer | None = None
+) -> EncodedUpdate:
     """Encode, turning the codec's NaN/Inf refusal into its own dead-letter code."""
     try:
-        return encode_update(update, precision)
+        return encode_update(update, precision, scratch=scratch)
     except CorruptUpdateError:
         bad = first_nonfinite(update.tensors)
         if bad is not None:
@@ -88,6 +100,11 @@ class EncodeAndStoreFn(_RawFileToStoreFn):
     def setup(self) -> None:
         super().setup()
         self.manifests: dict[RoundKey, RoundManifest | None] = {}
+        # the raw file and its serialized form, update after update, in memory mapped once:
+        # a fresh 47 MB buffer per update measured ~110 ms of page faults and compaction
+        # inside the pipeline against ~10 ms reused (nothing keeps either past one update)
+        self.file_buffer = ScratchBuffer()
+        self.raw_buffer = ScratchBuffer()
         self.counters = {
             n: counter(n, self.config.run_id)
             for n in (
@@ -110,7 +127,13 @@ class EncodeAndStoreFn(_RawFileToStoreFn):
             p.round,
         )
         with step:
-            update = _read_update(self.reader, p.path, self.config.job, self.config.data_limits)
+            update = _read_update(
+                self.reader,
+                p.path,
+                self.config.job,
+                self.config.data_limits,
+                into=(self.file_buffer, p.size),
+            )
             if (update.kind, update.job, update.round, update.client) != (
                 "update",
                 p.job,
@@ -119,7 +142,7 @@ class EncodeAndStoreFn(_RawFileToStoreFn):
             ):
                 raise CorruptUpdateError("the file changed while it was being ingested")
             check_agreement(p.reference, tuple(update.specs()), p.client)
-            encoded = _encode(update, p.precision)  # type: ignore[arg-type]
+            encoded = _encode(update, p.precision, self.raw_buffer)  # type: ignore[arg-type]
             entry, state = self._store(p, encoded)
         if step.failed:
             yield from step.rejections()

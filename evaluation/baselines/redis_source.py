@@ -343,6 +343,7 @@ class RedisObjects:
         tags: Mapping[str, str] | None = None,
         if_absent: bool = False,
         if_match: str | None = None,
+        sha256_b64: str | None = None,
     ) -> None:
         raise UnavailableError("the Redis mirror is read-only: write through S3")
 

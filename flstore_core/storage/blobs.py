@@ -70,6 +70,7 @@ class BlobStore(Protocol):
         tags: Mapping[str, str] | None = None,
         if_absent: bool = False,
         if_match: str | None = None,
+        sha256_b64: str | None = None,
     ) -> None:
         """Write (or replace) a blob; ``tags`` are lifecycle tags where the backend has them.
 
@@ -152,11 +153,18 @@ class CountingBlobStore:
         tags: Mapping[str, str] | None = None,
         if_absent: bool = False,
         if_match: str | None = None,
+        sha256_b64: str | None = None,
     ) -> None:
         with self._lock:
             self.puts += 1
         self.inner.put(
-            key, body, content_type=content_type, tags=tags, if_absent=if_absent, if_match=if_match
+            key,
+            body,
+            content_type=content_type,
+            tags=tags,
+            if_absent=if_absent,
+            if_match=if_match,
+            sha256_b64=sha256_b64,
         )
 
     def compose(
@@ -216,9 +224,16 @@ class ReadThroughBlobStore:
         tags: Mapping[str, str] | None = None,
         if_absent: bool = False,
         if_match: str | None = None,
+        sha256_b64: str | None = None,
     ) -> None:
         self.writes.put(
-            key, body, content_type=content_type, tags=tags, if_absent=if_absent, if_match=if_match
+            key,
+            body,
+            content_type=content_type,
+            tags=tags,
+            if_absent=if_absent,
+            if_match=if_match,
+            sha256_b64=sha256_b64,
         )
 
     def compose(

@@ -66,11 +66,19 @@ class CountedBlobs:
         *,
         if_absent: bool = False,
         if_match: str | None = None,
+        sha256_b64: str | None = None,
     ) -> None:
         """Write (or replace) one object; conditionally as :meth:`BlobStore.put` says (a
-        write that loses its condition is not counted: nothing was written)."""
+        write that loses its condition is not counted: nothing was written); ``sha256_b64``,
+        the body's SHA-256 when the caller has it, spares the backend hashing it again."""
         self.blobs.put(
-            key, body, content_type=content_type, tags=tags, if_absent=if_absent, if_match=if_match
+            key,
+            body,
+            content_type=content_type,
+            tags=tags,
+            if_absent=if_absent,
+            if_match=if_match,
+            sha256_b64=sha256_b64,
         )
         self.count(puts=1)
 

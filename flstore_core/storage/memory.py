@@ -10,7 +10,8 @@ from datetime import UTC, datetime, timedelta
 
 from flstore_core.errors import PreconditionFailedError, UnavailableError
 from flstore_core.storage.blobs import BlobInfo, BlobStream, Buffer
-from flstore_core.storage.verified import checksum_mismatch, sha256_b64
+from flstore_core.storage.verified import checksum_mismatch
+from flstore_core.storage.verified import sha256_b64 as sha256_b64_of
 
 
 class MemoryBlobStore:
@@ -50,15 +51,19 @@ class MemoryBlobStore:
         tags: Mapping[str, str] | None = None,
         if_absent: bool = False,
         if_match: str | None = None,
+        sha256_b64: str | None = None,
     ) -> None:
         etag = hashlib.md5(body, usedforsecurity=False).hexdigest()
+        checksum = sha256_b64_of(body)
+        if sha256_b64 is not None and sha256_b64 != checksum:  # S3's BadDigest
+            raise UnavailableError(f"PUT {key}: the body does not match its SHA-256 checksum")
         with self._lock:  # the condition and the write under one lock: atomic, as S3's are
             old = self._blobs.get(key)
             if if_absent and old is not None:
                 raise PreconditionFailedError(f"PUT {key}: the object already exists")
             if if_match is not None and (old is None or old[1] != if_match.strip('"')):
                 raise PreconditionFailedError(f"PUT {key}: the object changed since it was read")
-            self._blobs[key] = (bytes(body), etag, self._now(), sha256_b64(body))
+            self._blobs[key] = (bytes(body), etag, self._now(), checksum)
 
     def _now(self) -> str:
         """The write time of a blob as S3 lists it (UTC), strictly later than the last one so
@@ -119,7 +124,7 @@ class MemoryBlobStore:
 
 
 def _verified(key: str, data: bytes, stored: str) -> bytes:
-    actual = sha256_b64(data)
+    actual = sha256_b64_of(data)
     if actual != stored:
         raise checksum_mismatch(key, stored, actual)
     return data

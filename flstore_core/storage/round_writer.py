@@ -65,7 +65,7 @@ class RoundWriter:
             if old is not None:
                 return old
         entry = entry_of(client, key, encoded)
-        self.io.put(key, encoded.data)
+        self.io.put(key, encoded.data, sha256_b64=encoded.stored_sha256_b64 or None)
         with self._lock:
             self._pending_specs[(job, round_, client)] = encoded.specs
         return entry

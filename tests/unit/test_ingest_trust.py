@@ -228,7 +228,7 @@ STEPS = {
     "store": (
         pipelines.store_updates,
         "encode_update",
-        lambda update, precision: update.client,
+        lambda update, precision, **_: update.client,
         RecursionError("deep"),
     ),
     # the summaries of the round the file is in: that round fails, the others commit

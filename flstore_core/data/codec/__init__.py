@@ -45,6 +45,7 @@ from flstore_core.data.codec.dtypes import (
 )
 from flstore_core.data.codec.encode import (
     EncodedUpdate,
+    ScratchBuffer,
     encode_update,
     row_sq_norm,
     serialize,
@@ -118,6 +119,7 @@ __all__ = [
     "HeaderEntry",
     "Kind",
     "Precision",
+    "ScratchBuffer",
     "TensorMismatchError",
     "TensorSpec",
     "Update",
