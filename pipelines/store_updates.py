@@ -28,6 +28,7 @@ from flstore_core.storage.commit import check_agreement, committed_entry, entry_
 from flstore_core.storage.object_store import ObjectStore
 from pipelines.deadletters import DEAD, FileStep
 from pipelines.ingest_config import IngestFn, IngestStep
+from pipelines.memory_reuse import keep_freed_memory
 from pipelines.metrics import counter
 from pipelines.outputs import TaggedParDo
 from pipelines.records import PlannedUpdate, RawHeader, RoundKey, StoredState, StoredUpdate
@@ -86,6 +87,7 @@ class _RawFileToStoreFn(IngestFn):
     """A DoFn that reads raw files and writes the store: one client of each per worker."""
 
     def setup(self) -> None:
+        keep_freed_memory()  # the frames and objects of update after update, without faults
         self.reader = RawFileReader(self.config.s3_options)
         self.store = self.config.store.store()
 
