@@ -14,13 +14,20 @@ Systems (metric ``throughput_mb_s`` of *raw* update bytes per second of wall tim
   raw file, ``zstd -1`` it, PUT it.
 
 The S3 endpoint is a moto server in its own process, so its CPU does not share the benchmark's
-interpreter. Every measurement writes into a fresh bucket, emptied afterwards.
+interpreter. Every measurement writes into a fresh bucket, emptied afterwards. Beside the wall
+time each run reports CPU seconds (p50): ``cpu_s`` of this process, ``moto_cpu_s`` of the
+server. The pipeline's store workers set the process's allocator to keep freed memory
+(:mod:`pipelines.memory_reuse`); the setting is process-wide, so from the warm-up on the loops
+run with it too (it spares them page faults as well: the comparison does not favour the
+pipeline).
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,6 +83,21 @@ class MotoProcess:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server has used so far (Linux ``/proc``; 0 elsewhere)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds this process has used so far (every thread)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def prepare(workdir: Path, n: int, clients: int) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -134,6 +156,18 @@ class Systems:
         self.client = s3(moto.url)
         self.counter = iter(range(10**6))
         self.cctx = zstandard.ZstdCompressor(level=1, write_content_size=True)
+        self.cpu: dict[str, list[tuple[float, float]]] = {}
+
+    def measured(self, name: str, fn: Any) -> Any:
+        """``fn`` (returning its seconds), also noting the CPU it and the server used."""
+
+        def run() -> float:
+            own, server = own_cpu_s(), self.moto.cpu_s()
+            seconds: float = fn()
+            self.cpu.setdefault(name, []).append((own_cpu_s() - own, self.moto.cpu_s() - server))
+            return seconds
+
+        return run
 
     def fresh_bucket(self, system: str) -> str:
         name = f"{system}-{next(self.counter)}"
@@ -200,9 +234,12 @@ def main() -> None:
     try:
         samples = interleave(
             {
-                "beam-ingest": systems.beam_ingest,
-                "boto3-loop": systems.boto3_loop,
-                "boto3-loop-compress": systems.boto3_loop_compress,
+                name: systems.measured(name, fn)
+                for name, fn in (
+                    ("beam-ingest", systems.beam_ingest),
+                    ("boto3-loop", systems.boto3_loop),
+                    ("boto3-loop-compress", systems.boto3_loop_compress),
+                )
             },
             args.repetitions,
             warmup=1,
@@ -212,6 +249,7 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     runs = []
     for system, secs in samples.items():
+        cpu = systems.cpu[system][-len(secs) :]  # the timed repetitions, not the warm-up
         runs.append(
             {
                 "system": system,
@@ -222,6 +260,8 @@ def main() -> None:
                 "rounds": -(-len(raw_files) // args.clients),
                 "raw_mb": round(mb, 1),
                 "stored_mb": round(stored_mb, 1),
+                "cpu_s": round(statistics.median(c for c, _ in cpu), 2),
+                "moto_cpu_s": round(statistics.median(m for _, m in cpu), 2),
                 "params": {
                     "runner": "FnApiRunner",
                     "s3": "moto (own process)",
@@ -232,7 +272,10 @@ def main() -> None:
     write_report("ingest", runs, args.json)
     by = {r["system"]: r["p50"] for r in runs}
     for r in runs:
-        print(f"{r['system']:>20}: p50 {r['p50']:7.1f} MB/s  p95 {r['p95']:7.1f} MB/s  n={r['n']}")
+        print(
+            f"{r['system']:>20}: p50 {r['p50']:7.1f} MB/s  p95 {r['p95']:7.1f} MB/s  n={r['n']}"
+            f"  cpu {r['cpu_s']:5.2f} s  moto cpu {r['moto_cpu_s']:5.2f} s"
+        )
     for base in ("boto3-loop", "boto3-loop-compress"):
         print(f"beam-ingest / {base:<19} = {by['beam-ingest'] / by[base]:.2f}x")
 
