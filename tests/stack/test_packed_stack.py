@@ -10,76 +10,26 @@ no_layout). cosine_select, krum and fedavg through the gateway equal a float64 n
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import pytest
 
-from flstore_core.client import FLStoreClient
 from flstore_core.data.blocks import footprint
-from flstore_core.data.codec import Update, decode_update
-from flstore_core.data.rawfile import write_raw_update
+from flstore_core.data.codec import decode_update
 from lambdas.local_runtime.s3_server import LocalS3
-from lambdas.local_runtime.stack import LocalStack, StackConfig
-from pipelines.ingest import run_ingest
+from lambdas.local_runtime.stack import LocalStack
+from tests.stack.wide_rounds import WideRound, ingested_stack
 
-MiB = 1024 * 1024
-JOB = "packed"
-NODES = 8
-N = 10
-BUDGET = 8 * MiB
+WIDE = WideRound(job="packed", fc_width=97_700, seed=300, bucket="packed-stack")
 # 18,433 + 10 x 97,700 = 995,433 columns of 4 x (10 + 5) bytes: 56.9 MiB, 89% of 64 MiB
-SHAPES = {"conv.weight": (64, 32, 3, 3), "bn.num_batches_tracked": (), "fc.weight": (10, 97_700)}
-FLOATS = ("conv.weight", "fc.weight")
-
-
-def client_state(k: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(300 + k)
-    out: dict[str, np.ndarray] = {}
-    for name, shape in SHAPES.items():
-        if name == "bn.num_batches_tracked":
-            out[name] = np.array(50 + k, np.int64)
-        else:
-            centre = 1.0 if k < 8 else -1.0  # two clients pull the other way
-            out[name] = rng.normal(centre * 0.01, 0.05, size=shape).astype(np.float32)
-    return out
+JOB, NODES, N, BUDGET, SHAPES = WIDE.job, WIDE.nodes, WIDE.clients, WIDE.budget, WIDE.shapes
+client_state, rows, post = WIDE.client_state, WIDE.rows, WIDE.post
 
 
 @pytest.fixture(scope="module")
 def stack(s3_server: LocalS3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    config = StackConfig(
-        nodes=NODES,
-        replication=2,
-        memory_mb=512,
-        budget_bytes=BUDGET,
-        bucket="packed-stack",
-        s3_endpoint=s3_server.url,
-    )
-    root = tmp_path_factory.mktemp("drop")
-    for k in range(N):
-        update = Update(client_state(k), num_examples=20 + 3 * k, job=JOB, round=0, client=f"c{k}")
-        write_raw_update(update, str(root / f"c{k}.safetensors"))
-    with LocalStack(config) as st:
-        run_ingest(
-            str(root), job=JOB, s3_endpoint=st.s3_endpoint, bucket=config.bucket, prefetch=st.router
-        )
+    with ingested_stack(WIDE, s3_server, tmp_path_factory.mktemp("drop")) as st:
         yield st
-
-
-def post(stack: LocalStack, name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """The workload on round 0 through the gateway, as a user calls it (the SDK client)."""
-    return FLStoreClient(stack.gateway_url, stack.token).run(JOB, name, round=0, **params)
-
-
-def rows(floats_only: bool) -> np.ndarray:
-    """Every client's row in float64 (the float parameters, or the whole state)."""
-    names = [n for n in SHAPES if not floats_only or n in FLOATS]
-    return np.stack(
-        [
-            np.concatenate([np.asarray(client_state(k)[n], np.float64).reshape(-1) for n in names])
-            for k in range(N)
-        ]
-    )
 
 
 def test_the_round_fills_89_percent_and_every_node_holds_its_blocks(stack: LocalStack) -> None:

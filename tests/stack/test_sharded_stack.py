@@ -12,77 +12,26 @@ import http.client
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 
-from flstore_core.client import FLStoreClient
 from flstore_core.data.blocks import footprint
 from flstore_core.data.codec import Update, decode_update
-from flstore_core.data.rawfile import write_raw_update
 from lambdas.local_runtime.s3_server import LocalS3
-from lambdas.local_runtime.stack import LocalStack, StackConfig
-from pipelines.ingest import run_ingest
+from lambdas.local_runtime.stack import LocalStack
+from tests.stack.wide_rounds import WideRound, ingested_stack
 
-MiB = 1024 * 1024
-JOB = "wide"
-NODES = 8
-N = 10
-BUDGET = 8 * MiB
-SHAPES = {"conv.weight": (64, 32, 3, 3), "bn.num_batches_tracked": (), "fc.weight": (10, 42_000)}
-FLOATS = ("conv.weight", "fc.weight")
-
-
-def client_state(k: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(100 + k)
-    out: dict[str, np.ndarray] = {}
-    for name, shape in SHAPES.items():
-        if name == "bn.num_batches_tracked":
-            out[name] = np.array(50 + k, np.int64)
-        else:
-            centre = 1.0 if k < 8 else -1.0  # two clients pull the other way
-            out[name] = rng.normal(centre * 0.01, 0.05, size=shape).astype(np.float32)
-    return out
+WIDE = WideRound(job="wide", fc_width=42000, seed=100, bucket="sharded-stack")
+JOB, NODES, N, BUDGET, SHAPES = WIDE.job, WIDE.nodes, WIDE.clients, WIDE.budget, WIDE.shapes
+client_state, rows, post = WIDE.client_state, WIDE.rows, WIDE.post
 
 
 @pytest.fixture(scope="module")
 def stack(s3_server: LocalS3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    config = StackConfig(
-        nodes=NODES,
-        replication=2,
-        memory_mb=512,
-        budget_bytes=BUDGET,
-        bucket="sharded-stack",
-        s3_endpoint=s3_server.url,
-    )
-    root = tmp_path_factory.mktemp("drop")
-    for k in range(N):
-        update = Update(client_state(k), num_examples=20 + 3 * k, job=JOB, round=0, client=f"c{k}")
-        write_raw_update(update, str(root / f"c{k}.safetensors"))
-    with LocalStack(config) as st:
-        run_ingest(
-            str(root), job=JOB, s3_endpoint=st.s3_endpoint, bucket=config.bucket, prefetch=st.router
-        )
+    with ingested_stack(WIDE, s3_server, tmp_path_factory.mktemp("drop")) as st:
         yield st
-
-
-def post(stack: LocalStack, name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """The workload on round 0 through the gateway, as a user calls it (the SDK client)."""
-    return FLStoreClient(stack.gateway_url, stack.token).run(JOB, name, round=0, **params)
-
-
-def rows(floats_only: bool) -> np.ndarray:
-    """Every client's row in float64: the float parameters (what similarities read) or the
-    whole state in stored order."""
-    names = [n for n in SHAPES if not floats_only or n in FLOATS]
-    return np.stack(
-        [
-            np.concatenate([np.asarray(client_state(k)[n], np.float64).reshape(-1) for n in names])
-            for k in range(N)
-        ]
-    )
 
 
 def model(stack: LocalStack, key: str) -> dict[str, np.ndarray]:
