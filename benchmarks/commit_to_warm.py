@@ -27,7 +27,9 @@ round trip, and the node's load/compute for it); ``summary.commit_to_warm`` adds
 router function measured (``warm_ms``, its prefetch) and a profile of one prefetch of the last
 round by the parent's router after every node was emptied (each node's ``load`` and
 ``artifacts`` times): what dominates the warming. The 1 s target is ``cosine_select`` and
-``fedavg``'s p50.
+``fedavg``'s p50. Memory: the stack's S3 keeps every round committed (``--rounds`` + 1) and the
+writer holds a round's updates, so ``--clients 100`` (4.7 GB a round) needs about
+(``--rounds`` + 3) × 4.7 GB besides the nodes' budgets.
 
 ``flower_round``: the same Flower job runs with a plain
 ``FedAvg`` and with ``with_flstore(FedAvg(...), sink=flstore_sink(...))``, alternately, in one
