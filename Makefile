@@ -26,10 +26,8 @@ lint: $(STAMP)
 	$(BIN)/mypy flstore_core evaluation lambdas pipelines
 	$(BIN)/mypy --strict infra/flstore_infra infra/build.py
 
-# test files spread over up to 4 worker processes (pytest-xdist; a file's tests stay on one worker,
-# so its module fixtures start once): most stack tests wait on the processes they start
 test: lint
-	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
+	$(BIN)/python -m pytest
 
 # The inner loop, without lint: the tests that start no processes and take milliseconds
 # (no stack, slow, property or fuzz tests; `make test` runs every one of them).
