@@ -15,7 +15,12 @@ import threading
 
 from flstore_core.data import layout
 from flstore_core.data.manifest import JobSpec
-from flstore_core.errors import ConflictError, NotFoundError, ValidationError
+from flstore_core.errors import (
+    ConflictError,
+    NotFoundError,
+    PreconditionFailedError,
+    ValidationError,
+)
 from flstore_core.storage import catalog
 from flstore_core.storage.blobs import BlobInfo
 from flstore_core.storage.catalog import first_manifest
@@ -43,10 +48,25 @@ class JobSpecs:
     def put(self, spec: JobSpec, *, force: bool = False) -> JobSpec:
         """Write ``job.json`` (replacing a previous spec of the job). Declaring another model
         than the stored spec's for a job with committed rounds is a :class:`ConflictError`
-        unless ``force``."""
+        unless ``force``.
+
+        The write is conditional on what was checked (a create where no spec existed, else a
+        replace of the version read): a concurrent writer's spec is never overwritten unseen,
+        so the model check cannot be raced; the loser gets a :class:`ConflictError`."""
+        key = layout.job_spec_key(spec.job)
+        before = self.io.blobs.head(key)
         if not force:
-            self._check_model_kept(spec)
-        self.io.put(layout.job_spec_key(spec.job), spec.to_json(), "application/json")
+            self._check_model_kept(spec, before)
+        try:
+            if before is None:
+                self.io.put(key, spec.to_json(), "application/json", if_absent=True)
+            else:
+                self.io.put(key, spec.to_json(), "application/json", if_match=before.etag)
+        except PreconditionFailedError as exc:
+            raise ConflictError(
+                f"job {spec.job!r}'s spec ({key}) was written by someone else while this one "
+                "was being written; read it again and retry"
+            ) from exc
         with self._lock:
             # the version written is unknown (a HEAD now could see a later writer's): the next
             # version check reads the spec again, which costs one GET, never staleness
@@ -54,10 +74,10 @@ class JobSpecs:
             self._orders.pop(spec.job, None)  # the declared model may have changed
         return spec
 
-    def _check_model_kept(self, spec: JobSpec) -> None:
+    def _check_model_kept(self, spec: JobSpec, before: BlobInfo | None) -> None:
         """Refuse a spec whose model differs from the stored spec's once the job has committed
         rounds (read afresh, never from the cache: another process may have written it)."""
-        if not catalog.manifest_versions(self.io.blobs, spec.job):
+        if before is None or not catalog.manifest_versions(self.io.blobs, spec.job):
             return
         key = layout.job_spec_key(spec.job)
         try:
@@ -109,7 +129,11 @@ class JobSpecs:
         try:
             return self.get(job)
         except NotFoundError:
+            pass
+        try:
             return self.put(JobSpec(job=job))
+        except ConflictError:  # another writer declared the job first: its spec stands
+            return self.get(job)
 
     def tensor_order(self, job: str) -> tuple[str, ...] | None:
         """The job's canonical tensor order (ARCHITECTURE §2, :mod:`~flstore_core.storage.commit`),

@@ -275,3 +275,29 @@ def test_a_validation_set_is_changed_once_the_job_has_rounds_only_when_forced(
     np.testing.assert_array_equal(store.get_validation_set("j")[0], x * 2)
     store.put_validation_set("j", x * 3, y, force=True)
     np.testing.assert_array_equal(store.get_validation_set("j")[0], x * 3)
+
+
+class _OvertakenHead(MemoryBlobStore):
+    """A store where another writer's ``job.json`` lands right after this writer's HEAD of
+    it: the window a check-then-put would lose."""
+
+    def __init__(self, other: JobSpec) -> None:
+        super().__init__()
+        self.other: JobSpec | None = other
+
+    def head(self, key: str) -> Any:
+        info = super().head(key)
+        if key == layout.job_spec_key("j") and self.other is not None:
+            other, self.other = self.other, None
+            MemoryBlobStore.put(self, key, other.to_json())
+        return info
+
+
+@pytest.mark.parametrize("declared_before", [False, True])
+def test_a_job_spec_written_under_another_writer_is_a_conflict(declared_before: bool) -> None:
+    blobs = _OvertakenHead(JobSpec("j", model="cnn"))
+    if declared_before:
+        MemoryBlobStore.put(blobs, layout.job_spec_key("j"), JobSpec("j").to_json())
+    with pytest.raises(ConflictError, match="written by someone else"):
+        ObjectStore(blobs=blobs).put_job_spec(JobSpec("j", model="mlp"))
+    assert ObjectStore(blobs=blobs).get_job_spec("j").model == "cnn"  # the other's stands
