@@ -55,8 +55,9 @@ class RoundWriter:
     ) -> UpdateEntry:
         """Store an already encoded update; returns its manifest entry (not yet committed).
 
-        Refused before any write if the round is already committed with other tensors, or with a
-        different update for this client."""
+        Refused before any write if the round is already committed with other tensors, with a
+        different update for this client, or without this client where the job allows no late
+        client (or its window has passed)."""
         key = layout.update_key(job, round_, client)
         manifest = find_manifest(self.io, job, round_)
         if manifest is not None:
@@ -64,6 +65,12 @@ class RoundWriter:
             old = committed_entry(manifest, client, encoded.sha256)
             if old is not None:
                 return old
+            # a late client: refused before its object is written, so a refusal leaves nothing
+            # in the round's prefix (the commit checks again: the window may close meanwhile)
+            version = self.io.blobs.head(layout.manifest_key(job, round_))
+            check_late_clients(
+                manifest, [client], self.jobs.get(job).late_window_s, _age_s(version)
+            )
         entry = entry_of(client, key, encoded)
         self.io.put(key, encoded.data, sha256_b64=encoded.stored_sha256_b64 or None)
         with self._lock:

@@ -293,6 +293,7 @@ def test_a_late_client_of_a_job_that_does_not_allow_it_is_a_dead_letter(
     assert summary.deadletters[0].code == "conflict"
     assert "late_clients" in summary.deadletters[0].reason
     assert bucket.get_object(layout.manifest_key("final", 0)) == before
+    assert bucket.stat(layout.update_key("final", 0, "evil")) is None  # nothing left behind
 
 
 class WorkerKilled(BaseException):

@@ -77,12 +77,21 @@ def test_a_late_client_is_refused_by_default(any_store: ObjectStore) -> None:
     before = store.manifest_versions("j")
     evil = small_update(9)
     evil.num_examples = 10**9
-    store.put_update("j", 0, "evil", evil)
-    with pytest.raises(ConflictError, match=r"'evil' cannot join round 0.*late_clients is off"):
-        store.commit_round("j", 0)
+    late = r"'evil' cannot join round 0.*late_clients is off"
+    with pytest.raises(ConflictError, match=late):
+        store.put_update("j", 0, "evil", evil)
+    # refused before the write: nothing of it is left in the round's prefix
+    assert store.blobs.head(layout.update_key("j", 0, "evil")) is None
+    # an object that got there anyway (written straight to the bucket) is refused at commit
+    stray = ObjectStore(blobs=store.blobs)
+    store.blobs.put(
+        layout.update_key("j", 0, "evil"), store.blobs.get(layout.update_key("j", 0, "c0"))
+    )
+    with pytest.raises(ConflictError, match=late):
+        stray.commit_round("j", 0)
     assert store.manifest_versions("j") == before
     assert store.get_manifest("j", 0).clients == ["c0", "c1", "c2"]
-    # the refused object stays out of a recommit of the round's own entries (a backfill)
+    # and stays out of a recommit of the round's own entries (a backfill)
     entries = list(store.get_manifest("j", 0).updates.values())
     store.commit_round("j", 0, entries, summaries={"c0": {CONTRIBUTION: 1.0}})
     assert store.get_manifest("j", 0).clients == ["c0", "c1", "c2"]
@@ -105,9 +114,9 @@ def test_a_late_client_past_the_window_is_refused(any_store: ObjectStore) -> Non
     store.put_job_spec(JobSpec("j", late_clients={"within_s": 0.001}))
     committed_round(store)
     time.sleep(0.05)
-    store.put_update("j", 0, "late", small_update(9))
     with pytest.raises(ConflictError, match="past the job's late_clients window"):
-        store.commit_round("j", 0)
+        store.put_update("j", 0, "late", small_update(9))
+    assert store.blobs.head(layout.update_key("j", 0, "late")) is None
 
 
 def test_a_committed_clients_num_examples_are_final(any_store: ObjectStore) -> None:
