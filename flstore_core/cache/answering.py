@@ -21,7 +21,6 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from flstore_core import config
 from flstore_core.cache.memo import ResultMemo
 from flstore_core.cache.results import run_round_workload
 from flstore_core.cache.round_data import RoundData, RowsEvicted
@@ -31,7 +30,6 @@ from flstore_core.ids import validate_client, validate_round
 from flstore_core.protocol import RunOp
 from flstore_core.routing.placement import meta_shard, model_shard, round_shard
 from flstore_core.workloads import Workload, WorkloadResult, get
-from flstore_core.workloads.deadline import running_until
 
 if TYPE_CHECKING:
     from flstore_core.cache.node import CacheNode
@@ -66,14 +64,8 @@ class WorkloadAnswers:
     def run(self, op: RunOp) -> dict[str, Any]:
         """Run ``op``'s workload on the cached data, loading what is missing; the answer says
         whether the shards were held, the load and compute times and the S3 requests made.
-
-        The workload stops at ``FLSTORE_REQUEST_DEADLINE_S`` (its long loops check it,
-        :mod:`flstore_core.workloads.deadline`): past it the caller has gone, and the node
-        answers 503 ``deadline_exceeded`` and stays up for the next request."""
-        with running_until(config.REQUEST_DEADLINE_S.get_int()):
-            return self._run(op)
-
-    def _run(self, op: RunOp) -> dict[str, Any]:
+        The node's :meth:`~flstore_core.cache.node.CacheNode.handle` runs it under the request
+        deadline."""
         node = self.node
         workload = get(op.workload)
         job = op.job

@@ -71,6 +71,7 @@ from flstore_core.protocol import (
 from flstore_core.routing.placement import ShardKey
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get
+from flstore_core.workloads.deadline import running_until
 
 Handler = Callable[[Any], dict[str, Any]]  # a typed op in, the node's answer out
 
@@ -78,6 +79,9 @@ Handler = Callable[[Any], dict[str, Any]]  # a typed op in, the node's answer ou
 # after ingestion refreshes them at once)
 REFRESH_S = 30.0
 CONTEXT_TTL_S = 60.0
+# the ops a caller waits on while they run a workload (or its part): each is stopped at the
+# request deadline
+_REQUEST_OPS = (RunOp, PartialOp, ModelPartOp, RunClientsOp)
 
 
 def default_budget() -> int:
@@ -361,6 +365,11 @@ class CacheNode:
         self.invocations += 1
         try:
             op = parse_event(event)
-            return self.ops[type(op)](op)
+            if not isinstance(op, _REQUEST_OPS):
+                return self.ops[type(op)](op)
+            # a caller waits for these: past the deadline it has gone, so the workload's long
+            # loops stop there (503 deadline_exceeded) and the node stays up for the next one
+            with running_until(config.REQUEST_DEADLINE_S.get_int()):
+                return self.ops[type(op)](op)
         except FLStoreError as exc:
             return {**exc.to_dict(), "status": exc.status}

@@ -34,10 +34,11 @@ from flstore_core.errors import (
     OverLimitError,
     ValidationError,
 )
-from flstore_core.protocol import StatsOp
+from flstore_core.protocol import ModelPartOp, PartialOp, RunClientsOp, RunOp, StatsOp
 from flstore_core.routing.invoker import NodeFailure, NodeInvoker, RequestKilledNode
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get
+from flstore_core.workloads.deadline import check
 from lambdas.router import build_app, handle
 from tests.fakes import AUTH, InProcessNodes, make_router
 from tests.unit.test_router_handler import TOKEN, LambdaContext, http_event
@@ -126,6 +127,29 @@ def test_a_node_stops_a_workload_at_its_deadline_and_stays_up(
     assert "error" not in node.handle(StatsOp().to_event())
     fedavg = node.handle({"op": "run", "workload": "fedavg", "job": JOB, "round": 0})
     assert "error" not in fedavg, fedavg
+
+
+@pytest.mark.parametrize("op_type", [RunOp, PartialOp, ModelPartOp, RunClientsOp])
+def test_every_op_a_caller_waits_on_runs_under_the_deadline(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch, op_type: type
+) -> None:
+    """A block's partial Gram, a model part or a client group (a streamed round's Shapley) is
+    stopped at the deadline as a whole-round run is."""
+    monkeypatch.setenv("FLSTORE_REQUEST_DEADLINE_S", "1")
+    node = CacheNode(store.view(), budget_bytes=10**8)
+    op = op_type.__new__(op_type)  # only its type matters to the dispatch
+    monkeypatch.setattr("flstore_core.cache.node.parse_event", lambda event: op)
+
+    def long_loop(_: Any) -> dict[str, Any]:
+        stop = time.monotonic() + 5
+        while time.monotonic() < stop:
+            check("a long loop")
+            time.sleep(0.01)
+        return {"ran": "past its deadline"}
+
+    node.ops[op_type] = long_loop
+    answer = node.handle({})
+    assert answer["status"] == 503 and answer["error"]["code"] == "deadline_exceeded", answer
 
 
 # ---------------------------------------------------------------- 1c: not carried to a replica
