@@ -6,9 +6,10 @@ GET asks for it back (``ChecksumMode="ENABLED"``) and checks the bytes it hands 
 (:class:`S3Stream`), so an object changed at rest, or written around FLStore without that
 checksum matching, is a 503 ``stored_object_corrupt`` (:mod:`.verified`), never served. A
 ranged GET has no checksum to check (S3 returns none for a range); the readers of ranges, an
-update's frames, check each frame's digest from the manifest instead. An object written without
-a SHA-256 (before FLStore sent one, or composed by a multipart upload, whose checksum S3 keeps
-as a checksum of the parts' checksums) is served unchecked at this layer.
+update's frames, check each frame's digest from the manifest instead. A result composed by a
+multipart upload carries a CRC32 of its whole bytes (S3 keeps a SHA-256 of a multipart object
+only as a checksum of its parts' checksums), checked the same way. An object written without
+either (before FLStore sent one) is served unchecked at this layer.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import base64
 import contextlib
 import hashlib
 import io
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlencode
 
 from botocore.exceptions import BotoCoreError, ClientError, FlexibleChecksumError
@@ -71,8 +73,16 @@ class S3BlobStore:
                 raise UnavailableError(f"S3 GET {key}: the object went away while it was read")
             return again["Body"]
 
-        # "-N": a multipart object's checksum of its parts' checksums, not of the bytes
-        return S3Stream(key, obj["Body"], rest, sha256=None if "-" in stored else stored or None)
+        # "-N": a multipart object's checksum of its parts' checksums, not of the bytes; a
+        # composed result carries a CRC32 of its whole bytes instead (``compose``)
+        whole_crc32 = obj.get("ChecksumType") == "FULL_OBJECT" and obj.get("ChecksumCRC32")
+        return S3Stream(
+            key,
+            obj["Body"],
+            rest,
+            sha256=None if "-" in stored else stored or None,
+            crc32=str(whole_crc32) if whole_crc32 and not stored else None,
+        )
 
     def _get_object(self, key: str, **extra: Any) -> Any:
         """``GetObject`` (None for a missing key); S3's refusals, and connection failures
@@ -183,7 +193,15 @@ class S3BlobStore:
                 tags=tags,
             )
             return
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "ContentType": content_type}
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": key,
+            "ContentType": content_type,
+            # S3 keeps a CRC32 of the whole object's bytes (SHA-256 it keeps only per part),
+            # which every whole-object GET then checks
+            "ChecksumAlgorithm": "CRC32",
+            "ChecksumType": "FULL_OBJECT",
+        }
         if tags:
             kwargs["Tagging"] = urlencode(dict(tags))
         try:
@@ -205,22 +223,21 @@ class S3BlobStore:
                         PartNumber=len(done) + 1,
                         CopySource={"Bucket": self.bucket, "Key": part},
                     )
+                    result = copied["CopyPartResult"]
                     done.append(
-                        {"PartNumber": len(done) + 1, "ETag": copied["CopyPartResult"]["ETag"]}
+                        {
+                            "PartNumber": len(done) + 1,
+                            "ETag": result["ETag"],
+                            **_part_crc32(result),
+                        }
                     )
                     continue
                 pending += self._must_get(part)
                 if len(pending) >= MIN_PART_BYTES:
-                    sent = self.client.upload_part(
-                        **target, PartNumber=len(done) + 1, Body=bytes(pending)
-                    )
-                    done.append({"PartNumber": len(done) + 1, "ETag": sent["ETag"]})
+                    done.append(self._upload_part(target, len(done) + 1, pending))
                     pending = bytearray()
             if pending:
-                sent = self.client.upload_part(
-                    **target, PartNumber=len(done) + 1, Body=bytes(pending)
-                )
-                done.append({"PartNumber": len(done) + 1, "ETag": sent["ETag"]})
+                done.append(self._upload_part(target, len(done) + 1, pending))
             self.client.complete_multipart_upload(**target, MultipartUpload={"Parts": done})
         except (ClientError, BotoCoreError, UnavailableError) as exc:
             with contextlib.suppress(ClientError, BotoCoreError):  # S3 expires it otherwise
@@ -230,6 +247,14 @@ class S3BlobStore:
             if isinstance(exc, BotoCoreError):
                 raise UnavailableError(f"S3 composing {key} failed: {exc}") from exc
             raise UnavailableError(f"S3 refused composing {key}: {error_code(exc)}") from exc
+
+    def _upload_part(self, target: dict[str, Any], number: int, body: bytearray) -> dict[str, Any]:
+        """One uploaded part of a composition, with its CRC32 (a full-object CRC32 upload
+        needs every part's)."""
+        sent = self.client.upload_part(
+            **target, PartNumber=number, Body=bytes(body), ChecksumAlgorithm="CRC32"
+        )
+        return {"PartNumber": number, "ETag": sent["ETag"], "ChecksumCRC32": sent["ChecksumCRC32"]}
 
     def _must_get(self, key: str) -> bytes:
         data = self.get(key)
@@ -294,6 +319,25 @@ class S3BlobStore:
             self.client.create_bucket(Bucket=self.bucket)
 
 
+class _Digest(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+    def digest(self) -> bytes: ...
+
+
+class _Crc32:
+    """A running CRC32 with hashlib's interface (S3's ``ChecksumCRC32``: big-endian bytes)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: bytes, /) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def digest(self) -> bytes:
+        return self.value.to_bytes(4, "big")
+
+
 class S3Stream:
     """An S3 object's body (botocore's ``StreamingBody``) read in pieces.
 
@@ -303,10 +347,10 @@ class S3Stream:
     where it stopped, at most :data:`READ_ATTEMPTS` - 1 times in all; past that, or without
     ``rest``, it is an :class:`UnavailableError` naming the key, as a refused GET is.
 
-    With ``sha256`` (the object's stored checksum, base64), the bytes handed out are hashed
-    and checked against it at the end of the body: the resumptions are ranged GETs, which S3
-    sends without a checksum, so botocore's own check (:class:`FlexibleChecksumError`) covers
-    only a body read in one go."""
+    With ``sha256`` or ``crc32`` (the object's stored checksum of its whole bytes, base64),
+    the bytes handed out are hashed and checked against it at the end of the body: the
+    resumptions are ranged GETs, which S3 sends without a checksum, so botocore's own check
+    (:class:`FlexibleChecksumError`) covers only a body read in one go."""
 
     def __init__(
         self,
@@ -315,14 +359,19 @@ class S3Stream:
         rest: Callable[[int], Any] | None = None,
         *,
         sha256: str | None = None,
+        crc32: str | None = None,
     ) -> None:
         self.key = key
         self.body = body
         self._rest = rest
         self._offset = 0  # bytes handed out so far
         self._resumed = 0
-        self._stored = sha256
-        self._hash = hashlib.sha256() if sha256 else None
+        self._stored = sha256 or crc32
+        self._hash: _Digest | None = None
+        if sha256:
+            self._hash = hashlib.sha256()
+        elif crc32:
+            self._hash = _Crc32()
 
     def read(self, size: int = -1, /) -> bytes:
         while True:
@@ -356,6 +405,12 @@ class S3Stream:
 
     def close(self) -> None:
         self.body.close()
+
+
+def _part_crc32(copied: Mapping[str, Any]) -> dict[str, str]:
+    """A copied part's CRC32 as ``CompleteMultipartUpload`` takes it, where S3 returned one."""
+    crc = copied.get("ChecksumCRC32")
+    return {"ChecksumCRC32": str(crc)} if crc else {}
 
 
 def _if_match(etag: str) -> dict[str, str]:

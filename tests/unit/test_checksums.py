@@ -14,6 +14,7 @@ import base64
 import hashlib
 import io
 import logging
+import zlib
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from flstore_core.errors import StoredObjectCorruptError
 from flstore_core.storage.blobs import BlobStore
 from flstore_core.storage.memory import MemoryBlobStore
 from flstore_core.storage.object_store import ObjectStore
-from flstore_core.storage.s3 import S3BlobStore, S3Stream
+from flstore_core.storage.s3 import MIN_PART_BYTES, S3BlobStore, S3Stream
 from tests.conftest import small_update
 
 
@@ -176,3 +177,49 @@ def test_a_resumed_s3_stream_is_still_verified_against_the_whole_object_checksum
         sha256=_b64_sha256(stored),
     )
     assert b"".join(iter(lambda: intact.read(16), b"")) == stored
+
+
+def _b64_crc32(data: bytes) -> str:
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+def test_a_composed_result_carries_and_is_checked_against_a_crc32_of_its_whole_bytes(
+    store: ObjectStore,
+) -> None:
+    # S3 keeps a multipart object's SHA-256 only as a checksum of its parts' checksums
+    blobs = store.blobs
+    assert isinstance(blobs, S3BlobStore)
+    big, small = b"a" * MIN_PART_BYTES, b"tail bytes"
+    parts = ["jobs/j/results/m.parts/00000", "jobs/j/results/m.parts/00001"]
+    store.put_result(parts[0], big)
+    store.put_result(parts[1], small)
+    key = store.compose_result("jobs/j/results/m", parts)
+    head = blobs.client.head_object(Bucket=blobs.bucket, Key=key, ChecksumMode="ENABLED")
+    assert head["ChecksumType"] == "FULL_OBJECT"
+    assert head["ChecksumCRC32"] == _b64_crc32(big + small)
+    assert store.get_object(key) == big + small
+    # the same object with its bytes changed at rest: not served
+    blobs.client.put_object(
+        Bucket=blobs.bucket,
+        Key=key,
+        Body=big + b"tail byteZ",
+        ChecksumAlgorithm="CRC32",
+        ChecksumCRC32=head["ChecksumCRC32"],
+    )
+    with pytest.raises(StoredObjectCorruptError, match=key):
+        ObjectStore(blobs=blobs).get_object(key)
+
+
+def test_a_resumed_stream_of_a_composed_result_is_checked_against_its_crc32() -> None:
+    stored = b"0123456789" * 10
+    served = bytearray(stored)
+    served[80] ^= 0x01
+    stream = S3Stream(
+        "jobs/j/results/m",
+        _Body(stored, fail_at=40),
+        lambda offset: _Body(bytes(served[offset:])),
+        crc32=_b64_crc32(stored),
+    )
+    with pytest.raises(StoredObjectCorruptError, match="jobs/j/results/m"):
+        while stream.read(16):
+            pass
