@@ -212,32 +212,9 @@ class S3BlobStore:
             ) from exc
         except BotoCoreError as exc:
             raise UnavailableError(f"S3 multipart upload of {key} failed: {exc}") from exc
-        done: list[Any] = []
         target: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "UploadId": upload}
         try:
-            pending = bytearray()
-            for part, size in zip(parts, sizes, strict=True):
-                if not pending and size >= MIN_PART_BYTES:
-                    copied = self.client.upload_part_copy(
-                        **target,
-                        PartNumber=len(done) + 1,
-                        CopySource={"Bucket": self.bucket, "Key": part},
-                    )
-                    result = copied["CopyPartResult"]
-                    done.append(
-                        {
-                            "PartNumber": len(done) + 1,
-                            "ETag": result["ETag"],
-                            **_part_crc32(result),
-                        }
-                    )
-                    continue
-                pending += self._must_get(part)
-                if len(pending) >= MIN_PART_BYTES:
-                    done.append(self._upload_part(target, len(done) + 1, pending))
-                    pending = bytearray()
-            if pending:
-                done.append(self._upload_part(target, len(done) + 1, pending))
+            done = self._send_parts(target, parts, sizes)
             self.client.complete_multipart_upload(**target, MultipartUpload={"Parts": done})
         except (ClientError, BotoCoreError, UnavailableError) as exc:
             with contextlib.suppress(ClientError, BotoCoreError):  # S3 expires it otherwise
@@ -247,6 +224,32 @@ class S3BlobStore:
             if isinstance(exc, BotoCoreError):
                 raise UnavailableError(f"S3 composing {key} failed: {exc}") from exc
             raise UnavailableError(f"S3 refused composing {key}: {error_code(exc)}") from exc
+
+    def _send_parts(
+        self, target: dict[str, Any], parts: Sequence[str], sizes: Sequence[int]
+    ) -> list[Any]:
+        """The parts of one multipart upload, in order: a part of at least the minimum size
+        copied server-side, smaller ones joined with their neighbours until they reach it."""
+        done: list[Any] = []
+        pending = bytearray()
+        for part, size in zip(parts, sizes, strict=True):
+            if not pending and size >= MIN_PART_BYTES:
+                copied = self.client.upload_part_copy(
+                    **target,
+                    PartNumber=len(done) + 1,
+                    CopySource={"Bucket": self.bucket, "Key": part},
+                )
+                result = copied["CopyPartResult"]
+                number = len(done) + 1
+                done.append({"PartNumber": number, "ETag": result["ETag"], **_part_crc32(result)})
+                continue
+            pending += self._must_get(part)
+            if len(pending) >= MIN_PART_BYTES:
+                done.append(self._upload_part(target, len(done) + 1, pending))
+                pending = bytearray()
+        if pending:
+            done.append(self._upload_part(target, len(done) + 1, pending))
+        return done
 
     def _upload_part(self, target: dict[str, Any], number: int, body: bytearray) -> dict[str, Any]:
         """One uploaded part of a composition, with its CRC32 (a full-object CRC32 upload
