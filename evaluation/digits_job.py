@@ -389,7 +389,10 @@ def simulate(
     if unknown:
         raise ValueError(f"malicious client {unknown[0]!r} is not one of {ids[0]}…{ids[-1]}")
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # tiny model: more threads only add overhead
+    # tiny model: a second thread only adds overhead (10 clients x 5 rounds: 12.5 s on one
+    # thread, 16.5 s and twice the CPU on two, 7 Dec 2026), and OpenMP's spinning threads
+    # slow it many-fold on a host whose cores are busy
+    torch.set_num_threads(1)
     training = _Training(local_epochs, lr, momentum, batch_size, seed)
     try:
         out = _train_job(
