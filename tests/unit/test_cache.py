@@ -11,10 +11,18 @@ import pytest
 from flstore_core.cache.node import CacheNode
 from flstore_core.cache.shard_cache import ShardCache
 from flstore_core.routing.placement import client_shard, meta_shard, model_shard, round_shard
+from flstore_core.storage.memory import MemoryBlobStore
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get
 from flstore_core.workloads.cosine_select import cosine_to_mean
 from tests.conftest import small_update
+
+
+@pytest.fixture
+def store() -> ObjectStore:
+    """What is tested here does not depend on the bucket: an in-memory one (S3's own behaviour
+    is tested in test_store, test_blobs and test_checksums), many times quicker than moto."""
+    return ObjectStore(blobs=MemoryBlobStore())
 
 
 @dataclass

@@ -17,11 +17,19 @@ from flstore_core.cache.shards import ClientHistory, ClientRound, JobMeta
 from flstore_core.data.codec import Update
 from flstore_core.data.manifest import JobSpec, RoundManifest, UpdateEntry
 from flstore_core.routing.placement import meta_shard, node_name, rank_nodes
+from flstore_core.storage.memory import MemoryBlobStore
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads.oort_select import oort_select, statistical_utility
 from flstore_core.workloads.reputation import reputation_series
 from tests.conftest import small_update
 from tests.fakes import InProcessNodes, make_router
+
+
+@pytest.fixture
+def store() -> ObjectStore:
+    """What is tested here does not depend on the bucket: an in-memory one (S3's own behaviour
+    is tested in test_store, test_blobs and test_checksums), many times quicker than moto."""
+    return ObjectStore(blobs=MemoryBlobStore())
 
 
 def _meta(rows: dict[int, dict[str, tuple[int, dict[str, float]]]]) -> JobMeta:
