@@ -101,7 +101,8 @@ def own_cpu_s() -> float:
 
 
 def prepare(workdir: Path, n: int, clients: int) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Raw files (and their pre-encoded objects with canonical keys); reused when present."""
+    """Raw files (and their pre-encoded objects with canonical keys); reused when present, and
+    any other raw file in the folder removed."""
     raw_dir, enc_dir = workdir / "raw", workdir / "encoded"
     raw_dir.mkdir(parents=True, exist_ok=True)
     enc_dir.mkdir(parents=True, exist_ok=True)
@@ -121,6 +122,9 @@ def prepare(workdir: Path, n: int, clients: int) -> tuple[list[Path], list[tuple
             print(f"  prepared {i + 1}/{n}", end="\r", flush=True)
         raw_files.append(raw)
         encoded.append((enc, layout.update_key(JOB, r, client)))
+    # the pipeline reads the whole folder: files of an earlier, larger run would be ingested too
+    for stale in set(raw_dir.rglob("*.safetensors")) - set(raw_files):
+        stale.unlink()
     print()
     return raw_files, encoded
 
