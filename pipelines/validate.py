@@ -14,7 +14,13 @@ from apache_beam import pvalue
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 
-from flstore_core.errors import DuplicateClientError, PrecisionConflictError, ValidationError
+from flstore_core.errors import (
+    DuplicateClientError,
+    MismatchError,
+    PrecisionConflictError,
+    ValidationError,
+)
+from flstore_core.sdk.checkpoints import fit_problems
 from flstore_core.storage.commit import check_agreement, majority_specs
 from pipelines.deadletters import DEAD, FileStep, dead_letter, reject
 from pipelines.ingest_config import IngestFn, IngestStep
@@ -118,6 +124,17 @@ class CheckRoundFn(IngestFn):
                     self.rejected,
                     dead_letter(err, h.path, "round", job, round_, client),
                 )
+        # a declared model is the reference before any majority: files that do not load into it
+        # are dead letters, and the files that do are not outvoted by them
+        for client, h in list(kept.items()):
+            step = FileStep(
+                self.config.run_id, self.rejected, "round", [(h.path, client)], job, round_
+            )
+            with step:
+                check_fits_model(spec.model, h)
+            if step.failed:
+                yield from step.rejections()
+                del kept[client]
         if manifest is not None:
             reference = manifest.tensors
         else:
@@ -147,6 +164,22 @@ class CheckRoundFn(IngestFn):
 
     def teardown(self) -> None:
         self.store.close()
+
+
+def check_fits_model(model: str | None, header: RawHeader) -> None:
+    """Refuse a file whose tensors do not load into the job's declared registry model (a
+    :class:`MismatchError` naming the tensor): committed, it would answer only at query time,
+    with an error no re-ingestion could fix."""
+    if model is None:
+        return
+    problems = fit_problems(model, header.specs)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise MismatchError(
+            f"{header.path} does not fit job {header.job!r}'s model: {problems[0]}{more}; "
+            f"declare the job's model anew (flstore job create {header.job} --model NAME "
+            "--force) only if every round was trained with it"
+        )
 
 
 def _by_client(headers: list[RawHeader]) -> dict[str, list[RawHeader]]:

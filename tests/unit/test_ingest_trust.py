@@ -487,3 +487,32 @@ def test_every_error_here_is_typed() -> None:
     for exc in (CorruptUpdateError, LimitExceededError, StoredObjectCorruptError):
         assert issubclass(exc, FLStoreError)
     assert parse_header is not None
+
+
+def test_files_that_do_not_fit_the_jobs_model_are_dead_letters_not_commits(
+    s3_server: LocalS3, tmp_path: Path
+) -> None:
+    """A job that declares a model takes only files that load into it: the others are dead
+    letters naming the tensor, and a round of them is not committed (it would answer only at
+    query time, with an error no re-ingestion could fix)."""
+    from flstore_core import models
+    from flstore_core.data.codec import Update
+    from flstore_core.data.manifest import JobSpec
+
+    store = new_store(s3_server)
+    try:
+        store.put_job_spec(JobSpec(JOB, model="digits_cnn"))
+        state = models.state_arrays(models.build("digits_cnn"))
+        for i in range(2):
+            update = Update(dict(state), num_examples=1, job=JOB, round=0, client=f"fits{i}")
+            put(tmp_path, f"good/fits{i}.safetensors", write_raw_update(update))
+        for i in range(3):  # another model's state dicts: the majority of the run, still refused
+            put(tmp_path, f"bad/other{i}.safetensors", valid(0, f"other{i}", i))
+        summary = ingest(store, s3_server, tmp_path)
+        dead = letters(summary)
+        assert sorted(dead) == [f"other{i}.safetensors" for i in range(3)]
+        assert all(d.code == "mismatch" and "digits_cnn" in d.reason for d in dead.values())
+        assert all("tensor '" in d.reason for d in dead.values())  # each names a tensor
+        assert store.get_manifest(JOB, 0).clients == ["fits0", "fits1"]  # not outvoted
+    finally:
+        store.close()
