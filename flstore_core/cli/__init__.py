@@ -149,6 +149,16 @@ def rounds(
     if as_json:
         emit_json(answer)
         return
+    if not answer:
+        # the job is declared (job create, or a first ingest or push whose files were all
+        # refused) but nothing of it was committed: say so instead of an empty table
+        say(
+            f"job {job!r} holds no committed round yet. A round appears once committed "
+            "(flstore push, flstore ingest, the SDK's commit_round or the Flower sink); an "
+            "ingest whose files were all dead letters commits none: its summary, and its dead "
+            f"letters under jobs/{job}/ingest/deadletter/, say why."
+        )
+        return
     out = table(f"rounds of job {job!r}")
     for col in ("round", "clients", "bytes"):
         out.add_column(col, justify="right")

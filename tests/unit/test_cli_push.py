@@ -320,3 +320,20 @@ def test_ingest_of_a_plain_checkpoint_prints_the_hint_beside_its_dead_letter(
     assert res.exit_code == 2, res.output
     assert "hint:" in text and "job, round, client and num_examples" in text
     assert "flstore push DIR --job J --round R" in text
+
+
+def test_rounds_of_a_job_with_none_committed_says_so_and_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class NoRounds:
+        def rounds(self, job: str) -> list[dict[str, Any]]:
+            return []
+
+    monkeypatch.setattr("flstore_core.cli._client", lambda url, token: NoRounds())
+    res = runner.invoke(app, ["rounds", "--job", "demo"])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 0
+    assert "job 'demo' holds no committed round yet" in text
+    assert "jobs/demo/ingest/deadletter/" in text
+    as_json = runner.invoke(app, ["rounds", "--job", "demo", "--json"])
+    assert json.loads(as_json.output) == []
