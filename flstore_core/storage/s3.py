@@ -370,6 +370,7 @@ class S3Stream:
         self._offset = 0  # bytes handed out so far
         self._resumed = 0
         self._stored = sha256 or crc32
+        self._algorithm = "sha256" if sha256 else "crc32"
         self._hash: _Digest | None = None
         if sha256:
             self._hash = hashlib.sha256()
@@ -404,7 +405,7 @@ class S3Stream:
             actual = base64.b64encode(self._hash.digest()).decode()
             self._hash = None  # checked once
             if actual != self._stored:
-                raise checksum_mismatch(self.key, self._stored, actual)
+                raise checksum_mismatch(self.key, self._stored, actual, self._algorithm)
 
     def close(self) -> None:
         self.body.close()

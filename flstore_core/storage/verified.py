@@ -38,10 +38,13 @@ def sha256_b64(data: bytes | memoryview) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
 
-def checksum_mismatch(key: str, stored: str, actual: str) -> StoredObjectCorruptError:
-    """The error for bytes whose SHA-256 (``actual``) is not the ``stored`` checksum."""
+def checksum_mismatch(
+    key: str, stored: str, actual: str, algorithm: str = "sha256"
+) -> StoredObjectCorruptError:
+    """The error for bytes whose checksum (``actual``, by ``algorithm``) is not the ``stored``
+    one."""
     return stored_object_corrupt(
-        key, f"checksum mismatch: stored sha256 {stored}, the bytes read have {actual}"
+        key, f"checksum mismatch: stored {algorithm} {stored}, the bytes read have {actual}"
     )
 
 
