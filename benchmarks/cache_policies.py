@@ -44,18 +44,27 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.cache_trace import Part, Request, TraceSetting, generate, read_trace, working_set
+from benchmarks.cache_trace import (
+    MODEL_WORKLOADS,
+    Part,
+    Request,
+    TraceSetting,
+    generate,
+    read_trace,
+    working_set,
+)
 from benchmarks.cache_trace import write_trace as write_trace_file
 from benchmarks.report import parser, write_report
 from flstore_core import cost
 from flstore_core.cache.budget import RUNTIME_MB, WORKING_MB, MiB
 from flstore_core.cache.eviction import EvictionPolicy
+from flstore_core.cache.job_mix import JobMix, Use
 from flstore_core.cache.policies import BeladySizeEviction, make_policy
 from flstore_core.cache.shard_cache import ShardCache
 from flstore_core.routing.placement import ShardKey, place_shard
 from lambdas.local_runtime.network import NetworkModel
 
-POLICIES = ("flstore", "lru", "lfu", "gdsf", "belady")
+POLICIES = ("flstore", "flstore_static", "lru", "lfu", "gdsf", "belady")
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 NODES = 4
 
@@ -158,6 +167,9 @@ class Replay:
         self.memory_mb = node_memory_mb(budget)
         self.next_use = NextUse(requests) if policy == "belady" else None
         self.caches = [ShardCache(budget, policy=self._policy(policy)) for _ in range(nodes)]
+        # FLStore's router follows each job's requests too: no model shard is prefetched for a
+        # job that asks no model workload
+        self.router_mix = JobMix() if policy == "flstore" else None
         self.links = [model.s3_link(model.lambda_nic) for _ in range(nodes)]
         self.tally = Tally()
 
@@ -186,6 +198,8 @@ class Replay:
         """Ingestion's load of a committed round and its job's meta and model shards."""
         for p in q.parts:
             key = ShardKey.parse(p.key)
+            if key.cls == "model" and self.router_mix and not self.router_mix.asks_models(q.job):
+                continue
             cache = self.caches[self.owner(key)]
             have = cache.get(key)
             if have is None or have.nbytes != p.entry:
@@ -232,13 +246,22 @@ class Replay:
                     gets += p.gets
                     self.tally.s3_bytes += p.s3_bytes
                     s3_ms += link.delay_s("GET", p.s3_bytes, now=q.t) * 1e3
+            cache.observe_request(use(q))
             node_ms = (time.perf_counter() - t0) * 1e3 + s3_ms
             slowest = max(slowest, node_ms)
             invocations.append(cost.Invocation(f"cache-{node}", node_ms, self.memory_mb))
+        if self.router_mix is not None:
+            self.router_mix.observe(dataclasses.replace(use(q), rows=False))
         self.tally.s3_gets += gets
         self.tally.latency_ms.append(self.model.lambda_invoke_ms + slowest)
         self.tally.cost_usd.append(cost.flstore_request_cost(invocations, s3_gets=gets).total)
         self.tally.add(q.cls, q.need_bytes, hit_bytes, all_hit)
+
+
+def use(q: Request) -> Use:
+    """What a node learns of request ``q`` (:class:`~flstore_core.cache.job_mix.Use`)."""
+    round_ = q.rounds[0] if q.cls == "round" else None
+    return Use(q.job, q.cls, round_, rows=q.needs == "rows", model=q.workload in MODEL_WORKLOADS)
 
 
 def ratio(part: float, whole: float) -> float:
@@ -274,7 +297,7 @@ def run_json(policy: str, fraction: float, tally: Tally, budget: int, nodes: int
         "p99": float(np.percentile(lat, 99)),
         "cost_usd": float(np.mean(tally.cost_usd)),
     }
-    if policy == "flstore":
+    if policy.startswith("flstore"):
         run["rowless_answers"] = tally.rowless_answers
         run["rows_dropped"] = tally.rows_dropped
     return run
@@ -343,6 +366,42 @@ def table(runs: list[dict[str, Any]], fraction: float) -> str:
     return "\n".join(lines)
 
 
+SEED_FIELDS = ("byte_hit_ratio", "request_hit_ratio", "s3_bytes", "p99", "cost_usd")
+
+
+def over_seeds(args: Any, first: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each policy's mean, min and max of :data:`SEED_FIELDS` at each memory fraction over
+    the traces of seeds 0..``args.seeds``-1 (``first``: seed 0's runs)."""
+    runs = list(first)
+    for seed in range(1, args.seeds):
+        trace = generate(dataclasses.replace(TraceSetting(), seed=seed))
+        runs += compare(trace, args.fractions, nodes=args.nodes, prefetch=not args.no_prefetch)[1]
+    out: dict[str, Any] = {}
+    for r in runs:
+        cell = out.setdefault(r["system"], {}).setdefault(str(r["memory_fraction"]), {})
+        for name in SEED_FIELDS:
+            cell.setdefault(name, []).append(r[name])
+    for cells in out.values():
+        for cell in cells.values():
+            for name in SEED_FIELDS:
+                v = cell[name]
+                cell[name] = {"mean": float(np.mean(v)), "min": min(v), "max": max(v)}
+    return out
+
+
+def seeds_table(seeds: dict[str, Any]) -> str:
+    """Byte hit ratio and cost per request over the seeds, a row a policy and fraction."""
+    lines = ["| policy | memory | byte hit | $/request |", "|---|---|---|---|"]
+    for policy, cells in seeds.items():
+        for fraction, cell in cells.items():
+            b, c = cell["byte_hit_ratio"], cell["cost_usd"]
+            lines.append(
+                f"| {policy} | {fraction} | {b['mean']:.4f} [{b['min']:.4f}, {b['max']:.4f}] "
+                f"| {c['mean']:.3g} [{c['min']:.3g}, {c['max']:.3g}] |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--trace", metavar="OUT", help="write the generated trace (JSONL) to OUT")
@@ -350,6 +409,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--plot", metavar="PNG", help="plot byte hit ratio against node memory")
     p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     p.add_argument("--nodes", type=int, default=NODES)
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="also replay traces of seeds 1..N-1 (which old rounds are revisited) and report "
+        "each policy's mean, min and max over the N traces (summary.seeds)",
+    )
     p.add_argument(
         "--no-prefetch",
         action="store_true",
@@ -366,6 +432,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for fraction in args.fractions:
         print(f"\nnode memory = {fraction} × working set\n{table(runs, fraction)}")
     report = write_report("cache_policies", runs, None)
+    if args.seeds > 1 and not args.replay:
+        report["summary"] = {"seeds": over_seeds(args, runs)}
+        print(f"\nover {args.seeds} traces (seeds 0..{args.seeds - 1}): mean [min, max]")
+        print(seeds_table(report["summary"]["seeds"]))
     report["setting"] = {
         **dataclasses.asdict(setting),
         "trace": args.replay or "generated",

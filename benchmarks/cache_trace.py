@@ -46,6 +46,8 @@ GRAM_WORKLOADS = ("cosine_select", "malicious_cosine")
 ROWS_WORKLOADS = ("fedavg", "krum")
 CLIENT_WORKLOADS = ("incentive", "reputation")
 REVISIT_WORKLOADS = ("contribution_loo", "feddebug")
+# the trace's workloads that evaluate models (a job that asks none needs no model shard)
+MODEL_WORKLOADS = ("inference", *REVISIT_WORKLOADS)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from flstore_core.cache.job_mix import Use
 from flstore_core.cache.memo import ResultMemo
 from flstore_core.cache.results import run_round_workload
 from flstore_core.cache.round_data import RoundData, RowsEvicted
@@ -100,6 +101,9 @@ class WorkloadAnswers:
                 if isinstance(value, GlobalModels):
                     node.cache.put(key, value)  # models loaded on demand: re-account its size
             hits = [hit]
+        if workload.cls != "round":
+            model = workload.evaluates_models(params)
+            node.cache.observe_request(Use(job, workload.cls, model=model))
         t2 = time.perf_counter()
         return {
             "result": result,
@@ -185,6 +189,7 @@ class WorkloadAnswers:
         with node.cache.using(key, node.loader(key)) as (data, hit):
             t1 = time.perf_counter()
             rowless, reloaded = not data.has_rows, []
+            reads = getattr(data, "rows_reads", 0)
 
             def compute() -> dict[str, Any]:
                 try:
@@ -203,6 +208,9 @@ class WorkloadAnswers:
             result = self.answer(memo, workload.name, {"params": params}, compute, version)
         if rowless and not reloaded:
             node.cache.stats.rowless_answers += 1
+        rows = bool(reloaded) or getattr(data, "rows_reads", 0) > reads
+        model = workload.evaluates_models(params)
+        node.cache.observe_request(Use(op.job, "round", key.round, rows=rows, model=model))
         return result, [hit and not reloaded], t1
 
     def _run_clients(

@@ -2,10 +2,12 @@
 
 A policy is one small object with one decision, :meth:`EvictionPolicy.victim`, so that the
 shard cache owns the mechanics (byte accounting, pins, the last-use clock) and the policy can be
-swapped and tested on plain keys. The default, :class:`ClassTieredEviction`, ranks entries by
-tier, lowest first, and a round gives up its *rows* before it is evicted whole (the cache drops
-the rows of a round the policy chooses while it holds them, keeping its Gram, norms, distances,
-model artifacts and answers: :meth:`~flstore_core.cache.round_data.RoundData.drop_rows`):
+swapped and tested on plain keys. :class:`ClassTieredEviction` ranks entries by tier, lowest
+first (the node's default, :class:`~flstore_core.cache.job_policy.JobFollowingEviction`, moves
+a known job's shards between these tiers by what the job was seen to ask), and a round gives up
+its *rows* before it is evicted whole (the cache drops the rows of a round the policy chooses
+while it holds them, keeping its Gram, norms, distances, model artifacts and answers:
+:meth:`~flstore_core.cache.round_data.RoundData.drop_rows`):
 
 * ``client`` histories are loaded on demand and cheap to rebuild: they go first;
 * the rows of rounds beyond the latest ``hot_rounds`` of their job;
@@ -55,7 +57,8 @@ class EvictionTier(IntEnum):
     OLD_ROUND = 3
     MODEL = 4
     HOT_ROUND = 5
-    META = 6
+    PENDING_ROWS = 6  # rows the job's next reads will want (the job-following policy only)
+    META = 7
 
 
 # S3's first byte and one connection's rate (lambdas/local_runtime/network.py's figures: 27 ms
@@ -168,22 +171,25 @@ class ClassTieredEviction:
         if not candidates:
             return None
         hot = self.hot_rounds_by_job(held)
-
-        def rank(key: ShardKey) -> tuple[EvictionTier, float, int]:
-            if key.cls == "round":
-                hot_now = key.round in hot[key.job]
-                if self.rows.get(key, 0) > 0:
-                    tier = EvictionTier.HOT_ROWS if hot_now else EvictionTier.OLD_ROWS
-                else:
-                    tier = EvictionTier.HOT_ROUND if hot_now else EvictionTier.OLD_ROUND
-                return (tier, self.density(key, 1), key.round)
-            tier = {"client": EvictionTier.CLIENT, "model": EvictionTier.MODEL}.get(
-                key.cls, EvictionTier.META
-            )
-            return (tier, self.density(key, self.uses.get(key, 1)), last_used.get(key, 0))
-
         # min keeps the first of equal ranks: ties go to the entry that entered the cache first
-        return min(candidates, key=rank)
+        return min(candidates, key=lambda key: self.rank(key, hot, last_used))
+
+    def rank(
+        self, key: ShardKey, hot: Mapping[str, set[int]], last_used: Mapping[ShardKey, int]
+    ) -> tuple[EvictionTier, float, int]:
+        """``(tier, value density, age)`` of ``key``: the least goes first. ``hot`` holds the
+        latest ``hot_rounds`` round numbers of each job."""
+        if key.cls == "round":
+            hot_now = key.round in hot[key.job]
+            if self.rows.get(key, 0) > 0:
+                tier = EvictionTier.HOT_ROWS if hot_now else EvictionTier.OLD_ROWS
+            else:
+                tier = EvictionTier.HOT_ROUND if hot_now else EvictionTier.OLD_ROUND
+            return (tier, self.density(key, 1), key.round)
+        tier = {"client": EvictionTier.CLIENT, "model": EvictionTier.MODEL}.get(
+            key.cls, EvictionTier.META
+        )
+        return (tier, self.density(key, self.uses.get(key, 1)), last_used.get(key, 0))
 
     def hot_rounds_by_job(self, entries: Iterable[ShardKey]) -> dict[str, set[int]]:
         """The latest ``hot_rounds`` round numbers held of each job."""

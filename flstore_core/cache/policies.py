@@ -16,7 +16,8 @@ more than the last-use clock also observe the cache (:class:`AccessObserver`):
   this rule is the usual size-aware approximation of it (it needs the future, so only a replay
   of a known trace can use it), not a proven bound.
 
-:func:`make_policy` builds the online ones by name (``flstore``, ``lru``, ``lfu``, ``gdsf``).
+:func:`make_policy` builds the online ones by name (``flstore``, ``flstore_static``, ``lru``,
+``lfu``, ``gdsf``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
 from flstore_core.cache.eviction import ClassTieredEviction, EvictionPolicy, s3_reload_ms
+from flstore_core.cache.job_policy import JobFollowingEviction
 from flstore_core.routing.placement import ShardKey
 
 
@@ -173,17 +175,21 @@ class BeladySizeEviction:
         return max(_unpinned(entries, pinned), key=rank, default=None)
 
 
-ONLINE_POLICIES = ("flstore", "lru", "lfu", "gdsf")
+ONLINE_POLICIES = ("flstore", "flstore_static", "lru", "lfu", "gdsf")
 
 
 def make_policy(
     name: str, *, hot_rounds: int = 2, cost: Callable[[int], float] | None = None
 ) -> EvictionPolicy:
-    """A fresh online policy by name: ``flstore`` (:class:`ClassTieredEviction` with
-    ``hot_rounds``), ``lru``, ``lfu`` or ``gdsf``; ``flstore`` and ``gdsf`` weigh an entry's
-    reload ``cost`` (``flstore``: S3's, :func:`~flstore_core.cache.eviction.s3_reload_ms`, when
-    not given)."""
+    """A fresh online policy by name: ``flstore`` (the class tiers moved by each job's
+    observed requests, :class:`~flstore_core.cache.job_policy.JobFollowingEviction`, with
+    ``hot_rounds``), ``flstore_static`` (the class tiers alone, :class:`ClassTieredEviction`),
+    ``lru``, ``lfu`` or ``gdsf``; the FLStore ones and ``gdsf`` weigh an entry's reload
+    ``cost`` (FLStore's: S3's, :func:`~flstore_core.cache.eviction.s3_reload_ms`, when not
+    given)."""
     if name == "flstore":
+        return JobFollowingEviction(hot_rounds, cost=cost or s3_reload_ms)
+    if name == "flstore_static":
         return ClassTieredEviction(hot_rounds, cost=cost or s3_reload_ms)
     if name == "lru":
         return LRUEviction()

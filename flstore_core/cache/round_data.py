@@ -147,10 +147,14 @@ class RoundData(RoundView):
         # model results this node already wrote to S3 for this round (their keys are
         # deterministic in params and content), so a repeated request skips the PUT
         self.results_written: set[str] = set()
+        # reads of the rows (``matrix``): a request whose count moved read them (the node tells
+        # its eviction policy which requests needed rows, not only the Gram or artifacts)
+        self.rows_reads = 0
 
     @property
     def matrix(self) -> F32:
         """The rows (deltas when ``is_delta``); :class:`RowsEvicted` when they were dropped."""
+        self.rows_reads += 1
         rows = self._rows
         if rows is None:
             raise RowsEvicted(f"the rows of {self.job}/{self.round} were dropped")

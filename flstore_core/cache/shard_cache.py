@@ -3,7 +3,8 @@
 Built on :class:`cachetools.Cache` (size accounting by bytes, eviction through ``popitem``). The
 cache owns the mechanics — the byte budget, the pins of entries in use by a running request, the
 last-use clock, loading a missing shard once — and asks its eviction policy
-(:mod:`flstore_core.cache.eviction`, by default :class:`ClassTieredEviction`) which entry to give
+(:mod:`flstore_core.cache.eviction`; by default the class tiers moved by each job's observed
+requests, :class:`~flstore_core.cache.job_policy.JobFollowingEviction`) which entry to give
 up when it is full. Pinned entries are never chosen. With a policy that weighs representations
 (a :class:`~flstore_core.cache.eviction.RepresentationObserver`, as the default is), a victim
 that holds rows it can give up (a round: ``rows_nbytes`` > 0 and ``drop_rows()``) gives up
@@ -21,11 +22,9 @@ from typing import Any, Protocol
 
 import cachetools
 
-from flstore_core.cache.eviction import (
-    ClassTieredEviction,
-    EvictionPolicy,
-    RepresentationObserver,
-)
+from flstore_core.cache.eviction import EvictionPolicy, RepresentationObserver
+from flstore_core.cache.job_mix import Use
+from flstore_core.cache.job_policy import JobFollowingEviction, RequestObserver
 from flstore_core.cache.policies import AccessObserver
 from flstore_core.routing.placement import ShardKey
 
@@ -78,7 +77,7 @@ class _PolicyCache(cachetools.Cache[ShardKey, Any]):
 class ShardCache:
     """Shards held in memory under a byte budget.
 
-    ``hot_rounds`` configures the default policy (:class:`ClassTieredEviction`, at least 1);
+    ``hot_rounds`` configures the default policy (:class:`JobFollowingEviction`, at least 1);
     it is not used when a ``policy`` is given (:mod:`flstore_core.cache.policies` has the
     generic ones; one that is an :class:`AccessObserver` is told of every use and removal).
     """
@@ -89,11 +88,12 @@ class ShardCache:
         if budget_bytes <= 0:
             raise ValueError("the cache budget must be positive")
         self.policy: EvictionPolicy = (
-            policy if policy is not None else ClassTieredEviction(max(1, hot_rounds))
+            policy if policy is not None else JobFollowingEviction(max(1, hot_rounds))
         )
         # checked once: a runtime protocol check costs microseconds on every get
         self._observer = self.policy if isinstance(self.policy, AccessObserver) else None
         self._tiers = self.policy if isinstance(self.policy, RepresentationObserver) else None
+        self._requests = self.policy if isinstance(self.policy, RequestObserver) else None
         self.stats = CacheStats()
         self._cache = _PolicyCache(budget_bytes, self)
         self._pins: dict[ShardKey, int] = {}
@@ -119,6 +119,12 @@ class ShardCache:
         """Whether evicting ``value`` drops only its rows (the policy weighs representations
         and the value holds rows whose dropping frees bytes)."""
         return self._tiers is not None and int(getattr(value, "rows_nbytes", 0)) > 0
+
+    def observe_request(self, use: Use) -> None:
+        """Tell a policy that follows each job's requests of one request answered."""
+        if self._requests is not None:
+            with self._lock:
+                self._requests.requested(use)
 
     def observe_removed(self, key: ShardKey) -> None:
         """Tell a policy that keeps its own state that ``key`` left the cache."""

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flstore_core import config
+from flstore_core.cache.job_mix import JobMix
 from flstore_core.errors import NotFoundError, UnavailableError
 from flstore_core.protocol import ArtifactsOp, LoadOp
 from flstore_core.routing.invoker import NodeAnswer, NodeFailure
@@ -24,6 +25,8 @@ from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get
 
 PlanRound = Callable[[str, int], RoundPlan]
+# why a prefetch skipped a job's model shard or model artifacts
+NO_MODEL_ASKS = "the job asked no model workload in its recent rounds"
 
 
 class Prefetch:
@@ -41,6 +44,10 @@ class Prefetch:
         Writes a sharded round's default models.
     nodes, replication : int
         The stack's cache nodes and replicas per shard.
+    mix : JobMix, optional
+        What each job was seen to ask (the router's): a job known to ask no model workload
+        gets neither its model shard loaded nor its rounds' model artifacts built (the first
+        request that asks one loads or computes them).
     """
 
     def __init__(
@@ -51,6 +58,7 @@ class Prefetch:
         runner: ShardedRunner,
         nodes: int,
         replication: int,
+        mix: JobMix | None = None,
     ) -> None:
         self.store = store
         self.scatter = scatter
@@ -58,6 +66,7 @@ class Prefetch:
         self.runner = runner
         self.nodes = nodes
         self.replication = replication
+        self.mix = mix
 
     def __call__(self, shards: list[ShardKey]) -> dict[str, Any]:
         """Prefetch ``shards``; each node's answer by function name (``Router.prefetch``)."""
@@ -68,6 +77,9 @@ class Prefetch:
         sharded: list[tuple[ShardKey, RoundPlan]] = []
         refused: dict[str, Any] = {}
         for shard in shards:
+            if shard.cls == "model" and not self._wants_models(shard.job):
+                refused[f"skipped:{shard}"] = {"skipped": NO_MODEL_ASKS}
+                continue
             if shard.cls == "round":
                 try:
                     plan = self.plan_round(shard.job, shard.round)
@@ -91,7 +103,10 @@ class Prefetch:
                 by_node.setdefault(index, []).append(str(shard))
             primary_of.setdefault(owners[0], []).append(str(shard))
             if shard.cls == "round" and self._declares_model(shard.job):
-                round_owners[str(shard)] = owners
+                if self._wants_models(shard.job):
+                    round_owners[str(shard)] = owners
+                else:
+                    refused[f"skipped:{shard}"] = {"skipped": NO_MODEL_ASKS}
 
         answers = self._load(by_node, primary_of)
         self._compute_artifacts(round_owners, answers)
@@ -121,6 +136,10 @@ class Prefetch:
             return function, payload
 
         return dict(self.scatter.pool.map(load, sorted(by_node)))
+
+    def _wants_models(self, job: str) -> bool:
+        """Whether the job may ask a model workload: not known to ask none (``mix``)."""
+        return self.mix is None or self.mix.asks_models(job)
 
     def _declares_model(self, job: str) -> bool:
         """Whether the job declares a model (only then has a round model artifacts)."""

@@ -39,6 +39,7 @@ from typing import Any
 from flstore_core import config
 from flstore_core.aws import lambda_client
 from flstore_core.cache.budget import stack_budget
+from flstore_core.cache.job_mix import JobMix, Use
 from flstore_core.cache.shards import ManifestReader
 from flstore_core.cost import (
     DEFAULT_PRICES,
@@ -160,6 +161,12 @@ class RunRequest:
     round: int | None
     rounds: list[int] | None
 
+    def use(self) -> Use:
+        """What the request tells the job's mix (:class:`~flstore_core.cache.job_mix.Use`;
+        whether it reads rows is the node's to say)."""
+        model = self.workload.evaluates_models(self.params)
+        return Use(self.job, self.workload.cls, self.round, model=model)
+
 
 class Router:
     """The logic behind every route of the HTTP API (ARCHITECTURE §4): routes → plan →
@@ -191,6 +198,9 @@ class Router:
         # ROUNDS_TTL_S, as a new round is
         self.manifests = ManifestReader(store, list_ttl_s=ROUNDS_TTL_S)
         self._lock = threading.Lock()
+        # what each job was seen to ask: prefetch builds no model artifacts for a job that
+        # asks no model workload (:mod:`flstore_core.cache.job_mix`)
+        self.mix = JobMix()
         self.bounds = RequestBounds(
             store, self.manifests, self.config.node_memory_mb, self.config.deadline_s, ROUNDS_TTL_S
         )
@@ -204,6 +214,7 @@ class Router:
             self.sharded,
             self.config.nodes,
             self.config.replication,
+            self.mix,
         )
 
     @classmethod
@@ -272,6 +283,7 @@ class Router:
         request = self._validate(authorization, job, name, body)
         job, round_ = request.job, request.round
         served = self._dispatch(request)
+        self.mix.observe(request.use())
         answers = served.answers
         result = self._maybe_offload(job, name, round_ or 0, served.result)
         s3_gets = sum(int(a.get("s3_gets", 0)) for a in answers)

@@ -209,6 +209,11 @@ class Workload:
         """Whether a run with ``params`` evaluates whole client models (see ``per_client``)."""
         return bool(self.per_client(params) if callable(self.per_client) else self.per_client)
 
+    def evaluates_models(self, params: Mapping[str, Any]) -> bool:
+        """Whether a run with ``params`` evaluates models (the global model's inference, or
+        whole client models): a job that asks none needs no model artifacts built."""
+        return self.cls == "model" or self.evaluates_clients(params)
+
     def validate(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
         """Params with defaults filled in; unknown or ill-typed ones raise a 400."""
         if params is None:

@@ -22,6 +22,7 @@ from benchmarks.cache_trace import (
     write_trace,
 )
 from flstore_core.cache.eviction import ClassTieredEviction
+from flstore_core.cache.job_policy import JobFollowingEviction
 from flstore_core.cache.node import CacheNode
 from flstore_core.cache.policies import (
     BeladySizeEviction,
@@ -110,7 +111,8 @@ def test_belady_evicts_never_used_again_then_farthest_times_size() -> None:
 
 
 def test_make_policy_by_name_and_the_node_takes_it() -> None:
-    assert isinstance(make_policy("flstore", hot_rounds=3), ClassTieredEviction)
+    assert isinstance(make_policy("flstore", hot_rounds=3), JobFollowingEviction)
+    assert type(make_policy("flstore_static", hot_rounds=3)) is ClassTieredEviction
     assert isinstance(make_policy("lru"), LRUEviction)
     assert isinstance(make_policy("gdsf"), GDSFEviction)
     with pytest.raises(ValueError, match="unknown eviction policy"):
@@ -203,7 +205,7 @@ def test_json_has_the_names_the_checks_read(tmp_path: Path) -> None:
     assert report["benchmark"] == "cache_policies"
     assert report["setting"]["working_set_bytes"] > 0
     systems = {r["system"] for r in report["runs"]}
-    assert systems == {"flstore", "lru", "lfu", "gdsf", "belady"}
+    assert systems == {"flstore", "flstore_static", "lru", "lfu", "gdsf", "belady"}
     names = {
         "metric",
         "n",
@@ -220,4 +222,4 @@ def test_json_has_the_names_the_checks_read(tmp_path: Path) -> None:
         assert names <= set(run) and run["metric"] == "latency_ms"
         assert run["memory_fraction"] == 0.25 and run["n"] > 0
         assert 0.0 <= run["byte_hit_ratio"] <= 1.0
-        assert ("rowless_answers" in run) == (run["system"] == "flstore")
+        assert ("rowless_answers" in run) == run["system"].startswith("flstore")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from flstore_core.cache.eviction import ClassTieredEviction, EvictionTier
+from flstore_core.cache.job_policy import JobFollowingEviction
 from flstore_core.cache.shard_cache import ShardCache
 from flstore_core.routing.placement import (
     ShardKey,
@@ -37,6 +38,7 @@ def test_the_tiers_are_client_rows_old_round_model_hot_round_meta() -> None:
         EvictionTier.OLD_ROUND,
         EvictionTier.MODEL,
         EvictionTier.HOT_ROUND,
+        EvictionTier.PENDING_ROWS,
         EvictionTier.META,
     ]
 
@@ -175,4 +177,5 @@ def test_the_shard_cache_asks_its_policy() -> None:
 
 def test_the_default_policy_keeps_the_clamped_hot_window() -> None:
     cache = ShardCache(budget_bytes=100, hot_rounds=0)
-    assert cache.policy == ClassTieredEviction(hot_rounds=1)
+    assert cache.policy == JobFollowingEviction(hot_rounds=1)
+    assert isinstance(cache.policy, JobFollowingEviction) and cache.policy.mix.horizon == 1

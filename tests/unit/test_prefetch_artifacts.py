@@ -22,12 +22,15 @@ import numpy as np
 import pytest
 
 from flstore_core import models
+from flstore_core.cache.job_mix import Use
+from flstore_core.cache.job_policy import JobFollowingEviction
 from flstore_core.cache.results import run_round_workload
 from flstore_core.cache.round_data import ArtifactStats
 from flstore_core.cache.round_loading import load_round
 from flstore_core.data.codec import Update
 from flstore_core.data.manifest import JobSpec
-from flstore_core.routing.placement import round_shard
+from flstore_core.routing.placement import model_shard, round_shard
+from flstore_core.routing.prefetch import NO_MODEL_ASKS
 from flstore_core.routing.router import Router
 from flstore_core.storage.memory import MemoryBlobStore
 from flstore_core.storage.object_store import ObjectStore
@@ -282,3 +285,51 @@ def test_a_failing_share_step_leaves_the_round_loaded(store: ObjectStore) -> Non
         assert "Unhandled" in answer["artifacts"]["error"]
     nodes.failing.clear()
     assert run(nodes, 0, "feddebug") == want["feddebug"]
+
+
+def test_a_job_that_asks_no_model_workload_gets_no_artifacts_built(store: ObjectStore) -> None:
+    nodes = two_nodes(store)
+    router = router_over(store, nodes)
+    for _ in range(router.mix.min_requests):  # what the router saw: selections only
+        router.mix.observe(Use(JOB, "round", ROUND))
+    answers = router.prefetch([round_shard(JOB, ROUND), model_shard(JOB)])
+    shard = str(round_shard(JOB, ROUND))
+    assert answers[f"skipped:{shard}"] == {"skipped": NO_MODEL_ASKS}
+    assert answers[f"skipped:{model_shard(JOB)}"] == {"skipped": NO_MODEL_ASKS}
+    loads = [a for k, a in answers.items() if not k.startswith("skipped:")]
+    assert len(loads) == 2
+    for answer in loads:  # loaded, nothing else: one invocation, no model shard
+        assert answer["loaded"] == [shard] and "artifacts" not in answer
+        assert answer["invocations"] == 1
+    # a model workload asked after all is computed by its request, to the same answer
+    want = references(store, nodes, 0)
+    assert run(nodes, 0, "accuracy_select") == want["accuracy_select"]
+    # and the router now knows the job asks one: the next prefetch builds them
+    router.mix.observe(Use(JOB, "round", ROUND, model=True))
+    again = router.prefetch([round_shard(JOB, ROUND)])
+    assert not any(k.startswith("skipped:") for k in again)
+
+
+def test_a_node_learns_which_requests_read_a_rounds_rows(store: ObjectStore) -> None:
+    nodes = two_nodes(store)
+    router_over(store, nodes).prefetch([round_shard(JOB, ROUND)])
+    policy = nodes.nodes[0].cache.policy
+    assert isinstance(policy, JobFollowingEviction)
+    asks = (
+        ("cosine_select", {"k": 3}),
+        ("fedavg", {}),
+        ("trimmed_mean", {"beta": 0.2}),
+        ("accuracy_select", {}),
+    )
+    for name, params in asks:
+        answer = nodes.handle(
+            0, {"op": "run", "workload": name, "job": JOB, "round": ROUND, "params": params}
+        )
+        assert "error" not in answer, answer
+    uses = [use for _, use in policy.mix.jobs[JOB].uses]
+    # the Gram answers cosine_select; the default fedavg was built at prefetch; a trimmed
+    # mean reads the rows; accuracy_select is a model workload answered from the artifacts
+    # prefetch built
+    got = [(u.rows, u.model) for u in uses]
+    assert got == [(False, False), (False, False), (True, False), (False, True)]
+    assert policy.mix.early_reads_of(JOB, ROUND) == 1
