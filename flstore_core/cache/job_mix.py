@@ -178,3 +178,17 @@ class JobMix:
         span = state.latest - state.uses[0][0] + 1
         old = max(1, state.latest + 1 - self.horizon)
         return late / span / old
+
+    def summary(self) -> dict[str, dict[str, object]]:
+        """What is followed of each known job (a node's ``stats``: ``followed``)."""
+        return {
+            job: {
+                "requests": len(self.jobs[job].uses),
+                "asks_models": self.asks_models(job),
+                "asks_clients": self.asks_clients(job),
+                "expected_reads": self.expected_reads(job),
+                "revisits": self.revisits(job),
+            }
+            for job in sorted(self.jobs)
+            if self.known(job)
+        }

@@ -336,6 +336,8 @@ class CacheNode:
             "answers": dict(self.answering.counts),
             # bytes held by representation: rows, Gram, model artifacts, answers, other shards
             "tiers": self.answering.tiers(),
+            # the jobs the eviction policy follows, and what it learned of each
+            "followed": mix.summary() if (mix := getattr(self.cache.policy, "mix", None)) else {},
             "invocations": self.invocations,
             "uptime_s": time.time() - self.started,
             "pid": os.getpid(),

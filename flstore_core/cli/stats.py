@@ -82,6 +82,7 @@ def print_stats(nodes: list[dict[str, Any]], prefix: str, out: Console) -> None:
     out.print(grid)
     out.print(LEGEND.replace("{prefix}", prefix), markup=False, highlight=False)
     print_tiers(nodes, out)
+    print_followed(nodes, out)
     for i, s in enumerate(nodes):
         for line in block_summary(s["shards"]):
             out.print(f"node {i}  {line}", markup=False, highlight=False)
@@ -112,6 +113,42 @@ def print_tiers(nodes: list[dict[str, Any]], out: Console) -> None:
         grid.add_row(*row(i, *sizes, s.get("rows_dropped", 0), s.get("rowless_answers", 0)))
     out.print(grid)
     out.print(TIERS_LEGEND, markup=False, highlight=False)
+
+
+def print_followed(nodes: list[dict[str, Any]], out: Console) -> None:
+    """The jobs each node's eviction policy follows (its ``stats``' ``followed``): requests
+    seen, whether it asks model and client-class workloads, the rows reads a new round gets,
+    and how often an old round's rows are read again."""
+    lines = [
+        (i, job, f)
+        for i, s in enumerate(nodes)
+        for job, f in sorted((s.get("followed") or {}).items())
+    ]
+    if not lines:
+        return
+    grid = table("jobs the eviction follows", compact=True)
+    for col in ("node", "job", "seen", "models", "clients", "reads", "revisits"):
+        grid.add_column(col, justify="left" if col == "job" else "right", no_wrap=True)
+    for i, job, f in lines:
+        reads = f.get("expected_reads")
+        grid.add_row(
+            *row(
+                i,
+                job,
+                f.get("requests", 0),
+                "yes" if f.get("asks_models") else "no",
+                "yes" if f.get("asks_clients") else "no",
+                "-" if reads is None else f"{reads:.1f}",
+                f"{float(f.get('revisits', 0.0)):.2g}",
+            )
+        )
+    out.print(grid)
+    out.print(
+        "seen = requests in the window; reads = rows reads a new round gets; revisits = the "
+        "chance, per round, that one old round's rows are read again",
+        markup=False,
+        highlight=False,
+    )
 
 
 def block_summary(shards: list[str]) -> list[str]:

@@ -169,3 +169,37 @@ def test_an_unknown_job_is_ranked_as_the_static_tiers_rank_it() -> None:
         entries = rng.sample(keys, k=rng.randint(1, len(keys)))
         pinned = set(rng.sample(entries, k=rng.randint(0, len(entries) - 1)))
         assert policy.victim(entries, pinned, last) == static.victim(entries, pinned, last)
+
+
+def test_flstore_stats_shows_the_jobs_a_node_follows() -> None:
+    import io
+
+    from rich.console import Console
+
+    from flstore_core.cache.node import CacheNode
+    from flstore_core.cli.stats import print_stats
+    from flstore_core.storage.memory import MemoryBlobStore
+    from flstore_core.storage.object_store import ObjectStore
+
+    node = CacheNode(ObjectStore("mem", blobs=MemoryBlobStore()), budget_bytes=10**6, node_index=0)
+    assert node.stats()["followed"] == {}  # nothing seen: nothing followed
+    policy = node.cache.policy
+    assert isinstance(policy, JobFollowingEviction)
+    play(policy.mix, 5, job="fl-a", extra=(Use("fl-a", "client"),))
+    followed = node.stats()["followed"]
+    assert followed == {
+        "fl-a": {
+            "requests": 20,
+            "asks_models": False,
+            "asks_clients": True,
+            "expected_reads": 2.0,
+            "revisits": 0.0,
+        }
+    }
+    out = Console(file=io.StringIO(), width=80, record=True)
+    print_stats([{"node": "fl-cache-0", **node.stats()}], "fl", out)
+    text = out.export_text()
+    assert "jobs the eviction follows" in text
+    line = next(x for x in text.splitlines() if "fl-a" in x)
+    assert line.split() == ["0", "fl-a", "20", "no", "yes", "2.0", "0"]
+    assert max(len(x) for x in text.splitlines()) <= 80
