@@ -47,17 +47,23 @@ from flstore_core.cache.round_view import (
     Vector,
     VectorExpr,
 )
+from flstore_core.data import layout
 from flstore_core.data.codec import TensorSpec
 from flstore_core.errors import UnavailableError, ValidationError
+from flstore_core.storage.object_store import ObjectStore
 
 # VectorExpr lives with RoundView (every round's model builders return one); importable here
 __all__ = [
     "PartsFetch",
+    "PieceFetch",
+    "PieceSpill",
     "ShardedRound",
     "VectorExpr",
     "block_parts_json",
     "content_digest",
     "evaluate",
+    "gram_piece_fetch",
+    "gram_piece_spill",
     "model_expr",
     "parts_from_json",
     "parts_to_json",
@@ -66,38 +72,102 @@ __all__ = [
 
 # ---------------------------------------------------------------------- Gram pieces as JSON
 
+# the largest Gram array an invocation carries inline (as base64: 4/3 of it); a larger one (a
+# block of n clients holds n x n float64: 32 MB at 2,000 clients) travels through S3 as a
+# result object named by its SHA-256, since Lambda caps a request and an answer at 6 MB each
+INLINE_ARRAY_BYTES = 512 * 1024
+# where such arrays go, under the job's results/ prefix (the bucket's lifecycle expires them)
+GRAM_PIECES = "gram-pieces"
 
-def _array_to_json(a: F64) -> Json:
+#: writes one array's raw bytes and returns the key it is at (``None``: carry every array inline)
+PieceSpill = Callable[[bytes], str]
+#: reads back the bytes at a key a spill wrote
+PieceFetch = Callable[[str], bytes]
+
+
+def gram_piece_key(job: str, round_: int, raw: bytes) -> str:
+    """``jobs/{job}/results/gram-pieces/{round:08d}/{sha256}.f8``: an array's key, named by its
+    content, so writing it twice writes the same object."""
+    digest = hashlib.sha256(raw).hexdigest()
+    return f"{layout.results_prefix(job, GRAM_PIECES, round_)}{digest}.f8"
+
+
+def gram_piece_spill(
+    store: ObjectStore, job: str, round_: int, written: set[str] | None = None
+) -> PieceSpill:
+    """A spill that writes arrays as result objects of ``job``'s round (once each, when
+    ``written`` remembers the keys already written)."""
+
+    def spill(raw: bytes) -> str:
+        key = gram_piece_key(job, round_, raw)
+        if written is None or key not in written:
+            store.put_result(key, raw, "application/octet-stream")
+            if written is not None:
+                if len(written) >= 4096:  # a long-lived router's memory of them stays small
+                    written.clear()
+                written.add(key)
+        return key
+
+    return spill
+
+
+def gram_piece_fetch(store: ObjectStore, job: str, round_: int) -> PieceFetch:
+    """A fetch that reads only the arrays of ``job``'s round a spill wrote."""
+    prefix = layout.results_prefix(job, GRAM_PIECES, round_)
+
+    def fetch(key: str) -> bytes:
+        if not key.startswith(prefix) or "/" in key[len(prefix) :]:
+            raise ValidationError(f"{key!r} is not a Gram piece of {job}/{round_}")
+        return store.get_object(key)
+
+    return fetch
+
+
+def _array_to_json(a: F64, spill: PieceSpill | None) -> Json:
     data = np.ascontiguousarray(a, dtype="<f8")
-    return {"shape": list(data.shape), "f8": base64.b64encode(data.tobytes()).decode()}
+    raw = data.tobytes()
+    if spill is not None and len(raw) > INLINE_ARRAY_BYTES:
+        key = spill(raw)
+        return {"shape": list(data.shape), "s3": key, "sha256": key.rsplit("/", 1)[1][:-3]}
+    return {"shape": list(data.shape), "f8": base64.b64encode(raw).decode()}
 
 
-def _array_from_json(obj: Json) -> F64:
-    raw = base64.b64decode(obj["f8"])
-    out: F64 = np.frombuffer(raw, dtype="<f8").astype(np.float64).reshape(obj["shape"])
+def _array_from_json(obj: Json, fetch: PieceFetch | None) -> F64:
+    shape = [int(d) for d in obj["shape"]]
+    if "s3" in obj:
+        if fetch is None:
+            raise ValidationError("a Gram piece in S3 where only inline ones are read")
+        raw = fetch(str(obj["s3"]))
+        if len(raw) != 8 * int(np.prod(shape)) or hashlib.sha256(raw).hexdigest() != obj["sha256"]:
+            raise UnavailableError(f"the Gram piece at {obj['s3']} is not the one written")
+    else:
+        raw = base64.b64decode(obj["f8"])
+    out: F64 = np.frombuffer(raw, dtype="<f8").astype(np.float64).reshape(shape)
     return out
 
 
-def parts_to_json(parts: GramParts) -> Json:
+def parts_to_json(parts: GramParts, spill: PieceSpill | None = None) -> Json:
     """Gram pieces as JSON, bit for bit (float64 arrays as base64, scalars as JSON numbers,
-    which Python writes and reads back exactly)."""
+    which Python writes and reads back exactly); with ``spill``, an array larger than
+    :data:`INLINE_ARRAY_BYTES` is written there and named by its key and SHA-256."""
     return {
-        "centred": _array_to_json(parts.centred),
-        "z_c": _array_to_json(parts.z_c),
+        "centred": _array_to_json(parts.centred, spill),
+        "z_c": _array_to_json(parts.z_c, spill),
         "c_c": parts.c_c,
-        "z_b": _array_to_json(parts.z_b),
+        "z_b": _array_to_json(parts.z_b, spill),
         "c_b": parts.c_b,
         "b_b": parts.b_b,
     }
 
 
-def parts_from_json(obj: Json) -> GramParts:
-    """Inverse of :func:`parts_to_json`."""
+def parts_from_json(obj: Json, fetch: PieceFetch | None = None) -> GramParts:
+    """Inverse of :func:`parts_to_json`; an array in S3 is read with ``fetch`` and checked
+    against its SHA-256 and shape (503 when it is not the one written)."""
     return GramParts(
-        _array_from_json(obj["centred"]),
-        _array_from_json(obj["z_c"]),
+        _array_from_json(obj["centred"], fetch),
+        _array_from_json(obj["z_c"], fetch),
         float(obj["c_c"]),
-        _array_from_json(obj["z_b"]),
+        _array_from_json(obj["z_b"], fetch),
         float(obj["c_b"]),
         float(obj["b_b"]),
     )
@@ -259,7 +329,9 @@ def content_digest(sha256: dict[str, str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def block_parts_json(data: RoundData, buffers: bool) -> Json | None:
+def block_parts_json(
+    data: RoundData, buffers: bool, spill: PieceSpill | None = None
+) -> Json | None:
     """What a block holder answers for its Gram pieces (``None``: no such columns)."""
     parts = data.gram_parts(buffers)
-    return None if parts is None else parts_to_json(parts)
+    return None if parts is None else parts_to_json(parts, spill)

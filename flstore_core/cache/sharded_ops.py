@@ -21,6 +21,8 @@ from flstore_core.cache.sharded import (
     block_parts_json,
     content_digest,
     evaluate,
+    gram_piece_fetch,
+    gram_piece_spill,
     parts_from_json,
 )
 from flstore_core.cache.streamed import StreamedRound, working_bytes
@@ -56,7 +58,9 @@ def partial(node: CacheNode, op: PartialOp) -> dict[str, Any]:
         t0 = time.perf_counter()
         with node.cache.using(key, node.loader(key)) as (data, hit):
             t1 = time.perf_counter()
-            parts = block_parts_json(data, op.buffers)
+            # pieces past Lambda's payload limit go through S3, once per content
+            spill = gram_piece_spill(node.store, key.job, key.round, data.results_written)
+            parts = block_parts_json(data, op.buffers, spill)
             deltas.add(data.is_delta)
             contents.add(content_digest(data.sha256))
         load_ms += (t1 - t0) * 1000
@@ -127,11 +131,12 @@ def run_clients(node: CacheNode, op: RunClientsOp) -> dict[str, Any]:
     if op.rows is not None and not all(0 <= r < len(manifest.clients) for r in op.rows):
         raise ValidationError(f"row indices must be below {len(manifest.clients)}")
     free = node.cache.budget - node.cache.bytes_held - working_bytes(manifest.n_params)
+    fetch = gram_piece_fetch(node.store, op.job, op.round)  # pieces the router put in S3
     data = StreamedRound(
         node.store,
         manifest,
-        parts_from_json(dict(op.gram)),
-        None if op.buffers is None else parts_from_json(dict(op.buffers)),
+        parts_from_json(dict(op.gram), fetch),
+        None if op.buffers is None else parts_from_json(dict(op.buffers), fetch),
         op.is_delta,
         capacity=free,
         context=node.context(op.job),

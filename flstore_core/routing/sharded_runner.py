@@ -22,7 +22,12 @@ import cachetools
 import numpy as np
 
 from flstore_core.cache.round_data import GramParts, JobContext
-from flstore_core.cache.sharded import ShardedRound, content_digest, parts_from_json
+from flstore_core.cache.sharded import (
+    ShardedRound,
+    content_digest,
+    gram_piece_fetch,
+    parts_from_json,
+)
 from flstore_core.cache.shards import ManifestReader
 from flstore_core.cost import Invocation
 from flstore_core.data.manifest import RoundManifest
@@ -192,7 +197,9 @@ class ShardedRunner:
             raise UnavailableError(
                 f"the blocks of round {round_} of job {job!r} disagree on its base model"
             )
+        fetch = gram_piece_fetch(self.store, job, round_)  # the pieces past the payload limit
         parts = [
-            None if item["parts"] is None else parts_from_json(item["parts"]) for item, _ in answers
+            None if item["parts"] is None else parts_from_json(item["parts"], fetch)
+            for item, _ in answers
         ]
         return parts, bool(deltas.pop())

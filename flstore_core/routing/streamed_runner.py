@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from flstore_core.cache.sharded import ShardedRound, VectorExpr, parts_to_json
+from flstore_core.cache.sharded import ShardedRound, VectorExpr, gram_piece_spill, parts_to_json
 from flstore_core.cache.streamed import working_bytes
 from flstore_core.errors import UnavailableError
 from flstore_core.protocol import RunClientsOp
@@ -47,6 +47,8 @@ class StreamedRunner:
         self.models = models
         self.nodes = nodes
         self.budget = budget
+        # the Gram pieces this router already wrote to S3 (named by content: never twice)
+        self._spilled: set[str] = set()
 
     def run(
         self,
@@ -76,13 +78,15 @@ class StreamedRunner:
         parts = view.gram_parts()
         buffers = view.gram_parts(buffers=True)
         assert parts is not None
+        # arrays past Lambda's payload limit go through S3 (the node reads them back)
+        spill = gram_piece_spill(self.models.store, job, round_, self._spilled)
         op = RunClientsOp(
             workload.name,
             job,
             round_,
-            parts_to_json(parts),
+            parts_to_json(parts, spill),
             params,
-            None if buffers is None else parts_to_json(buffers),
+            None if buffers is None else parts_to_json(buffers, spill),
             view.is_delta,
         )
         if workload.split is not None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from flstore_core.cache import sharded
 from flstore_core.cache.results import run_round_workload
 from flstore_core.cache.round_data import ArtifactStats
 from flstore_core.cache.round_loading import load_round
@@ -24,7 +25,7 @@ from flstore_core.cost import DEFAULT_PRICES
 from flstore_core.data.blocks import footprint
 from flstore_core.data.codec import Update, decode_update
 from flstore_core.data.manifest import JobSpec
-from flstore_core.errors import InvalidParamsError, UnavailableError
+from flstore_core.errors import InvalidParamsError, UnavailableError, ValidationError
 from flstore_core.routing.invoker import NodeAnswer
 from flstore_core.routing.placement import node_name, round_shard
 from flstore_core.routing.planner import NoLayoutError
@@ -342,3 +343,36 @@ def test_prefetch_of_a_round_no_layout_holds_loads_nothing_and_reports_the_refus
     (refusal,) = answers.values()
     assert refusal["error"]["code"] == "no_layout"
     assert tally_prefetch(answers)["errors"] == 1
+
+
+def test_gram_pieces_past_the_payload_limit_travel_through_s3(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # every array past 64 bytes goes through S3, as a block of 2,000 clients' 32 MB would
+    # past Lambda's 6 MB: the answers are the same
+    monkeypatch.setattr(sharded, "INLINE_ARRAY_BYTES", 64)
+    prefix = f"jobs/{JOB}/results/{sharded.GRAM_PIECES}/00000000/"
+    nodes = InProcessNodes(store, NODES, budget=BUDGET)
+    router = make_router(store, nodes, cache_budget_bytes=BUDGET, **STACK)
+    for name, params in (("cosine_select", {"k": 3}), ("kmeans", {"k": 2}), ("krum", {"f": 2})):
+        answer = router.run(AUTH, JOB, name, json.dumps({"round": 0, "params": params}))
+        if "model_key" in answer["result"]:
+            store.blobs.delete(answer["result"]["model_key"])
+        assert_close(answer["result"], reference(store, name, params))
+    pieces = [info.key for info in store.blobs.list(prefix)]
+    assert pieces and all(k.endswith(".f8") for k in pieces)
+    # the nodes' answers and kmeans' run_clients carried keys, not arrays
+    sent = [e for _, e in nodes.indexed if e["op"] == "run_clients"]
+    assert sent and "s3" in sent[0]["gram"]["centred"] and "f8" not in sent[0]["gram"]["centred"]
+    # a piece that is not the one written is a 503, never a wrong answer
+    store.blobs.put(pieces[0], b"\0" * 8)
+    fresh = make_router(store, nodes, cache_budget_bytes=BUDGET, **STACK)
+    with pytest.raises(UnavailableError, match="not the one written"):
+        for name in ("cosine_select", "kmeans"):
+            fresh.run(AUTH, JOB, name, json.dumps({"round": 0, "params": {"k": 2}}))
+    # and a key outside the round's pieces is refused
+    fetch = sharded.gram_piece_fetch(store, JOB, 0)
+    with pytest.raises(ValidationError):
+        fetch(f"jobs/{JOB}/rounds/00000000/manifest.json")
+    for key in pieces:
+        store.blobs.delete(key)
