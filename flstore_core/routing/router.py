@@ -28,8 +28,6 @@ prefetch does in :mod:`~flstore_core.routing.prefetch`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 import time
 from collections.abc import Mapping
@@ -47,7 +45,6 @@ from flstore_core.cost import (
     answer_cost,
     router_invocation,
 )
-from flstore_core.data import layout
 from flstore_core.errors import NotFoundError, ValidationError
 from flstore_core.ids import validate_client, validate_job, validate_round
 from flstore_core.protocol import NodeOp, RunOp
@@ -71,6 +68,7 @@ from flstore_core.routing.scatter import BlockScatter, Scatter, checked
 from flstore_core.routing.sharded_runner import SHARDED_VIEWS, ShardedRun, ShardedRunner
 from flstore_core.routing.streamed_runner import StreamedRunner
 from flstore_core.storage.object_store import ObjectStore
+from flstore_core.storage.results import RESPONSE_LIMIT, offload_if_large
 from flstore_core.workloads import Workload, catalogue, get
 
 __all__ = [
@@ -84,7 +82,6 @@ __all__ = [
     "ShardedRun",
 ]
 
-RESPONSE_LIMIT = 6 * 1024 * 1024  # Lambda's synchronous response limit
 ROUNDS_TTL_S = 5.0
 
 
@@ -440,13 +437,9 @@ class Router:
     def _maybe_offload(
         self, job: str, workload: str, round_: int, result: dict[str, Any]
     ) -> dict[str, Any]:
-        body = json.dumps(result, sort_keys=True).encode()
-        if len(body) <= self.config.response_limit:
-            return result
-        digest = hashlib.sha256(body).hexdigest()[:16]
-        key = f"{layout.results_prefix(job, workload, round_)}{digest}.json"
-        self.store.put_result(key, body)
-        return {"result_key": key, "bytes": len(body)}
+        return offload_if_large(
+            self.store, job, workload, round_, result, self.config.response_limit
+        )
 
     def prefetch(self, shards: list[ShardKey]) -> dict[str, Any]:
         """Ask every owner (primary and replicas) of each shard to load it now
