@@ -174,3 +174,19 @@ def test_flstore_rounds_lists_every_page(
     assert out.exit_code == 0, out.output
     assert [r["round"] for r in json.loads(out.output)] == ROUNDS
     assert len(client.paths) == 3  # three pages of at most two
+
+
+def test_flstore_rounds_lists_a_part_and_says_how_to_read_on(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flstore_core import cli
+
+    client = RouteClient(store)
+    monkeypatch.setattr(cli, "_client", lambda url, token: client)
+    out = CliRunner().invoke(cli.app, ["rounds", "--job", JOB, "--after", "0", "--limit", "2"])
+    assert out.exit_code == 0, out.output
+    assert f"--job {JOB} --after 2 --limit 2" in out.output
+    out = CliRunner().invoke(cli.app, ["rounds", "--job", JOB, "--after", "1", "--json"])
+    assert [r["round"] for r in json.loads(out.output)] == [r for r in ROUNDS if r > 1]
+    last = CliRunner().invoke(cli.app, ["rounds", "--job", JOB, "--after", "2", "--limit", "9"])
+    assert "more rounds follow" not in last.output
