@@ -264,16 +264,10 @@ def client_pass(
     group = max(1, ROWS_PER_PASS // max(rounds, 1))
     merged: dict[str, Any] = {}
     for start in range(0, len(names), group):
-        histories = {
-            c: ClientHistory(
-                meta.spec.job,
-                c,
-                [r for r in meta.history(c) if wanted is None or r.round in wanted],
-            )
-            for c in names[start : start + group]
-        }
+        rows = meta.histories(names[start : start + group], wanted)
+        histories = {c: ClientHistory(meta.spec.job, c, h) for c, h in rows.items()}
         part = workload.run(histories, params)
-        del histories
+        del histories, rows
         for name, values in dict(part.result if isinstance(part, WorkloadResult) else part).items():
             merged.setdefault(name, {}).update(values)
     return workload.finalize(merged, params) if workload.finalize is not None else merged

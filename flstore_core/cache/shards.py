@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -254,7 +254,25 @@ class JobMeta:
         return max(self.rounds) if self.rounds else -1
 
     def history(self, client: str) -> list[ClientRound]:
-        return [rows[client] for r, rows in sorted(self.rounds.items()) if client in rows]
+        return self.histories([client])[client]
+
+    def histories(
+        self, clients: Sequence[str], rounds: set[int] | None = None
+    ) -> dict[str, list[ClientRound]]:
+        """Each of ``clients``' rows, in round order (of ``rounds`` only, if given): a round's
+        columns read once for all of them (:meth:`RoundRows.pick`)."""
+        out: dict[str, list[ClientRound]] = {c: [] for c in clients}
+        for r, rows in sorted(self.rounds.items()):
+            if rounds is not None and r not in rounds:
+                continue
+            if isinstance(rows, RoundRows):
+                for c, row in rows.pick(clients):
+                    out[c].append(row)
+            else:
+                for c in clients:
+                    if c in rows:
+                        out[c].append(rows[c])
+        return out
 
     def restricted(self, rounds: Iterable[int]) -> JobMeta:
         """This shard with only the rows of ``rounds``: what a workload spanning those rounds
