@@ -195,6 +195,11 @@ class RoundRows(Mapping[str, ClientRound]):
             out.append((client, row))
         return out
 
+    @property
+    def extra(self) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+        """The values that are not floats (lists, integers): ``client -> (metrics, summary)``."""
+        return self._extra
+
     def __contains__(self, client: object) -> bool:
         return client in self._index
 

@@ -224,6 +224,9 @@ class JobMeta:
     memo: ResultMemo = field(default_factory=ResultMemo, repr=False, compare=False)
     # the client-id tuples its rounds share, handed on to the shard that refreshes it
     ids: ClientIds = field(default_factory=ClientIds, repr=False, compare=False)
+    # rounds read from manifests since the job's rows were last written to S3
+    # (flstore_core.cache.meta_snapshot)
+    unsnapshotted: int = field(default=0, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -319,6 +322,7 @@ def load_meta(
         else:
             to_read.append(r)
         meta.versions[r] = version
+    meta.unsnapshotted = (known.unsnapshotted if known is not None else 0) + len(to_read)
     if to_read:
         with ThreadPoolExecutor(min(META_READERS, len(to_read))) as pool:
             for r, manifest in zip(

@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 
 from benchmarks.long_jobs_data import LongJob
-from flstore_core.cache import answering, shards
+from flstore_core.cache import answering, meta_snapshot, shards
 from flstore_core.cache.memo import ResultMemo
 from flstore_core.cache.meta_rows import ClientIds, ClientRound, RoundTotals, round_rows
 from flstore_core.cache.node import CacheNode
 from flstore_core.cache.shards import JobMeta, ManifestReader, load_meta
+from flstore_core.data import layout
 from flstore_core.storage.memory import MemoryBlobStore
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads.oort_select import last_seen
@@ -163,3 +164,51 @@ def test_a_meta_shard_without_columns_still_counts() -> None:
 
     rows = {"c": ClientRound(0, 1, {}, {})}
     assert JobMeta(JobSpec(JOB), {0: rows}).nbytes == 512 + 256
+
+
+def rows_of_meta(meta: JobMeta) -> dict[int, dict[str, Any]]:
+    return {r: {c: rows[c] for c in rows} for r, rows in meta.rounds.items()}
+
+
+def test_a_snapshot_gives_back_every_row_and_version() -> None:
+    store = varied_store()
+    meta = load_meta(ManifestReader(store), JOB)
+    back = meta_snapshot.decode(JOB, meta_snapshot.encode(meta))
+    assert rows_of_meta(back) == rows_of_meta(meta)
+    assert back.versions == meta.versions and back.versions[0]
+    assert len(back.ids) == len(meta.ids)
+
+
+def test_a_cold_node_starts_from_the_snapshot_and_reads_only_what_changed(
+    long_store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(meta_snapshot, "SNAPSHOT_EVERY", 10)
+    warm = CacheNode(long_store, budget_bytes=10**8)
+    want = run(warm, "incentive", {"budget": 3.0})["result"]
+    assert long_store.stat(layout.meta_rows_key(JOB)) is not None  # 40 rounds read: written
+    manifest = long_store.get_manifest(JOB, 39)
+    body = json.loads(manifest.to_json())
+    body["updates"]["client-00"]["summary"]["cos_to_mean"] = 0.25  # rewritten after the snapshot
+    long_store.put_object(
+        layout.manifest_key(JOB, 39), json.dumps(body).encode(), "application/json"
+    )
+    cold = CacheNode(long_store, budget_bytes=10**8)
+    gets = long_store.gets
+    got = run(cold, "incentive", {"budget": 3.0})["result"]
+    # the snapshot, the rewritten manifest, the job spec and its versions; not 40 manifests
+    assert long_store.gets - gets <= 6
+    assert got["rounds"]["39"]["client-00"] != want["rounds"]["39"]["client-00"]
+    assert got["rounds"]["38"] == want["rounds"]["38"]
+    fresh = run(
+        CacheNode(ObjectStore(blobs=long_store.blobs), budget_bytes=10**8),
+        "incentive",
+        {"budget": 3.0},
+    )
+    assert fresh["result"] == got
+
+
+def test_a_broken_snapshot_is_ignored(long_store: ObjectStore) -> None:
+    long_store.put_object(layout.meta_rows_key(JOB), b"not a snapshot")
+    assert meta_snapshot.read_snapshot(long_store, JOB) is None
+    want = run(CacheNode(long_store, budget_bytes=10**8), "reputation", {"decay": 0.5})
+    assert want["result"]["values"]
