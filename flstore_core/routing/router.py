@@ -53,7 +53,7 @@ from flstore_core.routing.bounds import RequestBounds
 from flstore_core.routing.failover import Answered, FailoverPolicy
 from flstore_core.routing.invoker import Invoker, NodeInvoker
 from flstore_core.routing.model_results import ModelResultWriter
-from flstore_core.routing.paging import page_of
+from flstore_core.routing.paging import RoundListing, page_of
 from flstore_core.routing.placement import (
     ShardKey,
     meta_shard,
@@ -187,6 +187,7 @@ class Router:
         # the cached manifests' versions, so a late client or a backfill is seen within
         # ROUNDS_TTL_S, as a new round is
         self.manifests = ManifestReader(store, list_ttl_s=ROUNDS_TTL_S)
+        self.listing = RoundListing()  # what the rounds route answers, per round
         self._lock = threading.Lock()
         self.bounds = RequestBounds(
             store, self.manifests, self.config.node_memory_mb, self.config.deadline_s, ROUNDS_TTL_S
@@ -252,14 +253,14 @@ class Router:
         self.tokens.authorize(authorization, job)
         page = page_of(self.manifests.rounds(job), limit, after)  # 400 before the job's 404
         self._require_job(job)
-        manifests = list(self.scatter.pool.map(lambda r: self.manifests.get(job, r), page.rounds))
-        return {
-            "job": job,
-            "rounds": [
-                {"round": m.round, "clients": m.clients, "bytes": m.stored_bytes} for m in manifests
-            ],
-            "next": page.next,
-        }
+        rows = self.listing.rows(
+            job,
+            page.rounds,
+            self.manifests.listed(job),
+            lambda r: self.manifests.fetch(job, r),
+            self.scatter.pool.map,
+        )
+        return {"job": job, "rounds": rows, "next": page.next}
 
     def run(
         self, authorization: str | None, job: str, name: str, body: bytes | str | None
