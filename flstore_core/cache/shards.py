@@ -65,9 +65,9 @@ def rows_of(manifest: RoundManifest) -> RoundRows:
     return round_rows(manifest, ClientIds())
 
 
-# manifests of one job a reader keeps when a meta shard's load reads them (a short job's are
-# all kept, for its client shards and round loads to reuse)
-MANIFESTS_KEPT = 256
+# client entries of one job's manifests a reader keeps when a meta shard's load reads them (a
+# short job's are all kept, for its client shards and round loads to reuse): ~4 MB
+MANIFEST_ROWS_KEPT = 4096
 
 
 class ManifestReader:
@@ -170,17 +170,21 @@ class ManifestReader:
         return dict(listed[1]) if listed is not None else {}
 
     def fetch(self, job: str, round_: int) -> RoundManifest:
-        """The round's manifest, as :meth:`get`, but kept only while fewer than
-        :data:`MANIFESTS_KEPT` of the job's manifests are: a meta shard keeps its rows, not
-        the parsed manifests of a job of 2,000 rounds (~1.2 KB a client row)."""
+        """The round's manifest, as :meth:`get`, but kept only while the job's kept manifests
+        hold at most :data:`MANIFEST_ROWS_KEPT` client entries: a meta shard keeps its rows,
+        not the parsed manifests of a long job (~1 KB a client entry: 2,000 rounds of 100
+        clients were ~200 MB)."""
         with self._lock:
             cached = self._cache.get((job, round_))
-            kept = sum(1 for key in self._cache if key[0] == job)
+            kept = sum(len(m.updates) for key, (_, m) in self._cache.items() if key[0] == job)
         if cached is not None:
             return cached[1]
-        if kept < MANIFESTS_KEPT:
-            return self.get(job, round_)
-        return self.store.get_manifest(job, round_)
+        manifest = self.store.get_manifest(job, round_)
+        if kept + len(manifest.updates) <= MANIFEST_ROWS_KEPT:
+            version = self.listed(job).get(round_, "")
+            with self._lock:
+                self._cache[(job, round_)] = (version, manifest)
+        return manifest
 
     def version(self, job: str, round_: int) -> str:
         """The version tag of the cached copy of the round's manifest ("" if none or unknown)."""
@@ -324,11 +328,14 @@ def load_meta(
         meta.versions[r] = version
     meta.unsnapshotted = (known.unsnapshotted if known is not None else 0) + len(to_read)
     if to_read:
+        # a batch at a time: the executor holds every finished manifest until it is taken, and
+        # 2,000 of them at once were ~200 MB
         with ThreadPoolExecutor(min(META_READERS, len(to_read))) as pool:
-            for r, manifest in zip(
-                to_read, pool.map(lambda r: reader.fetch(job, r), to_read), strict=True
-            ):
-                meta.rounds[r] = round_rows(manifest, meta.ids)
+            for start in range(0, len(to_read), 4 * META_READERS):
+                batch = to_read[start : start + 4 * META_READERS]
+                read = pool.map(lambda r: reader.fetch(job, r), batch)
+                for r, manifest in zip(batch, read, strict=True):
+                    meta.rounds[r] = round_rows(manifest, meta.ids)
     meta.rounds = dict(sorted(meta.rounds.items()))
     meta.loaded_at = time.monotonic()
     return meta

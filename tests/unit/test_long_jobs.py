@@ -84,7 +84,7 @@ def test_rounds_of_the_same_clients_share_their_ids(long_store: ObjectStore) -> 
 def test_a_meta_load_keeps_rows_not_every_manifest(
     long_store: ObjectStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shards, "MANIFESTS_KEPT", 8)
+    monkeypatch.setattr(shards, "MANIFEST_ROWS_KEPT", 8 * 12)
     reader = ManifestReader(long_store)
     meta = load_meta(reader, JOB)
     assert sum(1 for key in reader._cache if key[0] == JOB) == 8
@@ -96,7 +96,7 @@ def test_a_meta_load_keeps_rows_not_every_manifest(
 def test_a_listing_finds_a_rewrite_of_a_manifest_it_does_not_hold(
     long_store: ObjectStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shards, "MANIFESTS_KEPT", 0)
+    monkeypatch.setattr(shards, "MANIFEST_ROWS_KEPT", 0)
     reader = ManifestReader(long_store)
     meta = load_meta(reader, JOB)
     manifest = long_store.get_manifest(JOB, 39)

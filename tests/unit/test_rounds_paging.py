@@ -196,7 +196,7 @@ def test_the_router_keeps_a_listing_not_the_manifests(monkeypatch: pytest.Monkey
     from flstore_core.cache import shards
     from flstore_core.storage.memory import MemoryBlobStore
 
-    monkeypatch.setattr(shards, "MANIFESTS_KEPT", 1)
+    monkeypatch.setattr(shards, "MANIFEST_ROWS_KEPT", 1)
     st = ObjectStore(blobs=MemoryBlobStore())
     st.put_job_spec(JobSpec(job=JOB, late_clients={"within_s": 3600.0}))
     for r in range(4):
