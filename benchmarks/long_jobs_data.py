@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from benchmarks.paper_data import SUMMARY_WIDTH, client_ids
 from flstore_core.data import layout
 from flstore_core.data.codec import Update, encode_update
 from flstore_core.data.columns import job_columns
@@ -31,12 +32,7 @@ from flstore_core.storage.commit import entry_of, with_summaries
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads.summaries import INGEST_SUMMARIES, matrix_scores
 
-WIDTH = 1024  # paper_data.SUMMARY_WIDTH: the summary job's one tensor
-
-
-def client_ids(n: int) -> list[str]:
-    width = max(2, len(str(n - 1)))
-    return [f"client-{i:0{width}d}" for i in range(n)]
+WIDTH = SUMMARY_WIDTH  # the summary job's one tensor
 
 
 class LongJob:
