@@ -423,22 +423,25 @@ def main() -> None:
     t0 = time.perf_counter()
     load_before = os.getloadavg()
     runs: list[dict[str, Any]] = []
-    shapes = [run_shape(args, args.rounds, args.clients, runs)]
+    shapes: list[dict[str, Any]] = []
+    todo = [(args.rounds, args.clients)]
     if not args.skip_wide:
-        shapes.append(run_shape(args, args.wide_rounds, args.wide_clients, runs))
-    for shape in shapes:
-        shape["memory"] = args.memory_mb
-    report = write_report("long_jobs", runs, None)
-    report["setup"] = {
-        "shapes": shapes,
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "wall_s": round(time.perf_counter() - t0, 1),
-        "tolerance": TOLERANCE,
-    }
+        todo.append((args.wide_rounds, args.wide_clients))
+    for rounds, clients in todo:
+        shapes.append(run_shape(args, rounds, clients, runs))
+        shapes[-1]["memory"] = args.memory_mb
+        report = write_report("long_jobs", runs, None)
+        report["setup"] = {
+            "shapes": shapes,
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "tolerance": TOLERANCE,
+        }
+        if args.json:  # after each shape: a long run stopped early keeps what it measured
+            Path(args.json).write_text(json.dumps(report, indent=2))
     table(runs, shapes)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"\nwrote {args.json}")
     print(f"total {time.perf_counter() - t0:.0f} s")
 
