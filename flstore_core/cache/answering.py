@@ -30,6 +30,7 @@ from flstore_core.errors import NotFoundError, ValidationError
 from flstore_core.ids import validate_client, validate_round
 from flstore_core.protocol import RunOp
 from flstore_core.routing.placement import meta_shard, model_shard, round_shard
+from flstore_core.storage.results import NODE_INLINE_LIMIT, offload_if_large
 from flstore_core.workloads import Workload, WorkloadResult, get
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ class WorkloadAnswers:
                     else value
                 )
                 result = self.memoised(
-                    value.memo, workload.name, request, shard, params, value.spec_version
+                    value.memo, workload, request, shard, params, value.spec_version, job
                 )
                 if isinstance(value, GlobalModels):
                     node.cache.put(key, value)  # models loaded on demand: re-account its size
@@ -117,25 +118,23 @@ class WorkloadAnswers:
     def memoised(
         self,
         memo: ResultMemo,
-        name: str,
+        workload: Workload,
         request: dict[str, Any],
         shard: Any,
         params: dict[str, Any],
         version: str,
+        job: str,
     ) -> dict[str, Any]:
         """The workload's answer on ``shard``: kept from an identical earlier request on this
         version of the shard and of the job's spec (``version``), else run and kept
-        (:mod:`flstore_core.cache.memo`)."""
-        workload = get(name)
+        (:mod:`flstore_core.cache.memo`); offloaded to S3 when too large to answer inline."""
 
         def compute() -> dict[str, Any]:
             out = workload.run(shard, params)
             result = dict(out.result if isinstance(out, WorkloadResult) else out)
-            if workload.cls == "client" and workload.finalize is not None:
-                result = workload.finalize(result, params)
-            return result
+            return self.offloaded(job, workload, result)
 
-        return self.answer(memo, name, request, compute, version)
+        return self.answer(memo, workload.name, request, compute, version)
 
     def answer(
         self,
@@ -233,18 +232,50 @@ class WorkloadAnswers:
                 names = meta.clients
                 if not names:
                     raise NotFoundError(f"job {job!r} has no committed round with clients yet")
-            histories = {
-                c: ClientHistory(
-                    job, c, [r for r in meta.history(c) if wanted is None or r.round in wanted]
-                )
-                for c in names
-            }
             request = {
                 "params": params,
                 "clients": names,
                 "rounds": None if wanted is None else sorted(wanted),
             }
-            result = self.memoised(
-                meta.memo, workload.name, request, histories, params, meta.spec_version
-            )
+
+            def compute() -> dict[str, Any]:
+                answer = client_pass(workload, meta, names, wanted, params)
+                return self.offloaded(job, workload, answer)
+
+            result = self.answer(meta.memo, workload.name, request, compute, meta.spec_version)
         return result, [hit], t1
+
+    def offloaded(self, job: str, workload: Workload, result: dict[str, Any]) -> dict[str, Any]:
+        """``result``, or where its JSON is past what a node may answer inline, the pointer to
+        it written under the job's ``results/`` (:func:`offload_if_large`): what is kept in the
+        memo is then the pointer, not megabytes of answer."""
+        return offload_if_large(self.node.store, job, workload.name, 0, result, NODE_INLINE_LIMIT)
+
+
+# rows a client-class request turns into row objects at once: a job of 2,000 rounds × 100
+# clients is 200,000 rows, ~110 MB as objects, so its clients are run in groups of 20,000 rows
+# (~11 MB) and the groups' partial answers merged before the workload finalises them
+ROWS_PER_PASS = 20_000
+
+
+def client_pass(
+    workload: Workload,
+    meta: JobMeta,
+    names: list[str],
+    wanted: set[int] | None,
+    params: dict[str, Any],
+) -> dict[str, Any]:
+    """A client-class workload over ``names``' histories in the meta shard, a group of clients
+    at a time (:data:`ROWS_PER_PASS`), finalised. Each group's answer maps a field to a dict
+    by client, so the groups' answers merge field by field."""
+    rounds = len(meta.rounds) if wanted is None else len(wanted)
+    group = max(1, ROWS_PER_PASS // max(rounds, 1))
+    merged: dict[str, Any] = {}
+    for start in range(0, len(names), group):
+        rows = meta.histories(names[start : start + group], wanted)
+        histories = {c: ClientHistory(meta.spec.job, c, h) for c, h in rows.items()}
+        part = workload.run(histories, params)
+        del histories, rows
+        for name, values in dict(part.result if isinstance(part, WorkloadResult) else part).items():
+            merged.setdefault(name, {}).update(values)
+    return workload.finalize(merged, params) if workload.finalize is not None else merged

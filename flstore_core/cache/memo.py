@@ -31,15 +31,29 @@ from typing import Any
 import cachetools
 
 # answers kept per shard (least recently used dropped): each is a JSON object a response can
-# carry inline, so at most a few MB per shard even for inference's predictions
+# carry inline (a node offloads a larger one to S3 and keeps the pointer:
+# flstore_core.storage.results.offload_if_large) ...
 MEMO_ANSWERS = 64
+# ... and at most this many bytes of them, as compact JSON: a reputation series over 2,000
+# rounds × 100 clients is ~5 MB of JSON, ~30 MB as Python objects, and 64 of them would not fit
+# a node of 512 MB (each answer counts at least MEMO_BYTES / MEMO_ANSWERS, so the count holds)
+MEMO_BYTES = 8 * 1024 * 1024
+
+
+def json_size(answer: dict[str, Any]) -> int:
+    """An answer's size as compact JSON (what a response carries), roughly."""
+    return len(json.dumps(answer, separators=(",", ":"), default=str))
 
 
 class ResultMemo:
     """Answers by request digest, for one version of one shard."""
 
-    def __init__(self, capacity: int = MEMO_ANSWERS) -> None:
-        self._answers: cachetools.LRUCache[str, dict[str, Any]] = cachetools.LRUCache(capacity)
+    def __init__(self, capacity: int = MEMO_ANSWERS, max_bytes: int = MEMO_BYTES) -> None:
+        floor = max(1, max_bytes // capacity)
+        # (answer, its JSON size); each counts at least ``floor`` against ``max_bytes``
+        self._answers: cachetools.LRUCache[str, tuple[dict[str, Any], int]] = cachetools.LRUCache(
+            max_bytes, getsizeof=lambda kept: max(kept[1], floor)
+        )
         self._lock = threading.Lock()
 
     @staticmethod
@@ -53,22 +67,23 @@ class ResultMemo:
     def answer(
         self, key: str, compute: Callable[[], dict[str, Any]]
     ) -> tuple[dict[str, Any], bool]:
-        """``(answer, reused)``: the kept answer for ``key``, else ``compute()`` kept and
-        returned. An exception of ``compute`` keeps nothing."""
+        """``(answer, reused)``: the kept answer for ``key``, else ``compute()`` kept (unless
+        larger than the memo) and returned. An exception of ``compute`` keeps nothing."""
         with self._lock:
             kept = self._answers.get(key)
         if kept is not None:
-            return kept, True
+            return kept[0], True
         value = compute()
+        size = json_size(value)
         with self._lock:
-            self._answers[key] = value
+            if size <= self._answers.maxsize:
+                self._answers[key] = (value, size)
         return value, False
 
     def nbytes(self) -> int:
         """The kept answers' size as compact JSON (what a response carries), roughly."""
         with self._lock:
-            kept = list(self._answers.values())
-        return sum(len(json.dumps(a, separators=(",", ":"), default=str)) for a in kept)
+            return sum(size for _, size in self._answers.values())
 
     def __len__(self) -> int:
         with self._lock:

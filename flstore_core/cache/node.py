@@ -41,6 +41,7 @@ from flstore_core.cache import artifact_exchange, sharded_ops
 from flstore_core.cache.answering import WorkloadAnswers
 from flstore_core.cache.budget import stack_budget
 from flstore_core.cache.eviction import EvictionPolicy
+from flstore_core.cache.meta_snapshot import load_meta_snapshotted
 from flstore_core.cache.results import run_round_workload
 from flstore_core.cache.round_data import ArtifactStats, JobContext, RoundData
 from flstore_core.cache.round_loading import job_context, load_round, load_round_block
@@ -51,7 +52,6 @@ from flstore_core.cache.shards import (
     JobMeta,
     ManifestReader,
     load_client,
-    load_meta,
 )
 from flstore_core.cache.spec_versions import SpecVersions
 from flstore_core.errors import FLStoreError, NotFoundError, ValidationError
@@ -177,7 +177,7 @@ class CacheNode:
                 self.store, key.job, key.round, self.artifacts, self.context(key.job)
             )
         if key.cls == "meta":
-            return lambda: load_meta(
+            return lambda: load_meta_snapshotted(
                 self.manifests, key.job, spec_version=self.versions.current(key.job)
             )
         if key.cls == "client":
@@ -208,7 +208,9 @@ class CacheNode:
             return value
         if isinstance(value, JobMeta):
             version = self.versions.current(key.job)
-            fresh: Any = load_meta(self.manifests, key.job, known=value, spec_version=version)
+            fresh: Any = load_meta_snapshotted(
+                self.manifests, key.job, known=value, spec_version=version
+            )
         else:
             fresh = load_client(self.manifests, key.job, key.part)
         self.cache.put(key, fresh)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,13 @@ import numpy as np
 import numpy.typing as npt
 
 from flstore_core.cache.memo import ResultMemo
+from flstore_core.cache.meta_rows import (
+    ClientIds,
+    ClientRound,
+    RoundRows,
+    RoundTotals,
+    round_rows,
+)
 from flstore_core.cache.round_data import JobContext
 from flstore_core.data import layout
 from flstore_core.data.codec import TensorSpec
@@ -38,82 +45,29 @@ from flstore_core.errors import FLStoreError, NotFoundError
 from flstore_core.storage.jobs import stored_version
 from flstore_core.storage.object_store import ObjectStore
 
+__all__ = [
+    "ClientHistory",
+    "ClientRound",
+    "GlobalModels",
+    "JobMeta",
+    "ManifestReader",
+    "RoundTotals",
+    "load_client",
+    "load_meta",
+    "rows_of",
+]
+
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RoundTotals:
-    """Sums over every participant of one round, per source (``num_examples`` and each
-    summary): what a client-class workload needs about the round's other clients.
-
-    ``positive[s] = Σ_j max(v_{j,s}, 0)`` over the participants ``j`` that have ``s``, and
-    ``present[s]`` how many have it (a backfill may have summarised some clients only).
-    """
-
-    participants: int
-    positive: dict[str, float]
-    present: dict[str, int]
-
-    def everyone_has(self, source: str) -> bool:
-        return self.present.get(source, 0) == self.participants
-
-    @classmethod
-    def of(cls, manifest: RoundManifest) -> RoundTotals:
-        """The manifest's totals, computed once per manifest object (every client row of the
-        round shares them: loading n clients costs one pass over the round, not n)."""
-        with _TOTALS_LOCK:
-            held = _TOTALS.get(id(manifest))
-            if held is not None and held[0] is manifest:
-                _TOTALS.move_to_end(id(manifest))
-                return held[1]
-        positive: dict[str, float] = {"num_examples": 0.0}
-        present: dict[str, int] = {"num_examples": len(manifest.updates)}
-        for c in sorted(manifest.updates):  # sorted: the float sums do not depend on order
-            e = manifest.updates[c]
-            positive["num_examples"] += max(float(e.num_examples), 0.0)
-            for source, value in e.summary.items():
-                positive[source] = positive.get(source, 0.0) + max(float(value), 0.0)
-                present[source] = present.get(source, 0) + 1
-        totals = cls(len(manifest.updates), positive, present)
-        with _TOTALS_LOCK:
-            # the manifest is held with its totals, so its id cannot be reused while cached
-            _TOTALS[id(manifest)] = (manifest, totals)
-            while len(_TOTALS) > _TOTALS_KEPT:
-                _TOTALS.popitem(last=False)
-        return totals
+def rows_of(manifest: RoundManifest) -> RoundRows:
+    """A round's rows from its manifest (client ids shared with no other round)."""
+    return round_rows(manifest, ClientIds())
 
 
-_TOTALS: OrderedDict[int, tuple[RoundManifest, RoundTotals]] = OrderedDict()
-_TOTALS_LOCK = threading.Lock()
-_TOTALS_KEPT = 4096  # manifests whose totals are remembered (least recently used dropped)
-
-
-@dataclass(frozen=True)
-class ClientRound:
-    """One client's row of one round: what it reported and what ingestion summarised, and the
-    round's totals over all its participants (``None`` for rows not read from a manifest)."""
-
-    round: int
-    num_examples: int
-    metrics: dict[str, Any]
-    summary: dict[str, float]
-    totals: RoundTotals | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "round": self.round,
-            "num_examples": self.num_examples,
-            "metrics": self.metrics,
-            "summary": self.summary,
-        }
-
-
-def rows_of(manifest: RoundManifest) -> dict[str, ClientRound]:
-    totals = RoundTotals.of(manifest)
-    return {
-        c: ClientRound(manifest.round, e.num_examples, dict(e.metrics), dict(e.summary), totals)
-        for c, e in manifest.updates.items()
-    }
+# client entries of one job's manifests a reader keeps when a meta shard's load reads them (a
+# short job's are all kept, for its client shards and round loads to reuse): ~4 MB
+MANIFEST_ROWS_KEPT = 4096
 
 
 class ManifestReader:
@@ -150,6 +104,7 @@ class ManifestReader:
             return list(listed[1])
         versions = self.store.manifest_versions(job)
         with self._lock:
+            before = self._listed.get(job)
             self._listed[job] = (now, versions)
             stale = [
                 key
@@ -158,7 +113,12 @@ class ManifestReader:
             ]
             for key in stale:
                 del self._cache[key]
-            if stale:
+            # a manifest rewritten since the last listing, whether or not a copy is cached
+            # (the meta shard keeps rows, not manifests)
+            rewritten = before is not None and any(
+                before[1].get(r, v) != v for r, v in versions.items()
+            )
+            if stale or rewritten:
                 self._generation[job] = self._generation.get(job, 0) + 1
         return list(versions)
 
@@ -203,6 +163,29 @@ class ManifestReader:
             self._checked[key] = now
         return manifest
 
+    def listed(self, job: str) -> dict[int, str]:
+        """Each round's version as the job's last listing (:meth:`rounds`) gave it."""
+        with self._lock:
+            listed = self._listed.get(job)
+        return dict(listed[1]) if listed is not None else {}
+
+    def fetch(self, job: str, round_: int) -> RoundManifest:
+        """The round's manifest, as :meth:`get`, but kept only while the job's kept manifests
+        hold at most :data:`MANIFEST_ROWS_KEPT` client entries: a meta shard keeps its rows,
+        not the parsed manifests of a long job (~1 KB a client entry: 2,000 rounds of 100
+        clients were ~200 MB)."""
+        with self._lock:
+            cached = self._cache.get((job, round_))
+            kept = sum(len(m.updates) for key, (_, m) in self._cache.items() if key[0] == job)
+        if cached is not None:
+            return cached[1]
+        manifest = self.store.get_manifest(job, round_)
+        if kept + len(manifest.updates) <= MANIFEST_ROWS_KEPT:
+            version = self.listed(job).get(round_, "")
+            with self._lock:
+                self._cache[(job, round_)] = (version, manifest)
+        return manifest
+
     def version(self, job: str, round_: int) -> str:
         """The version tag of the cached copy of the round's manifest ("" if none or unknown)."""
         with self._lock:
@@ -231,7 +214,7 @@ class JobMeta:
     """A job's metadata across rounds: the ``meta`` shard."""
 
     spec: JobSpec
-    rounds: dict[int, dict[str, ClientRound]] = field(default_factory=dict)
+    rounds: dict[int, Mapping[str, ClientRound]] = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.monotonic)
     # the version of the manifest each round's rows were read from, and the reader's generation
     # of the job when they were (see ManifestReader)
@@ -243,21 +226,60 @@ class JobMeta:
     # answers of meta and client workloads run on this version of the shard (a refresh builds
     # a new JobMeta, with an empty memo)
     memo: ResultMemo = field(default_factory=ResultMemo, repr=False, compare=False)
+    # the client-id tuples its rounds share, handed on to the shard that refreshes it
+    ids: ClientIds = field(default_factory=ClientIds, repr=False, compare=False)
+    # rounds read from manifests since the job's rows were last written to S3
+    # (flstore_core.cache.meta_snapshot)
+    unsnapshotted: int = field(default=0, compare=False)
 
     @property
     def nbytes(self) -> int:
-        return 512 + sum(256 * len(r) for r in self.rounds.values())
+        """Its rows' columns, each distinct set of client ids once (meta_rows)."""
+        return (
+            512
+            + self.ids.nbytes
+            + sum(
+                rows.nbytes if isinstance(rows, RoundRows) else 256 * len(rows)
+                for rows in self.rounds.values()
+            )
+        )
 
     @property
     def clients(self) -> list[str]:
-        return sorted({c for rows in self.rounds.values() for c in rows})
+        out: set[str] = set()
+        seen: set[int] = set()  # rounds of the same clients share one tuple: read it once
+        for rows in self.rounds.values():
+            if isinstance(rows, RoundRows):
+                if id(rows.clients) in seen:
+                    continue
+                seen.add(id(rows.clients))
+            out.update(rows)
+        return sorted(out)
 
     @property
     def latest_round(self) -> int:
         return max(self.rounds) if self.rounds else -1
 
     def history(self, client: str) -> list[ClientRound]:
-        return [rows[client] for r, rows in sorted(self.rounds.items()) if client in rows]
+        return self.histories([client])[client]
+
+    def histories(
+        self, clients: Sequence[str], rounds: set[int] | None = None
+    ) -> dict[str, list[ClientRound]]:
+        """Each of ``clients``' rows, in round order (of ``rounds`` only, if given): a round's
+        columns read once for all of them (:meth:`RoundRows.pick`)."""
+        out: dict[str, list[ClientRound]] = {c: [] for c in clients}
+        for r, rows in sorted(self.rounds.items()):
+            if rounds is not None and r not in rounds:
+                continue
+            if isinstance(rows, RoundRows):
+                for c, row in rows.pick(clients):
+                    out[c].append(row)
+            else:
+                for c in clients:
+                    if c in rows:
+                        out[c].append(rows[c])
+        return out
 
     def restricted(self, rounds: Iterable[int]) -> JobMeta:
         """This shard with only the rows of ``rounds``: what a workload spanning those rounds
@@ -271,7 +293,12 @@ class JobMeta:
             {r: v for r, v in self.versions.items() if r in wanted},
             self.generation,
             self.spec_version,
+            ids=self.ids,
         )
+
+
+# manifests a meta shard's load reads at once: a 2,000-round job is 2,000 GETs
+META_READERS = 16
 
 
 def load_meta(
@@ -279,19 +306,37 @@ def load_meta(
 ) -> JobMeta:
     """The job's meta shard, rebuilding only the rows of rounds that ``known`` does not have or
     read from another version of their manifest (a late client, a backfill); ``spec_version``
-    names the job spec's version it is read at (taken before this read)."""
+    names the job spec's version it is read at (taken before this read). The manifests to
+    read are read :data:`META_READERS` at a time, and only their rows are kept."""
     spec = reader.store.get_job_spec(job)
     rounds = reader.rounds(job)
+    versions = reader.listed(job)
     # read right after the listing: a rewrite found by any later listing makes the shard stale
-    meta = JobMeta(spec, generation=reader.generation(job), spec_version=spec_version)
+    meta = JobMeta(
+        spec,
+        generation=reader.generation(job),
+        spec_version=spec_version,
+        ids=known.ids if known is not None else ClientIds(),
+    )
+    to_read = []
     for r in rounds:
-        manifest = reader.get(job, r)
-        version = reader.version(job, r)
+        version = versions.get(r, "")
         if known is not None and r in known.rounds and version and known.versions.get(r) == version:
             meta.rounds[r] = known.rounds[r]
         else:
-            meta.rounds[r] = rows_of(manifest)
+            to_read.append(r)
         meta.versions[r] = version
+    meta.unsnapshotted = (known.unsnapshotted if known is not None else 0) + len(to_read)
+    if to_read:
+        # a batch at a time: the executor holds every finished manifest until it is taken, and
+        # 2,000 of them at once were ~200 MB
+        with ThreadPoolExecutor(min(META_READERS, len(to_read))) as pool:
+            for start in range(0, len(to_read), 4 * META_READERS):
+                batch = to_read[start : start + 4 * META_READERS]
+                read = pool.map(lambda r: reader.fetch(job, r), batch)
+                for r, manifest in zip(batch, read, strict=True):
+                    meta.rounds[r] = round_rows(manifest, meta.ids)
+    meta.rounds = dict(sorted(meta.rounds.items()))
     meta.loaded_at = time.monotonic()
     return meta
 

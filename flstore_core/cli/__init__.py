@@ -137,13 +137,24 @@ AS_JSON = typer.Option(False, "--json", help="Print the data as JSON.")
 @app.command()
 def rounds(
     job: str = typer.Option(..., "--job", "-j"),
+    limit: int | None = typer.Option(
+        None, "--limit", min=1, help="List at most this many rounds (default: every round)."
+    ),
+    after: int | None = typer.Option(
+        None, "--after", min=0, help="List the rounds after this round (default: from the first)."
+    ),
     as_json: bool = AS_JSON,
     url: str = URL,
     token: str = TOKEN,
 ) -> None:
-    """List the committed rounds of a job."""
+    """List the committed rounds of a job, read from the API a page of up to 1,000 at a time."""
     try:
-        answer = _client(url, token).rounds(job)
+        client = _client(url, token)
+        if limit is None:
+            answer, more = client.rounds(job, after=after), False
+        else:  # one round past the limit says whether more remain
+            answer = client.rounds(job, limit=limit + 1, after=after)
+            answer, more = answer[:limit], len(answer) > limit
     except FLStoreError as exc:
         fail(exc)
     if as_json:
@@ -165,6 +176,9 @@ def rounds(
     for r in answer:
         out.add_row(*row(r["round"], len(r["clients"]), f"{r['bytes']:,}"))
     console.print(out)
+    if more:
+        last = answer[-1]["round"]
+        say(f"more rounds follow: flstore rounds --job {job} --after {last} --limit {limit}")
 
 
 @app.command()

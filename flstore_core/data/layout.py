@@ -44,6 +44,12 @@ def update_key(job: str, round_: int, client: str) -> str:
     return updates_prefix(job, round_) + validate_client(client) + UPDATE_SUFFIX
 
 
+def meta_rows_key(job: str) -> str:
+    """``jobs/{job}/meta/rows.zst``: the job's meta rows as one object, derived from the
+    manifests (:mod:`flstore_core.cache.meta_snapshot`)."""
+    return job_prefix(job) + "meta/rows.zst"
+
+
 def manifest_key(job: str, round_: int) -> str:
     """``jobs/{job}/rounds/{round:08d}/manifest.json``: makes the round visible."""
     return round_prefix(job, round_) + "manifest.json"

@@ -28,8 +28,6 @@ prefetch does in :mod:`~flstore_core.routing.prefetch`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 import time
 from collections.abc import Mapping
@@ -48,7 +46,6 @@ from flstore_core.cost import (
     answer_cost,
     router_invocation,
 )
-from flstore_core.data import layout
 from flstore_core.errors import NotFoundError, ValidationError
 from flstore_core.ids import validate_client, validate_job, validate_round
 from flstore_core.protocol import NodeOp, RunOp
@@ -57,7 +54,7 @@ from flstore_core.routing.bounds import RequestBounds
 from flstore_core.routing.failover import Answered, FailoverPolicy
 from flstore_core.routing.invoker import Invoker, NodeInvoker
 from flstore_core.routing.model_results import ModelResultWriter
-from flstore_core.routing.paging import page_of
+from flstore_core.routing.paging import RoundListing, page_of
 from flstore_core.routing.placement import (
     ShardKey,
     meta_shard,
@@ -72,6 +69,7 @@ from flstore_core.routing.scatter import BlockScatter, Scatter, checked
 from flstore_core.routing.sharded_runner import SHARDED_VIEWS, ShardedRun, ShardedRunner
 from flstore_core.routing.streamed_runner import StreamedRunner
 from flstore_core.storage.object_store import ObjectStore
+from flstore_core.storage.results import RESPONSE_LIMIT, offload_if_large
 from flstore_core.workloads import Workload, catalogue, get
 
 __all__ = [
@@ -85,7 +83,6 @@ __all__ = [
     "ShardedRun",
 ]
 
-RESPONSE_LIMIT = 6 * 1024 * 1024  # Lambda's synchronous response limit
 ROUNDS_TTL_S = 5.0
 
 
@@ -197,6 +194,7 @@ class Router:
         # the cached manifests' versions, so a late client or a backfill is seen within
         # ROUNDS_TTL_S, as a new round is
         self.manifests = ManifestReader(store, list_ttl_s=ROUNDS_TTL_S)
+        self.listing = RoundListing()  # what the rounds route answers, per round
         self._lock = threading.Lock()
         # what each job was seen to ask: prefetch builds no model artifacts for a job that
         # asks no model workload (:mod:`flstore_core.cache.job_mix`)
@@ -266,14 +264,14 @@ class Router:
         self.tokens.authorize(authorization, job)
         page = page_of(self.manifests.rounds(job), limit, after)  # 400 before the job's 404
         self._require_job(job)
-        manifests = list(self.scatter.pool.map(lambda r: self.manifests.get(job, r), page.rounds))
-        return {
-            "job": job,
-            "rounds": [
-                {"round": m.round, "clients": m.clients, "bytes": m.stored_bytes} for m in manifests
-            ],
-            "next": page.next,
-        }
+        rows = self.listing.rows(
+            job,
+            page.rounds,
+            self.manifests.listed(job),
+            lambda r: self.manifests.fetch(job, r),
+            self.scatter.pool.map,
+        )
+        return {"job": job, "rounds": rows, "next": page.next}
 
     def run(
         self, authorization: str | None, job: str, name: str, body: bytes | str | None
@@ -452,13 +450,9 @@ class Router:
     def _maybe_offload(
         self, job: str, workload: str, round_: int, result: dict[str, Any]
     ) -> dict[str, Any]:
-        body = json.dumps(result, sort_keys=True).encode()
-        if len(body) <= self.config.response_limit:
-            return result
-        digest = hashlib.sha256(body).hexdigest()[:16]
-        key = f"{layout.results_prefix(job, workload, round_)}{digest}.json"
-        self.store.put_result(key, body)
-        return {"result_key": key, "bytes": len(body)}
+        return offload_if_large(
+            self.store, job, workload, round_, result, self.config.response_limit
+        )
 
     def prefetch(self, shards: list[ShardKey]) -> dict[str, Any]:
         """Ask every owner (primary and replicas) of each shard to load it now

@@ -7,14 +7,41 @@ whole is written block by block as parts and joined into one object (a multipart
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+from flstore_core.data import layout
 from flstore_core.errors import ValidationError
 from flstore_core.ids import validate_job
 from flstore_core.storage.counted import CountedBlobs
 
+if TYPE_CHECKING:
+    from flstore_core.storage.object_store import ObjectStore
+
 # results carry this tag: the bucket's lifecycle rule expires them (infra/flstore_infra/storage.py)
 RESULT_TAGS = {"flstore:kind": "result"}
+
+RESPONSE_LIMIT = 6 * 1024 * 1024  # Lambda's synchronous response limit
+# what a cache node answers inline: the router's limit less room for the envelope around the
+# result (the node's timings and counts, the router's meta)
+NODE_INLINE_LIMIT = RESPONSE_LIMIT - 256 * 1024
+
+
+def offload_if_large(
+    store: ObjectStore, job: str, workload: str, round_: int, result: dict[str, Any], limit: int
+) -> dict[str, Any]:
+    """``result`` when its JSON is at most ``limit`` bytes, else ``{"result_key", "bytes"}``
+    once it is written to ``jobs/{job}/results/{workload}/{round}/{digest}.json`` (the digest
+    of its sorted JSON: the same answer, from any node or the router, has the same key)."""
+    body = json.dumps(result, sort_keys=True).encode()
+    if len(body) <= limit:
+        return result
+    digest = hashlib.sha256(body).hexdigest()[:16]
+    key = f"{layout.results_prefix(job, workload, round_)}{digest}.json"
+    store.put_result(key, body)
+    return {"result_key": key, "bytes": len(body)}
 
 
 def check_result_key(key: str) -> None:

@@ -76,10 +76,7 @@ def oort_select(
         raise InvalidParamsError(f"k={k} but only {len(pool)} candidates: use k <= {len(pool)}")
     planned = round if round is not None else meta.latest_round + 1
     rng = np.random.default_rng(seed)
-    last: dict[str, tuple[int, int, dict[str, Any]]] = {}
-    for r, rows in sorted(meta.rounds.items()):
-        for c, row in rows.items():
-            last[c] = (r, row.num_examples, row.metrics)
+    last = last_seen(meta, len(known))
     explored = [c for c in pool if c in last]
     unexplored = [c for c in pool if c not in last]
     durations = {c: float(last[c][2]["duration_s"]) for c in explored if "duration_s" in last[c][2]}
@@ -117,6 +114,22 @@ def oort_select(
             "preferred_duration": preferred_duration,
         }
     )
+
+
+def last_seen(meta: JobMeta, clients: int) -> dict[str, tuple[int, int, dict[str, Any]]]:
+    """Each client's last round, ``num_examples`` and metrics: the rounds read from the latest
+    back, stopping once all ``clients`` are found (a job whose every round has every client
+    reads one round of its history, not 2,000)."""
+    last: dict[str, tuple[int, int, dict[str, Any]]] = {}
+    for r in sorted(meta.rounds, reverse=True):
+        rows = meta.rounds[r]
+        for c in rows:
+            if c not in last:
+                row = rows[c]
+                last[c] = (r, row.num_examples, row.metrics)
+        if len(last) == clients:
+            break
+    return last
 
 
 def exploration_count(k: int, epsilon: float) -> int:

@@ -174,3 +174,41 @@ def test_flstore_rounds_lists_every_page(
     assert out.exit_code == 0, out.output
     assert [r["round"] for r in json.loads(out.output)] == ROUNDS
     assert len(client.paths) == 3  # three pages of at most two
+
+
+def test_flstore_rounds_lists_a_part_and_says_how_to_read_on(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flstore_core import cli
+
+    client = RouteClient(store)
+    monkeypatch.setattr(cli, "_client", lambda url, token: client)
+    out = CliRunner().invoke(cli.app, ["rounds", "--job", JOB, "--after", "0", "--limit", "2"])
+    assert out.exit_code == 0, out.output
+    assert f"--job {JOB} --after 2 --limit 2" in out.output
+    out = CliRunner().invoke(cli.app, ["rounds", "--job", JOB, "--after", "1", "--json"])
+    assert [r["round"] for r in json.loads(out.output)] == [r for r in ROUNDS if r > 1]
+    last = CliRunner().invoke(cli.app, ["rounds", "--job", JOB, "--after", "2", "--limit", "9"])
+    assert "more rounds follow" not in last.output
+
+
+def test_the_router_keeps_a_listing_not_the_manifests(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flstore_core.cache import shards
+    from flstore_core.storage.memory import MemoryBlobStore
+
+    monkeypatch.setattr(shards, "MANIFEST_ROWS_KEPT", 1)
+    st = ObjectStore(blobs=MemoryBlobStore())
+    st.put_job_spec(JobSpec(job=JOB, late_clients={"within_s": 3600.0}))
+    for r in range(4):
+        st.put_update(JOB, r, "c0", Update({"w": np.full(4, r, np.float32)}, num_examples=1))
+        st.commit_round(JOB, r)
+    router = make_router(st, InProcessNodes(reply=lambda f, e: {}), tokens={TOKEN: ["*"]})
+    first = router.rounds(f"Bearer {TOKEN}", JOB)["rounds"]
+    assert [r["clients"] for r in first] == [["c0"]] * 4
+    assert len(router.manifests._cache) <= 1  # the listing holds clients and bytes, not manifests
+    st.put_update(JOB, 2, "c1", Update({"w": np.full(4, 2, np.float32)}, num_examples=1))
+    st.commit_round(JOB, 2)  # a late client rewrites round 2's manifest
+    router.manifests.list_ttl_s = 0  # the next listing is now, not ROUNDS_TTL_S later
+    again = router.rounds(f"Bearer {TOKEN}", JOB)["rounds"]
+    assert again[2]["clients"] == ["c0", "c1"] and again[2]["bytes"] > first[2]["bytes"]
+    assert again[3] == first[3]
