@@ -10,12 +10,18 @@ What each function kind may do (ARCHITECTURE §2-§3):
 
 | kind | S3 (only its bucket) | Lambda | logs |
 |---|---|---|---|
-| cache node | read/list ``jobs/``, write ``jobs/{job}/results/`` | none | its own groups |
-| router | the same, write ``jobs/{job}/warm/`` | invoke the cache nodes (exact ARNs) | own group |
-| authorizer | none | none | its own group |
+| cache node | read/list ``jobs/``; write ``{job}/results/``, ``{job}/meta/rows.zst`` | none | own |
+| router | read/list ``jobs/``; write ``{job}/results/``, ``{job}/warm/`` | the cache nodes | own |
+| authorizer | none | none | own |
+
+(``{job}/…`` is under ``jobs/``; the cache nodes log to their own groups, the exact ARNs of
+the nodes are the router's to invoke.)
 
 Cache nodes write results too: a model result (e.g. ``fedavg`` of a ResNet) is computed on
-the node and is far larger than the 6 MB a Lambda response can carry back to the router.
+the node and is far larger than the 6 MB a Lambda response can carry back to the router. A
+cache node also writes its job's meta rows (``jobs/{job}/meta/rows.zst``), derived from the
+manifests, so that a cold load of a long job's meta shard reads one object and not every
+manifest.
 The router also writes each round's warm marker (``jobs/{job}/warm/{round:08d}.json``) when the
 bucket's notification of a committed manifest has warmed it
 (:mod:`flstore_core.routing.commit_warming`): that is the whole of what commit-driven warming
@@ -49,6 +55,10 @@ LOG_ACTIONS = ("logs:CreateLogStream", "logs:PutLogEvents")
 # the warm markers, with the same Deny as results for what `*` matches deeper down
 WARM_MARKERS = "jobs/*/warm/*"
 NOT_WARM_MARKERS = "jobs/*/*/warm/*"
+# a job's meta rows, which a cache node writes so a cold load need not read every manifest
+# (flstore_core/cache/meta_snapshot.py); the same Deny for `*` reaching deeper down
+META_ROWS = "jobs/*/meta/rows.zst"
+NOT_META_ROWS = "jobs/*/*/meta/rows.zst"
 
 Policy = dict[str, Any]
 
@@ -168,6 +178,24 @@ def _write_warm_markers(bucket_arn: str) -> list[dict[str, Any]]:
     ]
 
 
+def _write_meta_rows(bucket_arn: str) -> list[dict[str, Any]]:
+    # one object a job, replaced whole: only PUT, never tagged or deleted
+    return [
+        {
+            "Sid": "WriteMetaRows",
+            "Effect": "Allow",
+            "Action": ["s3:PutObject"],
+            "Resource": [f"{bucket_arn}/{META_ROWS}"],
+        },
+        {
+            "Sid": "DenyMetaRowsOutsideJobMeta",
+            "Effect": "Deny",
+            "Action": ["s3:PutObject"],
+            "Resource": [f"{bucket_arn}/{NOT_META_ROWS}"],
+        },
+    ]
+
+
 def _use_bucket_key(kms_key_arn: str) -> dict[str, Any]:
     region = kms_key_arn.split(":")[3]
     return {
@@ -183,11 +211,13 @@ def _use_bucket_key(kms_key_arn: str) -> dict[str, Any]:
 def cache_node_policy(
     *, bucket_arn: str, log_group_arns: Sequence[str], kms_key_arn: str | None = None
 ) -> Policy:
-    """The cache-node role: read job data, write results, log to the cache-node groups."""
+    """The cache-node role: read job data, write results and a job's meta rows, log to the
+    cache-node groups."""
     statements = [
         *_read_job_data(bucket_arn),
         _write_results(bucket_arn),
         _only_job_results(bucket_arn),
+        *_write_meta_rows(bucket_arn),
     ]
     if kms_key_arn:
         statements.append(_use_bucket_key(kms_key_arn))

@@ -452,6 +452,7 @@ def test_role_policies_are_scoped_to_bucket_nodes_and_own_logs(config: dict) -> 
         f"{bucket}/jobs/*/*/results/*",
     }
     markers = {f"{bucket}/jobs/*/warm/*", f"{bucket}/jobs/*/*/warm/*"}
+    meta_rows = {f"{bucket}/jobs/*/meta/rows.zst", f"{bucket}/jobs/*/*/meta/rows.zst"}
     cache_arns = {
         f"arn:aws:lambda:{region}:{ACCOUNT}:function:{prefix}-cache-{i}" for i in range(nodes)
     }
@@ -468,7 +469,8 @@ def test_role_policies_are_scoped_to_bucket_nodes_and_own_logs(config: dict) -> 
         def everything(policy: dict) -> set[str]:
             return {r for s in policy["Statement"] for r in s["Resource"]}
 
-        assert everything(cache) == data | logs(*[f"{prefix}-cache-{i}" for i in range(nodes)])
+        cache_logs = logs(*[f"{prefix}-cache-{i}" for i in range(nodes)])
+        assert everything(cache) == data | meta_rows | cache_logs
         assert everything(router) == data | markers | cache_arns | logs(f"{prefix}-router")
         assert everything(authorizer) == logs(f"{prefix}-authorizer")
         assert resources_of(router, "lambda:InvokeFunction") == cache_arns
@@ -476,7 +478,8 @@ def test_role_policies_are_scoped_to_bucket_nodes_and_own_logs(config: dict) -> 
         for policy in (cache, router):
             assert resources_of(policy, "s3:GetObject") == {f"{bucket}/jobs/*"}
             assert resources_of(policy, "s3:ListBucket") == {bucket}
-        assert resources_of(cache, "s3:PutObject") == results
+        # a cache node also writes its job's meta rows (the cold-load snapshot)
+        assert resources_of(cache, "s3:PutObject") == results | {f"{bucket}/jobs/*/meta/rows.zst"}
         # the router writes warm markers too (commit-driven warming), nothing else new
         assert resources_of(router, "s3:PutObject") == results | {f"{bucket}/jobs/*/warm/*"}
         assert resources_of(router, "s3:DeleteObject") == results
@@ -490,6 +493,10 @@ def test_role_policies_are_scoped_to_bucket_nodes_and_own_logs(config: dict) -> 
             if policy is router:
                 deny = denies.pop("DenyMarkerWritesOutsideJobWarm")
                 assert deny["Resource"] == [f"{bucket}/jobs/*/*/warm/*"]
+                assert deny["Action"] == ["s3:PutObject"]
+            else:
+                deny = denies.pop("DenyMetaRowsOutsideJobMeta")
+                assert deny["Resource"] == [f"{bucket}/jobs/*/*/meta/rows.zst"]
                 assert deny["Action"] == ["s3:PutObject"]
             assert denies == {}
         actions = {a for s in authorizer["Statement"] for a in s["Action"]}
@@ -1061,3 +1068,22 @@ def test_the_router_writes_warm_markers_only_under_a_jobs_warm_prefix(key: str) 
         assert not allowed(router, action, f"{BUCKET_ARN}/jobs/a/warm/00000001.json", {})
     cache = S3_ROLES["cache node"]
     assert not allowed(cache, "s3:PutObject", f"{BUCKET_ARN}/jobs/a/warm/00000001.json", {})
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "jobs/a/rounds/00000001/manifest.json",
+        "jobs/a/rounds/00000001/meta/rows.zst",  # `*` of an ARN crosses `/`
+        "jobs/a/meta/rows.json",
+        "jobs/a/job.json",
+        "meta/rows.zst",
+    ],
+)
+def test_a_cache_node_writes_meta_rows_only_at_a_jobs_meta_rows_key(key: str) -> None:
+    cache = S3_ROLES["cache node"]
+    assert allowed(cache, "s3:PutObject", f"{BUCKET_ARN}/jobs/a/meta/rows.zst", {})
+    assert not allowed(cache, "s3:PutObject", f"{BUCKET_ARN}/{key}", {}), key
+    for action in ("s3:DeleteObject", "s3:PutObjectTagging"):
+        assert not allowed(cache, action, f"{BUCKET_ARN}/jobs/a/meta/rows.zst", {})
+    assert not allowed(S3_ROLES["router"], "s3:PutObject", f"{BUCKET_ARN}/jobs/a/meta/rows.zst", {})
