@@ -176,14 +176,15 @@ class ManifestReader:
         clients were ~200 MB)."""
         with self._lock:
             cached = self._cache.get((job, round_))
-            kept = sum(len(m.updates) for key, (_, m) in self._cache.items() if key[0] == job)
         if cached is not None:
             return cached[1]
         manifest = self.store.get_manifest(job, round_)
-        if kept + len(manifest.updates) <= MANIFEST_ROWS_KEPT:
+        if len(manifest.updates) <= MANIFEST_ROWS_KEPT:
             version = self.listed(job).get(round_, "")
-            with self._lock:
-                self._cache[(job, round_)] = (version, manifest)
+            with self._lock:  # counted with the insert: concurrent loads keep the cap too
+                kept = sum(len(m.updates) for key, (_, m) in self._cache.items() if key[0] == job)
+                if kept + len(manifest.updates) <= MANIFEST_ROWS_KEPT:
+                    self._cache[(job, round_)] = (version, manifest)
         return manifest
 
     def version(self, job: str, round_: int) -> str:

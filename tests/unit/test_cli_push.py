@@ -242,7 +242,9 @@ def test_errors_print_brackets_verbatim(env: ObjectStore) -> None:
 
 
 class _FakeClient:
-    def rounds(self, job: str) -> list[dict[str, Any]]:
+    def rounds(
+        self, job: str, limit: int | None = None, after: int | None = None
+    ) -> list[dict[str, Any]]:
         return [{"round": 0, "clients": ["a", "b"], "bytes": 1234}]
 
     def workloads(self) -> list[dict[str, Any]]:
@@ -326,7 +328,9 @@ def test_rounds_of_a_job_with_none_committed_says_so_and_why(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     class NoRounds:
-        def rounds(self, job: str) -> list[dict[str, Any]]:
+        def rounds(
+            self, job: str, limit: int | None = None, after: int | None = None
+        ) -> list[dict[str, Any]]:
             return []
 
     monkeypatch.setattr("flstore_core.cli._client", lambda url, token: NoRounds())
