@@ -14,8 +14,9 @@ node's state or the workload registry (a workload's name and parameters, a shard
 index against the round's manifest) is checked by the node's handler.
 
 Operations: ``load``, ``artifacts`` (compute shares or adopt rounds), ``run``, ``partial``,
-``model_part``, ``run_clients``, ``stats``, ``evict`` (shards or all), ``ping``. Prefetch is
-the router's sequence of ``load`` and ``artifacts``, not an operation of its own.
+``model_part``, ``run_clients``, ``stage`` (an update before its round's commit), ``stats``,
+``evict`` (shards or all), ``ping``. Prefetch is the router's sequence of ``load`` and
+``artifacts``, not an operation of its own.
 """
 
 from __future__ import annotations
@@ -462,6 +463,48 @@ class PingOp(_FieldlessOp):
     op: ClassVar[str] = "ping"
 
 
+@dataclass(frozen=True)
+class StageOp:
+    """``{"op": "stage", "job", "round", "client", "tensors_round", "etag"}``: read one update
+    of a round not yet committed (its canonical key, never a key the event names), decode it
+    in the tensor order of the committed round ``tensors_round`` and hold it until the round's
+    commit (:mod:`flstore_core.cache.staging`); ``etag`` is the object's, as S3 notified it."""
+
+    op: ClassVar[str] = "stage"
+    job: str
+    round: int
+    client: str
+    tensors_round: int
+    etag: str = ""
+
+    def to_event(self) -> dict[str, Any]:
+        """The event the router sends."""
+        event: dict[str, Any] = {
+            "op": self.op,
+            "job": self.job,
+            "round": self.round,
+            "client": self.client,
+            "tensors_round": self.tensors_round,
+        }
+        if self.etag:
+            event["etag"] = self.etag
+        return event
+
+    @classmethod
+    def from_event(cls, event: Mapping[str, Any]) -> Self:
+        """The op of ``event``; :class:`MalformedEventError` when it is malformed (a bad id:
+        :class:`~flstore_core.errors.InvalidIdError`)."""
+        etag = event.get("etag", "")
+        _check(isinstance(etag, str), "stage", "etag", "stage's 'etag' must be a string")
+        return cls(
+            validate_job(event.get("job")),
+            validate_round(event.get("round")),
+            validate_client(event.get("client")),
+            validate_round(event.get("tensors_round")),
+            etag,
+        )
+
+
 NodeOp = (
     LoadOp
     | RunOp
@@ -469,6 +512,7 @@ NodeOp = (
     | ModelPartOp
     | RunClientsOp
     | ArtifactsOp
+    | StageOp
     | StatsOp
     | EvictOp
     | PingOp
@@ -484,6 +528,7 @@ OPS: dict[str, type[NodeOp]] = {
         ModelPartOp,
         RunClientsOp,
         ArtifactsOp,
+        StageOp,
         StatsOp,
         EvictOp,
         PingOp,

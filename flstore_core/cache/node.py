@@ -13,6 +13,8 @@ its typed op by :func:`flstore_core.protocol.parse_event` (which documents every
   (:mod:`flstore_core.cache.answering`);
 * ``partial``, ``model_part``, ``run_clients`` — the ops on a round held in column blocks
   (:mod:`flstore_core.cache.sharded_ops`);
+* ``stage`` — read and hold one update of a round before its commit, which then reads only
+  the rest (:mod:`flstore_core.cache.staging`);
 * ``stats`` — hits, misses, loads, bytes held, evictions, S3 GETs, artifact reuse;
 * ``evict`` — the shards named, or all of them (which also drops the node's cached manifests,
   job contexts and job spec versions);
@@ -54,6 +56,7 @@ from flstore_core.cache.shards import (
     load_meta,
 )
 from flstore_core.cache.spec_versions import SpecVersions
+from flstore_core.cache.staging import StagedRounds
 from flstore_core.errors import FLStoreError, NotFoundError, ValidationError
 from flstore_core.protocol import (
     ArtifactsOp,
@@ -65,10 +68,11 @@ from flstore_core.protocol import (
     PingOp,
     RunClientsOp,
     RunOp,
+    StageOp,
     StatsOp,
     parse_event,
 )
-from flstore_core.routing.placement import ShardKey
+from flstore_core.routing.placement import ShardKey, round_shard
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get
 from flstore_core.workloads.deadline import running_until
@@ -120,6 +124,9 @@ class CacheNode:
         self.invocations = 0
         self.streamed_written: set[str] = set()  # model results run_clients wrote
         self.answering = WorkloadAnswers(self)
+        self.staging = StagedRounds(
+            store, self.cache, lambda job, round_: self.manifests.get(job, round_).tensors
+        )
         # op class -> the handler that runs it (the unknown-op error lists the op names in
         # the protocol's order)
         self.ops: dict[type[NodeOp], Handler] = {
@@ -129,6 +136,7 @@ class CacheNode:
             ModelPartOp: lambda op: sharded_ops.model_part(self, op),
             RunClientsOp: lambda op: sharded_ops.run_clients(self, op),
             ArtifactsOp: lambda op: artifact_exchange.exchange(self, op),
+            StageOp: self.stage,
             StatsOp: lambda op: self.stats(),
             EvictOp: self.evict,
             PingOp: self.ping,
@@ -163,6 +171,7 @@ class CacheNode:
     def loader(self, key: ShardKey) -> Any:
         """How to read ``key``'s shard from S3 (for :meth:`ShardCache.using`)."""
         if key.is_block:
+            self.staging.drop(key.job, key.round)  # staged whole, loaded in blocks: re-planned
             return lambda: load_round_block(
                 self.store,
                 key.job,
@@ -174,7 +183,12 @@ class CacheNode:
             )
         if key.cls == "round":
             return lambda: load_round(
-                self.store, key.job, key.round, self.artifacts, self.context(key.job)
+                self.store,
+                key.job,
+                key.round,
+                self.artifacts,
+                self.context(key.job),
+                held=self.staging.take,
             )
         if key.cls == "meta":
             return lambda: load_meta(
@@ -263,6 +277,11 @@ class CacheNode:
             "timing_ms": {k: round(v, 3) for k, v in timing.items()},
         }
 
+    def stage(self, op: StageOp) -> dict[str, Any]:
+        """The ``stage`` op: hold one update of a round before its commit
+        (:mod:`flstore_core.cache.staging`); a round held here already stages nothing."""
+        return self.staging.stage(op, held=round_shard(op.job, op.round) in self.cache)
+
     def load_op(self, op: LoadOp) -> dict[str, Any]:
         """The ``load`` op: see :meth:`load`."""
         return self.load(list(op.shards), None if op.models is None else list(op.models))
@@ -333,6 +352,7 @@ class CacheNode:
             "s3_gets": self.store.gets,
             "s3_puts": self.store.puts,
             "artifacts": self.artifacts.to_dict(),
+            "staging": self.staging.to_dict(),
             "answers": dict(self.answering.counts),
             # bytes held by representation: rows, Gram, model artifacts, answers, other shards
             "tiers": self.answering.tiers(),

@@ -7,11 +7,14 @@ system fetched it, and a model result is written under the same key.
 
 from __future__ import annotations
 
+from collections.abc import Callable, MutableMapping
+
 from flstore_core.cache.round_data import F32, ArtifactStats, JobContext, RoundData
 from flstore_core.data.blocks import block_ranges
 from flstore_core.data.manifest import RoundManifest
 from flstore_core.data.rows import base_vector
 from flstore_core.storage.object_store import ObjectStore, RoundMatrix
+from flstore_core.storage.round_reader import HeldRow
 
 
 def job_context(store: ObjectStore, job: str, version: str = "") -> JobContext:
@@ -27,10 +30,14 @@ def load_round(
     round_: int,
     stats: ArtifactStats,
     context: JobContext | None = None,
+    held: Callable[[RoundManifest], MutableMapping[str, HeldRow]] | None = None,
 ) -> RoundData:
-    """Read a committed round (and its base model, when stored) into a :class:`RoundData`."""
+    """Read a committed round (and its base model, when stored) into a :class:`RoundData`;
+    ``held(manifest)`` gives rows already decoded that this manifest names (a node's staged
+    updates, :meth:`~flstore_core.cache.staging.StagedRounds.take`), which are not read again."""
     manifest = store.get_manifest(job, round_)
-    rm = store.read_round(job, round_, manifest=manifest)
+    rows = None if held is None else held(manifest)
+    rm = store.read_round(job, round_, manifest=manifest, held=rows)
     base_vec = base_vector(store.get_base(job, round_), manifest.tensors)
     return _round_data(store, manifest, rm, base_vec, stats, context)
 

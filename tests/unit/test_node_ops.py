@@ -17,11 +17,12 @@ OPS = [
     "model_part",
     "run_clients",
     "artifacts",
+    "stage",
     "stats",
     "evict",
     "ping",
 ]
-UNKNOWN = "use load, run, partial, model_part, run_clients, artifacts, stats, evict or ping"
+UNKNOWN = "use load, run, partial, model_part, run_clients, artifacts, stage, stats, evict or ping"
 
 
 @pytest.fixture
@@ -45,13 +46,14 @@ EVENTS: list[dict[str, Any]] = [
     },
     {"op": "run_clients", "workload": "krum", "job": "j", "round": 0, "gram": {}},
     {"op": "artifacts", "compute": {}},
+    {"op": "stage", "job": "j", "round": 1, "client": "c", "tensors_round": 0},
     {"op": "stats"},
     {"op": "evict", "all": True},
     {"op": "ping", "extra": 1},
 ]
 
 
-def test_the_table_holds_exactly_the_nine_ops_in_order(node: CacheNode) -> None:
+def test_the_table_holds_exactly_the_ten_ops_in_order(node: CacheNode) -> None:
     assert [cls.op for cls in node.ops] == OPS == list(protocol.OPS)
 
 
