@@ -120,7 +120,11 @@ def local_stack(args: Any, *, replication: int, workdir: str | None = None) -> I
     with contextlib.ExitStack() as stack:
         s3 = stack.enter_context(S3Process()) if args.s3 == "process" else None
         config = StackConfig(
-            nodes=args.nodes, replication=replication, network=args.network, s3_endpoint=s3
+            nodes=args.nodes,
+            replication=replication,
+            network=args.network,
+            s3_endpoint=s3,
+            stage_updates=args.staging == "on",
         )
         yield stack.enter_context(LocalStack(config, workdir=workdir))
 
@@ -389,6 +393,7 @@ def warm_report(
         "nodes": args.nodes,
         "replication": args.replication,
         "poll": args.poll,
+        "staging": args.staging,
     }
     runs = [{**common, "workload": "warm_marker", **summarize(samples["warm_marker"])}]
     for name, firsts in hits.items():
@@ -455,6 +460,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="marker",
         help="commit_to_warm: send the workloads' requests once the warm marker is seen, or "
         "from the commit on",
+    )
+    p.add_argument(
+        "--staging",
+        choices=("on", "off"),
+        default="on",
+        help="updates staged on their round's owners as they land (on), or the round loaded "
+        "at the commit only (off: manifests notified only)",
     )
     p.add_argument(
         "--s3",

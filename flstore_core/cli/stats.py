@@ -83,6 +83,8 @@ def print_stats(nodes: list[dict[str, Any]], prefix: str, out: Console) -> None:
     out.print(LEGEND.replace("{prefix}", prefix), markup=False, highlight=False)
     print_tiers(nodes, out)
     for i, s in enumerate(nodes):
+        if line := staging_summary(s.get("staging")):
+            out.print(f"node {i}  {line}", markup=False, highlight=False)
         for line in block_summary(s["shards"]):
             out.print(f"node {i}  {line}", markup=False, highlight=False)
 
@@ -112,6 +114,22 @@ def print_tiers(nodes: list[dict[str, Any]], out: Console) -> None:
         grid.add_row(*row(i, *sizes, s.get("rows_dropped", 0), s.get("rowless_answers", 0)))
     out.print(grid)
     out.print(TIERS_LEGEND, markup=False, highlight=False)
+
+
+def staging_summary(staging: Any) -> str:
+    """A node's updates staged before their commit (its ``stats``' ``staging``) in one line:
+    ``staged 10, used at commit 9, discarded 1, failed 0, refused 0, pending 0``; empty when
+    nothing was staged (or the node does not report it)."""
+    if not isinstance(staging, dict) or not any(
+        staging.get(k) for k in ("staged", "failed", "refused")
+    ):
+        return ""
+    pending = sum(int(n) for n in (staging.get("pending") or {}).values())
+    return (
+        f"staged {staging.get('staged', 0)}, used at commit {staging.get('used', 0)}, "
+        f"discarded {staging.get('discarded', 0)}, failed {staging.get('failed', 0)}, "
+        f"refused {staging.get('refused', 0)}, pending {pending}"
+    )
 
 
 def block_summary(shards: list[str]) -> list[str]:

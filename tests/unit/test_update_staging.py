@@ -243,3 +243,13 @@ def test_update_keys_are_parsed_and_other_keys_skipped() -> None:
     }
     assert landed_updates(event, "b") == [LandedUpdate("j", 1, "a", "t")]
     assert landed_updates(event, "other") == []
+
+
+def test_stats_show_rows_staged_and_used_per_node() -> None:
+    from flstore_core.cli.stats import staging_summary
+
+    assert staging_summary({"staged": 0, "failed": 0, "refused": 0}) == ""
+    line = staging_summary(
+        {"staged": 5, "used": 3, "discarded": 2, "failed": 1, "refused": 0, "pending": {"j/1": 2}}
+    )
+    assert line == "staged 5, used at commit 3, discarded 2, failed 1, refused 0, pending 2"
