@@ -131,7 +131,7 @@ def test_under_commit_polling_requests_start_at_the_commit() -> None:
 
 
 def args_of(**kw: Any) -> Any:
-    base = {"clients": 10, "nodes": 2, "replication": 2, "poll": "marker"}
+    base = {"clients": 10, "nodes": 2, "replication": 2, "poll": "marker", "staging": "on"}
     return type("Args", (), {**base, **kw})
 
 
@@ -155,7 +155,7 @@ def test_the_report_has_a_run_per_measure_and_judges_cosine_select_and_fedavg() 
         10,
         2,
     )
-    assert loo["p50"] == 5500.0 and loo["misses"] == [1, 1]
+    assert loo["p50"] == 5500.0 and loo["misses"] == [1, 1] and loo["staging"] == "on"
     assert loo["hit_node_timing_ms"] == [{"load": 1.0}, {"load": 1.0}]
     summary = out["summary"]["commit_to_warm"]
     assert summary["target_met"] is True  # contribution_loo is reported, not judged
