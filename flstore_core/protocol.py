@@ -89,19 +89,26 @@ class LoadOp:
 class ArtifactsOp:
     """``{"op": "artifacts", "compute": {shard: [share, shares]}}``: this node's share of held
     rounds' model artifacts; ``{"op": "artifacts", "rounds": {shard: {"content",
-    "entries"}}}``: keep those another replica computed. An event may carry both."""
+    "entries"}}}``: keep those another replica computed. An event may carry both.
+    ``budget_s`` (with ``compute``): start no task after that many seconds — one bounded chunk
+    of the share, the rest answered ``deferred`` for a later invocation (the node's own
+    ``FLSTORE_ARTIFACTS_BUDGET_S`` when absent); a third number, ``[share, shares, start]``,
+    skips the share's first ``start`` tasks (those earlier chunks did)."""
 
     op: ClassVar[str] = "artifacts"
-    compute: Mapping[str, tuple[int, int]] | None = None
+    compute: Mapping[str, tuple[int, ...]] | None = None
     rounds: Mapping[str, Mapping[str, Any]] | None = None
+    budget_s: float | None = None
 
     def to_event(self) -> dict[str, Any]:
         """The event the router sends."""
         event: dict[str, Any] = {"op": self.op}
         if self.compute is not None:
-            event["compute"] = {k: [s, n] for k, (s, n) in self.compute.items()}
+            event["compute"] = {k: list(v) for k, v in self.compute.items()}
         if self.rounds is not None:
             event["rounds"] = dict(self.rounds)
+        if self.budget_s is not None:
+            event["budget_s"] = self.budget_s
         return event
 
     @classmethod
@@ -121,16 +128,17 @@ class ArtifactsOp:
                 isinstance(compute, dict)
                 and all(
                     isinstance(v, list)
-                    and len(v) == 2
+                    and len(v) in (2, 3)
                     and all(_is_int(i) for i in v)
                     and 0 <= v[0] < v[1]
+                    and (len(v) == 2 or v[2] >= 0)
                     for v in compute.values()
                 )
             ),
             "artifacts",
             "compute",
-            "artifacts' 'compute' must map round shard keys to [share, shares] with "
-            "0 <= share < shares",
+            "artifacts' 'compute' must map round shard keys to [share, shares] (or [share, "
+            "shares, start]) with 0 <= share < shares and start >= 0",
         )
         _check(
             rounds is None or isinstance(rounds, dict),
@@ -145,8 +153,16 @@ class ArtifactsOp:
                 "rounds",
                 f"artifacts of {text!r} must be {{'content', 'entries'}}",
             )
-        shares = None if compute is None else {k: (v[0], v[1]) for k, v in compute.items()}
-        return cls(shares, rounds)
+        budget = event.get("budget_s")
+        _check(
+            budget is None
+            or (isinstance(budget, int | float) and not isinstance(budget, bool) and budget > 0),
+            "artifacts",
+            "budget_s",
+            "artifacts' 'budget_s' must be a positive number of seconds",
+        )
+        shares = None if compute is None else {k: tuple(v) for k, v in compute.items()}
+        return cls(shares, rounds, None if budget is None else float(budget))
 
 
 def _clients(value: Any) -> tuple[str, ...] | None:

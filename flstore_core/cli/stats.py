@@ -148,12 +148,13 @@ def block_summary(shards: list[str]) -> list[str]:
 
 def print_warm_times(markers: list[dict[str, Any]], out: Console, latest: int = 5) -> None:
     """When each job's latest ``latest`` rounds became warm (:func:`~flstore_core.routing.
-    commit_warming.warm_times`): the time of the commit, of the warm marker, and between."""
+    commit_warming.warm_times`): the time of the commit, of the warm marker, and from the
+    commit to each: the round warm, and its model artifacts built."""
     if not markers:
         out.print("no round warmed by its commit yet", markup=False, highlight=False)
         return
     grid = table("rounds warmed by their commit", compact=True)
-    for col in ("job", "round", "committed", "warm at", "after s", "warm s"):
+    for col in ("job", "round", "committed", "warm at", "after s", "models s"):
         grid.add_column(col, justify="left" if col == "job" else "right", no_wrap=True)
     by_job: dict[str, list[dict[str, Any]]] = {}
     for marker in markers:
@@ -168,15 +169,21 @@ def print_warm_times(markers: list[dict[str, Any]], out: Console, latest: int = 
                     _clock(str(m.get("committed_at", ""))),
                     _clock(str(m.get("warmed_at", ""))),
                     "-" if after is None else f"{after / 1000:.2f}",
-                    f"{float(m.get('warm_ms', 0)) / 1000:.2f}",
+                    _seconds(m.get("commit_to_artifacts_ms")),
                 )
             )
     out.print(grid)
     out.print(
-        "times UTC; after s = from commit to warm; warm s = the owners' load and artifacts",
+        "times UTC; after s = from commit to warm (its owners hold the round); models s = to "
+        "its model artifacts built (- not yet; --json has the owners' load time, warm_ms)",
         markup=False,
         highlight=False,
     )
+
+
+def _seconds(ms: Any) -> str:
+    """Milliseconds as seconds; ``-`` when not known (artifacts building or left to requests)."""
+    return "-" if ms is None else f"{float(ms) / 1000:.2f}"
 
 
 def _clock(iso: str) -> str:

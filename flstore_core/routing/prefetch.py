@@ -5,17 +5,27 @@ Ingestion calls it when a round is committed (``Router.prefetch``). A sharded ro
 to their owners and its default models are written block by block by the sharded runner; a
 whole round is loaded by its R owners, its primary materialises the default models, and its
 model artifacts are split over the owners and then shared between them.
+
+A commit's warming (:mod:`flstore_core.routing.commit_warming`) splits the two: ``load`` only
+(``artifacts=False``: the rows, the Gram and the default models, after which the round is warm),
+then :meth:`Prefetch.artifacts_in_chunks`: the model artifacts in invocations of at most
+``chunk_s`` seconds of work each (a node runs one invocation at a time, so a request that finds
+it busy waits one chunk, not the round's artifacts). Of a round's R ≥ 2 owners one computes at
+a time, the owners taking turns, so a request always finds an owner free (its failover tries
+the next replica at once); a round held by one node gets :data:`CHUNK_GAP_S` between its chunks
+for a waiting request to come in.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 from flstore_core import config
 from flstore_core.errors import NotFoundError, UnavailableError
 from flstore_core.protocol import ArtifactsOp, LoadOp
-from flstore_core.routing.invoker import NodeAnswer, NodeFailure
+from flstore_core.routing.invoker import NodeAnswer, NodeFailure, NodeThrottled
 from flstore_core.routing.placement import ShardKey, place_shard
 from flstore_core.routing.planner import NoLayoutError, RoundPlan
 from flstore_core.routing.scatter import BlockScatter
@@ -24,6 +34,9 @@ from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get
 
 PlanRound = Callable[[str, int], RoundPlan]
+#: a single owner's pause between two chunks of its artifacts (a throttled request's first
+#: retries come 50 and 100 ms after it was refused: FailoverPolicy's backoff)
+CHUNK_GAP_S = 0.15
 
 
 class Prefetch:
@@ -59,8 +72,10 @@ class Prefetch:
         self.nodes = nodes
         self.replication = replication
 
-    def __call__(self, shards: list[ShardKey]) -> dict[str, Any]:
-        """Prefetch ``shards``; each node's answer by function name (``Router.prefetch``)."""
+    def __call__(self, shards: list[ShardKey], artifacts: bool = True) -> dict[str, Any]:
+        """Prefetch ``shards``; each node's answer by function name (``Router.prefetch``).
+        ``artifacts=False``: load only, the model artifacts left to
+        :meth:`artifacts_in_chunks`."""
         by_node: dict[int, list[str]] = {}
         primary_of: dict[int, list[str]] = {}
         # whole rounds: shard -> its owners, each computing one share of its model artifacts
@@ -94,8 +109,9 @@ class Prefetch:
                 round_owners[str(shard)] = owners
 
         answers = self._load(by_node, primary_of)
-        self._compute_artifacts(round_owners, answers)
-        self._share_artifacts(round_owners, answers)
+        if artifacts:
+            self._compute_artifacts(round_owners, answers)
+            self._share_artifacts(round_owners, answers)
         for shard, plan in sharded:
             self._prefetch_models(shard, plan)
         return {**answers, **refused}
@@ -187,6 +203,88 @@ class Prefetch:
                 if isinstance(item, dict):
                     item["values"] = len(item.pop("entries", None) or [])
 
+    def artifacts_in_chunks(
+        self, shards: list[ShardKey], chunk_s: float, total_s: float
+    ) -> dict[str, Any]:
+        """The model artifacts of whole rounds their owners hold (a ``load`` came first), in
+        ``artifacts`` invocations of at most ``chunk_s`` seconds of work each, the owners of a
+        round taking turns (module docstring); after ``total_s`` seconds the rest is left to
+        the requests. Then the owners exchange their values, as a whole prefetch's do. Each
+        node's answer by function name: ``artifacts`` (round -> ``tasks`` done, ``deferred``,
+        ``values``), ``chunks``, ``shared``, ``invocations``, ``billed_ms``."""
+        round_owners: dict[str, list[int]] = {}
+        for shard in shards:
+            if shard.cls != "round" or not self._declares_model(shard.job):
+                continue
+            try:
+                if self.plan_round(shard.job, shard.round).sharded:
+                    continue  # a sharded round's models are written block by block
+            except (NotFoundError, NoLayoutError):
+                continue
+            round_owners[str(shard)] = place_shard(shard, self.nodes, self.replication)
+        answers: dict[str, Any] = {}
+        deadline = time.monotonic() + total_s
+        for text, owners in round_owners.items():
+            self._chunk_round(text, owners, chunk_s, deadline, answers)
+        self._share_artifacts(round_owners, answers)
+        return answers
+
+    def _chunk_round(
+        self,
+        shard: str,
+        owners: list[int],
+        chunk_s: float,
+        deadline: float,
+        answers: dict[str, Any],
+    ) -> None:
+        """Chunks of ``shard``'s artifacts on its owners in turn, until none has any deferred
+        (or the deadline passed, or an owner failed: it keeps what it computed)."""
+        # function -> (its share, shares, the share's tasks done or failed so far)
+        left = {self.scatter.function(index): (k, len(owners), 0) for k, index in enumerate(owners)}
+        while left and time.monotonic() < deadline:
+            ran = 0
+            for function, share in list(left.items()):
+                payload = answers.setdefault(function, {"chunks": 0})
+                outcome = self._chunk(function, shard, share, chunk_s, payload)
+                if outcome is None:  # throttled: a request holds it, the next turn
+                    continue
+                ran += 1
+                if outcome < 0:
+                    del left[function]
+                else:
+                    left[function] = (*share[:2], outcome)
+            if left and (len(owners) == 1 or not ran):
+                time.sleep(CHUNK_GAP_S)  # room for a waiting request (or for it to end)
+
+    def _chunk(
+        self,
+        function: str,
+        shard: str,
+        share: tuple[int, int, int],
+        chunk_s: float,
+        payload: dict[str, Any],
+    ) -> int | None:
+        """One chunk of ``shard``'s share ``(share, shares, start)`` on ``function``, its
+        answer kept in ``payload`` (the tasks done by every chunk so far): where the next chunk
+        starts, -1 when none is needed (nothing deferred, or the node failed), ``None`` when
+        the node was busy."""
+        op = ArtifactsOp(compute={shard: share}, budget_s=chunk_s)
+        try:
+            outcome = self.scatter.invoker.invoke(function, op.to_event())
+        except NodeThrottled:
+            return None
+        except NodeFailure as exc:
+            payload.setdefault("artifacts", {})[shard] = {"error": str(exc)}
+            return -1
+        _bill(payload, outcome)
+        payload["chunks"] += 1
+        item = outcome.payload.get("computed", {}).get(shard, outcome.payload)
+        held = payload.setdefault("artifacts", {})
+        held[shard] = _merged(held.get(shard), item)
+        if not isinstance(item, dict) or not item.get("deferred"):
+            return -1
+        return share[2] + len(item.get("tasks", [])) + len(item.get("errors", {}))
+
     def _invoke_each(self, events: dict[str, ArtifactsOp]) -> list[tuple[str, NodeAnswer | str]]:
         """Invoke each function with its op, in parallel, in name order: ``(function, its
         answer)``, or the failure's message where the node could not answer."""
@@ -227,6 +325,17 @@ def _missing_entries(held: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
                     give.append(entry)
         if give:
             out[function] = give
+    return out
+
+
+def _merged(before: Any, item: Any) -> Any:
+    """A chunk's answer for a round with the ``tasks`` and ``errors`` of the chunks before it
+    (its ``entries`` are every value the node holds already)."""
+    if not isinstance(before, dict) or not isinstance(item, dict) or "tasks" not in item:
+        return item
+    out = dict(item)
+    out["tasks"] = [*before.get("tasks", []), *item["tasks"]]
+    out["errors"] = {**before.get("errors", {}), **item.get("errors", {})}
     return out
 
 
