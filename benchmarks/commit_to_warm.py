@@ -5,11 +5,18 @@
 written, as the bucket's notification does on AWS), no router in its process — commits
 rounds of the paper's model job one after another (``--clients`` updates of
 ResNet-18 for CIFAR, 11.2M parameters, a 16-image validation set; ``--quick``: the digits CNN).
-For each round, from the commit (its manifest PUT's return):
+How the updates land: by default (``--arrival-s 0``) the writer is the Flower sink's
+``put_round`` — every update PUT at once (8 in parallel), then the global model, the ingest
+summaries (1-2 s over the round's rows, in the writer) and the manifest; so with ``--staging on``
+the owners stage what they can in the seconds those writes and the summaries take.
+``--arrival-s S``: the updates land one by one over ``S`` seconds (update ``k`` of ``n`` at
+``(k + 1)·S/n``), as clients finishing their training at different times send them, then the
+same global model, summaries and manifest. For each round, from the commit (its manifest PUT's
+return):
 
 - ``warm_marker``: until the round's warm marker ``jobs/{job}/warm/{round:08d}.json`` exists
-  (polled every 50 ms on S3; the router function writes it once the round's owners hold it and
-  its model artifacts are built);
+  (polled every 50 ms on S3; the router function writes it once the round's owners hold it —
+  its rows, Gram and FedAvg model — before its model artifacts are built, in chunks);
 - per workload (``cosine_select``, ``fedavg``, ``contribution_loo``, each polled by a thread of
   its own through the gateway with ``FLStoreClient``): until the first answer whose
   ``meta.cache`` is ``"hit"`` (every shard the node read was in its memory) came back.
@@ -345,7 +352,7 @@ def commit_to_warm(args: Any) -> dict[str, Any]:
         client = FLStoreClient(stack.gateway_url, stack.token, timeout=WARM_TIMEOUT_S)
 
         def commit(round_: int) -> float:
-            job.write_round(round_)
+            job.write_round(round_, args.arrival_s)
             return writer.committed_at[(MODEL_JOB, round_)]
 
         def ask(name: str, round_: int) -> dict[str, Any]:
@@ -394,6 +401,7 @@ def warm_report(
         "replication": args.replication,
         "poll": args.poll,
         "staging": args.staging,
+        "arrival_s": args.arrival_s,
     }
     runs = [{**common, "workload": "warm_marker", **summarize(samples["warm_marker"])}]
     for name, firsts in hits.items():
@@ -467,6 +475,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="on",
         help="updates staged on their round's owners as they land (on), or the round loaded "
         "at the commit only (off: manifests notified only)",
+    )
+    p.add_argument(
+        "--arrival-s",
+        type=float,
+        default=0.0,
+        help="commit_to_warm: the writer PUTs a round's updates one by one over this many "
+        "seconds, then commits (0, the default: all at once, as the Flower sink writes them)",
     )
     p.add_argument(
         "--s3",
