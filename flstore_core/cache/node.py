@@ -323,15 +323,19 @@ class CacheNode:
 
     def _warm_round(self, data: RoundData, models: bool) -> None:
         """Prefetch-time work on a round: the shared artifacts and, when asked, the round's
-        default aggregate models written to ``results/`` so that a request for them does no
-        PUT."""
+        default aggregate models written to ``results/`` and their answers kept, so that a
+        request for them (the default params) is a memo lookup."""
         data.warm()
+        memo, version = self.answering.round_memo(data), data.context.version
         # read at call time, as the router's prefetch reads it, so the two agree
         for name in config.PREFETCH_MODELS.get_list() if models else ():
             workload = get(name)
-            run_round_workload(
-                self.store, workload, data, workload.validate({}), data.results_written
-            )
+            params = workload.validate({})
+
+            def compute(workload: Any = workload, params: Any = params) -> dict[str, Any]:
+                return run_round_workload(self.store, workload, data, params, data.results_written)
+
+            self.answering.answer(memo, name, {"params": params}, compute, version)
 
     def stats(self) -> dict[str, Any]:
         """Hits, misses, loads, bytes held, evictions, S3 requests, artifact and answer reuse,

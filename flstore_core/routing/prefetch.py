@@ -11,9 +11,13 @@ A commit's warming (:mod:`flstore_core.routing.commit_warming`) splits the two: 
 then :meth:`Prefetch.artifacts_in_chunks`: the model artifacts in invocations of at most
 ``chunk_s`` seconds of work each (a node runs one invocation at a time, so a request that finds
 it busy waits one chunk, not the round's artifacts). Of a round's R ≥ 2 owners one computes at
-a time, the owners taking turns, so a request always finds an owner free (its failover tries
-the next replica at once); a round held by one node gets :data:`CHUNK_GAP_S` between its chunks
-for a waiting request to come in.
+a time, the owners taking turns — the primary last, since a request tries it first and it holds
+the default models' answers — so a request finds an owner free (its failover tries the next
+replica at once). A round held by one node gets :data:`CHUNK_GAP_S` between its chunks; and
+once an owner is found held by a request (a long one, e.g. a ``contribution_loo`` computing
+what the artifacts have not yet), every chunk is followed by :data:`BUSY_GAP_S`, longer than
+the failover's longest backoff, so a request waiting for the other owner finds it free within
+one chunk and one pause.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 from flstore_core import config
 from flstore_core.errors import NotFoundError, UnavailableError
 from flstore_core.protocol import ArtifactsOp, LoadOp
+from flstore_core.routing.failover import FailoverPolicy
 from flstore_core.routing.invoker import NodeAnswer, NodeFailure, NodeThrottled
 from flstore_core.routing.placement import ShardKey, place_shard
 from flstore_core.routing.planner import NoLayoutError, RoundPlan
@@ -37,6 +42,9 @@ PlanRound = Callable[[str, int], RoundPlan]
 #: a single owner's pause between two chunks of its artifacts (a throttled request's first
 #: retries come 50 and 100 ms after it was refused: FailoverPolicy's backoff)
 CHUNK_GAP_S = 0.15
+#: the pause after a chunk while another owner is held by a request: a waiting request retries
+#: at least every FailoverPolicy.backoff_cap_s (1 s), so it comes within the pause
+BUSY_GAP_S = FailoverPolicy().backoff_cap_s + 0.05
 
 
 class Prefetch:
@@ -240,21 +248,26 @@ class Prefetch:
         """Chunks of ``shard``'s artifacts on its owners in turn, until none has any deferred
         (or the deadline passed, or an owner failed: it keeps what it computed)."""
         # function -> (its share, shares, the share's tasks done or failed so far)
-        left = {self.scatter.function(index): (k, len(owners), 0) for k, index in enumerate(owners)}
+        # function -> (its share, shares, the share's tasks done or failed so far); the
+        # primary's turn last
+        left = {
+            self.scatter.function(index): (k, len(owners), 0)
+            for k, index in reversed(list(enumerate(owners)))
+        }
+        busy = False  # an owner was found held by a request
         while left and time.monotonic() < deadline:
-            ran = 0
             for function, share in list(left.items()):
                 payload = answers.setdefault(function, {"chunks": 0})
                 outcome = self._chunk(function, shard, share, chunk_s, payload)
                 if outcome is None:  # throttled: a request holds it, the next turn
-                    continue
-                ran += 1
-                if outcome < 0:
+                    busy = True
+                elif outcome < 0:
                     del left[function]
                 else:
                     left[function] = (*share[:2], outcome)
-            if left and (len(owners) == 1 or not ran):
-                time.sleep(CHUNK_GAP_S)  # room for a waiting request (or for it to end)
+                if left and (busy or len(owners) == 1):
+                    # room for a waiting request (or for the one holding a node to end)
+                    time.sleep(BUSY_GAP_S if busy else CHUNK_GAP_S)
 
     def _chunk(
         self,

@@ -169,3 +169,25 @@ def test_run_checks_the_workload_and_job(node: CacheNode) -> None:
 def test_block_ops_with_bad_arguments_are_400s(node: CacheNode, event: dict[str, Any]) -> None:
     answer = node.handle(event)
     assert answer["status"] == 400, answer
+
+
+def test_a_primarys_load_keeps_the_default_models_answer_for_the_first_request() -> None:
+    from flstore_core.storage.memory import MemoryBlobStore
+    from tests.conftest import small_update
+
+    store = ObjectStore("mem", blobs=MemoryBlobStore())
+    entries = [store.put_update("j", 0, f"c{i}", small_update(i)) for i in range(3)]
+    store.commit_round("j", 0, entries)
+    primary = CacheNode(store, budget_bytes=10**8, node_index=0)
+    replica = CacheNode(store, budget_bytes=10**8, node_index=1)
+    primary.handle({"op": "load", "shards": ["j/round/0"], "models": ["j/round/0"]})
+    replica.handle({"op": "load", "shards": ["j/round/0"]})
+    puts = store.puts
+    run = {"op": "run", "workload": "fedavg", "job": "j", "round": 0, "params": {}}
+    answer = primary.handle(run)
+    assert answer["cache"] == "hit" and answer["s3_puts"] == 0
+    assert primary.answering.counts == {"computed": 1, "reused": 1}  # the load's, then kept
+    # the replica, which wrote nothing, computes it: the same model at the same key
+    assert replica.handle(run)["result"] == answer["result"]
+    assert replica.answering.counts == {"computed": 1, "reused": 0}
+    assert store.puts == puts + 1

@@ -337,6 +337,7 @@ def test_a_busy_owner_is_skipped_for_a_turn_and_resumed(
     router.prefetch([round_shard(JOB, ROUND)], artifacts=False)
     real, busy = nodes.invoke, {"art-cache-0": 3}
     monkeypatch.setattr(prefetch_module, "CHUNK_GAP_S", 0.0)
+    monkeypatch.setattr(prefetch_module, "BUSY_GAP_S", 0.0)
 
     def sometimes_busy(function: str, event: Any) -> Any:
         if event.get("op") == "artifacts" and busy.get(function, 0) > 0:
