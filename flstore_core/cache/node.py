@@ -124,6 +124,8 @@ class CacheNode:
         self.invocations = 0
         self.streamed_written: set[str] = set()  # model results run_clients wrote
         self.answering = WorkloadAnswers(self)
+        # the steps of the last whole round this node read (load_round's timing), for load
+        self.load_steps: dict[str, float] = {}
         self.staging = StagedRounds(
             store, self.cache, lambda job, round_: self.manifests.get(job, round_).tensors
         )
@@ -189,6 +191,7 @@ class CacheNode:
                 self.artifacts,
                 self.context(key.job),
                 held=self.staging.take,
+                timing=self.load_steps,
             )
         if key.cls == "meta":
             return lambda: load_meta(
@@ -238,6 +241,7 @@ class CacheNode:
         already: list[str] = []
         failed: dict[str, str] = {}
         timing = {"load": 0.0, "warm": 0.0}
+        steps: dict[str, dict[str, float]] = {}  # round -> load_round's steps, when read now
         listed: set[str] = set()  # jobs whose manifests this load listed (once per job)
         checked: set[str] = set()  # jobs whose spec versions this load checked (once per job)
         for text in shards:
@@ -252,14 +256,18 @@ class CacheNode:
                 t0 = time.perf_counter()
                 if key.cls == "round":
                     self._drop_if_rewritten(key, listed)
+                self.load_steps = {}
                 with self.cache.using(key, self.loader(key)) as (value, hit):
+                    if self.load_steps:
+                        steps[text] = {k: round(v, 1) for k, v in self.load_steps.items()}
                     if isinstance(value, RoundData) and not value.has_rows:
                         value = self.reload_rows(key, value)  # a prefetch brings the rows in
                     t1 = time.perf_counter()
                     timing["load"] += (t1 - t0) * 1000
                     if isinstance(value, RoundData):
                         # a block's default models are written by the router, block by block
-                        self._warm_round(value, text in with_models and not key.is_block)
+                        warmed = self._warm_round(value, text in with_models and not key.is_block)
+                        steps.setdefault(text, {}).update(warmed)
                         timing["warm"] += (time.perf_counter() - t1) * 1000
                     elif hit:
                         self.refresh(key, value, force=True)
@@ -275,6 +283,7 @@ class CacheNode:
             "already": already,
             "failed": failed,
             "timing_ms": {k: round(v, 3) for k, v in timing.items()},
+            "steps_ms": steps,
         }
 
     def stage(self, op: StageOp) -> dict[str, Any]:
@@ -321,11 +330,14 @@ class CacheNode:
         if {c: e.sha256 for c, e in manifest.updates.items()} != held.sha256:
             self.cache.evict(key)
 
-    def _warm_round(self, data: RoundData, models: bool) -> None:
+    def _warm_round(self, data: RoundData, models: bool) -> dict[str, float]:
         """Prefetch-time work on a round: the shared artifacts and, when asked, the round's
         default aggregate models written to ``results/`` and their answers kept, so that a
-        request for them (the default params) is a memo lookup."""
+        request for them (the default params) is a memo lookup. The milliseconds of each:
+        ``gram`` (the Gram and distances; 0 when held already) and ``models``."""
+        t0 = time.perf_counter()
         data.warm()
+        t1 = time.perf_counter()
         memo, version = self.answering.round_memo(data), data.context.version
         # read at call time, as the router's prefetch reads it, so the two agree
         for name in config.PREFETCH_MODELS.get_list() if models else ():
@@ -336,6 +348,8 @@ class CacheNode:
                 return run_round_workload(self.store, workload, data, params, data.results_written)
 
             self.answering.answer(memo, name, {"params": params}, compute, version)
+        t2 = time.perf_counter()
+        return {"gram": round((t1 - t0) * 1000, 1), "models": round((t2 - t1) * 1000, 1)}
 
     def stats(self) -> dict[str, Any]:
         """Hits, misses, loads, bytes held, evictions, S3 requests, artifact and answer reuse,

@@ -7,6 +7,8 @@ system fetched it, and a model result is written under the same key.
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Callable, MutableMapping
 
 from flstore_core.cache.round_data import F32, ArtifactStats, JobContext, RoundData
@@ -31,15 +33,31 @@ def load_round(
     stats: ArtifactStats,
     context: JobContext | None = None,
     held: Callable[[RoundManifest], MutableMapping[str, HeldRow]] | None = None,
+    timing: dict[str, float] | None = None,
 ) -> RoundData:
     """Read a committed round (and its base model, when stored) into a :class:`RoundData`;
     ``held(manifest)`` gives rows already decoded that this manifest names (a node's staged
-    updates, :meth:`~flstore_core.cache.staging.StagedRounds.take`), which are not read again."""
+    updates, :meth:`~flstore_core.cache.staging.StagedRounds.take`), which are not read again.
+    ``timing`` (when given) receives the milliseconds of each step: ``manifest``, ``rows``
+    (the staged rows copied in and the others read), ``staged`` (how many were staged),
+    ``base`` (read and decoded) and ``deltas`` (the rows made deltas from it)."""
+    marks = [time.perf_counter()]
     manifest = store.get_manifest(job, round_)
+    marks.append(time.perf_counter())
     rows = None if held is None else held(manifest)
+    staged = 0 if rows is None else len(rows)
     rm = store.read_round(job, round_, manifest=manifest, held=rows)
+    marks.append(time.perf_counter())
     base_vec = base_vector(store.get_base(job, round_), manifest.tensors)
-    return _round_data(store, manifest, rm, base_vec, stats, context)
+    marks.append(time.perf_counter())
+    data = _round_data(store, manifest, rm, base_vec, stats, context)
+    marks.append(time.perf_counter())
+    if timing is not None:
+        steps = ("manifest", "rows", "base", "deltas")
+        spans = itertools.pairwise(marks)
+        timing.update({k: (b - a) * 1000 for k, (a, b) in zip(steps, spans, strict=True)})
+        timing["staged"] = staged
+    return data
 
 
 def _round_data(

@@ -350,7 +350,9 @@ class CommitWarmer:
                 log.warning("commit warming: no owner of %s loaded it: %s", name, answers)
                 report.failed.append(name)
                 continue
-            markers[round_] = self._write_marker(marker_body(record, current, warm_ms))
+            body = marker_body(record, current, warm_ms)
+            body["owners_ms"] = owner_steps(answers, str(round_shard(job, round_)))
+            markers[round_] = self._write_marker(body)
             report.warmed.append(name)
         self._warm_job_shards(job)
         self._build_artifacts(job, markers)
@@ -429,6 +431,18 @@ def _as_marked(record: CommittedManifest, marker: Mapping[str, Any]) -> Committe
         warmed_at=str(marker.get("warmed_at", "")),
         warm_ms=float(marker.get("warm_ms") or 0.0),
     )
+
+
+def owner_steps(answers: Mapping[str, Any], shard: str) -> dict[str, dict[str, float]]:
+    """What each owner's ``load`` of ``shard`` cost, step by step (its ``steps_ms``: the
+    manifest, the rows — staged ones copied, the others read —, the base, the deltas, the Gram,
+    the default models), by function; an owner that held it already has none."""
+    out: dict[str, dict[str, float]] = {}
+    for function, payload in sorted(answers.items()):
+        steps = payload.get("steps_ms", {}).get(shard) if isinstance(payload, dict) else None
+        if isinstance(steps, dict):
+            out[function] = steps
+    return out
 
 
 def _deferred(answers: Mapping[str, Any], shard: str) -> int:

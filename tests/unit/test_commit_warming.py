@@ -382,3 +382,18 @@ def test_the_router_handler_warms_an_s3_event_before_any_http_routing(store: Obj
     assert read_marker(store, "demo", 2) is not None
     # S3's test event is answered, not routed as a request
     assert handle(app, {"Event": "s3:TestEvent"}, None)["warmed"] == []
+
+
+def test_the_marker_records_each_owners_load_steps(store: ObjectStore) -> None:
+    nodes = InProcessNodes(store, NODES)
+    router = make_router(store, nodes, nodes=NODES, replication=2)
+    CommitWarmer(store, router, hot_rounds=2).handle(event(manifest("demo", 2)))
+    marker = read_marker(store, "demo", 2)
+    assert marker is not None
+    owners = marker["owners_ms"]
+    assert len(owners) == 2  # both owners read it now
+    for steps in owners.values():
+        assert {"manifest", "rows", "base", "deltas", "gram", "models", "staged"} <= set(steps)
+        assert steps["staged"] == 0 and steps["rows"] > 0
+    # the primary alone wrote the default model
+    assert sorted(s["models"] > 0 for s in owners.values()) == [False, True]

@@ -112,6 +112,7 @@ def test_load_of_nothing_loads_nothing(node: CacheNode) -> None:
         "already": [],
         "failed": {},
         "timing_ms": {"load": 0.0, "warm": 0.0},
+        "steps_ms": {},
     }
 
 
