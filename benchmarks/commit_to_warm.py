@@ -103,6 +103,7 @@ from benchmarks.commit_timing import (
 )
 from benchmarks.paper_data import MODEL_JOB
 from benchmarks.report import add_network_flag, machine, network_json, parser, summarize
+from flstore_core.routing.commit_warming import read_marker
 
 SERVER_NODE = 1  # Flower's SuperLink node id, the sender of a ServerApp's messages
 QUICK_PARAMS = 100_000
@@ -311,6 +312,8 @@ def warm_sample(
         marker_at, marker_body = marker_future.result()
         hits = {name: future.result() for name, future in futures.items()}
     stack.notifications.wait_idle(WARM_TIMEOUT_S)
+    # the marker as the warming left it: with when the model artifacts were built
+    marker_body = read_marker(stack.store, MODEL_JOB, round_) or marker_body
     elapsed = {"warm_marker": (marker_at - t_commit) * 1000.0}
     elapsed.update({name: (hit.at - t_commit) * 1000.0 for name, hit in hits.items()})
     return elapsed, marker_body, hits
@@ -423,17 +426,22 @@ def warm_report(
         # what the router function measured: its prefetch, and commit -> marker by its clock
         "router_warm_ms": [m.get("warm_ms") for m in markers],
         "router_commit_to_warm_ms": [_marker_span_ms(m) for m in markers],
+        "router_commit_to_artifacts_ms": [_marker_span_ms(m, "artifacts_at") for m in markers],
+        "artifacts_chunks": [m.get("artifacts_chunks") for m in markers],
+        # each owner's load of the round at its commit, step by step (ms; "staged": rows)
+        "owners_ms": [m.get("owners_ms") for m in markers],
         "profile": profile,
     }
     return {"runs": runs, "summary": {"commit_to_warm": summary}}
 
 
-def _marker_span_ms(marker: dict[str, Any]) -> float | None:
-    """A marker's ``committed_at`` to ``warmed_at`` (the router function's clock), in ms."""
+def _marker_span_ms(marker: dict[str, Any], until: str = "warmed_at") -> float | None:
+    """A marker's ``committed_at`` to ``until`` (``warmed_at``, or ``artifacts_at``: the
+    router function's clock), in ms."""
     try:
         start, end = (
             datetime.fromisoformat(str(marker[k]).replace("Z", "+00:00"))
-            for k in ("committed_at", "warmed_at")
+            for k in ("committed_at", until)
         )
     except (KeyError, ValueError):
         return None

@@ -12,13 +12,15 @@ order a request needs it:
    staged before the commit taken as they are, :mod:`flstore_core.routing.update_staging`), its
    Gram and distances, and on its primary the default aggregate models (FedAvg) — then the
    round's **warm marker** is written: requests for it are answered from memory from here on;
-2. the job's meta and model shards are loaded so they know the new round;
-3. the round's model artifacts (per-client accuracies, the leave-one-out subsets: 8-20 s a
+2. the round's model artifacts (per-client accuracies, the leave-one-out subsets: 8-20 s a
    node for a ResNet-18 × 10 round) are built in invocations of at most
    :data:`ARTIFACT_CHUNK_S` seconds of work each, the owners taking turns
    (``Router.prefetch_artifacts``), so a request finds an owner free or waits one chunk — a
    node runs one invocation at a time and keeps no thread working after it answered. The
-   marker is then written again with ``artifacts_at``: when they finished.
+   marker is then written again with ``artifacts_at``: when they finished;
+3. the job's meta and model shards are loaded so they know the new round (last: loading the
+   model shard reads the newest global model, 47 MB, on every owner at once, and a request
+   for the round would wait for it; a request that needs them first loads them itself).
 
 * **Keys.** Only manifest keys are warmed; any other key is ignored, and a key that ends in
   ``manifest.json`` without being a canonical manifest key is refused with a log line. One bad
@@ -354,8 +356,8 @@ class CommitWarmer:
             body["owners_ms"] = owner_steps(answers, str(round_shard(job, round_)))
             markers[round_] = self._write_marker(body)
             report.warmed.append(name)
-        self._warm_job_shards(job)
         self._build_artifacts(job, markers)
+        self._warm_job_shards(job)
 
     def _build_artifacts(self, job: str, markers: dict[int, dict[str, Any]]) -> None:
         """The model artifacts of the rounds just marked warm, in bounded chunks; each marker

@@ -85,6 +85,11 @@ class FakeStack:
 
     def wait_idle(self, timeout_s: float) -> bool:
         self.idle_waits += 1
+        for info in self.store.blobs.list(f"jobs/{MODEL_JOB}/warm/"):
+            # the warming's last word: the marker rewritten once the artifacts were built
+            marker = json.loads(bytes(self.store.blobs.get(info.key) or b"{}"))
+            marker["artifacts_at"] = "2026-12-07T15:00:09.000Z"
+            self.store.blobs.put(info.key, json.dumps(marker).encode())
         return True
 
 
@@ -110,6 +115,7 @@ def test_under_marker_polling_no_request_is_sent_before_the_marker() -> None:
     assert all(elapsed[w] >= elapsed["warm_marker"] for w in WARM_WORKLOADS)
     assert marker["committed_at"] == "2026-12-07T15:00:00.000Z"
     assert stack.idle_waits == 1  # the next round waits for this one's warming
+    assert _marker_span_ms(marker, "artifacts_at") == 9000.0  # the marker as last written
 
 
 def test_under_commit_polling_requests_start_at_the_commit() -> None:

@@ -264,11 +264,11 @@ def test_rounds_are_warmed_job_by_job_in_round_order_latest_hot_rounds_only(
     )
     assert prefetcher.calls == [
         ["alpha/round/4"],
-        ["alpha/meta/meta", "alpha/model/global"],
         ["artifacts", "alpha/round/4"],
+        ["alpha/meta/meta", "alpha/model/global"],
         ["demo/round/1", "demo/round/2"],
-        ["demo/meta/meta", "demo/model/global"],
         ["artifacts", "demo/round/1", "demo/round/2"],
+        ["demo/meta/meta", "demo/model/global"],
     ]
     assert report.warmed == ["alpha/4", "demo/1", "demo/2"] and report.cold == ["demo/0"]
 
