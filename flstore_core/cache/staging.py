@@ -8,10 +8,14 @@ round, so a round's owners may read each as it lands (the ``stage`` op,
 not staged.
 
 * **What is held.** Per ``(job, round)`` a :class:`PendingRound`: the tensors the rows were
-  decoded in (those of the job's last committed round, which the router names) and per client
-  the decoded float32 row, the SHA-256 of its uncompressed bytes and its squared norm — exactly
-  what :meth:`~flstore_core.storage.round_reader.RoundReader.read_round` would decode from the
-  same object, by the same function.
+  decoded in (those of the job's last committed round, which the router names), the round's
+  base model (the global model after the round before, written before any of this round's
+  updates: read once, at the round's first staging, with its ETag) and per client the decoded
+  float32 row, the SHA-256 of its uncompressed bytes and its squared norm — exactly what
+  :meth:`~flstore_core.storage.round_reader.RoundReader.read_round` would decode from the same
+  object, by the same function. With a base the row is held as its delta ``w - base``, the
+  float32 subtraction the commit's :class:`~flstore_core.cache.round_data.RoundData` makes, so
+  the commit neither reads the base again nor subtracts it from the staged rows.
 * **Budget.** A staged row is counted against the node's cache budget
   (:meth:`~flstore_core.cache.shard_cache.ShardCache.reserve`, evicting as a new shard would);
   a row that does not fit drops the round's pending state, and the commit loads it as before.
@@ -21,8 +25,10 @@ not staged.
 * **At the commit** (:meth:`StagedRounds.take`) a staged row is used only when its digest is the
   one the manifest names for that client and the manifest's tensors are the ones it was decoded
   in — the manifest decides, never the staged object; a client staged but not committed is
-  dropped, and a client never staged (a lost event, a failed staging) is read from S3. A round
-  loaded in column blocks (its layout is not the one staged) drops the pending state.
+  dropped, and a client never staged (a lost event, a failed staging) is read from S3. The
+  staged base is used only when the base object's ETag is still the one read (a HEAD at the
+  commit, :func:`~flstore_core.cache.round_loading.load_round`); else every row is read again.
+  A round loaded in column blocks (its layout is not the one staged) drops the pending state.
 * **Never an error for the round.** A staging that fails (the object gone, corrupt, of other
   tensors) is counted and answered, and costs only speed: the commit reads that client.
 
@@ -47,10 +53,12 @@ from flstore_core.cache.shard_cache import ShardCache
 from flstore_core.data import layout
 from flstore_core.data.codec import TensorSpec
 from flstore_core.data.manifest import RoundManifest
+from flstore_core.data.rows import base_vector
 from flstore_core.errors import FLStoreError
 from flstore_core.protocol import StageOp
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.storage.round_reader import HeldRow
+from flstore_core.storage.stored_models import base_key
 
 #: rounds of one job a node holds pending at once (the round being written and the one before,
 #: whose commit may still be on its way)
@@ -73,15 +81,29 @@ class StagedRow:
 
 @dataclass
 class PendingRound:
-    """The staged rows of one round not yet committed (or not yet loaded here)."""
+    """The staged rows of one round not yet committed (or not yet loaded here); with a
+    ``base`` (its object's ETag ``base_etag``) the rows are deltas from it."""
 
     specs: tuple[TensorSpec, ...]
+    base: npt.NDArray[np.float32] | None = None
+    base_etag: str = ""
     rows: dict[str, StagedRow] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
     @property
     def nbytes(self) -> int:
-        return sum(int(r.row.nbytes) for r in self.rows.values())
+        base = 0 if self.base is None else int(self.base.nbytes)
+        return base + sum(int(r.row.nbytes) for r in self.rows.values())
+
+
+@dataclass
+class StagedTake:
+    """What a commit takes of a pending round: the rows its manifest names (deltas from
+    ``base`` when it is given), and the base's ETag when it was read."""
+
+    rows: dict[str, HeldRow]
+    base: npt.NDArray[np.float32] | None = None
+    base_etag: str = ""
 
 
 @dataclass
@@ -140,8 +162,12 @@ class StagedRounds:
             if known is not None and op.etag and known.etag == op.etag:
                 self.stats.duplicates += 1
                 return {"duplicate": name}
+        fresh = PendingRound(specs) if pending is None else None
+        if fresh is not None:
+            fresh.base, fresh.base_etag = self._base(op.job, op.round, specs)
         row_bytes = 4 * sum(s.numel for s in specs)
-        if not self.cache.reserve(row_bytes):
+        reserved = row_bytes + (0 if fresh is None else fresh.nbytes)
+        if not self.cache.reserve(reserved):
             self.stats.refused += 1
             self.drop(op.job, op.round)
             return {"refused": name, "reason": "over the node's budget"}
@@ -149,12 +175,17 @@ class StagedRounds:
         try:
             row, decoded = self.store.read_update_row(key, specs, f"client {op.client!r}")
         except FLStoreError as exc:
-            self.cache.release(row_bytes)
+            self.cache.release(reserved)
             self.stats.failed += 1
             return {"failed": name, "reason": exc.message}
+        with self._lock:
+            pending = self._pending.setdefault((op.job, op.round), fresh or PendingRound(specs))
+        if pending is not fresh and fresh is not None:  # started meanwhile: its base is kept
+            self.cache.release(fresh.nbytes)
+        if pending.base is not None:
+            row -= pending.base  # in place, the float32 subtraction RoundData makes
         staged = StagedRow(row, decoded.sha256, decoded.sq_norm, op.etag)
         with self._lock:
-            pending = self._pending.setdefault((op.job, op.round), PendingRound(specs))
             old = pending.rows.pop(op.client, None)
             pending.rows[op.client] = staged
             self.stats.staged += 1
@@ -163,13 +194,28 @@ class StagedRounds:
             self.cache.release(int(old.row.nbytes))
         return {"staged": name, "rows": rows}
 
-    def take(self, manifest: RoundManifest) -> dict[str, HeldRow]:
+    def _base(
+        self, job: str, round_: int, specs: tuple[TensorSpec, ...]
+    ) -> tuple[npt.NDArray[np.float32] | None, str]:
+        """The round's base as a row in the order of ``specs`` and its object's ETag (read
+        after the HEAD: a base rewritten between the two has a newer ETag at the commit, which
+        then reads every row); ``(None, "")`` when there is none, it does not fit the tensors
+        or it cannot be read (the rows are then staged as they are stored)."""
+        try:
+            info = self.store.stat(base_key(job, round_))
+            base = None if info is None else base_vector(self.store.get_base(job, round_), specs)
+        except FLStoreError:
+            return None, ""
+        return (None, "") if base is None or info is None else (base, info.etag)
+
+    def take(self, manifest: RoundManifest) -> StagedTake:
         """The staged rows the committed ``manifest`` names with the same digest, decoded in
-        its tensors, by client; the round's pending state is dropped and its bytes released."""
+        its tensors, by client, and the base they are deltas from (if any); the round's pending
+        state is dropped and its bytes released."""
         with self._lock:
             pending = self._pending.pop((manifest.job, manifest.round), None)
         if pending is None:
-            return {}
+            return StagedTake({})
         self.cache.release(pending.nbytes)
         out: dict[str, HeldRow] = {}
         for client, staged in pending.rows.items():
@@ -181,7 +227,7 @@ class StagedRounds:
             self.stats.discarded += 1
         self.stats.used += len(out)
         pending.rows.clear()  # the rows live on in ``out`` only, so a reader can let each go
-        return out
+        return StagedTake(out, pending.base, pending.base_etag)
 
     def drop(self, job: str, round_: int) -> None:
         """Drop a round's pending state (its layout is not the staged one, or it did not fit)."""

@@ -63,7 +63,9 @@ def noisy(initial: dict[str, Any], rng: np.random.Generator, scale: float) -> Up
     )
 
 
-def new_store() -> tuple[ObjectStore, dict[str, Any]]:
+def new_store(base: bool = False) -> tuple[ObjectStore, dict[str, Any]]:
+    """The job with round 0 committed; ``base``: with round 0's global model stored too (the
+    base of round 1, whose staged rows are then held as deltas from it)."""
     st = ObjectStore("mem", blobs=MemoryBlobStore())
     st.put_job_spec(JobSpec(JOB, model="digits_cnn"))
     base = models.build("digits_cnn", seed=0)
@@ -75,6 +77,8 @@ def new_store() -> tuple[ObjectStore, dict[str, Any]]:
     st.commit_round(
         JOB, 0, [st.put_update(JOB, 0, f"c{i}", noisy(initial, rng, 0.1)) for i in range(4)]
     )
+    if base:
+        st.put_global(JOB, 0, noisy(initial, rng, 0.02))
     return st, initial
 
 
@@ -98,9 +102,9 @@ def event_of(store: ObjectStore, clients: list[str], round_: int = 1) -> dict[st
 ENTRIES: dict[str, Any] = {}  # client -> its round-1 entry, as last written
 
 
-@pytest.fixture
-def world() -> Iterator[tuple[ObjectStore, InProcessNodes, Router]]:
-    store, initial = new_store()
+@pytest.fixture(params=[False, True], ids=["no-base", "base"])
+def world(request: pytest.FixtureRequest) -> Iterator[tuple[ObjectStore, InProcessNodes, Router]]:
+    store, initial = new_store(base=request.param)
     rng = np.random.default_rng(1)
     for i, client in enumerate([*COMMITTED, "gone"]):
         ENTRIES[client] = store.put_update(JOB, 1, client, noisy(initial, rng, 0.05 + 0.05 * i))
@@ -162,6 +166,27 @@ def test_staged_rounds_answer_byte_for_byte_as_rounds_read_at_commit(
         assert answers(nodes, i) == want[i]
 
 
+def test_a_base_rewritten_after_staging_reads_every_row_again(
+    world: tuple[ObjectStore, InProcessNodes, Router],
+) -> None:
+    store, nodes, router = world
+    if store.get_base(JOB, 1) is None:
+        pytest.skip("the rows are staged as stored: no base to rewrite")
+    UpdateStager(router).handle(event_of(store, COMMITTED))
+    held = nodes.nodes[0].staging._pending[(JOB, 1)]
+    assert held.base is not None and held.base_etag  # the rows are deltas from it
+    initial = dict(models.state_arrays(models.build("digits_cnn", seed=0)))
+    store.blobs.delete(layout.global_key(JOB, 0))  # a backfill rewrites the base
+    store.put_global(JOB, 0, noisy(initial, np.random.default_rng(5), 0.04))
+    commit(store)
+    want = reference(store, nodes, 0)
+    gets = nodes.nodes[0].store.gets
+    router.prefetch([round_shard(JOB, 1)])
+    assert nodes.nodes[0].store.gets - gets >= len(COMMITTED)  # every row read again
+    assert answers(nodes, 0) == want
+    assert nodes.nodes[0].cache.reserved == 0
+
+
 def test_a_commit_with_nothing_staged_answers_the_same(
     world: tuple[ObjectStore, InProcessNodes, Router],
 ) -> None:
@@ -178,7 +203,9 @@ def test_a_row_over_the_budget_drops_the_pending_round_and_the_commit_loads_it(
 ) -> None:
     store, _, _ = world
     row_bytes = 4 * store.get_manifest(JOB, 0).n_params
-    node = CacheNode(store.view(), budget_bytes=row_bytes + 1, node_index=0)
+    # room for one row, and the base the rows are deltas from when there is one
+    held = row_bytes * (1 if store.get_base(JOB, 1) is None else 2)
+    node = CacheNode(store.view(), budget_bytes=held + 1, node_index=0)
     assert "staged" in node.handle(StageOp(JOB, 1, "c0", 0).to_event())
     answer = node.handle(StageOp(JOB, 1, "c1", 0).to_event())
     assert "refused" in answer
