@@ -126,9 +126,7 @@ class CacheNode:
         self.answering = WorkloadAnswers(self)
         # the steps of the last whole round this node read (load_round's timing), for load
         self.load_steps: dict[str, float] = {}
-        self.staging = StagedRounds(
-            store, self.cache, lambda job, round_: self.manifests.get(job, round_).tensors
-        )
+        self.staging = StagedRounds(store, self.cache, self.manifests.get)
         # op class -> the handler that runs it (the unknown-op error lists the op names in
         # the protocol's order)
         self.ops: dict[type[NodeOp], Handler] = {

@@ -56,7 +56,8 @@ def load_round(
     if taken is not None and taken.base is not None and base_vec is None:
         rows = {}  # deltas from a base rewritten since: every row is read again
     staged = set(rows)  # read_round lets each go once copied
-    rm = store.read_round(job, round_, manifest=manifest, held=rows)
+    into = None if taken is None or not rows else taken.matrix
+    rm = store.read_round(job, round_, manifest=manifest, held=rows, into=into)
     marks.append(time.perf_counter())
     deltas = base_vec is not None  # the staged rows are deltas from it
     if base_vec is None:

@@ -66,7 +66,7 @@ ROUNDS_PER_JOB = 2
 #: seconds a pending round is kept without its commit
 PENDING_TTL_S = 900.0
 
-TensorsOf = Callable[[str, int], tuple[TensorSpec, ...]]  # (job, committed round) -> tensors
+ManifestOf = Callable[[str, int], RoundManifest]  # (job, committed round) -> its manifest
 
 
 @dataclass
@@ -82,13 +82,30 @@ class StagedRow:
 @dataclass
 class PendingRound:
     """The staged rows of one round not yet committed (or not yet loaded here); with a
-    ``base`` (its object's ETag ``base_etag``) the rows are deltas from it."""
+    ``base`` (its object's ETag ``base_etag``) the rows are deltas from it. A client of
+    ``order`` (the clients of the round the tensors come from) is decoded into its row of
+    ``matrix``, laid out as a commit of the same clients reads the round: that commit takes
+    the matrix itself, its staged rows neither copied nor their pages touched again."""
 
     specs: tuple[TensorSpec, ...]
     base: npt.NDArray[np.float32] | None = None
     base_etag: str = ""
     rows: dict[str, StagedRow] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
+    order: list[str] = field(default_factory=list)
+    matrix: npt.NDArray[np.float32] | None = None
+
+    def slot(self, client: str) -> npt.NDArray[np.float32] | None:
+        """The row of :attr:`matrix` ``client`` is decoded into (the matrix allocated at the
+        first: its pages are touched as rows are written), ``None`` for a client not in
+        :attr:`order`."""
+        if client not in self.order:
+            return None
+        if self.matrix is None:
+            width = sum(s.numel for s in self.specs)
+            self.matrix = np.empty((len(self.order), width), dtype=np.float32)
+        row: npt.NDArray[np.float32] = self.matrix[self.order.index(client)]
+        return row
 
     @property
     def nbytes(self) -> int:
@@ -99,11 +116,13 @@ class PendingRound:
 @dataclass
 class StagedTake:
     """What a commit takes of a pending round: the rows its manifest names (deltas from
-    ``base`` when it is given), and the base's ETag when it was read."""
+    ``base`` when it is given), the base's ETag when it was read, and the matrix they were
+    decoded in when it is laid out as the manifest's clients (the round's matrix, to fill)."""
 
     rows: dict[str, HeldRow]
     base: npt.NDArray[np.float32] | None = None
     base_etag: str = ""
+    matrix: npt.NDArray[np.float32] | None = None
 
 
 @dataclass
@@ -132,14 +151,15 @@ class StagedRounds:
         Where the updates are read.
     cache : ShardCache
         The node's cache, whose budget the staged rows are counted against.
-    tensors_of : callable
-        ``tensors_of(job, round)``: the tensors of a committed round (the node's manifests).
+    manifest_of : callable
+        ``manifest_of(job, round)``: a committed round's manifest (the node's manifests): the
+        tensors the rows are decoded in, and the clients whose order the matrix is laid out in.
     """
 
-    def __init__(self, store: ObjectStore, cache: ShardCache, tensors_of: TensorsOf) -> None:
+    def __init__(self, store: ObjectStore, cache: ShardCache, manifest_of: ManifestOf) -> None:
         self.store = store
         self.cache = cache
-        self.tensors_of = tensors_of
+        self.manifest_of = manifest_of
         self.stats = StagingStats()
         self._pending: dict[tuple[str, int], PendingRound] = {}
         self._lock = threading.Lock()
@@ -152,7 +172,8 @@ class StagedRounds:
             self.stats.late += 1
             return {"late": name}
         self._expire(op.job, op.round)
-        specs = self.tensors_of(op.job, op.tensors_round)  # a 404 when it is not committed
+        before = self.manifest_of(op.job, op.tensors_round)  # a 404 when it is not committed
+        specs = before.tensors
         with self._lock:
             pending = self._pending.get((op.job, op.round))
             if pending is not None and pending.specs != specs:
@@ -162,7 +183,7 @@ class StagedRounds:
             if known is not None and op.etag and known.etag == op.etag:
                 self.stats.duplicates += 1
                 return {"duplicate": name}
-        fresh = PendingRound(specs) if pending is None else None
+        fresh = PendingRound(specs, order=list(before.clients)) if pending is None else None
         if fresh is not None:
             fresh.base, fresh.base_etag = self._base(op.job, op.round, specs)
         row_bytes = 4 * sum(s.numel for s in specs)
@@ -171,17 +192,23 @@ class StagedRounds:
             self.stats.refused += 1
             self.drop(op.job, op.round)
             return {"refused": name, "reason": "over the node's budget"}
-        key = layout.update_key(op.job, op.round, op.client)
-        try:
-            row, decoded = self.store.read_update_row(key, specs, f"client {op.client!r}")
-        except FLStoreError as exc:
-            self.cache.release(reserved)
-            self.stats.failed += 1
-            return {"failed": name, "reason": exc.message}
         with self._lock:
             pending = self._pending.setdefault((op.job, op.round), fresh or PendingRound(specs))
         if pending is not fresh and fresh is not None:  # started meanwhile: its base is kept
             self.cache.release(fresh.nbytes)
+        key = layout.update_key(op.job, op.round, op.client)
+        try:
+            row, decoded = self.store.read_update_row(
+                key, specs, f"client {op.client!r}", pending.slot(op.client)
+            )
+        except FLStoreError as exc:
+            self.cache.release(row_bytes)
+            self.stats.failed += 1
+            if pending.slot(op.client) is not None:  # its row was partly overwritten
+                self._forget(pending, op.client)
+            if not pending.rows:  # nothing staged: its base is not held for nothing
+                self.drop(op.job, op.round)
+            return {"failed": name, "reason": exc.message}
         if pending.base is not None:
             row -= pending.base  # in place, the float32 subtraction RoundData makes
         staged = StagedRow(row, decoded.sha256, decoded.sq_norm, op.etag)
@@ -227,7 +254,16 @@ class StagedRounds:
             self.stats.discarded += 1
         self.stats.used += len(out)
         pending.rows.clear()  # the rows live on in ``out`` only, so a reader can let each go
-        return StagedTake(out, pending.base, pending.base_etag)
+        same_layout = pending.order == list(manifest.clients) and bool(out)
+        matrix = pending.matrix if same_layout else None
+        return StagedTake(out, pending.base, pending.base_etag, matrix)
+
+    def _forget(self, pending: PendingRound, client: str) -> None:
+        """Let go of ``client``'s staged row (the commit reads it)."""
+        with self._lock:
+            old = pending.rows.pop(client, None)
+        if old is not None:
+            self.cache.release(int(old.row.nbytes))
 
     def drop(self, job: str, round_: int) -> None:
         """Drop a round's pending state (its layout is not the staged one, or it did not fit)."""

@@ -220,18 +220,23 @@ class ObjectStore:
         *,
         manifest: RoundManifest | None = None,
         held: MutableMapping[str, HeldRow] | None = None,
+        into: npt.NDArray[np.float32] | None = None,
     ) -> RoundMatrix:
         """A committed round as a :class:`RoundMatrix`, fetched with parallel GETs and verified,
-        the rows in ``held`` taken as they are
+        the rows in ``held`` taken as they are, into the matrix ``into`` when given
         (:meth:`~flstore_core.storage.round_reader.RoundReader.read_round`)."""
-        return self._reader.read_round(job, round_, clients, manifest, held)
+        return self._reader.read_round(job, round_, clients, manifest, held, into)
 
     def read_update_row(
-        self, key: str, specs: tuple[TensorSpec, ...], who: str
+        self,
+        key: str,
+        specs: tuple[TensorSpec, ...],
+        who: str,
+        out: npt.NDArray[np.float32] | None = None,
     ) -> tuple[npt.NDArray[np.float32], DecodedRow]:
-        """An update not yet committed, verified and decoded into a row, with its digest
-        (:meth:`~flstore_core.storage.round_reader.RoundReader.read_update_row`)."""
-        return self._reader.read_update_row(key, specs, who)
+        """An update not yet committed, verified and decoded into a row (``out`` when given),
+        with its digest (:meth:`~flstore_core.storage.round_reader.RoundReader.read_update_row`)."""
+        return self._reader.read_update_row(key, specs, who, out)
 
     def read_round_block(
         self,

@@ -121,7 +121,9 @@ def commit(store: ObjectStore) -> None:
     assert sorted(store.get_manifest(JOB, 1).updates) == COMMITTED
 
 
-def reference(store: ObjectStore, nodes: InProcessNodes, index: int) -> dict[str, str]:
+def reference(
+    store: ObjectStore, nodes: InProcessNodes, index: int, names: tuple[str, ...] = tuple(REQUESTS)
+) -> dict[str, str]:
     """Each request on round 1 read from S3 with nothing staged, on node ``index``'s thread."""
 
     def one(name: str) -> str:
@@ -130,12 +132,15 @@ def reference(store: ObjectStore, nodes: InProcessNodes, index: int) -> dict[str
         answer = run_round_workload(store, workload, data, workload.validate(REQUESTS[name]))
         return json.dumps(answer, sort_keys=True)
 
-    return {name: nodes.threads[index].submit(one, name).result() for name in REQUESTS}
+    return {name: nodes.threads[index].submit(one, name).result() for name in names}
 
 
-def answers(nodes: InProcessNodes, index: int) -> dict[str, str]:
+def answers(
+    nodes: InProcessNodes, index: int, names: tuple[str, ...] = tuple(REQUESTS)
+) -> dict[str, str]:
     out = {}
-    for name, params in REQUESTS.items():
+    for name in names:
+        params = REQUESTS[name]
         event = {"op": "run", "workload": name, "job": JOB, "round": 1, "params": params}
         answer = nodes.handle(index, event)
         assert answer.get("cache") == "hit", answer
@@ -280,3 +285,37 @@ def test_stats_show_rows_staged_and_used_per_node() -> None:
         {"staged": 5, "used": 3, "discarded": 2, "failed": 1, "refused": 0, "pending": {"j/1": 2}}
     )
     assert line == "staged 5, used at commit 3, discarded 2, failed 1, refused 0, pending 2"
+
+
+def test_a_commit_of_the_clients_of_the_round_before_takes_the_staged_matrix_itself(
+    world: tuple[ObjectStore, InProcessNodes, Router],
+) -> None:
+    store, nodes, router = world
+    same = ["c0", "c1", "c2", "c3"]  # round 0's clients: the staged matrix is laid out so
+    UpdateStager(router).handle(event_of(store, same[:3]))  # c3 is read at the commit
+    pending = nodes.nodes[0].staging._pending[(JOB, 1)]
+    assert pending.order == same and pending.matrix is not None
+    staged_matrix = pending.matrix
+    for other in ("c4", "c5", "gone"):  # not in this round: a commit takes every object
+        store.blobs.delete(layout.update_key(JOB, 1, other))
+    store.commit_round(JOB, 1, [ENTRIES[c] for c in same])
+    few = ("cosine_select", "fedavg", "contribution_loo")  # krum needs more than 4 clients
+    want = reference(store, nodes, 0, few)
+    router.prefetch([round_shard(JOB, 1)])
+    data = nodes.round(0, JOB, 1)
+    assert data.matrix is staged_matrix  # neither copied nor allocated again
+    assert nodes.nodes[0].stats()["staging"]["used"] == 3
+    assert answers(nodes, 0, few) == want
+    assert nodes.nodes[0].cache.reserved == 0
+
+
+def test_a_failed_restaging_forgets_the_row_it_overwrote(
+    world: tuple[ObjectStore, InProcessNodes, Router],
+) -> None:
+    store, nodes, router = world
+    UpdateStager(router).handle(event_of(store, ["c0", "c1"]))
+    node = nodes.nodes[0]
+    store.blobs.put(layout.update_key(JOB, 1, "c1"), b"not an update")  # rewritten, corrupt
+    answer = node.handle(StageOp(JOB, 1, "c1", 0, etag="e-new").to_event())
+    assert "failed" in answer
+    assert sorted(node.staging._pending[(JOB, 1)].rows) == ["c0"]
