@@ -16,8 +16,10 @@ order a request needs it:
    node for a ResNet-18 × 10 round) are built in invocations of at most
    :data:`ARTIFACT_CHUNK_S` seconds of work each, the owners taking turns
    (``Router.prefetch_artifacts``), so a request finds an owner free or waits one chunk — a
-   node runs one invocation at a time and keeps no thread working after it answered. The
-   marker is then written again with ``artifacts_at``: when they finished;
+   node runs one invocation at a time and keeps no thread working after it answered. They
+   start :data:`REQUESTS_FIRST_S` after the marker: that second is left to the requests the
+   marker lets in (the router function's invocation waits it out, billed). The marker is then
+   written again with ``artifacts_at``: when they finished;
 3. the job's meta and model shards are loaded so they know the new round (last: loading the
    model shard reads the newest global model, 47 MB, on every owner at once, and a request
    for the round would wait for it; a request that needs them first loads them itself).
@@ -75,6 +77,9 @@ WARM_DIR = "warm/"
 
 #: seconds of model-artifact work in one node invocation after a commit (a request waits one)
 ARTIFACT_CHUNK_S = 0.5
+#: seconds after a round's marker left to the requests it lets in before the artifacts start
+#: (they come right after a commit: a selection, an aggregate for the next round)
+REQUESTS_FIRST_S = 1.0
 
 
 class Prefetcher(Protocol):
@@ -276,11 +281,13 @@ class CommitWarmer:
         prefetcher: Prefetcher,
         hot_rounds: int,
         artifacts_total_s: float = float(config.ARTIFACTS_BUDGET_S.get_int()),
+        requests_first_s: float | None = None,
     ) -> None:
         self.store = store
         self.prefetcher = prefetcher
         self.hot_rounds = max(1, hot_rounds)
         self.artifacts_total_s = artifacts_total_s
+        self.requests_first_s = REQUESTS_FIRST_S if requests_first_s is None else requests_first_s
 
     def handle(self, event: Mapping[str, Any]) -> dict[str, Any]:
         """Warm what ``event`` names; the report, or :class:`UnavailableError` (after warming
@@ -366,6 +373,7 @@ class CommitWarmer:
         if not markers:
             return
         t0 = time.perf_counter()
+        time.sleep(self.requests_first_s)  # the nodes to the requests the marker let in
         try:
             answers = self.prefetcher.prefetch_artifacts(
                 [round_shard(job, r) for r in sorted(markers)],

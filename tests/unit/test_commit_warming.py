@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ from flstore_core.cli.stats import print_warm_times
 from flstore_core.data import layout
 from flstore_core.data.manifest import JobSpec
 from flstore_core.errors import UnavailableError, ValidationError
+from flstore_core.routing import commit_warming
 from flstore_core.routing.commit_warming import (
     ARTIFACT_CHUNK_S,
     CommittedManifest,
@@ -286,6 +289,34 @@ def test_a_round_is_marked_warm_before_its_jobs_other_shards_are_loaded(
 
     CommitWarmer(store, MarkerWatcher([]), hot_rounds=2).handle(event(manifest("demo", 1)))
     assert seen == [True]
+
+
+@pytest.fixture(autouse=True)
+def no_requests_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second after a marker left to requests, not waited out by these tests (one of them
+    sets it itself)."""
+    monkeypatch.setattr(commit_warming, "REQUESTS_FIRST_S", 0.0)
+
+
+def test_the_artifacts_start_once_the_requests_had_the_nodes_for_a_while(
+    store: ObjectStore,
+) -> None:
+    seen: list[float] = []
+
+    class Clock(RecordingPrefetcher):
+        def prefetch_artifacts(
+            self, shards: list[ShardKey], chunk_s: float, total_s: float
+        ) -> dict[str, Any]:
+            seen.append(time.perf_counter())
+            return super().prefetch_artifacts(shards, chunk_s, total_s)
+
+    warmer = CommitWarmer(store, Clock([]), hot_rounds=2, requests_first_s=0.2)
+    warmer.handle(event(manifest("demo", 1)))
+    marker = read_marker(store, "demo", 1)
+    assert marker is not None
+    warmed = datetime.fromisoformat(marker["warmed_at"].replace("Z", "+00:00"))
+    started = datetime.fromisoformat(marker["artifacts_at"].replace("Z", "+00:00"))
+    assert (started - warmed).total_seconds() >= 0.2 and len(seen) == 1
 
 
 def test_the_marker_is_written_at_load_and_again_once_the_artifacts_are_built(

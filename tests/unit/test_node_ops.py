@@ -188,7 +188,9 @@ def test_a_primarys_load_keeps_the_default_models_answer_for_the_first_request()
     answer = primary.handle(run)
     assert answer["cache"] == "hit" and answer["s3_puts"] == 0
     assert primary.answering.counts == {"computed": 1, "reused": 1}  # the load's, then kept
-    # the replica, which wrote nothing, computes it: the same model at the same key
-    assert replica.handle(run)["result"] == answer["result"]
+    # the replica finds the primary's model at the same key: it neither computes nor writes it
+    replicated = replica.handle(run)
+    assert replicated["result"] == answer["result"] and replicated["s3_puts"] == 0
+    assert "write" not in replicated["timing_ms"]
     assert replica.answering.counts == {"computed": 1, "reused": 0}
-    assert store.puts == puts + 1
+    assert store.puts == puts
