@@ -39,6 +39,10 @@ from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get
 
 PlanRound = Callable[[str, int], RoundPlan]
+#: how long a prefetch's ``load`` waits out a busy node (the last staging of a round still
+#: running when its commit lands, a request), asking again every LOAD_RETRY_S
+LOAD_WAIT_S = 30.0
+LOAD_RETRY_S = 0.02
 #: a single owner's pause between two chunks of its artifacts (a throttled request's first
 #: retries come 50 and 100 ms after it was refused: FailoverPolicy's backoff)
 CHUNK_GAP_S = 0.15
@@ -128,15 +132,25 @@ class Prefetch:
         self, by_node: dict[int, list[str]], primary_of: dict[int, list[str]]
     ) -> dict[str, Any]:
         """One ``load`` invocation per node, in parallel: its answer (and what it was billed)
-        by function name, or the failure as an ``unavailable`` error."""
+        by function name, or the failure as an ``unavailable`` error. A busy node (a staging or
+        a request holding it) is asked again every :data:`LOAD_RETRY_S` for up to
+        :data:`LOAD_WAIT_S`."""
 
         def load(index: int) -> tuple[str, Any]:
             function = self.scatter.function(index)
             op = LoadOp(tuple(by_node[index]), tuple(primary_of.get(index, [])))
-            try:
-                answer = self.scatter.invoker.invoke(function, op.to_event())
-            except NodeFailure as exc:
-                return function, {"error": {"code": "unavailable", "message": str(exc)}}
+            deadline = time.monotonic() + LOAD_WAIT_S
+            while True:
+                try:
+                    answer = self.scatter.invoker.invoke(function, op.to_event())
+                    break
+                except NodeThrottled as exc:
+                    if time.monotonic() < deadline:
+                        time.sleep(LOAD_RETRY_S)
+                        continue
+                    return function, {"error": {"code": "unavailable", "message": str(exc)}}
+                except NodeFailure as exc:
+                    return function, {"error": {"code": "unavailable", "message": str(exc)}}
             payload = dict(answer.payload)
             if "error" not in payload:
                 payload.update(

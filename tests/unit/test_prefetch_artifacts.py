@@ -353,3 +353,32 @@ def test_a_busy_owner_is_skipped_for_a_turn_and_resumed(
             answer["chunks"] == 1
             and answer["artifacts"][str(round_shard(JOB, ROUND))]["deferred"] == []
         )
+
+
+def test_a_load_waits_out_a_busy_node_and_gives_up_past_its_wait(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flstore_core.routing import prefetch as prefetch_module
+    from flstore_core.routing.invoker import NodeThrottled
+
+    nodes = two_nodes(store)
+    router = router_over(store, nodes)
+    real, busy = nodes.invoke, {"art-cache-0": 3}
+    monkeypatch.setattr(prefetch_module, "LOAD_RETRY_S", 0.0)
+
+    def busy_at_first(function: str, event: Any) -> Any:
+        if event.get("op") == "load" and busy.get(function, 0) > 0:
+            busy[function] -= 1  # a staging of the round still running when it commits
+            raise NodeThrottled(f"{function}: throttled")
+        return real(function, event)
+
+    monkeypatch.setattr(nodes, "invoke", busy_at_first)
+    shard = str(round_shard(JOB, ROUND))
+    answers = router.prefetch([round_shard(JOB, ROUND)], artifacts=False)
+    assert busy == {"art-cache-0": 0}
+    assert all(a["loaded"] == [shard] for a in answers.values())
+    monkeypatch.setattr(prefetch_module, "LOAD_WAIT_S", 0.0)
+    busy["art-cache-0"] = 10**6  # busy for good: the load gives up, as an unavailable answer
+    again = router.prefetch([round_shard(JOB, ROUND)], artifacts=False)
+    assert again["art-cache-0"]["error"]["code"] == "unavailable"
+    assert again["art-cache-1"]["already"] == [shard]
