@@ -345,7 +345,7 @@ class CacheNode:
             def compute(workload: Any = workload, params: Any = params) -> dict[str, Any]:
                 return run_round_workload(self.store, workload, data, params, data.results_written)
 
-            self.answering.answer(memo, name, {"params": params}, compute, version)
+            self.answering.answer(memo, name, {"params": params}, compute, version, at_load=True)
         t2 = time.perf_counter()
         return {"gram": round((t1 - t0) * 1000, 1), "models": round((t2 - t1) * 1000, 1)}
 
@@ -370,6 +370,8 @@ class CacheNode:
             "artifacts": self.artifacts.to_dict(),
             "staging": self.staging.to_dict(),
             "answers": dict(self.answering.counts),
+            # answers a load kept (the default models) that a request then took
+            "answers_prefetched": self.answering.prefetched,
             # bytes held by representation: rows, Gram, model artifacts, answers, other shards
             "tiers": self.answering.tiers(),
             "invocations": self.invocations,

@@ -187,7 +187,10 @@ def test_a_primarys_load_keeps_the_default_models_answer_for_the_first_request()
     run = {"op": "run", "workload": "fedavg", "job": "j", "round": 0, "params": {}}
     answer = primary.handle(run)
     assert answer["cache"] == "hit" and answer["s3_puts"] == 0
-    assert primary.answering.counts == {"computed": 1, "reused": 1}  # the load's, then kept
+    assert primary.answering.counts == {"computed": 0, "reused": 0}  # no request computed it
+    assert primary.stats()["answers_prefetched"] == 1  # what prefetch built, not a reuse
+    assert primary.handle(run)["result"] == answer["result"]  # then an ordinary reuse
+    assert primary.answering.counts == {"computed": 0, "reused": 1}
     # the replica finds the primary's model at the same key: it neither computes nor writes it
     replicated = replica.handle(run)
     assert replicated["result"] == answer["result"] and replicated["s3_puts"] == 0
