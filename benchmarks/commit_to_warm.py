@@ -5,11 +5,18 @@
 written, as the bucket's notification does on AWS), no router in its process — commits
 rounds of the paper's model job one after another (``--clients`` updates of
 ResNet-18 for CIFAR, 11.2M parameters, a 16-image validation set; ``--quick``: the digits CNN).
-For each round, from the commit (its manifest PUT's return):
+How the updates land: by default (``--arrival-s 0``) the writer is the Flower sink's
+``put_round`` — every update PUT at once (8 in parallel), then the global model, the ingest
+summaries (1-2 s over the round's rows, in the writer) and the manifest; so with ``--staging on``
+the owners stage what they can in the seconds those writes and the summaries take.
+``--arrival-s S``: the updates land one by one over ``S`` seconds (update ``k`` of ``n`` at
+``(k + 1)·S/n``), as clients finishing their training at different times send them, then the
+same global model, summaries and manifest. For each round, from the commit (its manifest PUT's
+return):
 
 - ``warm_marker``: until the round's warm marker ``jobs/{job}/warm/{round:08d}.json`` exists
-  (polled every 50 ms on S3; the router function writes it once the round's owners hold it and
-  its model artifacts are built);
+  (polled every 50 ms on S3; the router function writes it once the round's owners hold it —
+  its rows, Gram and FedAvg model — before its model artifacts are built, in chunks);
 - per workload (``cosine_select``, ``fedavg``, ``contribution_loo``, each polled by a thread of
   its own through the gateway with ``FLStoreClient``): until the first answer whose
   ``meta.cache`` is ``"hit"`` (every shard the node read was in its memory) came back.
@@ -96,6 +103,7 @@ from benchmarks.commit_timing import (
 )
 from benchmarks.paper_data import MODEL_JOB
 from benchmarks.report import add_network_flag, machine, network_json, parser, summarize
+from flstore_core.routing.commit_warming import read_marker
 
 SERVER_NODE = 1  # Flower's SuperLink node id, the sender of a ServerApp's messages
 QUICK_PARAMS = 100_000
@@ -120,7 +128,11 @@ def local_stack(args: Any, *, replication: int, workdir: str | None = None) -> I
     with contextlib.ExitStack() as stack:
         s3 = stack.enter_context(S3Process()) if args.s3 == "process" else None
         config = StackConfig(
-            nodes=args.nodes, replication=replication, network=args.network, s3_endpoint=s3
+            nodes=args.nodes,
+            replication=replication,
+            network=args.network,
+            s3_endpoint=s3,
+            stage_updates=args.staging == "on",
         )
         yield stack.enter_context(LocalStack(config, workdir=workdir))
 
@@ -300,6 +312,8 @@ def warm_sample(
         marker_at, marker_body = marker_future.result()
         hits = {name: future.result() for name, future in futures.items()}
     stack.notifications.wait_idle(WARM_TIMEOUT_S)
+    # the marker as the warming left it: with when the model artifacts were built
+    marker_body = read_marker(stack.store, MODEL_JOB, round_) or marker_body
     elapsed = {"warm_marker": (marker_at - t_commit) * 1000.0}
     elapsed.update({name: (hit.at - t_commit) * 1000.0 for name, hit in hits.items()})
     return elapsed, marker_body, hits
@@ -341,7 +355,7 @@ def commit_to_warm(args: Any) -> dict[str, Any]:
         client = FLStoreClient(stack.gateway_url, stack.token, timeout=WARM_TIMEOUT_S)
 
         def commit(round_: int) -> float:
-            job.write_round(round_)
+            job.write_round(round_, args.arrival_s)
             return writer.committed_at[(MODEL_JOB, round_)]
 
         def ask(name: str, round_: int) -> dict[str, Any]:
@@ -389,6 +403,8 @@ def warm_report(
         "nodes": args.nodes,
         "replication": args.replication,
         "poll": args.poll,
+        "staging": args.staging,
+        "arrival_s": args.arrival_s,
     }
     runs = [{**common, "workload": "warm_marker", **summarize(samples["warm_marker"])}]
     for name, firsts in hits.items():
@@ -410,17 +426,22 @@ def warm_report(
         # what the router function measured: its prefetch, and commit -> marker by its clock
         "router_warm_ms": [m.get("warm_ms") for m in markers],
         "router_commit_to_warm_ms": [_marker_span_ms(m) for m in markers],
+        "router_commit_to_artifacts_ms": [_marker_span_ms(m, "artifacts_at") for m in markers],
+        "artifacts_chunks": [m.get("artifacts_chunks") for m in markers],
+        # each owner's load of the round at its commit, step by step (ms; "staged": rows)
+        "owners_ms": [m.get("owners_ms") for m in markers],
         "profile": profile,
     }
     return {"runs": runs, "summary": {"commit_to_warm": summary}}
 
 
-def _marker_span_ms(marker: dict[str, Any]) -> float | None:
-    """A marker's ``committed_at`` to ``warmed_at`` (the router function's clock), in ms."""
+def _marker_span_ms(marker: dict[str, Any], until: str = "warmed_at") -> float | None:
+    """A marker's ``committed_at`` to ``until`` (``warmed_at``, or ``artifacts_at``: the
+    router function's clock), in ms."""
     try:
         start, end = (
             datetime.fromisoformat(str(marker[k]).replace("Z", "+00:00"))
-            for k in ("committed_at", "warmed_at")
+            for k in ("committed_at", until)
         )
     except (KeyError, ValueError):
         return None
@@ -455,6 +476,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="marker",
         help="commit_to_warm: send the workloads' requests once the warm marker is seen, or "
         "from the commit on",
+    )
+    p.add_argument(
+        "--staging",
+        choices=("on", "off"),
+        default="on",
+        help="updates staged on their round's owners as they land (on), or the round loaded "
+        "at the commit only (off: manifests notified only)",
+    )
+    p.add_argument(
+        "--arrival-s",
+        type=float,
+        default=0.0,
+        help="commit_to_warm: the writer PUTs a round's updates one by one over this many "
+        "seconds, then commits (0, the default: all at once, as the Flower sink writes them)",
     )
     p.add_argument(
         "--s3",

@@ -5,6 +5,7 @@ for each workload (``benchmarks/paper.py`` runs them)."""
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,11 +115,13 @@ class ModelJob:
         self.sink = StoreSink(store)
         self.sink.put_initial(MODEL_JOB, Update(dict(self.model)))
 
-    def write_round(self, round_: int) -> int:
+    def write_round(self, round_: int, arrival_s: float = 0.0) -> int:
         """Commit ``round_``: every client steps from the current model along a shared direction
         (1e-3 of a unit normal a weight) plus noise of its own (5e-4), the last client three
         times the other way; buffers (BatchNorm statistics, counters) stay the model's. Returns
-        the round's stored bytes."""
+        the round's stored bytes. ``arrival_s`` > 0: the updates land one by one over that
+        many seconds (:meth:`_land_spread`) rather than all at once as ``StoreSink`` writes
+        them."""
         rng = np.random.default_rng(100 + round_)
         direction = {
             n: rng.standard_normal(w.shape, dtype=np.float32) * np.float32(1e-3)
@@ -152,11 +155,30 @@ class ModelJob:
             for wt, u in zip(weights, updates.values(), strict=True):
                 acc += np.float32(wt) * u.tensors[name]
             new_model[name] = acc
-        self.sink.put_round(MODEL_JOB, round_, updates, Update(dict(new_model)))
+        if arrival_s > 0:
+            self._land_spread(round_, updates, Update(dict(new_model)), arrival_s)
+        else:
+            self.sink.put_round(MODEL_JOB, round_, updates, Update(dict(new_model)))
         self.model = new_model
         return sum(
             e.stored_bytes for e in self.store.get_manifest(MODEL_JOB, round_).updates.values()
         )
+
+    def _land_spread(
+        self, round_: int, updates: dict[str, Update], model: Update, arrival_s: float
+    ) -> None:
+        """``StoreSink.put_round``'s writes with the updates spread as clients that finish
+        training at different times send them: update ``k`` of ``n`` PUT at ``(k + 1) ·
+        arrival_s / n`` seconds (or once the one before returned, if later), then the global
+        model, the ingest summaries and the manifest, as the sink writes them."""
+        t0 = time.perf_counter()
+        entries = []
+        for k, (client, update) in enumerate(updates.items()):
+            time.sleep(max(0.0, t0 + arrival_s * (k + 1) / len(updates) - time.perf_counter()))
+            entries.append(self.store.put_update(MODEL_JOB, round_, client, update))
+        self.store.put_global(MODEL_JOB, round_, model)
+        summaries = self.sink.summaries(MODEL_JOB, round_, updates)
+        self.store.commit_round(MODEL_JOB, round_, entries, summaries=summaries)
 
 
 class SummaryJob:

@@ -14,8 +14,9 @@ node's state or the workload registry (a workload's name and parameters, a shard
 index against the round's manifest) is checked by the node's handler.
 
 Operations: ``load``, ``artifacts`` (compute shares or adopt rounds), ``run``, ``partial``,
-``model_part``, ``run_clients``, ``stats``, ``evict`` (shards or all), ``ping``. Prefetch is
-the router's sequence of ``load`` and ``artifacts``, not an operation of its own.
+``model_part``, ``run_clients``, ``stage`` (an update before its round's commit), ``stats``,
+``evict`` (shards or all), ``ping``. Prefetch is the router's sequence of ``load`` and
+``artifacts``, not an operation of its own.
 """
 
 from __future__ import annotations
@@ -88,19 +89,26 @@ class LoadOp:
 class ArtifactsOp:
     """``{"op": "artifacts", "compute": {shard: [share, shares]}}``: this node's share of held
     rounds' model artifacts; ``{"op": "artifacts", "rounds": {shard: {"content",
-    "entries"}}}``: keep those another replica computed. An event may carry both."""
+    "entries"}}}``: keep those another replica computed. An event may carry both.
+    ``budget_s`` (with ``compute``): start no task after that many seconds — one bounded chunk
+    of the share, the rest answered ``deferred`` for a later invocation (the node's own
+    ``FLSTORE_ARTIFACTS_BUDGET_S`` when absent); a third number, ``[share, shares, start]``,
+    skips the share's first ``start`` tasks (those earlier chunks did)."""
 
     op: ClassVar[str] = "artifacts"
-    compute: Mapping[str, tuple[int, int]] | None = None
+    compute: Mapping[str, tuple[int, ...]] | None = None
     rounds: Mapping[str, Mapping[str, Any]] | None = None
+    budget_s: float | None = None
 
     def to_event(self) -> dict[str, Any]:
         """The event the router sends."""
         event: dict[str, Any] = {"op": self.op}
         if self.compute is not None:
-            event["compute"] = {k: [s, n] for k, (s, n) in self.compute.items()}
+            event["compute"] = {k: list(v) for k, v in self.compute.items()}
         if self.rounds is not None:
             event["rounds"] = dict(self.rounds)
+        if self.budget_s is not None:
+            event["budget_s"] = self.budget_s
         return event
 
     @classmethod
@@ -120,16 +128,17 @@ class ArtifactsOp:
                 isinstance(compute, dict)
                 and all(
                     isinstance(v, list)
-                    and len(v) == 2
+                    and len(v) in (2, 3)
                     and all(_is_int(i) for i in v)
                     and 0 <= v[0] < v[1]
+                    and (len(v) == 2 or v[2] >= 0)
                     for v in compute.values()
                 )
             ),
             "artifacts",
             "compute",
-            "artifacts' 'compute' must map round shard keys to [share, shares] with "
-            "0 <= share < shares",
+            "artifacts' 'compute' must map round shard keys to [share, shares] (or [share, "
+            "shares, start]) with 0 <= share < shares and start >= 0",
         )
         _check(
             rounds is None or isinstance(rounds, dict),
@@ -144,8 +153,16 @@ class ArtifactsOp:
                 "rounds",
                 f"artifacts of {text!r} must be {{'content', 'entries'}}",
             )
-        shares = None if compute is None else {k: (v[0], v[1]) for k, v in compute.items()}
-        return cls(shares, rounds)
+        budget = event.get("budget_s")
+        _check(
+            budget is None
+            or (isinstance(budget, int | float) and not isinstance(budget, bool) and budget > 0),
+            "artifacts",
+            "budget_s",
+            "artifacts' 'budget_s' must be a positive number of seconds",
+        )
+        shares = None if compute is None else {k: tuple(v) for k, v in compute.items()}
+        return cls(shares, rounds, None if budget is None else float(budget))
 
 
 def _clients(value: Any) -> tuple[str, ...] | None:
@@ -462,6 +479,48 @@ class PingOp(_FieldlessOp):
     op: ClassVar[str] = "ping"
 
 
+@dataclass(frozen=True)
+class StageOp:
+    """``{"op": "stage", "job", "round", "client", "tensors_round", "etag"}``: read one update
+    of a round not yet committed (its canonical key, never a key the event names), decode it
+    in the tensor order of the committed round ``tensors_round`` and hold it until the round's
+    commit (:mod:`flstore_core.cache.staging`); ``etag`` is the object's, as S3 notified it."""
+
+    op: ClassVar[str] = "stage"
+    job: str
+    round: int
+    client: str
+    tensors_round: int
+    etag: str = ""
+
+    def to_event(self) -> dict[str, Any]:
+        """The event the router sends."""
+        event: dict[str, Any] = {
+            "op": self.op,
+            "job": self.job,
+            "round": self.round,
+            "client": self.client,
+            "tensors_round": self.tensors_round,
+        }
+        if self.etag:
+            event["etag"] = self.etag
+        return event
+
+    @classmethod
+    def from_event(cls, event: Mapping[str, Any]) -> Self:
+        """The op of ``event``; :class:`MalformedEventError` when it is malformed (a bad id:
+        :class:`~flstore_core.errors.InvalidIdError`)."""
+        etag = event.get("etag", "")
+        _check(isinstance(etag, str), "stage", "etag", "stage's 'etag' must be a string")
+        return cls(
+            validate_job(event.get("job")),
+            validate_round(event.get("round")),
+            validate_client(event.get("client")),
+            validate_round(event.get("tensors_round")),
+            etag,
+        )
+
+
 NodeOp = (
     LoadOp
     | RunOp
@@ -469,6 +528,7 @@ NodeOp = (
     | ModelPartOp
     | RunClientsOp
     | ArtifactsOp
+    | StageOp
     | StatsOp
     | EvictOp
     | PingOp
@@ -484,6 +544,7 @@ OPS: dict[str, type[NodeOp]] = {
         ModelPartOp,
         RunClientsOp,
         ArtifactsOp,
+        StageOp,
         StatsOp,
         EvictOp,
         PingOp,

@@ -57,6 +57,7 @@ from flstore_core.routing.openapi import (
 from flstore_core.routing.paging import MAX_LIMIT
 from flstore_core.routing.request_body import MAX_BODY_BYTES
 from flstore_core.routing.router import Router
+from flstore_core.routing.update_staging import UpdateStager
 
 logger = Logger(service="flstore-router")
 
@@ -359,9 +360,14 @@ app = build_app(Router.from_env)
 
 
 def warm_commits(router: Router, event: dict[str, Any]) -> dict[str, Any]:
-    """An S3 event notification of written manifests: warm each round it names
+    """An S3 event notification of written updates and manifests: stage each update on its
+    round's owners before the commit (:mod:`flstore_core.routing.update_staging`, never
+    raises), then warm each round whose manifest it names
     (:mod:`flstore_core.routing.commit_warming`); a round that could not be warmed raises, so
     Lambda's asynchronous retry delivers the event again."""
+    staged = UpdateStager(router).handle(event)
+    if staged["staged"] or staged["skipped"] or staged["failed"]:
+        logger.info({"update_staging": staged})
     report = CommitWarmer(router.store, router, config.HOT_ROUNDS.get_int()).handle(event)
     logger.info({"commit_warming": report})
     return report

@@ -58,6 +58,12 @@ class WorkloadAnswers:
         self.node = node
         # answers of workloads computed, and reused from the memo of the shard they ran on
         self.counts = {"computed": 0, "reused": 0}
+        # answers a load kept (a round's default models), and how many a request then took:
+        # what prefetch built, not counted as reused (a first request answered from it is one)
+        self._kept_at_load: weakref.WeakKeyDictionary[ResultMemo, set[str]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.prefetched = 0
         # a round's memo lives as long as the round's copy in this node's cache
         self._round_answers: weakref.WeakKeyDictionary[RoundData, ResultMemo] = (
             weakref.WeakKeyDictionary()
@@ -143,11 +149,21 @@ class WorkloadAnswers:
         request: dict[str, Any],
         compute: Callable[[], dict[str, Any]],
         version: str,
+        at_load: bool = False,
     ) -> dict[str, Any]:
         """``compute()``, or the answer ``memo`` kept for an identical request on the job spec
-        and validation set of ``version``."""
-        result, reused = memo.answer(ResultMemo.key(name, request, version), compute)
-        self.counts["reused" if reused else "computed"] += 1
+        and validation set of ``version``; ``at_load``: kept by a load (prefetch), whose first
+        reuse by a request is counted in :attr:`prefetched`, not as ``reused``."""
+        key = ResultMemo.key(name, request, version)
+        result, reused = memo.answer(key, compute)
+        kept = self._kept_at_load.setdefault(memo, set())
+        if at_load:  # not an answer to a request: counted when one takes it
+            kept.add(key)
+        elif reused and key in kept:
+            kept.discard(key)
+            self.prefetched += 1
+        else:
+            self.counts["reused" if reused else "computed"] += 1
         return result
 
     def round_memo(self, data: RoundData) -> ResultMemo:

@@ -10,6 +10,7 @@ left to the request, never raised.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,7 @@ def exchange(node: CacheNode, op: ArtifactsOp) -> dict[str, Any]:
     was ``adopted`` and ``skipped`` of its ``rounds``."""
     answer: dict[str, Any] = {"node": node.node_index}
     if op.compute is not None:
-        answer["computed"] = compute_artifacts(node, op.compute)
+        answer["computed"] = compute_artifacts(node, op.compute, op.budget_s)
     if op.rounds is not None:
         answer.update(adopt_artifacts(node, op.rounds))
     return answer
@@ -50,24 +51,35 @@ def whole_round(text: str) -> ShardKey:
     return key
 
 
-def compute_artifacts(node: CacheNode, shares: Mapping[str, tuple[int, int]]) -> dict[str, Any]:
-    """This node's share ``(share, shares)`` of the model artifacts of each named round it
-    holds, and every value it then holds: round -> its ``content``, ``entries``, the
-    ``tasks`` done, ``errors``, ``deferred``, ``ms``."""
+def compute_artifacts(
+    node: CacheNode, shares: Mapping[str, tuple[int, ...]], budget_s: float | None = None
+) -> dict[str, Any]:
+    """This node's share ``(share, shares[, start])`` of the model artifacts of each named
+    round it holds (from its ``start``-th task: the earlier ones an earlier chunk did), and
+    every value it then holds: round -> its ``content``, ``entries``, the ``tasks`` done,
+    ``errors``, ``deferred``, ``ms``. ``budget_s`` bounds the invocation (every round's tasks
+    together; :data:`ARTIFACTS_BUDGET_S` when ``None``)."""
     out: dict[str, Any] = {}
-    for text, (share, count) in shares.items():
+    deadline = time.perf_counter() + (ARTIFACTS_BUDGET_S if budget_s is None else budget_s)
+    for text, (share, count, *start) in shares.items():
         held = node.cache.get(whole_round(text))
         if isinstance(held, RoundData) and held.has_rows:
-            out[text] = round_artifacts(held, share, count)
+            left = max(0.0, deadline - time.perf_counter())
+            # a chunk (a budget given) does at least one task, however little is left
+            first = 0 if budget_s is None else 1
+            out[text] = round_artifacts(held, share, count, left, start[0] if start else 0, first)
         else:  # model artifacts evaluate models of the rows: a rowless round has none
             out[text] = {"skipped": "round not held" if held is None else "rows not held"}
     return out
 
 
-def round_artifacts(data: RoundData, share: int, shares: int) -> dict[str, Any]:
-    """This node's share of the round's model artifacts, and every value it then holds
-    (never raises: an artifact that fails is reported and left to the request)."""
-    done = artifacts.compute(data, share, shares, ARTIFACTS_BUDGET_S)
+def round_artifacts(
+    data: RoundData, share: int, shares: int, budget_s: float, start: int = 0, at_least: int = 0
+) -> dict[str, Any]:
+    """This node's share of the round's model artifacts (from its ``start``-th task, the first
+    ``at_least`` whatever the budget), and every value it then holds (never raises: an
+    artifact that fails is reported and left to the request)."""
+    done = artifacts.compute(data, share, shares, budget_s, start, at_least)
     try:
         entries = artifacts.export(data)
     except Exception as exc:  # pragma: no cover - export of values this code computed

@@ -13,6 +13,8 @@ its typed op by :func:`flstore_core.protocol.parse_event` (which documents every
   (:mod:`flstore_core.cache.answering`);
 * ``partial``, ``model_part``, ``run_clients`` — the ops on a round held in column blocks
   (:mod:`flstore_core.cache.sharded_ops`);
+* ``stage`` — read and hold one update of a round before its commit, which then reads only
+  the rest (:mod:`flstore_core.cache.staging`);
 * ``stats`` — hits, misses, loads, bytes held, evictions, S3 GETs, artifact reuse;
 * ``evict`` — the shards named, or all of them (which also drops the node's cached manifests,
   job contexts and job spec versions);
@@ -54,6 +56,7 @@ from flstore_core.cache.shards import (
     load_client,
 )
 from flstore_core.cache.spec_versions import SpecVersions
+from flstore_core.cache.staging import StagedRounds
 from flstore_core.errors import FLStoreError, NotFoundError, ValidationError
 from flstore_core.protocol import (
     ArtifactsOp,
@@ -65,10 +68,11 @@ from flstore_core.protocol import (
     PingOp,
     RunClientsOp,
     RunOp,
+    StageOp,
     StatsOp,
     parse_event,
 )
-from flstore_core.routing.placement import ShardKey
+from flstore_core.routing.placement import ShardKey, round_shard
 from flstore_core.storage.object_store import ObjectStore
 from flstore_core.workloads import get
 from flstore_core.workloads.deadline import running_until
@@ -120,6 +124,9 @@ class CacheNode:
         self.invocations = 0
         self.streamed_written: set[str] = set()  # model results run_clients wrote
         self.answering = WorkloadAnswers(self)
+        # the steps of the last whole round this node read (load_round's timing), for load
+        self.load_steps: dict[str, float] = {}
+        self.staging = StagedRounds(store, self.cache, self.manifests.get)
         # op class -> the handler that runs it (the unknown-op error lists the op names in
         # the protocol's order)
         self.ops: dict[type[NodeOp], Handler] = {
@@ -129,6 +136,7 @@ class CacheNode:
             ModelPartOp: lambda op: sharded_ops.model_part(self, op),
             RunClientsOp: lambda op: sharded_ops.run_clients(self, op),
             ArtifactsOp: lambda op: artifact_exchange.exchange(self, op),
+            StageOp: self.stage,
             StatsOp: lambda op: self.stats(),
             EvictOp: self.evict,
             PingOp: self.ping,
@@ -163,6 +171,7 @@ class CacheNode:
     def loader(self, key: ShardKey) -> Any:
         """How to read ``key``'s shard from S3 (for :meth:`ShardCache.using`)."""
         if key.is_block:
+            self.staging.drop(key.job, key.round)  # staged whole, loaded in blocks: re-planned
             return lambda: load_round_block(
                 self.store,
                 key.job,
@@ -174,7 +183,13 @@ class CacheNode:
             )
         if key.cls == "round":
             return lambda: load_round(
-                self.store, key.job, key.round, self.artifacts, self.context(key.job)
+                self.store,
+                key.job,
+                key.round,
+                self.artifacts,
+                self.context(key.job),
+                held=self.staging.take,
+                timing=self.load_steps,
             )
         if key.cls == "meta":
             return lambda: load_meta_snapshotted(
@@ -226,6 +241,7 @@ class CacheNode:
         already: list[str] = []
         failed: dict[str, str] = {}
         timing = {"load": 0.0, "warm": 0.0}
+        steps: dict[str, dict[str, float]] = {}  # round -> load_round's steps, when read now
         listed: set[str] = set()  # jobs whose manifests this load listed (once per job)
         checked: set[str] = set()  # jobs whose spec versions this load checked (once per job)
         for text in shards:
@@ -240,14 +256,18 @@ class CacheNode:
                 t0 = time.perf_counter()
                 if key.cls == "round":
                     self._drop_if_rewritten(key, listed)
+                self.load_steps = {}
                 with self.cache.using(key, self.loader(key)) as (value, hit):
+                    if self.load_steps:
+                        steps[text] = {k: round(v, 1) for k, v in self.load_steps.items()}
                     if isinstance(value, RoundData) and not value.has_rows:
                         value = self.reload_rows(key, value)  # a prefetch brings the rows in
                     t1 = time.perf_counter()
                     timing["load"] += (t1 - t0) * 1000
                     if isinstance(value, RoundData):
                         # a block's default models are written by the router, block by block
-                        self._warm_round(value, text in with_models and not key.is_block)
+                        warmed = self._warm_round(value, text in with_models and not key.is_block)
+                        steps.setdefault(text, {}).update(warmed)
                         timing["warm"] += (time.perf_counter() - t1) * 1000
                     elif hit:
                         self.refresh(key, value, force=True)
@@ -263,7 +283,13 @@ class CacheNode:
             "already": already,
             "failed": failed,
             "timing_ms": {k: round(v, 3) for k, v in timing.items()},
+            "steps_ms": steps,
         }
+
+    def stage(self, op: StageOp) -> dict[str, Any]:
+        """The ``stage`` op: hold one update of a round before its commit
+        (:mod:`flstore_core.cache.staging`); a round held here already stages nothing."""
+        return self.staging.stage(op, held=round_shard(op.job, op.round) in self.cache)
 
     def load_op(self, op: LoadOp) -> dict[str, Any]:
         """The ``load`` op: see :meth:`load`."""
@@ -304,17 +330,26 @@ class CacheNode:
         if {c: e.sha256 for c, e in manifest.updates.items()} != held.sha256:
             self.cache.evict(key)
 
-    def _warm_round(self, data: RoundData, models: bool) -> None:
+    def _warm_round(self, data: RoundData, models: bool) -> dict[str, float]:
         """Prefetch-time work on a round: the shared artifacts and, when asked, the round's
-        default aggregate models written to ``results/`` so that a request for them does no
-        PUT."""
+        default aggregate models written to ``results/`` and their answers kept, so that a
+        request for them (the default params) is a memo lookup. The milliseconds of each:
+        ``gram`` (the Gram and distances; 0 when held already) and ``models``."""
+        t0 = time.perf_counter()
         data.warm()
+        t1 = time.perf_counter()
+        memo, version = self.answering.round_memo(data), data.context.version
         # read at call time, as the router's prefetch reads it, so the two agree
         for name in config.PREFETCH_MODELS.get_list() if models else ():
             workload = get(name)
-            run_round_workload(
-                self.store, workload, data, workload.validate({}), data.results_written
-            )
+            params = workload.validate({})
+
+            def compute(workload: Any = workload, params: Any = params) -> dict[str, Any]:
+                return run_round_workload(self.store, workload, data, params, data.results_written)
+
+            self.answering.answer(memo, name, {"params": params}, compute, version, at_load=True)
+        t2 = time.perf_counter()
+        return {"gram": round((t1 - t0) * 1000, 1), "models": round((t2 - t1) * 1000, 1)}
 
     def stats(self) -> dict[str, Any]:
         """Hits, misses, loads, bytes held, evictions, S3 requests, artifact and answer reuse,
@@ -335,7 +370,10 @@ class CacheNode:
             "s3_gets": self.store.gets,
             "s3_puts": self.store.puts,
             "artifacts": self.artifacts.to_dict(),
+            "staging": self.staging.to_dict(),
             "answers": dict(self.answering.counts),
+            # answers a load kept (the default models) that a request then took
+            "answers_prefetched": self.answering.prefetched,
             # bytes held by representation: rows, Gram, model artifacts, answers, other shards
             "tiers": self.answering.tiers(),
             # the jobs the eviction policy follows, and what it learned of each

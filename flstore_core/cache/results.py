@@ -104,11 +104,17 @@ def store_model(
 
     The key is a function of the workload, its params and the round's content, so the object
     is the same every time: a caller that remembers what it wrote (``written``) skips the
-    encode-and-PUT of a model that is already in S3. ``timing`` (when given) receives ``write``:
-    the milliseconds spent encoding and PUT-ting the model, after computing it.
+    encode-and-PUT of a model that is already in S3, and so does one that finds the object
+    there (one HEAD: another replica of the round wrote it — the primary writes a round's
+    default models at its prefetch), without computing a model given as a callable.
+    ``timing`` (when given) receives ``write``: the milliseconds spent encoding and PUT-ting
+    the model, after computing it.
     """
     key = result_key(workload, data, params)
     if written is not None and key in written:
+        return key
+    if written is not None and store.stat(key) is not None:
+        written.add(key)
         return key
     if callable(model):
         model = model()

@@ -136,11 +136,12 @@ class RoundData(RoundView):
         stats: ArtifactStats | None = None,
         sha256: dict[str, str] | None = None,
         context: JobContext | None = None,
+        deltas: bool = False,
     ) -> None:
         super().__init__(job, round_, clients, specs, num_examples, metrics, stats, sha256, context)
         self._base = base
         self._delta = base is not None
-        if base is not None:
+        if base is not None and not deltas:  # deltas: made so already (a node's staged rows)
             matrix -= base  # in place: the node keeps one matrix, not two
         self._rows: F32 | None = matrix
         self._params = int(matrix.shape[1])

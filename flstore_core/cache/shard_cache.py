@@ -56,6 +56,20 @@ class _PolicyCache(cachetools.Cache[ShardKey, Any]):
         super().__init__(maxsize=maxsize, getsizeof=lambda v: max(int(v.nbytes), 1))
         self._owner = owner
 
+    def __setitem__(self, key: ShardKey, value: Any) -> None:
+        # bytes reserved outside the cache (a node's staged updates) are room no entry has
+        size = self.getsizeof(value)
+        if size + self._owner.reserved > self.maxsize:
+            raise ValueError("value too large")
+        while self.currsize + self._owner.reserved + size - self._held_size(key) > self.maxsize:
+            self.popitem()
+        super().__setitem__(key, value)
+
+    def _held_size(self, key: ShardKey) -> int:
+        if key not in self:
+            return 0
+        return int(self.getsizeof(cachetools.Cache.__getitem__(self, key)))
+
     def popitem(self) -> tuple[ShardKey, Any]:
         key = self._owner.victim()
         if key is None:
@@ -101,6 +115,27 @@ class ShardCache:
         self._clock = itertools.count()
         self._lock = threading.RLock()
         self._loading: dict[ShardKey, threading.Lock] = {}
+        self.reserved = 0  # bytes held outside the cache and counted against its budget
+
+    def reserve(self, nbytes: int) -> bool:
+        """Count ``nbytes`` held outside the cache (a node's staged updates) against the
+        budget, evicting as for a new entry to make room; ``False`` (nothing reserved) when
+        they cannot fit with every pinned entry kept."""
+        with self._lock:
+            if self.reserved + nbytes > self.budget:
+                return False
+            try:
+                while self.bytes_held + self.reserved + nbytes > self.budget:
+                    self._cache.popitem()
+            except KeyError:  # every entry left is pinned
+                return False
+            self.reserved += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        """Give back ``nbytes`` of a :meth:`reserve`."""
+        with self._lock:
+            self.reserved = max(0, self.reserved - nbytes)
 
     # ------------------------------------------------------------------ policy
 

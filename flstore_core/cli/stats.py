@@ -84,6 +84,8 @@ def print_stats(nodes: list[dict[str, Any]], prefix: str, out: Console) -> None:
     print_tiers(nodes, out)
     print_followed(nodes, out)
     for i, s in enumerate(nodes):
+        if line := staging_summary(s.get("staging")):
+            out.print(f"node {i}  {line}", markup=False, highlight=False)
         for line in block_summary(s["shards"]):
             out.print(f"node {i}  {line}", markup=False, highlight=False)
 
@@ -151,6 +153,22 @@ def print_followed(nodes: list[dict[str, Any]], out: Console) -> None:
     )
 
 
+def staging_summary(staging: Any) -> str:
+    """A node's updates staged before their commit (its ``stats``' ``staging``) in one line:
+    ``staged 10, used at commit 9, discarded 1, failed 0, refused 0, pending 0``; empty when
+    nothing was staged (or the node does not report it)."""
+    if not isinstance(staging, dict) or not any(
+        staging.get(k) for k in ("staged", "failed", "refused")
+    ):
+        return ""
+    pending = sum(int(n) for n in (staging.get("pending") or {}).values())
+    return (
+        f"staged {staging.get('staged', 0)}, used at commit {staging.get('used', 0)}, "
+        f"discarded {staging.get('discarded', 0)}, failed {staging.get('failed', 0)}, "
+        f"refused {staging.get('refused', 0)}, pending {pending}"
+    )
+
+
 def block_summary(shards: list[str]) -> list[str]:
     """The column blocks among a node's shard keys, one line per round: ``job/round R: 0,3,7
     of 15``."""
@@ -167,12 +185,13 @@ def block_summary(shards: list[str]) -> list[str]:
 
 def print_warm_times(markers: list[dict[str, Any]], out: Console, latest: int = 5) -> None:
     """When each job's latest ``latest`` rounds became warm (:func:`~flstore_core.routing.
-    commit_warming.warm_times`): the time of the commit, of the warm marker, and between."""
+    commit_warming.warm_times`): the time of the commit, of the warm marker, and from the
+    commit to each: the round warm, and its model artifacts built."""
     if not markers:
         out.print("no round warmed by its commit yet", markup=False, highlight=False)
         return
     grid = table("rounds warmed by their commit", compact=True)
-    for col in ("job", "round", "committed", "warm at", "after s", "warm s"):
+    for col in ("job", "round", "committed", "warm at", "after s", "models s"):
         grid.add_column(col, justify="left" if col == "job" else "right", no_wrap=True)
     by_job: dict[str, list[dict[str, Any]]] = {}
     for marker in markers:
@@ -187,15 +206,21 @@ def print_warm_times(markers: list[dict[str, Any]], out: Console, latest: int = 
                     _clock(str(m.get("committed_at", ""))),
                     _clock(str(m.get("warmed_at", ""))),
                     "-" if after is None else f"{after / 1000:.2f}",
-                    f"{float(m.get('warm_ms', 0)) / 1000:.2f}",
+                    _seconds(m.get("commit_to_artifacts_ms")),
                 )
             )
     out.print(grid)
     out.print(
-        "times UTC; after s = from commit to warm; warm s = the owners' load and artifacts",
+        "times UTC; after s = from commit to warm (its owners hold the round); models s = to "
+        "its model artifacts built (- not yet; --json has the owners' load time, warm_ms)",
         markup=False,
         highlight=False,
     )
+
+
+def _seconds(ms: Any) -> str:
+    """Milliseconds as seconds; ``-`` when not known (artifacts building or left to requests)."""
+    return "-" if ms is None else f"{float(ms) / 1000:.2f}"
 
 
 def _clock(iso: str) -> str:

@@ -5,9 +5,24 @@ written (ARCHITECTURE §2), by ingestion, the SDK's ``commit_round``, the Flower
 backfill alike. On AWS the bucket notifies the router function of every such write (an S3
 event notification on ``jobs/`` … ``manifest.json``); locally the stack's S3 endpoint sends the
 same event (:mod:`lambdas.local_runtime.s3_notifications`). :class:`CommitWarmer` turns those
-events into the work ingestion's prefetch does for a run (``pipelines/prefetch.py``): the
-round's owners load it and build its shared and model artifacts (``Router.prefetch``), then the
-job's meta and model shards are loaded so they know the new round.
+events into the work ingestion's prefetch does for a run (``pipelines/prefetch.py``), in the
+order a request needs it:
+
+1. the round's owners ``load`` it (``Router.prefetch(artifacts=False)``): its rows (those
+   staged before the commit taken as they are, :mod:`flstore_core.routing.update_staging`), its
+   Gram and distances, and on its primary the default aggregate models (FedAvg) — then the
+   round's **warm marker** is written: requests for it are answered from memory from here on;
+2. the round's model artifacts (per-client accuracies, the leave-one-out subsets: 8-20 s a
+   node for a ResNet-18 × 10 round) are built in invocations of at most
+   :data:`ARTIFACT_CHUNK_S` seconds of work each, the owners taking turns
+   (``Router.prefetch_artifacts``), so a request finds an owner free or waits one chunk — a
+   node runs one invocation at a time and keeps no thread working after it answered. They
+   start :data:`REQUESTS_FIRST_S` after the marker: that second is left to the requests the
+   marker lets in (the router function's invocation waits it out, billed). The marker is then
+   written again with ``artifacts_at``: when they finished;
+3. the job's meta and model shards are loaded so they know the new round (last: loading the
+   model shard reads the newest global model, 47 MB, on every owner at once, and a request
+   for the round would wait for it; a request that needs them first loads them itself).
 
 * **Keys.** Only manifest keys are warmed; any other key is ignored, and a key that ends in
   ``manifest.json`` without being a canonical manifest key is refused with a log line. One bad
@@ -23,8 +38,11 @@ job's meta and model shards are loaded so they know the new round.
   same moment may both warm; the nodes make the second cheap: a cache node answers ``load``
   of a round it holds at that manifest version as ``already`` without reading S3 again, and
   keeps the round's artifacts once computed.
-* **Visible.** The marker records when the round was committed (the event's time) and when it
-  became warm; :func:`warm_times` reads them for ``flstore stats``.
+* **Visible.** The marker records when the round was committed (the event's time), when it
+  became warm and when its model artifacts were built; :func:`warm_times` reads them for
+  ``flstore stats``. A marker at the current manifest without ``artifacts_at`` (an invocation
+  that ended during step 3) is not ``already``: a redelivered event loads nothing again (the
+  owners answer ``already``) and resumes the artifacts, the chunks done being memo lookups.
 * **Retried.** A round that could not be warmed gets no marker and fails the invocation
   (:class:`~flstore_core.errors.UnavailableError`), so Lambda's asynchronous retry delivers the
   event again; the rounds already warmed are then skipped by their markers.
@@ -32,6 +50,7 @@ job's meta and model shards are loaded so they know the new round.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -41,6 +60,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import unquote_plus
 
+from flstore_core import config
 from flstore_core.data import layout
 from flstore_core.errors import FLStoreError, UnavailableError, ValidationError
 from flstore_core.ids import validate_job, validate_round
@@ -55,10 +75,22 @@ MANIFEST_NAME = "manifest.json"
 WARM_DIR = "warm/"
 
 
-class Prefetcher(Protocol):
-    """What warms shards: :meth:`flstore_core.routing.router.Router.prefetch`."""
+#: seconds of model-artifact work in one node invocation after a commit (a request waits one)
+ARTIFACT_CHUNK_S = 0.5
+#: seconds after a round's marker left to the requests it lets in before the artifacts start
+#: (they come right after a commit: a selection, an aggregate for the next round)
+REQUESTS_FIRST_S = 1.0
 
-    def prefetch(self, shards: list[ShardKey]) -> dict[str, Any]: ...
+
+class Prefetcher(Protocol):
+    """What warms shards: :meth:`flstore_core.routing.router.Router.prefetch` and
+    :meth:`~flstore_core.routing.router.Router.prefetch_artifacts`."""
+
+    def prefetch(self, shards: list[ShardKey], artifacts: bool = True) -> dict[str, Any]: ...
+
+    def prefetch_artifacts(
+        self, shards: list[ShardKey], chunk_s: float, total_s: float
+    ) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, order=True)
@@ -71,6 +103,9 @@ class CommittedManifest:
     event_time: str = ""
     etag: str = ""
     sequencer: str = ""
+    # set when an earlier event's marker said the round was warm already at this manifest
+    warmed_at: str = ""
+    warm_ms: float = 0.0
 
 
 def warm_markers_prefix(job: str) -> str:
@@ -240,10 +275,19 @@ class CommitWarmer:
         Of one job's rounds in an event, how many of the latest are warmed.
     """
 
-    def __init__(self, store: ObjectStore, prefetcher: Prefetcher, hot_rounds: int) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        prefetcher: Prefetcher,
+        hot_rounds: int,
+        artifacts_total_s: float = float(config.ARTIFACTS_BUDGET_S.get_int()),
+        requests_first_s: float | None = None,
+    ) -> None:
         self.store = store
         self.prefetcher = prefetcher
         self.hot_rounds = max(1, hot_rounds)
+        self.artifacts_total_s = artifacts_total_s
+        self.requests_first_s = REQUESTS_FIRST_S if requests_first_s is None else requests_first_s
 
     def handle(self, event: Mapping[str, Any]) -> dict[str, Any]:
         """Warm what ``event`` names; the report, or :class:`UnavailableError` (after warming
@@ -288,14 +332,18 @@ class CommitWarmer:
                 report.failed.append(name)
                 continue
             if marker is not None and marker.get("manifest_etag") == current.etag:
-                report.already.append(name)
-            else:
-                todo[record.round] = (record, current)
+                if "artifacts_at" in marker:
+                    report.already.append(name)
+                    continue
+                record = _as_marked(record, marker)  # warm already: its artifacts resume
+            todo[record.round] = (record, current)
         if not todo:
             return
         t0 = time.perf_counter()
         try:
-            answers = self.prefetcher.prefetch([round_shard(job, r) for r in sorted(todo)])
+            answers = self.prefetcher.prefetch(
+                [round_shard(job, r) for r in sorted(todo)], artifacts=False
+            )
             held = warmed_rounds(answers)
         except Exception as exc:  # a node or the planner failed: the retry warms it
             log.warning("commit warming: prefetch of job %r failed: %s", job, exc)
@@ -303,45 +351,118 @@ class CommitWarmer:
             return
         warm_ms = (time.perf_counter() - t0) * 1000
         # the markers first: a round is warm (its requests answered from memory) once its
-        # owners hold it, whatever the job's other shards still take
+        # owners hold it, whatever the job's other shards and its model artifacts still take
+        markers: dict[int, dict[str, Any]] = {}
         for round_, (record, current) in sorted(todo.items()):
             name = f"{job}/{round_}"
             if (job, round_) not in held:
                 log.warning("commit warming: no owner of %s loaded it: %s", name, answers)
                 report.failed.append(name)
                 continue
-            try:
-                self._write_marker(record, current, warm_ms)
-            except FLStoreError as exc:  # warm, but a retry will warm it again (a no-op)
-                log.warning("commit warming: marker of %s not written: %s", name, exc)
+            body = marker_body(record, current, warm_ms)
+            body["owners_ms"] = owner_steps(answers, str(round_shard(job, round_)))
+            markers[round_] = self._write_marker(body)
             report.warmed.append(name)
+        self._build_artifacts(job, markers)
         self._warm_job_shards(job)
+
+    def _build_artifacts(self, job: str, markers: dict[int, dict[str, Any]]) -> None:
+        """The model artifacts of the rounds just marked warm, in bounded chunks; each marker
+        then written again with when they finished (a failure is left to the requests, and a
+        redelivered event resumes it)."""
+        if not markers:
+            return
+        t0 = time.perf_counter()
+        time.sleep(self.requests_first_s)  # the nodes to the requests the marker let in
+        try:
+            answers = self.prefetcher.prefetch_artifacts(
+                [round_shard(job, r) for r in sorted(markers)],
+                ARTIFACT_CHUNK_S,
+                self.artifacts_total_s,
+            )
+        except Exception as exc:
+            log.warning("commit warming: model artifacts of job %r not built: %s", job, exc)
+            return
+        chunks = sum(a.get("chunks", 0) for a in answers.values() if isinstance(a, dict))
+        for round_, body in sorted(markers.items()):
+            deferred = _deferred(answers, str(round_shard(job, round_)))
+            body.update(
+                artifacts_at=utc_now(),
+                artifacts_ms=round((time.perf_counter() - t0) * 1000, 1),
+                artifacts_chunks=chunks,
+                artifacts_deferred=deferred,
+            )
+            self._write_marker(body)
 
     def _warm_job_shards(self, job: str) -> None:
         """Load the job's meta shard (every client's rows) and model shard (which then names
         the new round's global model as the latest); a failure is left to the first request."""
         try:
-            self.prefetcher.prefetch([meta_shard(job), model_shard(job)])
+            self.prefetcher.prefetch([meta_shard(job), model_shard(job)], artifacts=False)
         except Exception as exc:
             log.warning("commit warming: job %r's meta and model shards not warmed: %s", job, exc)
 
-    def _write_marker(self, record: CommittedManifest, manifest: BlobInfo, warm_ms: float) -> None:
-        """Record that ``record``'s round is warm at the manifest version ``manifest``."""
-        body = {
-            "job": record.job,
-            "round": record.round,
-            "manifest_etag": manifest.etag,
-            # the event's time of the write (milliseconds), else the manifest's (seconds)
-            "committed_at": record.event_time or _iso(manifest.modified),
-            "warmed_at": utc_now(),
-            "warm_ms": round(warm_ms, 1),
-            "sequencer": record.sequencer,
-        }
-        self.store.blobs.put(
-            warm_marker_key(record.job, record.round),
-            json.dumps(body).encode(),
-            content_type="application/json",
-        )
+    def _write_marker(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Write a round's marker (a failure is logged: warm, but a retry warms it again, a
+        no-op on the nodes); the body, for a later rewrite."""
+        try:
+            self.store.blobs.put(
+                warm_marker_key(body["job"], body["round"]),
+                json.dumps(body).encode(),
+                content_type="application/json",
+            )
+        except FLStoreError as exc:
+            log.warning(
+                "commit warming: marker of %s/%s not written: %s", body["job"], body["round"], exc
+            )
+        return body
+
+
+def marker_body(record: CommittedManifest, manifest: BlobInfo, warm_ms: float) -> dict[str, Any]:
+    """That ``record``'s round is warm at the manifest version ``manifest`` (a record read
+    from an earlier marker keeps that marker's times, :func:`_as_marked`)."""
+    return {
+        "job": record.job,
+        "round": record.round,
+        "manifest_etag": manifest.etag,
+        # the event's time of the write (milliseconds), else the manifest's (seconds)
+        "committed_at": record.event_time or _iso(manifest.modified),
+        "warmed_at": record.warmed_at or utc_now(),
+        "warm_ms": record.warm_ms if record.warmed_at else round(warm_ms, 1),
+        "sequencer": record.sequencer,
+    }
+
+
+def _as_marked(record: CommittedManifest, marker: Mapping[str, Any]) -> CommittedManifest:
+    """``record`` with the commit and warm times of the marker an earlier event wrote."""
+    return dataclasses.replace(
+        record,
+        event_time=str(marker.get("committed_at", record.event_time)),
+        warmed_at=str(marker.get("warmed_at", "")),
+        warm_ms=float(marker.get("warm_ms") or 0.0),
+    )
+
+
+def owner_steps(answers: Mapping[str, Any], shard: str) -> dict[str, dict[str, float]]:
+    """What each owner's ``load`` of ``shard`` cost, step by step (its ``steps_ms``: the
+    manifest, the rows — staged ones copied, the others read —, the base, the deltas, the Gram,
+    the default models), by function; an owner that held it already has none."""
+    out: dict[str, dict[str, float]] = {}
+    for function, payload in sorted(answers.items()):
+        steps = payload.get("steps_ms", {}).get(shard) if isinstance(payload, dict) else None
+        if isinstance(steps, dict):
+            out[function] = steps
+    return out
+
+
+def _deferred(answers: Mapping[str, Any], shard: str) -> int:
+    """How many of ``shard``'s artifact tasks its owners left to the requests."""
+    out = 0
+    for payload in answers.values():
+        item = payload.get("artifacts", {}).get(shard) if isinstance(payload, dict) else None
+        if isinstance(item, dict):
+            out += len(item.get("deferred") or [])
+    return out
 
 
 def warm_times(store: ObjectStore, jobs: Iterable[str] | None = None) -> list[dict[str, Any]]:
@@ -354,9 +475,12 @@ def warm_times(store: ObjectStore, jobs: Iterable[str] | None = None) -> list[di
             marker = read_marker(store, job, int(stem)) if stem.isdigit() else None
             if marker is None:
                 continue
-            marker["commit_to_warm_ms"] = _between_ms(
-                str(marker.get("committed_at", "")), str(marker.get("warmed_at", ""))
-            )
+            committed = str(marker.get("committed_at", ""))
+            marker["commit_to_warm_ms"] = _between_ms(committed, str(marker.get("warmed_at", "")))
+            if "artifacts_at" in marker:
+                marker["commit_to_artifacts_ms"] = _between_ms(
+                    committed, str(marker["artifacts_at"])
+                )
             out.append(marker)
     return out
 

@@ -5,10 +5,24 @@ Ingestion calls it when a round is committed (``Router.prefetch``). A sharded ro
 to their owners and its default models are written block by block by the sharded runner; a
 whole round is loaded by its R owners, its primary materialises the default models, and its
 model artifacts are split over the owners and then shared between them.
+
+A commit's warming (:mod:`flstore_core.routing.commit_warming`) splits the two: ``load`` only
+(``artifacts=False``: the rows, the Gram and the default models, after which the round is warm),
+then :meth:`Prefetch.artifacts_in_chunks`: the model artifacts in invocations of at most
+``chunk_s`` seconds of work each (a node runs one invocation at a time, so a request that finds
+it busy waits one chunk, not the round's artifacts). Of a round's R ≥ 2 owners one computes at
+a time, the owners taking turns — the primary last, since a request tries it first and it holds
+the default models' answers — so a request finds an owner free (its failover tries the next
+replica at once). A round held by one node gets :data:`CHUNK_GAP_S` between its chunks; and
+once an owner is found held by a request (a long one, e.g. a ``contribution_loo`` computing
+what the artifacts have not yet), every chunk is followed by :data:`BUSY_GAP_S`, longer than
+the failover's longest backoff, so a request waiting for the other owner finds it free within
+one chunk and one pause.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +30,8 @@ from flstore_core import config
 from flstore_core.cache.job_mix import JobMix
 from flstore_core.errors import NotFoundError, UnavailableError
 from flstore_core.protocol import ArtifactsOp, LoadOp
-from flstore_core.routing.invoker import NodeAnswer, NodeFailure
+from flstore_core.routing.failover import FailoverPolicy
+from flstore_core.routing.invoker import NodeAnswer, NodeFailure, NodeThrottled
 from flstore_core.routing.placement import ShardKey, place_shard
 from flstore_core.routing.planner import NoLayoutError, RoundPlan
 from flstore_core.routing.scatter import BlockScatter
@@ -27,6 +42,16 @@ from flstore_core.workloads import get
 PlanRound = Callable[[str, int], RoundPlan]
 # why a prefetch skipped a job's model shard or model artifacts
 NO_MODEL_ASKS = "the job asked no model workload in its recent rounds"
+#: how long a prefetch's ``load`` waits out a busy node (the last staging of a round still
+#: running when its commit lands, a request), asking again every LOAD_RETRY_S
+LOAD_WAIT_S = 30.0
+LOAD_RETRY_S = 0.02
+#: a single owner's pause between two chunks of its artifacts (a throttled request's first
+#: retries come 50 and 100 ms after it was refused: FailoverPolicy's backoff)
+CHUNK_GAP_S = 0.15
+#: the pause after a chunk while another owner is held by a request: a waiting request retries
+#: at least every FailoverPolicy.backoff_cap_s (1 s), so it comes within the pause
+BUSY_GAP_S = FailoverPolicy().backoff_cap_s + 0.05
 
 
 class Prefetch:
@@ -68,8 +93,10 @@ class Prefetch:
         self.replication = replication
         self.mix = mix
 
-    def __call__(self, shards: list[ShardKey]) -> dict[str, Any]:
-        """Prefetch ``shards``; each node's answer by function name (``Router.prefetch``)."""
+    def __call__(self, shards: list[ShardKey], artifacts: bool = True) -> dict[str, Any]:
+        """Prefetch ``shards``; each node's answer by function name (``Router.prefetch``).
+        ``artifacts=False``: load only, the model artifacts left to
+        :meth:`artifacts_in_chunks`."""
         by_node: dict[int, list[str]] = {}
         primary_of: dict[int, list[str]] = {}
         # whole rounds: shard -> its owners, each computing one share of its model artifacts
@@ -109,8 +136,9 @@ class Prefetch:
                     refused[f"skipped:{shard}"] = {"skipped": NO_MODEL_ASKS}
 
         answers = self._load(by_node, primary_of)
-        self._compute_artifacts(round_owners, answers)
-        self._share_artifacts(round_owners, answers)
+        if artifacts:
+            self._compute_artifacts(round_owners, answers)
+            self._share_artifacts(round_owners, answers)
         for shard, plan in sharded:
             self._prefetch_models(shard, plan)
         return {**answers, **refused}
@@ -119,15 +147,25 @@ class Prefetch:
         self, by_node: dict[int, list[str]], primary_of: dict[int, list[str]]
     ) -> dict[str, Any]:
         """One ``load`` invocation per node, in parallel: its answer (and what it was billed)
-        by function name, or the failure as an ``unavailable`` error."""
+        by function name, or the failure as an ``unavailable`` error. A busy node (a staging or
+        a request holding it) is asked again every :data:`LOAD_RETRY_S` for up to
+        :data:`LOAD_WAIT_S`."""
 
         def load(index: int) -> tuple[str, Any]:
             function = self.scatter.function(index)
             op = LoadOp(tuple(by_node[index]), tuple(primary_of.get(index, [])))
-            try:
-                answer = self.scatter.invoker.invoke(function, op.to_event())
-            except NodeFailure as exc:
-                return function, {"error": {"code": "unavailable", "message": str(exc)}}
+            deadline = time.monotonic() + LOAD_WAIT_S
+            while True:
+                try:
+                    answer = self.scatter.invoker.invoke(function, op.to_event())
+                    break
+                except NodeThrottled as exc:
+                    if time.monotonic() < deadline:
+                        time.sleep(LOAD_RETRY_S)
+                        continue
+                    return function, {"error": {"code": "unavailable", "message": str(exc)}}
+                except NodeFailure as exc:
+                    return function, {"error": {"code": "unavailable", "message": str(exc)}}
             payload = dict(answer.payload)
             if "error" not in payload:
                 payload.update(
@@ -206,6 +244,96 @@ class Prefetch:
                 if isinstance(item, dict):
                     item["values"] = len(item.pop("entries", None) or [])
 
+    def artifacts_in_chunks(
+        self, shards: list[ShardKey], chunk_s: float, total_s: float
+    ) -> dict[str, Any]:
+        """The model artifacts of whole rounds their owners hold (a ``load`` came first), in
+        ``artifacts`` invocations of at most ``chunk_s`` seconds of work each, the owners of a
+        round taking turns (module docstring); after ``total_s`` seconds the rest is left to
+        the requests. Then the owners exchange their values, as a whole prefetch's do. Each
+        node's answer by function name: ``artifacts`` (round -> ``tasks`` done, ``deferred``,
+        ``values``), ``chunks``, ``shared``, ``invocations``, ``billed_ms``."""
+        round_owners: dict[str, list[int]] = {}
+        answers_skipped: dict[str, Any] = {}
+        for shard in shards:
+            if shard.cls != "round" or not self._declares_model(shard.job):
+                continue
+            if not self._wants_models(shard.job):
+                answers_skipped[f"skipped:{shard}"] = {"skipped": NO_MODEL_ASKS}
+                continue
+            try:
+                if self.plan_round(shard.job, shard.round).sharded:
+                    continue  # a sharded round's models are written block by block
+            except (NotFoundError, NoLayoutError):
+                continue
+            round_owners[str(shard)] = place_shard(shard, self.nodes, self.replication)
+        answers: dict[str, Any] = {}
+        deadline = time.monotonic() + total_s
+        for text, owners in round_owners.items():
+            self._chunk_round(text, owners, chunk_s, deadline, answers)
+        self._share_artifacts(round_owners, answers)
+        return {**answers, **answers_skipped}
+
+    def _chunk_round(
+        self,
+        shard: str,
+        owners: list[int],
+        chunk_s: float,
+        deadline: float,
+        answers: dict[str, Any],
+    ) -> None:
+        """Chunks of ``shard``'s artifacts on its owners in turn, until none has any deferred
+        (or the deadline passed, or an owner failed: it keeps what it computed)."""
+        # function -> (its share, shares, the share's tasks done or failed so far); the
+        # primary's turn last
+        left = {
+            self.scatter.function(index): (k, len(owners), 0)
+            for k, index in reversed(list(enumerate(owners)))
+        }
+        busy = False  # an owner was found held by a request
+        while left and time.monotonic() < deadline:
+            for function, share in list(left.items()):
+                payload = answers.setdefault(function, {"chunks": 0})
+                outcome = self._chunk(function, shard, share, chunk_s, payload)
+                if outcome is None:  # throttled: a request holds it, the next turn
+                    busy = True
+                elif outcome < 0:
+                    del left[function]
+                else:
+                    left[function] = (*share[:2], outcome)
+                if left and (busy or len(owners) == 1):
+                    # room for a waiting request (or for the one holding a node to end)
+                    time.sleep(BUSY_GAP_S if busy else CHUNK_GAP_S)
+
+    def _chunk(
+        self,
+        function: str,
+        shard: str,
+        share: tuple[int, int, int],
+        chunk_s: float,
+        payload: dict[str, Any],
+    ) -> int | None:
+        """One chunk of ``shard``'s share ``(share, shares, start)`` on ``function``, its
+        answer kept in ``payload`` (the tasks done by every chunk so far): where the next chunk
+        starts, -1 when none is needed (nothing deferred, or the node failed), ``None`` when
+        the node was busy."""
+        op = ArtifactsOp(compute={shard: share}, budget_s=chunk_s)
+        try:
+            outcome = self.scatter.invoker.invoke(function, op.to_event())
+        except NodeThrottled:
+            return None
+        except NodeFailure as exc:
+            payload.setdefault("artifacts", {})[shard] = {"error": str(exc)}
+            return -1
+        _bill(payload, outcome)
+        payload["chunks"] += 1
+        item = outcome.payload.get("computed", {}).get(shard, outcome.payload)
+        held = payload.setdefault("artifacts", {})
+        held[shard] = _merged(held.get(shard), item)
+        if not isinstance(item, dict) or not item.get("deferred"):
+            return -1
+        return share[2] + len(item.get("tasks", [])) + len(item.get("errors", {}))
+
     def _invoke_each(self, events: dict[str, ArtifactsOp]) -> list[tuple[str, NodeAnswer | str]]:
         """Invoke each function with its op, in parallel, in name order: ``(function, its
         answer)``, or the failure's message where the node could not answer."""
@@ -246,6 +374,17 @@ def _missing_entries(held: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
                     give.append(entry)
         if give:
             out[function] = give
+    return out
+
+
+def _merged(before: Any, item: Any) -> Any:
+    """A chunk's answer for a round with the ``tasks`` and ``errors`` of the chunks before it
+    (its ``entries`` are every value the node holds already)."""
+    if not isinstance(before, dict) or not isinstance(item, dict) or "tasks" not in item:
+        return item
+    out = dict(item)
+    out["tasks"] = [*before.get("tasks", []), *item["tasks"]]
+    out["errors"] = {**before.get("errors", {}), **item.get("errors", {})}
     return out
 
 

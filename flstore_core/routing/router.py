@@ -454,9 +454,10 @@ class Router:
             self.store, job, workload, round_, result, self.config.response_limit
         )
 
-    def prefetch(self, shards: list[ShardKey]) -> dict[str, Any]:
+    def prefetch(self, shards: list[ShardKey], artifacts: bool = True) -> dict[str, Any]:
         """Ask every owner (primary and replicas) of each shard to load it now
-        (:mod:`flstore_core.routing.prefetch`).
+        (:mod:`flstore_core.routing.prefetch`); ``artifacts=False``: load only, the model
+        artifacts left to :meth:`prefetch_artifacts`.
 
         Returns each node's answer by function name (and the planner's refusals): what it
         loaded and its ``timing_ms`` (``load``, ``warm``), ``artifacts`` (round -> ``tasks``
@@ -465,7 +466,14 @@ class Router:
         sum) and ``memory_mb`` — the figures a cost model charges the prefetch with. An
         artifact that could not be computed or shared is reported, never an error of the
         prefetch."""
-        return self._prefetch(shards)
+        return self._prefetch(shards, artifacts)
+
+    def prefetch_artifacts(
+        self, shards: list[ShardKey], chunk_s: float, total_s: float
+    ) -> dict[str, Any]:
+        """The model artifacts of rounds a ``prefetch(artifacts=False)`` loaded, in invocations
+        of at most ``chunk_s`` seconds each (:meth:`Prefetch.artifacts_in_chunks`)."""
+        return self._prefetch.artifacts_in_chunks(shards, chunk_s, total_s)
 
     def node_op(self, index: int, op: NodeOp | Mapping[str, Any]) -> dict[str, Any]:
         """Send one operation to one node (stats, evict, load, ping), as a

@@ -21,7 +21,7 @@ package:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from flstore_core.aws import s3_client
 from flstore_core.data.codec import (
     DEFAULT_LIMITS,
     CodecLimits,
+    DecodedRow,
     EncodedUpdate,
     Precision,
     TensorSpec,
@@ -45,7 +46,7 @@ from flstore_core.storage.blobs import BlobInfo, BlobStore
 from flstore_core.storage.counted import CountedBlobs
 from flstore_core.storage.jobs import JobSpecs
 from flstore_core.storage.results import RESULT_TAGS, ResultObjects
-from flstore_core.storage.round_reader import RoundMatrix, RoundReader, expected_header
+from flstore_core.storage.round_reader import HeldRow, RoundMatrix, RoundReader, expected_header
 from flstore_core.storage.round_writer import RoundWriter
 from flstore_core.storage.s3 import S3BlobStore
 from flstore_core.storage.stored_models import StoredModels
@@ -218,10 +219,24 @@ class ObjectStore:
         clients: Sequence[str] | None = None,
         *,
         manifest: RoundManifest | None = None,
+        held: MutableMapping[str, HeldRow] | None = None,
+        into: npt.NDArray[np.float32] | None = None,
     ) -> RoundMatrix:
-        """A committed round as a :class:`RoundMatrix`, fetched with parallel GETs and verified
+        """A committed round as a :class:`RoundMatrix`, fetched with parallel GETs and verified,
+        the rows in ``held`` taken as they are, into the matrix ``into`` when given
         (:meth:`~flstore_core.storage.round_reader.RoundReader.read_round`)."""
-        return self._reader.read_round(job, round_, clients, manifest)
+        return self._reader.read_round(job, round_, clients, manifest, held, into)
+
+    def read_update_row(
+        self,
+        key: str,
+        specs: tuple[TensorSpec, ...],
+        who: str,
+        out: npt.NDArray[np.float32] | None = None,
+    ) -> tuple[npt.NDArray[np.float32], DecodedRow]:
+        """An update not yet committed, verified and decoded into a row (``out`` when given),
+        with its digest (:meth:`~flstore_core.storage.round_reader.RoundReader.read_update_row`)."""
+        return self._reader.read_update_row(key, specs, who, out)
 
     def read_round_block(
         self,

@@ -9,7 +9,7 @@ frame read); one that fails is not served (:mod:`~flstore_core.storage.verified`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ import numpy.typing as npt
 from flstore_core.data.blocks import block_specs
 from flstore_core.data.codec import (
     CodecLimits,
+    DecodedRow,
     FrameIndex,
     TensorMismatchError,
     TensorSpec,
@@ -40,6 +41,9 @@ from flstore_core.storage.catalog import get_manifest
 from flstore_core.storage.counted import CountedBlobs
 from flstore_core.storage.stored_models import base_key
 from flstore_core.storage.verified import corrupt_as_unavailable, decode_stored
+
+#: a row already decoded and its squared norm (:meth:`RoundReader.read_round`'s ``held``)
+HeldRow = tuple[npt.NDArray[np.float32], float]
 
 
 @dataclass
@@ -103,17 +107,35 @@ class RoundReader:
         round_: int,
         clients: Sequence[str] | None = None,
         manifest: RoundManifest | None = None,
+        held: MutableMapping[str, HeldRow] | None = None,
+        into: npt.NDArray[np.float32] | None = None,
     ) -> RoundMatrix:
         """A committed round as a :class:`RoundMatrix`, fetched with parallel GETs.
 
         Each update is decompressed straight into its row; every row is verified against the
-        manifest's checksum and tensor specs.
+        manifest's checksum and tensor specs. ``held`` are rows already decoded (a node's
+        staged updates, :mod:`flstore_core.cache.staging`), whose caller checked them against
+        this manifest: each is copied into its row and let go (the matrix's pages are touched
+        as rows arrive, so memory grows by one row, not by the round), and only the other
+        clients are read. ``into``: the matrix to fill (one row per client, in the round's
+        order), whose held rows are already in place — they are neither copied nor read.
         """
         manifest = manifest or get_manifest(self.io, job, round_)
         order = clients_of(manifest, clients)
         specs = manifest.tensors
-        matrix = np.empty((len(order), manifest.n_params), dtype=np.float32)
+        shape = (len(order), manifest.n_params)
+        matrix = into if into is not None and into.shape == shape else np.empty(shape, np.float32)
         sq = np.empty(len(order), dtype=np.float64)
+        todo = []
+        for i, client in enumerate(order):
+            row = None if held is None else held.pop(client, None)
+            if row is None:
+                todo.append(i)
+                continue
+            if row[0].ctypes.data != matrix[i].ctypes.data:  # not decoded in place
+                matrix[i] = row[0]
+            sq[i] = row[1]
+            del row
 
         def load(i: int) -> None:
             entry = manifest.updates[order[i]]
@@ -129,8 +151,26 @@ class RoundReader:
                 )
             sq[i] = row.sq_norm
 
-        list(self.io.executor().map(load, range(len(order))))
+        list(self.io.executor().map(load, todo))
         return round_matrix(manifest, order, matrix, specs, sq)
+
+    def read_update_row(
+        self,
+        key: str,
+        specs: tuple[TensorSpec, ...],
+        who: str,
+        out: npt.NDArray[np.float32] | None = None,
+    ) -> tuple[npt.NDArray[np.float32], DecodedRow]:
+        """One stored update not (yet) named by a manifest, decoded into a row in the order of
+        ``specs``: the object is verified against the checksum stored with it and decoded
+        under the same checks as a committed one (names, shapes, finiteness); the digest of
+        its uncompressed bytes comes back with it, for a caller to match against the manifest
+        that later commits it. ``out``: the row to decode into (a slot of a matrix)."""
+        data = self.io.get(key, f"update of {who}")
+        row = np.empty(sum(s.numel for s in specs), dtype=np.float32) if out is None else out
+        with corrupt_as_unavailable(key):
+            decoded = decode_into(data, row, specs, limits=self.limits, who=who)
+        return row, decoded
 
     def read_round_block(
         self,

@@ -176,9 +176,16 @@ class _Runner:
 
 
 def compute(
-    data: RoundView, share: int = 0, shares: int = 1, budget_s: float | None = None
+    data: RoundView,
+    share: int = 0,
+    shares: int = 1,
+    budget_s: float | None = None,
+    start: int = 0,
+    at_least: int = 0,
 ) -> dict[str, Any]:
-    """Compute share ``share`` of ``shares`` of the round's tasks (every task when alone).
+    """Compute share ``share`` of ``shares`` of the round's tasks (every task when alone),
+    from its ``start``-th task on (a chunk after the ``start`` tasks an earlier one did), the
+    first ``at_least`` whatever the budget (a chunk always makes progress).
 
     No task starts once ``budget_s`` seconds have passed (a prefetch must end well within the
     node's timeout): those are ``deferred`` to the requests that need them.
@@ -191,13 +198,14 @@ def compute(
     done: list[str] = []
     deferred: list[str] = []
     try:
-        mine = assign(round_tasks(data), shares)[share] if 0 <= share < shares else []
+        mine = assign(round_tasks(data), shares)[share][start:] if 0 <= share < shares else []
     except Exception as exc:  # what the round's tasks are could not even be decided
         log.warning("artifacts of %s/%s: %s", data.job, data.round, exc)
         return {"tasks": [], "errors": {"plan": str(exc)}, "deferred": [], "ms": 0.0}
     runner = _Runner(data)
     for task in mine:
-        if budget_s is not None and time.perf_counter() - t0 >= budget_s:
+        over = budget_s is not None and time.perf_counter() - t0 >= budget_s
+        if over and len(done) + len(errors) >= at_least:
             deferred.append(task.name)
             continue
         try:

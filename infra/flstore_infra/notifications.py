@@ -1,4 +1,5 @@
-"""Commit-driven warming on AWS: the bucket notifies the router function of every manifest write.
+"""Commit-driven warming on AWS: the bucket notifies the router function of every manifest write,
+and of every update written before it (eager warming: :mod:`flstore_core.routing.update_staging`).
 
 A round becomes visible when its manifest ``jobs/{job}/rounds/{round:08d}/manifest.json`` is
 written, by whichever writer commits it (ingestion, the SDK, the Flower sink, a backfill), none
@@ -27,10 +28,24 @@ import pulumi_aws as aws
 MANIFEST_EVENTS = ["s3:ObjectCreated:*"]
 MANIFEST_PREFIX = "jobs/"
 MANIFEST_SUFFIX = "manifest.json"
+# the second filter: updates, staged on their round's owners before the commit. S3 refuses two
+# configurations of one event type whose prefixes overlap and whose suffixes overlap (one ends
+# the other): "manifest.json" and ".safetensors.zst" do not, so the two stand side by side.
+# It also matches global models and validation sets, which the router skips unread.
+UPDATE_SUFFIX = ".safetensors.zst"
+
+
+def filters_overlap(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """Whether two ``(prefix, suffix)`` filters overlap as S3 judges it (both the prefixes
+    and the suffixes: one a prefix, resp. a suffix, of the other)."""
+    prefixes = a[0].startswith(b[0]) or b[0].startswith(a[0])
+    suffixes = a[1].endswith(b[1]) or b[1].endswith(a[1])
+    return prefixes and suffixes
 
 
 class CommitNotification(pulumi.ComponentResource):
-    """The bucket's notification of manifest writes to the router, and its invoke permission."""
+    """The bucket's notifications of manifest and update writes to the router (two filters on
+    ``jobs/``, one invoke permission for both)."""
 
     permission: aws.lambda_.Permission
     notification: aws.s3.BucketNotification
@@ -63,8 +78,9 @@ class CommitNotification(pulumi.ComponentResource):
                     "lambda_function_arn": function.arn,
                     "events": MANIFEST_EVENTS,
                     "filter_prefix": MANIFEST_PREFIX,
-                    "filter_suffix": MANIFEST_SUFFIX,
+                    "filter_suffix": suffix,
                 }
+                for suffix in (MANIFEST_SUFFIX, UPDATE_SUFFIX)
             ],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.permission]),
         )

@@ -1,5 +1,5 @@
-"""The bucket's event notification, emulated: a front of the local S3 that tells the router
-function of every manifest written.
+"""The bucket's event notifications, emulated: a front of the local S3 that tells the router
+function of every manifest and update written.
 
 On AWS the data bucket notifies the router function of every object created under ``jobs/``
 whose key ends ``manifest.json`` (``infra/flstore_infra/notifications.py``), so a round is warmed
@@ -11,6 +11,11 @@ key in the stack's bucket, sends the S3 event (the record format S3 sends Lambda
 function. Writers that reach S3 through it (the Flower app in another process, the CLI's
 ingest, the SDK: the ``s3_endpoint`` of ``.flstore/local.json``) trigger warming without
 holding a router or any Lambda permission.
+
+Updates (keys under ``jobs/`` ending ``.safetensors.zst``, the second notification) are sent the
+same way from a queue of their own, so that the router stages them on their round's owners
+before the commit (:mod:`flstore_core.routing.update_staging`) and a manifest's event never
+waits behind them.
 
 Delivery is asynchronous, as S3's is: the writer's PUT is answered at once, and one background
 thread invokes the function with the events in the order the writes were answered. Records that
@@ -43,6 +48,9 @@ log = logging.getLogger(__name__)
 #: The notification's filter, as the Pulumi program declares it.
 KEY_PREFIX = "jobs/"
 KEY_SUFFIX = "manifest.json"
+#: the second filter's suffix: updates (and global models, validation sets, which the router
+#: skips), for staging before the commit (:mod:`flstore_core.routing.update_staging`)
+UPDATE_SUFFIX = ".safetensors.zst"
 #: Query parameters of a PUT that is not the creation of an object (a part, tags, an ACL…).
 NOT_A_CREATION = {"uploadId", "partNumber", "tagging", "acl", "retention", "legal-hold"}
 THROTTLE_RETRY_S = 0.05
@@ -119,75 +127,46 @@ def function_delivery(endpoint: LocalLambda, function: str) -> Deliver:
     return deliver
 
 
-class S3Notifications:
-    """``S3Notifications(upstream, bucket, deliver).start()``: ``.url`` is S3 that notifies.
-
-    Parameters
-    ----------
-    upstream : str
-        The S3 endpoint requests are forwarded to.
-    bucket : str
-        The bucket whose writes are notified (the notification is the bucket's).
-    deliver : callable
-        Sends one event (its JSON bytes) to the function; raises when it failed.
-    attempts, retry_s : int, float
-        Deliveries of an event before it is dropped, and the first wait between them.
-    max_records : int
-        Most records in one event.
-    """
+class DeliveryQueue:
+    """Records delivered as events, in order, by one background thread, each event retried
+    (the module docstring's delivery); ``name`` prefixes its thread's name."""
 
     def __init__(
-        self,
-        upstream: str,
-        bucket: str,
-        deliver: Deliver,
-        *,
-        attempts: int = 3,
-        retry_s: float = 0.5,
-        max_records: int = 10,
-        region: str = "us-east-1",
+        self, name: str, deliver: Deliver, attempts: int, retry_s: float, max_records: int
     ) -> None:
-        self.bucket = bucket
         self.deliver = deliver
         self.attempts = attempts
         self.retry_s = retry_s
         self.max_records = max_records
-        self.region = region
-        self.proxy = FaultProxy(upstream, observer=self.observe)
-        self._sequencer = itertools.count(1)
         self._queue: list[dict[str, Any]] = []
         self._busy = False
         self._stopping = False
         self._changed = threading.Condition()
         self._counts: Counter[str] = Counter()
-        self._thread = threading.Thread(target=self._run, name="s3-notifications", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    @property
-    def url(self) -> str:
-        """The notifying S3 endpoint."""
-        return self.proxy.url
-
-    def start(self) -> S3Notifications:
-        self.proxy.start()
+    def start(self) -> None:
         self._thread.start()
-        return self
 
     def stop(self) -> None:
-        """Stop serving S3; an event being delivered finishes, the queued ones are dropped."""
-        self.proxy.stop()
+        """An event being delivered finishes, the queued ones are dropped."""
         with self._changed:
             self._stopping = True
             self._changed.notify_all()
         self._thread.join(timeout=30)
 
+    def put(self, record: dict[str, Any]) -> None:
+        with self._changed:
+            self._queue.append(record)
+            self._counts["records"] += 1
+            self._changed.notify_all()
+
     def counts(self) -> dict[str, int]:
-        """Records queued, events delivered, retries and events dropped."""
         with self._changed:
             return dict(self._counts)
 
-    def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until every queued record was delivered (or dropped); whether it was in time."""
-        deadline = time.monotonic() + timeout_s
+    def wait_idle(self, deadline: float) -> bool:
+        """Wait until the queue is delivered (or dropped) or ``deadline`` (monotonic) passes."""
         with self._changed:
             while self._queue or self._busy:
                 left = deadline - time.monotonic()
@@ -195,20 +174,6 @@ class S3Notifications:
                     return False
                 self._changed.wait(left)
         return True
-
-    def observe(self, answered: Forwarded) -> None:
-        """The proxy's observer: queue the record of a manifest created in the bucket."""
-        created = created_object(answered)
-        if created is None:
-            return
-        name, bucket, key, etag = created
-        if bucket != self.bucket or not (key.startswith(KEY_PREFIX) and key.endswith(KEY_SUFFIX)):
-            return
-        record = s3_record(name, bucket, key, etag, next(self._sequencer), self.region)
-        with self._changed:
-            self._queue.append(record)
-            self._counts["records"] += 1
-            self._changed.notify_all()
 
     def _run(self) -> None:
         while True:
@@ -249,3 +214,92 @@ class S3Notifications:
     def _count(self, what: str) -> None:
         with self._changed:
             self._counts[what] += 1
+
+
+class S3Notifications:
+    """``S3Notifications(upstream, bucket, deliver).start()``: ``.url`` is S3 that notifies.
+
+    Parameters
+    ----------
+    upstream : str
+        The S3 endpoint requests are forwarded to.
+    bucket : str
+        The bucket whose writes are notified (the notification is the bucket's).
+    deliver : callable
+        Sends one event (its JSON bytes) to the function; raises when it failed.
+    attempts, retry_s : int, float
+        Deliveries of an event before it is dropped, and the first wait between them.
+    max_records : int
+        Most records in one event.
+    updates : bool
+        Whether update writes are notified (the second filter), or manifests only.
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        bucket: str,
+        deliver: Deliver,
+        *,
+        attempts: int = 3,
+        retry_s: float = 0.5,
+        max_records: int = 10,
+        region: str = "us-east-1",
+        updates: bool = True,
+    ) -> None:
+        self.bucket = bucket
+        self.region = region
+        self.notify_updates = updates
+        self.proxy = FaultProxy(upstream, observer=self.observe)
+        self._sequencer = itertools.count(1)
+        # manifests and updates are two notifications, delivered apart as S3 delivers events
+        # concurrently: a commit never waits in a queue behind its round's updates' stagings
+        self.commits = DeliveryQueue("s3-notifications", deliver, attempts, retry_s, max_records)
+        self.updates = DeliveryQueue(
+            "s3-update-notifications", deliver, attempts, retry_s, max_records
+        )
+
+    @property
+    def url(self) -> str:
+        """The notifying S3 endpoint."""
+        return self.proxy.url
+
+    def start(self) -> S3Notifications:
+        self.proxy.start()
+        self.commits.start()
+        self.updates.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving S3; an event being delivered finishes, the queued ones are dropped."""
+        self.proxy.stop()
+        self.commits.stop()
+        self.updates.stop()
+
+    def counts(self) -> dict[str, int]:
+        """Manifest records queued, events delivered, retries and events dropped; the same of
+        update records, each prefixed ``update_``."""
+        updates = {f"update_{k}": v for k, v in self.updates.counts().items()}
+        return {**self.commits.counts(), **updates}
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every queued record was delivered (or dropped); whether it was in time."""
+        deadline = time.monotonic() + timeout_s
+        return self.updates.wait_idle(deadline) and self.commits.wait_idle(deadline)
+
+    def observe(self, answered: Forwarded) -> None:
+        """The proxy's observer: queue the record of a manifest or update created in the
+        bucket."""
+        created = created_object(answered)
+        if created is None:
+            return
+        name, bucket, key, etag = created
+        if bucket != self.bucket or not key.startswith(KEY_PREFIX):
+            return
+        if key.endswith(KEY_SUFFIX):
+            queue = self.commits
+        elif key.endswith(UPDATE_SUFFIX) and self.notify_updates:
+            queue = self.updates
+        else:
+            return
+        queue.put(s3_record(name, bucket, key, etag, next(self._sequencer), self.region))

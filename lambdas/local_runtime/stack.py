@@ -87,6 +87,9 @@ class StackConfig:
     # run's 16 clients on 2 cores got 52 answers in its 15 s baseline phase (p99 40 s), with 4
     # 942 (1,087 with the router in the gateway's process)
     router_concurrency: int = 4
+    # the S3 front notifies update writes too, which the router stages on their round's owners
+    # before the commit (flstore_core.routing.update_staging); False: manifests only, as before
+    stage_updates: bool = True
     # AWS's hops modelled on top of the local ones (load_network("aws")); None: loopback only
     network: NetworkModel | None = None
 
@@ -177,7 +180,10 @@ class LocalStack:
         )
         self.router_function = deploy(self.lam, router)
         self.notifications = S3Notifications(
-            self.s3_endpoint, cfg.bucket, function_delivery(self.lam, router.name)
+            self.s3_endpoint,
+            cfg.bucket,
+            function_delivery(self.lam, router.name),
+            updates=cfg.stage_updates,
         ).start()
         # the authorizer runs first, as API Gateway's Lambda authorizer does on AWS
         self.gateway = LocalGateway(

@@ -82,7 +82,7 @@ def test_a_round_a_plain_writer_commits_is_warmed_by_the_notification(
     # benchmarks/commit_to_warm.py, not asserted on a shared host)
     marker = wait_for_marker(writer, 0, timeout_s=60)
     assert marker is not None, stack.notifications.counts() if stack.notifications else None
-    # the warming goes on after the marker (the job's meta and model shards): let it finish
+    # the marker comes at the owners' load; the warming goes on (artifacts, the job's shards)
     assert stack.notifications is not None and stack.notifications.wait_idle(60)
     owners = place_shard(round_shard(JOB, 0), NODES, REPLICATION)
     held = node_loads(stack)

@@ -85,6 +85,11 @@ class FakeStack:
 
     def wait_idle(self, timeout_s: float) -> bool:
         self.idle_waits += 1
+        for info in self.store.blobs.list(f"jobs/{MODEL_JOB}/warm/"):
+            # the warming's last word: the marker rewritten once the artifacts were built
+            marker = json.loads(bytes(self.store.blobs.get(info.key) or b"{}"))
+            marker["artifacts_at"] = "2026-12-07T15:00:09.000Z"
+            self.store.blobs.put(info.key, json.dumps(marker).encode())
         return True
 
 
@@ -110,6 +115,7 @@ def test_under_marker_polling_no_request_is_sent_before_the_marker() -> None:
     assert all(elapsed[w] >= elapsed["warm_marker"] for w in WARM_WORKLOADS)
     assert marker["committed_at"] == "2026-12-07T15:00:00.000Z"
     assert stack.idle_waits == 1  # the next round waits for this one's warming
+    assert _marker_span_ms(marker, "artifacts_at") == 9000.0  # the marker as last written
 
 
 def test_under_commit_polling_requests_start_at_the_commit() -> None:
@@ -131,7 +137,14 @@ def test_under_commit_polling_requests_start_at_the_commit() -> None:
 
 
 def args_of(**kw: Any) -> Any:
-    base = {"clients": 10, "nodes": 2, "replication": 2, "poll": "marker"}
+    base = {
+        "clients": 10,
+        "nodes": 2,
+        "replication": 2,
+        "poll": "marker",
+        "staging": "on",
+        "arrival_s": 0.0,
+    }
     return type("Args", (), {**base, **kw})
 
 
@@ -155,7 +168,7 @@ def test_the_report_has_a_run_per_measure_and_judges_cosine_select_and_fedavg() 
         10,
         2,
     )
-    assert loo["p50"] == 5500.0 and loo["misses"] == [1, 1]
+    assert loo["p50"] == 5500.0 and loo["misses"] == [1, 1] and loo["staging"] == "on"
     assert loo["hit_node_timing_ms"] == [{"load": 1.0}, {"load": 1.0}]
     summary = out["summary"]["commit_to_warm"]
     assert summary["target_met"] is True  # contribution_loo is reported, not judged
@@ -202,3 +215,32 @@ def test_the_s3_process_serves_s3_and_stops() -> None:
         client.put_object(Bucket="commit-clock", Key="k", Body=b"v")
         assert client.get_object(Bucket="commit-clock", Key="k")["Body"].read() == b"v"
     assert not process.proc.is_alive()
+
+
+def test_updates_spread_over_the_arrival_time_land_one_by_one_before_the_commit() -> None:
+    from benchmarks.paper_data import ModelJob
+
+    landed: list[float] = []
+
+    class Timed(CommitClock):
+        def put_update(self, *args: Any, **kwargs: Any) -> Any:
+            landed.append(time.perf_counter())
+            return super().put_update(*args, **kwargs)
+
+    store = Timed("bench", blobs=MemoryBlobStore())
+    job = ModelJob(store, QUICK)
+    t0 = time.perf_counter()
+    job.write_round(0, arrival_s=0.5)
+    n = QUICK.clients
+    assert len(landed) == n
+    # update k no sooner than (k + 1)/n of the arrival time, and one by one
+    assert all(t - t0 >= 0.5 * (k + 1) / n - 1e-3 for k, t in enumerate(landed))
+    assert landed == sorted(landed) and store.committed_at[(MODEL_JOB, 0)] > landed[-1]
+    manifest = store.get_manifest(MODEL_JOB, 0)
+    assert len(manifest.updates) == n and store.get_base(MODEL_JOB, 1) is not None
+    # the same manifest summaries the sink writes when they land at once
+    twin = CommitClock("bench", blobs=MemoryBlobStore())
+    ModelJob(twin, QUICK).write_round(0)
+    assert {c: e.summary for c, e in manifest.updates.items()} == {
+        c: e.summary for c, e in twin.get_manifest(MODEL_JOB, 0).updates.items()
+    }

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -20,7 +22,9 @@ from flstore_core.cli.stats import print_warm_times
 from flstore_core.data import layout
 from flstore_core.data.manifest import JobSpec
 from flstore_core.errors import UnavailableError, ValidationError
+from flstore_core.routing import commit_warming
 from flstore_core.routing.commit_warming import (
+    ARTIFACT_CHUNK_S,
     CommittedManifest,
     CommitWarmer,
     is_s3_event,
@@ -237,9 +241,18 @@ class RecordingPrefetcher:
 
     calls: list[list[str]]
 
-    def prefetch(self, shards: list[ShardKey]) -> dict[str, Any]:
+    def prefetch(self, shards: list[ShardKey], artifacts: bool = True) -> dict[str, Any]:
+        assert not artifacts  # a commit's warming builds them apart, in chunks
         self.calls.append([str(s) for s in shards])
         return {"fl-cache-0": {"loaded": [str(s) for s in shards], "already": [], "failed": {}}}
+
+    def prefetch_artifacts(
+        self, shards: list[ShardKey], chunk_s: float, total_s: float
+    ) -> dict[str, Any]:
+        self.calls.append(["artifacts", *map(str, shards)])
+        return {
+            "fl-cache-0": {"chunks": 3, "artifacts": {str(s): {"deferred": []} for s in shards}}
+        }
 
 
 def test_rounds_are_warmed_job_by_job_in_round_order_latest_hot_rounds_only(
@@ -254,8 +267,10 @@ def test_rounds_are_warmed_job_by_job_in_round_order_latest_hot_rounds_only(
     )
     assert prefetcher.calls == [
         ["alpha/round/4"],
+        ["artifacts", "alpha/round/4"],
         ["alpha/meta/meta", "alpha/model/global"],
         ["demo/round/1", "demo/round/2"],
+        ["artifacts", "demo/round/1", "demo/round/2"],
         ["demo/meta/meta", "demo/model/global"],
     ]
     assert report.warmed == ["alpha/4", "demo/1", "demo/2"] and report.cold == ["demo/0"]
@@ -267,13 +282,91 @@ def test_a_round_is_marked_warm_before_its_jobs_other_shards_are_loaded(
     seen: list[bool] = []
 
     class MarkerWatcher(RecordingPrefetcher):
-        def prefetch(self, shards: list[ShardKey]) -> dict[str, Any]:
+        def prefetch(self, shards: list[ShardKey], artifacts: bool = True) -> dict[str, Any]:
             if shards[0].cls != "round":
                 seen.append(read_marker(store, "demo", 1) is not None)
-            return super().prefetch(shards)
+            return super().prefetch(shards, artifacts)
 
     CommitWarmer(store, MarkerWatcher([]), hot_rounds=2).handle(event(manifest("demo", 1)))
     assert seen == [True]
+
+
+@pytest.fixture(autouse=True)
+def no_requests_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second after a marker left to requests, not waited out by these tests (one of them
+    sets it itself)."""
+    monkeypatch.setattr(commit_warming, "REQUESTS_FIRST_S", 0.0)
+
+
+def test_the_artifacts_start_once_the_requests_had_the_nodes_for_a_while(
+    store: ObjectStore,
+) -> None:
+    seen: list[float] = []
+
+    class Clock(RecordingPrefetcher):
+        def prefetch_artifacts(
+            self, shards: list[ShardKey], chunk_s: float, total_s: float
+        ) -> dict[str, Any]:
+            seen.append(time.perf_counter())
+            return super().prefetch_artifacts(shards, chunk_s, total_s)
+
+    warmer = CommitWarmer(store, Clock([]), hot_rounds=2, requests_first_s=0.2)
+    warmer.handle(event(manifest("demo", 1)))
+    marker = read_marker(store, "demo", 1)
+    assert marker is not None
+    warmed = datetime.fromisoformat(marker["warmed_at"].replace("Z", "+00:00"))
+    started = datetime.fromisoformat(marker["artifacts_at"].replace("Z", "+00:00"))
+    assert (started - warmed).total_seconds() >= 0.2 and len(seen) == 1
+
+
+def test_the_marker_is_written_at_load_and_again_once_the_artifacts_are_built(
+    store: ObjectStore,
+) -> None:
+    seen: list[dict[str, Any] | None] = []
+
+    class ArtifactsWatcher(RecordingPrefetcher):
+        def prefetch_artifacts(
+            self, shards: list[ShardKey], chunk_s: float, total_s: float
+        ) -> dict[str, Any]:
+            seen.append(read_marker(store, "demo", 1))
+            assert chunk_s == ARTIFACT_CHUNK_S <= 1.0
+            return super().prefetch_artifacts(shards, chunk_s, total_s)
+
+    CommitWarmer(store, ArtifactsWatcher([]), hot_rounds=2).handle(event(manifest("demo", 1)))
+    assert seen[0] is not None and "artifacts_at" not in seen[0]  # warm before the artifacts
+    marker = read_marker(store, "demo", 1)
+    assert marker is not None and marker["warmed_at"] == seen[0]["warmed_at"]
+    assert marker["artifacts_chunks"] == 3 and marker["artifacts_deferred"] == 0
+    assert marker["artifacts_at"] >= marker["warmed_at"]
+    (times,) = warm_times(store)
+    assert times["commit_to_artifacts_ms"] >= times["commit_to_warm_ms"]
+
+
+def test_an_event_redelivered_before_the_artifacts_were_built_resumes_them(
+    store: ObjectStore,
+) -> None:
+    class DiesInArtifacts(RecordingPrefetcher):
+        def prefetch_artifacts(
+            self, shards: list[ShardKey], chunk_s: float, total_s: float
+        ) -> dict[str, Any]:
+            raise RuntimeError("the invocation timed out")
+
+    CommitWarmer(store, DiesInArtifacts([]), hot_rounds=2).handle(event(manifest("demo", 1)))
+    first = read_marker(store, "demo", 1)
+    assert first is not None and "artifacts_at" not in first
+    again = RecordingPrefetcher([])
+    report = CommitWarmer(store, again, hot_rounds=2).handle(event(manifest("demo", 1)))
+    assert report["warmed"] == ["demo/1"] and ["artifacts", "demo/round/1"] in again.calls
+    marker = read_marker(store, "demo", 1)
+    assert marker is not None and "artifacts_at" in marker
+    # the round was warm at the first event: its times are kept
+    assert (marker["warmed_at"], marker["committed_at"]) == (
+        first["warmed_at"],
+        first["committed_at"],
+    )
+    done = RecordingPrefetcher([])
+    report = CommitWarmer(store, done, hot_rounds=2).handle(event(manifest("demo", 1)))
+    assert report["already"] == ["demo/1"] and done.calls == []
 
 
 def test_warm_times_list_every_marker_with_its_commit_to_warm_time(store: ObjectStore) -> None:
@@ -294,6 +387,7 @@ def test_stats_show_each_jobs_latest_warm_rounds_in_80_columns() -> None:
             "warmed_at": f"2026-12-07T15:40:0{r}.600Z",
             "warm_ms": 450.0,
             "commit_to_warm_ms": 500.0,
+            **({"commit_to_artifacts_ms": 9250.0} if r < 7 else {}),
         }
         for r in range(8)
     ]
@@ -303,7 +397,8 @@ def test_stats_show_each_jobs_latest_warm_rounds_in_80_columns() -> None:
     assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
     rows = [line.split() for line in text.splitlines() if line.strip().startswith("a-rather")]
     assert [r[1] for r in rows] == ["3", "4", "5", "6", "7"]
-    assert rows[0][2:] == ["15:40:03.100", "15:40:03.600", "0.50", "0.45"]
+    assert rows[0][2:] == ["15:40:03.100", "15:40:03.600", "0.50", "9.25"]
+    assert rows[-1][-1] == "-"  # round 7's artifacts not built yet
 
 
 # --- the router function's handler -------------------------------------------------------
@@ -318,3 +413,18 @@ def test_the_router_handler_warms_an_s3_event_before_any_http_routing(store: Obj
     assert read_marker(store, "demo", 2) is not None
     # S3's test event is answered, not routed as a request
     assert handle(app, {"Event": "s3:TestEvent"}, None)["warmed"] == []
+
+
+def test_the_marker_records_each_owners_load_steps(store: ObjectStore) -> None:
+    nodes = InProcessNodes(store, NODES)
+    router = make_router(store, nodes, nodes=NODES, replication=2)
+    CommitWarmer(store, router, hot_rounds=2).handle(event(manifest("demo", 2)))
+    marker = read_marker(store, "demo", 2)
+    assert marker is not None
+    owners = marker["owners_ms"]
+    assert len(owners) == 2  # both owners read it now
+    for steps in owners.values():
+        assert {"manifest", "rows", "base", "deltas", "gram", "models", "staged"} <= set(steps)
+        assert steps["staged"] == 0 and steps["rows"] > 0
+    # the primary alone wrote the default model
+    assert sorted(s["models"] > 0 for s in owners.values()) == [False, True]

@@ -17,11 +17,12 @@ OPS = [
     "model_part",
     "run_clients",
     "artifacts",
+    "stage",
     "stats",
     "evict",
     "ping",
 ]
-UNKNOWN = "use load, run, partial, model_part, run_clients, artifacts, stats, evict or ping"
+UNKNOWN = "use load, run, partial, model_part, run_clients, artifacts, stage, stats, evict or ping"
 
 
 @pytest.fixture
@@ -45,13 +46,14 @@ EVENTS: list[dict[str, Any]] = [
     },
     {"op": "run_clients", "workload": "krum", "job": "j", "round": 0, "gram": {}},
     {"op": "artifacts", "compute": {}},
+    {"op": "stage", "job": "j", "round": 1, "client": "c", "tensors_round": 0},
     {"op": "stats"},
     {"op": "evict", "all": True},
     {"op": "ping", "extra": 1},
 ]
 
 
-def test_the_table_holds_exactly_the_nine_ops_in_order(node: CacheNode) -> None:
+def test_the_table_holds_exactly_the_ten_ops_in_order(node: CacheNode) -> None:
     assert [cls.op for cls in node.ops] == OPS == list(protocol.OPS)
 
 
@@ -110,6 +112,7 @@ def test_load_of_nothing_loads_nothing(node: CacheNode) -> None:
         "already": [],
         "failed": {},
         "timing_ms": {"load": 0.0, "warm": 0.0},
+        "steps_ms": {},
     }
 
 
@@ -167,3 +170,30 @@ def test_run_checks_the_workload_and_job(node: CacheNode) -> None:
 def test_block_ops_with_bad_arguments_are_400s(node: CacheNode, event: dict[str, Any]) -> None:
     answer = node.handle(event)
     assert answer["status"] == 400, answer
+
+
+def test_a_primarys_load_keeps_the_default_models_answer_for_the_first_request() -> None:
+    from flstore_core.storage.memory import MemoryBlobStore
+    from tests.conftest import small_update
+
+    store = ObjectStore("mem", blobs=MemoryBlobStore())
+    entries = [store.put_update("j", 0, f"c{i}", small_update(i)) for i in range(3)]
+    store.commit_round("j", 0, entries)
+    primary = CacheNode(store, budget_bytes=10**8, node_index=0)
+    replica = CacheNode(store, budget_bytes=10**8, node_index=1)
+    primary.handle({"op": "load", "shards": ["j/round/0"], "models": ["j/round/0"]})
+    replica.handle({"op": "load", "shards": ["j/round/0"]})
+    puts = store.puts
+    run = {"op": "run", "workload": "fedavg", "job": "j", "round": 0, "params": {}}
+    answer = primary.handle(run)
+    assert answer["cache"] == "hit" and answer["s3_puts"] == 0
+    assert primary.answering.counts == {"computed": 0, "reused": 0}  # no request computed it
+    assert primary.stats()["answers_prefetched"] == 1  # what prefetch built, not a reuse
+    assert primary.handle(run)["result"] == answer["result"]  # then an ordinary reuse
+    assert primary.answering.counts == {"computed": 0, "reused": 1}
+    # the replica finds the primary's model at the same key: it neither computes nor writes it
+    replicated = replica.handle(run)
+    assert replicated["result"] == answer["result"] and replicated["s3_puts"] == 0
+    assert "write" not in replicated["timing_ms"]
+    assert replica.answering.counts == {"computed": 1, "reused": 0}
+    assert store.puts == puts

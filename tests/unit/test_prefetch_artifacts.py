@@ -333,3 +333,103 @@ def test_a_node_learns_which_requests_read_a_rounds_rows(store: ObjectStore) -> 
     got = [(u.rows, u.model) for u in uses]
     assert got == [(False, False), (False, False), (True, False), (False, True)]
     assert policy.mix.early_reads_of(JOB, ROUND) == 1
+
+
+def test_artifacts_in_chunks_take_turns_on_the_owners_and_resume_where_they_stopped(
+    store: ObjectStore,
+) -> None:
+    nodes = two_nodes(store)
+    want = references(store, nodes, 0)
+    router = router_over(store, nodes)
+    shard = str(round_shard(JOB, ROUND))
+    loaded = router.prefetch([round_shard(JOB, ROUND)], artifacts=False)
+    assert [op for _, op in nodes.ops] == ["load", "load"]
+    assert all("artifacts" not in a for a in loaded.values())
+    # a budget every task overruns: one task a chunk
+    answers = router.prefetch_artifacts([round_shard(JOB, ROUND)], chunk_s=1e-6, total_s=60.0)
+    expected = artifacts.round_tasks(load_round(store, JOB, ROUND, ArtifactStats()))
+    shares = artifacts.assign(expected, 2)
+    chunks = [(f, e) for f, e in nodes.calls if e["op"] == "artifacts" and "compute" in e]
+    assert len(chunks) == len(expected)  # every task once, none again
+    # the owners take turns while both have work: no two chunks in a row on one node
+    both = 2 * min(len(s) for s in shares)
+    assert all(chunks[i][0] != chunks[i + 1][0] for i in range(both - 1))
+    starts = {f: [e["compute"][shard][2] for g, e in chunks if g == f] for f, _ in chunks}
+    assert sorted(len(v) for v in starts.values()) == sorted(len(s) for s in shares)
+    assert all(v == list(range(len(v))) for v in starts.values())
+    done: list[str] = []
+    for answer in answers.values():
+        item = answer["artifacts"][shard]
+        assert item["deferred"] == [] and item["errors"] == {}
+        assert answer["chunks"] == len(item["tasks"]) == answer["invocations"] - 1
+        assert answer["shared"][shard] > 0  # then the values are exchanged
+        done += item["tasks"]
+    assert sorted(done) == sorted(t.name for t in expected)
+    for name in ("contribution_loo", "accuracy_select"):
+        assert run(nodes, 0, name) == want[name] and run(nodes, 1, name) == want[name]
+
+
+def test_chunked_artifacts_stop_at_their_total_budget(store: ObjectStore) -> None:
+    nodes = two_nodes(store)
+    router = router_over(store, nodes)
+    router.prefetch([round_shard(JOB, ROUND)], artifacts=False)
+    answers = router.prefetch_artifacts([round_shard(JOB, ROUND)], chunk_s=1e-6, total_s=0.0)
+    assert answers == {} and [op for _, op in nodes.ops] == ["load", "load"]
+
+
+def test_a_busy_owner_is_skipped_for_a_turn_and_resumed(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flstore_core.routing import prefetch as prefetch_module
+    from flstore_core.routing.invoker import NodeThrottled
+
+    nodes = two_nodes(store)
+    router = router_over(store, nodes)
+    router.prefetch([round_shard(JOB, ROUND)], artifacts=False)
+    real, busy = nodes.invoke, {"art-cache-0": 3}
+    monkeypatch.setattr(prefetch_module, "CHUNK_GAP_S", 0.0)
+    monkeypatch.setattr(prefetch_module, "BUSY_GAP_S", 0.0)
+
+    def sometimes_busy(function: str, event: Any) -> Any:
+        if event.get("op") == "artifacts" and busy.get(function, 0) > 0:
+            busy[function] -= 1
+            raise NodeThrottled(f"{function}: throttled")
+        return real(function, event)
+
+    monkeypatch.setattr(nodes, "invoke", sometimes_busy)
+    answers = router.prefetch_artifacts([round_shard(JOB, ROUND)], chunk_s=60.0, total_s=60.0)
+    assert busy == {"art-cache-0": 0}
+    for answer in answers.values():
+        assert (
+            answer["chunks"] == 1
+            and answer["artifacts"][str(round_shard(JOB, ROUND))]["deferred"] == []
+        )
+
+
+def test_a_load_waits_out_a_busy_node_and_gives_up_past_its_wait(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flstore_core.routing import prefetch as prefetch_module
+    from flstore_core.routing.invoker import NodeThrottled
+
+    nodes = two_nodes(store)
+    router = router_over(store, nodes)
+    real, busy = nodes.invoke, {"art-cache-0": 3}
+    monkeypatch.setattr(prefetch_module, "LOAD_RETRY_S", 0.0)
+
+    def busy_at_first(function: str, event: Any) -> Any:
+        if event.get("op") == "load" and busy.get(function, 0) > 0:
+            busy[function] -= 1  # a staging of the round still running when it commits
+            raise NodeThrottled(f"{function}: throttled")
+        return real(function, event)
+
+    monkeypatch.setattr(nodes, "invoke", busy_at_first)
+    shard = str(round_shard(JOB, ROUND))
+    answers = router.prefetch([round_shard(JOB, ROUND)], artifacts=False)
+    assert busy == {"art-cache-0": 0}
+    assert all(a["loaded"] == [shard] for a in answers.values())
+    monkeypatch.setattr(prefetch_module, "LOAD_WAIT_S", 0.0)
+    busy["art-cache-0"] = 10**6  # busy for good: the load gives up, as an unavailable answer
+    again = router.prefetch([round_shard(JOB, ROUND)], artifacts=False)
+    assert again["art-cache-0"]["error"]["code"] == "unavailable"
+    assert again["art-cache-1"]["already"] == [shard]

@@ -81,6 +81,8 @@ ROUTER_EVENTS: list[dict[str, Any]] = [
         "is_delta": False,
         "rows": [0, 1],
     },
+    {"op": "stage", "job": "j", "round": 1, "client": "c", "tensors_round": 0},
+    {"op": "stage", "job": "j", "round": 1, "client": "c", "tensors_round": 0, "etag": "e"},
     {"op": "stats"},
     {"op": "evict", "shards": ["j/round/0"]},
     {"op": "evict", "all": True},
@@ -103,6 +105,7 @@ def test_the_ops_are_listed_in_the_order_the_unknown_op_error_names_them() -> No
         "model_part",
         "run_clients",
         "artifacts",
+        "stage",
         "stats",
         "evict",
         "ping",
@@ -231,7 +234,25 @@ MALFORMED: list[tuple[Any, str | None, str | None]] = [
         "workload",
     ),
     ({"op": "evict", "shards": "j/meta"}, "evict", "shards"),
+    ({"op": "artifacts", "compute": {"j/round/0": [0, 2]}, "budget_s": 0}, "artifacts", "budget_s"),
+    (
+        {"op": "artifacts", "compute": {"j/round/0": [0, 2]}, "budget_s": True},
+        "artifacts",
+        "budget_s",
+    ),
+    ({"op": "artifacts", "compute": {"j/round/0": [0, 2, -1]}}, "artifacts", "compute"),
+    ({"op": "artifacts", "compute": {"j/round/0": [0, 2, 1, 1]}}, "artifacts", "compute"),
 ]
+
+
+def test_an_artifacts_chunk_carries_its_budget_and_where_it_starts() -> None:
+    op = ArtifactsOp(compute={"a/round/0": (1, 2, 5)}, budget_s=0.5)
+    event = op.to_event()
+    assert event == {"op": "artifacts", "compute": {"a/round/0": [1, 2, 5]}, "budget_s": 0.5}
+    assert parse_event(event) == op
+    assert parse_event({"op": "artifacts", "compute": {"a/round/0": [0, 1]}}) == ArtifactsOp(
+        compute={"a/round/0": (0, 1)}
+    )
 
 
 @pytest.mark.parametrize(("event", "op", "field"), MALFORMED)

@@ -18,6 +18,7 @@ from flstore_core.aws import s3_client
 from flstore_core.data import layout
 from flstore_core.data.manifest import JobSpec
 from flstore_core.routing.commit_warming import parse_records
+from flstore_core.routing.update_staging import landed_updates
 from flstore_core.storage.object_store import ObjectStore
 from lambdas.local_runtime.s3_notifications import S3Notifications
 from lambdas.local_runtime.s3_server import LocalS3
@@ -66,7 +67,7 @@ def front(s3_server: LocalS3, bucket: str, recorder: Recorder) -> Iterator[S3Not
     notifications.stop()
 
 
-def test_a_round_committed_through_the_front_is_one_manifest_event(
+def test_a_round_committed_through_the_front_is_one_manifest_event_and_its_updates(
     front: S3Notifications, bucket: str, recorder: Recorder
 ) -> None:
     store = ObjectStore(bucket, endpoint_url=front.url)
@@ -75,13 +76,26 @@ def test_a_round_committed_through_the_front_is_one_manifest_event(
     store.commit_round("demo", 3, entries)
     store.commit_round("demo", 3, entries)  # committed again: the same manifest, no write
     assert front.wait_idle(10)
-    assert recorder.keys == [("ObjectCreated:Put", layout.manifest_key("demo", 3))]
-    (record,) = recorder.events[0]["Records"]
+    manifest_key = layout.manifest_key("demo", 3)
+    assert [k for k in recorder.keys if k[1].endswith("manifest.json")] == [
+        ("ObjectCreated:Put", manifest_key)
+    ]
+    # the updates' records, delivered apart from the manifest's (the second notification)
+    assert sorted(k for _, k in recorder.keys if k != manifest_key) == [
+        layout.update_key("demo", 3, f"c{i}") for i in range(3)
+    ]
+    (event,) = [
+        e for e in recorder.events if e["Records"][0]["s3"]["object"]["key"] == manifest_key
+    ]
+    (record,) = event["Records"]
     assert record["s3"]["bucket"]["name"] == bucket
-    assert record["s3"]["object"]["eTag"] == store.stat(layout.manifest_key("demo", 3)).etag  # type: ignore[union-attr]
-    # what the router's handler reads off it
-    (manifest,) = parse_records(recorder.events[0], bucket).manifests
+    assert record["s3"]["object"]["eTag"] == store.stat(manifest_key).etag  # type: ignore[union-attr]
+    # what the router's handler reads off them
+    (manifest,) = parse_records(event, bucket).manifests
     assert (manifest.job, manifest.round) == ("demo", 3)
+    updates = [u for e in recorder.events for u in landed_updates(e, bucket)]
+    assert sorted(u.client for u in updates) == ["c0", "c1", "c2"]
+    assert front.counts()["update_records"] == 3 and front.counts()["records"] == 1
 
 
 def test_copies_and_multipart_uploads_of_a_manifest_notify_and_their_parts_do_not(
@@ -113,7 +127,12 @@ def test_keys_outside_the_filter_or_the_bucket_do_not_notify(
     s3_server: LocalS3, front: S3Notifications, bucket: str, recorder: Recorder
 ) -> None:
     s3 = s3_client(front.url)
-    for key in ["jobs/demo/job.json", "other/manifest.json", "jobs/demo/rounds/00000001/x.json"]:
+    for key in [
+        "jobs/demo/job.json",
+        "other/manifest.json",
+        "jobs/demo/rounds/00000001/x.json",
+        "other/rounds/00000001/updates/c.safetensors.zst",
+    ]:
         s3.put_object(Bucket=bucket, Key=key, Body=b"{}")
     other = f"{bucket}-other"
     ObjectStore(other, endpoint_url=s3_server.url).ensure_bucket()

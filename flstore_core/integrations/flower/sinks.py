@@ -148,7 +148,7 @@ class StoreSink:
         self.store = store
         self.max_in_flight = max_in_flight
         self.prefetch = prefetch
-        self.summaries = summaries
+        self.with_summaries = summaries
         self.max_workers = max_workers
         self.model = model
         self.validation = validation
@@ -200,7 +200,7 @@ class StoreSink:
             )
         if global_model is not None:
             self.store.put_global(job, round, global_model)
-        summaries = self._summaries(job, round, updates) if self.summaries else None
+        summaries = self.summaries(job, round, updates) if self.with_summaries else None
         self.store.commit_round(job, round, entries, summaries=summaries)
         # Where the store notifies its router of each commit (the local stack's S3 front, an S3
         # event on AWS), the commit alone warms the round and this second warming finds it
@@ -208,11 +208,12 @@ class StoreSink:
         if self.prefetch is not None:
             self._warm(job, round)
 
-    def _summaries(
+    def summaries(
         self, job: str, round_: int, updates: dict[str, Update]
     ) -> dict[str, dict[str, float]]:
         """The ingest summaries of a round held in memory (one pass over a matrix, where the
-        Beam ingestion streams the files twice)."""
+        Beam ingestion streams the files twice), as :meth:`put_round` writes them into the
+        manifest."""
         clients = sorted(updates)
         base = self.store.get_base(job, round_)
         specs: list[TensorSpec] = updates[clients[0]].specs()

@@ -151,6 +151,7 @@ pulumi.runtime.set_mocks(MOCKS, project="flstore", stack="test", preview=False)
 
 # The program is imported only now that the mocks are in place.
 from flstore_infra import api, iam, keepwarm, packaging, target  # noqa: E402
+from flstore_infra.notifications import filters_overlap  # noqa: E402
 from flstore_infra.settings import ConfigError, StackSettings, parse_token_hashes  # noqa: E402
 from flstore_infra.stack import OUTPUTS, FLStoreStack, create_stack  # noqa: E402
 
@@ -936,9 +937,15 @@ def test_a_manifest_write_notifies_the_router_with_an_invoke_permission_first(
                 "lambdaFunctionArn": router_arn,
                 "events": ["s3:ObjectCreated:*"],
                 "filterPrefix": "jobs/",
-                "filterSuffix": "manifest.json",
+                "filterSuffix": suffix,
             }
+            for suffix in ("manifest.json", ".safetensors.zst")
         ]
+        # S3 refuses overlapping configurations: these two must not be
+        filters = [
+            (f["filterPrefix"], f["filterSuffix"]) for f in notification.inputs["lambdaFunctions"]
+        ]
+        assert not filters_overlap(*filters)
         (s3,) = [p for p in d.of_type(PERMISSION) if p.inputs["principal"] == "s3.amazonaws.com"]
         assert s3.inputs["function"] == f"{prefix}-router"
         assert s3.inputs["action"] == "lambda:InvokeFunction"
@@ -1087,3 +1094,12 @@ def test_a_cache_node_writes_meta_rows_only_at_a_jobs_meta_rows_key(key: str) ->
     for action in ("s3:DeleteObject", "s3:PutObjectTagging"):
         assert not allowed(cache, action, f"{BUCKET_ARN}/jobs/a/meta/rows.zst", {})
     assert not allowed(S3_ROLES["router"], "s3:PutObject", f"{BUCKET_ARN}/jobs/a/meta/rows.zst", {})
+
+
+def test_s3_overlap_rule_as_the_notifications_apply_it() -> None:
+    # both a prefix and a suffix shared: S3 refuses the pair
+    assert filters_overlap(("jobs/", "manifest.json"), ("jobs/", ".json"))
+    assert filters_overlap(("jobs/a/", "x.zst"), ("jobs/", ".zst"))
+    # the prefixes overlap but neither suffix ends the other: allowed
+    assert not filters_overlap(("jobs/", "manifest.json"), ("jobs/", ".safetensors.zst"))
+    assert not filters_overlap(("jobs/", ".zst"), ("other/", ".zst"))
