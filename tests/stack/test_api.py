@@ -239,6 +239,9 @@ def test_prefetch_writes_the_round_fedavg_model_once_on_the_primary(stack: Local
     owners = place_shard(shard, 3, 2)
     for i in range(3):
         stack.router.node_op(i, {"op": "evict", "all": True})
+    # earlier tests wrote the round's FedAvg model: gone, so that this prefetch writes it
+    written = [b.key for b in stack.store.blobs.list("jobs/demo/results/fedavg/00000000/")]
+    stack.store.delete_results(written)
     puts = {i: stack.router.node_op(i, {"op": "stats"})["s3_puts"] for i in range(3)}
     stack.router.prefetch([shard])
     wrote = {i: stack.router.node_op(i, {"op": "stats"})["s3_puts"] - puts[i] for i in range(3)}
@@ -247,3 +250,9 @@ def test_prefetch_writes_the_round_fedavg_model_once_on_the_primary(stack: Local
     assert status == 200 and stack.store.get_object(body["result"]["model_key"])
     after = {i: stack.router.node_op(i, {"op": "stats"})["s3_puts"] - puts[i] for i in range(3)}
     assert after == wrote  # the request found its model already written
+    # evicted again, the model is found in S3 at its key: a prefetch writes nothing
+    for i in range(3):
+        stack.router.node_op(i, {"op": "evict", "all": True})
+    stack.router.prefetch([shard])
+    again = {i: stack.router.node_op(i, {"op": "stats"})["s3_puts"] - puts[i] for i in range(3)}
+    assert again == wrote
