@@ -28,8 +28,26 @@ its means are over the rounds it held (a replica that gets half a round's reads 
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _locked(method: F) -> F:
+    """Run ``method`` under the mix's lock: a router records requests from many threads while
+    a prefetch asks about the same jobs."""
+
+    @functools.wraps(method)
+    def wrapper(self: JobMix, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -76,6 +94,7 @@ class JobMix:
     horizon: int = 2
     min_requests: int = 8
     jobs: dict[str, _Job] = field(default_factory=dict, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.window_rounds < self.horizon or self.horizon < 1:
@@ -84,6 +103,7 @@ class JobMix:
     def _job(self, job: str) -> _Job:
         return self.jobs.setdefault(job, _Job())
 
+    @_locked
     def note_round(self, job: str, round_: int) -> None:
         """Round ``round_`` of ``job`` is held here (loaded, prefetched or read): the job's
         latest round is at least this one."""
@@ -94,6 +114,7 @@ class JobMix:
         if round_ > state.latest - self.window_rounds:
             state.held.add(round_)
 
+    @_locked
     def observe(self, use: Use) -> None:
         """One more request."""
         state = self._job(use.job)
@@ -113,22 +134,26 @@ class JobMix:
 
     # ------------------------------------------------------------------ questions
 
+    @_locked
     def latest(self, job: str) -> int | None:
         """The job's latest round seen, or ``None``."""
         state = self.jobs.get(job)
         return None if state is None or state.latest < 0 else state.latest
 
+    @_locked
     def known(self, job: str) -> bool:
         """Whether ``min_requests`` of the job's requests were seen in the window."""
         state = self.jobs.get(job)
         return state is not None and len(state.uses) >= self.min_requests
 
+    @_locked
     def asks_models(self, job: str) -> bool:
         """Whether the job asked a model workload in the window (``True`` while not known)."""
         if not self.known(job):
             return True
         return any(use.model for _, use in self.jobs[job].uses)
 
+    @_locked
     def asks_clients(self, job: str) -> bool:
         """Whether the job asked a client-class workload in the window (``False`` while not
         known: the static tiers put histories first out)."""
@@ -136,6 +161,7 @@ class JobMix:
             return False
         return any(use.cls == "client" for _, use in self.jobs[job].uses)
 
+    @_locked
     def expected_reads(self, job: str) -> float | None:
         """The mean rows reads a held round of the job got while early, over the held rounds
         that left the horizon inside the window; ``None`` when there is none yet."""
@@ -147,11 +173,13 @@ class JobMix:
             return None
         return sum(state.early_reads.get(r, 0) for r in done) / len(done)
 
+    @_locked
     def early_reads_of(self, job: str, round_: int) -> int:
         """Rows reads round ``round_`` got while early."""
         state = self.jobs.get(job)
         return 0 if state is None else state.early_reads.get(round_, 0)
 
+    @_locked
     def pending(self, job: str, round_: int) -> float | None:
         """The rows reads round ``round_`` can still expect while early (0 past the horizon);
         ``None`` when the job's past rounds do not say yet."""
@@ -163,6 +191,7 @@ class JobMix:
             return None
         return max(0.0, expected - self.early_reads_of(job, round_))
 
+    @_locked
     def revisits(self, job: str) -> float:
         """The chance, per round, that one given past-horizon round of the job has its rows
         read: the window's rows reads on past-horizon rounds, per round of the window, spread
@@ -179,6 +208,7 @@ class JobMix:
         old = max(1, state.latest + 1 - self.horizon)
         return late / span / old
 
+    @_locked
     def summary(self) -> dict[str, dict[str, object]]:
         """What is followed of each known job (a node's ``stats``: ``followed``)."""
         return {

@@ -203,3 +203,33 @@ def test_flstore_stats_shows_the_jobs_a_node_follows() -> None:
     line = next(x for x in text.splitlines() if "fl-a" in x)
     assert line.split() == ["0", "fl-a", "20", "no", "yes", "2.0", "0"]
     assert max(len(x) for x in text.splitlines()) <= 80
+
+
+def test_a_mix_is_read_while_other_threads_record() -> None:
+    # a router records requests on many threads while a commit's prefetch asks about the job:
+    # iterating a deque another thread appends to would raise
+    import threading
+
+    mix = JobMix(window_rounds=50)
+    stop = threading.Event()
+
+    def record(job: str) -> None:
+        r = 0
+        while not stop.is_set():
+            mix.observe(Use(job, "round", r // 10, rows=r % 3 == 0, model=r % 7 == 0))
+            r += 1
+
+    threads = [threading.Thread(target=record, args=(f"j{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(2000):
+            for i in range(4):
+                mix.asks_models(f"j{i}")
+                mix.revisits(f"j{i}")
+            mix.summary()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert all(mix.known(f"j{i}") for i in range(4))
