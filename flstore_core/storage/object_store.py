@@ -35,6 +35,7 @@ from flstore_core.data.codec import (
     DecodedRow,
     EncodedUpdate,
     Precision,
+    ScratchBuffer,
     TensorSpec,
     Update,
     encode_update,
@@ -157,18 +158,21 @@ class ObjectStore:
         update: Update,
         *,
         precision: Precision | None = None,
+        scratch: ScratchBuffer | None = None,
     ) -> UpdateEntry:
         """Encode and store one client's update; returns its manifest entry (not yet committed).
 
         Refused before any write if the round is already committed with other tensors, or with a
-        different update for this client.
+        different update for this client. ``scratch`` holds the serialized bytes while they are
+        compressed (:func:`~flstore_core.data.codec.encode_update`): a writer storing update
+        after update passes one per thread and spares each a fresh allocation.
         """
         validate_job(job)
         validate_round(round_)
         validate_client(client)
         spec = self.ensure_job(job)
         update.job, update.round, update.client, update.kind = job, round_, client, "update"
-        encoded = encode_update(update, precision or spec.precision)
+        encoded = encode_update(update, precision or spec.precision, scratch=scratch)
         return self.put_encoded(job, round_, client, encoded)
 
     def put_encoded(

@@ -51,13 +51,13 @@ class FailingStore:
         self.stored: list[tuple[int, str]] = []
         self._lock = threading.Lock()
 
-    def put_update(self, job: str, round_: int, client: str, update: Update) -> Any:
+    def put_update(self, job: str, round_: int, client: str, update: Update, **kw: Any) -> Any:
         if round_ == self.fail_round:
             with self._lock:
                 self.puts += 1
                 if self.puts > self.after:
                     raise UnavailableError("the writer died")
-        entry = self._store.put_update(job, round_, client, update)
+        entry = self._store.put_update(job, round_, client, update, **kw)
         with self._lock:
             self.stored.append((round_, client))
         return entry
@@ -155,3 +155,61 @@ def test_the_run_config_sets_how_many_rounds_may_be_in_flight(
     assert default.flstore.handover.max_in_flight == 2
     with pytest.raises(ValidationError, match="flstore-max-in-flight"):
         flstore_sink({"flstore-max-in-flight": "-1"})
+
+
+class KeepsArrays(FedAvg):  # type: ignore[misc]
+    """A strategy whose own aggregation reads no array (FedAvg's does, in the loop either way)."""
+
+    def aggregate_train(self, server_round: int, replies: Any) -> tuple[None, None]:
+        return None, None
+
+
+def test_the_training_loop_does_not_decode_the_arrays_of_a_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sink = SlowSink()
+    sink.release.set()
+    wrapped = with_flstore(KeepsArrays(), sink=sink, job="lazy", max_in_flight=1)
+    decoded_on: list[threading.Thread] = []
+    numpy = Array.numpy
+
+    def recorded(self: Array) -> Any:
+        decoded_on.append(threading.current_thread())
+        return numpy(self)
+
+    monkeypatch.setattr(Array, "numpy", recorded)
+    wrapped.aggregate_train(1, round_replies(3))
+    wrapped.flstore.flush()
+    assert sink.stored == [0] and wrapped.flstore.rounds_stored[0] == ["1000", "1001", "1002"]
+    assert decoded_on, "the round's arrays were never decoded"
+    assert threading.main_thread() not in decoded_on  # the loop's thread decoded none
+
+
+def test_a_rounds_summaries_are_computed_while_its_updates_are_written(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started = threading.Event()
+
+    class WaitsForSummaries:
+        """The store, except that each update's PUT waits until the summaries have begun."""
+
+        def put_update(self, *args: Any, **kw: Any) -> Any:
+            assert started.wait(10), "the summaries waited for the updates' PUTs"
+            return store.put_update(*args, **kw)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+    sink = StoreSink(WaitsForSummaries())  # type: ignore[arg-type]
+    summaries = sink.summaries
+
+    def begin(*args: Any) -> Any:
+        started.set()
+        return summaries(*args)
+
+    monkeypatch.setattr(sink, "summaries", begin)
+    updates = {f"c{i}": Update({"w": np.full(4, i, np.float32)}, num_examples=2) for i in range(3)}
+    sink.put_round("overlap", 0, updates, None)
+    manifest = store.get_manifest("overlap", 0)
+    assert sorted(manifest.clients) == ["c0", "c1", "c2"]
+    assert set(manifest.updates["c1"].summary) >= {"update_norm", "cos_to_mean"}

@@ -16,7 +16,8 @@ flwr is needed only for type checking: the functions read the records they are g
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,7 +33,10 @@ if TYPE_CHECKING:
 __all__ = [
     "CLIENT_ID_KEY",
     "METRIC_NAMES",
+    "ReplyUpdate",
     "arrays_to_tensors",
+    "read_replies",
+    "read_reply",
     "reported_client_id",
     "update_from_reply",
     "updates_from_replies",
@@ -58,7 +62,7 @@ METRIC_NAMES: dict[str, str] = {
 
 
 def arrays_to_tensors(
-    record: ArrayRecord, tensor_names: Sequence[str] | None = None
+    record: ArrayRecord | Mapping[str, Any], tensor_names: Sequence[str] | None = None
 ) -> dict[str, npt.NDArray[Any]]:
     """An ``ArrayRecord`` as an ordered ``name -> ndarray`` mapping (keys or ``tensor_names``)."""
     arrays = [np.asarray(array.numpy()) for array in record.values()]
@@ -83,14 +87,36 @@ def reported_client_id(content: Any) -> str | None:
     return None
 
 
-def update_from_reply(
+@dataclass(frozen=True)
+class ReplyUpdate:
+    """A train reply's update, read but not yet decoded: :func:`read_reply` takes it from the
+    reply in microseconds (the arrays are Flower ``Array`` objects, whose bytes never change),
+    and :meth:`update` decodes the arrays later, off the training loop, even if the reply's
+    records were changed in the meantime."""
+
+    arrays: Mapping[str, Any]
+    num_examples: int
+    metrics: dict[str, Any]
+    tensor_names: Sequence[str] | None = None
+
+    def update(self) -> Update:
+        """The decoded update (a copy of each array: nothing is shared with the reply)."""
+        return Update(
+            arrays_to_tensors(self.arrays, self.tensor_names),
+            num_examples=self.num_examples,
+            metrics=dict(self.metrics),
+        )
+
+
+def read_reply(
     reply: Message,
     *,
     weighted_by_key: str = "num-examples",
     arrayrecord_key: str | None = None,
     tensor_names: Sequence[str] | None = None,
-) -> tuple[str, Update]:
-    """``(client id, update)`` of one successful train reply (see the module docstring)."""
+) -> tuple[str, ReplyUpdate]:
+    """``(client id, update not yet decoded)`` of one successful train reply (see the module
+    docstring); a reply without arrays, or with an invalid client id, raises here."""
     content = reply.content
     records = content.array_records
     if not records:
@@ -109,27 +135,42 @@ def update_from_reply(
     num_examples = metrics.pop(weighted_by_key, 0)
     client = reported_client_id(content) or str(reply.metadata.src_node_id)
     validate_client(client)
-    return client, Update(
-        arrays_to_tensors(record, tensor_names),
-        num_examples=int(num_examples),
-        metrics=metrics,
+    arrays = dict(record.items())  # the Array objects as they are now
+    return client, ReplyUpdate(arrays, int(num_examples), metrics, tensor_names)
+
+
+def update_from_reply(
+    reply: Message,
+    *,
+    weighted_by_key: str = "num-examples",
+    arrayrecord_key: str | None = None,
+    tensor_names: Sequence[str] | None = None,
+) -> tuple[str, Update]:
+    """``(client id, update)`` of one successful train reply (see the module docstring)."""
+    client, read = read_reply(
+        reply,
+        weighted_by_key=weighted_by_key,
+        arrayrecord_key=arrayrecord_key,
+        tensor_names=tensor_names,
     )
+    return client, read.update()
 
 
-def updates_from_replies(
+def read_replies(
     replies: Iterable[Message],
     *,
     weighted_by_key: str = "num-examples",
     arrayrecord_key: str | None = None,
     tensor_names: Sequence[str] | None = None,
-) -> tuple[dict[str, Update], dict[str, int]]:
-    """The updates of a round's successful replies and the node each client id came from."""
-    updates: dict[str, Update] = {}
+) -> tuple[dict[str, ReplyUpdate], dict[str, int]]:
+    """The updates of a round's successful replies, not yet decoded (:class:`ReplyUpdate`),
+    and the node each client id came from; two nodes reporting one client id raise."""
+    updates: dict[str, ReplyUpdate] = {}
     nodes: dict[str, int] = {}
     for reply in replies:
         if reply.has_error():
             continue
-        client, update = update_from_reply(
+        client, update = read_reply(
             reply,
             weighted_by_key=weighted_by_key,
             arrayrecord_key=arrayrecord_key,
@@ -143,3 +184,20 @@ def updates_from_replies(
             )
         updates[client], nodes[client] = update, node
     return updates, nodes
+
+
+def updates_from_replies(
+    replies: Iterable[Message],
+    *,
+    weighted_by_key: str = "num-examples",
+    arrayrecord_key: str | None = None,
+    tensor_names: Sequence[str] | None = None,
+) -> tuple[dict[str, Update], dict[str, int]]:
+    """The updates of a round's successful replies and the node each client id came from."""
+    read, nodes = read_replies(
+        replies,
+        weighted_by_key=weighted_by_key,
+        arrayrecord_key=arrayrecord_key,
+        tensor_names=tensor_names,
+    )
+    return {client: r.update() for client, r in read.items()}, nodes
