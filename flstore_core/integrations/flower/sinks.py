@@ -16,15 +16,13 @@ import queue
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import numpy as np
-
 from flstore_core.data.codec import ScratchBuffer, TensorSpec, Update
 from flstore_core.data.columns import job_columns
 from flstore_core.data.rows import base_vector, flat_parts
 from flstore_core.errors import ConflictError, ValidationError
 from flstore_core.routing.placement import ShardKey, meta_shard, model_shard, round_shard
 from flstore_core.sdk.round_writer import RoundWriter
-from flstore_core.workloads.summaries import INGEST_SUMMARIES, matrix_scores
+from flstore_core.workloads.summaries import INGEST_SUMMARIES, stream_scores
 
 if TYPE_CHECKING:
     from flstore_core.data.manifest import UpdateEntry
@@ -226,26 +224,26 @@ class StoreSink:
     def summaries(
         self, job: str, round_: int, updates: dict[str, Update]
     ) -> dict[str, dict[str, float]]:
-        """The ingest summaries of a round held in memory (one pass over a matrix, where the
-        Beam ingestion streams the files twice), as :meth:`put_round` writes them into the
-        manifest."""
+        """The ingest summaries of a round held in memory, as :meth:`put_round` writes them into
+        the manifest: the Beam ingestion's two streamed passes, over the updates in memory."""
         clients = sorted(updates)
         base = self.store.get_base(job, round_)
         specs: list[TensorSpec] = updates[clients[0]].specs()
         if base is not None and set(base.tensors) == {s.name for s in specs}:
             by_name = {s.name: s for s in specs}
             specs = [by_name[name] for name in base.tensors]  # the base's order, so it fits
-        # one copy of each client's tensors, straight into its row (stacking concatenated rows
-        # copied the round twice and measured ~2 s of a ResNet-18 × 10 round's 5 s)
-        rows = np.empty((len(clients), sum(s.numel for s in specs)), np.float32)
-        for row, client in zip(rows, clients, strict=True):
-            at = 0
-            for part in flat_parts(updates[client].tensors, specs):
-                row[at : at + part.size] = part
-                at += part.size
         # the job's trainable parameters, as the cache node's cosine_select reads them
         columns = job_columns(specs, self.store.get_job_spec(job))
-        scores = matrix_scores(clients, rows, base_vector(base, specs), columns, in_place=True)
+        # streamed over the updates in place, as the Beam ingestion streams its files: a
+        # (clients × parameters) matrix would be a fresh copy of the round (~0.5 GB for
+        # ResNet-18 × 10, whose first touch measured 4 s on a loaded host)
+        scores = stream_scores(
+            clients,
+            lambda i: flat_parts(updates[clients[i]].tensors, specs),
+            specs,
+            base_vector(base, specs),
+            columns=columns,
+        )
         return scores.summaries(INGEST_SUMMARIES)
 
     def _put_update(self, job: str, round_: int, client: str, update: Update) -> UpdateEntry:
