@@ -236,6 +236,7 @@ def flower_round(args: Any) -> dict[str, Any]:
     samples: dict[bool, list[float]] = {False: [], True: []}
     totals: dict[bool, list[float]] = {False: [], True: []}
     blocked_ms: list[float] = []
+    tails: list[dict[str, float]] = []
     with contextlib.ExitStack() as scope:
         workdir = scope.enter_context(tempfile.TemporaryDirectory())
         # one owner a round: the local stack's warming shares the strategy's two cores
@@ -252,9 +253,13 @@ def flower_round(args: Any) -> dict[str, Any]:
                 totals[with_store].append(total)
                 if with_store:
                     blocked_ms.append(strategy.flstore.handover.blocked_s * 1000.0)
+                    # the last round's storing is the run's tail: when each of its steps ended
+                    tails.append(dict(sink.last_round))
+                tail = {k: round(v, 2) for k, v in tails[-1].items()} if with_store else {}
                 print(
                     f"repeat {repeat} with_flstore={with_store}: run {total / 1000:.1f} s, "
-                    f"rounds {[round(r / 1000, 2) for r in rounds]} s",
+                    f"rounds {[round(r / 1000, 2) for r in rounds]} s"
+                    + (f", last round's storing {tail}" if tail else ""),
                     file=sys.stderr,
                 )
     runs = [
@@ -268,7 +273,7 @@ def flower_round(args: Any) -> dict[str, Any]:
             "rounds": args.rounds,
             **summarize(samples[with_store]),
             "run_ms": totals[with_store],
-            **({"backpressure_ms": blocked_ms} if with_store else {}),
+            **({"backpressure_ms": blocked_ms, "last_round_s": tails} if with_store else {}),
         }
         for with_store in (False, True)
     ]

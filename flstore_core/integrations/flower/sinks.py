@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from flstore_core.data.codec import ScratchBuffer, TensorSpec, Update
 from flstore_core.data.columns import job_columns
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
 __all__ = ["FLStoreSink", "InitialModelSink", "Prefetcher", "RoundWriterSink", "StoreSink"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -154,6 +158,10 @@ class StoreSink:
         self.validation = validation
         # at most ``max_workers`` buffers, each the size of the largest update serialized
         self._scratch: queue.SimpleQueue[ScratchBuffer] = queue.SimpleQueue()
+        self.last_round: dict[str, float] = {}
+        """The last round :meth:`put_round` stored, and when each of its steps ended (seconds
+        from its start): ``updates_s``, ``global_s``, ``summaries_s`` (these three at once),
+        ``commit_s``."""
 
     def put_initial(self, job: str, update: Update) -> None:
         """Store the initial model of a run — refused when the job already holds rounds: a new
@@ -199,22 +207,37 @@ class StoreSink:
         # the summaries read the round in memory, so they are computed while its updates and
         # global model are written: the manifest waits for the longer of the two, not the sum
         self.store.ensure_job(job)  # before either reads the job's spec
+        t0 = time.perf_counter()
+        done: dict[str, float] = {}
+
+        def timed(what: str, call: Callable[..., T], *args: Any) -> T:
+            try:
+                return call(*args)
+            finally:
+                done[what] = max(done.get(what, 0.0), time.perf_counter() - t0)
+
         with ThreadPoolExecutor(min(self.max_workers, len(updates)) + 2) as pool:
             scores = (
-                pool.submit(self.summaries, job, round, updates) if self.with_summaries else None
+                pool.submit(timed, "summaries_s", self.summaries, job, round, updates)
+                if self.with_summaries
+                else None
             )
             model = (
-                pool.submit(self.store.put_global, job, round, global_model)
+                pool.submit(timed, "global_s", self.store.put_global, job, round, global_model)
                 if global_model is not None
                 else None
             )
             entries = list(
-                pool.map(lambda item: self._put_update(job, round, *item), updates.items())
+                pool.map(
+                    lambda item: timed("updates_s", self._put_update, job, round, *item),
+                    updates.items(),
+                )
             )
             if model is not None:
                 model.result()
             summaries = scores.result() if scores is not None else None
-        self.store.commit_round(job, round, entries, summaries=summaries)
+        timed("commit_s", lambda: self.store.commit_round(job, round, entries, summaries=summaries))
+        self.last_round = {"round": round, **done}
         # Where the store notifies its router of each commit (the local stack's S3 front, an S3
         # event on AWS), the commit alone warms the round and this second warming finds it
         # loaded; it stays for stores that do not notify. It runs off the training loop.
