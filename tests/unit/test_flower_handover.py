@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from flstore_core.data.codec import Update  # noqa: E402
 from flstore_core.errors import NotFoundError, UnavailableError, ValidationError  # noqa: E402
 from flstore_core.integrations.flower import StoreSink, flstore_sink, with_flstore  # noqa: E402
+from flstore_core.integrations.flower import replies as replies_module  # noqa: E402
 from flstore_core.sdk.handover import RoundsNotStoredError  # noqa: E402
 from flstore_core.storage.object_store import ObjectStore  # noqa: E402
 from tests.stack.test_flower import FakeGrid, round_replies, train_reply  # noqa: E402
@@ -171,13 +172,13 @@ def test_the_training_loop_does_not_decode_the_arrays_of_a_round(
     sink.release.set()
     wrapped = with_flstore(KeepsArrays(), sink=sink, job="lazy", max_in_flight=1)
     decoded_on: list[threading.Thread] = []
-    numpy = Array.numpy
+    values = replies_module.array_values
 
-    def recorded(self: Array) -> Any:
+    def recorded(array: Array) -> Any:
         decoded_on.append(threading.current_thread())
-        return numpy(self)
+        return values(array)
 
-    monkeypatch.setattr(Array, "numpy", recorded)
+    monkeypatch.setattr(replies_module, "array_values", recorded)
     wrapped.aggregate_train(1, round_replies(3))
     wrapped.flstore.flush()
     assert sink.stored == [0] and wrapped.flstore.rounds_stored[0] == ["1000", "1001", "1002"]
@@ -213,3 +214,55 @@ def test_a_rounds_summaries_are_computed_while_its_updates_are_written(
     manifest = store.get_manifest("overlap", 0)
     assert sorted(manifest.clients) == ["c0", "c1", "c2"]
     assert set(manifest.updates["c1"].summary) >= {"update_norm", "cos_to_mean"}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4)),
+        np.array(7, dtype=np.int64),
+        np.zeros((0, 5), np.float16),
+        np.arange(6, dtype=">i4"),
+    ],
+    ids=["f32", "fortran-f64", "scalar-i64", "empty-f16", "big-endian-i32"],
+)
+def test_an_arrays_values_are_a_read_only_view_equal_to_numpys_own(value: np.ndarray) -> None:
+    array = Array(value)
+    got = replies_module.array_values(array)
+    want = array.numpy()
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    assert not got.flags.writeable  # a view of the Array's bytes, not a copy
+
+
+def test_an_array_whose_bytes_are_not_plain_npy_is_left_to_numpy() -> None:
+    truncated = Array(np.arange(4, dtype=np.float32))
+    truncated.data = truncated.data[:-4]
+    with pytest.raises(ValueError):
+        replies_module.array_values(truncated)
+
+
+def test_the_next_rounds_base_is_the_model_the_sink_stored_and_its_summaries_are_the_same(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(5)
+
+    def model() -> Update:
+        return Update({"w": rng.standard_normal(64).astype(np.float32), "n": np.arange(3)})
+
+    def round_of(n: int) -> dict[str, Update]:
+        return {f"c{i}": Update(model().tensors, num_examples=i + 1) for i in range(n)}
+
+    sink = StoreSink(store)
+    sink.put_initial("kept", model())
+    aggregated = model()
+    sink.put_round("kept", 0, round_of(4), aggregated)
+    aggregated.tensors["w"][:] = 0.0  # the caller trains on in place: the kept base is a copy
+    updates = round_of(4)
+    read_back = StoreSink(store).summaries("kept", 1, updates)  # a new sink reads the base
+    monkeypatch.setattr(store, "get_base", lambda *a: pytest.fail("the base was read back"))
+    assert sink.summaries("kept", 1, updates) == read_back
+    sink.put_round("kept", 1, updates, model())
+    stored = store.get_manifest("kept", 1).updates
+    assert {c: {k: stored[c].summary[k] for k in read_back[c]} for c in stored} == read_back

@@ -16,6 +16,8 @@ flwr is needed only for type checking: the functions read the records they are g
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -61,11 +63,38 @@ METRIC_NAMES: dict[str, str] = {
 """Flower metric names → FLStore's (Oort reads ``loss``, ``loss_sq_mean`` and ``duration_s``)."""
 
 
+def array_values(array: Any) -> npt.NDArray[Any]:
+    """A Flower ``Array``'s values: a read-only view of its bytes when they are the ``.npy``
+    serialization of a plain numeric array (Flower's own), else what ``Array.numpy()`` returns
+    (which never unpickles). A view spares a copy of every update in the round (~0.2-1 s for
+    ResNet-18 × 10); the bytes are immutable, so the view never changes."""
+    data = getattr(array, "data", None)
+    if getattr(array, "stype", None) == "numpy.ndarray" and isinstance(data, bytes):
+        stream = io.BytesIO(data)
+        try:
+            version = np.lib.format.read_magic(stream)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(stream)
+        except ValueError:
+            shape, fortran, dtype = (), False, np.dtype(object)  # numpy() says what is wrong
+        offset = stream.tell()
+        count = math.prod(shape)
+        if not dtype.hasobject and offset + count * dtype.itemsize == len(data):
+            flat = np.frombuffer(data, dtype, count=count, offset=offset)
+            return flat.reshape(shape, order="F" if fortran else "C")
+    return np.asarray(array.numpy())
+
+
 def arrays_to_tensors(
     record: ArrayRecord | Mapping[str, Any], tensor_names: Sequence[str] | None = None
 ) -> dict[str, npt.NDArray[Any]]:
-    """An ``ArrayRecord`` as an ordered ``name -> ndarray`` mapping (keys or ``tensor_names``)."""
-    arrays = [np.asarray(array.numpy()) for array in record.values()]
+    """An ``ArrayRecord`` as an ordered ``name -> ndarray`` mapping (keys or ``tensor_names``);
+    the arrays are read-only (:func:`array_values`)."""
+    arrays = [array_values(array) for array in record.values()]
     names = list(record.keys()) if tensor_names is None else list(tensor_names)
     if len(names) != len(arrays):
         raise ValidationError(
@@ -100,7 +129,7 @@ class ReplyUpdate:
     tensor_names: Sequence[str] | None = None
 
     def update(self) -> Update:
-        """The decoded update (a copy of each array: nothing is shared with the reply)."""
+        """The decoded update (read-only arrays over bytes no one can change)."""
         return Update(
             arrays_to_tensors(self.arrays, self.tensor_names),
             num_examples=self.num_examples,

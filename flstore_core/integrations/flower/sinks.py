@@ -18,6 +18,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
+import numpy as np
+
 from flstore_core.data.codec import ScratchBuffer, TensorSpec, Update
 from flstore_core.data.columns import job_columns
 from flstore_core.data.rows import base_vector, flat_parts
@@ -66,6 +68,12 @@ class Prefetcher(Protocol):
     """Asks the cache nodes that own some shards to load them now (the router's ``prefetch``)."""
 
     def prefetch(self, shards: list[ShardKey]) -> dict[str, Any]: ...
+
+
+def _copied(model: Update) -> Update:
+    """A copy of ``model``'s tensors (its caller may change them in place afterwards: a
+    state dict's arrays, training on)."""
+    return Update({name: np.array(t, copy=True) for name, t in model.tensors.items()})
 
 
 class RoundWriterSink:
@@ -158,6 +166,9 @@ class StoreSink:
         self.validation = validation
         # at most ``max_workers`` buffers, each the size of the largest update serialized
         self._scratch: queue.SimpleQueue[ScratchBuffer] = queue.SimpleQueue()
+        # the model this sink last stored (job, round, model; round -1: the initial model): the
+        # next round's base, read from here rather than back from the store
+        self._stored_model: tuple[str, int, Update] | None = None
         self.last_round: dict[str, float] = {}
         """The last round :meth:`put_round` stored, and when each of its steps ended (seconds
         from its start): ``updates_s``, ``global_s``, ``summaries_s`` (these three at once),
@@ -176,6 +187,7 @@ class StoreSink:
         if self.model is not None:
             self._declare(job)
         self.store.put_initial(job, update)
+        self._stored_model = (job, -1, _copied(update))
 
     def _declare(self, job: str) -> None:
         """Declare the job's model before its first round; a job that already declares it
@@ -235,6 +247,7 @@ class StoreSink:
             )
             if model is not None:
                 model.result()
+                self._stored_model = (job, round, _copied(global_model))  # type: ignore[arg-type]
             summaries = scores.result() if scores is not None else None
         timed("commit_s", lambda: self.store.commit_round(job, round, entries, summaries=summaries))
         self.last_round = {"round": round, **done}
@@ -250,7 +263,7 @@ class StoreSink:
         """The ingest summaries of a round held in memory, as :meth:`put_round` writes them into
         the manifest: the Beam ingestion's two streamed passes, over the updates in memory."""
         clients = sorted(updates)
-        base = self.store.get_base(job, round_)
+        base = self._base(job, round_)
         specs: list[TensorSpec] = updates[clients[0]].specs()
         if base is not None and set(base.tensors) == {s.name for s in specs}:
             by_name = {s.name: s for s in specs}
@@ -268,6 +281,19 @@ class StoreSink:
             columns=columns,
         )
         return scores.summaries(INGEST_SUMMARIES)
+
+    def _base(self, job: str, round_: int) -> Update | None:
+        """The round's base: the model this sink stored last when it is that model and the job
+        stores float32 (its stored values are then exactly these: a GET and a decode spared),
+        else the stored one."""
+        kept = self._stored_model
+        if (
+            kept is not None
+            and kept[:2] == (job, round_ - 1)
+            and self.store.get_job_spec(job).precision == "float32"
+        ):
+            return kept[2]
+        return self.store.get_base(job, round_)
 
     def _put_update(self, job: str, round_: int, client: str, update: Update) -> UpdateEntry:
         """Store one update, serialized in a buffer this sink keeps (one per writing thread,
