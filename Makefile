@@ -30,9 +30,11 @@ lint: $(STAMP)
 # worker, so a module's fixture starts once): on this 2-core host 10 min 5 s against 17 min 30 s
 # in one process, most stack tests waiting on the processes they start. The hundreds of
 # processes the stack tests start import the repo's modules compiled once (__pycache__,
-# git-ignored), also where the environment sets PYTHONDONTWRITEBYTECODE.
+# git-ignored), also where the environment sets PYTHONDONTWRITEBYTECODE. The 25 slowest tests
+# are listed at the end, so a CI log says where its time went.
 test: lint
-	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile \
+		--durations=25
 
 # The inner loop, without lint: the tests that start no processes and take milliseconds
 # (no stack, slow, property or fuzz tests; `make test` runs every one of them). Only tests/unit
