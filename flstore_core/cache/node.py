@@ -57,6 +57,7 @@ from flstore_core.cache.shards import (
 )
 from flstore_core.cache.spec_versions import SpecVersions
 from flstore_core.cache.staging import StagedRounds
+from flstore_core.data.blocks import footprint
 from flstore_core.errors import FLStoreError, NotFoundError, ValidationError
 from flstore_core.protocol import (
     ArtifactsOp,
@@ -182,14 +183,17 @@ class CacheNode:
                 self.context(key.job),
             )
         if key.cls == "round":
-            return lambda: load_round(
-                self.store,
-                key.job,
-                key.round,
-                self.artifacts,
-                self.context(key.job),
-                held=self.staging.take,
-                timing=self.load_steps,
+            return self._with_room(
+                key,
+                lambda: load_round(
+                    self.store,
+                    key.job,
+                    key.round,
+                    self.artifacts,
+                    self.context(key.job),
+                    held=self.staging.take,
+                    timing=self.load_steps,
+                ),
             )
         if key.cls == "meta":
             return lambda: load_meta_snapshotted(
@@ -200,6 +204,28 @@ class CacheNode:
         return lambda: GlobalModels(
             key.job, self.store, self.context(key.job), list_ttl_s=REFRESH_S
         )
+
+    def _with_room(self, key: ShardKey, load: Callable[[], RoundData]) -> Callable[[], RoundData]:
+        """``load`` of a whole round, with room made first: the round's footprint (what the
+        cache will count it at, :func:`~flstore_core.data.blocks.footprint`) is reserved
+        against the budget before a byte is read (evicting as the round's own entry would),
+        less what its staged rows hold already, and given back once it is read (the cache then
+        counts the round itself). Without this a round read into a full cache was evicted for
+        only after it was read: a node at its budget went over by the round (an OOM at a
+        commit that found half the round staged: the other half came on top)."""
+
+        def run() -> RoundData:
+            manifest = self.manifests.get(key.job, key.round)
+            need = footprint(len(manifest.updates), manifest.n_params)
+            need -= self.staging.held_bytes(key.job, key.round)
+            room = need > 0 and self.cache.reserve(need)
+            try:
+                return load()
+            finally:
+                if room:
+                    self.cache.release(need)
+
+        return run
 
     def refresh(self, key: ShardKey, value: Any, force: bool = False) -> Any:
         """Bring a meta or client shard up to date with newly committed rounds and rewritten

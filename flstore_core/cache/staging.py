@@ -270,6 +270,12 @@ class StagedRounds:
         with self._lock:
             self._drop_locked((job, round_))
 
+    def held_bytes(self, job: str, round_: int) -> int:
+        """The bytes a round's pending state holds against the budget (0 when none)."""
+        with self._lock:
+            pending = self._pending.get((job, round_))
+            return 0 if pending is None else pending.nbytes
+
     def pending(self) -> dict[str, int]:
         """``job/round`` -> rows held, for :meth:`to_dict`."""
         with self._lock:

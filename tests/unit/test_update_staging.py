@@ -24,6 +24,7 @@ from flstore_core.cache.results import run_round_workload
 from flstore_core.cache.round_data import ArtifactStats
 from flstore_core.cache.round_loading import load_round
 from flstore_core.data import layout
+from flstore_core.data.blocks import footprint
 from flstore_core.data.codec import Update
 from flstore_core.data.manifest import JobSpec
 from flstore_core.errors import ValidationError
@@ -319,3 +320,33 @@ def test_a_failed_restaging_forgets_the_row_it_overwrote(
     answer = node.handle(StageOp(JOB, 1, "c1", 0, etag="e-new").to_event())
     assert "failed" in answer
     assert sorted(node.staging._pending[(JOB, 1)].rows) == ["c0"]
+
+
+def test_a_round_read_into_a_full_cache_makes_its_room_before_a_byte_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store, initial = new_store()
+    rng = np.random.default_rng(2)
+    store.commit_round(
+        JOB, 1, [store.put_update(JOB, 1, c, noisy(initial, rng, 0.1)) for c in COMMITTED]
+    )
+    n_params = store.get_manifest(JOB, 1).n_params
+    one_round = footprint(len(COMMITTED), n_params)  # what the cache counts round 1 at
+    budget = one_round + footprint(4, n_params) // 2  # room for round 1, not round 0 beside it
+    node = CacheNode(store.view(), budget_bytes=budget, node_index=0)
+    node.handle({"op": "load", "shards": [str(round_shard(JOB, 0))]})
+    assert round_shard(JOB, 0) in node.cache
+    seen: list[int] = []
+    read_round = node.store.read_round
+
+    def reading(*args: Any, **kw: Any) -> Any:
+        # what the node holds and has promised when round 1's rows are about to be read
+        seen.append(node.cache.bytes_held)
+        return read_round(*args, **kw)
+
+    monkeypatch.setattr(node.store, "read_round", reading)
+    node.handle({"op": "load", "shards": [str(round_shard(JOB, 1))]})
+    assert seen, "round 1 was not read"
+    # round 0 gave up its rows (a round's first tier to go) before round 1 was read
+    assert seen[0] + one_round <= budget
+    assert round_shard(JOB, 1) in node.cache and node.cache.reserved == 0
