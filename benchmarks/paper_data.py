@@ -113,6 +113,9 @@ class ModelJob:
         self.params = set(spec.parameters or ())
         self.model = models.state_arrays(models.build(setting.model, seed=0))
         self.sink = StoreSink(store)
+        # round -> when its updates were handed to the writing (perf_counter), as a Flower
+        # strategy hands a round to its sink
+        self.handed_at: dict[int, float] = {}
         self.sink.put_initial(MODEL_JOB, Update(dict(self.model)))
 
     def write_round(self, round_: int, arrival_s: float = 0.0) -> int:
@@ -155,6 +158,7 @@ class ModelJob:
             for wt, u in zip(weights, updates.values(), strict=True):
                 acc += np.float32(wt) * u.tensors[name]
             new_model[name] = acc
+        self.handed_at[round_] = time.perf_counter()
         if arrival_s > 0:
             self._land_spread(round_, updates, Update(dict(new_model)), arrival_s)
         else:
