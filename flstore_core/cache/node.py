@@ -58,6 +58,7 @@ from flstore_core.cache.shards import (
 from flstore_core.cache.spec_versions import SpecVersions
 from flstore_core.cache.staging import StagedRounds
 from flstore_core.data.blocks import footprint
+from flstore_core.data.manifest import RoundManifest
 from flstore_core.errors import FLStoreError, NotFoundError, ValidationError
 from flstore_core.protocol import (
     ArtifactsOp,
@@ -185,7 +186,7 @@ class CacheNode:
         if key.cls == "round":
             return self._with_room(
                 key,
-                lambda: load_round(
+                lambda manifest: load_round(
                     self.store,
                     key.job,
                     key.round,
@@ -193,6 +194,7 @@ class CacheNode:
                     self.context(key.job),
                     held=self.staging.take,
                     timing=self.load_steps,
+                    manifest=manifest,
                 ),
             )
         if key.cls == "meta":
@@ -205,25 +207,30 @@ class CacheNode:
             key.job, self.store, self.context(key.job), list_ttl_s=REFRESH_S
         )
 
-    def _with_room(self, key: ShardKey, load: Callable[[], RoundData]) -> Callable[[], RoundData]:
-        """``load`` of a whole round, with room made first: the round's footprint (what the
-        cache will count it at, :func:`~flstore_core.data.blocks.footprint`) is reserved
-        against the budget before a byte is read (evicting as the round's own entry would),
-        less what its staged rows hold already, and given back once it is read (the cache then
-        counts the round itself). Without this a round read into a full cache was evicted for
-        only after it was read: a node at its budget went over by the round (an OOM at a
-        commit that found half the round staged: the other half came on top)."""
+    def _with_room(
+        self, key: ShardKey, load: Callable[[RoundManifest], RoundData]
+    ) -> Callable[[], RoundData]:
+        """``load`` of a whole round (given its manifest, read here once), with room made
+        first: the round's footprint, less what its staged rows hold, is reserved (evicting)
+        before a byte is read, and given back once the cache counts the round itself. Else a
+        round read into a full cache overshot the budget by itself: an OOM at a commit that
+        found half the round staged."""
 
         def run() -> RoundData:
-            manifest = self.manifests.get(key.job, key.round)
+            t0 = time.perf_counter()
+            manifest = self.store.get_manifest(key.job, key.round)
+            read_ms = (time.perf_counter() - t0) * 1000
             need = footprint(len(manifest.updates), manifest.n_params)
             need -= self.staging.held_bytes(key.job, key.round)
             room = need > 0 and self.cache.reserve(need)
             try:
-                return load()
+                data = load(manifest)
             finally:
                 if room:
                     self.cache.release(need)
+            if "manifest" in self.load_steps:  # the read above is the load's manifest step
+                self.load_steps["manifest"] += read_ms
+            return data
 
         return run
 

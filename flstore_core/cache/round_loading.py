@@ -38,6 +38,7 @@ def load_round(
     context: JobContext | None = None,
     held: Callable[[RoundManifest], StagedTake] | None = None,
     timing: dict[str, float] | None = None,
+    manifest: RoundManifest | None = None,
 ) -> RoundData:
     """Read a committed round (and its base model, when stored) into a :class:`RoundData`;
     ``held(manifest)`` gives rows already decoded that this manifest names (a node's staged
@@ -46,9 +47,11 @@ def load_round(
     they were staged against (one HEAD; else every row is read again). ``timing`` (when
     given) receives the milliseconds of each step: ``manifest``, ``rows`` (the staged rows
     copied in and the others read), ``staged`` (how many were staged), ``base`` (read and
-    decoded, or its ETag checked) and ``deltas`` (the rows made deltas from it)."""
+    decoded, or its ETag checked) and ``deltas`` (the rows made deltas from it). ``manifest``:
+    the round's manifest when the caller has just read it (it is not read again)."""
     marks = [time.perf_counter()]
-    manifest = store.get_manifest(job, round_)
+    if manifest is None:
+        manifest = store.get_manifest(job, round_)
     marks.append(time.perf_counter())
     taken = None if held is None else held(manifest)
     rows = {} if taken is None else taken.rows
